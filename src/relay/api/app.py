@@ -1,0 +1,84 @@
+"""The ASGI application: settings -> registry, store, engine; routes under /v1 and /api/v1."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from relay import __version__
+from relay.api import errors
+from relay.api.auth import key_table
+from relay.api.routes import json_response, router
+from relay.config import Settings
+from relay.engine.run import Engine
+from relay.providers.registry import Registry
+from relay.storage.sql import open_store
+
+log = logging.getLogger("relay")
+
+
+class RequestIdMiddleware:
+    """Echo the client's X-Request-ID, or make one, on every answer (errors included)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value[:128]
+                break
+        if not request_id:
+            request_id = b"req_" + secrets.token_hex(16).encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = await open_store(settings.database_url)
+        registry = Registry(settings.routes)
+        app.state.settings = settings
+        app.state.store = store
+        app.state.engine = Engine(registry, store)
+        app.state.key_table = key_table({key.secret(): key.tenant for key in settings.api_keys})
+        log.info("relay %s ready: %d model route(s)", __version__, len(settings.routes))
+        try:
+            yield
+        finally:
+            await registry.aclose()
+            await store.close()
+
+    app = FastAPI(
+        title="Relay",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    errors.install(app)
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, prefix="/api/v1")
+
+    @app.get("/healthz")
+    async def healthz() -> object:
+        return json_response({"status": "ok"})
+
+    app.add_middleware(RequestIdMiddleware)
+    return app

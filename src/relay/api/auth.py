@@ -1,0 +1,42 @@
+"""Bearer-key authentication. Each key belongs to a tenant; every stored row is the tenant's.
+
+Keys are kept as SHA-256 digests and looked up by digest, so the comparison does not leak a
+key's prefix through timing and the process holds no plain keys after start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import Request
+
+from relay.errors import AuthenticationError
+
+OPEN_TENANT = "default"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_table(keys: dict[str, str]) -> dict[str, str]:
+    """{plain key: tenant} -> {digest: tenant}."""
+    return {digest(key): tenant for key, tenant in keys.items()}
+
+
+async def tenant_of(request: Request) -> str:
+    table: dict[str, str] = request.app.state.key_table
+    if not table:
+        # No keys configured: the server refuses to bind anywhere but loopback (see cli).
+        return OPEN_TENANT
+    header = request.headers.get("authorization")
+    if not header:
+        raise AuthenticationError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            code="authentication_required",
+        )
+    scheme, _, key = header.partition(" ")
+    tenant = table.get(digest(key.strip())) if scheme.lower() == "bearer" else None
+    if tenant is None:
+        raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+    return tenant

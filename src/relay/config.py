@@ -1,0 +1,129 @@
+"""Configuration: a TOML file (`relay serve --config relay.toml`), overridden by RELAY_* env vars.
+
+Secrets are never written in the file itself when avoidable: routes and API keys name the
+environment variable that holds them (`api_key_env`, `key_env`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ProviderKind = Literal["openai_chat", "fake"]
+
+
+class RouteConfig(BaseModel):
+    """One public model name and where it is served."""
+
+    model: str = Field(min_length=1)
+    provider: ProviderKind = "openai_chat"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(default=600.0, gt=0)
+    # Older OpenAI-compatible servers only know max_tokens; OpenAI's reasoning models only
+    # max_completion_tokens.
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # Request fields that only some upstreams understand (OpenRouter's `provider`, `plugins`)
+    # are forwarded verbatim when listed here, and refused with a 400 otherwise.
+    forward_fields: list[Literal["provider", "plugins", "modalities", "image_config"]] = Field(
+        default_factory=list
+    )
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs_base_url(self) -> RouteConfig:
+        if self.provider == "openai_chat" and not self.base_url:
+            raise ValueError(f"route '{self.model}': provider openai_chat needs base_url")
+        return self
+
+    def api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(
+                f"route '{self.model}': environment variable {self.api_key_env} is not set"
+            )
+        return value
+
+
+class ApiKeyConfig(BaseModel):
+    """A client key and the tenant it belongs to. Prefer `key_env` over an inline `key`."""
+
+    key: SecretStr | None = None
+    key_env: str | None = None
+    tenant: str = Field(default="default", min_length=1, max_length=64)
+
+    def secret(self) -> str:
+        if self.key is not None:
+            return self.key.get_secret_value()
+        if self.key_env and os.environ.get(self.key_env):
+            return os.environ[self.key_env]
+        raise ValueError(f"API key for tenant '{self.tenant}' has neither key nor a set key_env")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    database_url: str = "sqlite+aiosqlite:///./data/relay.db"
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    # A comment line is sent on a stream after this many silent seconds, so proxies and
+    # clients do not time the connection out while a model thinks.
+    keepalive_s: float = Field(default=15.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> Settings:
+        names = [route.model for route in self.routes]
+        duplicates = {name for name in names if names.count(name) > 1}
+        if duplicates:
+            raise ValueError(f"model routes declared twice: {sorted(duplicates)}")
+        known = set(names)
+        for route in self.routes:
+            missing = [name for name in route.fallbacks if name not in known]
+            if missing:
+                raise ValueError(f"route '{route.model}' falls back to unknown {missing}")
+        return self
+
+
+def load_settings(config: Path | None = None, **overrides: object) -> Settings:
+    """Settings from `config` (TOML), then env vars, then explicit overrides (CLI flags)."""
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if config is not None:
+                sources += (TomlConfigSettingsSource(settings_cls),)
+            return sources
+
+    if config is not None and not config.is_file():
+        raise ValueError(f"config file {config} does not exist")
+    values = {key: value for key, value in overrides.items() if value is not None}
+    return FileSettings(**values)  # type: ignore[arg-type]

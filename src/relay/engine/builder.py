@@ -1,0 +1,425 @@
+"""Provider deltas -> output items and the semantic stream events that describe them.
+
+The builder owns the response snapshot and the sequence counter. Items open when their first
+delta arrives and close, in output_index order, when a delta of another kind arrives or the run
+ends; so `output_item.added`/`done` always pair up and indices never collide.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from relay.engine.response import output_text
+from relay.ids import new_id
+from relay.providers.base import (
+    Delta,
+    FinishDelta,
+    ReasoningDelta,
+    RefusalDelta,
+    TextDelta,
+    ToolCallDelta,
+    UsageDelta,
+)
+
+Event = dict[str, Any]
+
+
+class ToolPolicyViolation(Exception):
+    """The upstream did something tool_choice forbids; the run fails with this message."""
+
+
+class ResponseBuilder:
+    def __init__(
+        self,
+        response: dict[str, Any],
+        *,
+        offered_tools: set[str],
+        must_call: bool,
+        parallel_tool_calls: bool,
+        max_tool_calls: int | None,
+        reasoning_as_summary: bool,
+        include_logprobs: bool,
+    ) -> None:
+        self.response = response
+        self._seq = 0
+        self._offered_tools = offered_tools
+        self._must_call = must_call
+        self._parallel = parallel_tool_calls
+        self._max_calls = max_tool_calls
+        self._as_summary = reasoning_as_summary
+        self._logprobs = include_logprobs
+        self._open: dict[str, Any] | None = None  # the open message or reasoning item
+        self._part: dict[str, Any] | None = None  # its open content/summary part
+        self._calls: dict[int, dict[str, Any]] = {}  # open function calls by upstream index
+        self._ignored_calls: set[int] = set()
+        self._calls_made = 0
+        self._finish = "stop"
+        self._usage: UsageDelta | None = None
+
+    # Events ---------------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> Event:
+        event = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return event
+
+    def _snapshot_event(self, kind: str) -> Event:
+        # Shallow copy: later events mutate `output` and `status` of the live response.
+        snapshot = dict(self.response)
+        snapshot["output"] = list(self.response["output"])
+        return self._event(kind, response=snapshot)
+
+    def start(self) -> list[Event]:
+        return [
+            self._snapshot_event("response.created"),
+            self._snapshot_event("response.in_progress"),
+        ]
+
+    # Deltas ---------------------------------------------------------------------------------
+
+    def feed(self, delta: Delta) -> list[Event]:
+        if isinstance(delta, TextDelta):
+            return self._text("output_text", delta.text, delta.logprobs)
+        if isinstance(delta, RefusalDelta):
+            return self._text("refusal", delta.text, None)
+        if isinstance(delta, ReasoningDelta):
+            return self._reasoning(delta.text)
+        if isinstance(delta, ToolCallDelta):
+            return self._tool_call(delta)
+        if isinstance(delta, UsageDelta):
+            self._usage = delta
+            return []
+        if isinstance(delta, FinishDelta):
+            self._finish = delta.reason
+            return []
+        raise TypeError(f"unknown delta {delta!r}")
+
+    def _add_item(self, item: dict[str, Any]) -> Event:
+        self.response["output"].append(item)
+        return self._event(
+            "response.output_item.added",
+            output_index=len(self.response["output"]) - 1,
+            item=_copy(item),
+        )
+
+    def _index_of(self, item: dict[str, Any]) -> int:
+        output: list[dict[str, Any]] = self.response["output"]
+        for index in range(len(output) - 1, -1, -1):
+            if output[index] is item:
+                return index
+        raise ValueError("item is not in the output")
+
+    def _text(self, kind: str, text: str, logprobs: list[dict[str, Any]] | None) -> list[Event]:
+        events: list[Event] = []
+        item = self._open
+        if item is None or item["type"] != "message":
+            events += self._close_all("completed")
+            item = {
+                "id": new_id("msg"),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self._open = item
+            events.append(self._add_item(item))
+        index = self._index_of(item)
+        part = self._part
+        if part is None or part["type"] != kind:
+            if part is not None:
+                events += self._close_part(item, index)
+            part = (
+                {"type": "output_text", "text": "", "annotations": []}
+                if kind == "output_text"
+                else {"type": "refusal", "refusal": ""}
+            )
+            if kind == "output_text" and self._logprobs:
+                part["logprobs"] = []
+            item["content"].append(part)
+            self._part = part
+            events.append(
+                self._event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=len(item["content"]) - 1,
+                    part=dict(part),
+                )
+            )
+        content_index = len(item["content"]) - 1
+        if kind == "output_text":
+            part["text"] += text
+            chosen = logprobs if self._logprobs and logprobs else []
+            if chosen:
+                part["logprobs"].extend(chosen)
+            events.append(
+                self._event(
+                    "response.output_text.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=content_index,
+                    delta=text,
+                    logprobs=chosen,
+                )
+            )
+        else:
+            part["refusal"] += text
+            events.append(
+                self._event(
+                    "response.refusal.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=content_index,
+                    delta=text,
+                )
+            )
+        return events
+
+    def _reasoning(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        item = self._open
+        if item is None or item["type"] != "reasoning":
+            events += self._close_all("completed")
+            item = {"id": new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": []}
+            if not self._as_summary:
+                item["content"] = []
+            self._open = item
+            events.append(self._add_item(item))
+            index = self._index_of(item)
+            if self._as_summary:
+                part = {"type": "summary_text", "text": ""}
+                item["summary"].append(part)
+                events.append(
+                    self._event(
+                        "response.reasoning_summary_part.added",
+                        item_id=item["id"],
+                        output_index=index,
+                        summary_index=0,
+                        part=dict(part),
+                    )
+                )
+            else:
+                part = {"type": "reasoning_text", "text": ""}
+                item["content"].append(part)
+                events.append(
+                    self._event(
+                        "response.content_part.added",
+                        item_id=item["id"],
+                        output_index=index,
+                        content_index=0,
+                        part=dict(part),
+                    )
+                )
+            self._part = part
+        assert self._part is not None
+        self._part["text"] += text
+        index = self._index_of(item)
+        if self._as_summary:
+            events.append(
+                self._event(
+                    "response.reasoning_summary_text.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    summary_index=0,
+                    delta=text,
+                )
+            )
+        else:
+            events.append(
+                self._event(
+                    "response.reasoning.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    delta=text,
+                )
+            )
+        return events
+
+    def _tool_call(self, delta: ToolCallDelta) -> list[Event]:
+        if delta.index in self._ignored_calls:
+            return []
+        events: list[Event] = []
+        item = self._calls.get(delta.index)
+        if item is None:
+            if delta.name is None:
+                raise ToolPolicyViolation("the upstream streamed tool-call arguments before a name")
+            if delta.name not in self._offered_tools:
+                raise ToolPolicyViolation(
+                    f"the model called '{delta.name}', which tool_choice does not allow"
+                )
+            over_parallel = not self._parallel and self._calls_made >= 1
+            over_budget = self._max_calls is not None and self._calls_made >= self._max_calls
+            if over_parallel or over_budget:
+                # Enforced here because upstreams treat these settings as hints.
+                self._ignored_calls.add(delta.index)
+                return []
+            if self._open is not None:
+                events += self._close_open("completed")
+            self._calls_made += 1
+            item = {
+                "id": new_id("fc"),
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": delta.call_id or new_id("call"),
+                "name": delta.name,
+                "arguments": "",
+            }
+            self._calls[delta.index] = item
+            events.append(self._add_item(item))
+        if delta.arguments:
+            item["arguments"] += delta.arguments
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=self._index_of(item),
+                    delta=delta.arguments,
+                )
+            )
+        return events
+
+    # Closing --------------------------------------------------------------------------------
+
+    def _close_part(self, item: dict[str, Any], index: int) -> list[Event]:
+        part = self._part
+        assert part is not None
+        self._part = None
+        ids = {"item_id": item["id"], "output_index": index}
+        if part["type"] == "output_text":
+            ci = len(item["content"]) - 1
+            return [
+                self._event(
+                    "response.output_text.done",
+                    **ids,
+                    content_index=ci,
+                    text=part["text"],
+                    logprobs=part.get("logprobs", []),
+                ),
+                self._event("response.content_part.done", **ids, content_index=ci, part=dict(part)),
+            ]
+        if part["type"] == "refusal":
+            ci = len(item["content"]) - 1
+            return [
+                self._event(
+                    "response.refusal.done", **ids, content_index=ci, refusal=part["refusal"]
+                ),
+                self._event("response.content_part.done", **ids, content_index=ci, part=dict(part)),
+            ]
+        if part["type"] == "summary_text":
+            return [
+                self._event(
+                    "response.reasoning_summary_text.done",
+                    **ids,
+                    summary_index=0,
+                    text=part["text"],
+                ),
+                self._event(
+                    "response.reasoning_summary_part.done", **ids, summary_index=0, part=dict(part)
+                ),
+            ]
+        return [
+            self._event("response.reasoning.done", **ids, content_index=0, text=part["text"]),
+            self._event("response.content_part.done", **ids, content_index=0, part=dict(part)),
+        ]
+
+    def _close_open(self, status: str) -> list[Event]:
+        item = self._open
+        if item is None:
+            return []
+        index = self._index_of(item)
+        events = self._close_part(item, index) if self._part is not None else []
+        self._open = None
+        item["status"] = status
+        events.append(
+            self._event("response.output_item.done", output_index=index, item=_copy(item))
+        )
+        return events
+
+    def _close_calls(self, status: str) -> list[Event]:
+        events: list[Event] = []
+        for index in sorted(self._calls):
+            item = self._calls[index]
+            output_index = self._index_of(item)
+            item["status"] = status
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=output_index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
+            events.append(
+                self._event("response.output_item.done", output_index=output_index, item=dict(item))
+            )
+        self._calls.clear()
+        return events
+
+    def _close_all(self, status: str) -> list[Event]:
+        return self._close_open(status) + self._close_calls(status)
+
+    # Terminal -------------------------------------------------------------------------------
+
+    def _usage_dict(self) -> dict[str, Any]:
+        usage = self._usage or UsageDelta(0, 0)
+        return {
+            "input_tokens": usage.input_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "output_tokens": usage.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+        }
+
+    def finish(self) -> list[Event]:
+        """Close what is open and end the run as the upstream's finish reason says."""
+        if self._finish in ("length", "content_filter"):
+            events = self._close_all("incomplete")
+            reason = "max_output_tokens" if self._finish == "length" else "content_filter"
+            self.response["status"] = "incomplete"
+            self.response["incomplete_details"] = {"reason": reason}
+            return events + self._terminal("response.incomplete")
+        if self._must_call and self._calls_made == 0:
+            raise ToolPolicyViolation("tool_choice requires a tool call, but the model made none")
+        events = self._close_all("completed")
+        self.response["status"] = "completed"
+        self.response["completed_at"] = int(time.time())
+        return events + self._terminal("response.completed")
+
+    def fail(self, error_type: str, code: str, message: str) -> list[Event]:
+        """Close what is open as incomplete, then an error event and response.failed."""
+        events = self._close_all("incomplete")
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": code, "message": message}
+        events.append(
+            self._event(
+                "error",
+                # Open Responses nests the payload; OpenAI's SDKs read the top-level copy.
+                error={"type": error_type, "code": code, "message": message, "param": None},
+                code=code,
+                message=message,
+                param=None,
+            )
+        )
+        return events + self._terminal("response.failed")
+
+    def cancel(self) -> None:
+        """The client went away mid-run: record where it stopped; there is nobody to tell."""
+        self._close_all("incomplete")
+        self.response["status"] = "cancelled"
+
+    def _terminal(self, kind: str) -> list[Event]:
+        self.response["usage"] = self._usage_dict()
+        self.response["output_text"] = output_text(self.response["output"])
+        return [self._event(kind, response=self.response)]
+
+
+def _copy(item: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an item deep enough that later deltas do not change an emitted event."""
+    copied = dict(item)
+    for key in ("content", "summary"):
+        if key in copied:
+            copied[key] = [dict(part) for part in copied[key]]
+    return copied

@@ -1,0 +1,108 @@
+"""What the model sees: the previous_response_id chain, then this request's input.
+
+Input items are validated, normalised (string content becomes parts, every item gets an id and
+a status) and stored in that form, so input_items and later turns read back what was meant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from relay.errors import InvalidRequest
+from relay.ids import new_id
+from relay.protocol import CreateResponse, error_param, parse_item
+from relay.storage.base import Store
+
+_ID_PREFIX = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+}
+
+
+def _normalise(item: dict[str, Any]) -> dict[str, Any]:
+    kind = item["type"]
+    if kind == "message" and isinstance(item["content"], str):
+        part_type = "output_text" if item["role"] == "assistant" else "input_text"
+        part: dict[str, Any] = {"type": part_type, "text": item["content"]}
+        if part_type == "output_text":
+            part["annotations"] = []
+        item["content"] = [part]
+    item.setdefault("status", "completed")
+    if not item.get("id"):
+        item["id"] = new_id(_ID_PREFIX[kind])
+    return item
+
+
+def parse_input(request: CreateResponse) -> list[dict[str, Any]]:
+    """This request's input as normalised items (item_reference items still unresolved)."""
+    raw = request.input
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = [{"type": "message", "role": "user", "content": raw}]
+    items = []
+    for index, entry in enumerate(raw):
+        try:
+            model = parse_item(entry)
+        except ValidationError as error:
+            first = error.errors()[0]
+            message = first["msg"].removeprefix("Value error, ")
+            param = error_param(entry, tuple(first["loc"]), f"input[{index}]")
+            raise InvalidRequest(f"Invalid input item: {message}", param=param) from None
+        except ValueError as error:
+            raise InvalidRequest(str(error), param=f"input[{index}]") from None
+        dumped = model.model_dump(mode="json", exclude_none=True, by_alias=True)
+        items.append(dumped if dumped["type"] == "item_reference" else _normalise(dumped))
+    return items
+
+
+async def resolve_references(
+    store: Store, tenant: str, items: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    wanted = [item["id"] for item in items if item["type"] == "item_reference"]
+    if not wanted:
+        return items
+    found = await store.get_items(tenant, wanted)
+    resolved = []
+    for index, item in enumerate(items):
+        if item["type"] != "item_reference":
+            resolved.append(item)
+        elif item["id"] in found:
+            resolved.append(found[item["id"]])
+        else:
+            raise InvalidRequest(
+                f"Item with id '{item['id']}' not found.",
+                param=f"input[{index}].id",
+                code="item_not_found",
+            )
+    return resolved
+
+
+async def load_history(store: Store, tenant: str, request: CreateResponse) -> list[dict[str, Any]]:
+    if request.previous_response_id is None:
+        return []
+    history = await store.load_context(tenant, request.previous_response_id)
+    if history is None:
+        raise InvalidRequest(
+            f"Previous response with id '{request.previous_response_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    return history
+
+
+def check_tool_outputs(history: list[dict[str, Any]], items: list[dict[str, Any]]) -> None:
+    """Every function_call_output must answer a function_call the model made in context."""
+    calls = {item["call_id"] for item in history if item["type"] == "function_call"}
+    for index, item in enumerate(items):
+        if item["type"] == "function_call":
+            calls.add(item["call_id"])
+        elif item["type"] == "function_call_output" and item["call_id"] not in calls:
+            raise InvalidRequest(
+                f"No tool call found for function call output with call_id {item['call_id']}.",
+                param=f"input[{index}].call_id",
+            )

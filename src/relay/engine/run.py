@@ -1,0 +1,178 @@
+"""The engine: validate against the route, build the context, open the provider (with
+fallbacks), then `Run.events()`, the only producer of stream events.
+
+Everything that can be refused is refused in `Engine.start`, before a stream exists, so bad
+input and upstreams that fail before their first byte become plain HTTP errors. After that,
+every outcome (completed, incomplete, failed, cancelled by a disconnect) ends in one terminal
+state that is stored when store is true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
+from relay.engine.checks import check_request, plan_tools, reasoning_settings
+from relay.engine.context import check_tool_outputs, load_history, parse_input, resolve_references
+from relay.engine.response import new_response
+from relay.errors import InvalidRequest, RateLimited, RelayError, UpstreamError
+from relay.ids import new_id
+from relay.protocol import CreateResponse
+from relay.providers.base import Delta, ProviderError, ProviderRequest
+from relay.providers.registry import Registry, Route
+from relay.storage.base import Store
+
+log = logging.getLogger("relay.engine")
+
+
+def provider_error_to_http(error: ProviderError) -> RelayError:
+    """An upstream failure before the stream began, as the HTTP error the client receives."""
+    if error.status == 429:
+        headers = {"retry-after": error.retry_after} if error.retry_after else {}
+        return RateLimited(error.message, code=error.code, headers=headers)
+    if error.status == 400:
+        return InvalidRequest(error.message, code=error.code)
+    return UpstreamError(error.message, status=error.status, code=error.code)
+
+
+@dataclass(slots=True)
+class Run:
+    """One response being generated. Iterate `events()` exactly once."""
+
+    engine: Engine
+    tenant: str
+    builder: ResponseBuilder
+    input_items: list[dict[str, Any]]
+    deltas: AsyncIterator[Delta]
+    _finished: bool = field(default=False)
+
+    @property
+    def response(self) -> dict[str, Any]:
+        return self.builder.response
+
+    async def events(self) -> AsyncIterator[Event]:
+        builder = self.builder
+        try:
+            for event in builder.start():
+                yield event
+            try:
+                async for delta in self.deltas:
+                    for event in builder.feed(delta):
+                        yield event
+                terminal = builder.finish()
+            except ProviderError as error:
+                log.warning("upstream failed mid-stream: %s", error.message)
+                code = "rate_limit_exceeded" if error.status == 429 else "server_error"
+                terminal = builder.fail("server_error", code, error.message)
+            except ToolPolicyViolation as error:
+                terminal = builder.fail("server_error", "invalid_tool_call", str(error))
+            # Stored before the terminal event is sent: a client that reads the id from
+            # response.completed and fetches it at once must find it.
+            await self._persist()
+            for event in terminal:
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            if not self._finished:
+                builder.cancel()
+                await self._persist()
+            raise
+        finally:
+            await _close(self.deltas)
+
+    async def final(self) -> dict[str, Any]:
+        """Drain the events: the JSON answer is the stream, folded."""
+        async for _ in self.events():
+            pass
+        return self.response
+
+    async def _persist(self) -> None:
+        self._finished = True
+        if self.response["store"]:
+            await self.engine.store.save_response(self.tenant, self.response, self.input_items)
+
+
+async def _close(deltas: AsyncIterator[Delta]) -> None:
+    aclose = getattr(deltas, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class Engine:
+    def __init__(self, registry: Registry, store: Store) -> None:
+        self.registry = registry
+        self.store = store
+
+    async def start(
+        self, request: CreateResponse, *, tenant: str, session_id: str | None = None
+    ) -> Run:
+        if request.model is None:
+            raise InvalidRequest(
+                "Missing required parameter: 'model'.",
+                param="model",
+                code="missing_required_parameter",
+            )
+        routes = self.registry.candidates(request.model, request.models)
+        check_request(request, routes[0])
+        tools = plan_tools(request)
+        effort, summary = reasoning_settings(request)
+        items = parse_input(request)
+        history = await load_history(self.store, tenant, request)
+        items = await resolve_references(self.store, tenant, items)
+        check_tool_outputs(history, items)
+        include = set(request.include or [])
+        want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
+
+        def provider_request(route: Route) -> ProviderRequest:
+            return ProviderRequest(
+                upstream_model=route.upstream_model,
+                request=request,
+                instructions=request.instructions,
+                items=history + items,
+                tools=tools.offered,
+                tool_choice=tools.choice,
+                parallel_tool_calls=request.parallel_tool_calls is not False,
+                want_logprobs=want_logprobs,
+            )
+
+        route, deltas = await self._open(routes, provider_request)
+        response = new_response(
+            request,
+            response_id=new_id("resp"),
+            model=route.model,
+            created_at=int(time.time()),
+            tools=tools.declared,
+            reasoning={"effort": effort, "summary": summary},
+            session_id=request.session_id or session_id,
+        )
+        builder = ResponseBuilder(
+            response,
+            offered_tools={tool["name"] for tool in tools.offered},
+            must_call=tools.must_call,
+            parallel_tool_calls=request.parallel_tool_calls is not False,
+            max_tool_calls=request.max_tool_calls,
+            reasoning_as_summary=summary is not None,
+            include_logprobs=want_logprobs,
+        )
+        return Run(self, tenant, builder, items, deltas)
+
+    async def _open(
+        self, routes: list[Route], make_request: Callable[[Route], ProviderRequest]
+    ) -> tuple[Route, AsyncIterator[Delta]]:
+        """Open the first route that accepts the request; move on only for retryable failures
+        that happened before the first byte, so a client never sees two half-answers."""
+        last: ProviderError | None = None
+        for route in routes:
+            try:
+                return route, await route.provider.open(make_request(route))
+            except ProviderError as error:
+                log.warning("model %s failed before the first byte: %s", route.model, error.message)
+                last = error
+                if not error.retryable:
+                    break
+        assert last is not None
+        raise provider_error_to_http(last)

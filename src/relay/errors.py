@@ -1,0 +1,93 @@
+"""Errors raised anywhere in Relay; `api/errors.py` maps them to HTTP once.
+
+Each error carries the OpenAI envelope fields (type, code, param) and its HTTP status, so the
+layer that detects a problem says what it is and the API layer only frames it.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(RelayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class AuthenticationError(RelayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(RelayError):
+    status = 403
+    type = "permission_denied_error"
+    code = "permission_denied"
+
+
+class NotFound(RelayError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class RateLimited(RelayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(RelayError):
+    """The provider failed or could not be reached (502), or is overloaded (503)."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.status = status
+
+
+class ServerError(RelayError):
+    status = 500
+    type = "server_error"
+    code = "server_error"

@@ -1,0 +1,357 @@
+"""The request side of the Responses API: every field of the seeds and the spec, validated.
+
+Input items keep unknown keys (`extra="allow"`) because clients replay output items verbatim
+(ids, status, annotations, logprobs, phase) and expect them back from input_items. The request
+itself ignores unknown top-level fields, as clients such as Codex send their own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+MAX_INPUT_CHARS = 10_485_760
+HOSTED_TOOL_TYPES = {
+    "web_search",
+    "web_search_preview",
+    "file_search",
+    "code_interpreter",
+    "computer_use_preview",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "shell",
+    "custom",
+    "apply_patch",
+}
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def error_param(data: Any, loc: tuple[int | str, ...], prefix: str = "") -> str:
+    """pydantic's error location as the path clients know (`input[0].content[1]`).
+
+    pydantic puts union member names and discriminator tags in `loc`; walking the client's own
+    data keeps only the steps that exist there.
+    """
+    path = prefix
+    for step in loc:
+        if isinstance(step, int) and isinstance(data, list) and step < len(data):
+            path += f"[{step}]"
+            data = data[step]
+        elif isinstance(step, str) and isinstance(data, dict) and step in data:
+            path += f".{step}" if path else step
+            data = data[step]
+        elif isinstance(step, str) and isinstance(data, dict) and not path:
+            return step  # a missing top-level field: name it
+    return path
+
+
+# Content parts ---------------------------------------------------------------------------------
+
+
+class InputText(_Open):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImage(_Open):
+    type: Literal["input_image"]
+    image_url: str | None = Field(default=None, max_length=20_971_520)
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputImage:
+        if not self.image_url and not self.file_id:
+            raise ValueError("input_image needs image_url or file_id")
+        return self
+
+
+class InputFile(_Open):
+    type: Literal["input_file"]
+    filename: str | None = None
+    file_data: str | None = Field(default=None, max_length=33_554_432)
+    file_url: str | None = None
+    file_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputFile:
+        if not (self.file_data or self.file_url or self.file_id):
+            raise ValueError("input_file needs file_data, file_url or file_id")
+        return self
+
+
+class OutputText(_Open):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Refusal(_Open):
+    type: Literal["refusal"]
+    refusal: str
+
+
+InputPart = Annotated[InputText | InputImage | InputFile, Field(discriminator="type")]
+AssistantPart = Annotated[OutputText | Refusal | InputText, Field(discriminator="type")]
+
+
+class SummaryText(_Open):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningText(_Open):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+# Input items -----------------------------------------------------------------------------------
+
+
+class UserMessage(_Open):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer"]
+    content: str | list[InputPart]
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class AssistantMessage(_Open):
+    type: Literal["message"] = "message"
+    role: Literal["assistant"]
+    content: str | list[AssistantPart]
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    phase: Literal["commentary", "final_answer"] | None = None
+
+
+class FunctionCall(_Open):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class FunctionCallOutput(_Open):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=64)
+    output: str | list[InputPart] = Field(union_mode="left_to_right")
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @field_validator("output")
+    @classmethod
+    def _bounded(cls, value: str | list[Any]) -> str | list[Any]:
+        if isinstance(value, str) and len(value) > MAX_INPUT_CHARS:
+            raise ValueError(f"output is longer than {MAX_INPUT_CHARS} characters")
+        return value
+
+
+class Reasoning(_Open):
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class ItemReference(_Open):
+    type: Literal["item_reference"] = "item_reference"
+    id: str = Field(min_length=1)
+
+
+_ITEM_MODELS: dict[str, type[BaseModel]] = {
+    "function_call": FunctionCall,
+    "function_call_output": FunctionCallOutput,
+    "reasoning": Reasoning,
+    "item_reference": ItemReference,
+}
+
+
+def parse_item(raw: Any) -> BaseModel:
+    """Validate one input item, picking its model by `type` (and by role for messages).
+
+    Picking by hand rather than with a pydantic union gives errors that name the one shape the
+    client meant instead of a list of every shape that did not match.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("each input item must be an object")
+    kind = raw.get("type", "message")
+    if kind == "message":
+        model: type[BaseModel] = AssistantMessage if raw.get("role") == "assistant" else UserMessage
+    elif kind in _ITEM_MODELS:
+        model = _ITEM_MODELS[kind]
+    else:
+        raise ValueError(f"input item type '{kind}' is not supported")
+    return model.model_validate(raw)
+
+
+# Tools and formats -----------------------------------------------------------------------------
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class AllowedTools(_Strict):
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required", "none"] = "auto"
+    tools: list[dict[str, Any]] = Field(min_length=1, max_length=128)
+
+    def names(self) -> list[str]:
+        names = []
+        for tool in self.tools:
+            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                raise ValueError("allowed_tools.tools entries must be {type: function, name}")
+            names.append(tool["name"])
+        return names
+
+
+ToolChoice = Literal["none", "auto", "required"] | FunctionChoice | AllowedTools
+
+
+class TextFormatText(_Strict):
+    type: Literal["text"]
+
+
+class TextFormatJsonObject(_Strict):
+    type: Literal["json_object"]
+
+
+class TextFormatJsonSchema(_Strict):
+    type: Literal["json_schema"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+TextFormat = Annotated[
+    TextFormatText | TextFormatJsonObject | TextFormatJsonSchema, Field(discriminator="type")
+]
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ReasoningConfig(_Strict):
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed", "none"] | None = None
+    # Accepted for compatibility with OpenAI's older name of `summary`.
+    generate_summary: Literal["auto", "concise", "detailed", "none"] | None = None
+
+
+class StreamOptions(_Strict):
+    include_obfuscation: bool | None = None
+
+
+# The request -----------------------------------------------------------------------------------
+
+
+def _metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > 16:
+        raise ValueError("metadata may hold at most 16 pairs")
+    for key, item in value.items():
+        if len(key) > 64:
+            raise ValueError(f"metadata key '{key[:70]}' is longer than 64 characters")
+        if "[" in key or "]" in key:
+            raise ValueError(f"metadata key '{key}' must not contain brackets")
+        if len(item) > 512:
+            raise ValueError(f"metadata value for '{key}' is longer than 512 characters")
+    return value
+
+
+class CreateResponse(BaseModel):
+    """POST /v1/responses. Unknown top-level fields are ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model: str | None = Field(default=None, min_length=1)
+    models: list[str] | None = Field(default=None, min_length=1)
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(default=None, ge=1)
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    max_output_tokens: int | None = Field(default=None, ge=16)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(default=None, max_length=128)
+    session_id: str | None = Field(default=None, max_length=128)
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = Field(default=None, max_length=64)
+    truncation: Literal["auto", "disabled"] | None = None
+    store: bool | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    include: list[str] | None = None
+    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
+    trace: dict[str, Any] | None = None
+    provider: dict[str, Any] | None = None
+    plugins: list[dict[str, Any]] | None = None
+    modalities: list[Literal["text", "image"]] | None = None
+    image_config: dict[str, str | float] | None = None
+    prompt: dict[str, Any] | None = None
+    background: bool | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _metadata(value)
+
+    @field_validator("max_output_tokens", "top_k", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # Seed 000 types these as doubles; accept 256.0 but not 256.5.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _bounded_input(cls, value: str | list[Any] | None) -> str | list[Any] | None:
+        if isinstance(value, str) and len(value) > MAX_INPUT_CHARS:
+            raise ValueError(f"input is longer than {MAX_INPUT_CHARS} characters")
+        return value
+
+
+CREATE_ADAPTER = TypeAdapter(CreateResponse)

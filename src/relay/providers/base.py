@@ -1,0 +1,117 @@
+"""The contract between the engine and a provider: a request in, a stream of deltas out.
+
+A provider translates our internal request into its wire format and its wire stream back into
+the small delta vocabulary below. It never sees Responses ids, never builds events, and raises
+`ProviderError` for every failure so that retry and fallback are decided in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from relay.protocol import CreateResponse
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
+class RefusalDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of one tool call; `index` tells parallel calls apart.
+
+    The first piece of a call carries its name (and the upstream call id when there is one);
+    later pieces carry argument text only.
+    """
+
+    index: int
+    arguments: str = ""
+    name: str | None = None
+    call_id: str | None = None
+
+
+@dataclass(slots=True)
+class UsageDelta:
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(slots=True)
+class FinishDelta:
+    reason: FinishReason
+
+
+Delta = TextDelta | RefusalDelta | ReasoningDelta | ToolCallDelta | UsageDelta | FinishDelta
+
+
+@dataclass(slots=True)
+class ProviderRequest:
+    """What a provider needs: the upstream model, the validated request and the built context.
+
+    `items` is the whole context in Responses item shape (previous turns first), `tools` the
+    function tools the model may call after tool_choice filtering, `tool_choice` the normalised
+    choice: "auto", "none", "required" or the name of one function that must be called.
+    """
+
+    upstream_model: str
+    request: CreateResponse
+    instructions: str | None
+    items: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, str] = "auto"
+    parallel_tool_calls: bool = True
+    want_logprobs: bool = False
+
+
+class ProviderError(Exception):
+    """A provider failure, with what the engine needs to decide on a fallback.
+
+    `retryable` failures (connection errors, 408/429/5xx) move on to the next model in the
+    fallback list when they happen before the first byte; others are answered at once.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        code: str = "upstream_error",
+        retryable: bool = True,
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class Provider(Protocol):
+    async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        """Send the request; return the delta stream once the upstream has accepted it.
+
+        Raises ProviderError when the upstream refuses or cannot be reached (before the first
+        byte). The returned iterator may raise ProviderError later, mid-stream.
+        """
+        ...
+
+    async def aclose(self) -> None: ...

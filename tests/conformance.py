@@ -1,0 +1,170 @@
+"""Checks every test applies: the Open Responses schema, and the stream invariants.
+
+`assert_valid_response` validates a response object against ResponseResource;
+`check_stream` validates every event against its schema and the ordering rules that the SDKs
+and Codex enforce, then returns the response folded from the events, which tests compare with
+the terminal snapshot, the JSON answer and the stored copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+# Open Responses contract, version 2026-04-24 (public/openapi/openapi.json of the spec repo).
+SPEC = Path(__file__).resolve().parent / "contract" / "openresponses-openapi.json"
+TERMINAL = {"response.completed", "response.failed", "response.incomplete"}
+
+
+@cache
+def _document() -> dict[str, Any]:
+    if not SPEC.is_file():
+        raise FileNotFoundError(f"the Open Responses contract is missing: {SPEC}")
+    data: dict[str, Any] = json.loads(SPEC.read_text())
+    return data
+
+
+@cache
+def _registry() -> Registry:
+    resource = Resource.from_contents(_document(), default_specification=DRAFT202012)
+    return Registry().with_resource("urn:openresponses", resource)
+
+
+@cache
+def validator(schema_name: str) -> Draft202012Validator:
+    ref = {"$ref": f"urn:openresponses#/components/schemas/{schema_name}"}
+    return Draft202012Validator(ref, registry=_registry())
+
+
+@cache
+def _event_schemas() -> dict[str, str]:
+    """event type -> schema name, read from the contract itself."""
+    found = {}
+    for name, schema in _document()["components"]["schemas"].items():
+        if name.endswith("StreamingEvent"):
+            found[schema["properties"]["type"]["enum"][0]] = name
+    return found
+
+
+def _fail_on_errors(kind: str, instance: Any, schema_name: str) -> None:
+    errors = sorted(validator(schema_name).iter_errors(instance), key=lambda e: list(e.path))
+    if errors:
+        details = "; ".join(f"{list(e.path)}: {e.message[:200]}" for e in errors[:5])
+        raise AssertionError(f"{kind} does not validate against {schema_name}: {details}")
+
+
+def assert_valid_response(response: dict[str, Any]) -> None:
+    _fail_on_errors("response", response, "ResponseResource")
+
+
+def assert_valid_item(item: dict[str, Any]) -> None:
+    _fail_on_errors("item", item, "ItemField")
+
+
+def assert_valid_event(event: dict[str, Any]) -> None:
+    schema_name = _event_schemas().get(event["type"])
+    assert schema_name is not None, f"event type {event['type']!r} is not in the contract"
+    _fail_on_errors(f"event {event['type']}", event, schema_name)
+
+
+def check_stream(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Validate a whole stream and return the response folded from its events."""
+    assert events, "empty stream"
+    for event in events:
+        assert_valid_event(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events))), "sequence numbers"
+    assert events[0]["type"] == "response.created", "first event must be response.created"
+    assert events[0]["response"]["output"] == [], "response.created must have empty output"
+    terminals = [i for i, e in enumerate(events) if e["type"] in TERMINAL]
+    assert len(terminals) == 1, f"expected exactly one terminal event, got {len(terminals)}"
+    assert terminals[0] == len(events) - 1, "the terminal event must be last"
+    errors = [i for i, e in enumerate(events) if e["type"] == "error"]
+    if errors:
+        assert events[-1]["type"] == "response.failed", "an error event must end in failed"
+
+    folded = copy.deepcopy(events[0]["response"])
+    output: list[dict[str, Any]] = folded["output"]
+    done_items: dict[int, dict[str, Any]] = {}
+    open_parts: set[tuple[str, str, int]] = set()
+    for event in events[1:]:
+        kind = event["type"]
+        if kind == "response.output_item.added":
+            assert event["output_index"] == len(output), "output_index must grow by one"
+            output.append(copy.deepcopy(event["item"]))
+            continue
+        if "output_index" not in event:
+            continue
+        index = event["output_index"]
+        assert index < len(output), f"{kind} refers to an item never added"
+        assert index not in done_items, f"{kind} after output_item.done of item {index}"
+        item = output[index]
+        if "item_id" in event:
+            assert event["item_id"] == item["id"], f"{kind} item_id does not match output_index"
+        if kind == "response.output_item.done":
+            assert event["item"]["id"] == item["id"], "output_item.done changed the item id"
+            assert not any(p[0] == item["id"] for p in open_parts), "item done with a part open"
+            output[index] = copy.deepcopy(event["item"])
+            done_items[index] = event["item"]
+        elif kind in ("response.content_part.added", "response.reasoning_summary_part.added"):
+            field = "content" if "content_index" in event else "summary"
+            position = event.get("content_index", event.get("summary_index"))
+            item.setdefault(field, [])
+            assert position == len(item[field]), f"{kind} index must grow by one"
+            item[field].append(copy.deepcopy(event["part"]))
+            open_parts.add((item["id"], field, position))
+        elif kind in ("response.content_part.done", "response.reasoning_summary_part.done"):
+            field = "content" if "content_index" in event else "summary"
+            position = event.get("content_index", event.get("summary_index"))
+            assert (item["id"], field, position) in open_parts, f"{kind} without added"
+            open_parts.discard((item["id"], field, position))
+            assert item[field][position] == event["part"], f"{kind} part differs from deltas"
+        elif kind.endswith(".delta"):
+            _apply_delta(item, event)
+        elif kind.endswith(".done"):
+            _check_done(item, event)
+    assert not open_parts, "content parts left open"
+    assert len(done_items) == len(output), "every added item needs an output_item.done"
+    final = events[-1]["response"]
+    assert_valid_response(final)
+    assert final["output"] == output, "terminal output differs from the streamed items"
+    folded.update({k: v for k, v in final.items() if k != "output"})
+    return folded
+
+
+def _part(item: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    if "summary_index" in event:
+        part: dict[str, Any] = item["summary"][event["summary_index"]]
+    else:
+        part = item["content"][event["content_index"]]
+    return part
+
+
+def _apply_delta(item: dict[str, Any], event: dict[str, Any]) -> None:
+    kind = event["type"]
+    if kind == "response.function_call_arguments.delta":
+        item["arguments"] += event["delta"]
+        return
+    part = _part(item, event)
+    key = "refusal" if kind == "response.refusal.delta" else "text"
+    part[key] += event["delta"]
+    if kind == "response.output_text.delta" and event.get("logprobs") and "logprobs" in part:
+        part["logprobs"].extend(event["logprobs"])
+
+
+def _check_done(item: dict[str, Any], event: dict[str, Any]) -> None:
+    kind = event["type"]
+    if kind == "response.function_call_arguments.done":
+        assert item["arguments"] == event["arguments"], "arguments.done differs from deltas"
+        return
+    part = _part(item, event)
+    if kind == "response.refusal.done":
+        assert part["refusal"] == event["refusal"], "refusal.done differs from deltas"
+    else:
+        assert part["text"] == event["text"], f"{kind} differs from deltas"
