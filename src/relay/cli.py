@@ -55,6 +55,11 @@ def serve(argv: list[str]) -> int:
             os.environ[f"RELAY_{name.upper()}"] = str(value)
     try:
         settings = settings_from_env()
+        # Secrets are read now so that a missing variable is one clear line, not a traceback.
+        for route in settings.routes:
+            route.api_key()
+        for key in settings.api_keys:
+            key.secret()
     except ValueError as error:
         print(f"relay: invalid configuration: {error}", file=sys.stderr)
         return 2

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
         return self
 
 
+DEMO_ROUTE = RouteConfig(model="demo", provider="fake", upstream_model="text")
+
+
 def load_settings(config: Path | None = None, **overrides: object) -> Settings:
     """Settings from `config` (TOML), then env vars, then explicit overrides (CLI flags)."""
 
@@ -126,4 +129,8 @@ def load_settings(config: Path | None = None, **overrides: object) -> Settings:
     if config is not None and not config.is_file():
         raise ValueError(f"config file {config} does not exist")
     values = {key: value for key, value in overrides.items() if value is not None}
-    return FileSettings(**values)  # type: ignore[arg-type]
+    settings = FileSettings(**values)  # type: ignore[arg-type]
+    if not settings.routes:
+        # Nothing configured: serve the deterministic demo model so a first request works.
+        settings.routes = [DEMO_ROUTE]
+    return settings

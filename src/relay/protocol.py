@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 MAX_INPUT_CHARS = 10_485_760
 HOSTED_TOOL_TYPES = {
@@ -35,6 +44,11 @@ class _Strict(BaseModel):
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def deepest_error(error: ValidationError) -> ErrorDetails:
+    """The most specific of pydantic's errors: for a union, the branch that got furthest."""
+    return max(error.errors(), key=lambda detail: len(detail["loc"]))
 
 
 def error_param(data: Any, loc: tuple[int | str, ...], prefix: str = "") -> str:

@@ -15,7 +15,7 @@ from relay.api.sse import EventStreamResponse
 from relay.engine.run import Engine
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
-from relay.protocol import CreateResponse, error_param
+from relay.protocol import CreateResponse, deepest_error, error_param
 from relay.storage.base import Store
 
 router = APIRouter()
@@ -47,7 +47,7 @@ def parse_create(body: bytes) -> CreateResponse:
     try:
         return CreateResponse.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
+        first = deepest_error(error)
         param = error_param(data, tuple(first["loc"]))
         code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
         message = first["msg"].removeprefix("Value error, ")
@@ -80,9 +80,7 @@ async def create_response(request: Request, tenant: Tenant) -> Response:
         body, tenant=tenant, session_id=request.headers.get("x-session-id")
     )
     if body.stream:
-        return EventStreamResponse(
-            run.events(), keepalive_s=request.app.state.settings.keepalive_s
-        )
+        return EventStreamResponse(run.events(), keepalive_s=request.app.state.settings.keepalive_s)
     return json_response(await run.final())
 
 

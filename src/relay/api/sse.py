@@ -27,8 +27,8 @@ KEEPALIVE = b": keep-alive\n\n"
 
 
 def frame(event: dict[str, Any]) -> bytes:
-    data: bytes = orjson.dumps(event)
-    return b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n"
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 def error_frame(error: RelayError, sequence_number: int) -> bytes:

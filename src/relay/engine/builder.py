@@ -144,7 +144,7 @@ class ResponseBuilder:
                     item_id=item["id"],
                     output_index=index,
                     content_index=len(item["content"]) - 1,
-                    part=dict(part),
+                    part=_copy_part(part),
                 )
             )
         content_index = len(item["content"]) - 1
@@ -196,7 +196,7 @@ class ResponseBuilder:
                         item_id=item["id"],
                         output_index=index,
                         summary_index=0,
-                        part=dict(part),
+                        part=_copy_part(part),
                     )
                 )
             else:
@@ -208,7 +208,7 @@ class ResponseBuilder:
                         item_id=item["id"],
                         output_index=index,
                         content_index=0,
-                        part=dict(part),
+                        part=_copy_part(part),
                     )
                 )
             self._part = part
@@ -297,7 +297,9 @@ class ResponseBuilder:
                     text=part["text"],
                     logprobs=part.get("logprobs", []),
                 ),
-                self._event("response.content_part.done", **ids, content_index=ci, part=dict(part)),
+                self._event(
+                    "response.content_part.done", **ids, content_index=ci, part=_copy_part(part)
+                ),
             ]
         if part["type"] == "refusal":
             ci = len(item["content"]) - 1
@@ -305,7 +307,9 @@ class ResponseBuilder:
                 self._event(
                     "response.refusal.done", **ids, content_index=ci, refusal=part["refusal"]
                 ),
-                self._event("response.content_part.done", **ids, content_index=ci, part=dict(part)),
+                self._event(
+                    "response.content_part.done", **ids, content_index=ci, part=_copy_part(part)
+                ),
             ]
         if part["type"] == "summary_text":
             return [
@@ -316,12 +320,17 @@ class ResponseBuilder:
                     text=part["text"],
                 ),
                 self._event(
-                    "response.reasoning_summary_part.done", **ids, summary_index=0, part=dict(part)
+                    "response.reasoning_summary_part.done",
+                    **ids,
+                    summary_index=0,
+                    part=_copy_part(part),
                 ),
             ]
         return [
             self._event("response.reasoning.done", **ids, content_index=0, text=part["text"]),
-            self._event("response.content_part.done", **ids, content_index=0, part=dict(part)),
+            self._event(
+                "response.content_part.done", **ids, content_index=0, part=_copy_part(part)
+            ),
         ]
 
     def _close_open(self, status: str) -> list[Event]:
@@ -416,10 +425,14 @@ class ResponseBuilder:
         return [self._event(kind, response=self.response)]
 
 
+def _copy_part(part: dict[str, Any]) -> dict[str, Any]:
+    """A copy deep enough that later deltas do not change an event already built."""
+    return {key: list(value) if isinstance(value, list) else value for key, value in part.items()}
+
+
 def _copy(item: dict[str, Any]) -> dict[str, Any]:
-    """A copy of an item deep enough that later deltas do not change an emitted event."""
     copied = dict(item)
     for key in ("content", "summary"):
         if key in copied:
-            copied[key] = [dict(part) for part in copied[key]]
+            copied[key] = [_copy_part(part) for part in copied[key]]
     return copied

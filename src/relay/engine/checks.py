@@ -15,6 +15,7 @@ from relay.protocol import (
     CreateResponse,
     FunctionChoice,
     FunctionTool,
+    deepest_error,
     error_param,
 )
 from relay.providers.registry import Route
@@ -54,7 +55,7 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
         try:
             tool = FunctionTool.model_validate(raw)
         except ValidationError as error:
-            first = error.errors()[0]
+            first = deepest_error(error)
             param = error_param(raw, tuple(first["loc"]), f"tools[{index}]")
             raise InvalidRequest(f"Invalid tool: {first['msg']}", param=param) from None
         declared.append(tool.model_dump(exclude_none=True))

@@ -1,0 +1,595 @@
+"""Provider for OpenAI-compatible chat-completions upstreams (vLLM, Ollama, llama.cpp, Groq, ...).
+
+The request side turns Responses items into chat messages; the stream side turns
+`chat.completion.chunk` SSE events into deltas. Nothing here retries: every failure becomes a
+`ProviderError` and the engine decides on fallbacks. Secrets (the API key, secret-looking extra
+header values, a password in the base URL) are scrubbed from every message we raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+from pydantic import BaseModel
+
+from relay.providers.base import (
+    Delta,
+    FinishDelta,
+    FinishReason,
+    ProviderError,
+    ProviderRequest,
+    ReasoningDelta,
+    RefusalDelta,
+    TextDelta,
+    ToolCallDelta,
+    UsageDelta,
+)
+
+# Request fields copied verbatim when set; every chat upstream we target names them the same.
+_PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "top_k",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "service_tier",
+)
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "content_filter": "content_filter",
+    "function_call": "tool_calls",
+}
+_MAX_MESSAGE = 500  # upstream error text we quote, so a huge HTML error page stays out of logs
+
+
+class OpenAIChatProvider:
+    """One upstream base URL (ending before `/chat/completions`) with one pooled HTTP client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout_s: float = 600.0,
+        max_tokens_param: str = "max_tokens",
+        extra_headers: dict[str, str] | None = None,
+        forward_fields: frozenset[str] = frozenset(),
+    ) -> None:
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._max_tokens_param = max_tokens_param
+        self._forward_fields = forward_fields
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        headers.update(extra_headers or {})
+        # Short values are not worth scrubbing (and would mangle messages); keys never are short.
+        secrets = [
+            api_key or "",
+            *(extra_headers or {}).values(),
+            urlsplit(base_url).password or "",
+        ]
+        self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+        # A dead host should fail fast so the engine can fall back; a slow model may take minutes
+        # between bytes, so only the connect phase gets the shorter bound.
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+        # The engine bounds concurrency; a pool limit here would only add a hidden queue.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        body = orjson.dumps(self.build_body(request))
+        http_request = self._client.build_request("POST", self._url, content=body)
+        try:
+            response = await self._client.send(http_request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if not response.is_success:
+            try:
+                raw = await response.aread()
+            except httpx.HTTPError:
+                raw = b""
+            finally:
+                await response.aclose()
+            raise self._status_error(response.status_code, response.headers, raw)
+        return _DeltaStream(response, self._deltas(response))
+
+    # Request translation ------------------------------------------------------------------------
+
+    def build_body(self, request: ProviderRequest) -> dict[str, Any]:
+        """The chat-completions body for `request` (public so the engine can log its shape)."""
+        req = request.request
+        body: dict[str, Any] = {
+            "model": request.upstream_model,
+            "messages": build_messages(request.instructions, request.items),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        tools = [_tool(tool) for tool in request.tools]
+        if tools:
+            body["tools"] = tools
+            body["tool_choice"] = _tool_choice(request.tool_choice)
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+        for name in _PASSTHROUGH:
+            value = getattr(req, name)
+            if value is not None:
+                body[name] = value
+        if req.max_output_tokens is not None:
+            body[self._max_tokens_param] = req.max_output_tokens
+        if req.text is not None:
+            fmt = req.text.format
+            if fmt is not None and fmt.type == "json_schema":
+                schema = {
+                    "name": fmt.name,
+                    "schema": fmt.schema_,
+                    "strict": fmt.strict,
+                    "description": fmt.description,
+                }
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {k: v for k, v in schema.items() if v is not None},
+                }
+            elif fmt is not None and fmt.type == "json_object":
+                body["response_format"] = {"type": "json_object"}
+            if req.text.verbosity is not None:
+                body["verbosity"] = req.text.verbosity
+        effort = req.reasoning.effort if req.reasoning is not None else None
+        effort = effort or req.reasoning_effort
+        if effort is not None:
+            body["reasoning_effort"] = effort
+        if request.want_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = req.top_logprobs or 0
+        for name in sorted(self._forward_fields):
+            value = getattr(req, name, None)
+            if value is None and req.model_extra:
+                value = req.model_extra.get(name)
+            if isinstance(value, BaseModel):
+                value = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if value is not None:
+                body[name] = value
+        return body
+
+    # Stream translation -------------------------------------------------------------------------
+
+    async def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
+        try:
+            content_type = response.headers.get("content-type", "")
+            if content_type.startswith("application/json"):
+                # Some upstreams ignore `stream: true` and answer with one completion object.
+                completion = _loads(await response.aread())
+                for delta in self._completion_deltas(completion):
+                    yield delta
+                return
+            state = _StreamState()
+            async for chunk in _sse_events(response):
+                if chunk is None:
+                    break
+                for delta in self._chunk_deltas(chunk, state):
+                    yield delta
+            else:
+                if state.finish is None:
+                    raise ProviderError("the upstream closed the stream before it finished")
+            for delta in state.closing():
+                yield delta
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # A chunk of the wrong shape (a string where an object belongs, ...) is the
+            # upstream's failure, and must reach the engine as one.
+            raise ProviderError(
+                f"the upstream sent a chunk Relay could not read ({type(exc).__name__})"
+            ) from None
+        finally:
+            await response.aclose()
+
+    def _chunk_deltas(self, chunk: Any, state: _StreamState) -> list[Delta]:
+        if not isinstance(chunk, dict):
+            raise ProviderError("the upstream sent a stream event that is not a JSON object")
+        if chunk.get("error"):
+            raise self._error_chunk(chunk["error"])
+        out: list[Delta] = []
+        if isinstance(chunk.get("usage"), dict):
+            # Kept, not yielded: vLLM's continuous usage repeats running totals on every chunk.
+            state.usage = _usage(chunk["usage"])
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                out.append(ReasoningDelta(reasoning))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                logprobs = (choice.get("logprobs") or {}).get("content")
+                out.append(TextDelta(content, _logprobs(logprobs) if logprobs else None))
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                out.append(RefusalDelta(refusal))
+            calls = list(delta.get("tool_calls") or ())
+            if isinstance(delta.get("function_call"), dict):  # the pre-tools wire shape
+                calls.append({"index": 0, "function": delta["function_call"]})
+            for position, call in enumerate(calls):
+                piece = state.tool_piece(call, position)
+                if piece is not None:
+                    out.append(piece)
+            if choice.get("finish_reason"):
+                state.finish = _FINISH.get(choice["finish_reason"], "stop")
+        return out
+
+    def _completion_deltas(self, completion: Any) -> list[Delta]:
+        if not isinstance(completion, dict):
+            raise ProviderError("the upstream answered with JSON that is not a chat completion")
+        if completion.get("error"):
+            raise self._error_chunk(completion["error"])
+        choices = completion.get("choices") or [{}]
+        choice = next((c for c in choices if c.get("index", 0) == 0), choices[0])
+        message = choice.get("message") or {}
+        # One chunk whose delta is the whole message reuses the streaming translation exactly.
+        state = _StreamState()
+        chunk = {
+            "choices": [{**choice, "index": 0, "delta": message}],
+            "usage": completion.get("usage"),
+        }
+        out = self._chunk_deltas(chunk, state)
+        if state.finish is None:
+            state.finish = "stop"
+        return out + state.closing()
+
+    # Errors --------------------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def _transport_error(self, exc: httpx.HTTPError) -> ProviderError:
+        detail = self._redact(str(exc)) or type(exc).__name__
+        if isinstance(exc, httpx.TimeoutException):
+            return ProviderError(
+                f"the upstream timed out ({type(exc).__name__})",
+                status=504,
+                code="upstream_timeout",
+            )
+        if isinstance(exc, httpx.ConnectError):
+            return ProviderError(
+                f"could not connect to the upstream: {detail}", code="upstream_unreachable"
+            )
+        return ProviderError(f"the upstream connection failed: {detail}")
+
+    def _status_error(self, status: int, headers: httpx.Headers, raw: bytes) -> ProviderError:
+        retry_after = headers.get("retry-after")
+        if status in (401, 403):
+            # The upstream's text is not quoted: some echo the (masked or whole) key back.
+            return ProviderError(
+                f"the upstream rejected Relay's credentials (HTTP {status})",
+                status=502,
+                code="upstream_auth_failed",
+                retryable=False,
+            )
+        message = self._redact(_error_message(raw))
+        if status == 429:
+            return ProviderError(
+                f"the upstream is rate limiting requests: {message}",
+                status=429,
+                code="rate_limit_exceeded",
+                retry_after=retry_after,
+            )
+        if status in (400, 404, 413, 422):
+            return ProviderError(
+                f"the upstream rejected the request (HTTP {status}): {message}",
+                status=400,
+                code="upstream_invalid_request",
+                retryable=False,
+            )
+        # 408, 409, 5xx and the 4xx that mean "this upstream cannot serve it" (402 out of credit,
+        # 405/415 misconfigured): another model in the fallback list may well succeed.
+        return ProviderError(
+            f"the upstream failed (HTTP {status}): {message}",
+            status=503 if status == 503 else 502,
+            retry_after=retry_after,
+        )
+
+    def _error_chunk(self, error: Any) -> ProviderError:
+        raw = orjson.dumps({"error": error})
+        code = error.get("code") if isinstance(error, dict) else None
+        if isinstance(code, int) and 400 <= code < 600:  # OpenRouter puts the HTTP status here
+            return self._status_error(code, httpx.Headers(), raw)
+        if code == "rate_limit_exceeded":
+            return self._status_error(429, httpx.Headers(), raw)
+        message = self._redact(_error_message(raw))
+        return ProviderError(f"the upstream reported an error mid-stream: {message}")
+
+
+class _DeltaStream(AsyncIterator[Delta]):
+    """The delta generator, plus an `aclose` that releases the connection even if never started.
+
+    An async generator that was never iterated skips its `finally`, which would leak the pooled
+    connection when the engine is cancelled between `open()` and the first delta.
+    """
+
+    def __init__(self, response: httpx.Response, deltas: AsyncGenerator[Delta, None]) -> None:
+        self._response = response
+        self._deltas = deltas
+
+    def __aiter__(self) -> _DeltaStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        return await self._deltas.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._deltas.aclose()
+        finally:
+            await self._response.aclose()
+
+
+class _StreamState:
+    """What one stream remembers between chunks: usage, finish and which tool calls started."""
+
+    def __init__(self) -> None:
+        self.usage: UsageDelta | None = None
+        self.finish: FinishReason | None = None
+        self.started_calls: set[int] = set()
+        self.named_calls: set[int] = set()
+        self.identified_calls: set[int] = set()
+
+    def tool_piece(self, call: dict[str, Any], position: int) -> ToolCallDelta | None:
+        # Some upstreams (Gemini's compat layer) omit `index`; some repeat name and id on every
+        # piece. The contract is "name and id once, on the first piece", so normalise here.
+        index = call.get("index")
+        index = index if isinstance(index, int) else position
+        function = call.get("function") or {}
+        name = function.get("name") or None
+        call_id = call.get("id") or None
+        arguments = function.get("arguments")
+        arguments = arguments if isinstance(arguments, str) else ""
+        if index in self.named_calls:
+            name = None
+        if index in self.identified_calls:
+            call_id = None
+        if name is None and call_id is None and not arguments and index in self.started_calls:
+            return None
+        self.started_calls.add(index)
+        if name is not None:
+            self.named_calls.add(index)
+        if call_id is not None:
+            self.identified_calls.add(index)
+        return ToolCallDelta(index=index, arguments=arguments, name=name, call_id=call_id)
+
+    def closing(self) -> list[Delta]:
+        """Usage then finish, once each, after the last content delta."""
+        out: list[Delta] = []
+        if self.usage is not None:
+            out.append(self.usage)
+        finish = self.finish or ("tool_calls" if self.started_calls else "stop")
+        if finish == "stop" and self.started_calls:
+            finish = "tool_calls"  # Ollama and some llama.cpp builds say "stop" after tool calls
+        out.append(FinishDelta(finish))
+        return out
+
+
+async def _sse_events(response: httpx.Response) -> AsyncGenerator[Any, None]:
+    """Parsed `data:` payloads of an SSE stream; None for `[DONE]`.
+
+    httpx's line iterator reassembles lines split across network reads and accepts LF, CRLF
+    and CR endings. Multi-line data fields are joined with newlines, as the SSE spec says.
+    """
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)
+        elif line == "" and data:
+            payload = "\n".join(data)
+            data = []
+            if payload.strip() == "[DONE]":
+                yield None
+                return
+            yield _loads(payload)
+        # Comments (":"), event, id and retry fields carry nothing we need.
+    if data:
+        payload = "\n".join(data)
+        yield None if payload.strip() == "[DONE]" else _loads(payload)
+
+
+def _loads(payload: str | bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ProviderError("the upstream sent data that is not valid JSON") from None
+
+
+def _error_message(raw: bytes) -> str:
+    """The human part of an upstream error body, in any of the shapes we have seen."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace").strip()[:_MAX_MESSAGE] or "no error message"
+    message: Any = body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message") or error
+        elif error:
+            message = error  # Ollama: {"error": "model 'x' not found"}
+        else:
+            message = body.get("message") or body.get("detail") or body  # vLLM, FastAPI
+    text = message if isinstance(message, str) else orjson.dumps(message).decode()
+    return text[:_MAX_MESSAGE]
+
+
+def _usage(usage: dict[str, Any]) -> UsageDelta:
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return UsageDelta(
+        input_tokens=int(usage.get("prompt_tokens") or 0),
+        output_tokens=int(usage.get("completion_tokens") or 0),
+        cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+    )
+
+
+def _logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat logprobs to the Responses shape, whose `bytes` is required (chat's is nullable)."""
+
+    def one(entry: dict[str, Any]) -> dict[str, Any]:
+        token = str(entry.get("token", ""))
+        raw = entry.get("bytes")
+        return {
+            "token": token,
+            "logprob": float(entry.get("logprob", 0.0)),
+            "bytes": raw if isinstance(raw, list) else list(token.encode()),
+        }
+
+    return [
+        {**one(entry), "top_logprobs": [one(top) for top in entry.get("top_logprobs") or ()]}
+        for entry in entries
+    ]
+
+
+# Messages --------------------------------------------------------------------------------------
+
+
+def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Responses items to chat messages.
+
+    A run of assistant-side items (messages and function calls, with reasoning skipped in
+    between) becomes ONE assistant message: chat has no other way to attach tool calls to text,
+    and templates such as Mistral's reject two assistant messages in a row.
+    """
+    messages: list[dict[str, Any]] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if texts or calls:
+            # Chat wants null content beside tool calls, and a string (maybe empty) otherwise.
+            content = "\n\n".join(text for text in texts if text) or (None if calls else "")
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = list(calls)
+            messages.append(message)
+            texts.clear()
+            calls.clear()
+
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            continue  # chat upstreams cannot take reasoning back
+        if kind == "message" and item.get("role") == "assistant":
+            texts.append(_assistant_text(item.get("content")))
+        elif kind == "function_call":
+            calls.append(
+                {
+                    "id": item["call_id"],
+                    "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]},
+                }
+            )
+        elif kind == "function_call_output":
+            flush()
+            output = item.get("output")
+            if not isinstance(output, str):
+                output = "".join(
+                    p.get("text", "") for p in output or () if p.get("type") == "input_text"
+                )
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+        elif kind == "message":
+            flush()
+            role = item.get("role", "user")
+            messages.append(
+                {
+                    "role": "system" if role == "developer" else role,
+                    "content": _user_content(item.get("content")),
+                }
+            )
+        else:
+            raise _unsupported(f"input item type '{kind}'")
+    flush()
+    return messages
+
+
+def _assistant_text(content: Any) -> str:
+    # Parts of one assistant message are pieces of one answer, so they join with nothing.
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content or ():
+        if part.get("type") == "refusal":
+            pieces.append(part.get("refusal", ""))
+        else:
+            pieces.append(part.get("text", ""))
+    return "".join(pieces)
+
+
+def _user_content(content: Any) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    parts = [_chat_part(part) for part in content or ()]
+    if all(part["type"] == "text" for part in parts):
+        # A plain string is the one form every upstream accepts; separate text parts are
+        # separate inputs, so they join with a newline, as vLLM does with a list of text parts.
+        return "\n".join(part["text"] for part in parts)
+    return parts
+
+
+def _chat_part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part.get("type")
+    if kind in ("input_text", "output_text"):
+        return {"type": "text", "text": part.get("text", "")}
+    if kind == "input_image" and part.get("image_url"):
+        image: dict[str, Any] = {"url": part["image_url"]}
+        if part.get("detail") is not None:
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file" and part.get("file_data"):
+        file = {"filename": part.get("filename"), "file_data": part["file_data"]}
+        return {"type": "file", "file": {k: v for k, v in file.items() if v is not None}}
+    if kind in ("input_image", "input_file"):
+        source = "file_id" if part.get("file_id") else "file_url"
+        inline = "image_url" if kind == "input_image" else "file_data"
+        raise _unsupported(
+            f"an {kind} part given by {source} (the upstream cannot resolve it; send it inline"
+            f" as {inline})"
+        )
+    raise _unsupported(f"content part type '{kind}'")
+
+
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type", "function") != "function":
+        raise _unsupported(f"tool type '{tool.get('type')}'")
+    function = {key: tool.get(key) for key in ("name", "description", "parameters", "strict")}
+    return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
+
+
+def _tool_choice(choice: str | dict[str, str]) -> str | dict[str, Any]:
+    if isinstance(choice, dict):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if choice in ("auto", "none", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}  # a bare function name
+
+
+def _unsupported(what: str) -> ProviderError:
+    return ProviderError(
+        f"{what} cannot be sent to a chat-completions upstream",
+        status=400,
+        code="unsupported_input",
+        retryable=False,
+    )

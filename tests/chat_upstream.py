@@ -1,0 +1,413 @@
+"""A loopback upstream that speaks OpenAI chat completions, scripted by the requested model.
+
+`ChatUpstream` runs a Starlette app under uvicorn in a background thread on 127.0.0.1 and
+records every request it receives (`requests`: JSON bodies, `headers`: lower-cased headers), so a
+test can assert exactly what Relay sent upstream. The `chat_upstream` fixture (session scope)
+starts one with the API key `UPSTREAM_KEY`; tests that need another set-up use the class as a
+context manager. Models (scripts):
+
+  echo            the words of the last message's text; logprobs when asked
+  tools/parallel  one / two calls to the first tool offered (get_weather if none)
+  tools_stop      a tool call finished with "stop", as Ollama does
+  tools_repeat    a tool call with no `index` and the id and name repeated on every piece
+  reasoning       `reasoning_content` deltas, then text; `reasoning_alt` uses `reasoning`
+  refusal         `refusal` deltas
+  length          some text, then finish_reason "length"
+  json_body       a plain JSON completion although a stream was asked for
+  no_done         a complete stream without the final `data: [DONE]`
+  truncated       text, then a clean end of stream with no finish_reason and no [DONE]
+  split           CRLF framing, comments, and the bytes sent in 7-byte pieces
+  slow_headers    waits 1 s before answering (for client timeouts)
+  drop_mid_stream some chunks, then the connection is cut
+  error_chunk     some text, then `data: {"error": {...}}`; error_chunk_429 with code 429
+  malformed       a chunk whose `choices` holds a string
+  http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+__all__ = ["MODELS", "UPSTREAM_KEY", "ChatUpstream", "chat_upstream"]
+
+UPSTREAM_KEY = "sk-loopback-upstream-secret-0123456789"
+MODELS = [
+    "echo",
+    "tools",
+    "parallel",
+    "tools_stop",
+    "tools_repeat",
+    "reasoning",
+    "reasoning_alt",
+    "refusal",
+    "length",
+    "json_body",
+    "no_done",
+    "truncated",
+    "split",
+    "slow_headers",
+    "drop_mid_stream",
+    "error_chunk",
+    "error_chunk_429",
+    "malformed",
+]
+CREATED = 1_700_000_000
+_WORD = re.compile(r"\S+\s*")
+
+
+class _Dropped(Exception):
+    """Raised inside a streaming body so that uvicorn cuts the connection mid-response."""
+
+
+class ChatUpstream:
+    def __init__(self, api_key: str | None = None) -> None:
+        self.api_key = api_key
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.port = 0
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off", ws="none", loop="asyncio"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The body of the most recent request."""
+        return self.requests[-1]
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.headers.clear()
+
+    def start(self) -> ChatUpstream:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the loopback chat upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+
+    def __enter__(self) -> ChatUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Endpoints ---------------------------------------------------------------------------------
+
+    async def _models(self, request: Request) -> Response:
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        data = [
+            {"id": m, "object": "model", "created": CREATED, "owned_by": "loopback"} for m in MODELS
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def _chat(self, request: Request) -> Response:
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.")
+        self.requests.append(body)
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        model = str(body.get("model", ""))
+        if match := re.fullmatch(r"http_(\d{3})", model):
+            status = int(match.group(1))
+            if status in (401, 403):
+                return _auth_error(status, request.headers.get("authorization", ""))
+            headers = {"Retry-After": "7"} if status == 429 else None
+            return _error(status, f"Scripted failure {status} for model {model}.", headers)
+        if model not in MODELS:
+            return _error(404, f"The model `{model}` does not exist.", code="model_not_found")
+        if model == "slow_headers":
+            await asyncio.sleep(1.0)
+        answer = _answer(model, body)
+        if not body.get("stream") or model == "json_body":
+            return JSONResponse(_completion(model, body, answer))
+        return StreamingResponse(_stream(model, body, answer), media_type="text/event-stream")
+
+    def _check_key(self, request: Request) -> Response | None:
+        given = request.headers.get("authorization", "")
+        if self.api_key is None or given == f"Bearer {self.api_key}":
+            return None
+        return _auth_error(401, given)
+
+
+# Scripts ----------------------------------------------------------------------------------------
+
+
+def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The script as chat deltas plus a finish reason; rendered as a stream or one completion."""
+    deltas: list[dict[str, Any]] = []
+    finish = "stop"
+    if model in ("tools", "parallel", "tools_stop", "tools_repeat"):
+        tools = body.get("tools") or [{"function": {"name": "get_weather"}}]
+        name = tools[0]["function"]["name"]
+        cities = ["Paris", "Tokyo"] if model == "parallel" else ["Paris"]
+        for index, city in enumerate(cities):
+            call_id = f"call_loop_{index}"
+            deltas.append(_call(index, call_id, name, ""))
+            for piece in ('{"city": ', f'"{city[:3]}', f'{city[3:]}"}}'):
+                if model == "tools_repeat":
+                    deltas.append(_call(None, call_id, name, piece))
+                else:
+                    deltas.append(
+                        {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+                    )
+        if model == "tools_repeat":
+            deltas[0]["tool_calls"][0].pop("index")
+        finish = "stop" if model == "tools_stop" else "tool_calls"
+    elif model in ("reasoning", "reasoning_alt"):
+        field = "reasoning_content" if model == "reasoning" else "reasoning"
+        deltas = [{field: "Let me "}, {field: "think."}, {"content": "Done."}]
+    elif model == "refusal":
+        deltas = [{"refusal": piece} for piece in _WORD.findall("I can't help with that.")]
+    elif model == "length":
+        deltas = [{"content": piece} for piece in _WORD.findall("This is cut short")]
+        finish = "length"
+    else:
+        deltas = [{"content": piece} for piece in _WORD.findall(_last_text(body) or "Hello")]
+    return {"deltas": deltas, "finish": finish}
+
+
+def _call(index: int | None, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    call: dict[str, Any] = {
+        "index": index,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+    if index is None:
+        del call["index"]
+    return {"tool_calls": [call]}
+
+
+def _last_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        text = _text(message.get("content"))
+        if text:
+            return text
+    return ""
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content or [] if p.get("type") == "text")
+
+
+def _usage(body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    prompt = sum(len(_text(m.get("content")).split()) for m in body.get("messages") or [])
+    reasoning = sum(1 for d in answer["deltas"] if "reasoning_content" in d or "reasoning" in d)
+    completion = len(answer["deltas"])
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        # A cache hit is simulated for requests that carry a cache key.
+        "prompt_tokens_details": {"cached_tokens": prompt if body.get("prompt_cache_key") else 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def _logprobs(body: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any] | None:
+    if not body.get("logprobs") or not delta.get("content"):
+        return None
+    token = delta["content"]
+    top = [
+        {"token": t, "logprob": lp, "bytes": list(t.encode())}
+        for t, lp in [(token, -0.5), ("other", -1.5), ("else", -2.5)][
+            : body.get("top_logprobs") or 0
+        ]
+    ]
+    entry = {"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": top}
+    return {"content": [entry], "refusal": None}
+
+
+# Rendering --------------------------------------------------------------------------------------
+
+
+def _chunk(model: str, choices: list[dict[str, Any]], body: dict[str, Any]) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-loopback",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": "fp_loopback",
+        "choices": choices,
+    }
+    if (body.get("stream_options") or {}).get("include_usage"):
+        chunk["usage"] = None  # OpenAI writes the key on every chunk once usage is asked for
+    return chunk
+
+
+def _choice(delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> Any:
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+async def _stream(model: str, body: dict[str, Any], answer: dict[str, Any]) -> AsyncIterator[bytes]:
+    newline = "\r\n" if model == "split" else "\n"
+
+    def event(payload: Any) -> bytes:
+        data = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+        return f"data: {data}{newline}{newline}".encode()
+
+    frames = [
+        event(_chunk(model, [_choice({"role": "assistant", "content": "", "refusal": None})], body))
+    ]
+    if model == "split":
+        frames.append(f": keep-alive{newline}{newline}".encode())
+    for delta in answer["deltas"]:
+        frames.append(event(_chunk(model, [_choice(delta, _logprobs(body, delta))], body)))
+    if model == "drop_mid_stream":
+        for frame in frames[:3]:
+            yield frame
+        await asyncio.sleep(0.05)  # let the client read what was sent before the cut
+        raise _Dropped("scripted connection drop")
+    if model in ("error_chunk", "error_chunk_429"):
+        yield frames[0]
+        error: dict[str, Any] = {
+            "message": "The server had an error while processing your request.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        if model == "error_chunk_429":  # OpenRouter's shape: the HTTP status as the code
+            error = {"message": "Rate limit exceeded upstream", "code": 429}
+        yield event({"error": error})
+        return
+    if model == "malformed":
+        yield frames[0]
+        yield event({"object": "chat.completion.chunk", "choices": ["not an object"]})
+        return
+    if model != "truncated":
+        frames.append(event(_chunk(model, [_choice({}, None, answer["finish"])], body)))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage_chunk = _chunk(model, [], body)
+            usage_chunk["usage"] = _usage(body, answer)
+            frames.append(event(usage_chunk))
+        if model != "no_done":
+            frames.append(event("[DONE]"))
+    if model == "split":
+        data = b"".join(frames)
+        for start in range(0, len(data), 7):
+            yield data[start : start + 7]
+            await asyncio.sleep(0)
+        return
+    for frame in frames:
+        yield frame
+
+
+def _completion(model: str, body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+    content = [d["content"] for d in answer["deltas"] if "content" in d]
+    reasoning = [d.get("reasoning_content") or d.get("reasoning") for d in answer["deltas"]]
+    refusal = [d["refusal"] for d in answer["deltas"] if "refusal" in d]
+    calls: dict[str, dict[str, Any]] = {}
+    for delta in answer["deltas"]:
+        for call in delta.get("tool_calls", []):
+            if "id" in call and call["id"] not in calls:
+                calls[call["id"]] = {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""},
+                }
+            key = call.get("id") or list(calls)[call["index"]]
+            calls[key]["function"]["arguments"] += call["function"].get("arguments", "")
+    if content:
+        message["content"] = "".join(content)
+    if any(reasoning):
+        message["reasoning_content"] = "".join(r for r in reasoning if r)
+    if refusal:
+        message["refusal"] = "".join(refusal)
+    if calls:
+        message["tool_calls"] = list(calls.values())
+    logprobs = None
+    if body.get("logprobs"):
+        entries = [_logprobs(body, d) for d in answer["deltas"]]
+        logprobs = {"content": [e["content"][0] for e in entries if e], "refusal": None}
+    return {
+        "id": "chatcmpl-loopback",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": "fp_loopback",
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": answer["finish"],
+            }
+        ],
+        "usage": _usage(body, answer),
+    }
+
+
+def _error(
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    code: str | None = None,
+) -> JSONResponse:
+    kind = {429: "rate_limit_exceeded", 400: "invalid_request_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _auth_error(status: int, authorization: str) -> JSONResponse:
+    # Echo the whole key back, worse than OpenAI's masked echo, to prove Relay never repeats it.
+    given = authorization.removeprefix("Bearer ")
+    return _error(status, f"Incorrect API key provided: {given}.", code="invalid_api_key")
+
+
+@pytest.fixture(scope="session")
+def chat_upstream() -> Iterator[ChatUpstream]:
+    """A running loopback upstream that requires `Authorization: Bearer UPSTREAM_KEY`."""
+    with ChatUpstream(api_key=UPSTREAM_KEY) as upstream:
+        yield upstream

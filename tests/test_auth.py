@@ -1,0 +1,96 @@
+"""Bearer keys, tenants, and the endpoints every client probes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from live_server import relay_server
+from pydantic import SecretStr
+from relay_fixtures import fake_routes
+
+from relay.config import ApiKeyConfig, Settings
+
+
+@pytest.fixture(scope="module")
+def keyed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('auth')}/relay.db",
+        routes=fake_routes(),
+        api_keys=[
+            ApiKeyConfig(key=SecretStr("sk-alice"), tenant="alice"),
+            ApiKeyConfig(key=SecretStr("sk-bob"), tenant="bob"),
+        ],
+    )
+    with relay_server(settings) as url:
+        yield url
+
+
+def test_missing_and_wrong_keys_are_401(keyed_url: str) -> None:
+    missing = httpx.post(f"{keyed_url}/v1/responses", json={"model": "fake-text", "input": "x"})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "authentication_required"
+    wrong = httpx.get(f"{keyed_url}/v1/models", headers={"authorization": "Bearer sk-mallory"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert "sk-mallory" not in wrong.text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed_url}/v1", api_key="sk-nope", max_retries=0).models.list()
+
+
+def test_tenants_never_see_each_other(keyed_url: str) -> None:
+    alice = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key="sk-alice", max_retries=0)
+    bob = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key="sk-bob", max_retries=0)
+    mine = alice.responses.create(model="fake-text", input="alice's secret")
+    assert alice.responses.retrieve(mine.id).id == mine.id
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.delete(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.input_items.list(mine.id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        bob.responses.create(model="fake-text", input="x", previous_response_id=mine.id)
+    assert refused.value.code == "previous_response_not_found"
+    message_id = mine.output[0].id
+    with pytest.raises(openai.BadRequestError):
+        bob.responses.create(
+            model="fake-text", input=[{"type": "item_reference", "id": message_id}]
+        )  # type: ignore[list-item]
+    assert alice.responses.retrieve(mine.id).status == "completed"  # bob deleted nothing
+
+
+def test_models_health_and_api_prefix(keyed_url: str) -> None:
+    headers = {"authorization": "Bearer sk-alice"}
+    models = httpx.get(f"{keyed_url}/v1/models", headers=headers).json()
+    assert models["object"] == "list"
+    assert {"fake-text", "fake-tool_call"} <= {m["id"] for m in models["data"]}
+    assert all(m["object"] == "model" for m in models["data"])
+    assert httpx.get(f"{keyed_url}/healthz").json() == {"status": "ok"}
+    prefixed = httpx.post(
+        f"{keyed_url}/api/v1/responses",
+        headers=headers,
+        json={"model": "fake-text", "input": "via api"},
+    )
+    assert prefixed.status_code == 200
+    assert (
+        httpx.get(
+            f"{keyed_url}/api/v1/responses/{prefixed.json()['id']}", headers=headers
+        ).status_code
+        == 200
+    )
+    info = httpx.get(f"{keyed_url}/v1/responses", headers=headers)
+    assert info.status_code == 200 and "POST /responses" in info.json()["methods"]
+
+
+def test_config_file_and_cli_refuse_open_public_bind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relay.cli import main
+
+    monkeypatch.setenv("RELAY_CONFIG", "")  # main() sets it; restored after the test
+    config = tmp_path / "relay.toml"
+    config.write_text('host = "0.0.0.0"\n[[routes]]\nmodel = "m"\nprovider = "fake"\n')
+    assert main(["serve", "--config", str(config)]) == 2

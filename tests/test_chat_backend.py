@@ -1,0 +1,284 @@
+"""Relay in front of a real chat-completions server on loopback: the wire, end to end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from chat_upstream import MODELS, UPSTREAM_KEY, ChatUpstream
+from conformance import assert_valid_response, check_stream
+from live_server import relay_server
+from relay_fixtures import sse_events
+
+from relay.config import RouteConfig, Settings
+
+KEY_ENV = "RELAY_TEST_UPSTREAM_KEY"
+SCRIPTS = [*MODELS, "http_429", "http_500", "http_401", "http_400"]
+
+
+@pytest.fixture(scope="module")
+def backend_url(
+    chat_upstream: ChatUpstream, database_url: str, monkeypatch_module: pytest.MonkeyPatch
+) -> Iterator[str]:
+    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
+    routes = [
+        RouteConfig(
+            model=f"up-{name}",
+            base_url=chat_upstream.base_url,
+            api_key_env=KEY_ENV,
+            upstream_model=name,
+        )
+        for name in SCRIPTS
+    ]
+    routes.append(
+        RouteConfig(
+            model="up-flaky",
+            base_url=chat_upstream.base_url,
+            api_key_env=KEY_ENV,
+            upstream_model="http_500",
+            fallbacks=["up-echo"],
+        )
+    )
+    with relay_server(Settings(database_url=database_url, routes=routes)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture
+def up(backend_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=backend_url, timeout=30) as session:
+        yield session
+
+
+def messages(upstream: ChatUpstream) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = upstream.last["messages"]
+    return sent
+
+
+def test_chain_rebuilds_context_without_old_instructions(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    first = up.post(
+        "/v1/responses",
+        json={"model": "up-echo", "input": "alpha beta", "instructions": "Old rules."},
+    ).json()
+    assert first["output_text"] == "alpha beta"
+    second = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-echo",
+            "input": "gamma",
+            "instructions": "New rules.",
+            "previous_response_id": first["id"],
+        },
+    ).json()
+    third = up.post(
+        "/v1/responses",
+        json={"model": "up-echo", "input": "delta", "previous_response_id": second["id"]},
+    )
+    assert third.status_code == 200
+    assert messages(chat_upstream) == [
+        {"role": "user", "content": "alpha beta"},
+        {"role": "assistant", "content": "alpha beta"},
+        {"role": "user", "content": "gamma"},
+        {"role": "assistant", "content": "gamma"},
+        {"role": "user", "content": "delta"},
+    ]
+    up.post(
+        "/v1/responses",
+        json={
+            "model": "up-echo",
+            "input": "x",
+            "instructions": "New rules.",
+            "previous_response_id": first["id"],
+        },
+    )
+    assert messages(chat_upstream)[0] == {"role": "system", "content": "New rules."}
+
+
+def test_tool_round_trip_keeps_calls_in_the_chain(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    tools = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        }
+    ]
+    events = sse_events(
+        up,
+        {
+            "model": "up-tools",
+            "input": "weather in Oslo?",
+            "tools": tools,
+            "tool_choice": "required",
+        },
+    )
+    first = check_stream(events)
+    call = first["output"][-1]
+    assert call["type"] == "function_call" and call["name"] == "get_weather"
+    sent = chat_upstream.last
+    assert sent["tool_choice"] == "required"
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    assert sent["tools"][0]["function"]["strict"] is True
+    second = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-echo",
+            "previous_response_id": first["id"],
+            "tools": tools,
+            "input": [
+                {"type": "function_call_output", "call_id": call["call_id"], "output": "-3 C"}
+            ],
+        },
+    )
+    assert second.status_code == 200, second.text
+    history = messages(chat_upstream)
+    assert history[1]["tool_calls"][0]["id"] == call["call_id"]
+    assert history[1]["tool_calls"][0]["function"]["arguments"] == call["arguments"]
+    assert history[2] == {"role": "tool", "tool_call_id": call["call_id"], "content": "-3 C"}
+
+
+def test_parameters_are_translated_not_dropped(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    answer = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-echo",
+            "input": "x",
+            "temperature": 0.3,
+            "top_p": 0.9,
+            "top_k": 40,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "seed": 7,
+            "max_output_tokens": 64,
+            "user": "u1",
+            "safety_identifier": "s1",
+            "prompt_cache_key": "k1",
+            "service_tier": "flex",
+            "reasoning": {"effort": "low"},
+            "text": {
+                "verbosity": "low",
+                "format": {
+                    "type": "json_schema",
+                    "name": "thing",
+                    "schema": schema,
+                    "strict": True,
+                },
+            },
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    sent = chat_upstream.last
+    assert sent["model"] == "echo" and sent["stream"] is True
+    for key, value in {
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "top_k": 40,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "seed": 7,
+        "max_tokens": 64,
+        "user": "u1",
+        "safety_identifier": "s1",
+        "prompt_cache_key": "k1",
+        "service_tier": "flex",
+        "reasoning_effort": "low",
+        "verbosity": "low",
+    }.items():
+        assert sent[key] == value, key
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "thing", "schema": schema, "strict": True},
+    }
+    body = answer.json()
+    assert body["text"]["format"]["name"] == "thing" and body["temperature"] == 0.3
+    assert body["service_tier"] == "flex" and body["reasoning"]["effort"] == "low"
+
+
+def test_reasoning_content_becomes_reasoning_items(up: httpx.Client) -> None:
+    for model in ("up-reasoning", "up-reasoning_alt"):
+        folded = check_stream(sse_events(up, {"model": model, "input": "why?"}))
+        kinds = [item["type"] for item in folded["output"]]
+        assert kinds == ["reasoning", "message"], model
+        assert folded["output"][0]["content"][0]["text"]
+
+
+def test_logprobs_are_returned_when_included(up: httpx.Client) -> None:
+    events = sse_events(
+        up,
+        {
+            "model": "up-echo",
+            "input": "one two",
+            "top_logprobs": 2,
+            "include": ["message.output_text.logprobs"],
+        },
+    )
+    folded = check_stream(events)
+    logprobs = folded["output"][0]["content"][0]["logprobs"]
+    assert [entry["token"] for entry in logprobs] == ["one ", "two"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in logprobs)
+
+
+def test_upstream_length_and_refusal(up: httpx.Client) -> None:
+    cut = check_stream(sse_events(up, {"model": "up-length", "input": "x"}))
+    assert cut["status"] == "incomplete"
+    assert cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    refused = check_stream(sse_events(up, {"model": "up-refusal", "input": "x"}))
+    assert refused["output"][0]["content"][0]["type"] == "refusal"
+
+
+def test_upstream_errors_before_the_stream(up: httpx.Client) -> None:
+    limited = up.post("/v1/responses", json={"model": "up-http_429", "input": "x", "stream": True})
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "7"
+    assert limited.json()["error"]["type"] == "rate_limit_error"
+    refused = up.post("/v1/responses", json={"model": "up-http_401", "input": "x"})
+    assert refused.status_code == 502
+    assert UPSTREAM_KEY not in refused.text
+    bad = up.post("/v1/responses", json={"model": "up-http_400", "input": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    fell_back = up.post("/v1/responses", json={"model": "up-flaky", "input": "saved"}).json()
+    assert fell_back["model"] == "up-echo" and fell_back["output_text"] == "saved"
+
+
+@pytest.mark.parametrize("model", ["up-drop_mid_stream", "up-error_chunk", "up-malformed"])
+def test_upstream_failure_mid_stream_is_reported_and_stored(up: httpx.Client, model: str) -> None:
+    events = sse_events(up, {"model": model, "input": "some words here"})
+    folded = check_stream(events)
+    assert events[-2]["type"] == "error" and folded["status"] == "failed"
+    assert UPSTREAM_KEY not in json.dumps(events)
+    stored = up.get(f"/v1/responses/{folded['id']}").json()
+    assert stored == folded
+    assert_valid_response(stored)
+
+
+def test_official_client_against_a_chat_backend(backend_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{backend_url}/v1", api_key="x", max_retries=0)
+    with client.responses.stream(model="up-split", input="framing survives") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "framing survives"
+    assert client.responses.retrieve(final.id).output_text == "framing survives"

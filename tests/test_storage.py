@@ -1,0 +1,454 @@
+"""The SQL store, against SQLite and PostgreSQL alike (see db_fixtures.store_url)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, event, func, select, text
+
+from relay.errors import InvalidRequest, RelayError
+from relay.storage.base import ItemPage
+from relay.storage.sql import SqlStore, alembic_config, open_store
+from relay.storage.tables import metadata, response_items, responses
+
+
+def make_turn(
+    response_id: str,
+    previous: str | None = None,
+    *,
+    inputs: int = 1,
+    outputs: int = 1,
+    created_at: int = 1_700_000_000,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A finished response and its own input items, shaped like the engine's."""
+    input_items = [
+        {
+            "id": f"{response_id}_in{n}",
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": f"question {n} of {response_id}"}],
+        }
+        for n in range(inputs)
+    ]
+    output = [
+        {
+            "id": f"{response_id}_out{n}",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": f"answer {n}", "annotations": []}],
+        }
+        for n in range(outputs)
+    ]
+    response = {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": "completed",
+        "model": "fake-text",
+        "previous_response_id": previous,
+        "output": output,
+        "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+        "metadata": {"unicode": "é ✓ 😀", "nested": {"list": [1, 2.5, None, True]}},
+        "store": True,
+    }
+    return response, input_items
+
+
+async def save_chain(store: SqlStore, tenant: str, prefix: str, turns: int) -> list[str]:
+    ids: list[str] = []
+    previous = None
+    for n in range(turns):
+        response_id = f"{prefix}_{n}"
+        response, input_items = make_turn(response_id, previous, created_at=1_700_000_000 + n)
+        await store.save_response(tenant, response, input_items)
+        ids.append(response_id)
+        previous = response_id
+    return ids
+
+
+@contextmanager
+def count_statements(store: SqlStore) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", record)
+
+
+async def count_rows(store: SqlStore, table: Any) -> int:
+    async with store.engine.connect() as conn:
+        count: int = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
+    return count
+
+
+def ids(items: list[dict[str, Any]] | None) -> list[str]:
+    assert items is not None
+    return [item["id"] for item in items]
+
+
+async def test_save_and_get_roundtrip(store: SqlStore) -> None:
+    response, input_items = make_turn("resp_a", inputs=2, outputs=2)
+    await store.save_response("acme", response, input_items)
+
+    assert await store.get_response("acme", "resp_a") == response
+    assert await store.get_response("acme", "resp_missing") is None
+    assert await store.load_context("acme", "resp_a") == [*input_items, *response["output"]]
+    found = await store.get_items("acme", ["resp_a_in1", "resp_a_out0", "nope"])
+    assert found == {"resp_a_in1": input_items[1], "resp_a_out0": response["output"][0]}
+    assert await store.get_items("acme", []) == {}
+
+
+async def test_response_without_items(store: SqlStore) -> None:
+    response, input_items = make_turn("resp_empty", inputs=0, outputs=0)
+    await store.save_response("acme", response, input_items)
+
+    assert await store.load_context("acme", "resp_empty") == []
+    page = await store.list_input_items(
+        "acme", "resp_empty", after=None, before=None, limit=20, order="asc"
+    )
+    assert page == ItemPage(data=[], first_id=None, last_id=None, has_more=False)
+
+
+async def test_tenant_isolation(store: SqlStore) -> None:
+    response, input_items = make_turn("resp_t", inputs=2)
+    await store.save_response("acme", response, input_items)
+
+    assert await store.get_response("other", "resp_t") is None
+    assert await store.load_context("other", "resp_t") is None
+    assert (
+        await store.list_input_items(
+            "other", "resp_t", after=None, before=None, limit=20, order="asc"
+        )
+        is None
+    )
+    assert await store.get_items("other", ["resp_t_in0", "resp_t_out0"]) == {}
+    assert await store.delete_response("other", "resp_t") is False
+    # Another tenant's continuation cannot reach into acme's chain either.
+    theirs, their_inputs = make_turn("resp_theirs", previous="resp_t")
+    await store.save_response("other", theirs, their_inputs)
+    assert ids(await store.load_context("other", "resp_theirs")) == [
+        "resp_theirs_in0",
+        "resp_theirs_out0",
+    ]
+    # The owner still sees everything.
+    assert await store.get_response("acme", "resp_t") == response
+    assert await store.delete_response("acme", "resp_t") is True
+
+
+async def test_resave_overwrites(store: SqlStore) -> None:
+    response, input_items = make_turn("resp_r", inputs=3, outputs=2)
+    await store.save_response("acme", response, input_items)
+    again, again_inputs = make_turn("resp_r", inputs=1, outputs=1)
+    again["status"] = "incomplete"
+    await store.save_response("acme", again, again_inputs)
+
+    assert await store.get_response("acme", "resp_r") == again
+    assert ids(await store.load_context("acme", "resp_r")) == ["resp_r_in0", "resp_r_out0"]
+    assert await count_rows(store, response_items) == 2
+    assert await count_rows(store, responses) == 1
+
+    # The same id under another tenant is refused and changes nothing.
+    with pytest.raises(RelayError):
+        await store.save_response("other", *make_turn("resp_r", inputs=5))
+    assert await store.get_response("acme", "resp_r") == again
+    assert await count_rows(store, response_items) == 2
+
+
+async def test_soft_delete(store: SqlStore) -> None:
+    first, second = await save_chain(store, "acme", "resp_d", 2)
+
+    assert await store.delete_response("acme", first) is True
+    assert await store.delete_response("acme", first) is False
+    assert await store.get_response("acme", first) is None
+    assert await store.load_context("acme", first) is None
+    assert (
+        await store.list_input_items("acme", first, after=None, before=None, limit=5, order="asc")
+        is None
+    )
+    assert await store.get_items("acme", [f"{first}_in0", f"{second}_in0"]) == {
+        f"{second}_in0": make_turn(second)[1][0]
+    }
+    # A deleted ancestor still contributes its items to the conversation that continued it.
+    assert ids(await store.load_context("acme", second)) == [
+        f"{first}_in0",
+        f"{first}_out0",
+        f"{second}_in0",
+        f"{second}_out0",
+    ]
+    assert await store.delete_response("acme", "resp_never") is False
+
+
+async def test_load_context_three_turns(store: SqlStore) -> None:
+    one, one_inputs = make_turn("resp_1", inputs=2, outputs=1)
+    two, two_inputs = make_turn("resp_2", "resp_1", inputs=1, outputs=3)
+    three, three_inputs = make_turn("resp_3", "resp_2", inputs=2, outputs=2)
+    # A branch from the first turn must not leak into the main line.
+    branch, branch_inputs = make_turn("resp_b", "resp_1")
+    for response, input_items in [
+        (one, one_inputs),
+        (two, two_inputs),
+        (branch, branch_inputs),
+        (three, three_inputs),
+    ]:
+        await store.save_response("acme", response, input_items)
+
+    context = await store.load_context("acme", "resp_3")
+    assert context == [
+        *one_inputs,
+        *one["output"],
+        *two_inputs,
+        *two["output"],
+        *three_inputs,
+        *three["output"],
+    ]
+    assert ids(await store.load_context("acme", "resp_2")) == [
+        "resp_1_in0",
+        "resp_1_in1",
+        "resp_1_out0",
+        "resp_2_in0",
+        "resp_2_out0",
+        "resp_2_out1",
+        "resp_2_out2",
+    ]
+    assert ids(await store.load_context("acme", "resp_b")) == [
+        "resp_1_in0",
+        "resp_1_in1",
+        "resp_1_out0",
+        "resp_b_in0",
+        "resp_b_out0",
+    ]
+
+
+async def test_long_chain_stores_own_items_and_loads_in_bounded_queries(store: SqlStore) -> None:
+    short = await save_chain(store, "acme", "resp_short", 5)
+    long = await save_chain(store, "acme", "resp_long", 200)
+
+    # Each response stores only its own items: 2 per turn, not the whole history again.
+    assert await count_rows(store, response_items) == 2 * (5 + 200)
+    assert await count_rows(store, responses) == 205
+
+    with count_statements(store) as short_statements:
+        short_context = await store.load_context("acme", short[-1])
+    with count_statements(store) as long_statements:
+        long_context = await store.load_context("acme", long[-1])
+
+    assert len(short_context or []) == 10
+    assert ids(long_context) == [
+        f"resp_long_{n}_{kind}0" for n in range(200) for kind in ("in", "out")
+    ]
+    assert len(short_statements) == len(long_statements) == 1
+
+
+async def test_save_is_one_transaction_with_executemany(store: SqlStore) -> None:
+    response, input_items = make_turn("resp_many", inputs=30, outputs=30)
+    with count_statements(store) as statements:
+        await store.save_response("acme", response, input_items)
+    # The response row, then every item in one executemany.
+    assert len(statements) == 2
+    assert await count_rows(store, response_items) == 60
+
+
+async def test_concurrent_saves(store: SqlStore) -> None:
+    turns = [make_turn(f"resp_c{n}", inputs=3, outputs=2) for n in range(25)]
+    await asyncio.gather(*(store.save_response("acme", *turn) for turn in turns))
+    assert await count_rows(store, response_items) == 25 * 5
+    loaded = await asyncio.gather(*(store.get_response("acme", f"resp_c{n}") for n in range(25)))
+    assert loaded == [response for response, _ in turns]
+
+
+async def test_get_items_prefers_latest(store: SqlStore) -> None:
+    old, _ = make_turn("resp_old", created_at=100)
+    new, _ = make_turn("resp_new", created_at=200)
+    shared = {"id": "fc_shared", "type": "function_call_output", "call_id": "c", "output": "x"}
+    await store.save_response("acme", old, [shared])
+    await store.save_response("acme", new, [{**shared, "output": "y"}])
+    assert await store.get_items("acme", ["fc_shared", "fc_shared"]) == {
+        "fc_shared": {**shared, "output": "y"}
+    }
+
+
+async def page_ids(
+    store: SqlStore,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    limit: int = 20,
+    order: str = "asc",
+) -> tuple[list[str], str | None, str | None, bool]:
+    page = await store.list_input_items(
+        "acme",
+        "resp_p",
+        after=after,
+        before=before,
+        limit=limit,
+        order="desc" if order == "desc" else "asc",
+    )
+    assert page is not None
+    return ids(page.data), page.first_id, page.last_id, page.has_more
+
+
+async def test_list_input_items_pagination(store: SqlStore) -> None:
+    response, input_items = make_turn("resp_p", inputs=7, outputs=2)
+    await store.save_response("acme", response, input_items)
+    item = [f"resp_p_in{n}" for n in range(7)]
+
+    # Everything, both orders; output items are not input items.
+    assert await page_ids(store) == (item, item[0], item[6], False)
+    assert await page_ids(store, order="desc") == (item[::-1], item[6], item[0], False)
+    assert await page_ids(store, limit=7) == (item, item[0], item[6], False)
+
+    # Forward through the pages.
+    assert await page_ids(store, limit=3) == (item[0:3], item[0], item[2], True)
+    assert await page_ids(store, limit=3, after=item[2]) == (item[3:6], item[3], item[5], True)
+    assert await page_ids(store, limit=3, after=item[5]) == ([item[6]], item[6], item[6], False)
+    assert await page_ids(store, limit=3, after=item[6]) == ([], None, None, False)
+
+    # Descending: "after" continues downwards.
+    assert await page_ids(store, limit=3, order="desc") == (
+        [item[6], item[5], item[4]],
+        item[6],
+        item[4],
+        True,
+    )
+    assert await page_ids(store, limit=3, order="desc", after=item[4]) == (
+        [item[3], item[2], item[1]],
+        item[3],
+        item[1],
+        True,
+    )
+    assert await page_ids(store, limit=3, order="desc", after=item[1]) == (
+        [item[0]],
+        item[0],
+        item[0],
+        False,
+    )
+
+    # "before" pages back: the items just before the cursor, in the requested order.
+    assert await page_ids(store, limit=2, before=item[4]) == (item[2:4], item[2], item[3], True)
+    assert await page_ids(store, limit=5, before=item[4]) == (item[0:4], item[0], item[3], False)
+    assert await page_ids(store, limit=2, order="desc", before=item[2]) == (
+        [item[4], item[3]],
+        item[4],
+        item[3],
+        True,
+    )
+    assert await page_ids(store, limit=9, order="desc", before=item[2]) == (
+        [item[6], item[5], item[4], item[3]],
+        item[6],
+        item[3],
+        False,
+    )
+
+    # Both cursors: a window between them.
+    assert await page_ids(store, after=item[1], before=item[5]) == (
+        item[2:5],
+        item[2],
+        item[4],
+        False,
+    )
+    assert await page_ids(store, limit=2, after=item[1], before=item[5]) == (
+        item[2:4],
+        item[2],
+        item[3],
+        True,
+    )
+    assert await page_ids(store, order="desc", after=item[5], before=item[1]) == (
+        [item[4], item[3], item[2]],
+        item[4],
+        item[2],
+        False,
+    )
+
+
+async def test_list_input_items_rejects_unknown_cursor(store: SqlStore) -> None:
+    response, input_items = make_turn("resp_p", inputs=3, outputs=1)
+    await store.save_response("acme", response, input_items)
+
+    # An output item is not a cursor into the input items, nor is an unknown id.
+    for cursor in ("item_unknown", "resp_p_out0"):
+        with pytest.raises(InvalidRequest) as raised:
+            await page_ids(store, after=cursor)
+        assert raised.value.param == "after"
+        with pytest.raises(InvalidRequest) as raised:
+            await page_ids(store, before=cursor, order="desc")
+        assert raised.value.param == "before"
+        with pytest.raises(InvalidRequest) as raised:
+            await page_ids(store, after="resp_p_in0", before=cursor)
+        assert raised.value.param == "before"
+    with pytest.raises(InvalidRequest) as raised:
+        await page_ids(store, limit=0)
+    assert raised.value.param == "limit"
+    # An unknown response is None, whatever the cursor.
+    assert (
+        await store.list_input_items(
+            "acme", "resp_nope", after="x", before=None, limit=5, order="asc"
+        )
+        is None
+    )
+
+
+async def test_migrations_are_idempotent_and_match_tables(store_url: str) -> None:
+    first = await open_store(store_url)
+    await first.save_response("acme", *make_turn("resp_m"))
+    await first.close()
+    second = await open_store(store_url)  # upgrading an up-to-date schema changes nothing
+    try:
+        assert (await second.get_response("acme", "resp_m")) is not None
+
+        def check(connection: Connection) -> tuple[str | None, list[Any]]:
+            context = MigrationContext.configure(connection)
+            return context.get_current_revision(), compare_metadata(context, metadata)
+
+        async with second.engine.connect() as conn:
+            revision, differences = await conn.run_sync(check)
+        assert revision == ScriptDirectory.from_config(alembic_config()).get_current_head()
+        assert differences == [], "tables.py and the migrations disagree"
+    finally:
+        await second.close()
+
+
+async def test_concurrent_opens_migrate_once(store_url: str) -> None:
+    stores = await asyncio.gather(*(open_store(store_url) for _ in range(4)))
+    try:
+        await stores[0].save_response("acme", *make_turn("resp_x"))
+        assert await stores[3].get_response("acme", "resp_x") is not None
+    finally:
+        await asyncio.gather(*(opened.close() for opened in stores))
+
+
+async def test_sqlite_file_setup(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "relay.db"
+    opened = await open_store(f"sqlite+aiosqlite:///{path}")
+    try:
+        assert path.is_file()
+        async with opened.engine.connect() as conn:
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+            assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() >= 1000
+    finally:
+        await opened.close()
+
+
+async def test_sqlite_in_memory() -> None:
+    opened = await open_store("sqlite+aiosqlite://")
+    try:
+        await opened.save_response("acme", *make_turn("resp_mem"))
+        assert ids(await opened.load_context("acme", "resp_mem")) == [
+            "resp_mem_in0",
+            "resp_mem_out0",
+        ]
+    finally:
+        await opened.close()

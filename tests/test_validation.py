@@ -1,0 +1,266 @@
+"""Bad input: a clear 4xx in the OpenAI envelope, before any stream starts, never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+TOOL = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
+
+BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
+    # (body, status, param, code)
+    ({"input": "x"}, 400, "model", "missing_required_parameter"),
+    ({"model": "fake-text"}, 400, "input", "missing_required_parameter"),
+    ({"model": "no-such-model", "input": "x"}, 404, "model", "model_not_found"),
+    ({"model": "fake-text", "models": ["nope"], "input": "x"}, 404, "models[0]", "model_not_found"),
+    ({"model": "fake-text", "input": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({"model": "fake-text", "input": "x", "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ({"model": "fake-text", "input": "x", "presence_penalty": -3}, 400, "presence_penalty", None),
+    (
+        {"model": "fake-text", "input": "x", "frequency_penalty": 2.1},
+        400,
+        "frequency_penalty",
+        None,
+    ),
+    ({"model": "fake-text", "input": "x", "top_logprobs": 21}, 400, "top_logprobs", None),
+    ({"model": "fake-text", "input": "x", "max_output_tokens": 15}, 400, "max_output_tokens", None),
+    (
+        {"model": "fake-text", "input": "x", "max_output_tokens": 20.5},
+        400,
+        "max_output_tokens",
+        None,
+    ),
+    ({"model": "fake-text", "input": "x", "max_tool_calls": 0}, 400, "max_tool_calls", None),
+    (
+        {"model": "fake-text", "input": "x", "metadata": {f"k{i}": "v" for i in range(17)}},
+        400,
+        "metadata",
+        None,
+    ),
+    ({"model": "fake-text", "input": "x", "metadata": {"k" * 65: "v"}}, 400, "metadata", None),
+    ({"model": "fake-text", "input": "x", "metadata": {"a[b]": "v"}}, 400, "metadata", None),
+    ({"model": "fake-text", "input": "x", "metadata": {"k": "v" * 513}}, 400, "metadata", None),
+    ({"model": "fake-text", "input": "x", "user": "u" * 129}, 400, "user", None),
+    ({"model": "fake-text", "input": "x", "session_id": "s" * 129}, 400, "session_id", None),
+    ({"model": "fake-text", "input": "x", "truncation": "sometimes"}, 400, "truncation", None),
+    ({"model": "fake-text", "input": "x", "service_tier": "gold"}, 400, "service_tier", None),
+    (
+        {"model": "fake-text", "input": "x", "reasoning": {"effort": "max"}},
+        400,
+        "reasoning.effort",
+        None,
+    ),
+    (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "reasoning_effort": "low",
+            "reasoning": {"effort": "high"},
+        },
+        400,
+        "reasoning_effort",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": "x", "text": {"format": {"type": "yaml"}}},
+        400,
+        "text.format",
+        None,
+    ),
+    (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "text": {"format": {"type": "json_schema", "name": "bad name!", "schema": {}}},
+        },
+        400,
+        "text.format.name",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": "x", "tools": [{"type": "web_search"}]},
+        400,
+        "tools[0].type",
+        "unsupported_tool_type",
+    ),
+    (
+        {"model": "fake-text", "input": "x", "tools": [{"type": "function", "name": "bad name"}]},
+        400,
+        "tools[0].name",
+        None,
+    ),
+    ({"model": "fake-text", "input": "x", "tools": [TOOL, TOOL]}, 400, "tools", None),
+    ({"model": "fake-text", "input": "x", "tool_choice": "required"}, 400, "tool_choice", None),
+    (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "name": "other"},
+        },
+        400,
+        "tool_choice.name",
+        None,
+    ),
+    (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "tools": [TOOL],
+            "tool_choice": {
+                "type": "allowed_tools",
+                "mode": "auto",
+                "tools": [{"type": "function", "name": "other"}],
+            },
+        },
+        400,
+        "tool_choice.tools",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": "x", "background": True},
+        400,
+        "background",
+        "unsupported_parameter",
+    ),
+    (
+        {"model": "fake-text", "input": "x", "conversation": "conv_1"},
+        400,
+        "conversation",
+        "unsupported_parameter",
+    ),
+    (
+        {"model": "fake-text", "input": "x", "prompt": {"id": "pmpt_1"}},
+        400,
+        "prompt",
+        "unsupported_parameter",
+    ),
+    (
+        {"model": "fake-text", "input": "x", "provider": {"order": ["a"]}},
+        400,
+        "provider",
+        "unsupported_parameter",
+    ),
+    (
+        {"model": "fake-text", "input": "x", "plugins": [{"id": "web"}]},
+        400,
+        "plugins",
+        "unsupported_parameter",
+    ),
+    (
+        {"model": "fake-text", "input": "x", "modalities": ["text", "image"]},
+        400,
+        "modalities",
+        "unsupported_parameter",
+    ),
+    ({"model": "fake-text", "input": "x", "modalities": ["audio"]}, 400, "modalities[0]", None),
+    ({"model": "fake-text", "input": "x", "include": ["everything"]}, 400, "include[0]", None),
+    (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "stream": False,
+            "stream_options": {"include_obfuscation": False},
+        },
+        400,
+        "stream_options",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": [{"type": "message", "role": "wizard", "content": "x"}]},
+        400,
+        "input[0].role",
+        None,
+    ),
+    ({"model": "fake-text", "input": [{"type": "telepathy"}]}, 400, "input[0]", None),
+    (
+        {
+            "model": "fake-text",
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_image"}]}],
+        },
+        400,
+        "input[0].content[0]",
+        None,
+    ),
+    (
+        {
+            "model": "fake-text",
+            "input": [{"type": "function_call_output", "call_id": "call_x", "output": "42"}],
+        },
+        400,
+        "input[0].call_id",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": [{"type": "item_reference", "id": "msg_missing"}]},
+        400,
+        "input[0].id",
+        "item_not_found",
+    ),
+    (
+        {"model": "fake-text", "input": "x", "previous_response_id": "resp_missing"},
+        400,
+        "previous_response_id",
+        "previous_response_not_found",
+    ),
+    ({"model": "fake-text", "input": 42}, 400, "input", None),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("body", "status", "param", "code"), BAD_REQUESTS)
+def test_bad_request_is_a_clear_error(
+    http: httpx.Client,
+    body: dict[str, Any],
+    status: int,
+    param: str | None,
+    code: str | None,
+    stream: bool,
+) -> None:
+    answer = http.post("/v1/responses", json={"stream": stream, **body})
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    expected_type = {400: "invalid_request_error", 404: "not_found_error"}[status]
+    assert error["type"] == expected_type
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
+def test_body_that_is_not_a_json_object(http: httpx.Client, raw: bytes) -> None:
+    answer = http.post("/v1/responses", content=raw, headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_retrieve_with_malformed_or_unknown_id(http: httpx.Client) -> None:
+    malformed = http.get("/v1/responses/not-an-id")
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["code"] == "invalid_response_id"
+    for method in ("GET", "DELETE"):
+        unknown = http.request(method, "/v1/responses/resp_doesnotexist")
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "response_not_found"
+    listed = http.get("/v1/responses/resp_doesnotexist/input_items")
+    assert listed.status_code == 404
+
+
+@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 101}, {"order": "sideways"}])
+def test_input_items_query_is_validated(http: httpx.Client, query: dict[str, Any]) -> None:
+    created = http.post("/v1/responses", json={"model": "fake-text", "input": "x"}).json()
+    answer = http.get(f"/v1/responses/{created['id']}/input_items", params=query)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == next(iter(query))
+
+
+def test_unknown_route_and_method_use_the_envelope(http: httpx.Client) -> None:
+    missing = http.get("/v1/nothing-here")
+    assert missing.status_code == 404 and "error" in missing.json()
+    wrong = http.put("/v1/responses")
+    assert wrong.status_code == 405 and "error" in wrong.json()
