@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,6 +10,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from conformance import assert_valid_item, assert_valid_response, check_stream
 from live_server import relay_server
 
 from relay.config import RouteConfig, Settings
@@ -42,6 +44,43 @@ def fake_routes() -> list[RouteConfig]:
     return routes
 
 
+RESPONSE_PATH = re.compile(r"/(api/)?v1/responses(/resp_[^/]+)?")
+
+
+def check_answer(answer: httpx.Response) -> None:
+    """Every JSON answer a test receives: a valid response object, item list or error envelope."""
+    if not answer.headers.get("content-type", "").startswith("application/json"):
+        return  # streams are checked event by event in sse_events
+    answer.read()
+    body = answer.json()
+    path = answer.request.url.path
+    if answer.status_code >= 400:
+        assert set(body) == {"error"}, body
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    elif answer.request.method != "DELETE" and RESPONSE_PATH.fullmatch(path) and "id" in body:
+        assert_valid_response(body)
+    elif path.endswith("/input_items"):
+        for item in body["data"]:
+            assert_valid_item(item)
+
+
+def checked_client(base_url: str, **options: Any) -> httpx.Client:
+    """An httpx client that validates every answer with check_answer."""
+    return httpx.Client(
+        base_url=base_url, timeout=30, event_hooks={"response": [check_answer]}, **options
+    )
+
+
+def sdk_client(base_url: str, api_key: str = "unused") -> openai.OpenAI:
+    """The official client, its answers validated on the way in, with retries off."""
+    return openai.OpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=api_key,
+        max_retries=0,
+        http_client=checked_client(base_url),
+    )
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     if request.param == "sqlite":
@@ -58,18 +97,20 @@ def relay_url(database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def client(relay_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{relay_url}/v1", api_key="unused", max_retries=0)
+def client(relay_url: str) -> Iterator[openai.OpenAI]:
+    with sdk_client(relay_url) as session:
+        yield session
 
 
 @pytest.fixture(scope="session")
 def http(relay_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=relay_url, timeout=30) as session:
+    with checked_client(relay_url) as session:
         yield session
 
 
 def sse_events(http: httpx.Client, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """POST a streaming request and parse the SSE exactly, checking the framing as we go."""
+    """POST a streaming request and parse the SSE exactly, checking the framing as we go and
+    the events with check_stream."""
     events: list[dict[str, Any]] = []
     with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as answer:
         assert answer.status_code == 200, answer.read()
@@ -87,4 +128,5 @@ def sse_events(http: httpx.Client, body: dict[str, Any]) -> list[dict[str, Any]]
         event = orjson.loads(lines[1][len("data: ") :])
         assert lines[0][len("event: ") :] == event["type"], "event name must equal the JSON type"
         events.append(event)
+    check_stream(events)
     return events

@@ -10,7 +10,7 @@ import openai
 import pytest
 from live_server import relay_server
 from pydantic import SecretStr
-from relay_fixtures import fake_routes
+from relay_fixtures import fake_routes, sdk_client
 
 from relay.config import ApiKeyConfig, Settings
 
@@ -36,13 +36,16 @@ def test_missing_and_wrong_keys_are_401(keyed_url: str) -> None:
     wrong = httpx.get(f"{keyed_url}/v1/models", headers={"authorization": "Bearer sk-mallory"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert "sk-mallory" not in wrong.text
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{keyed_url}/v1", api_key="sk-nope", max_retries=0).models.list()
+    with pytest.raises(openai.AuthenticationError), sdk_client(keyed_url, "sk-nope") as nope:
+        nope.models.list()
 
 
 def test_tenants_never_see_each_other(keyed_url: str) -> None:
-    alice = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key="sk-alice", max_retries=0)
-    bob = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key="sk-bob", max_retries=0)
+    with sdk_client(keyed_url, "sk-alice") as alice, sdk_client(keyed_url, "sk-bob") as bob:
+        check_isolation(alice, bob)
+
+
+def check_isolation(alice: openai.OpenAI, bob: openai.OpenAI) -> None:
     mine = alice.responses.create(model="fake-text", input="alice's secret")
     assert alice.responses.retrieve(mine.id).id == mine.id
     with pytest.raises(openai.NotFoundError):

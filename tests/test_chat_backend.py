@@ -7,12 +7,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from chat_upstream import MODELS, UPSTREAM_KEY, ChatUpstream
 from conformance import assert_valid_response, check_stream
 from live_server import relay_server
-from relay_fixtures import sse_events
+from relay_fixtures import checked_client, sdk_client, sse_events
 
 from relay.config import RouteConfig, Settings
 
@@ -55,7 +54,7 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
 
 @pytest.fixture
 def up(backend_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=backend_url, timeout=30) as session:
+    with checked_client(backend_url) as session:
         yield session
 
 
@@ -277,8 +276,8 @@ def test_upstream_failure_mid_stream_is_reported_and_stored(up: httpx.Client, mo
 
 
 def test_official_client_against_a_chat_backend(backend_url: str) -> None:
-    client = openai.OpenAI(base_url=f"{backend_url}/v1", api_key="x", max_retries=0)
-    with client.responses.stream(model="up-split", input="framing survives") as stream:
-        final = stream.get_final_response()
-    assert final.output_text == "framing survives"
-    assert client.responses.retrieve(final.id).output_text == "framing survives"
+    with sdk_client(backend_url) as client:
+        with client.responses.stream(model="up-split", input="framing survives") as stream:
+            final = stream.get_final_response()
+        assert final.output_text == "framing survives"
+        assert client.responses.retrieve(final.id).output_text == "framing survives"

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # clients do not time the connection out while a model thinks.
     keepalive_s: float = Field(default=15.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # OpenAI echoes a json_schema text format's schema; the Open Responses contract types it
+    # as null. True follows OpenAI; False gives the contract's shape.
+    echo_json_schema: bool = True
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:

@@ -55,9 +55,9 @@ def create_app(settings: Settings) -> FastAPI:
         registry = Registry(settings.routes)
         app.state.settings = settings
         app.state.store = store
-        app.state.engine = Engine(registry, store)
+        app.state.engine = Engine(registry, store, echo_json_schema=settings.echo_json_schema)
         app.state.key_table = key_table({key.secret(): key.tenant for key in settings.api_keys})
-        log.info("relay %s ready: %d model route(s)", __version__, len(settings.routes))
+        log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
         try:
             yield
         finally:

@@ -31,7 +31,9 @@ def echo_tool_choice(request: CreateResponse) -> Any:
     return choice
 
 
-def echo_text(request: CreateResponse) -> dict[str, Any]:
+def echo_text(request: CreateResponse, *, echo_json_schema: bool = True) -> dict[str, Any]:
+    """The text config as answered. The Open Responses contract (2026-04-24) types a json_schema
+    format's `schema` as null, where OpenAI echoes the schema; `echo_json_schema` picks."""
     text = request.text
     fmt: dict[str, Any] = {"type": "text"}
     if text is not None and text.format is not None:
@@ -40,8 +42,8 @@ def echo_text(request: CreateResponse) -> dict[str, Any]:
                 "type": "json_schema",
                 "name": text.format.name,
                 "description": text.format.description,
-                "schema": text.format.schema_,
-                "strict": text.format.strict,
+                "schema": text.format.schema_ if echo_json_schema else None,
+                "strict": bool(text.format.strict),
             }
         else:
             fmt = {"type": text.format.type}
@@ -58,6 +60,7 @@ def new_response(
     tools: list[dict[str, Any]],
     reasoning: dict[str, Any] | None,
     session_id: str | None,
+    echo_json_schema: bool = True,
 ) -> dict[str, Any]:
     """The in_progress snapshot that response.created carries; the run fills in the rest."""
     service_tier = request.service_tier
@@ -77,7 +80,7 @@ def new_response(
         "tool_choice": echo_tool_choice(request),
         "truncation": request.truncation or "disabled",
         "parallel_tool_calls": request.parallel_tool_calls is not False,
-        "text": echo_text(request),
+        "text": echo_text(request, echo_json_schema=echo_json_schema),
         "top_p": request.top_p if request.top_p is not None else 1.0,
         "presence_penalty": request.presence_penalty or 0.0,
         "frequency_penalty": request.frequency_penalty or 0.0,

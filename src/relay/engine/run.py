@@ -103,9 +103,10 @@ async def _close(deltas: AsyncIterator[Delta]) -> None:
 
 
 class Engine:
-    def __init__(self, registry: Registry, store: Store) -> None:
+    def __init__(self, registry: Registry, store: Store, *, echo_json_schema: bool = True) -> None:
         self.registry = registry
         self.store = store
+        self.echo_json_schema = echo_json_schema
 
     async def start(
         self, request: CreateResponse, *, tenant: str, session_id: str | None = None
@@ -148,6 +149,7 @@ class Engine:
             tools=tools.declared,
             reasoning={"effort": effort, "summary": summary},
             session_id=request.session_id or session_id,
+            echo_json_schema=self.echo_json_schema,
         )
         builder = ResponseBuilder(
             response,

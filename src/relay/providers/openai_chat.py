@@ -506,9 +506,11 @@ def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> lis
             flush()
             output = item.get("output")
             if not isinstance(output, str):
-                output = "".join(
-                    p.get("text", "") for p in output or () if p.get("type") == "input_text"
-                )
+                parts = list(output or ())
+                if any(part.get("type") != "input_text" for part in parts):
+                    # Chat tool messages carry text only; dropping the rest would be silent.
+                    raise _unsupported("image or file parts in a function_call_output")
+                output = "".join(part["text"] for part in parts)
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind == "message":
             flush()
