@@ -21,6 +21,7 @@ context manager. Models (scripts):
   drop_mid_stream some chunks, then the connection is cut
   error_chunk     some text, then `data: {"error": {...}}`; error_chunk_429 with code 429
   malformed       a chunk whose `choices` holds a string
+  small_context   echo, but a context-length error past SMALL_CONTEXT messages
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
 """
 
@@ -66,6 +67,8 @@ MODELS = [
     "malformed",
 ]
 CREATED = 1_700_000_000
+# small_context: answers like echo, but refuses more than this many chat messages.
+SMALL_CONTEXT = 4
 _WORD = re.compile(r"\S+\s*")
 
 
@@ -159,6 +162,15 @@ class ChatUpstream:
                 return _auth_error(status, request.headers.get("authorization", ""))
             headers = {"Retry-After": "7"} if status == 429 else None
             return _error(status, f"Scripted failure {status} for model {model}.", headers)
+        if model == "small_context" and len(body.get("messages", [])) > SMALL_CONTEXT:
+            # vLLM's wording for a prompt over the context window.
+            return _error(
+                400,
+                "This model's maximum context length is 64 tokens. However, you "
+                "requested 1000 tokens in the messages.",
+            )
+        if model == "small_context":
+            model = "echo"
         if model not in MODELS:
             return _error(404, f"The model `{model}` does not exist.", code="model_not_found")
         if model == "slow_headers":

@@ -16,7 +16,7 @@ from relay_fixtures import checked_client, sdk_client, sse_events
 from relay.config import RouteConfig, Settings
 
 KEY_ENV = "RELAY_TEST_UPSTREAM_KEY"
-SCRIPTS = [*MODELS, "http_429", "http_500", "http_401", "http_400"]
+SCRIPTS = [*MODELS, "small_context", "http_429", "http_500", "http_401", "http_400"]
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +281,39 @@ def test_official_client_against_a_chat_backend(backend_url: str) -> None:
             final = stream.get_final_response()
         assert final.output_text == "framing survives"
         assert client.responses.retrieve(final.id).output_text == "framing survives"
+
+
+def test_truncation_auto_drops_oldest_turns_and_disabled_refuses(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    previous = None
+    for word in ("one", "two", "three"):
+        answer = up.post(
+            "/v1/responses",
+            json={"model": "up-echo", "input": word, "previous_response_id": previous},
+        )
+        previous = answer.json()["id"]
+    refused = up.post(
+        "/v1/responses",
+        json={"model": "up-small_context", "input": "four", "previous_response_id": previous},
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+    truncated = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-small_context",
+            "input": "four",
+            "previous_response_id": previous,
+            "instructions": "Rules.",
+            "truncation": "auto",
+        },
+    )
+    assert truncated.status_code == 200, truncated.text
+    assert truncated.json()["truncation"] == "auto"
+    assert messages(chat_upstream) == [
+        {"role": "system", "content": "Rules."},
+        {"role": "user", "content": "three"},
+        {"role": "assistant", "content": "three"},
+        {"role": "user", "content": "four"},
+    ]

@@ -11,7 +11,7 @@ import openai
 import pydantic
 import pytest
 from conformance import assert_valid_response, check_stream
-from relay_fixtures import sse_events
+from relay_fixtures import checked_client, sse_events
 
 VOLATILE = {"id", "created_at", "completed_at"}
 
@@ -291,3 +291,51 @@ def test_input_item_shapes_are_accepted_and_stored(
     assert first["type"] == item.get("type", "message") and first["id"]
     if "id" in item:
         assert first["id"] == item["id"]
+
+
+def test_stream_obfuscation_is_on_by_default_and_can_be_refused(http: httpx.Client) -> None:
+    padded = sse_events(http, {"model": "fake-text", "input": "pad me"})
+    deltas = [e for e in padded if e["type"] == "response.output_text.delta"]
+    assert deltas and all(e["obfuscation"] for e in deltas)
+    plain = sse_events(
+        http,
+        {"model": "fake-text", "input": "pad me", "stream_options": {"include_obfuscation": False}},
+    )
+    assert not any("obfuscation" in e for e in plain)
+
+
+def test_trace_and_session_reach_the_log(
+    http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="relay.engine"):
+        answer = http.post(
+            "/v1/responses",
+            headers={"x-session-id": "from-header"},
+            json={"model": "fake-text", "input": "x", "trace": {"trace_id": "t-123"}},
+        )
+    body = answer.json()
+    assert body["session_id"] == "from-header"
+    line = next(r.getMessage() for r in caplog.records if body["id"] in r.getMessage())
+    assert "session=from-header" in line and "t-123" in line
+    won = http.post(
+        "/v1/responses",
+        headers={"x-session-id": "from-header"},
+        json={"model": "fake-text", "input": "x", "session_id": "from-body"},
+    )
+    assert won.json()["session_id"] == "from-body"
+
+
+def test_answer_is_stored_before_the_terminal_event(relay_url: str) -> None:
+    """A client that fetches the id the moment response.completed arrives must find it."""
+    with checked_client(relay_url) as own:
+        for _ in range(5):
+            with own.stream(
+                "POST",
+                "/v1/responses",
+                json={"model": "fake-text", "input": "race", "stream": True},
+            ) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: ") and '"response.completed"' in line:
+                        response_id = json.loads(line[6:])["response"]["id"]
+                        assert own.get(f"/v1/responses/{response_id}").status_code == 200
+                        break

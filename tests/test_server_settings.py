@@ -7,11 +7,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conformance import check_stream, validator
 from live_server import relay_server
-from relay.config import Settings
 from relay_fixtures import checked_client, fake_routes, sse_events
+
+from relay.config import Settings
 
 
 @pytest.fixture(scope="module")

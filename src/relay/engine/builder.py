@@ -7,6 +7,7 @@ ends; so `output_item.added`/`done` always pair up and indices never collide.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -40,6 +41,7 @@ class ResponseBuilder:
         max_tool_calls: int | None,
         reasoning_as_summary: bool,
         include_logprobs: bool,
+        obfuscate: bool = False,
     ) -> None:
         self.response = response
         self._seq = 0
@@ -49,6 +51,7 @@ class ResponseBuilder:
         self._max_calls = max_tool_calls
         self._as_summary = reasoning_as_summary
         self._logprobs = include_logprobs
+        self._obfuscate = obfuscate
         self._open: dict[str, Any] | None = None  # the open message or reasoning item
         self._part: dict[str, Any] | None = None  # its open content/summary part
         self._calls: dict[int, dict[str, Any]] = {}  # open function calls by upstream index
@@ -63,6 +66,13 @@ class ResponseBuilder:
         event = {"type": kind, "sequence_number": self._seq, **fields}
         self._seq += 1
         return event
+
+    def _pad(self, delta: str) -> dict[str, str]:
+        """OpenAI's stream obfuscation: random filler so that every delta event has about the
+        same size, which hides token lengths from an observer of encrypted traffic."""
+        if not self._obfuscate:
+            return {}
+        return {"obfuscation": secrets.token_urlsafe(24)[: 1 + (-len(delta)) % 16]}
 
     def _snapshot_event(self, kind: str) -> Event:
         # Shallow copy: later events mutate `output` and `status` of the live response.
@@ -161,6 +171,7 @@ class ResponseBuilder:
                     content_index=content_index,
                     delta=text,
                     logprobs=chosen,
+                    **self._pad(text),
                 )
             )
         else:
@@ -223,6 +234,7 @@ class ResponseBuilder:
                     output_index=index,
                     summary_index=0,
                     delta=text,
+                    **self._pad(text),
                 )
             )
         else:
@@ -233,6 +245,7 @@ class ResponseBuilder:
                     output_index=index,
                     content_index=0,
                     delta=text,
+                    **self._pad(text),
                 )
             )
         return events
@@ -276,6 +289,7 @@ class ResponseBuilder:
                     item_id=item["id"],
                     output_index=self._index_of(item),
                     delta=delta.arguments,
+                    **self._pad(delta.arguments),
                 )
             )
         return events

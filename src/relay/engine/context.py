@@ -106,3 +106,22 @@ def check_tool_outputs(history: list[dict[str, Any]], items: list[dict[str, Any]
                 f"No tool call found for function call output with call_id {item['call_id']}.",
                 param=f"input[{index}].call_id",
             )
+
+
+def drop_oldest_turn(items: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The context without its oldest turn, for truncation "auto": everything before the
+    second user message goes, except system and developer messages. Whole turns go, so a
+    function_call never loses its output. None when a single turn is left."""
+    users = [
+        index
+        for index, item in enumerate(items)
+        if item["type"] == "message" and item["role"] == "user"
+    ]
+    if len(users) < 2:
+        return None
+    kept = [
+        item
+        for item in items[: users[1]]
+        if item["type"] == "message" and item["role"] in ("system", "developer")
+    ]
+    return kept + items[users[1] :]

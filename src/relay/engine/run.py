@@ -18,7 +18,13 @@ from typing import Any
 
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, plan_tools, reasoning_settings
-from relay.engine.context import check_tool_outputs, load_history, parse_input, resolve_references
+from relay.engine.context import (
+    check_tool_outputs,
+    drop_oldest_turn,
+    load_history,
+    parse_input,
+    resolve_references,
+)
 from relay.engine.response import new_response
 from relay.errors import InvalidRequest, RateLimited, RelayError, UpstreamError
 from relay.ids import new_id
@@ -49,6 +55,7 @@ class Run:
     builder: ResponseBuilder
     input_items: list[dict[str, Any]]
     deltas: AsyncIterator[Delta]
+    trace: dict[str, Any] | None = None
     _finished: bool = field(default=False)
 
     @property
@@ -92,8 +99,23 @@ class Run:
 
     async def _persist(self) -> None:
         self._finished = True
-        if self.response["store"]:
-            await self.engine.store.save_response(self.tenant, self.response, self.input_items)
+        response = self.response
+        if response["store"]:
+            await self.engine.store.save_response(self.tenant, response, self.input_items)
+        usage = response["usage"] or {}
+        # One line per response: what observability pipelines key on (session, trace ids).
+        log.info(
+            "response %s tenant=%s model=%s status=%s input_tokens=%s output_tokens=%s "
+            "session=%s trace=%s",
+            response["id"],
+            self.tenant,
+            response["model"],
+            response["status"],
+            usage.get("input_tokens"),
+            usage.get("output_tokens"),
+            response["session_id"],
+            self.trace,
+        )
 
 
 async def _close(deltas: AsyncIterator[Delta]) -> None:
@@ -128,19 +150,21 @@ class Engine:
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
 
-        def provider_request(route: Route) -> ProviderRequest:
+        def provider_request(route: Route, context: list[dict[str, Any]]) -> ProviderRequest:
             return ProviderRequest(
                 upstream_model=route.upstream_model,
                 request=request,
                 instructions=request.instructions,
-                items=history + items,
+                items=context,
                 tools=tools.offered,
                 tool_choice=tools.choice,
                 parallel_tool_calls=request.parallel_tool_calls is not False,
                 want_logprobs=want_logprobs,
             )
 
-        route, deltas = await self._open(routes, provider_request)
+        route, deltas = await self._open(
+            routes, provider_request, history + items, truncate=request.truncation == "auto"
+        )
         response = new_response(
             request,
             response_id=new_id("resp"),
@@ -159,22 +183,40 @@ class Engine:
             max_tool_calls=request.max_tool_calls,
             reasoning_as_summary=summary is not None,
             include_logprobs=want_logprobs,
+            # On by default when streaming, as OpenAI does; clients opt out per request.
+            obfuscate=bool(request.stream)
+            and (
+                request.stream_options is None
+                or request.stream_options.include_obfuscation is not False
+            ),
         )
-        return Run(self, tenant, builder, items, deltas)
+        return Run(self, tenant, builder, items, deltas, trace=request.trace)
 
     async def _open(
-        self, routes: list[Route], make_request: Callable[[Route], ProviderRequest]
+        self,
+        routes: list[Route],
+        make_request: Callable[[Route, list[dict[str, Any]]], ProviderRequest],
+        context: list[dict[str, Any]],
+        *,
+        truncate: bool,
     ) -> tuple[Route, AsyncIterator[Delta]]:
         """Open the first route that accepts the request; move on only for retryable failures
-        that happened before the first byte, so a client never sees two half-answers."""
+        that happened before the first byte, so a client never sees two half-answers. With
+        truncation "auto", a context the upstream finds too long loses its oldest turns."""
         last: ProviderError | None = None
         for route in routes:
-            try:
-                return route, await route.provider.open(make_request(route))
-            except ProviderError as error:
-                log.warning("model %s failed before the first byte: %s", route.model, error.message)
-                last = error
-                if not error.retryable:
-                    break
+            shortened: list[dict[str, Any]] | None = context
+            while shortened is not None:
+                try:
+                    return route, await route.provider.open(make_request(route, shortened))
+                except ProviderError as error:
+                    last = error
+                    if error.code != "context_length_exceeded" or not truncate:
+                        break
+                    shortened = drop_oldest_turn(shortened)
+            assert last is not None
+            log.warning("model %s failed before the first byte: %s", route.model, last.message)
+            if not last.retryable:
+                break
         assert last is not None
         raise provider_error_to_http(last)

@@ -8,6 +8,7 @@ header values, a password in the base URL) are scrubbed from every message we ra
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -287,6 +288,13 @@ class OpenAIChatProvider:
                 code="rate_limit_exceeded",
                 retry_after=retry_after,
             )
+        if status in (400, 413) and _CONTEXT_TOO_LONG.search(message):
+            return ProviderError(
+                f"the input is longer than the model's context window: {message}",
+                status=400,
+                code="context_length_exceeded",
+                retryable=False,
+            )
         if status in (400, 404, 413, 422):
             return ProviderError(
                 f"the upstream rejected the request (HTTP {status}): {message}",
@@ -411,6 +419,13 @@ def _loads(payload: str | bytes) -> Any:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
         raise ProviderError("the upstream sent data that is not valid JSON") from None
+
+
+# How vLLM, OpenAI, llama.cpp server and others word a prompt over the context window.
+_CONTEXT_TOO_LONG = re.compile(
+    r"context[ _-]?(length|window|size)|maximum context|prompt is too long|too many tokens",
+    re.IGNORECASE,
+)
 
 
 def _error_message(raw: bytes) -> str:
