@@ -21,6 +21,7 @@ context manager. Models (scripts):
   drop_mid_stream some chunks, then the connection is cut
   error_chunk     some text, then `data: {"error": {...}}`; error_chunk_429 with code 429
   malformed       a chunk whose `choices` holds a string
+  rogue_tool      a call to `not_offered`, whatever tools were sent
   small_context   echo, but a context-length error past SMALL_CONTEXT messages
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
 """
@@ -65,6 +66,7 @@ MODELS = [
     "error_chunk",
     "error_chunk_429",
     "malformed",
+    "rogue_tool",
 ]
 CREATED = 1_700_000_000
 # small_context: answers like echo, but refuses more than this many chat messages.
@@ -194,9 +196,9 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
     """The script as chat deltas plus a finish reason; rendered as a stream or one completion."""
     deltas: list[dict[str, Any]] = []
     finish = "stop"
-    if model in ("tools", "parallel", "tools_stop", "tools_repeat"):
+    if model in ("tools", "parallel", "tools_stop", "tools_repeat", "rogue_tool"):
         tools = body.get("tools") or [{"function": {"name": "get_weather"}}]
-        name = tools[0]["function"]["name"]
+        name = "not_offered" if model == "rogue_tool" else tools[0]["function"]["name"]
         cities = ["Paris", "Tokyo"] if model == "parallel" else ["Paris"]
         for index, city in enumerate(cities):
             call_id = f"call_loop_{index}"

@@ -317,3 +317,54 @@ def test_truncation_auto_drops_oldest_turns_and_disabled_refuses(
         {"role": "assistant", "content": "three"},
         {"role": "user", "content": "four"},
     ]
+
+
+def test_allowed_tools_limit_what_the_upstream_sees_and_may_call(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    tools = [
+        {"type": "function", "name": name, "parameters": {"type": "object"}}
+        for name in ("read", "write", "delete")
+    ]
+    choice = {
+        "type": "allowed_tools",
+        "mode": "required",
+        "tools": [{"type": "function", "name": "write"}],
+    }
+    answer = up.post(
+        "/v1/responses",
+        json={"model": "up-tools", "input": "x", "tools": tools, "tool_choice": choice},
+    ).json()
+    assert [t["function"]["name"] for t in chat_upstream.last["tools"]] == ["write"]
+    assert chat_upstream.last["tool_choice"] == "required"
+    assert answer["output"][0]["name"] == "write"
+    assert [t["name"] for t in answer["tools"]] == ["read", "write", "delete"]
+    assert answer["tool_choice"] == choice
+    forced = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-tools",
+            "input": "x",
+            "tools": tools,
+            "tool_choice": {"type": "function", "name": "read"},
+        },
+    )
+    assert chat_upstream.last["tool_choice"] == {"type": "function", "function": {"name": "read"}}
+    assert forced.json()["output"][0]["name"] == "read"
+    none = up.post(
+        "/v1/responses",
+        json={"model": "up-echo", "input": "x", "tools": tools, "tool_choice": "none"},
+    )
+    assert "tools" not in chat_upstream.last and none.json()["output"][0]["type"] == "message"
+
+
+def test_a_call_outside_tool_choice_fails_the_response(up: httpx.Client) -> None:
+    tools = [{"type": "function", "name": "read", "parameters": {"type": "object"}}]
+    events = sse_events(up, {"model": "up-rogue_tool", "input": "x", "tools": tools})
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert events[-1]["response"]["error"]["code"] == "invalid_tool_call"
+    assert "not_offered" in events[-1]["response"]["error"]["message"]
+    required = sse_events(
+        up, {"model": "up-echo", "input": "x", "tools": tools, "tool_choice": "required"}
+    )
+    assert required[-1]["response"]["status"] == "failed"

@@ -52,6 +52,10 @@ def test_delete_is_soft_and_final(client: openai.OpenAI, http: httpx.Client) -> 
     assert follow.json()["error"]["code"] == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created["id"])
+    other = create(http, input="delete me with the SDK")
+    client.responses.delete(other["id"])
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(other["id"])
 
 
 def test_input_items_paginate(client: openai.OpenAI, http: httpx.Client) -> None:
