@@ -64,10 +64,10 @@ def check_answer(answer: httpx.Response) -> None:
             assert_valid_item(item)
 
 
-def checked_client(base_url: str, **options: Any) -> httpx.Client:
+def checked_client(base_url: str, timeout: float = 30) -> httpx.Client:
     """An httpx client that validates every answer with check_answer."""
     return httpx.Client(
-        base_url=base_url, timeout=30, event_hooks={"response": [check_answer]}, **options
+        base_url=base_url, timeout=timeout, event_hooks={"response": [check_answer]}
     )
 
 

@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-ProviderKind = Literal["openai_chat", "fake"]
+ProviderKind = Literal["openai_chat", "llama_cpp", "fake"]
 
 
 class RouteConfig(BaseModel):
@@ -40,6 +40,14 @@ class RouteConfig(BaseModel):
         default_factory=list
     )
     headers: dict[str, str] = Field(default_factory=dict)
+    # llama_cpp routes: a GGUF file (default: the bundled SmolLM2-135M-Instruct), its context
+    # window, threads, how many requests may wait, and whether it loads at start-up or on
+    # first use.
+    model_path: Path | None = None
+    n_ctx: int = Field(default=4096, ge=256)
+    n_threads: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=8, ge=1)
+    load: Literal["startup", "first_use"] = "startup"
 
     @model_validator(mode="after")
     def _needs_base_url(self) -> RouteConfig:
@@ -106,7 +114,8 @@ class Settings(BaseSettings):
         return self
 
 
-DEMO_ROUTE = RouteConfig(model="demo", provider="fake", upstream_model="text")
+# With no routes configured, Relay serves the model that ships with it, offline.
+DEFAULT_ROUTE = RouteConfig(model="smollm2-135m-instruct", provider="llama_cpp")
 
 
 def load_settings(config: Path | None = None, **overrides: object) -> Settings:
@@ -134,6 +143,5 @@ def load_settings(config: Path | None = None, **overrides: object) -> Settings:
     values = {key: value for key, value in overrides.items() if value is not None}
     settings = FileSettings(**values)  # type: ignore[arg-type]
     if not settings.routes:
-        # Nothing configured: serve the deterministic demo model so a first request works.
-        settings.routes = [DEMO_ROUTE]
+        settings.routes = [DEFAULT_ROUTE]
     return settings

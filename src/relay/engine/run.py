@@ -38,12 +38,12 @@ log = logging.getLogger("relay.engine")
 
 def provider_error_to_http(error: ProviderError) -> RelayError:
     """An upstream failure before the stream began, as the HTTP error the client receives."""
+    headers = {"retry-after": error.retry_after} if error.retry_after else {}
     if error.status == 429:
-        headers = {"retry-after": error.retry_after} if error.retry_after else {}
         return RateLimited(error.message, code=error.code, headers=headers)
     if error.status == 400:
         return InvalidRequest(error.message, code=error.code)
-    return UpstreamError(error.message, status=error.status, code=error.code)
+    return UpstreamError(error.message, status=error.status, code=error.code, headers=headers)
 
 
 @dataclass(slots=True)

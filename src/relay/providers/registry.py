@@ -23,6 +23,20 @@ def _build_provider(config: RouteConfig) -> Provider:
         from relay.providers.fake import FakeProvider
 
         return FakeProvider()
+    if config.provider == "llama_cpp":
+        from relay.providers.llama_local import (
+            LlamaLocalProvider,
+            LocalModelOptions,
+            bundled_model_path,
+        )
+
+        options = LocalModelOptions(
+            n_ctx=config.n_ctx,
+            n_threads=config.n_threads,
+            max_queue=config.max_queue,
+            load_at_startup=config.load == "startup",
+        )
+        return LlamaLocalProvider(config.model_path or bundled_model_path(), options)
     from relay.providers.openai_chat import OpenAIChatProvider
 
     assert config.base_url is not None  # checked by RouteConfig

@@ -1,0 +1,394 @@
+"""The embedded SmolLM2 model, for real: no mock of llama.cpp, no network."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pydantic
+import pytest
+from live_server import relay_server
+from relay_fixtures import checked_client, sdk_client, sse_events
+
+from relay.config import DEFAULT_ROUTE, RouteConfig, Settings, load_settings
+from relay.providers.llama_local import bundled_model_path
+
+MODEL = DEFAULT_ROUTE.model
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "celsius": {"type": "integer"}},
+    "required": ["city", "celsius"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "type": "function",
+        "name": "add",
+        "description": "Add two integers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def local_url(
+    tmp_path_factory: pytest.TempPathFactory, caplog_module: list[logging.LogRecord]
+) -> Iterator[str]:
+    database = Path(tmp_path_factory.mktemp("local")) / "relay.db"
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{database}",
+        routes=[
+            DEFAULT_ROUTE,
+            RouteConfig(
+                model="smol-tiny-queue", provider="llama_cpp", max_queue=2, load="first_use"
+            ),
+        ],
+    )
+    with relay_server(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def caplog_module() -> Iterator[list[logging.LogRecord]]:
+    """Log records of the module's server start-up (caplog is per test)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("relay.local")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def local(local_url: str) -> Iterator[httpx.Client]:
+    with checked_client(local_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(local_url: str) -> Iterator[openai.OpenAI]:
+    with sdk_client(local_url) as client:
+        yield client
+
+
+def create(local: httpx.Client, **body: Any) -> dict[str, Any]:
+    answer = local.post("/v1/responses", json={"model": MODEL, **body})
+    assert answer.status_code == 200, answer.text
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def test_default_route_is_the_bundled_model(
+    caplog_module: list[logging.LogRecord], local: httpx.Client
+) -> None:
+    assert load_settings().routes == [DEFAULT_ROUTE]
+    assert bundled_model_path().stat().st_size > 50_000_000
+    assert MODEL in {m["id"] for m in local.get("/v1/models").json()["data"]}
+    assert any("loaded SmolLM2" in r.getMessage() for r in caplog_module)
+
+
+def test_text_answer_with_real_usage(sdk: openai.OpenAI) -> None:
+    answer = sdk.responses.create(
+        model=MODEL, input="What is the capital of France?", temperature=0, max_output_tokens=40
+    )
+    assert answer.output_text.strip()
+    assert answer.usage is not None
+    assert answer.usage.input_tokens > 10 and 0 < answer.usage.output_tokens <= 40
+
+
+def test_streams_token_by_token(local: httpx.Client) -> None:
+    events = sse_events(
+        local,
+        {"model": MODEL, "input": "Count to twenty.", "temperature": 0, "max_output_tokens": 32},
+    )
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    usage = events[-1]["response"]["usage"]
+    # One delta per generated token (multi-byte characters may merge a few).
+    assert len(deltas) >= usage["output_tokens"] - 3 and len(deltas) > 5
+
+
+def test_same_seed_same_answer(local: httpx.Client) -> None:
+    body = {
+        "input": "Write a sentence about cats.",
+        "temperature": 1.0,
+        "seed": 42,
+        "max_output_tokens": 24,
+    }
+    first, again = create(local, **body), create(local, **body)
+    assert first["output_text"] == again["output_text"]
+    other = create(local, **{**body, "seed": 7})
+    assert other["output_text"] != first["output_text"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_output_always_validates(local: httpx.Client, seed: int) -> None:
+    answer = create(
+        local,
+        input="The weather in Oslo as JSON.",
+        temperature=1.0,
+        seed=seed,
+        max_output_tokens=120,
+        text={
+            "format": {"type": "json_schema", "name": "weather", "schema": WEATHER, "strict": True}
+        },
+    )
+    assert answer["status"] == "completed"
+    jsonschema.validate(json.loads(answer["output_text"]), WEATHER)
+
+
+def test_json_object_and_parse(local: httpx.Client, sdk: openai.OpenAI) -> None:
+    answer = create(local, input="Describe a dog as a JSON object with a name and an age.",
+                    temperature=0, max_output_tokens=200, text={"format": {"type": "json_object"}})
+    assert answer["status"] == "completed", answer["output_text"]
+    assert isinstance(json.loads(answer["output_text"]), dict)
+
+    class Weather(pydantic.BaseModel):
+        city: str
+        celsius: int
+
+    parsed = sdk.responses.parse(
+        model=MODEL,
+        input="Weather in Rome.",
+        text_format=Weather,
+        max_output_tokens=120,
+        temperature=0.7,
+    )
+    assert isinstance(parsed.output_parsed, Weather)
+
+
+def _calls(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    return [item for item in answer["output"] if item["type"] == "function_call"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_required_tool_choice_always_yields_a_valid_call(local: httpx.Client, seed: int) -> None:
+    answer = create(
+        local,
+        input="What's the weather in Paris?",
+        tools=TOOLS,
+        seed=seed,
+        tool_choice="required",
+        temperature=1.0,
+        max_output_tokens=100,
+    )
+    calls = _calls(answer)
+    assert calls and answer["status"] == "completed"
+    schemas = {tool["name"]: tool["parameters"] for tool in TOOLS}
+    for call in calls:
+        jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
+
+
+def test_forced_function_none_and_parallel(local: httpx.Client) -> None:
+    forced = create(
+        local,
+        input="Weather in Paris?",
+        tools=TOOLS,
+        seed=3,
+        tool_choice={"type": "function", "name": "add"},
+        max_output_tokens=100,
+    )
+    assert _calls(forced) and {c["name"] for c in _calls(forced)} == {"add"}
+    jsonschema.validate(json.loads(_calls(forced)[0]["arguments"]), TOOLS[1]["parameters"])
+    none = create(
+        local,
+        input="Weather in Paris?",
+        tools=TOOLS,
+        tool_choice="none",
+        seed=3,
+        max_output_tokens=30,
+    )
+    assert not _calls(none) and none["output"][0]["type"] == "message"
+    for seed in range(3):
+        single = create(
+            local,
+            input="Weather in Paris and in Rome?",
+            tools=TOOLS,
+            seed=seed,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_output_tokens=120,
+        )
+        assert len(_calls(single)) == 1
+
+
+def test_auto_tool_choice_gives_text_or_a_valid_call(local: httpx.Client) -> None:
+    events = sse_events(
+        local,
+        {
+            "model": MODEL,
+            "input": "Weather in Paris?",
+            "tools": TOOLS,
+            "seed": 5,
+            "max_output_tokens": 100,
+        },
+    )
+    final = events[-1]["response"]
+    for call in _calls(final):
+        assert call["name"] in {"get_weather", "add"}
+        json.loads(call["arguments"])
+    assert final["output"]
+
+
+def test_max_output_tokens_gives_incomplete(local: httpx.Client) -> None:
+    answer = create(local, input="Tell me a long story.", max_output_tokens=16, temperature=0)
+    assert answer["status"] == "incomplete"
+    assert answer["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert answer["usage"]["output_tokens"] == 16
+
+
+def test_local_model_refuses_what_it_cannot_do(local: httpx.Client) -> None:
+    image = local.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}
+                    ],
+                }
+            ],
+        },
+    )
+    assert image.status_code == 400 and image.json()["error"]["code"] == "unsupported_input"
+    logprobs = local.post("/v1/responses", json={"model": MODEL, "input": "x", "top_logprobs": 2})
+    assert logprobs.status_code == 400
+
+
+def test_generation_does_not_block_the_server(local_url: str, local: httpx.Client) -> None:
+    finished = threading.Event()
+    first_delta = threading.Event()
+
+    def long_generation() -> None:
+        with (
+            httpx.Client(base_url=local_url, timeout=120) as own,
+            own.stream(
+                "POST",
+                "/v1/responses",
+                json={
+                    "model": MODEL,
+                    "input": "Write an essay.",
+                    "max_output_tokens": 300,
+                    "stream": True,
+                },
+            ) as answer,
+        ):
+            for line in answer.iter_lines():
+                if "output_text.delta" in line:
+                    first_delta.set()
+        finished.set()
+
+    worker = threading.Thread(target=long_generation)
+    worker.start()
+    assert first_delta.wait(60)
+    # While tokens flow, the server answers other requests at once.
+    assert local.get("/healthz").status_code == 200
+    assert local.get("/v1/models").status_code == 200
+    assert not finished.is_set()
+    worker.join(120)
+
+
+def test_bounded_queue_answers_503_with_retry_after(local_url: str) -> None:
+    started = threading.Barrier(3)
+    results: list[int] = []
+
+    def busy() -> None:
+        with httpx.Client(base_url=local_url, timeout=120) as own:
+            started.wait()
+            answer = own.post(
+                "/v1/responses",
+                json={
+                    "model": "smol-tiny-queue",
+                    "input": "Go.",
+                    "max_output_tokens": 200,
+                    "temperature": 0,
+                },
+            )
+            results.append(answer.status_code)
+
+    workers = [threading.Thread(target=busy) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    started.wait()
+    deadline_checks = 0
+    refused = None
+    while deadline_checks < 200 and len(results) < 2:
+        refused = httpx.post(
+            f"{local_url}/v1/responses",
+            timeout=120,
+            json={"model": "smol-tiny-queue", "input": "x", "max_output_tokens": 16},
+        )
+        if refused.status_code == 503:
+            break
+        deadline_checks += 1
+    for worker in workers:
+        worker.join(120)
+    assert refused is not None and refused.status_code == 503, "no request was refused"
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "model_overloaded"
+    assert results == [200, 200]
+
+
+def test_disconnect_stops_generation(local_url: str, local: httpx.Client) -> None:
+    with (
+        httpx.Client(base_url=local_url, timeout=120) as own,
+        own.stream(
+            "POST",
+            "/v1/responses",
+            json={
+                "model": MODEL,
+                "input": "Write a very long essay.",
+                "max_output_tokens": 2000,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as answer,
+    ):
+        response_id, deltas = None, 0
+        for line in answer.iter_lines():
+            if line.startswith("data: {") and response_id is None:
+                response_id = json.loads(line[6:])["response"]["id"]
+            if line.startswith("data: ") and "output_text.delta" in line:
+                deltas += 1
+                if deltas == 5:
+                    break
+    assert response_id is not None
+    stored = None
+    for _ in range(200):
+        stored = local.get(f"/v1/responses/{response_id}")
+        if stored.status_code == 200:
+            break
+        threading.Event().wait(0.05)
+    assert stored is not None and stored.status_code == 200
+    body = stored.json()
+    assert body["status"] == "cancelled"
+    # Stopped within a few tokens of the disconnect, not after 2,000.
+    assert len(body["output"][0]["content"][0]["text"].split()) < 60
