@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` (python -m bench). They print tables; none is a timed test."""

@@ -1,0 +1,27 @@
+"""`python -m bench [local|gateway ...]`: run the named benchmarks (default: all)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUITES = {
+    "local": "bench.local_model",
+    "gateway": "bench.gateway",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("suites", nargs="*", help=f"any of {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    args = parser.parse_args()
+    unknown = [name for name in args.suites if name not in SUITES]
+    if unknown:
+        parser.error(f"unknown suites {unknown}; choose from {list(SUITES)}")
+    for name in args.suites or SUITES:
+        importlib.import_module(SUITES[name]).main(quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
