@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from relay.api.app import create_app
 from relay.config import Settings, load_settings
@@ -33,7 +33,7 @@ def settings_from_env() -> Settings:
     return load_settings(Path(path) if path else None)
 
 
-def app_factory() -> FastAPI:
+def app_factory() -> ASGIApp:
     """What each uvicorn worker imports: settings travel through the environment."""
     return create_app(settings_from_env())
 

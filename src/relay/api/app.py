@@ -48,7 +48,7 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await open_store(settings.database_url)
@@ -80,5 +80,5 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz() -> object:
         return json_response({"status": "ok"})
 
-    app.add_middleware(RequestIdMiddleware)
-    return app
+    # Outermost, so that even the answer to an unhandled error carries the request id.
+    return RequestIdMiddleware(app)

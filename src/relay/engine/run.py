@@ -78,6 +78,15 @@ class Run:
                 terminal = builder.fail("server_error", code, error.message)
             except ToolPolicyViolation as error:
                 terminal = builder.fail("server_error", "invalid_tool_call", str(error))
+            except Exception:
+                # A bug of ours or a provider's: the response still ends, and is stored, as
+                # failed; the details go to the log, not to the client.
+                log.exception("response %s failed", builder.response["id"])
+                terminal = builder.fail(
+                    "server_error",
+                    "server_error",
+                    "The server had an error while generating the response.",
+                )
             # Stored before the terminal event is sent: a client that reads the id from
             # response.completed and fetches it at once must find it.
             await self._persist()

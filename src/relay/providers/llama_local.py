@@ -23,8 +23,8 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 from llama_cpp import Llama, StoppingCriteriaList
-from llama_cpp.llama_grammar import LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from relay.providers.base import (
     Delta,
