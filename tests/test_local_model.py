@@ -164,8 +164,13 @@ def test_json_schema_output_always_validates(local: httpx.Client, seed: int) -> 
 
 
 def test_json_object_and_parse(local: httpx.Client, sdk: openai.OpenAI) -> None:
-    answer = create(local, input="Describe a dog as a JSON object with a name and an age.",
-                    temperature=0, max_output_tokens=200, text={"format": {"type": "json_object"}})
+    answer = create(
+        local,
+        input="Describe a dog as a JSON object with a name and an age.",
+        temperature=0,
+        max_output_tokens=200,
+        text={"format": {"type": "json_object"}},
+    )
     assert answer["status"] == "completed", answer["output_text"]
     assert isinstance(json.loads(answer["output_text"]), dict)
 
