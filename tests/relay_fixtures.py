@@ -35,6 +35,15 @@ def fake_routes() -> list[RouteConfig]:
     ]
     routes.append(
         RouteConfig(
+            model="fake-forwards-plugins",
+            provider="fake",
+            upstream_model="error_before",
+            forward_fields=["plugins"],
+            fallbacks=["fake-text"],
+        )
+    )
+    routes.append(
+        RouteConfig(
             model="fake-flaky",
             provider="fake",
             upstream_model="error_before",

@@ -10,7 +10,7 @@ import openai
 import pytest
 from live_server import relay_server
 from pydantic import SecretStr
-from relay_fixtures import fake_routes, sdk_client
+from relay_fixtures import checked_client, fake_routes, sdk_client
 
 from relay.config import ApiKeyConfig, Settings
 
@@ -30,7 +30,8 @@ def keyed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_missing_and_wrong_keys_are_401(keyed_url: str) -> None:
-    missing = httpx.post(f"{keyed_url}/v1/responses", json={"model": "fake-text", "input": "x"})
+    with checked_client(keyed_url) as anonymous:
+        missing = anonymous.post("/v1/responses", json={"model": "fake-text", "input": "x"})
     assert missing.status_code == 401
     assert missing.json()["error"]["code"] == "authentication_required"
     wrong = httpx.get(f"{keyed_url}/v1/models", headers={"authorization": "Bearer sk-mallory"})
@@ -88,8 +89,8 @@ def test_models_health_and_api_prefix(keyed_url: str) -> None:
     assert info.status_code == 200 and "POST /responses" in info.json()["methods"]
 
 
-def test_config_file_and_cli_refuse_open_public_bind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_cli_refuses_open_public_bind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from relay.cli import main
 
@@ -97,3 +98,38 @@ def test_config_file_and_cli_refuse_open_public_bind(
     config = tmp_path / "relay.toml"
     config.write_text('host = "0.0.0.0"\n[[routes]]\nmodel = "m"\nprovider = "fake"\n')
     assert main(["serve", "--config", str(config)]) == 2
+    assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_field_not_the_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.cli import main
+
+    monkeypatch.setenv("RELAY_CONFIG", "")
+    config = tmp_path / "relay.toml"
+    config.write_text('[[api_keys]]\nkey = "sk-inline-secret-123456"\ntennant = "acme"\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "api_keys.0.tennant" in err and "sk-inline-secret-123456" not in err
+    config.write_text('[[routes]]\nmodel = "m"\napi_key_evn = "X"\nbase_url = "http://x"\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "api_key_evn" in capsys.readouterr().err
+
+
+def test_without_keys_only_loopback_clients_are_served() -> None:
+    import asyncio
+
+    from starlette.requests import Request
+
+    from relay.api.auth import OPEN_TENANT, tenant_of
+    from relay.errors import PermissionDenied
+
+    def request_from(host: str) -> Request:
+        app = type("App", (), {"state": type("State", (), {"key_table": {}})()})()
+        return Request({"type": "http", "headers": [], "client": (host, 5000), "app": app})
+
+    assert asyncio.run(tenant_of(request_from("127.0.0.1"))) == OPEN_TENANT
+    assert asyncio.run(tenant_of(request_from("::1"))) == OPEN_TENANT
+    with pytest.raises(PermissionDenied):
+        asyncio.run(tenant_of(request_from("192.0.2.10")))

@@ -368,3 +368,25 @@ def test_a_call_outside_tool_choice_fails_the_response(up: httpx.Client) -> None
         up, {"model": "up-echo", "input": "x", "tools": tools, "tool_choice": "required"}
     )
     assert required[-1]["response"]["status"] == "failed"
+
+
+def test_item_reference_sends_the_stored_item_upstream(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    first = up.post("/v1/responses", json={"model": "up-echo", "input": "remember the tide"})
+    message_id = first.json()["output"][0]["id"]
+    second = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-echo",
+            "input": [
+                {"type": "item_reference", "id": message_id},
+                {"role": "user", "content": "and?"},
+            ],
+        },
+    )
+    assert second.status_code == 200, second.text
+    assert messages(chat_upstream) == [
+        {"role": "assistant", "content": "remember the tide"},
+        {"role": "user", "content": "and?"},
+    ]

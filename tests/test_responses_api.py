@@ -214,6 +214,9 @@ def test_client_disconnect_never_leaves_in_progress(relay_url: str, http: httpx.
     body = stored.json()
     assert body["status"] == "cancelled"
     assert body["output"][0]["status"] == "incomplete"
+    partial = body["output"][0]["content"][0]["text"]
+    assert partial and body["output_text"] == partial
+    assert body["usage"] is not None
     assert_valid_response(body)
 
 
@@ -313,10 +316,16 @@ def test_trace_and_session_reach_the_log(
             headers={"x-session-id": "from-header"},
             json={"model": "fake-text", "input": "x", "trace": {"trace_id": "t-123"}},
         )
+        forged = http.post(
+            "/v1/responses",
+            json={"model": "fake-text", "input": "x", "session_id": "a\nERROR forged line"},
+        ).json()
     body = answer.json()
     assert body["session_id"] == "from-header"
     line = next(r.getMessage() for r in caplog.records if body["id"] in r.getMessage())
-    assert "session=from-header" in line and "t-123" in line
+    assert "session='from-header'" in line and "t-123" in line
+    record = next(r.getMessage() for r in caplog.records if forged["id"] in r.getMessage())
+    assert "\n" not in record, "client text must not start a new log line"
     won = http.post(
         "/v1/responses",
         headers={"x-session-id": "from-header"},

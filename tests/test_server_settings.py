@@ -22,6 +22,8 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
         routes=fake_routes(),
         keepalive_s=0.05,
         echo_json_schema=False,
+        max_body_bytes=4096,
+        cors_origins=["https://tester.example"],
     )
     with relay_server(settings) as url, checked_client(url) as client:
         yield client
@@ -55,3 +57,38 @@ def test_contract_shaped_json_schema_echo(tuned: httpx.Client) -> None:
         "strict": False,
     }
     assert not list(validator("ResponseResource").iter_errors(body))
+
+
+def test_oversized_bodies_get_413(tuned: httpx.Client) -> None:
+    answer = tuned.post("/v1/responses", json={"model": "fake-text", "input": "x" * 5000})
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no content-length: the limit holds while reading
+        yield b'{"model": "fake-text", "input": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    streamed = tuned.post(
+        "/v1/responses", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413
+
+
+def test_cors_preflight_for_configured_origins(tuned: httpx.Client) -> None:
+    preflight = tuned.options(
+        "/v1/responses",
+        headers={
+            "origin": "https://tester.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://tester.example"
+    other = tuned.options(
+        "/v1/responses",
+        headers={"origin": "https://elsewhere.example", "access-control-request-method": "POST"},
+    )
+    assert "access-control-allow-origin" not in other.headers

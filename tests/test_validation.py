@@ -206,6 +206,47 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         "previous_response_not_found",
     ),
     ({"model": "fake-text", "input": 42}, 400, "input", None),
+    # Shapes that once reached code that could not take them (a 500).
+    (
+        {"model": "fake-text", "input": [{"type": [1], "role": "user", "content": "x"}]},
+        400,
+        "input[0]",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": "x", "max_output_tokens": 1e30},
+        400,
+        "max_output_tokens",
+        None,
+    ),
+    ({"model": "fake-text", "input": "x", "top_k": 10**20}, 400, "top_k", None),
+    ({"model": "fake-text", "input": "x", "seed": 2**64}, 400, "seed", None),
+    (
+        {"model": "fake-text", "input": [{"role": "user", "content": "x", "id": "msg_a\u0000b"}]},
+        400,
+        "input[0].id",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": [{"type": "item_reference", "id": "msg\u0000"}]},
+        400,
+        "input[0].id",
+        None,
+    ),
+    (
+        {"model": "fake-text", "input": "x", "previous_response_id": "resp_\u0000"},
+        400,
+        "previous_response_id",
+        None,
+    ),
+    ({"model": "fake-text", "input": "x", "stream": "yes"}, 400, "stream", None),
+    ({"model": "fake-text", "input": "x", "temperature": "0.5"}, 400, "temperature", None),
+    (
+        {"model": "fake-text", "input": [{"role": "user", "content": "x"}] * 10_001},
+        400,
+        "input",
+        None,
+    ),
 ]
 
 
@@ -219,6 +260,8 @@ def test_bad_request_is_a_clear_error(
     code: str | None,
     stream: bool,
 ) -> None:
+    if body.get("stream") == "yes":
+        stream = body["stream"]
     answer = http.post("/v1/responses", json={"stream": stream, **body})
     assert answer.status_code == status, answer.text
     assert answer.headers["content-type"].startswith("application/json")
@@ -264,3 +307,52 @@ def test_unknown_route_and_method_use_the_envelope(http: httpx.Client) -> None:
     assert missing.status_code == 404 and "error" in missing.json()
     wrong = http.put("/v1/responses")
     assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_deeply_nested_json_is_refused(http: httpx.Client) -> None:
+    deep: Any = 1
+    for _ in range(300):
+        deep = {"a": deep}
+    tool = {"type": "function", "name": "f", "parameters": deep}
+    for stream in (False, True):
+        answer = http.post(
+            "/v1/responses",
+            json={"model": "fake-text", "input": "x", "tools": [tool], "stream": stream},
+        )
+        assert answer.status_code == 400
+        assert "nests deeper" in answer.json()["error"]["message"]
+
+
+def test_ids_with_control_characters_are_refused_everywhere(http: httpx.Client) -> None:
+    created = http.post("/v1/responses", json={"model": "fake-text", "input": "x"}).json()
+    for cursor in ("after", "before"):
+        answer = http.get(f"/v1/responses/{created['id']}/input_items", params={cursor: "\x00"})
+        assert answer.status_code == 400
+        assert answer.json()["error"]["param"] == cursor
+
+
+def test_session_header_is_bounded(http: httpx.Client) -> None:
+    answer = http.post(
+        "/v1/responses",
+        headers={"x-session-id": "s" * 129},
+        json={"model": "fake-text", "input": "x"},
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "x-session-id"
+
+
+def test_method_not_allowed_has_no_made_up_code(http: httpx.Client) -> None:
+    wrong = http.put("/v1/responses")
+    assert wrong.json()["error"]["code"] is None
+
+
+def test_a_fallback_must_honour_the_request_too(http: httpx.Client) -> None:
+    """The first choice forwards `plugins`; its fallback could not, so it is refused up front
+    instead of answering from the fallback with the field dropped."""
+    answer = http.post(
+        "/v1/responses",
+        json={"model": "fake-forwards-plugins", "input": "x", "plugins": [{"id": "web"}]},
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "plugins"
+    assert "fake-text" in answer.json()["error"]["message"]

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
 from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 from starlette.types import ASGIApp
 
 from relay.api.app import create_app
+from relay.api.auth import is_loopback
 from relay.config import Settings, load_settings
 
 CONFIG_ENV = "RELAY_CONFIG"
 log = logging.getLogger("relay")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def settings_from_env() -> Settings:
@@ -60,12 +52,20 @@ def serve(argv: list[str]) -> int:
             route.api_key()
         for key in settings.api_keys:
             key.secret()
+    except ValidationError as error:
+        # Without the offending values: a misplaced secret must not reach the terminal.
+        for detail in error.errors(include_input=False, include_url=False):
+            where = ".".join(str(step) for step in detail["loc"]) or "config"
+            print(f"relay: invalid configuration: {where}: {detail['msg']}", file=sys.stderr)
+        return 2
     except ValueError as error:
         print(f"relay: invalid configuration: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request's URL at INFO, and a base_url may carry credentials.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not settings.api_keys:
         if not is_loopback(settings.host):
             print(

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +23,8 @@ ProviderKind = Literal["openai_chat", "llama_cpp", "fake"]
 
 class RouteConfig(BaseModel):
     """One public model name and where it is served."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a route is an error, not a default
 
     model: str = Field(min_length=1)
     provider: ProviderKind = "openai_chat"
@@ -69,6 +71,8 @@ class RouteConfig(BaseModel):
 class ApiKeyConfig(BaseModel):
     """A client key and the tenant it belongs to. Prefer `key_env` over an inline `key`."""
 
+    model_config = ConfigDict(extra="forbid")
+
     key: SecretStr | None = None
     key_env: str | None = None
     tenant: str = Field(default="default", min_length=1, max_length=64)
@@ -99,6 +103,10 @@ class Settings(BaseSettings):
     # OpenAI echoes a json_schema text format's schema; the Open Responses contract types it
     # as null. True follows OpenAI; False gives the contract's shape.
     echo_json_schema: bool = True
+    # Larger request bodies are refused with a 413 (inline images and files count here).
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Origins allowed to call Relay from a browser (CORS); ["*"] allows any.
+    cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:

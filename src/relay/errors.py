@@ -38,6 +38,14 @@ class RelayError(Exception):
         }
 
 
+class ClientError(RelayError):
+    """Another 4xx of the HTTP layer (405 and the like): no code of ours to name."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+
 class InvalidRequest(RelayError):
     status = 400
     type = "invalid_request_error"
@@ -48,6 +56,15 @@ class AuthenticationError(RelayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PayloadTooLarge(RelayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than {limit} bytes.")
 
 
 class PermissionDenied(RelayError):

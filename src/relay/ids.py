@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import secrets
 
-PREFIXES = ("resp", "msg", "fc", "call", "rs", "item")
 _ID = re.compile(r"^[a-z]+_[A-Za-z0-9_-]{1,128}$")
 
 

@@ -13,12 +13,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails
+
+from relay.errors import InvalidRequest
 
 MAX_INPUT_CHARS = 10_485_760
 HOSTED_TOOL_TYPES = {
@@ -38,12 +39,46 @@ HOSTED_TOOL_TYPES = {
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
+# strict=True: "stream": "yes" or "temperature": "0.5" are type errors, not coerced values.
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+MAX_DEPTH = 64
+MAX_INPUT_ITEMS = 10_000
+# Ids that clients send back (item ids, cursors, previous_response_id): printable ASCII, as
+# every id Relay or OpenAI makes is; anything else cannot name a stored object.
+ID_PATTERN = r"^[\x21-\x7e]{1,256}$"
+ItemId = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON nests deeper than `limit`: such bodies cannot be stored or forwarded."""
+    stack = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(current, dict):
+            stack.extend((child, depth + 1) for child in current.values())
+        elif isinstance(current, list):
+            stack.extend((child, depth + 1) for child in current)
+    return False
+
+
+def invalid_request(error: ValidationError, data: Any, prefix: str = "") -> InvalidRequest:
+    """A pydantic error as the 400 clients get: the most specific message, the client's path."""
+    detail = deepest_error(error)
+    param = error_param(data, tuple(detail["loc"]), prefix)
+    code = "missing_required_parameter" if detail["type"] == "missing" else "invalid_value"
+    message = detail["msg"].removeprefix("Value error, ")
+    return InvalidRequest(f"Invalid '{param}': {message}", param=param, code=code)
 
 
 def deepest_error(error: ValidationError) -> ErrorDetails:
@@ -137,7 +172,7 @@ class UserMessage(_Open):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer"]
     content: str | list[InputPart]
-    id: str | None = None
+    id: ItemId | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
@@ -145,7 +180,7 @@ class AssistantMessage(_Open):
     type: Literal["message"] = "message"
     role: Literal["assistant"]
     content: str | list[AssistantPart]
-    id: str | None = None
+    id: ItemId | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     phase: Literal["commentary", "final_answer"] | None = None
 
@@ -155,7 +190,7 @@ class FunctionCall(_Open):
     call_id: str = Field(min_length=1, max_length=64)
     name: str = Field(min_length=1, max_length=64)
     arguments: str
-    id: str | None = None
+    id: ItemId | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
@@ -163,7 +198,7 @@ class FunctionCallOutput(_Open):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1, max_length=64)
     output: str | list[InputPart] = Field(union_mode="left_to_right")
-    id: str | None = None
+    id: ItemId | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
     @field_validator("output")
@@ -176,7 +211,7 @@ class FunctionCallOutput(_Open):
 
 class Reasoning(_Open):
     type: Literal["reasoning"]
-    id: str | None = None
+    id: ItemId | None = None
     summary: list[SummaryText] = Field(default_factory=list)
     content: list[ReasoningText] | None = None
     encrypted_content: str | None = None
@@ -185,7 +220,7 @@ class Reasoning(_Open):
 
 class ItemReference(_Open):
     type: Literal["item_reference"] = "item_reference"
-    id: str = Field(min_length=1)
+    id: ItemId
 
 
 _ITEM_MODELS: dict[str, type[BaseModel]] = {
@@ -205,6 +240,8 @@ def parse_item(raw: Any) -> BaseModel:
     if not isinstance(raw, dict):
         raise ValueError("each input item must be an object")
     kind = raw.get("type", "message")
+    if not isinstance(kind, str):
+        raise ValueError("an input item's type must be a string")
     if kind == "message":
         model: type[BaseModel] = AssistantMessage if raw.get("role") == "assistant" else UserMessage
     elif kind in _ITEM_MODELS:
@@ -305,7 +342,7 @@ def _metadata(value: dict[str, str] | None) -> dict[str, str] | None:
 class CreateResponse(BaseModel):
     """POST /v1/responses. Unknown top-level fields are ignored, as OpenAI does."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
     model: str | None = Field(default=None, min_length=1)
     models: list[str] | None = Field(default=None, min_length=1)
@@ -314,18 +351,18 @@ class CreateResponse(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    max_tool_calls: int | None = Field(default=None, ge=1)
+    max_tool_calls: int | None = Field(default=None, ge=1, le=INT32_MAX)
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     reasoning_effort: ReasoningEffort | None = None
-    max_output_tokens: int | None = Field(default=None, ge=16)
+    max_output_tokens: int | None = Field(default=None, ge=16, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
     metadata: dict[str, str] | None = None
     user: str | None = Field(default=None, max_length=128)
     session_id: str | None = Field(default=None, max_length=128)
@@ -335,7 +372,7 @@ class CreateResponse(BaseModel):
     store: bool | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    previous_response_id: str | None = None
+    previous_response_id: ItemId | None = None
     conversation: str | dict[str, Any] | None = None
     include: list[str] | None = None
     service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
@@ -360,12 +397,11 @@ class CreateResponse(BaseModel):
             return int(value)
         return value
 
-    @field_validator("input")
+    @field_validator("input", "instructions")
     @classmethod
-    def _bounded_input(cls, value: str | list[Any] | None) -> str | list[Any] | None:
+    def _bounded(cls, value: str | list[Any] | None) -> str | list[Any] | None:
         if isinstance(value, str) and len(value) > MAX_INPUT_CHARS:
-            raise ValueError(f"input is longer than {MAX_INPUT_CHARS} characters")
+            raise ValueError(f"longer than {MAX_INPUT_CHARS} characters")
+        if isinstance(value, list) and len(value) > MAX_INPUT_ITEMS:
+            raise ValueError(f"more than {MAX_INPUT_ITEMS} items")
         return value
-
-
-CREATE_ADAPTER = TypeAdapter(CreateResponse)

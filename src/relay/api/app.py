@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import __version__
@@ -55,12 +56,14 @@ def create_app(settings: Settings) -> ASGIApp:
         registry = Registry(settings.routes)
         app.state.settings = settings
         app.state.store = store
-        app.state.engine = Engine(registry, store, echo_json_schema=settings.echo_json_schema)
+        engine = Engine(registry, store, echo_json_schema=settings.echo_json_schema)
+        app.state.engine = engine
         app.state.key_table = key_table({key.secret(): key.tenant for key in settings.api_keys})
         log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
         try:
             yield
         finally:
+            await engine.aclose()
             await registry.aclose()
             await store.close()
 
@@ -73,6 +76,15 @@ def create_app(settings: Settings) -> ASGIApp:
         openapi_url=None,
     )
     errors.install(app)
+    if settings.cors_origins:
+        # Browser clients (such as the Open Responses compliance tester) need CORS.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-request-id", "x-session-id"],
+            expose_headers=["x-request-id"],
+        )
     app.include_router(router, prefix="/v1")
     app.include_router(router, prefix="/api/v1")
 

@@ -7,12 +7,22 @@ key's prefix through timing and the process holds no plain keys after start-up.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 
 from fastapi import Request
 
-from relay.errors import AuthenticationError
+from relay.errors import AuthenticationError, PermissionDenied
 
 OPEN_TENANT = "default"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def digest(key: str) -> str:
@@ -27,7 +37,13 @@ def key_table(keys: dict[str, str]) -> dict[str, str]:
 async def tenant_of(request: Request) -> str:
     table: dict[str, str] = request.app.state.key_table
     if not table:
-        # No keys configured: the server refuses to bind anywhere but loopback (see cli).
+        # No keys configured: `relay serve` refuses to bind anywhere but loopback; this check
+        # holds however the app is served (another ASGI server, another bind address).
+        client = request.client
+        if client is None or not is_loopback(client.host):
+            raise PermissionDenied(
+                "This Relay has no API keys configured and only serves loopback clients."
+            )
         return OPEN_TENANT
     header = request.headers.get("authorization")
     if not header:

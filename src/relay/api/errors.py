@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from relay.errors import InvalidRequest, NotFound, RelayError, ServerError
+from relay.errors import ClientError, InvalidRequest, NotFound, RelayError, ServerError
 
 log = logging.getLogger("relay.api")
 
@@ -48,9 +48,8 @@ def install(app: FastAPI) -> None:
         kind = _BY_STATUS.get(error.status_code)
         if kind is not None:
             return error_response(kind(str(error.detail)))
-        relay_error = RelayError(str(error.detail), code=None)
+        relay_error = ClientError(str(error.detail))
         relay_error.status = error.status_code
-        relay_error.type = "invalid_request_error"
         return error_response(relay_error)
 
     @app.exception_handler(Exception)

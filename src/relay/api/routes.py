@@ -13,14 +13,15 @@ from starlette.responses import Response
 from relay.api.auth import tenant_of
 from relay.api.sse import EventStreamResponse
 from relay.engine.run import Engine
-from relay.errors import InvalidRequest, NotFound
+from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
 from relay.ids import looks_like_response_id
-from relay.protocol import CreateResponse, deepest_error, error_param
+from relay.protocol import ID_PATTERN, MAX_DEPTH, CreateResponse, invalid_request, too_deep
 from relay.storage.base import Store
 
 router = APIRouter()
 Tenant = Annotated[str, Depends(tenant_of)]
 STARTED = int(time.time())
+MAX_SESSION_ID = 128
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -37,6 +38,20 @@ def _store(request: Request) -> Store:
     return store
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 past `limit` bytes before it is all in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_create(body: bytes) -> CreateResponse:
     try:
         data = orjson.loads(body)
@@ -44,14 +59,12 @@ def parse_create(body: bytes) -> CreateResponse:
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if too_deep(data):
+        raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.")
     try:
         return CreateResponse.model_validate(data)
     except ValidationError as error:
-        first = deepest_error(error)
-        param = error_param(data, tuple(first["loc"]))
-        code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
-        message = first["msg"].removeprefix("Value error, ")
-        raise InvalidRequest(f"Invalid '{param}': {message}", param=param, code=code) from None
+        raise invalid_request(error, data) from None
 
 
 def _checked_id(response_id: str) -> str:
@@ -75,10 +88,13 @@ def _not_found(response_id: str) -> NotFound:
 
 @router.post("/responses")
 async def create_response(request: Request, tenant: Tenant) -> Response:
-    body = parse_create(await request.body())
-    run = await _engine(request).start(
-        body, tenant=tenant, session_id=request.headers.get("x-session-id")
-    )
+    body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
+    session = request.headers.get("x-session-id")
+    if session is not None and len(session) > MAX_SESSION_ID:
+        raise InvalidRequest(
+            f"x-session-id is longer than {MAX_SESSION_ID} characters.", param="x-session-id"
+        )
+    run = await _engine(request).start(body, tenant=tenant, session_id=session)
     if body.stream:
         return EventStreamResponse(run.events(), keepalive_s=request.app.state.settings.keepalive_s)
     return json_response(await run.final())
@@ -120,8 +136,8 @@ async def list_input_items(
     response_id: str,
     request: Request,
     tenant: Tenant,
-    after: str | None = None,
-    before: str | None = None,
+    after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    before: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Literal["asc", "desc"] = "desc",
 ) -> Response:

@@ -18,7 +18,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from relay.errors import RelayError
+from relay.engine.builder import error_event
 
 log = logging.getLogger("relay.sse")
 
@@ -31,20 +31,6 @@ def frame(event: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
-def error_frame(error: RelayError, sequence_number: int) -> bytes:
-    payload = {"type": error.type, "code": error.code, "message": error.message, "param": None}
-    return frame(
-        {
-            "type": "error",
-            "sequence_number": sequence_number,
-            "error": payload,
-            "code": error.code,
-            "message": error.message,
-            "param": None,
-        }
-    )
-
-
 class EventStreamResponse(Response):
     """An ASGI response streaming `events` as SSE (a Response so that routes can return it)."""
 
@@ -53,11 +39,9 @@ class EventStreamResponse(Response):
         events: AsyncIterator[dict[str, Any]],
         *,
         keepalive_s: float,
-        headers: dict[str, str] | None = None,
     ) -> None:
         self.events = events
         self.keepalive_s = keepalive_s
-        self.extra_headers = headers or {}
         self.background = None
         self.status_code = 200
 
@@ -66,7 +50,7 @@ class EventStreamResponse(Response):
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
-        ] + [(key.lower().encode(), value.encode()) for key, value in self.extra_headers.items()]
+        ]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         pump = asyncio.ensure_future(self._pump(send))
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
@@ -105,24 +89,17 @@ class EventStreamResponse(Response):
                         next_event = None
                 last_sequence = event["sequence_number"]
                 await send({"type": "http.response.body", "body": frame(event), "more_body": True})
-        except RelayError as error:
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": error_frame(error, last_sequence + 1),
-                    "more_body": True,
-                }
-            )
         except Exception:
+            # Run.events ends every run with a terminal event; this is the last resort for a
+            # bug below it, so that the client at least learns the stream broke.
             log.exception("stream failed")
-            unexpected = RelayError("The server had an error while streaming the response.")
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": error_frame(unexpected, last_sequence + 1),
-                    "more_body": True,
-                }
+            event = error_event(
+                last_sequence + 1,
+                "server_error",
+                "server_error",
+                "The server had an error while streaming the response.",
             )
+            await send({"type": "http.response.body", "body": frame(event), "more_body": True})
         finally:
             if next_event is not None and not next_event.done():
                 next_event.cancel()

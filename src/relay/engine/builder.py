@@ -397,46 +397,72 @@ class ResponseBuilder:
         }
 
     def finish(self) -> list[Event]:
-        """Close what is open and end the run as the upstream's finish reason says."""
+        """Close what is open and settle the outcome from the upstream's finish reason. The
+        terminal events come from `terminal()`, once the response is stored."""
         if self._finish in ("length", "content_filter"):
             events = self._close_all("incomplete")
             reason = "max_output_tokens" if self._finish == "length" else "content_filter"
             self.response["status"] = "incomplete"
             self.response["incomplete_details"] = {"reason": reason}
-            return events + self._terminal("response.incomplete")
-        if self._must_call and self._calls_made == 0:
-            raise ToolPolicyViolation("tool_choice requires a tool call, but the model made none")
-        events = self._close_all("completed")
-        self.response["status"] = "completed"
-        self.response["completed_at"] = int(time.time())
-        return events + self._terminal("response.completed")
+        else:
+            if self._must_call and self._calls_made == 0:
+                raise ToolPolicyViolation("tool_choice requires a tool call; the model made none")
+            events = self._close_all("completed")
+            self.response["status"] = "completed"
+            self.response["completed_at"] = int(time.time())
+        self._settle()
+        return events
 
-    def fail(self, error_type: str, code: str, message: str) -> list[Event]:
-        """Close what is open as incomplete, then an error event and response.failed."""
+    def fail(self, code: str, message: str) -> list[Event]:
+        """Close what is open as incomplete and settle the response as failed."""
         events = self._close_all("incomplete")
+        self.mark_failed(code, message)
+        return events
+
+    def mark_failed(self, code: str, message: str) -> None:
         self.response["status"] = "failed"
+        self.response["completed_at"] = None
         self.response["error"] = {"code": code, "message": message}
-        events.append(
-            self._event(
-                "error",
-                # Open Responses nests the payload; OpenAI's SDKs read the top-level copy.
-                error={"type": error_type, "code": code, "message": message, "param": None},
-                code=code,
-                message=message,
-                param=None,
-            )
-        )
-        return events + self._terminal("response.failed")
+        self._settle()
 
     def cancel(self) -> None:
         """The client went away mid-run: record where it stopped; there is nobody to tell."""
         self._close_all("incomplete")
         self.response["status"] = "cancelled"
+        self._settle()
 
-    def _terminal(self, kind: str) -> list[Event]:
+    def _settle(self) -> None:
         self.response["usage"] = self._usage_dict()
         self.response["output_text"] = output_text(self.response["output"])
+
+    def terminal(self) -> list[Event]:
+        """Exactly one terminal event (after an error event when the response failed)."""
+        status = self.response["status"]
+        if status == "failed":
+            error = self.response["error"]
+            return [
+                error_event(self._next_sequence(), "server_error", error["code"], error["message"]),
+                self._event("response.failed", response=self.response),
+            ]
+        kind = "response.incomplete" if status == "incomplete" else "response.completed"
         return [self._event(kind, response=self.response)]
+
+    def _next_sequence(self) -> int:
+        self._seq += 1
+        return self._seq - 1
+
+
+def error_event(sequence_number: int, error_type: str, code: str | None, message: str) -> Event:
+    """The `error` stream event: Open Responses nests the payload; OpenAI's SDKs read the
+    top-level copy of code, message and param."""
+    return {
+        "type": "error",
+        "sequence_number": sequence_number,
+        "error": {"type": error_type, "code": code, "message": message, "param": None},
+        "code": code,
+        "message": message,
+        "param": None,
+    }
 
 
 def _copy_part(part: dict[str, Any]) -> dict[str, Any]:

@@ -15,8 +15,7 @@ from relay.protocol import (
     CreateResponse,
     FunctionChoice,
     FunctionTool,
-    deepest_error,
-    error_param,
+    invalid_request,
 )
 from relay.providers.registry import Route
 
@@ -40,9 +39,11 @@ class ToolPlan:
     offered: list[dict[str, Any]]  # what the upstream sees after tool_choice filtering
     choice: str | dict[str, str]  # "auto" | "none" | "required" | {"name": ...}
     must_call: bool
+    parallel: bool
 
 
 def plan_tools(request: CreateResponse) -> ToolPlan:
+    parallel = request.parallel_tool_calls is not False
     declared: list[dict[str, Any]] = []
     for index, raw in enumerate(request.tools or []):
         kind = raw.get("type") if isinstance(raw, dict) else None
@@ -55,9 +56,7 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
         try:
             tool = FunctionTool.model_validate(raw)
         except ValidationError as error:
-            first = deepest_error(error)
-            param = error_param(raw, tuple(first["loc"]), f"tools[{index}]")
-            raise InvalidRequest(f"Invalid tool: {first['msg']}", param=param) from None
+            raise invalid_request(error, raw, f"tools[{index}]") from None
         declared.append(tool.model_dump(exclude_none=True))
     names = [tool["name"] for tool in declared]
     if len(set(names)) != len(names):
@@ -65,16 +64,16 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
 
     choice = request.tool_choice
     if choice is None or choice == "auto":
-        return ToolPlan(declared, declared, "auto", must_call=False)
+        return ToolPlan(declared, declared, "auto", must_call=False, parallel=parallel)
     if choice == "none":
         # Enforced by not offering the tools at all: no upstream can call what it never saw.
-        return ToolPlan(declared, [], "none", must_call=False)
+        return ToolPlan(declared, [], "none", must_call=False, parallel=parallel)
     if choice == "required":
         if not declared:
             raise InvalidRequest(
                 "tool_choice 'required' needs at least one tool.", param="tool_choice"
             )
-        return ToolPlan(declared, declared, "required", must_call=True)
+        return ToolPlan(declared, declared, "required", must_call=True, parallel=parallel)
     if isinstance(choice, FunctionChoice):
         if choice.name not in names:
             raise InvalidRequest(
@@ -82,7 +81,7 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
                 param="tool_choice.name",
             )
         forced = [tool for tool in declared if tool["name"] == choice.name]
-        return ToolPlan(declared, forced, {"name": choice.name}, must_call=True)
+        return ToolPlan(declared, forced, {"name": choice.name}, must_call=True, parallel=parallel)
     assert isinstance(choice, AllowedTools)
     try:
         allowed = choice.names()
@@ -95,8 +94,10 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
         )
     subset = [tool for tool in declared if tool["name"] in allowed]
     if choice.mode == "none":
-        return ToolPlan(declared, [], "none", must_call=False)
-    return ToolPlan(declared, subset, choice.mode, must_call=choice.mode == "required")
+        return ToolPlan(declared, [], "none", must_call=False, parallel=parallel)
+    return ToolPlan(
+        declared, subset, choice.mode, must_call=choice.mode == "required", parallel=parallel
+    )
 
 
 def reasoning_settings(request: CreateResponse) -> tuple[str | None, str | None]:
@@ -114,8 +115,8 @@ def reasoning_settings(request: CreateResponse) -> tuple[str | None, str | None]
     return effort, None if summary == "none" else summary
 
 
-def check_request(request: CreateResponse, route: Route) -> None:
-    """Refuse, before anything runs, what Relay cannot honour for this route."""
+def check_request(request: CreateResponse) -> None:
+    """Refuse, before anything runs, what Relay cannot honour at all."""
     if request.background:
         raise InvalidRequest(
             "Background mode is not supported yet; send the request without background.",
@@ -138,6 +139,23 @@ def check_request(request: CreateResponse, route: Route) -> None:
         raise InvalidRequest(
             "stream_options is only allowed with stream: true.", param="stream_options"
         )
+    for index, value in enumerate(request.include or []):
+        if value not in KNOWN_INCLUDES:
+            raise InvalidRequest(
+                f"Unknown include value '{value}'. Supported: {sorted(KNOWN_INCLUDES)}",
+                param=f"include[{index}]",
+            )
+    if request.input is None and request.previous_response_id is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'input'.",
+            param="input",
+            code="missing_required_parameter",
+        )
+
+
+def check_route(request: CreateResponse, route: Route) -> None:
+    """Refuse what this route, the first choice or a fallback, cannot honour: a fallback that
+    would silently drop a field is as wrong as a first choice that would."""
     forwarded = set(route.config.forward_fields)
     wants_image = request.modalities is not None and "image" in request.modalities
     for name, used in (
@@ -152,13 +170,3 @@ def check_request(request: CreateResponse, route: Route) -> None:
                 param=name,
                 code="unsupported_parameter",
             )
-    for index, value in enumerate(request.include or []):
-        if value not in KNOWN_INCLUDES:
-            raise InvalidRequest(
-                f"Unknown include value '{value}'. Supported: {sorted(KNOWN_INCLUDES)}",
-                param=f"include[{index}]",
-            )
-    if request.input is None and request.previous_response_id is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
-        )

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from relay.errors import InvalidRequest
 from relay.ids import new_id
-from relay.protocol import CreateResponse, deepest_error, error_param, parse_item
+from relay.protocol import CreateResponse, invalid_request, parse_item
 from relay.storage.base import Store
 
 _ID_PREFIX = {
@@ -49,10 +49,7 @@ def parse_input(request: CreateResponse) -> list[dict[str, Any]]:
         try:
             model = parse_item(entry)
         except ValidationError as error:
-            first = deepest_error(error)
-            message = first["msg"].removeprefix("Value error, ")
-            param = error_param(entry, tuple(first["loc"]), f"input[{index}]")
-            raise InvalidRequest(f"Invalid input item: {message}", param=param) from None
+            raise invalid_request(error, entry, f"input[{index}]") from None
         except ValueError as error:
             raise InvalidRequest(str(error), param=f"input[{index}]") from None
         dumped = model.model_dump(mode="json", exclude_none=True, by_alias=True)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
-from relay.engine.checks import check_request, plan_tools, reasoning_settings
+from relay.engine.checks import check_request, check_route, plan_tools, reasoning_settings
 from relay.engine.context import (
     check_tool_outputs,
     drop_oldest_turn,
@@ -34,6 +34,7 @@ from relay.providers.registry import Registry, Route
 from relay.storage.base import Store
 
 log = logging.getLogger("relay.engine")
+GENERIC_FAILURE = "The server had an error while generating the response."
 
 
 def provider_error_to_http(error: ProviderError) -> RelayError:
@@ -71,26 +72,23 @@ class Run:
                 async for delta in self.deltas:
                     for event in builder.feed(delta):
                         yield event
-                terminal = builder.finish()
+                closing = builder.finish()
             except ProviderError as error:
                 log.warning("upstream failed mid-stream: %s", error.message)
                 code = "rate_limit_exceeded" if error.status == 429 else "server_error"
-                terminal = builder.fail("server_error", code, error.message)
+                closing = builder.fail(code, error.message)
             except ToolPolicyViolation as error:
-                terminal = builder.fail("server_error", "invalid_tool_call", str(error))
+                closing = builder.fail("invalid_tool_call", str(error))
             except Exception:
                 # A bug of ours or a provider's: the response still ends, and is stored, as
                 # failed; the details go to the log, not to the client.
                 log.exception("response %s failed", builder.response["id"])
-                terminal = builder.fail(
-                    "server_error",
-                    "server_error",
-                    "The server had an error while generating the response.",
-                )
+                closing = builder.fail("server_error", GENERIC_FAILURE)
             # Stored before the terminal event is sent: a client that reads the id from
             # response.completed and fetches it at once must find it.
-            await self._persist()
-            for event in terminal:
+            if not await self._persist():
+                builder.mark_failed("server_error", "The response could not be stored.")
+            for event in closing + builder.terminal():
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             if not self._finished:
@@ -106,16 +104,27 @@ class Run:
             pass
         return self.response
 
-    async def _persist(self) -> None:
+    async def _persist(self) -> bool:
+        """Store the settled response (when store is true); False when storage failed."""
         self._finished = True
         response = self.response
         if response["store"]:
-            await self.engine.store.save_response(self.tenant, response, self.input_items)
+            save = self.engine.track(
+                self.engine.store.save_response(self.tenant, response, self.input_items)
+            )
+            try:
+                # Shielded: a client leaving now must not roll back a finished response.
+                await asyncio.shield(save)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not store response %s", response["id"])
+                return False
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
-            "response %s tenant=%s model=%s status=%s input_tokens=%s output_tokens=%s "
-            "session=%s trace=%s",
+            "response %s tenant=%r model=%r status=%s input_tokens=%s output_tokens=%s "
+            "session=%r trace=%r",
             response["id"],
             self.tenant,
             response["model"],
@@ -125,6 +134,7 @@ class Run:
             response["session_id"],
             self.trace,
         )
+        return True
 
 
 async def _close(deltas: AsyncIterator[Delta]) -> None:
@@ -138,6 +148,18 @@ class Engine:
         self.registry = registry
         self.store = store
         self.echo_json_schema = echo_json_schema
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` as a task the engine owns: it outlives a cancelled request, and
+        `aclose` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def start(
         self, request: CreateResponse, *, tenant: str, session_id: str | None = None
@@ -149,7 +171,9 @@ class Engine:
                 code="missing_required_parameter",
             )
         routes = self.registry.candidates(request.model, request.models)
-        check_request(request, routes[0])
+        check_request(request)
+        for route in routes:
+            check_route(request, route)
         tools = plan_tools(request)
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
@@ -167,8 +191,9 @@ class Engine:
                 items=context,
                 tools=tools.offered,
                 tool_choice=tools.choice,
-                parallel_tool_calls=request.parallel_tool_calls is not False,
+                parallel_tool_calls=tools.parallel,
                 want_logprobs=want_logprobs,
+                reasoning_effort=effort,
             )
 
         route, deltas = await self._open(
@@ -188,7 +213,7 @@ class Engine:
             response,
             offered_tools={tool["name"] for tool in tools.offered},
             must_call=tools.must_call,
-            parallel_tool_calls=request.parallel_tool_calls is not False,
+            parallel_tool_calls=tools.parallel,
             max_tool_calls=request.max_tool_calls,
             reasoning_as_summary=summary is not None,
             include_logprobs=want_logprobs,

@@ -79,6 +79,8 @@ class ProviderRequest:
     tool_choice: str | dict[str, str] = "auto"
     parallel_tool_calls: bool = True
     want_logprobs: bool = False
+    # reasoning.effort, or seed 001's top-level reasoning_effort: merged by the engine.
+    reasoning_effort: str | None = None
 
 
 class ProviderError(Exception):
