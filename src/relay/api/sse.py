@@ -44,6 +44,7 @@ class EventStreamResponse(Response):
         self.keepalive_s = keepalive_s
         self.background = None
         self.status_code = 200
+        self._last_write = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_headers = [
@@ -52,43 +53,34 @@ class EventStreamResponse(Response):
             (b"x-accel-buffering", b"no"),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
+        loop = asyncio.get_running_loop()
+        self._last_write = loop.time()
+        # Three tasks a stream, whatever its length: the events, the keep-alive timer, and a
+        # listener for the client's disconnect.
         pump = asyncio.ensure_future(self._pump(send))
+        keepalive = asyncio.ensure_future(self._keepalive(send))
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, watcher):
+            for task in (pump, keepalive, watcher):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (pump, keepalive, watcher):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             # Finalises the run: after a disconnect it stores where the run stopped.
             await self.events.aclose()  # type: ignore[attr-defined]
-        if pump.done() and not pump.cancelled() and pump.exception() is None:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not pump.cancelled() and pump.exception() is None:
+            await send({"type": "http.response.body", "body": DONE, "more_body": False})
 
     async def _pump(self, send: Send) -> None:
-        source = aiter(self.events)
+        loop = asyncio.get_running_loop()
         last_sequence = -1
-        next_event: asyncio.Future[dict[str, Any]] | None = None
         try:
-            while True:
-                if next_event is None:
-                    next_event = asyncio.ensure_future(anext(source))
-                done, _ = await asyncio.wait({next_event}, timeout=self.keepalive_s)
-                if not done:
-                    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
-                    continue
-                try:
-                    event = next_event.result()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    if next_event.done():
-                        next_event = None
+            async for event in self.events:
                 last_sequence = event["sequence_number"]
                 await send({"type": "http.response.body", "body": frame(event), "more_body": True})
+                self._last_write = loop.time()
         except Exception:
             # Run.events ends every run with a terminal event; this is the last resort for a
             # bug below it, so that the client at least learns the stream broke.
@@ -100,12 +92,16 @@ class EventStreamResponse(Response):
                 "The server had an error while streaming the response.",
             )
             await send({"type": "http.response.body", "body": frame(event), "more_body": True})
-        finally:
-            if next_event is not None and not next_event.done():
-                next_event.cancel()
-                with contextlib.suppress(BaseException):
-                    await next_event
-        await send({"type": "http.response.body", "body": DONE, "more_body": True})
+
+    async def _keepalive(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = loop.time() - self._last_write
+            if idle < self.keepalive_s:
+                await asyncio.sleep(self.keepalive_s - idle)
+                continue
+            await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            self._last_write = loop.time()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
