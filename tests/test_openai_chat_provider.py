@@ -47,8 +47,11 @@ def make_request(
     tool_choice: str | dict[str, str] = "auto",
     parallel_tool_calls: bool = True,
     want_logprobs: bool = False,
+    effort: str | None = None,
     **fields: Any,
 ) -> ProviderRequest:
+    """`fields` make up the CreateResponse; `effort` is the merged reasoning effort, which the
+    engine works out from reasoning.effort and the top-level reasoning_effort."""
     return ProviderRequest(
         upstream_model=model,
         request=CreateResponse.model_validate({"model": "public-model", **fields}),
@@ -58,6 +61,7 @@ def make_request(
         tool_choice=tool_choice,
         parallel_tool_calls=parallel_tool_calls,
         want_logprobs=want_logprobs,
+        reasoning_effort=effort,
     )
 
 
@@ -166,6 +170,7 @@ async def test_full_request_is_translated_exactly(
             "verbosity": "low",
         },
         reasoning={"effort": "high"},
+        effort="high",
     )
     await collect(provider, request)
     assert chat_upstream.last == {
@@ -315,7 +320,6 @@ async def test_empty_assistant_message_keeps_its_turn(
         ("none", "none"),
         ("required", "required"),
         ({"name": "get_weather"}, {"type": "function", "function": {"name": "get_weather"}}),
-        ("get_weather", {"type": "function", "function": {"name": "get_weather"}}),
     ],
 )
 async def test_tool_choice_forms(
@@ -337,12 +341,11 @@ async def test_tool_choice_forms(
             {"response_format": {"type": "json_object"}},
         ),
         ({"text": {"format": {"type": "text"}}}, {}),
-        ({"reasoning_effort": "low"}, {"reasoning_effort": "low"}),
-        (
-            {"reasoning": {"effort": "minimal"}, "reasoning_effort": "low"},
-            {"reasoning_effort": "minimal"},
-        ),
+        ({"effort": "low"}, {"reasoning_effort": "low"}),
         ({"reasoning": {"summary": "auto"}}, {}),
+        # The engine's merge is what counts; the request's own fields are not read again.
+        ({"reasoning": {"effort": "high"}, "reasoning_effort": "high"}, {}),
+        ({"reasoning": {"effort": "high"}, "effort": "minimal"}, {"reasoning_effort": "minimal"}),
     ],
 )
 async def test_format_and_reasoning_fields(
@@ -576,18 +579,34 @@ async def test_retryable_statuses(provider: OpenAIChatProvider, code: int, statu
     assert f"Scripted failure {code}" in error.message
 
 
-@pytest.mark.parametrize("code", [400, 404, 422])
+@pytest.mark.parametrize("code", [400, 413, 422])
 async def test_invalid_request_statuses(provider: OpenAIChatProvider, code: int) -> None:
     error = await failure(provider, make_request(f"http_{code}"))
     assert (error.status, error.code, error.retryable) == (400, "upstream_invalid_request", False)
     assert f"Scripted failure {code} for model http_{code}." in error.message
 
 
+async def test_not_found_is_the_upstreams_problem(provider: OpenAIChatProvider) -> None:
+    """A wrong base URL or a model missing upstream: retryable, so fallbacks are tried."""
+    error = await failure(provider, make_request("http_404"))
+    assert (error.status, error.code, error.retryable) == (502, "upstream_not_found", True)
+    assert "Scripted failure 404 for model http_404." in error.message
+
+
+async def test_wrong_base_url_is_not_found(chat_upstream: ChatUpstream) -> None:
+    provider = OpenAIChatProvider(chat_upstream.base_url + "/nowhere", UPSTREAM_KEY)
+    try:
+        error = await failure(provider, make_request())
+    finally:
+        await provider.aclose()
+    assert (error.status, error.code, error.retryable) == (502, "upstream_not_found", True)
+
+
 async def test_unknown_upstream_model_quotes_the_upstream_without_secrets(
     provider: OpenAIChatProvider,
 ) -> None:
     error = await failure(provider, make_request(f"nope-{UPSTREAM_KEY}"))
-    assert error.status == 400
+    assert (error.status, error.code, error.retryable) == (502, "upstream_not_found", True)
     assert "does not exist" in error.message
     assert "nope-[redacted]" in error.message
     assert UPSTREAM_KEY not in str(error)

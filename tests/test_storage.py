@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -430,6 +432,76 @@ async def test_concurrent_opens_migrate_once(store_url: str) -> None:
         await asyncio.gather(*(opened.close() for opened in stores))
 
 
+async def test_opens_on_other_threads_migrate_once(store_url: str) -> None:
+    """Servers in other threads run their own event loops; their migrations take turns too."""
+
+    async def open_and_close() -> None:
+        opened = await open_store(store_url)
+        await opened.close()
+
+    threads = [asyncio.to_thread(asyncio.run, open_and_close()) for _ in range(3)]
+    await asyncio.gather(*threads, open_and_close())
+
+
+async def test_migrations_of_different_databases_take_turns(tmp_path: Path) -> None:
+    """No database lock orders these: only the process's own, which keeps Alembic's module-global
+    migration context from serving two migrations at once."""
+
+    async def open_and_close(name: str) -> None:
+        opened = await open_store(f"sqlite+aiosqlite:///{tmp_path}/{name}.db")
+        await opened.close()
+
+    here = [open_and_close(f"loop{n}") for n in range(3)]
+    threads = [asyncio.to_thread(asyncio.run, open_and_close(f"thread{n}")) for n in range(2)]
+    await asyncio.gather(*here, *threads)
+
+
+# Imports first, says so, then opens the store when told to: the processes race for real.
+_OPEN_WHEN_TOLD = """
+import asyncio, sys
+from relay.storage.sql import open_store
+
+async def main() -> None:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    opened = await open_store(sys.argv[1])
+    await opened.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_processes_starting_together_migrate_once(store_url: str) -> None:
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _OPEN_WHEN_TOLD,
+            store_url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    for process in processes:
+        assert process.stdout is not None
+        assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ready\n"
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        await process.stdin.drain()
+    for process in processes:
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, stderr.decode()
+    opened = await open_store(store_url)
+    try:
+        await opened.save_response("acme", *make_turn("resp_x"))
+        assert await opened.get_response("acme", "resp_x") is not None
+    finally:
+        await opened.close()
+
+
 async def test_sqlite_file_setup(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "relay.db"
     opened = await open_store(f"sqlite+aiosqlite:///{path}")
@@ -438,6 +510,28 @@ async def test_sqlite_file_setup(tmp_path: Path) -> None:
         async with opened.engine.connect() as conn:
             assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
             assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() >= 1000
+    finally:
+        await opened.close()
+
+
+async def test_sqlite_open_waits_while_another_connection_writes(tmp_path: Path) -> None:
+    """SQLite refuses to switch a file to WAL while another connection holds the write lock, at
+    once, without waiting out the busy timeout; open_store must wait for its turn all the same."""
+    path = tmp_path / "relay.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process's migration, say
+        opening = asyncio.create_task(open_store(f"sqlite+aiosqlite:///{path}"))
+        await asyncio.sleep(0.3)
+        assert not opening.done()
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+    opened = await opening
+    try:
+        async with opened.engine.connect() as conn:
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+        await opened.save_response("acme", *make_turn("resp_w"))
     finally:
         await opened.close()
 

@@ -68,7 +68,7 @@ class ProviderRequest:
 
     `items` is the whole context in Responses item shape (previous turns first), `tools` the
     function tools the model may call after tool_choice filtering, `tool_choice` the normalised
-    choice: "auto", "none", "required" or the name of one function that must be called.
+    choice: "auto", "none", "required" or {"name": ...} for the one function to call.
     """
 
     upstream_model: str
@@ -86,7 +86,7 @@ class ProviderRequest:
 class ProviderError(Exception):
     """A provider failure, with what the engine needs to decide on a fallback.
 
-    `retryable` failures (connection errors, 408/429/5xx) move on to the next model in the
+    `retryable` failures (connection errors, 404/408/429/5xx) move on to the next model in the
     fallback list when they happen before the first byte; others are answered at once.
     """
 

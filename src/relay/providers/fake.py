@@ -216,11 +216,9 @@ def _text_of(content: Any) -> str:
 
 
 def _tool_name(request: ProviderRequest) -> str:
-    choice = request.tool_choice
+    choice = request.tool_choice  # "auto" | "none" | "required" | {"name": ...}
     if isinstance(choice, dict) and choice.get("name"):
         return choice["name"]
-    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
-        return choice
     for tool in request.tools:
         if tool.get("name"):
             return str(tool["name"])

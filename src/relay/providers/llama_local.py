@@ -35,8 +35,8 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
+from relay.providers.chat_messages import build_messages
 from relay.providers.local_grammar import DecodingPlan, parse_calls, plan
-from relay.providers.openai_chat import build_messages
 
 log = logging.getLogger("relay.local")
 

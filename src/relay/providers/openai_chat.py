@@ -1,9 +1,10 @@
 """Provider for OpenAI-compatible chat-completions upstreams (vLLM, Ollama, llama.cpp, Groq, ...).
 
-The request side turns Responses items into chat messages; the stream side turns
-`chat.completion.chunk` SSE events into deltas. Nothing here retries: every failure becomes a
-`ProviderError` and the engine decides on fallbacks. Secrets (the API key, secret-looking extra
-header values, a password in the base URL) are scrubbed from every message we raise.
+The request side builds a chat-completions body (its messages come from
+`relay.providers.chat_messages`); the stream side turns `chat.completion.chunk` SSE events into
+deltas. Nothing here retries: every failure becomes a `ProviderError` and the engine decides on
+fallbacks. Secrets (the API key, secret-looking extra header values, a password in the base
+URL) are scrubbed from every message we raise.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
+from relay.providers.chat_messages import build_messages
+
+# Re-exported for relay.providers.llama_local, which imported it from here before the
+# translation moved to relay.providers.chat_messages.
+__all__ = ["OpenAIChatProvider"]
 
 # Request fields copied verbatim when set; every chat upstream we target names them the same.
 _PASSTHROUGH = (
@@ -83,7 +89,9 @@ class OpenAIChatProvider:
         # A dead host should fail fast so the engine can fall back; a slow model may take minutes
         # between bytes, so only the connect phase gets the shorter bound.
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
-        # The engine bounds concurrency; a pool limit here would only add a hidden queue.
+        # No limit on connections, on purpose: each open one serves a client request in flight,
+        # so a limit would only queue requests here, out of sight. (Nothing bounds concurrency
+        # yet; Relay's own limits come later.)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
 
@@ -91,7 +99,7 @@ class OpenAIChatProvider:
         await self._client.aclose()
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
-        body = orjson.dumps(self.build_body(request))
+        body = orjson.dumps(self._build_body(request))
         http_request = self._client.build_request("POST", self._url, content=body)
         try:
             response = await self._client.send(http_request, stream=True)
@@ -109,8 +117,8 @@ class OpenAIChatProvider:
 
     # Request translation ------------------------------------------------------------------------
 
-    def build_body(self, request: ProviderRequest) -> dict[str, Any]:
-        """The chat-completions body for `request` (public so the engine can log its shape)."""
+    def _build_body(self, request: ProviderRequest) -> dict[str, Any]:
+        """The chat-completions body for `request`."""
         req = request.request
         body: dict[str, Any] = {
             "model": request.upstream_model,
@@ -146,10 +154,8 @@ class OpenAIChatProvider:
                 body["response_format"] = {"type": "json_object"}
             if req.text.verbosity is not None:
                 body["verbosity"] = req.text.verbosity
-        effort = req.reasoning.effort if req.reasoning is not None else None
-        effort = effort or req.reasoning_effort
-        if effort is not None:
-            body["reasoning_effort"] = effort
+        if request.reasoning_effort is not None:
+            body["reasoning_effort"] = request.reasoning_effort
         if request.want_logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = req.top_logprobs or 0
@@ -295,12 +301,20 @@ class OpenAIChatProvider:
                 code="context_length_exceeded",
                 retryable=False,
             )
-        if status in (400, 404, 413, 422):
+        if status in (400, 413, 422):
             return ProviderError(
                 f"the upstream rejected the request (HTTP {status}): {message}",
                 status=400,
                 code="upstream_invalid_request",
                 retryable=False,
+            )
+        if status == 404:
+            # A wrong base URL, or the model missing upstream: Relay's configuration is at
+            # fault, not the request, and another model in the fallback list may well serve it.
+            return ProviderError(
+                f"the upstream has no such endpoint or model (HTTP 404): {message}",
+                status=502,
+                code="upstream_not_found",
             )
         # 408, 409, 5xx and the 4xx that mean "this upstream cannot serve it" (402 out of credit,
         # 405/415 misconfigured): another model in the fallback list may well succeed.
@@ -476,137 +490,17 @@ def _logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-# Messages --------------------------------------------------------------------------------------
-
-
-def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Responses items to chat messages.
-
-    A run of assistant-side items (messages and function calls, with reasoning skipped in
-    between) becomes ONE assistant message: chat has no other way to attach tool calls to text,
-    and templates such as Mistral's reject two assistant messages in a row.
-    """
-    messages: list[dict[str, Any]] = []
-    if instructions:
-        messages.append({"role": "system", "content": instructions})
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if texts or calls:
-            # Chat wants null content beside tool calls, and a string (maybe empty) otherwise.
-            content = "\n\n".join(text for text in texts if text) or (None if calls else "")
-            message: dict[str, Any] = {"role": "assistant", "content": content}
-            if calls:
-                message["tool_calls"] = list(calls)
-            messages.append(message)
-            texts.clear()
-            calls.clear()
-
-    for item in items:
-        kind = item.get("type", "message")
-        if kind == "reasoning":
-            continue  # chat upstreams cannot take reasoning back
-        if kind == "message" and item.get("role") == "assistant":
-            texts.append(_assistant_text(item.get("content")))
-        elif kind == "function_call":
-            calls.append(
-                {
-                    "id": item["call_id"],
-                    "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]},
-                }
-            )
-        elif kind == "function_call_output":
-            flush()
-            output = item.get("output")
-            if not isinstance(output, str):
-                parts = list(output or ())
-                if any(part.get("type") != "input_text" for part in parts):
-                    # Chat tool messages carry text only; dropping the rest would be silent.
-                    raise _unsupported("image or file parts in a function_call_output")
-                output = "".join(part["text"] for part in parts)
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
-        elif kind == "message":
-            flush()
-            role = item.get("role", "user")
-            messages.append(
-                {
-                    "role": "system" if role == "developer" else role,
-                    "content": _user_content(item.get("content")),
-                }
-            )
-        else:
-            raise _unsupported(f"input item type '{kind}'")
-    flush()
-    return messages
-
-
-def _assistant_text(content: Any) -> str:
-    # Parts of one assistant message are pieces of one answer, so they join with nothing.
-    if isinstance(content, str):
-        return content
-    pieces = []
-    for part in content or ():
-        if part.get("type") == "refusal":
-            pieces.append(part.get("refusal", ""))
-        else:
-            pieces.append(part.get("text", ""))
-    return "".join(pieces)
-
-
-def _user_content(content: Any) -> str | list[dict[str, Any]]:
-    if isinstance(content, str):
-        return content
-    parts = [_chat_part(part) for part in content or ()]
-    if all(part["type"] == "text" for part in parts):
-        # A plain string is the one form every upstream accepts; separate text parts are
-        # separate inputs, so they join with a newline, as vLLM does with a list of text parts.
-        return "\n".join(part["text"] for part in parts)
-    return parts
-
-
-def _chat_part(part: dict[str, Any]) -> dict[str, Any]:
-    kind = part.get("type")
-    if kind in ("input_text", "output_text"):
-        return {"type": "text", "text": part.get("text", "")}
-    if kind == "input_image" and part.get("image_url"):
-        image: dict[str, Any] = {"url": part["image_url"]}
-        if part.get("detail") is not None:
-            image["detail"] = part["detail"]
-        return {"type": "image_url", "image_url": image}
-    if kind == "input_file" and part.get("file_data"):
-        file = {"filename": part.get("filename"), "file_data": part["file_data"]}
-        return {"type": "file", "file": {k: v for k, v in file.items() if v is not None}}
-    if kind in ("input_image", "input_file"):
-        source = "file_id" if part.get("file_id") else "file_url"
-        inline = "image_url" if kind == "input_image" else "file_data"
-        raise _unsupported(
-            f"an {kind} part given by {source} (the upstream cannot resolve it; send it inline"
-            f" as {inline})"
-        )
-    raise _unsupported(f"content part type '{kind}'")
+# Tools -----------------------------------------------------------------------------------------
 
 
 def _tool(tool: dict[str, Any]) -> dict[str, Any]:
-    if tool.get("type", "function") != "function":
-        raise _unsupported(f"tool type '{tool.get('type')}'")
+    # The engine offers function tools only (relay.engine.checks.plan_tools).
     function = {key: tool.get(key) for key in ("name", "description", "parameters", "strict")}
     return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
 
 
 def _tool_choice(choice: str | dict[str, str]) -> str | dict[str, Any]:
+    """ "auto", "none" and "required" as they are; {"name": ...} as chat's forced function."""
     if isinstance(choice, dict):
         return {"type": "function", "function": {"name": choice["name"]}}
-    if choice in ("auto", "none", "required"):
-        return choice
-    return {"type": "function", "function": {"name": choice}}  # a bare function name
-
-
-def _unsupported(what: str) -> ProviderError:
-    return ProviderError(
-        f"{what} cannot be sent to a chat-completions upstream",
-        status=400,
-        code="unsupported_input",
-        retryable=False,
-    )
+    return choice

@@ -9,7 +9,11 @@ statements (the response row, then all its items in one executemany); a read is 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +33,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from relay.errors import InvalidRequest, ServerError
@@ -44,6 +49,10 @@ _MAX_DEPTH = 100_000
 _MIGRATION_LOCK = 7_366_100_261_625_119_076
 _POSITION_MAX = 2**31 - 1
 _BUSY_TIMEOUT_MS = 10_000
+# Serialises migrations within this process (the advisory lock or BEGIN IMMEDIATE serialises
+# processes); see _migration_turn.
+_MIGRATING = threading.Lock()
+_LOCK_POLL_S = 0.01
 
 
 def _dumps(value: Any) -> str:
@@ -316,28 +325,29 @@ def _loads_dict(text: str) -> dict[str, Any]:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An AsyncEngine for `url`. SQLite: the file's directory is created, WAL journaling (readers
-    never wait for the writer) and a busy timeout (writers queue instead of failing)."""
+    """An AsyncEngine for `url`. SQLite: the file's directory is created, and every connection
+    gets a busy timeout (writers queue instead of failing). WAL journaling (readers never wait
+    for the writer) is a property of the file, set once by `migrate`."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_async_engine(parsed)
     database = parsed.database or ""
     memory = database in ("", ":memory:")
+    # sqlite3 calls sqlite3_busy_timeout() as it opens the file, before any statement runs.
+    timeout = {"timeout": _BUSY_TIMEOUT_MS / 1000}
     if memory:
         # One connection holds an in-memory database; every checkout must share it.
-        engine = create_async_engine(parsed, poolclass=StaticPool)
+        engine = create_async_engine(parsed, poolclass=StaticPool, connect_args=timeout)
     else:
         if not parsed.query.get("uri"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # aiosqlite runs each connection on its own thread: keep them open and reuse them.
-        engine = create_async_engine(parsed, poolclass=AsyncAdaptedQueuePool)
+        engine = create_async_engine(parsed, poolclass=AsyncAdaptedQueuePool, connect_args=timeout)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         if not memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL mode
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
@@ -360,12 +370,49 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+@asynccontextmanager
+async def _migration_turn() -> AsyncIterator[None]:
+    """This process's turn to migrate. Alembic keeps the running migration in module globals
+    (`alembic.op`, `alembic.context`), so two migrations in one process must not interleave,
+    whether on one event loop (run_sync switches back to the loop at every statement) or on
+    loops in different threads. The lock is polled, not waited on: a blocking wait would stall
+    this thread's event loop, and with it the migration holding the lock if it runs there."""
+    while not _MIGRATING.acquire(blocking=False):  # noqa: ASYNC110 (no awaitable wait)
+        await asyncio.sleep(_LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        _MIGRATING.release()
+
+
+async def _use_wal(conn: AsyncConnection) -> None:
+    """Switch a SQLite file to WAL journaling (a no-op once it is WAL: the mode is stored in
+    the file). SQLite answers "database is locked" at once, without waiting out the busy
+    timeout, when another connection holds a lock while a file changes mode; so retry, within
+    the busy timeout, as the busy handler would have."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+        except OperationalError as error:
+            if "locked" not in str(error.orig) or time.monotonic() > deadline:
+                raise
+            await conn.rollback()
+            await asyncio.sleep(_LOCK_POLL_S)
+        else:
+            await conn.commit()
+            return
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """alembic upgrade head, in one transaction that holds a lock, so that processes starting
-    together take turns. Alembic is synchronous: it runs on the async connection through
-    run_sync, which needs no thread."""
-    async with engine.connect() as conn:
+    together take turns (and, within a process, a lock of its own: see _migration_turn).
+    Alembic is synchronous: it runs on the async connection through run_sync, which needs no
+    thread."""
+    async with _migration_turn(), engine.connect() as conn:
         if conn.dialect.name == "sqlite":
+            if (engine.url.database or "") not in ("", ":memory:"):
+                await _use_wal(conn)
             # Takes the write lock at once; and DDL inside an explicit transaction is not
             # autocommitted by sqlite3.
             await conn.exec_driver_sql("BEGIN IMMEDIATE")
