@@ -105,19 +105,3 @@ def test_chain_carries_tool_calls_and_outputs(http: httpx.Client) -> None:
     assert second.json()["previous_response_id"] == first["id"]
     listed = http.get(f"/v1/responses/{second.json()['id']}/input_items").json()
     assert [item["type"] for item in listed["data"]] == ["function_call_output"]
-
-
-def test_item_reference_resolves_a_stored_item(http: httpx.Client) -> None:
-    first = create(http, input="remember this")
-    message_id = first["output"][0]["id"]
-    second = http.post(
-        "/v1/responses",
-        json={
-            "model": "fake-text",
-            "input": [
-                {"type": "item_reference", "id": message_id},
-                {"role": "user", "content": "and?"},
-            ],
-        },
-    )
-    assert second.status_code == 200, second.text
