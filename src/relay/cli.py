@@ -64,8 +64,6 @@ def serve(argv: list[str]) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    # httpx logs every request's URL at INFO, and a base_url may carry credentials.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not settings.api_keys:
         if not is_loopback(settings.host):
             print(
