@@ -12,9 +12,8 @@ import uvicorn
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
-from relay.api.app import create_app
-from relay.api.auth import is_loopback
 from relay.config import Settings, load_settings
+from relay.loopback import is_loopback
 
 CONFIG_ENV = "RELAY_CONFIG"
 log = logging.getLogger("relay")
@@ -27,6 +26,10 @@ def settings_from_env() -> Settings:
 
 def app_factory() -> ASGIApp:
     """What each uvicorn worker imports: settings travel through the environment."""
+    # Imported here, not at the top: with --workers N the supervisor process never serves a
+    # request, and importing the application there would cost it tens of MB for nothing.
+    from relay.api.app import create_app
+
     return create_app(settings_from_env())
 
 

@@ -7,22 +7,13 @@ key's prefix through timing and the process holds no plain keys after start-up.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 
 from fastapi import Request
 
 from relay.errors import AuthenticationError, PermissionDenied
+from relay.loopback import is_loopback
 
 OPEN_TENANT = "default"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def digest(key: str) -> str:
