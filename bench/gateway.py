@@ -238,8 +238,13 @@ def process_role(pid: int) -> str:
     return "supervisor (relay serve)" if " serve " in command else command[:40]
 
 
-def run_streams(relay: peers.ManagedProcess, warm: Target, hold: Target, count: int) -> float:
-    section(f"5. Relay memory with {count} open streams (upstream holds each after one word)")
+def run_streams(
+    relay: peers.ManagedProcess, warm: Target, hold: Target, count: int, workers: int
+) -> float:
+    section(
+        f"5. Relay memory, --workers {workers}, with {count} open streams "
+        "(upstream holds each after one word)"
+    )
     _, failed = loadgen.sequential([warm], 20, lambda http, t: loadgen.stream_once(http, t)[0])
     if failed:
         raise RuntimeError(f"Relay failed before the streams test: {failed}")
@@ -351,13 +356,20 @@ def main(quick: bool) -> None:
         chain_ms = run_chain(relay_base, plan.chain)
         relay.stop()
 
-        fresh_port = peers.free_port()
-        fresh = peers.start_relay(workdir / "relay-2", upstream, fresh_port, WORKERS)
-        stack.callback(fresh.stop)
-        fresh_base = f"http://127.0.0.1:{fresh_port}"
-        hold = responses_target("relay hold", fresh_base, "bench-hold", "bench-hold")
-        warm = responses_target("relay", fresh_base, "bench-json", "bench-sse")
-        rss_mb = run_streams(fresh, warm, hold, plan.streams)
+        # Memory of the default `relay serve` (one process) and of the sweep's worker count.
+        rss_mb: dict[int, float] = {}
+        for workers in sorted({1, WORKERS}):
+            fresh_port = peers.free_port()
+            fresh = peers.start_relay(
+                workdir / f"relay-mem-{workers}", upstream, fresh_port, workers
+            )
+            fresh_base = f"http://127.0.0.1:{fresh_port}"
+            hold = responses_target("relay hold", fresh_base, "bench-hold", "bench-hold")
+            warm = responses_target("relay", fresh_base, "bench-json", "bench-sse")
+            try:
+                rss_mb[workers] = run_streams(fresh, warm, hold, plan.streams, workers)
+            finally:
+                fresh.stop()
         report_targets(plan, overhead, sweep, chain_ms, rss_mb)
     elapsed, (busy, own) = time.monotonic() - started, loadgen.cpu_accounting()
     others = (busy - busy_before) - (own - own_before)
@@ -372,7 +384,7 @@ def report_targets(
     overhead: dict[str, dict[str, float]],
     sweep: dict[tuple[str, int], WrkResult],
     chain_ms: tuple[float, float],
-    rss_mb: float,
+    rss_mb: dict[int, float],
 ) -> None:
     section("Targets")
     rows = []
@@ -392,6 +404,7 @@ def report_targets(
     rows.append(
         [f"chain: turn {plan.chain} / turn 1", "<= 2x", f"{ratio:.2f}x", verdict(ratio <= 2)]
     )
-    rss = f"{rss_mb:.0f} MB"
-    rows.append([f"RSS with {plan.streams} open streams", "< 300 MB", rss, verdict(rss_mb < 300)])
+    for workers, mb in rss_mb.items():
+        label = f"RSS with {plan.streams} open streams, --workers {workers}"
+        rows.append([label, "< 300 MB", f"{mb:.0f} MB", verdict(mb < 300)])
     print(table(["target", "goal", "measured", "verdict"], rows))
