@@ -316,7 +316,7 @@ def _package(path: str) -> str:
 # Where the inclusive ("cumulative") table looks: the request path, not process plumbing.
 INCLUSIVE_SCOPE = (
     "relay/", "starlette/", "fastapi/", "httpx/", "httpcore/", "h11/", "anyio/", "sqlalchemy/",
-    "aiosqlite/", "pydantic", "orjson", "uvicorn/protocols/", "uvicorn/middleware/", "libsqlite3",
+    "pydantic", "orjson", "uvicorn/protocols/", "uvicorn/middleware/", "libsqlite3",
     "cursor.c", "connection.c",
 )  # fmt: skip
 
@@ -347,7 +347,7 @@ def aggregate_collapsed(text: str, top: int = 40) -> Profile:
         mine = [n for n, (_, path) in zip(names, frames, strict=True) if path.startswith("relay/")]
         owners[mine[-1] if mine else f"(no relay frame; in {_package(frames[-1][1])})"] += count
         in_thread = any(func.startswith("Thread._bootstrap") for func, _ in frames)
-        threads["worker threads (aiosqlite)" if in_thread else "event loop thread"] += count
+        threads["worker threads (SQLite)" if in_thread else "event loop thread"] += count
     return Profile(
         total,
         self_counts.most_common(top),

@@ -98,7 +98,7 @@ def relay_rate(base_url: str, rounds: int) -> list[float]:
 def _start_relay(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
-        "RELAY_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/relay.db",
+        "RELAY_DATABASE_URL": f"sqlite:///{workdir}/relay.db",
         "RELAY_LOG_LEVEL": "warning",
     }
     process = subprocess.Popen(

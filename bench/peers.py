@@ -172,7 +172,7 @@ def _field_kib(text: str, name: str) -> int:
 def start_relay(workdir: Path, upstream: str, port: int, workers: int) -> ManagedProcess:
     """Relay with SQLite in `workdir`, no API keys, a route per nginx location (json, sse, hold)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    lines = [f'database_url = "sqlite+aiosqlite:///{workdir / "relay.db"}"', 'log_level = "info"']
+    lines = [f'database_url = "sqlite:///{workdir / "relay.db"}"', 'log_level = "info"']
     for kind in ("json", "sse", "hold"):
         lines += ["", "[[routes]]", f'model = "bench-{kind}"', 'provider = "openai_chat"']
         lines += [f'base_url = "{upstream}/{kind}/v1"', 'upstream_model = "mock-model"']

@@ -229,7 +229,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database for one test: a SQLite file, or a fresh PostgreSQL database."""
     if request.param == "sqlite":
         # A directory that does not exist yet: open_store must create it.
-        yield f"sqlite+aiosqlite:///{tmp_path}/data/relay.db"
+        yield f"sqlite:///{tmp_path}/data/relay.db"
         return
     server: PgServer = request.getfixturevalue("pg_server")
     name = server.create_database()

@@ -93,7 +93,7 @@ def sdk_client(base_url: str, api_key: str = "unused") -> openai.OpenAI:
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('relay')}/relay.db"
+        return f"sqlite:///{tmp_path_factory.mktemp('relay')}/relay.db"
     url: str = request.getfixturevalue("postgres_url")
     return url
 

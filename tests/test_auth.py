@@ -18,7 +18,7 @@ from relay.config import ApiKeyConfig, Settings
 @pytest.fixture(scope="module")
 def keyed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('auth')}/relay.db",
+        database_url=f"sqlite:///{tmp_path_factory.mktemp('auth')}/relay.db",
         routes=fake_routes(),
         api_keys=[
             ApiKeyConfig(key=SecretStr("sk-alice"), tenant="alice"),

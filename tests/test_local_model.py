@@ -59,7 +59,7 @@ def local_url(
 ) -> Iterator[str]:
     database = Path(tmp_path_factory.mktemp("local")) / "relay.db"
     settings = Settings(
-        database_url=f"sqlite+aiosqlite:///{database}",
+        database_url=f"sqlite:///{database}",
         routes=[
             DEFAULT_ROUTE,
             RouteConfig(

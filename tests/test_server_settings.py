@@ -18,7 +18,7 @@ from relay.config import Settings
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     database = Path(tmp_path_factory.mktemp("tuned")) / "relay.db"
     settings = Settings(
-        database_url=f"sqlite+aiosqlite:///{database}",
+        database_url=f"sqlite:///{database}",
         routes=fake_routes(),
         keepalive_s=0.05,
         echo_json_schema=False,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -84,17 +86,19 @@ def count_statements(store: SqlStore) -> Iterator[list[str]]:
     def record(*args: Any) -> None:
         statements.append(args[2])
 
-    event.listen(store.engine.sync_engine, "before_cursor_execute", record)
+    event.listen(store.db.sync_engine, "before_cursor_execute", record)
     try:
         yield statements
     finally:
-        event.remove(store.engine.sync_engine, "before_cursor_execute", record)
+        event.remove(store.db.sync_engine, "before_cursor_execute", record)
 
 
 async def count_rows(store: SqlStore, table: Any) -> int:
-    async with store.engine.connect() as conn:
-        count: int = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
-    return count
+    def count(conn: Connection) -> int:
+        number: int = conn.execute(select(func.count()).select_from(table)).scalar_one()
+        return number
+
+    return await store.db.read(count)
 
 
 def ids(items: list[dict[str, Any]] | None) -> list[str]:
@@ -415,8 +419,7 @@ async def test_migrations_are_idempotent_and_match_tables(store_url: str) -> Non
             context = MigrationContext.configure(connection)
             return context.get_current_revision(), compare_metadata(context, metadata)
 
-        async with second.engine.connect() as conn:
-            revision, differences = await conn.run_sync(check)
+        revision, differences = await second.db.read(check)
         assert revision == ScriptDirectory.from_config(alembic_config()).get_current_head()
         assert differences == [], "tables.py and the migrations disagree"
     finally:
@@ -504,12 +507,17 @@ async def test_processes_starting_together_migrate_once(store_url: str) -> None:
 
 async def test_sqlite_file_setup(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "relay.db"
-    opened = await open_store(f"sqlite+aiosqlite:///{path}")
+    opened = await open_store(f"sqlite:///{path}")
     try:
         assert path.is_file()
-        async with opened.engine.connect() as conn:
-            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
-            assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() >= 1000
+
+        def pragmas(conn: Connection) -> tuple[Any, Any]:
+            mode = conn.execute(text("PRAGMA journal_mode")).scalar()
+            return mode, conn.execute(text("PRAGMA busy_timeout")).scalar_one()
+
+        mode, busy_timeout = await opened.db.read(pragmas)
+        assert mode == "wal"
+        assert busy_timeout >= 1000
     finally:
         await opened.close()
 
@@ -521,7 +529,7 @@ async def test_sqlite_open_waits_while_another_connection_writes(tmp_path: Path)
     holder = sqlite3.connect(path, isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")  # another process's migration, say
-        opening = asyncio.create_task(open_store(f"sqlite+aiosqlite:///{path}"))
+        opening = asyncio.create_task(open_store(f"sqlite:///{path}"))
         await asyncio.sleep(0.3)
         assert not opening.done()
         holder.execute("COMMIT")
@@ -529,20 +537,84 @@ async def test_sqlite_open_waits_while_another_connection_writes(tmp_path: Path)
         holder.close()
     opened = await opening
     try:
-        async with opened.engine.connect() as conn:
-            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+        mode = await opened.db.read(lambda conn: conn.execute(text("PRAGMA journal_mode")).scalar())
+        assert mode == "wal"
         await opened.save_response("acme", *make_turn("resp_w"))
     finally:
         await opened.close()
 
 
 async def test_sqlite_in_memory() -> None:
-    opened = await open_store("sqlite+aiosqlite://")
+    opened = await open_store("sqlite://")
     try:
         await opened.save_response("acme", *make_turn("resp_mem"))
         assert ids(await opened.load_context("acme", "resp_mem")) == [
             "resp_mem_in0",
             "resp_mem_out0",
         ]
+    finally:
+        await opened.close()
+
+
+async def test_sqlite_writes_queue_behind_other_processes(tmp_path: Path) -> None:
+    """Writers of different processes take turns on an advisory file lock (flock locks belong
+    to an open file description, so a second descriptor here conflicts like another process)."""
+    path = tmp_path / "relay.db"
+    opened = await open_store(f"sqlite:///{path}")
+    try:
+        other = os.open(f"{path}.write-lock", os.O_RDWR)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            saving = asyncio.create_task(opened.save_response("acme", *make_turn("resp_q")))
+            await asyncio.sleep(0.3)
+            assert not saving.done()
+            # Reads never wait for the writer.
+            assert await opened.get_response("acme", "resp_q") is None
+            fcntl.flock(other, fcntl.LOCK_UN)
+        finally:
+            os.close(other)
+        await asyncio.wait_for(saving, 10)
+        assert await opened.get_response("acme", "resp_q") is not None
+    finally:
+        await opened.close()
+
+
+_SAVE_MANY = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[3])
+from relay.storage.sql import open_store
+from test_storage import make_turn
+
+async def main() -> None:
+    opened = await open_store(sys.argv[1])
+    try:
+        await asyncio.gather(*(
+            opened.save_response("acme", *make_turn(f"resp_{sys.argv[2]}_{n}", inputs=2))
+            for n in range(60)
+        ))
+    finally:
+        await opened.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_sqlite_processes_write_concurrently(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    await (await open_store(url)).close()
+    here = str(Path(__file__).parent)
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SAVE_MANY, url, name, here, stderr=asyncio.subprocess.PIPE
+        )
+        for name in ("a", "b", "c")
+    ]
+    for process in processes:
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, stderr.decode()
+    opened = await open_store(url)
+    try:
+        assert await count_rows(opened, responses) == 180
+        assert await count_rows(opened, response_items) == 180 * 3
     finally:
         await opened.close()

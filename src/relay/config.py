@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
-    database_url: str = "sqlite+aiosqlite:///./data/relay.db"
+    database_url: str = "sqlite:///./data/relay.db"
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)
     # A comment line is sent on a stream after this many silent seconds, so proxies and

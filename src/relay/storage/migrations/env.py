@@ -5,7 +5,7 @@ To write a new revision against a scratch database:
 
     from relay.storage.sql import alembic_config
     from alembic import command
-    command.revision(alembic_config("sqlite+aiosqlite:///scratch.db"), "what", autogenerate=True)
+    command.revision(alembic_config("sqlite:///scratch.db"), "what", autogenerate=True)
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -33,7 +34,7 @@ def run(connection: Connection) -> None:
         context.run_migrations()
 
 
-async def run_with_url(url: str) -> None:
+async def run_with_async_url(url: str) -> None:
     engine = create_async_engine(url, poolclass=NullPool)
     try:
         async with engine.begin() as connection:
@@ -42,10 +43,22 @@ async def run_with_url(url: str) -> None:
         await engine.dispose()
 
 
+def run_with_url(url: str) -> None:
+    if make_url(url).get_dialect().is_async:
+        asyncio.run(run_with_async_url(url))
+        return
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            run(connection)
+    finally:
+        engine.dispose()
+
+
 if context.is_offline_mode():
     raise RuntimeError("Relay's migrations run online only")
 shared = config.attributes.get("connection")
 if isinstance(shared, Connection):
     run(shared)
 else:
-    asyncio.run(run_with_url(config.get_main_option("sqlalchemy.url") or ""))
+    run_with_url(config.get_main_option("sqlalchemy.url") or "")

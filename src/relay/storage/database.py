@@ -1,0 +1,257 @@
+"""Where the store's statements run: `Database.read` and `Database.write` take a synchronous
+function of a SQLAlchemy `Connection`, so every query is written once for both databases.
+
+- SQLite runs them on threads of its own with the standard library's sqlite3: a whole save is
+  one hop from the event loop to a thread and back (aiosqlite made one hop per cursor call,
+  about ten per save). One writer thread per process serialises this process's writes, and an
+  advisory file lock serialises processes, so that writers queue in the kernel and wake as soon
+  as the lock is free; SQLite's own busy handler sleeps in growing steps (1, 2, 5, 10... ms)
+  instead, which was most of the latency of concurrent saves.
+- PostgreSQL runs them on asyncpg through `AsyncConnection.run_sync`: no threads; each
+  statement is awaited on the event loop.
+
+`open_database` also migrates the schema (Alembic), with the locks that let processes starting
+together take turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import QueuePool, StaticPool
+
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Key of the PostgreSQL advisory lock that serialises migrations of processes starting together.
+_MIGRATION_LOCK = 7_366_100_261_625_119_076
+_BUSY_TIMEOUT_MS = 10_000
+# Serialises migrations within this process (the advisory lock or BEGIN IMMEDIATE serialises
+# processes): Alembic keeps the running migration in module globals (`alembic.op`,
+# `alembic.context`), so two migrations in one process must not interleave.
+_MIGRATING = threading.Lock()
+_LOCK_POLL_S = 0.01
+# Reads run in parallel with the writer; SQLite in WAL mode never makes a reader wait.
+_SQLITE_READERS = 2
+
+
+class Database(Protocol):
+    """Runs synchronous functions of a Connection: `write` inside a transaction that commits
+    when the function returns (and rolls back when it raises), `read` outside one."""
+
+    @property
+    def sync_engine(self) -> Engine: ...
+
+    async def read(self, work: Callable[[Connection], T]) -> T: ...
+
+    async def write(self, work: Callable[[Connection], T]) -> T: ...
+
+    async def close(self) -> None: ...
+
+
+class SqliteDatabase:
+    def __init__(self, url: URL) -> None:
+        database = url.database or ""
+        self._memory = database in ("", ":memory:")
+        # One writer thread; readers on their own threads, except in memory, where one
+        # connection holds the database and every statement must go through it.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="relay-sqlite-writer")
+        self._readers = (
+            self._writer
+            if self._memory
+            else ThreadPoolExecutor(_SQLITE_READERS, thread_name_prefix="relay-sqlite-reader")
+        )
+        # sqlite3 calls sqlite3_busy_timeout() as it opens the file, before any statement
+        # runs; connections move between this store's threads, never two at once.
+        connect_args = {"timeout": _BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        self._lock_file: int | None = None
+        if self._memory:
+            self._engine = create_engine(url, poolclass=StaticPool, connect_args=connect_args)
+        else:
+            if not url.query.get("uri"):
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                self._lock_file = os.open(f"{database}.write-lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._engine = create_engine(
+                url,
+                poolclass=QueuePool,
+                pool_size=1 + _SQLITE_READERS,
+                connect_args=connect_args,
+            )
+        memory = self._memory
+
+        @event.listens_for(self._engine, "connect")
+        def _configure(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            if not memory:
+                cursor.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.close()
+
+    @property
+    def sync_engine(self) -> Engine:
+        return self._engine
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read, work)
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._write, work)
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        with self._engine.connect() as conn:
+            return work(conn)
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        with self._other_processes_wait(), self._engine.begin() as conn:
+            return work(conn)
+
+    @contextmanager
+    def _other_processes_wait(self) -> Iterator[None]:
+        """The write lock across processes (workers of one server share the file)."""
+        if self._lock_file is None:
+            yield
+            return
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    async def migrate(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._migrate)
+
+    def _migrate(self) -> None:
+        # Blocking on the lock is fine here: this is the writer thread, not an event loop.
+        with _MIGRATING, self._engine.connect() as conn:
+            if not self._memory:
+                _use_wal(conn)
+            # Takes the write lock at once; and DDL inside an explicit transaction is not
+            # autocommitted by sqlite3.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            _upgrade(conn)
+            conn.commit()
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Runs after every queued statement, on the writer thread.
+        await loop.run_in_executor(self._writer, self._engine.dispose)
+        self._writer.shutdown()
+        self._readers.shutdown()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+
+
+def _use_wal(conn: Connection) -> None:
+    """Switch a SQLite file to WAL journaling (a no-op once it is WAL: the mode is stored in the
+    file). SQLite answers "database is locked" at once, without waiting out the busy timeout,
+    when another connection holds a lock while a file changes mode; so retry, within the busy
+    timeout, as the busy handler would have."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+        except OperationalError as error:
+            if "locked" not in str(error.orig) or time.monotonic() > deadline:
+                raise
+            conn.rollback()
+            time.sleep(_LOCK_POLL_S)
+        else:
+            conn.commit()
+            return
+
+
+class AsyncDatabase:
+    """PostgreSQL on asyncpg."""
+
+    def __init__(self, url: URL) -> None:
+        self._engine = create_async_engine(url)
+        # Single-statement reads need no transaction: no BEGIN/ROLLBACK round trips.
+        self._reader = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @property
+    def sync_engine(self) -> Engine:
+        return self._engine.sync_engine
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        async with self._reader.connect() as conn:
+            return await conn.run_sync(work)
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        async with self._engine.begin() as conn:
+            return await conn.run_sync(work)
+
+    async def migrate(self) -> None:
+        async with _migration_turn(), self._engine.connect() as conn:
+            await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            await conn.run_sync(_upgrade)
+            await conn.commit()
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+
+@asynccontextmanager
+async def _migration_turn() -> AsyncIterator[None]:
+    """This process's turn to migrate, taken on an event loop. The lock is polled, not waited
+    on: a blocking wait would stall this thread's event loop, and with it the migration holding
+    the lock if it runs there."""
+    while not _MIGRATING.acquire(blocking=False):  # noqa: ASYNC110 (no awaitable wait)
+        await asyncio.sleep(_LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        _MIGRATING.release()
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """Alembic's configuration, built in code: no alembic.ini."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+async def open_database(url: str) -> SqliteDatabase | AsyncDatabase:
+    """The database at `url`, its schema migrated to the latest revision. SQLite URLs may name
+    any driver (`sqlite://`, `sqlite+aiosqlite://`, `sqlite+pysqlite://`): Relay always uses the
+    standard library's sqlite3 on its own threads."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    database: SqliteDatabase | AsyncDatabase
+    if backend == "sqlite":
+        database = SqliteDatabase(parsed.set(drivername="sqlite+pysqlite"))
+    elif backend == "postgresql":
+        database = AsyncDatabase(parsed)
+    else:
+        raise ValueError(f"unsupported database {backend!r}: use SQLite or PostgreSQL")
+    try:
+        await database.migrate()
+    except BaseException:
+        await database.close()
+        raise
+    return database
