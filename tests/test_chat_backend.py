@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -19,11 +20,7 @@ KEY_ENV = "RELAY_TEST_UPSTREAM_KEY"
 SCRIPTS = [*MODELS, "small_context", "http_429", "http_500", "http_401", "http_400"]
 
 
-@pytest.fixture(scope="module")
-def backend_url(
-    chat_upstream: ChatUpstream, database_url: str, monkeypatch_module: pytest.MonkeyPatch
-) -> Iterator[str]:
-    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
+def backend_routes(chat_upstream: ChatUpstream) -> list[RouteConfig]:
     routes = [
         RouteConfig(
             model=f"up-{name}",
@@ -42,7 +39,16 @@ def backend_url(
             fallbacks=["up-echo"],
         )
     )
-    with relay_server(Settings(database_url=database_url, routes=routes)) as url:
+    return routes
+
+
+@pytest.fixture(scope="module")
+def backend_url(
+    chat_upstream: ChatUpstream, database_url: str, monkeypatch_module: pytest.MonkeyPatch
+) -> Iterator[str]:
+    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
+    settings = Settings(database_url=database_url, routes=backend_routes(chat_upstream))
+    with relay_server(settings) as url:
         yield url
 
 
@@ -102,6 +108,49 @@ def test_chain_rebuilds_context_without_old_instructions(
         },
     )
     assert messages(chat_upstream)[0] == {"role": "system", "content": "New rules."}
+
+
+def test_a_remembered_chain_sends_what_storage_rebuilds(
+    up: httpx.Client, chat_upstream: ChatUpstream, database_url: str
+) -> None:
+    """Relay keeps recent conversations in memory; continuing one must send the upstream the
+    very messages that a Relay rebuilding the chain from storage sends."""
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    chain = [
+        {"model": "up-tools", "input": "weather in Oslo?", "tools": tools},
+        {"model": "up-reasoning", "input": "and in Bergen?"},
+        {"model": "up-echo", "input": [{"role": "assistant", "content": "I said so."}]},
+        {"model": "up-echo", "input": "thanks", "instructions": "Be brief."},
+    ]
+    ids: list[str] = []
+    for body in chain:
+        answer = up.post(
+            "/v1/responses", json={**body, **({"previous_response_id": ids[-1]} if ids else {})}
+        )
+        assert answer.status_code == 200, answer.text
+        ids.append(answer.json()["id"])
+    # The next turn starts with an assistant message, which must merge with the history's.
+    follow_up = {
+        "model": "up-echo",
+        "input": [{"role": "assistant", "content": "Also:"}, {"role": "user", "content": "ok"}],
+        "instructions": "Rules.",
+    }
+    settings = Settings(
+        database_url=database_url, routes=backend_routes(chat_upstream), history_cache_items=0
+    )
+    with relay_server(settings) as url, checked_client(url) as rebuilding:
+        for response_id in ids:
+            sent = []
+            for server in (up, rebuilding):
+                answer = server.post(
+                    "/v1/responses", json={**follow_up, "previous_response_id": response_id}
+                )
+                assert answer.status_code == 200, answer.text
+                sent.append(messages(chat_upstream))
+            assert sent[0] == sent[1]
+            roles = [message["role"] for message in sent[0]]
+            assert all(a != b for a, b in itertools.pairwise(roles) if a == "assistant")
+    assert any(message.get("tool_calls") for message in sent[0])
 
 
 def test_tool_round_trip_keeps_calls_in_the_chain(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from conformance import assert_valid_item, assert_valid_response
+
+from relay.storage.sql import open_store
 
 
 def create(http: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -105,3 +108,26 @@ def test_chain_carries_tool_calls_and_outputs(http: httpx.Client) -> None:
     assert second.json()["previous_response_id"] == first["id"]
     listed = http.get(f"/v1/responses/{second.json()['id']}/input_items").json()
     assert [item["type"] for item in listed["data"]] == ["function_call_output"]
+
+
+def test_a_chain_deleted_by_another_process_ends(http: httpx.Client, database_url: str) -> None:
+    """Relay remembers recent conversations in memory; a delete made through another process
+    (another worker, another server on the same database) must still end the chain."""
+    first = create(http, input="one")
+    second = create(http, input="two", previous_response_id=first["id"])
+    create(http, input="three", previous_response_id=second["id"])  # the chain is remembered
+
+    async def delete_elsewhere() -> bool:
+        other = await open_store(database_url)
+        try:
+            return await other.delete_response("default", second["id"])
+        finally:
+            await other.close()
+
+    assert asyncio.run(delete_elsewhere())
+    follow = http.post(
+        "/v1/responses",
+        json={"model": "fake-text", "input": "four", "previous_response_id": second["id"]},
+    )
+    assert follow.status_code == 400
+    assert follow.json()["error"]["code"] == "previous_response_not_found"

@@ -85,6 +85,9 @@ class ApiKeyConfig(BaseModel):
         raise ValueError(f"API key for tenant '{self.tenant}' has neither key nor a set key_env")
 
 
+DEFAULT_HISTORY_CACHE_ITEMS = 20_000
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RELAY_", env_nested_delimiter="__", extra="forbid"
@@ -107,6 +110,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Origins allowed to call Relay from a browser (CORS); ["*"] allows any.
     cors_origins: list[str] = Field(default_factory=list)
+    # Items of recent conversations each process keeps in memory, so that a turn continuing
+    # one reads and translates only its new items (0: always rebuild from storage).
+    history_cache_items: int = Field(default=DEFAULT_HISTORY_CACHE_ITEMS, ge=0)
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:

@@ -56,7 +56,12 @@ def create_app(settings: Settings) -> ASGIApp:
         registry = Registry(settings.routes)
         app.state.settings = settings
         app.state.store = store
-        engine = Engine(registry, store, echo_json_schema=settings.echo_json_schema)
+        engine = Engine(
+            registry,
+            store,
+            echo_json_schema=settings.echo_json_schema,
+            history_cache_items=settings.history_cache_items,
+        )
         app.state.engine = engine
         app.state.key_table = key_table({key.secret(): key.tenant for key in settings.api_keys})
         log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))

@@ -10,9 +10,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from relay.engine.history import HistoryCache
 from relay.errors import InvalidRequest
 from relay.ids import new_id
 from relay.protocol import CreateResponse, invalid_request, parse_item
+from relay.providers.base import History
 from relay.storage.base import Store
 
 _ID_PREFIX = {
@@ -79,17 +81,28 @@ async def resolve_references(
     return resolved
 
 
-async def load_history(store: Store, tenant: str, request: CreateResponse) -> list[dict[str, Any]]:
-    if request.previous_response_id is None:
-        return []
-    history = await store.load_context(tenant, request.previous_response_id)
-    if history is None:
-        raise InvalidRequest(
-            f"Previous response with id '{request.previous_response_id}' not found.",
-            param="previous_response_id",
-            code="previous_response_not_found",
-        )
-    return history
+async def load_history(
+    store: Store, cache: HistoryCache, tenant: str, request: CreateResponse
+) -> History | None:
+    """The chain that previous_response_id continues: from memory when this process saw it
+    last (after asking the store whether it is still visible), else from the store."""
+    previous = request.previous_response_id
+    if previous is None:
+        return None
+    history = cache.get(tenant, previous)
+    if history is not None:
+        if await store.is_visible(tenant, previous):
+            return history
+        cache.discard(tenant, previous)
+    else:
+        items = await store.load_context(tenant, previous)
+        if items is not None:
+            return History(items)
+    raise InvalidRequest(
+        f"Previous response with id '{previous}' not found.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
 
 
 def check_tool_outputs(history: list[dict[str, Any]], items: list[dict[str, Any]]) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.config import DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, check_route, plan_tools, reasoning_settings
 from relay.engine.context import (
@@ -25,11 +26,12 @@ from relay.engine.context import (
     parse_input,
     resolve_references,
 )
+from relay.engine.history import HistoryCache
 from relay.engine.response import new_response
 from relay.errors import InvalidRequest, RateLimited, RelayError, UpstreamError
 from relay.ids import new_id
 from relay.protocol import CreateResponse
-from relay.providers.base import Delta, ProviderError, ProviderRequest
+from relay.providers.base import Delta, History, ProviderError, ProviderRequest
 from relay.providers.registry import Registry, Route
 from relay.storage.base import Store
 
@@ -56,6 +58,7 @@ class Run:
     builder: ResponseBuilder
     input_items: list[dict[str, Any]]
     deltas: AsyncIterator[Delta]
+    history: History | None = None  # the chain this run continues
     trace: dict[str, Any] | None = None
     _finished: bool = field(default=False)
 
@@ -120,6 +123,7 @@ class Run:
             except Exception:
                 log.exception("could not store response %s", response["id"])
                 return False
+            self.engine.remember(self.tenant, response, self.history, self.input_items)
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -144,11 +148,36 @@ async def _close(deltas: AsyncIterator[Delta]) -> None:
 
 
 class Engine:
-    def __init__(self, registry: Registry, store: Store, *, echo_json_schema: bool = True) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        *,
+        echo_json_schema: bool = True,
+        history_cache_items: int = DEFAULT_HISTORY_CACHE_ITEMS,
+    ) -> None:
         self.registry = registry
         self.store = store
         self.echo_json_schema = echo_json_schema
+        self.histories = HistoryCache(history_cache_items)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def remember(
+        self,
+        tenant: str,
+        response: dict[str, Any],
+        history: History | None,
+        input_items: list[dict[str, Any]],
+    ) -> None:
+        """Keep the history a stored response ends with, for the turn that continues it."""
+        before = [] if history is None else history.items
+        self.histories.put(
+            tenant,
+            response["id"],
+            History([*before, *input_items, *response["output"]], parent=history),
+        )
+        if history is not None:
+            history.parent = None  # one level of links, see History.parent
 
     def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` as a task the engine owns: it outlives a cancelled request, and
@@ -177,18 +206,22 @@ class Engine:
         tools = plan_tools(request)
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
-        history = await load_history(self.store, tenant, request)
+        history = await load_history(self.store, self.histories, tenant, request)
         items = await resolve_references(self.store, tenant, items)
-        check_tool_outputs(history, items)
+        earlier = [] if history is None else history.items
+        check_tool_outputs(earlier, items)
+        context = earlier + items
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
 
-        def provider_request(route: Route, context: list[dict[str, Any]]) -> ProviderRequest:
+        def provider_request(route: Route, sent: list[dict[str, Any]]) -> ProviderRequest:
             return ProviderRequest(
                 upstream_model=route.upstream_model,
                 request=request,
                 instructions=request.instructions,
-                items=context,
+                items=sent,
+                # Truncation sends a shorter list, which no longer begins with the history.
+                history=history if sent is context else None,
                 tools=tools.offered,
                 tool_choice=tools.choice,
                 parallel_tool_calls=tools.parallel,
@@ -197,7 +230,7 @@ class Engine:
             )
 
         route, deltas = await self._open(
-            routes, provider_request, history + items, truncate=request.truncation == "auto"
+            routes, provider_request, context, truncate=request.truncation == "auto"
         )
         response = new_response(
             request,
@@ -224,7 +257,7 @@ class Engine:
                 or request.stream_options.include_obfuscation is not False
             ),
         )
-        return Run(self, tenant, builder, items, deltas, trace=request.trace)
+        return Run(self, tenant, builder, items, deltas, history=history, trace=request.trace)
 
     async def _open(
         self,

@@ -7,13 +7,14 @@ the small delta vocabulary below. It never sees Responses ids, never builds even
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from relay.protocol import CreateResponse
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -62,6 +63,37 @@ class FinishDelta:
 Delta = TextDelta | RefusalDelta | ReasoningDelta | ToolCallDelta | UsageDelta | FinishDelta
 
 
+@dataclass(eq=False, slots=True)
+class History:
+    """The items of a stored chain, oldest first: what a previous_response_id continues.
+
+    The engine keeps recent histories in memory and hands the same objects to every turn of a
+    conversation; nobody changes them. What a provider derives from them (its translation of
+    the items) is kept with them by `derive`, and a successor history extends its parent's
+    instead of translating every item again, so turn N costs its new items, not N turns.
+    """
+
+    items: list[dict[str, Any]]
+    # A history whose items begin these. One level only: the engine cuts the link below, so
+    # a conversation does not keep every earlier history alive.
+    parent: History | None = None
+    _derived: dict[str, Any] = field(default_factory=dict)
+
+    def derive(self, key: str, extend: Callable[[T, list[dict[str, Any]]], T], empty: T) -> T:
+        """`extend(empty, items)`, computed once, or `extend(the parent's, the items after the
+        parent's)` when the parent has one. `extend` must not change its first argument."""
+        value: T | None = self._derived.get(key)
+        if value is None:
+            parent = self.parent
+            base: T | None = None if parent is None else parent._derived.get(key)
+            if parent is not None and base is not None:
+                value = extend(base, self.items[len(parent.items) :])
+            else:
+                value = extend(empty, self.items)
+            self._derived[key] = value
+        return value
+
+
 @dataclass(slots=True)
 class ProviderRequest:
     """What a provider needs: the upstream model, the validated request and the built context.
@@ -81,6 +113,8 @@ class ProviderRequest:
     want_logprobs: bool = False
     # reasoning.effort, or seed 001's top-level reasoning_effort: merged by the engine.
     reasoning_effort: str | None = None
+    # When set, `items` begins with history.items, the very same objects.
+    history: History | None = None
 
 
 class ProviderError(Exception):

@@ -9,41 +9,77 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.providers.base import ProviderError
+from relay.providers.base import ProviderError, ProviderRequest
 
 
 def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Responses items to chat messages.
+    """Responses items to chat messages."""
+    return ChatTranscript().extended(items).finish(instructions)
+
+
+def chat_messages(request: ProviderRequest, instructions: str | None) -> list[dict[str, Any]]:
+    """The request's context as chat messages, after `instructions` as the system message. A
+    stored chain's history (request.history) is translated once and extended turn after turn,
+    so a long conversation costs each turn only its new items."""
+    history = request.history
+    if history is None:
+        return build_messages(instructions, request.items)
+    transcript = history.derive("chat", ChatTranscript.extended, ChatTranscript())
+    return transcript.extended(request.items[len(history.items) :]).finish(instructions)
+
+
+class ChatTranscript:
+    """Chat messages for a run of items, built so that it can be continued with more items.
 
     A run of assistant-side items (messages and function calls, with reasoning skipped in
     between) becomes ONE assistant message: chat has no other way to attach tool calls to text,
-    and templates such as Mistral's reject two assistant messages in a row.
+    and templates such as Mistral's reject two assistant messages in a row. That message stays
+    pending (`_texts`, `_calls`) until a non-assistant item or `finish` closes it, which is why a
+    transcript continued later gives exactly the messages of one built in one go.
+
+    A transcript is never changed once built: `extended` returns a new one.
     """
-    messages: list[dict[str, Any]] = []
-    if instructions:
-        messages.append({"role": "system", "content": instructions})
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
 
-    def flush() -> None:
-        if texts or calls:
-            # Chat wants null content beside tool calls, and a string (maybe empty) otherwise.
-            content = "\n\n".join(text for text in texts if text) or (None if calls else "")
-            message: dict[str, Any] = {"role": "assistant", "content": content}
-            if calls:
-                message["tool_calls"] = list(calls)
-            messages.append(message)
-            texts.clear()
-            calls.clear()
+    __slots__ = ("_calls", "_messages", "_texts")
 
-    for item in items:
+    def __init__(self) -> None:
+        self._messages: list[dict[str, Any]] = []
+        self._texts: list[str] = []
+        self._calls: list[dict[str, Any]] = []
+
+    def extended(self, items: list[dict[str, Any]]) -> ChatTranscript:
+        out = ChatTranscript()
+        out._messages = list(self._messages)
+        out._texts = list(self._texts)
+        out._calls = list(self._calls)
+        for item in items:
+            out._add(item)
+        return out
+
+    def finish(self, instructions: str | None) -> list[dict[str, Any]]:
+        """The messages, the pending assistant message closed, after the system instructions."""
+        messages = [{"role": "system", "content": instructions}] if instructions else []
+        messages += self._messages
+        pending = _assistant_message(self._texts, self._calls)
+        if pending is not None:
+            messages.append(pending)
+        return messages
+
+    def _flush(self) -> None:
+        pending = _assistant_message(self._texts, self._calls)
+        if pending is not None:
+            self._messages.append(pending)
+            self._texts = []
+            self._calls = []
+
+    def _add(self, item: dict[str, Any]) -> None:
         kind = item.get("type", "message")
         if kind == "reasoning":
-            continue  # chat upstreams cannot take reasoning back
+            return  # chat upstreams cannot take reasoning back
         if kind == "message" and item.get("role") == "assistant":
-            texts.append(_assistant_text(item.get("content")))
+            self._texts.append(_assistant_text(item.get("content")))
         elif kind == "function_call":
-            calls.append(
+            self._calls.append(
                 {
                     "id": item["call_id"],
                     "type": "function",
@@ -51,7 +87,7 @@ def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> lis
                 }
             )
         elif kind == "function_call_output":
-            flush()
+            self._flush()
             output = item.get("output")
             if not isinstance(output, str):
                 parts = list(output or ())
@@ -59,11 +95,13 @@ def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> lis
                     # Chat tool messages carry text only; dropping the rest would be silent.
                     raise _unsupported("image or file parts in a function_call_output")
                 output = "".join(part["text"] for part in parts)
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+            self._messages.append(
+                {"role": "tool", "tool_call_id": item["call_id"], "content": output}
+            )
         elif kind == "message":
-            flush()
+            self._flush()
             role = item.get("role", "user")
-            messages.append(
+            self._messages.append(
                 {
                     "role": "system" if role == "developer" else role,
                     "content": _user_content(item.get("content")),
@@ -71,8 +109,17 @@ def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> lis
             )
         else:
             raise _unsupported(f"input item type '{kind}'")
-    flush()
-    return messages
+
+
+def _assistant_message(texts: list[str], calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not texts and not calls:
+        return None
+    # Chat wants null content beside tool calls, and a string (maybe empty) otherwise.
+    content = "\n\n".join(text for text in texts if text) or (None if calls else "")
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = list(calls)
+    return message
 
 
 def _assistant_text(content: Any) -> str:

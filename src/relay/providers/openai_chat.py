@@ -31,7 +31,7 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.chat_messages import build_messages
+from relay.providers.chat_messages import chat_messages
 
 # Re-exported for relay.providers.llama_local, which imported it from here before the
 # translation moved to relay.providers.chat_messages.
@@ -138,7 +138,7 @@ class OpenAIChatProvider:
         req = request.request
         body: dict[str, Any] = {
             "model": request.upstream_model,
-            "messages": build_messages(request.instructions, request.items),
+            "messages": chat_messages(request, request.instructions),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -33,6 +33,10 @@ class Store(Protocol):
         """The stored response object, or None when unknown, deleted or another tenant's."""
         ...
 
+    async def is_visible(self, tenant: str, response_id: str) -> bool:
+        """Whether get_response would find it (one indexed lookup)."""
+        ...
+
     async def delete_response(self, tenant: str, response_id: str) -> bool:
         """Soft-delete; False when there was nothing (visible) to delete."""
         ...

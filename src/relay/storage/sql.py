@@ -52,6 +52,8 @@ _visible = (
 
 _GET_BODY = select(responses.c.body).where(*_visible)
 
+_IS_VISIBLE = select(responses.c.id).where(*_visible)
+
 _SOFT_DELETE = update(responses).where(*_visible).values(deleted_at=bindparam("now"))
 
 # A resave overwrites the row; the SET clause comes from the parameters given. deleted_at is
@@ -202,6 +204,10 @@ def _get_body(conn: Connection, tenant: str, response_id: str) -> dict[str, Any]
     return None if body is None else _loads_dict(body)
 
 
+def _is_visible(conn: Connection, tenant: str, response_id: str) -> bool:
+    return conn.execute(_IS_VISIBLE, {"rid": response_id, "t": tenant}).first() is not None
+
+
 def _soft_delete(conn: Connection, tenant: str, response_id: str) -> bool:
     params = {"rid": response_id, "t": tenant, "now": int(time.time())}
     return conn.execute(_SOFT_DELETE, params).rowcount > 0
@@ -278,6 +284,9 @@ class SqlStore:
 
     async def get_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:
         return await self.db.read(lambda conn: _get_body(conn, tenant, response_id))
+
+    async def is_visible(self, tenant: str, response_id: str) -> bool:
+        return await self.db.read(lambda conn: _is_visible(conn, tenant, response_id))
 
     async def delete_response(self, tenant: str, response_id: str) -> bool:
         return await self.db.write(lambda conn: _soft_delete(conn, tenant, response_id))

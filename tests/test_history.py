@@ -1,0 +1,95 @@
+"""Conversations remembered in memory: the chat translation continued turn after turn must be
+exactly the one built in one go, and the cache must stay within its budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from relay.engine.history import HistoryCache
+from relay.providers.base import History
+from relay.providers.chat_messages import ChatTranscript, build_messages
+
+
+def message(role: str, text: str) -> dict[str, Any]:
+    part = "output_text" if role == "assistant" else "input_text"
+    return {"type": "message", "role": role, "content": [{"type": part, "text": text}]}
+
+
+def call(call_id: str) -> dict[str, Any]:
+    return {"type": "function_call", "call_id": call_id, "name": "f", "arguments": "{}"}
+
+
+CONVERSATION: list[dict[str, Any]] = [
+    message("developer", "rules"),
+    message("user", "hi"),
+    {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "h"}]},
+    message("assistant", "let me look"),
+    call("c1"),
+    call("c2"),
+    {"type": "function_call_output", "call_id": "c1", "output": "one"},
+    {
+        "type": "function_call_output",
+        "call_id": "c2",
+        "output": [{"type": "input_text", "text": "2"}],
+    },
+    message("assistant", "done"),
+    message("assistant", "anything else?"),
+    message("user", "no"),
+    call("c3"),
+]
+
+
+@pytest.mark.parametrize("split", range(len(CONVERSATION) + 1))
+def test_a_continued_transcript_equals_one_built_at_once(split: int) -> None:
+    whole = build_messages("be brief", CONVERSATION)
+    first = ChatTranscript().extended(CONVERSATION[:split])
+    continued = first.extended(CONVERSATION[split:])
+    assert continued.finish("be brief") == whole
+    # `extended` leaves its source as it was: the history's translation is shared.
+    assert first.finish(None) == build_messages(None, CONVERSATION[:split])
+
+
+def test_assistant_items_across_the_boundary_make_one_message() -> None:
+    # The history ends with an answer; the next input starts with an assistant message.
+    before = ChatTranscript().extended([message("user", "q"), message("assistant", "a")])
+    messages = before.extended([message("assistant", "b"), message("user", "r")]).finish(None)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[1]["content"] == "a\n\nb"
+
+
+def test_derive_extends_the_parent_once() -> None:
+    seen: list[int] = []
+
+    def count(total: int, items: list[dict[str, Any]]) -> int:
+        seen.append(len(items))
+        return total + len(items)
+
+    parent = History(CONVERSATION[:4])
+    assert parent.derive("n", count, 0) == 4
+    child = History(CONVERSATION[:10], parent=parent)
+    assert child.derive("n", count, 0) == 10
+    assert child.derive("n", count, 0) == 10
+    assert seen == [4, 6]  # the child translated only its 6 new items, once
+    orphan = History(CONVERSATION[:10])
+    assert orphan.derive("n", count, 0) == 10 and seen[-1] == 10
+
+
+def test_cache_evicts_least_recently_used_within_its_budget() -> None:
+    cache = HistoryCache(max_items=10)
+    for name in ("a", "b", "c"):
+        cache.put("t", name, History(CONVERSATION[:4]))
+    assert cache.get("t", "a") is None  # 12 items > 10: the oldest went
+    assert cache.get("t", "b") is not None  # now the most recently used
+    cache.put("t", "d", History(CONVERSATION[:4]))
+    assert cache.get("t", "c") is None and cache.get("t", "b") is not None
+    assert cache.get("other tenant", "b") is None
+    cache.put("t", "huge", History(CONVERSATION))  # larger than the whole budget: not kept
+    assert cache.get("t", "huge") is None and len(cache) == 2
+
+
+def test_cache_of_zero_keeps_nothing() -> None:
+    cache = HistoryCache(max_items=0)
+    cache.put("t", "a", History([]))
+    assert cache.get("t", "a") is None
