@@ -12,6 +12,7 @@ from live_server import relay_server
 from relay_fixtures import checked_client, fake_routes, sse_events
 
 from relay.config import Settings
+from relay.storage.sql import SqlStore
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,18 @@ def test_cors_preflight_for_configured_origins(tuned: httpx.Client) -> None:
         headers={"origin": "https://elsewhere.example", "access-control-request-method": "POST"},
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_bug_answers_500_in_the_envelope(
+    tuned: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_: object) -> None:
+        raise RuntimeError("internal detail that must not leak")
+
+    monkeypatch.setattr(SqlStore, "get_response", broken)
+    answer = tuned.get("/v1/responses/resp_anything", headers={"x-request-id": "req_bug"})
+    assert answer.status_code == 500
+    assert answer.headers["x-request-id"] == "req_bug"
+    assert answer.headers["x-should-retry"] == "false"
+    assert answer.json()["error"]["type"] == "server_error"
+    assert "internal detail" not in answer.text and "Traceback" not in answer.text

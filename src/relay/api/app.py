@@ -7,14 +7,15 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import __version__
 from relay.api import errors
 from relay.api.auth import key_table
-from relay.api.routes import json_response, router
+from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
 from relay.providers.registry import Registry
@@ -51,7 +52,7 @@ class RequestIdMiddleware:
 
 def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await open_store(settings.database_url)
         registry = Registry(settings.routes)
         app.state.settings = settings
@@ -72,30 +73,24 @@ def create_app(settings: Settings) -> ASGIApp:
             await registry.aclose()
             await store.close()
 
-    app = FastAPI(
-        title="Relay",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    errors.install(app)
+    middleware = []
     if settings.cors_origins:
         # Browser clients (such as the Open Responses compliance tester) need CORS.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-request-id", "x-session-id"],
-            expose_headers=["x-request-id"],
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                allow_headers=["authorization", "content-type", "x-request-id", "x-session-id"],
+                expose_headers=["x-request-id"],
+            )
         )
-    app.include_router(router, prefix="/v1")
-    app.include_router(router, prefix="/api/v1")
-
-    @app.get("/healthz")
-    async def healthz() -> object:
-        return json_response({"status": "ok"})
+    app = Starlette(
+        routes=routes(("/v1", "/api/v1")),
+        middleware=middleware,
+        exception_handlers=errors.HANDLERS,
+        lifespan=lifespan,
+    )
 
     # Outermost, so that even the answer to an unhandled error carries the request id.
     return RequestIdMiddleware(app)

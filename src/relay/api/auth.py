@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from fastapi import Request
+from starlette.requests import Request
 
 from relay.errors import AuthenticationError, PermissionDenied
 from relay.loopback import is_loopback
@@ -25,7 +25,7 @@ def key_table(keys: dict[str, str]) -> dict[str, str]:
     return {digest(key): tenant for key, tenant in keys.items()}
 
 
-async def tenant_of(request: Request) -> str:
+def tenant_of(request: Request) -> str:
     table: dict[str, str] = request.app.state.key_table
     if not table:
         # No keys configured: `relay serve` refuses to bind anywhere but loopback; this check

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ExceptionHandler
 
 from relay.errors import ClientError, InvalidRequest, NotFound, RelayError, ServerError
 
@@ -30,29 +30,31 @@ def error_response(error: RelayError) -> Response:
     )
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(RelayError)
-    async def relay_error(_: Request, error: RelayError) -> Response:
-        return error_response(error)
+async def _relay_error(_: Request, error: Exception) -> Response:
+    assert isinstance(error, RelayError)
+    return error_response(error)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_query(_: Request, error: RequestValidationError) -> Response:
-        first = error.errors()[0]
-        # Only query and path parameters get here (bodies are parsed by the routes): loc is
-        # ("query", name).
-        param = ".".join(str(step) for step in first["loc"][1:])
-        return error_response(InvalidRequest(f"Invalid '{param}': {first['msg']}", param=param))
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> Response:
-        kind = _BY_STATUS.get(error.status_code)
-        if kind is not None:
-            return error_response(kind(str(error.detail)))
-        relay_error = ClientError(str(error.detail))
-        relay_error.status = error.status_code
-        return error_response(relay_error)
+async def _http_error(_: Request, error: Exception) -> Response:
+    """Starlette's own answers (unknown path: 404, wrong method: 405) in the envelope."""
+    assert isinstance(error, HTTPException)
+    kind = _BY_STATUS.get(error.status_code)
+    if kind is not None:
+        return error_response(kind(str(error.detail)))
+    relay_error = ClientError(str(error.detail))
+    relay_error.status = error.status_code
+    return error_response(relay_error)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, error: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(ServerError("The server had an error processing your request."))
+
+async def _unexpected(_: Request, error: Exception) -> Response:
+    log.exception("unhandled error", exc_info=error)
+    return error_response(ServerError("The server had an error processing your request."))
+
+
+# For Starlette(exception_handlers=...): the Exception entry is the last resort, served by
+# Starlette's ServerErrorMiddleware, so even a bug answers with the envelope.
+HANDLERS: dict[type[Exception], ExceptionHandler] = {
+    RelayError: _relay_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}

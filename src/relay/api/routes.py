@@ -1,14 +1,21 @@
-"""HTTP endpoints: authenticate, parse, call the engine or the store, frame the answer."""
+"""HTTP endpoints: authenticate, parse, call the engine or the store, frame the answer.
+
+Plain Starlette routes: each handler authenticates and validates by itself, so the hot path
+(POST /responses) pays for no dependency injection.
+"""
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from relay.api.auth import tenant_of
 from relay.api.sse import EventStreamResponse
@@ -18,10 +25,11 @@ from relay.ids import looks_like_response_id
 from relay.protocol import ID_PATTERN, MAX_DEPTH, CreateResponse, invalid_request, too_deep
 from relay.storage.base import Store
 
-router = APIRouter()
-Tenant = Annotated[str, Depends(tenant_of)]
 STARTED = int(time.time())
 MAX_SESSION_ID = 128
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+_ITEM_ID = re.compile(ID_PATTERN)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -86,8 +94,8 @@ def _not_found(response_id: str) -> NotFound:
     )
 
 
-@router.post("/responses")
-async def create_response(request: Request, tenant: Tenant) -> Response:
+async def create_response(request: Request) -> Response:
+    tenant = tenant_of(request)
     body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
     session = request.headers.get("x-session-id")
     if session is not None and len(session) > MAX_SESSION_ID:
@@ -100,8 +108,8 @@ async def create_response(request: Request, tenant: Tenant) -> Response:
     return json_response(await run.final())
 
 
-@router.get("/responses")
-async def responses_info(tenant: Tenant) -> Response:
+async def responses_info(request: Request) -> Response:
+    tenant_of(request)
     return json_response(
         {
             "object": "endpoint",
@@ -116,33 +124,65 @@ async def responses_info(tenant: Tenant) -> Response:
     )
 
 
-@router.get("/responses/{response_id}")
-async def get_response(response_id: str, request: Request, tenant: Tenant) -> Response:
+async def get_response(request: Request) -> Response:
+    tenant = tenant_of(request)
+    response_id = request.path_params["response_id"]
     stored = await _store(request).get_response(tenant, _checked_id(response_id))
     if stored is None:
         raise _not_found(response_id)
     return json_response(stored)
 
 
-@router.delete("/responses/{response_id}")
-async def delete_response(response_id: str, request: Request, tenant: Tenant) -> Response:
+async def delete_response(request: Request) -> Response:
+    tenant = tenant_of(request)
+    response_id = request.path_params["response_id"]
     if not await _store(request).delete_response(tenant, _checked_id(response_id)):
         raise _not_found(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
-@router.get("/responses/{response_id}/input_items")
-async def list_input_items(
-    response_id: str,
-    request: Request,
-    tenant: Tenant,
-    after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
-    before: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    order: Literal["asc", "desc"] = "desc",
-) -> Response:
+def _cursor(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and not _ITEM_ID.match(value):
+        raise InvalidRequest(
+            f"Invalid '{name}': expected an item id of 1 to 256 printable ASCII characters.",
+            param=name,
+        )
+    return value
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return DEFAULT_PAGE
+    limit = int(raw) if raw.isdigit() else 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(
+            f"Invalid 'limit': expected an integer from 1 to {MAX_PAGE}, got '{raw[:20]}'.",
+            param="limit",
+        )
+    return limit
+
+
+def _order(request: Request) -> str:
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest(
+            f"Invalid 'order': expected 'asc' or 'desc', got '{order[:20]}'.", param="order"
+        )
+    return order
+
+
+async def list_input_items(request: Request) -> Response:
+    tenant = tenant_of(request)
+    response_id = request.path_params["response_id"]
     page = await _store(request).list_input_items(
-        tenant, _checked_id(response_id), after=after, before=before, limit=limit, order=order
+        tenant,
+        _checked_id(response_id),
+        after=_cursor(request, "after"),
+        before=_cursor(request, "before"),
+        limit=_limit(request),
+        order="asc" if _order(request) == "asc" else "desc",
     )
     if page is None:
         raise _not_found(response_id)
@@ -157,8 +197,8 @@ async def list_input_items(
     )
 
 
-@router.get("/models")
-async def list_models(request: Request, tenant: Tenant) -> Response:
+async def list_models(request: Request) -> Response:
+    tenant_of(request)
     names = request.app.state.engine.registry.names()
     return json_response(
         {
@@ -169,3 +209,29 @@ async def list_models(request: Request, tenant: Tenant) -> Response:
             ],
         }
     )
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+_API: list[tuple[str, Endpoint, str]] = [
+    ("/responses", create_response, "POST"),
+    ("/responses", responses_info, "GET"),
+    ("/responses/{response_id}", get_response, "GET"),
+    ("/responses/{response_id}", delete_response, "DELETE"),
+    ("/responses/{response_id}/input_items", list_input_items, "GET"),
+    ("/models", list_models, "GET"),
+]
+
+
+def routes(prefixes: tuple[str, ...]) -> list[BaseRoute]:
+    """The API under each prefix, and /healthz. POST /responses comes first: it is matched
+    on every request that matters for speed."""
+    table: list[BaseRoute] = [
+        Route(prefix + path, endpoint, methods=[method])
+        for path, endpoint, method in _API
+        for prefix in prefixes
+    ]
+    return [*table, Route("/healthz", healthz, methods=["GET"])]
