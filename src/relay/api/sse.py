@@ -1,7 +1,8 @@
 """Server-sent events: the only module that knows the framing.
 
-One event per write (`event: <type>` equal to the JSON `type`, one `data:` line, LF endings),
-a comment line after `keepalive_s` of silence, `data: [DONE]` last. While streaming we listen
+Each event is `event: <type>` (equal to the JSON `type`), one `data:` line, LF endings; the
+events of one batch (see Run.events) go out in one write. A comment line after `keepalive_s` of
+silence, `data: [DONE]` last. While streaming we listen
 for the client's disconnect and, when it comes, close the event source so that the run records
 where it stopped instead of staying in_progress.
 """
@@ -36,7 +37,7 @@ class EventStreamResponse(Response):
 
     def __init__(
         self,
-        events: AsyncIterator[dict[str, Any]],
+        events: AsyncIterator[list[dict[str, Any]]],
         *,
         keepalive_s: float,
     ) -> None:
@@ -77,9 +78,10 @@ class EventStreamResponse(Response):
         loop = asyncio.get_running_loop()
         last_sequence = -1
         try:
-            async for event in self.events:
-                last_sequence = event["sequence_number"]
-                await send({"type": "http.response.body", "body": frame(event), "more_body": True})
+            async for batch in self.events:
+                last_sequence = batch[-1]["sequence_number"]
+                body = b"".join(frame(event) for event in batch)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 self._last_write = loop.time()
         except Exception:
             # Run.events ends every run with a terminal event; this is the last resort for a

@@ -66,15 +66,17 @@ class Run:
     def response(self) -> dict[str, Any]:
         return self.builder.response
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncIterator[list[Event]]:
+        """The stream, in batches: the events one step produced (the start, one upstream
+        delta, the end), which a stream can send in one write."""
         builder = self.builder
         try:
-            for event in builder.start():
-                yield event
+            yield builder.start()
             try:
                 async for delta in self.deltas:
-                    for event in builder.feed(delta):
-                        yield event
+                    batch = builder.feed(delta)
+                    if batch:
+                        yield batch
                 closing = builder.finish()
             except ProviderError as error:
                 log.warning("upstream failed mid-stream: %s", error.message)
@@ -91,8 +93,7 @@ class Run:
             # response.completed and fetches it at once must find it.
             if not await self._persist():
                 builder.mark_failed("server_error", "The response could not be stored.")
-            for event in closing + builder.terminal():
-                yield event
+            yield closing + builder.terminal()
         except (asyncio.CancelledError, GeneratorExit):
             if not self._finished:
                 builder.cancel()
