@@ -16,10 +16,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event, func, select, text
+from sqlalchemy import Connection, create_engine, event, func, select, text
 
 from relay.errors import InvalidRequest, RelayError
 from relay.storage.base import ItemPage
+from relay.storage.database import SqliteDatabase
 from relay.storage.sql import SqlStore, alembic_config, open_store
 from relay.storage.tables import metadata, response_items, responses
 
@@ -617,4 +618,29 @@ async def test_sqlite_processes_write_concurrently(tmp_path: Path) -> None:
         assert await count_rows(opened, responses) == 180
         assert await count_rows(opened, response_items) == 180 * 3
     finally:
+        await opened.close()
+
+
+async def test_sqlite_lookups_on_the_loop_never_wait_there(tmp_path: Path) -> None:
+    """is_visible runs on the event loop when SQLite answers at once. When it cannot, it must
+    not wait there: it goes to a reader thread. A WAL reader is almost never refused, so the
+    loop's connection is pointed at a file another connection holds exclusively."""
+    path = tmp_path / "relay.db"
+    opened = await open_store(f"sqlite:///{path}")
+    blocker_path = tmp_path / "held.db"
+    holder = sqlite3.connect(blocker_path, isolation_level=None)
+    try:
+        await opened.save_response("acme", *make_turn("resp_v"))
+        assert await opened.is_visible("acme", "resp_v")
+        assert not await opened.is_visible("other", "resp_v")
+        holder.execute("CREATE TABLE responses (id TEXT)")
+        holder.execute("BEGIN EXCLUSIVE")
+        db = opened.db
+        assert isinstance(db, SqliteDatabase)
+        db._inline = create_engine(f"sqlite:///{blocker_path}", connect_args={"timeout": 0})
+        # SQLite refuses the loop's connection at once (no busy timeout there); a reader thread
+        # answers from the real file.
+        assert await opened.is_visible("acme", "resp_v")
+    finally:
+        holder.close()
         await opened.close()

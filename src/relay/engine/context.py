@@ -105,13 +105,26 @@ async def load_history(
     )
 
 
-def check_tool_outputs(history: list[dict[str, Any]], items: list[dict[str, Any]]) -> None:
-    """Every function_call_output must answer a function_call the model made in context."""
-    calls = {item["call_id"] for item in history if item["type"] == "function_call"}
+_NO_CALLS: frozenset[str] = frozenset()
+
+
+def _with_calls(calls: frozenset[str], items: list[dict[str, Any]]) -> frozenset[str]:
+    return calls.union(item["call_id"] for item in items if item["type"] == "function_call")
+
+
+def check_tool_outputs(history: History | None, items: list[dict[str, Any]]) -> None:
+    """Every function_call_output must answer a function_call the model made in context (the
+    history's calls are gathered once per history, see History.derive)."""
+    earlier = _NO_CALLS if history is None else history.derive("calls", _with_calls, _NO_CALLS)
+    calls: set[str] = set()
     for index, item in enumerate(items):
         if item["type"] == "function_call":
             calls.add(item["call_id"])
-        elif item["type"] == "function_call_output" and item["call_id"] not in calls:
+        elif (
+            item["type"] == "function_call_output"
+            and item["call_id"] not in calls
+            and item["call_id"] not in earlier
+        ):
             raise InvalidRequest(
                 f"No tool call found for function call output with call_id {item['call_id']}.",
                 param=f"input[{index}].call_id",

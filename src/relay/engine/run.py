@@ -209,9 +209,8 @@ class Engine:
         items = parse_input(request)
         history = await load_history(self.store, self.histories, tenant, request)
         items = await resolve_references(self.store, tenant, items)
-        earlier = [] if history is None else history.items
-        check_tool_outputs(earlier, items)
-        context = earlier + items
+        check_tool_outputs(history, items)
+        context = items if history is None else history.items + items
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
 

@@ -286,7 +286,7 @@ class SqlStore:
         return await self.db.read(lambda conn: _get_body(conn, tenant, response_id))
 
     async def is_visible(self, tenant: str, response_id: str) -> bool:
-        return await self.db.read(lambda conn: _is_visible(conn, tenant, response_id))
+        return await self.db.glance(lambda conn: _is_visible(conn, tenant, response_id))
 
     async def delete_response(self, tenant: str, response_id: str) -> bool:
         return await self.db.write(lambda conn: _soft_delete(conn, tenant, response_id))
