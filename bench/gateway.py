@@ -210,16 +210,40 @@ def run_profile(workdir: Path, relay: peers.ManagedProcess, target: Target, seco
 # 4. chain ---------------------------------------------------------------------------------------
 
 
-def run_chain(relay_base: str, turns: int, ends: int = 5) -> tuple[float, float]:
+def run_chain(
+    workdir: Path, upstream: str, relay_base: str, turns: int, ends: int = 5
+) -> tuple[float, float]:
     section(f"4. previous_response_id chain: {turns} turns, store=true, non-streaming")
-    samples, last = loadgen.chain(f"{relay_base}/v1/responses", "bench-json", turns, ends)
-    first, chained = samples[:ends], samples[ends:]  # chained[n - 1] is turn n + 1
+    run = loadgen.chain(f"{relay_base}/v1/responses", "bench-json", turns, ends)
     marks = sorted({turns // 4, turns // 2, 3 * turns // 4, turns - 1})
-    rows = [[f"turn 1 (median of {ends})", f"{loadgen.median_ms(first):.2f}"]]
-    rows += [[f"turn {n + 1}", f"{chained[n - 1] * 1000:.2f}"] for n in marks if n >= 1]
-    rows += [[f"turn {turns} (median of {ends})", f"{loadgen.median_ms(last):.2f}"]]
+    rows = [[f"turn 1 (median of {ends})", f"{loadgen.median_ms(run.first):.2f}"]]
+    rows += [[f"turn {n + 1}", f"{run.turns[n - 1] * 1000:.2f}"] for n in marks if n >= 1]
+    rows += [[f"turn {turns} (median of {ends})", f"{loadgen.median_ms(run.last):.2f}"]]
+    # For reference: the same turn on a Relay that keeps no history in memory (what a worker
+    # that did not serve turn 999, or a restarted one, pays), on the same database.
+    port = peers.free_port()
+    cold = peers.start_relay(
+        workdir / "relay-cold",
+        upstream,
+        port,
+        1,
+        database=workdir / "relay-1" / "relay.db",
+        settings=["history_cache_items = 0"],
+    )
+    try:
+        rebuilt = loadgen.continue_chain(
+            f"http://127.0.0.1:{port}/v1/responses", "bench-json", run.tail, ends
+        )
+    finally:
+        cold.stop()
+    rows.append(
+        [
+            f"turn {turns}, rebuilt from storage (history_cache_items = 0, median of {ends})",
+            f"{loadgen.median_ms(rebuilt):.2f}",
+        ]
+    )
     print(table(["request", "latency ms"], rows))
-    return loadgen.median_ms(first), loadgen.median_ms(last)
+    return loadgen.median_ms(run.first), loadgen.median_ms(run.last)
 
 
 # 5. memory with open streams --------------------------------------------------------------------
@@ -353,7 +377,7 @@ def main(quick: bool) -> None:
         sweep = run_sweep(workdir, targets, servers, plan)
         peer_stack.close()  # the rest measures Relay alone, on a quiet machine
         run_profile(workdir, relay, relay_true, plan.profile_s)
-        chain_ms = run_chain(relay_base, plan.chain)
+        chain_ms = run_chain(workdir, upstream, relay_base, plan.chain)
         relay.stop()
 
         # Memory of the default `relay serve` (one process) and of the sweep's worker count.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import resource
 import statistics
@@ -100,10 +101,17 @@ def stream_once(http: httpx.Client, target: Target) -> tuple[float, float]:
     return first, total
 
 
+# Pause before each sequential request, so that what the previous target still does after
+# answering (OGX, for one, writes its response after the stream ends) is over before the next
+# target is timed: each request is measured on an otherwise idle machine.
+SETTLE_S = 0.01
+
+
 def sequential(
     targets: list[Target], rounds: int, measure: Callable[[httpx.Client, Target], float]
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Interleaved rounds: each round sends one request to every target in turn.
+    """Interleaved rounds: each round sends one request to every target, in an order shuffled
+    every round (seeded), so that no target always follows the same one.
 
     Returns (samples per target, why each target that failed did): a failing target is left
     out of the later rounds and of the samples, so the others still get measured.
@@ -111,11 +119,13 @@ def sequential(
     clients = {target.name: client() for target in targets}
     samples: dict[str, list[float]] = {target.name: [] for target in targets}
     failures: dict[str, str] = {}
+    order = random.Random(20261122)
     try:
         for number in range(3 + rounds):  # the first 3 rounds warm up: not kept
-            for target in targets:
+            for target in order.sample(targets, len(targets)):
                 if target.name in failures:
                     continue
+                time.sleep(SETTLE_S)
                 try:
                     value = measure(clients[target.name], target)
                 except (httpx.HTTPError, RuntimeError) as error:
@@ -129,31 +139,46 @@ def sequential(
             http.close()
 
 
-def chain(url: str, model: str, turns: int, ends: int) -> tuple[list[float], list[float]]:
-    """Latencies of a previous_response_id chain (store=true, non-streaming): (`ends` single
-    turns then turns 2..`turns` - 1 of one chain, `ends` requests that each are turn `turns`)."""
+@dataclass(frozen=True)
+class Chain:
+    first: list[float]  # `ends` single turns (turn 1)
+    turns: list[float]  # turns 2 .. `turns` - 1 of one chain
+    last: list[float]  # `ends` requests that each are turn `turns`
+    tail: str  # the id of turn `turns` - 1, which the last requests continue
 
-    def turn(http: httpx.Client, previous: str | None) -> tuple[float, str]:
-        body: dict[str, Any] = {"model": model, "input": PROMPT, "store": True}
-        if previous is not None:
-            body["previous_response_id"] = previous
-        start = time.perf_counter()
-        response = http.post(url, content=orjson.dumps(body))
-        elapsed = time.perf_counter() - start
-        if response.status_code != 200:
-            raise RuntimeError(f"chain turn failed: {response.status_code} {response.text[:300]}")
-        return elapsed, str(response.json()["id"])
 
+def _turn(http: httpx.Client, url: str, model: str, previous: str | None) -> tuple[float, str]:
+    body: dict[str, Any] = {"model": model, "input": PROMPT, "store": True}
+    if previous is not None:
+        body["previous_response_id"] = previous
+    start = time.perf_counter()
+    response = http.post(url, content=orjson.dumps(body))
+    elapsed = time.perf_counter() - start
+    if response.status_code != 200:
+        raise RuntimeError(f"chain turn failed: {response.status_code} {response.text[:300]}")
+    return elapsed, str(response.json()["id"])
+
+
+def chain(url: str, model: str, turns: int, ends: int) -> Chain:
+    """Latencies of a previous_response_id chain (store=true, non-streaming)."""
     with client() as http:
         for _ in range(3):  # warm-up
-            turn(http, None)
-        first = [turn(http, None)[0] for _ in range(ends)]
+            _turn(http, url, model, None)
+        first = [_turn(http, url, model, None)[0] for _ in range(ends)]
         latencies, previous = [], None
         for _ in range(turns - 1):
-            elapsed, previous = turn(http, previous)
+            elapsed, previous = _turn(http, url, model, previous)
             latencies.append(elapsed)
-        last = [turn(http, previous)[0] for _ in range(ends)]
-    return first + latencies, last
+        assert previous is not None
+        last = [_turn(http, url, model, previous)[0] for _ in range(ends)]
+    return Chain(first, latencies, last, previous)
+
+
+def continue_chain(url: str, model: str, tail: str, ends: int) -> list[float]:
+    """`ends` requests that each continue `tail` (after a warm-up request without a chain)."""
+    with client() as http:
+        _turn(http, url, model, None)
+        return [_turn(http, url, model, tail)[0] for _ in range(ends)]
 
 
 # wrk: throughput and latency distribution -----------------------------------------------------

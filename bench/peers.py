@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,10 +169,20 @@ def _field_kib(text: str, name: str) -> int:
 # Relay --------------------------------------------------------------------------------------------
 
 
-def start_relay(workdir: Path, upstream: str, port: int, workers: int) -> ManagedProcess:
-    """Relay with SQLite in `workdir`, no API keys, a route per nginx location (json, sse, hold)."""
+def start_relay(
+    workdir: Path,
+    upstream: str,
+    port: int,
+    workers: int,
+    *,
+    database: Path | None = None,
+    settings: Sequence[str] = (),
+) -> ManagedProcess:
+    """Relay with SQLite (in `workdir` unless `database` names a file), no API keys, a route per
+    nginx location (json, sse, hold); `settings` are extra lines of its TOML file."""
     workdir.mkdir(parents=True, exist_ok=True)
-    lines = [f'database_url = "sqlite:///{workdir / "relay.db"}"', 'log_level = "info"']
+    database = database or workdir / "relay.db"
+    lines = [f'database_url = "sqlite:///{database}"', 'log_level = "info"', *settings]
     for kind in ("json", "sse", "hold"):
         lines += ["", "[[routes]]", f'model = "bench-{kind}"', 'provider = "openai_chat"']
         lines += [f'base_url = "{upstream}/{kind}/v1"', 'upstream_model = "mock-model"']
