@@ -178,9 +178,14 @@ class ChatUpstream:
         if model == "slow_headers":
             await asyncio.sleep(1.0)
         answer = _answer(model, body)
+        # Like some hosted upstreams' load balancers: a session cookie on every answer, which a
+        # gateway must not carry to later requests (they may be another tenant's).
+        cookie = {"set-cookie": "upstream_session=abc123; Path=/"}
         if not body.get("stream") or model == "json_body":
-            return JSONResponse(_completion(model, body, answer))
-        return StreamingResponse(_stream(model, body, answer), media_type="text/event-stream")
+            return JSONResponse(_completion(model, body, answer), headers=cookie)
+        return StreamingResponse(
+            _stream(model, body, answer), media_type="text/event-stream", headers=cookie
+        )
 
     def _check_key(self, request: Request) -> Response | None:
         given = request.headers.get("authorization", "")

@@ -153,6 +153,25 @@ def test_a_remembered_chain_sends_what_storage_rebuilds(
     assert any(message.get("tool_calls") for message in sent[0])
 
 
+def test_upstream_cookies_are_not_sent_back(
+    backend_url: str, chat_upstream: ChatUpstream, database_url: str
+) -> None:
+    # By host name: cookie jars keep nothing for bare IP addresses anyway.
+    route = RouteConfig(
+        model="up-named",
+        base_url=chat_upstream.base_url.replace("127.0.0.1", "localhost"),
+        api_key_env=KEY_ENV,
+        upstream_model="echo",
+    )
+    settings = Settings(database_url=database_url, routes=[route])
+    with relay_server(settings) as url, checked_client(url) as relay:
+        for _ in range(2):
+            answer = relay.post("/v1/responses", json={"model": "up-named", "input": "hi"})
+            assert answer.status_code == 200, answer.text
+    assert chat_upstream.headers[-1]["host"].startswith("localhost")
+    assert "cookie" not in chat_upstream.headers[-1]
+
+
 def test_tool_round_trip_keeps_calls_in_the_chain(
     up: httpx.Client, chat_upstream: ChatUpstream
 ) -> None:

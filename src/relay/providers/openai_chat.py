@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+import yarl
 from pydantic import BaseModel
 
 from relay.providers.base import (
@@ -73,7 +74,8 @@ class OpenAIChatProvider:
         extra_headers: dict[str, str] | None = None,
         forward_fields: frozenset[str] = frozenset(),
     ) -> None:
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        # Parsed once: aiohttp would parse a string URL on every request.
+        self._url = yarl.URL(base_url.rstrip("/") + "/chat/completions")
         self._max_tokens_param = max_tokens_param
         self._forward_fields = forward_fields
         headers = {"Content-Type": "application/json"}
@@ -108,6 +110,9 @@ class OpenAIChatProvider:
                 timeout=self._timeout,
                 connector=aiohttp.TCPConnector(limit=0),
                 auto_decompress=True,
+                # Cookies an upstream sets must not travel with other tenants' requests; and
+                # not filtering a jar saves time on every request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
