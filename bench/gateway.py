@@ -37,6 +37,7 @@ PROFILE_DIR = Path(tempfile.gettempdir())  # the raw stacks outlive the run
 @dataclass(frozen=True)
 class Plan:
     rounds: int
+    batch: int  # sequential requests per target per round
     concurrency: list[int]
     wrk_s: int
     streams: int
@@ -45,8 +46,8 @@ class Plan:
     need_peers_installed: bool  # quick: skip a peer whose venv is missing instead of installing
 
 
-FULL = Plan(200, [1, 16, 64, 256], 10, 1000, 1000, 10, False)
-QUICK = Plan(20, [1, 16], 2, 100, 50, 3, True)
+FULL = Plan(20, 10, [1, 16, 64, 256], 10, 1000, 1000, 10, False)
+QUICK = Plan(4, 5, [1, 16], 2, 100, 50, 3, True)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -96,10 +97,13 @@ def machine() -> list[str]:
 
 
 def run_sequential(
-    targets: list[Target], servers: dict[str, peers.ManagedProcess], rounds: int
+    targets: list[Target], servers: dict[str, peers.ManagedProcess], rounds: int, batch: int
 ) -> tuple[list[Target], dict[str, dict[str, float]]]:
     """The table, and the targets that answered every request (the others are left out)."""
-    section(f"1. Sequential latency: {rounds} interleaved rounds, one request at a time (httpx)")
+    section(
+        f"1. Sequential latency: {rounds} interleaved rounds of {batch} requests per target, "
+        "one request at a time (httpx)"
+    )
     ends: dict[str, list[float]] = {t.name: [] for t in targets}
 
     def first_delta(http: Any, target: Target) -> float:
@@ -107,8 +111,8 @@ def run_sequential(
         ends[target.name].append(end)
         return first
 
-    plain, failed = loadgen.sequential(targets, rounds, loadgen.request_once)
-    firsts, failed_streams = loadgen.sequential(targets, rounds, first_delta)
+    plain, failed = loadgen.sequential(targets, rounds, batch, loadgen.request_once)
+    firsts, failed_streams = loadgen.sequential(targets, rounds, batch, first_delta)
     for name, why in {**failed, **failed_streams}.items():
         print(f"{name} left out of the run: {why}\n{servers[name].log_tail(15)}\n")
     targets = [t for t in targets if t.name in plain and t.name in firsts]
@@ -123,12 +127,13 @@ def run_sequential(
         out[t.name] = {"json": overhead(plain, t.name), "stream": overhead(firsts, t.name)}
         cells = [loadgen.median_ms(plain[t.name]), out[t.name]["json"]]
         cells += [loadgen.median_ms(firsts[t.name]), out[t.name]["stream"]]
-        cells += [loadgen.median_ms(ends[t.name][-rounds:])]
+        cells += [loadgen.median_ms(ends[t.name][batch:])]  # after the warm-up round
         rows.append([t.name, *(f"{c:+.2f}" if i % 2 else f"{c:.2f}" for i, c in enumerate(cells))])
     headers = ["target", "JSON p50 ms", "overhead ms", "1st delta p50 ms", "overhead ms"]
     print(table([*headers, "stream end p50 ms"], rows))
-    print("overhead: median over rounds of (target - direct) in the same round; streaming:")
-    print("time to the first text delta (direct: first content chunk; others: output_text.delta)")
+    print("p50: median of the per-round medians; overhead: median over rounds of (target's")
+    print("round median - direct's round median); streaming: time to the first text delta")
+    print("(direct: first content chunk; others: output_text.delta)")
     return targets, out
 
 
@@ -269,7 +274,7 @@ def run_streams(
         f"5. Relay memory, --workers {workers}, with {count} open streams "
         "(upstream holds each after one word)"
     )
-    _, failed = loadgen.sequential([warm], 20, lambda http, t: loadgen.stream_once(http, t)[0])
+    _, failed = loadgen.sequential([warm], 1, 20, lambda http, t: loadgen.stream_once(http, t)[0])
     if failed:
         raise RuntimeError(f"Relay failed before the streams test: {failed}")
 
@@ -373,7 +378,7 @@ def main(quick: bool) -> None:
         servers = {direct.name: nginx, relay_false.name: relay, relay_true.name: relay}
         servers.update((target.name, proc) for target, proc in peer_targets)
 
-        targets, overhead = run_sequential(targets, servers, plan.rounds)
+        targets, overhead = run_sequential(targets, servers, plan.rounds, plan.batch)
         sweep = run_sweep(workdir, targets, servers, plan)
         peer_stack.close()  # the rest measures Relay alone, on a quiet machine
         run_profile(workdir, relay, relay_true, plan.profile_s)

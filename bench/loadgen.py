@@ -101,38 +101,36 @@ def stream_once(http: httpx.Client, target: Target) -> tuple[float, float]:
     return first, total
 
 
-# Pause before each sequential request, so that what the previous target still does after
-# answering (OGX, for one, writes its response after the stream ends) is over before the next
-# target is timed: each request is measured on an otherwise idle machine.
-SETTLE_S = 0.01
-
-
 def sequential(
-    targets: list[Target], rounds: int, measure: Callable[[httpx.Client, Target], float]
+    targets: list[Target],
+    rounds: int,
+    batch: int,
+    measure: Callable[[httpx.Client, Target], float],
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Interleaved rounds: each round sends one request to every target, in an order shuffled
-    every round (seeded), so that no target always follows the same one.
+    """Interleaved rounds, as the independent gateway benchmark of peers.md measures overhead:
+    each round sends `batch` requests, one at a time, to every target in turn, in an order
+    shuffled every round (seeded), and keeps the median of each batch. The first round warms
+    up and is not kept.
 
-    Returns (samples per target, why each target that failed did): a failing target is left
-    out of the later rounds and of the samples, so the others still get measured.
+    Returns (per-round medians per target, why each target that failed did): a failing target
+    is left out of the later rounds and of the samples, so the others still get measured.
     """
     clients = {target.name: client() for target in targets}
     samples: dict[str, list[float]] = {target.name: [] for target in targets}
     failures: dict[str, str] = {}
     order = random.Random(20261122)
     try:
-        for number in range(3 + rounds):  # the first 3 rounds warm up: not kept
+        for number in range(1 + rounds):
             for target in order.sample(targets, len(targets)):
                 if target.name in failures:
                     continue
-                time.sleep(SETTLE_S)
                 try:
-                    value = measure(clients[target.name], target)
+                    values = [measure(clients[target.name], target) for _ in range(batch)]
                 except (httpx.HTTPError, RuntimeError) as error:
                     failures[target.name] = f"{type(error).__name__}: {error}"
                     continue
-                if number >= 3:
-                    samples[target.name].append(value)
+                if number >= 1:
+                    samples[target.name].append(statistics.median(values))
         return {n: v for n, v in samples.items() if n not in failures}, failures
     finally:
         for http in clients.values():
