@@ -47,6 +47,7 @@ def test_a_continued_transcript_equals_one_built_at_once(split: int) -> None:
     first = ChatTranscript().extended(CONVERSATION[:split])
     continued = first.extended(CONVERSATION[split:])
     assert continued.finish("be brief") == whole
+    assert first.finish("be brief", CONVERSATION[split:]) == whole
     # `extended` leaves its source as it was: the history's translation is shared.
     assert first.finish(None) == build_messages(None, CONVERSATION[:split])
 

@@ -210,18 +210,19 @@ class Engine:
         history = await load_history(self.store, self.histories, tenant, request)
         items = await resolve_references(self.store, tenant, items)
         check_tool_outputs(history, items)
-        context = items if history is None else history.items + items
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
 
-        def provider_request(route: Route, sent: list[dict[str, Any]]) -> ProviderRequest:
+        def provider_request(
+            route: Route, shortened: list[dict[str, Any]] | None
+        ) -> ProviderRequest:
             return ProviderRequest(
                 upstream_model=route.upstream_model,
                 request=request,
                 instructions=request.instructions,
-                items=sent,
-                # Truncation sends a shorter list, which no longer begins with the history.
-                history=history if sent is context else None,
+                # A shortened context no longer begins with the history.
+                items=items if shortened is None else shortened,
+                history=history if shortened is None else None,
                 tools=tools.offered,
                 tool_choice=tools.choice,
                 parallel_tool_calls=tools.parallel,
@@ -230,7 +231,10 @@ class Engine:
             )
 
         route, deltas = await self._open(
-            routes, provider_request, context, truncate=request.truncation == "auto"
+            routes,
+            provider_request,
+            lambda: items if history is None else history.items + items,
+            truncate=request.truncation == "auto",
         )
         response = new_response(
             request,
@@ -262,25 +266,28 @@ class Engine:
     async def _open(
         self,
         routes: list[Route],
-        make_request: Callable[[Route, list[dict[str, Any]]], ProviderRequest],
-        context: list[dict[str, Any]],
+        make_request: Callable[[Route, list[dict[str, Any]] | None], ProviderRequest],
+        whole: Callable[[], list[dict[str, Any]]],
         *,
         truncate: bool,
     ) -> tuple[Route, AsyncIterator[Delta]]:
         """Open the first route that accepts the request; move on only for retryable failures
         that happened before the first byte, so a client never sees two half-answers. With
-        truncation "auto", a context the upstream finds too long loses its oldest turns."""
+        truncation "auto", a context the upstream finds too long (`whole()`) loses its oldest
+        turns; `make_request` gets that shorter context, or None for the context as it is."""
         last: ProviderError | None = None
         for route in routes:
-            shortened: list[dict[str, Any]] | None = context
-            while shortened is not None:
+            shortened: list[dict[str, Any]] | None = None
+            while True:
                 try:
                     return route, await route.provider.open(make_request(route, shortened))
                 except ProviderError as error:
                     last = error
                     if error.code != "context_length_exceeded" or not truncate:
                         break
-                    shortened = drop_oldest_turn(shortened)
+                    shortened = drop_oldest_turn(whole() if shortened is None else shortened)
+                    if shortened is None:
+                        break
             assert last is not None
             log.warning("model %s failed before the first byte: %s", route.model, last.message)
             if not last.retryable:

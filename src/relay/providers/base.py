@@ -98,7 +98,7 @@ class History:
 class ProviderRequest:
     """What a provider needs: the upstream model, the validated request and the built context.
 
-    `items` is the whole context in Responses item shape (previous turns first), `tools` the
+    `items` is the context in Responses item shape (after `history`, when set), `tools` the
     function tools the model may call after tool_choice filtering, `tool_choice` the normalised
     choice: "auto", "none", "required" or {"name": ...} for the one function to call.
     """
@@ -113,8 +113,13 @@ class ProviderRequest:
     want_logprobs: bool = False
     # reasoning.effort, or seed 001's top-level reasoning_effort: merged by the engine.
     reasoning_effort: str | None = None
-    # When set, `items` begins with history.items, the very same objects.
+    # The stored chain this request continues, when there is one: then `items` holds only
+    # what comes after it (see `context`).
     history: History | None = None
+
+    def context(self) -> list[dict[str, Any]]:
+        """The whole context: the history's items, then `items`."""
+        return self.items if self.history is None else self.history.items + self.items
 
 
 class ProviderError(Exception):

@@ -7,6 +7,7 @@ non-retryable `ProviderError` (400, `unsupported_input`) before anything is sent
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from relay.providers.base import ProviderError, ProviderRequest
@@ -14,7 +15,7 @@ from relay.providers.base import ProviderError, ProviderRequest
 
 def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Responses items to chat messages."""
-    return ChatTranscript().extended(items).finish(instructions)
+    return ChatTranscript().finish(instructions, items)
 
 
 def chat_messages(request: ProviderRequest, instructions: str | None) -> list[dict[str, Any]]:
@@ -25,7 +26,7 @@ def chat_messages(request: ProviderRequest, instructions: str | None) -> list[di
     if history is None:
         return build_messages(instructions, request.items)
     transcript = history.derive("chat", ChatTranscript.extended, ChatTranscript())
-    return transcript.extended(request.items[len(history.items) :]).finish(instructions)
+    return transcript.finish(instructions, request.items)
 
 
 class ChatTranscript:
@@ -56,14 +57,20 @@ class ChatTranscript:
             out._add(item)
         return out
 
-    def finish(self, instructions: str | None) -> list[dict[str, Any]]:
-        """The messages, the pending assistant message closed, after the system instructions."""
-        messages = [{"role": "system", "content": instructions}] if instructions else []
-        messages += self._messages
-        pending = _assistant_message(self._texts, self._calls)
-        if pending is not None:
-            messages.append(pending)
-        return messages
+    def finish(
+        self, instructions: str | None, more: Sequence[dict[str, Any]] = ()
+    ) -> list[dict[str, Any]]:
+        """The messages after the system instructions, continued with `more` items and the
+        pending assistant message closed. Copies the transcript's messages once."""
+        out = ChatTranscript()
+        out._messages = [{"role": "system", "content": instructions}] if instructions else []
+        out._messages += self._messages
+        out._texts = list(self._texts)
+        out._calls = list(self._calls)
+        for item in more:
+            out._add(item)
+        out._flush()
+        return out._messages
 
     def _flush(self) -> None:
         pending = _assistant_message(self._texts, self._calls)

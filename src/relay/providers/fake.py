@@ -180,7 +180,7 @@ class _Run:
 
 def reply_text(request: ProviderRequest) -> str:
     """The text scripts' answer: the last user text, echoed."""
-    said = last_user_text(request.items)
+    said = last_user_text(request.context())
     return f"You said: {said}" if said else "You said nothing."
 
 
@@ -194,7 +194,7 @@ def last_user_text(items: list[dict[str, Any]]) -> str:
 def count_context_words(request: ProviderRequest) -> int:
     """Words in everything a chat upstream would read: instructions, messages, calls, outputs."""
     texts = [request.instructions or ""]
-    for item in request.items:
+    for item in request.context():
         kind = item.get("type", "message")
         if kind == "message":
             texts.append(_text_of(item.get("content")))
