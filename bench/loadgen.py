@@ -140,7 +140,7 @@ def sequential(
 @dataclass(frozen=True)
 class Chain:
     first: list[float]  # `ends` single turns (turn 1)
-    turns: list[float]  # turns 2 .. `turns` - 1 of one chain
+    turns: list[float]  # turns 1 .. `turns` - 1 of one chain
     last: list[float]  # `ends` requests that each are turn `turns`
     tail: str  # the id of turn `turns` - 1, which the last requests continue
 
@@ -158,17 +158,22 @@ def _turn(http: httpx.Client, url: str, model: str, previous: str | None) -> tup
 
 
 def chain(url: str, model: str, turns: int, ends: int) -> Chain:
-    """Latencies of a previous_response_id chain (store=true, non-streaming)."""
+    """Latencies of a previous_response_id chain (store=true, non-streaming): the chain is
+    built up to turn `turns` - 1, then `ends` requests of turn 1 (no previous response) and
+    `ends` of turn `turns` (each continuing turn `turns` - 1) alternate, so that both are
+    measured under the same conditions."""
     with client() as http:
         for _ in range(3):  # warm-up
             _turn(http, url, model, None)
-        first = [_turn(http, url, model, None)[0] for _ in range(ends)]
         latencies, previous = [], None
         for _ in range(turns - 1):
             elapsed, previous = _turn(http, url, model, previous)
             latencies.append(elapsed)
         assert previous is not None
-        last = [_turn(http, url, model, previous)[0] for _ in range(ends)]
+        first, last = [], []
+        for _ in range(ends):
+            first.append(_turn(http, url, model, None)[0])
+            last.append(_turn(http, url, model, previous)[0])
     return Chain(first, latencies, last, previous)
 
 

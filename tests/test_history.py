@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from relay.engine.history import HistoryCache
@@ -46,16 +47,16 @@ def test_a_continued_transcript_equals_one_built_at_once(split: int) -> None:
     whole = build_messages("be brief", CONVERSATION)
     first = ChatTranscript().extended(CONVERSATION[:split])
     continued = first.extended(CONVERSATION[split:])
-    assert continued.finish("be brief") == whole
-    assert first.finish("be brief", CONVERSATION[split:]) == whole
+    assert orjson.loads(continued.json("be brief")) == whole
+    assert orjson.loads(first.json("be brief", CONVERSATION[split:])) == whole
     # `extended` leaves its source as it was: the history's translation is shared.
-    assert first.finish(None) == build_messages(None, CONVERSATION[:split])
+    assert orjson.loads(first.json(None)) == build_messages(None, CONVERSATION[:split])
 
 
 def test_assistant_items_across_the_boundary_make_one_message() -> None:
     # The history ends with an answer; the next input starts with an assistant message.
     before = ChatTranscript().extended([message("user", "q"), message("assistant", "a")])
-    messages = before.extended([message("assistant", "b"), message("user", "r")]).finish(None)
+    messages = orjson.loads(before.json(None, [message("assistant", "b"), message("user", "r")]))
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[1]["content"] == "a\n\nb"
 

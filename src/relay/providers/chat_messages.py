@@ -10,23 +10,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from relay.providers.base import ProviderError, ProviderRequest
 
 
 def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Responses items to chat messages."""
-    return ChatTranscript().finish(instructions, items)
+    transcript = ChatTranscript()._continued(items)
+    transcript._flush()
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    return system + transcript._fresh  # nothing was encoded: it started empty
 
 
-def chat_messages(request: ProviderRequest, instructions: str | None) -> list[dict[str, Any]]:
-    """The request's context as chat messages, after `instructions` as the system message. A
-    stored chain's history (request.history) is translated once and extended turn after turn,
-    so a long conversation costs each turn only its new items."""
+def chat_messages_json(request: ProviderRequest, instructions: str | None) -> bytes:
+    """The request's context as a JSON array of chat messages, after `instructions` as the
+    system message. A stored chain's history (request.history) is translated and encoded once
+    and extended turn after turn, so a long conversation costs each turn its new items plus a
+    copy of bytes, not a pass over every earlier message."""
     history = request.history
-    if history is None:
-        return build_messages(instructions, request.items)
-    transcript = history.derive("chat", ChatTranscript.extended, ChatTranscript())
-    return transcript.finish(instructions, request.items)
+    transcript = (
+        ChatTranscript()
+        if history is None
+        else history.derive("chat", ChatTranscript.extended, ChatTranscript())
+    )
+    return transcript.json(instructions, request.items)
 
 
 class ChatTranscript:
@@ -35,47 +43,49 @@ class ChatTranscript:
     A run of assistant-side items (messages and function calls, with reasoning skipped in
     between) becomes ONE assistant message: chat has no other way to attach tool calls to text,
     and templates such as Mistral's reject two assistant messages in a row. That message stays
-    pending (`_texts`, `_calls`) until a non-assistant item or `finish` closes it, which is why a
-    transcript continued later gives exactly the messages of one built in one go.
+    pending (`_texts`, `_calls`) until a non-assistant item or the end closes it, which is why a
+    transcript continued later gives exactly the messages of one built in one go. Closed
+    messages are kept as JSON (`_encoded`, each followed by a comma).
 
     A transcript is never changed once built: `extended` returns a new one.
     """
 
-    __slots__ = ("_calls", "_messages", "_texts")
+    __slots__ = ("_calls", "_encoded", "_fresh", "_texts")
 
     def __init__(self) -> None:
-        self._messages: list[dict[str, Any]] = []
+        self._encoded = b""
+        self._fresh: list[dict[str, Any]] = []  # closed while continuing, not yet encoded
         self._texts: list[str] = []
         self._calls: list[dict[str, Any]] = []
 
     def extended(self, items: list[dict[str, Any]]) -> ChatTranscript:
+        out = self._continued(items)
+        out._encoded += _encode(out._fresh)
+        out._fresh = []
+        return out
+
+    def json(self, instructions: str | None, more: Sequence[dict[str, Any]] = ()) -> bytes:
+        """The messages as a JSON array: the system instructions, the transcript continued
+        with `more` items, the pending assistant message closed."""
+        out = self._continued(more)
+        out._flush()
+        system = _encode([{"role": "system", "content": instructions}]) if instructions else b""
+        body = system + out._encoded + _encode(out._fresh)
+        return b"[" + body.removesuffix(b",") + b"]"
+
+    def _continued(self, items: Sequence[dict[str, Any]]) -> ChatTranscript:
         out = ChatTranscript()
-        out._messages = list(self._messages)
+        out._encoded = self._encoded
         out._texts = list(self._texts)
         out._calls = list(self._calls)
         for item in items:
             out._add(item)
         return out
 
-    def finish(
-        self, instructions: str | None, more: Sequence[dict[str, Any]] = ()
-    ) -> list[dict[str, Any]]:
-        """The messages after the system instructions, continued with `more` items and the
-        pending assistant message closed. Copies the transcript's messages once."""
-        out = ChatTranscript()
-        out._messages = [{"role": "system", "content": instructions}] if instructions else []
-        out._messages += self._messages
-        out._texts = list(self._texts)
-        out._calls = list(self._calls)
-        for item in more:
-            out._add(item)
-        out._flush()
-        return out._messages
-
     def _flush(self) -> None:
         pending = _assistant_message(self._texts, self._calls)
         if pending is not None:
-            self._messages.append(pending)
+            self._fresh.append(pending)
             self._texts = []
             self._calls = []
 
@@ -102,13 +112,11 @@ class ChatTranscript:
                     # Chat tool messages carry text only; dropping the rest would be silent.
                     raise _unsupported("image or file parts in a function_call_output")
                 output = "".join(part["text"] for part in parts)
-            self._messages.append(
-                {"role": "tool", "tool_call_id": item["call_id"], "content": output}
-            )
+            self._fresh.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind == "message":
             self._flush()
             role = item.get("role", "user")
-            self._messages.append(
+            self._fresh.append(
                 {
                     "role": "system" if role == "developer" else role,
                     "content": _user_content(item.get("content")),
@@ -116,6 +124,10 @@ class ChatTranscript:
             )
         else:
             raise _unsupported(f"input item type '{kind}'")
+
+
+def _encode(messages: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(message) + b"," for message in messages)
 
 
 def _assistant_message(texts: list[str], calls: list[dict[str, Any]]) -> dict[str, Any] | None:

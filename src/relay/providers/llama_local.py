@@ -35,7 +35,7 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.chat_messages import chat_messages
+from relay.providers.chat_messages import build_messages
 from relay.providers.local_grammar import DecodingPlan, parse_calls, plan
 
 log = logging.getLogger("relay.local")
@@ -296,7 +296,7 @@ def _local_messages(request: ProviderRequest, decoding: DecodingPlan) -> list[di
             f"{instructions}\n\n{decoding.tool_prompt}" if instructions else decoding.tool_prompt
         )
     messages = []
-    for message in chat_messages(request, instructions):
+    for message in build_messages(instructions, request.context()):
         content: Any = message.get("content") or ""
         if isinstance(content, list):
             if any(part.get("type") != "text" for part in content):

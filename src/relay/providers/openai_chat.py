@@ -32,7 +32,7 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.chat_messages import chat_messages
+from relay.providers.chat_messages import chat_messages_json
 
 # Re-exported for relay.providers.llama_local, which imported it from here before the
 # translation moved to relay.providers.chat_messages.
@@ -143,7 +143,8 @@ class OpenAIChatProvider:
         req = request.request
         body: dict[str, Any] = {
             "model": request.upstream_model,
-            "messages": chat_messages(request, request.instructions),
+            # Already JSON: a remembered history's messages are encoded once (chat_messages).
+            "messages": orjson.Fragment(chat_messages_json(request, request.instructions)),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
