@@ -294,7 +294,17 @@ def test_retrieve_with_malformed_or_unknown_id(http: httpx.Client) -> None:
     assert listed.status_code == 404
 
 
-@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 101}, {"order": "sideways"}])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": "\u00b2"},  # passes str.isdigit(), refused by int()
+        {"limit": "9" * 5000},  # past int()'s digit limit
+        {"after": "item_1\n"},  # a regex '$' alone would let the newline through
+        {"order": "sideways"},
+    ],
+)
 def test_input_items_query_is_validated(http: httpx.Client, query: dict[str, Any]) -> None:
     created = http.post("/v1/responses", json={"model": "fake-text", "input": "x"}).json()
     answer = http.get(f"/v1/responses/{created['id']}/input_items", params=query)
@@ -344,6 +354,13 @@ def test_session_header_is_bounded(http: httpx.Client) -> None:
 def test_method_not_allowed_has_no_made_up_code(http: httpx.Client) -> None:
     wrong = http.put("/v1/responses")
     assert wrong.json()["error"]["code"] is None
+
+
+def test_only_the_declared_methods_are_served(relay_url: str) -> None:
+    """Starlette adds HEAD to GET routes; the API never served it. (A plain client: a HEAD
+    answer has no body for check_answer to read.)"""
+    for path in ("/healthz", "/v1/models", "/v1/responses/resp_anything"):
+        assert httpx.head(relay_url + path).status_code == 405
 
 
 def test_a_fallback_must_honour_the_request_too(http: httpx.Client) -> None:

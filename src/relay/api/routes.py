@@ -32,6 +32,17 @@ DEFAULT_PAGE = 20
 _ITEM_ID = re.compile(ID_PATTERN)
 
 
+def _int_or_none(text: str | None) -> int | None:
+    """An ASCII decimal integer, or None. Not str.isdigit() + int(): '²' passes isdigit and
+    int() refuses it, and int() refuses more than 4300 digits; either would answer 500."""
+    if text is None or not text.isascii() or len(text) > 20:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
@@ -48,8 +59,8 @@ def _store(request: Request) -> Store:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 past `limit` bytes before it is all in memory."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = _int_or_none(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -143,7 +154,8 @@ async def delete_response(request: Request) -> Response:
 
 def _cursor(request: Request, name: str) -> str | None:
     value = request.query_params.get(name)
-    if value is not None and not _ITEM_ID.match(value):
+    # fullmatch: with match, ID_PATTERN's '$' would let a trailing newline through.
+    if value is not None and not _ITEM_ID.fullmatch(value):
         raise InvalidRequest(
             f"Invalid '{name}': expected an item id of 1 to 256 printable ASCII characters.",
             param=name,
@@ -155,8 +167,8 @@ def _limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEFAULT_PAGE
-    limit = int(raw) if raw.isdigit() else 0
-    if not 1 <= limit <= MAX_PAGE:
+    limit = _int_or_none(raw)
+    if limit is None or not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(
             f"Invalid 'limit': expected an integer from 1 to {MAX_PAGE}, got '{raw[:20]}'.",
             param="limit",
@@ -226,12 +238,20 @@ _API: list[tuple[str, Endpoint, str]] = [
 ]
 
 
+def _route(path: str, endpoint: Endpoint, method: str) -> Route:
+    route = Route(path, endpoint, methods=[method])
+    # Starlette adds HEAD to every GET route; the API never served HEAD (405), so it still
+    # does not (and a HEAD on a stored response does not cost a database read).
+    route.methods = {method}
+    return route
+
+
 def routes(prefixes: tuple[str, ...]) -> list[BaseRoute]:
     """The API under each prefix, and /healthz. POST /responses comes first: it is matched
     on every request that matters for speed."""
     table: list[BaseRoute] = [
-        Route(prefix + path, endpoint, methods=[method])
+        _route(prefix + path, endpoint, method)
         for path, endpoint, method in _API
         for prefix in prefixes
     ]
-    return [*table, Route("/healthz", healthz, methods=["GET"])]
+    return [*table, _route("/healthz", healthz, "GET")]
