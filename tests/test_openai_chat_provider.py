@@ -545,11 +545,11 @@ async def test_refusal_and_length(provider: OpenAIChatProvider) -> None:
 async def test_closing_a_stream_early_releases_the_connection(provider: OpenAIChatProvider) -> None:
     unstarted = await provider.open(make_request())
     await unstarted.aclose()  # type: ignore[attr-defined]
-    assert unstarted._response.connection is None  # type: ignore[attr-defined]
+    assert unstarted._response.released  # type: ignore[attr-defined]
     started = await provider.open(make_request())
     assert isinstance(await anext(started), TextDelta)
     await started.aclose()  # type: ignore[attr-defined]
-    assert started._response.connection is None  # type: ignore[attr-defined]
+    assert started._response.released  # type: ignore[attr-defined]
     assert (
         text_of(await collect(provider, make_request(items=[user("still fine")]))) == "still fine"
     )

@@ -9,15 +9,14 @@ URL) are scrubbed from every message we raise.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-import aiohttp
 import orjson
-import yarl
 from pydantic import BaseModel
 
 from relay.providers.base import (
@@ -33,6 +32,12 @@ from relay.providers.base import (
     UsageDelta,
 )
 from relay.providers.chat_messages import chat_messages_json
+from relay.providers.http_client import (
+    ConnectFailed,
+    HTTPClient,
+    HTTPClientError,
+    Response,
+)
 
 # Re-exported for relay.providers.llama_local, which imported it from here before the
 # translation moved to relay.providers.chat_messages.
@@ -74,62 +79,43 @@ class OpenAIChatProvider:
         extra_headers: dict[str, str] | None = None,
         forward_fields: frozenset[str] = frozenset(),
     ) -> None:
-        # Parsed once: aiohttp would parse a string URL on every request.
-        self._url = yarl.URL(base_url.rstrip("/") + "/chat/completions")
+        url = urlsplit(base_url.rstrip("/") + "/chat/completions")
+        self._target = url.path + (f"?{url.query}" if url.query else "")
         self._max_tokens_param = max_tokens_param
         self._forward_fields = forward_fields
         headers = {"Content-Type": "application/json"}
+        if url.username is not None:
+            # Credentials in the base URL (a proxy in front of a self-hosted model) are Basic auth.
+            pair = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         headers.update(extra_headers or {})
         # Short values are not worth scrubbing (and would mangle messages); keys never are short.
-        secrets = [
-            api_key or "",
-            *(extra_headers or {}).values(),
-            urlsplit(base_url).password or "",
-        ]
+        secrets = [api_key or "", *(extra_headers or {}).values(), url.password or ""]
         self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
-        self._headers = headers
         # A dead host should fail fast so the engine can fall back; a slow model may take minutes
         # between bytes, so only the connect phase gets the shorter bound.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=min(timeout_s, 10.0), sock_read=timeout_s
+        self._http = HTTPClient(
+            f"{url.scheme}://{url.netloc.rpartition('@')[2]}",
+            headers=headers,
+            connect_timeout_s=min(timeout_s, 10.0),
+            read_timeout_s=timeout_s,
         )
-        # aiohttp rather than httpx: on the request hot path its C HTTP parser cost a fraction
-        # of httpx's pure-Python stack (measured: docs/benchmarks.md). The session is made on
-        # first use, inside the event loop that will use it.
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # No limit on connections, on purpose: each open one serves a client request in
-            # flight, so a limit would only queue requests here, out of sight. (Nothing bounds
-            # concurrency yet; Relay's own limits come later.)
-            self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=0),
-                auto_decompress=True,
-                # Cookies an upstream sets must not travel with other tenants' requests; and
-                # not filtering a jar saves time on every request.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._http.aclose()
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = orjson.dumps(self._build_body(request))
         try:
-            response = await self._client().post(self._url, data=body)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            response = await self._http.post(self._target, body)
+        except HTTPClientError as exc:
             raise self._transport_error(exc) from None
         if response.status >= 300:
             try:
                 raw = await response.read()
-            except (aiohttp.ClientError, TimeoutError):
+            except HTTPClientError:
                 raw = b""
             finally:
                 response.release()
@@ -193,7 +179,7 @@ class OpenAIChatProvider:
 
     # Stream translation -------------------------------------------------------------------------
 
-    async def _deltas(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Delta, None]:
+    async def _deltas(self, response: Response) -> AsyncGenerator[Delta, None]:
         try:
             content_type = response.headers.get("content-type", "")
             if content_type.startswith("application/json"):
@@ -213,7 +199,7 @@ class OpenAIChatProvider:
                     raise ProviderError("the upstream closed the stream before it finished")
             for delta in state.closing():
                 yield delta
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except HTTPClientError as exc:
             raise self._transport_error(exc) from None
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             # A chunk of the wrong shape (a string where an object belongs, ...) is the
@@ -286,13 +272,13 @@ class OpenAIChatProvider:
 
     def _transport_error(self, exc: BaseException) -> ProviderError:
         detail = self._redact(str(exc)) or type(exc).__name__
-        if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+        if isinstance(exc, TimeoutError):
             return ProviderError(
                 f"the upstream timed out ({type(exc).__name__})",
                 status=504,
                 code="upstream_timeout",
             )
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, ConnectFailed):
             return ProviderError(
                 f"could not connect to the upstream: {detail}", code="upstream_unreachable"
             )
@@ -364,9 +350,7 @@ class _DeltaStream(AsyncIterator[Delta]):
     connection when the engine is cancelled between `open()` and the first delta.
     """
 
-    def __init__(
-        self, response: aiohttp.ClientResponse, deltas: AsyncGenerator[Delta, None]
-    ) -> None:
+    def __init__(self, response: Response, deltas: AsyncGenerator[Delta, None]) -> None:
         self._response = response
         self._deltas = deltas
 
@@ -431,12 +415,12 @@ class _StreamState:
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-async def _lines(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+async def _lines(response: Response) -> AsyncGenerator[str, None]:
     """The body's lines, whatever the network split, with LF, CRLF or CR endings (all three
     are legal SSE line endings)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = ""
-    async for chunk in response.content.iter_any():
+    async for chunk in response.chunks():
         pending += decoder.decode(chunk)
         # A trailing "\r" may be the first half of "\r\n": leave it for the next chunk.
         held = "\r" if pending.endswith("\r") else ""
@@ -450,7 +434,7 @@ async def _lines(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
             yield line
 
 
-async def _sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Any, None]:
+async def _sse_events(response: Response) -> AsyncGenerator[Any, None]:
     """Parsed `data:` payloads of an SSE stream; None for `[DONE]`.
 
     Multi-line data fields are joined with newlines, as the SSE spec says.
