@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
+import trustme
 import uvloop
 
 from relay.providers.http_client import (
@@ -39,6 +41,7 @@ class Server:
     requests: list[bytes] = field(default_factory=list)
     server: asyncio.Server | None = None
     port: int = 0
+    tls: ssl.SSLContext | None = None
 
     async def __aenter__(self) -> Server:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -50,7 +53,7 @@ class Server:
             finally:
                 writer.close()
 
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(serve, "localhost", 0, ssl=self.tls)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -60,7 +63,7 @@ class Server:
 
     @property
     def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://localhost:{self.port}"
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -110,7 +113,7 @@ def test_keep_alive_reuses_one_connection(run: Callable[[Awaitable[None]], None]
     head = server.requests[0].split(b"\r\n\r\n")[0].decode()
     lines = head.split("\r\n")
     assert lines[0] == "POST /v1/chat?x=1 HTTP/1.1"
-    assert f"Host: 127.0.0.1:{server.port}" in lines
+    assert f"Host: localhost:{server.port}" in lines
     assert "Content-Length: 1" in lines
     assert "authorization: Bearer one" in lines
     assert "Accept-Encoding: identity" in lines
@@ -294,6 +297,45 @@ def test_a_slow_reader_pauses_the_socket_and_loses_nothing(
 
     run(body())
     assert waited == [True]
+
+
+def test_https_verifies_the_upstream_certificate(run: Callable[[Awaitable[None]], None]) -> None:
+    """TLS with SNI and verification: a certificate from a trusted CA for "localhost" works
+    (and its connection is reused); the same server is refused under the system's CAs."""
+    authority = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(tls)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(answer(b"secret"))
+
+    server = Server(handler, tls=tls)
+
+    async def body() -> None:
+        async with server:
+            http = HTTPClient(
+                server.origin,
+                headers={},
+                connect_timeout_s=2,
+                read_timeout_s=2,
+                ssl_context=trusting,
+            )
+            for _ in range(2):
+                response = await http.post("/", b"{}")
+                assert await response.read() == b"secret"
+                response.release()
+            await http.aclose()
+            untrusting = client(server.origin)
+            with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusting.post("/", b"{}")
+            await untrusting.aclose()
+
+    run(body())
+    assert server.connections == 1  # kept alive; the refused one never finished its handshake
 
 
 def test_connection_refused_is_connect_failed(run: Callable[[Awaitable[None]], None]) -> None:

@@ -112,13 +112,18 @@ class HTTPClient:
         connect_timeout_s: float,
         read_timeout_s: float,
         idle_timeout_s: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {origin!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        if parts.scheme == "https":
+            # Certificates are verified against the system's CAs unless told otherwise.
+            self._ssl: ssl.SSLContext | None = ssl_context or ssl.create_default_context()
+        else:
+            self._ssl = None
         default_port = self._port == (443 if self._ssl else 80)
         host = f"[{self._host}]" if ":" in self._host else self._host
         authority = host if default_port else f"{host}:{self._port}"
