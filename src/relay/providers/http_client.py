@@ -81,14 +81,17 @@ class Response:
         self.headers = connection.headers
         self.released = False
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, in the pieces it arrived in (decoded if the server compressed it)."""
+    async def read_chunk(self) -> bytes | None:
+        """The body's next piece as it arrived (decoded if the server compressed it); None
+        at its end."""
         while True:
             chunk = await self._connection.read_chunk()
-            if chunk is None:
-                return
-            if chunk:
-                yield chunk
+            if chunk is None or chunk:
+                return chunk
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.read_chunk()) is not None:
+            yield chunk
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])

@@ -189,14 +189,17 @@ class OpenAIChatProvider:
                     yield delta
                 return
             state = _StreamState()
-            async for chunk in _sse_events(response):
-                if chunk is None:
+            events = _SSEDecoder()
+            # Every event that one network read completed is translated before the next read.
+            while not events.done:
+                data = await response.read_chunk()
+                for chunk in events.feed(data) if data is not None else events.finish():
+                    for delta in self._chunk_deltas(chunk, state):
+                        yield delta
+                if data is None:
                     break
-                for delta in self._chunk_deltas(chunk, state):
-                    yield delta
-            else:
-                if state.finish is None:
-                    raise ProviderError("the upstream closed the stream before it finished")
+            if not events.done and state.finish is None:
+                raise ProviderError("the upstream closed the stream before it finished")
             for delta in state.closing():
                 yield delta
         except HTTPClientError as exc:
@@ -415,46 +418,50 @@ class _StreamState:
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-async def _lines(response: Response) -> AsyncGenerator[str, None]:
-    """The body's lines, whatever the network split, with LF, CRLF or CR endings (all three
-    are legal SSE line endings)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    async for chunk in response.chunks():
-        pending += decoder.decode(chunk)
-        # A trailing "\r" may be the first half of "\r\n": leave it for the next chunk.
-        held = "\r" if pending.endswith("\r") else ""
-        lines = _LINE_END.split(pending[: len(pending) - len(held)])
-        pending = lines.pop() + held
+class _SSEDecoder:
+    """The parsed `data:` payloads of an SSE stream, fed its body as it arrives, whatever the
+    network split: LF, CRLF or CR line endings (all three are legal), multi-line data joined
+    with newlines as the SSE spec says; comments, event, id and retry fields carry nothing we
+    need. `done` once `[DONE]` came; what follows it is ignored."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._data: list[str] = []
+        self.done = False
+
+    def feed(self, chunk: bytes) -> list[Any]:
+        text = self._pending + self._decoder.decode(chunk)
+        # A trailing "\r" may be the first half of "\r\n": keep it for the next chunk.
+        held = "\r" if text.endswith("\r") else ""
+        lines = _LINE_END.split(text[: len(text) - len(held)])
+        self._pending = lines.pop() + held
+        return self._events(lines)
+
+    def finish(self) -> list[Any]:
+        """The end of the body: a last line without its ending, an event without its blank
+        line."""
+        text = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        events = self._events(_LINE_END.split(text.removesuffix("\r")) if text else [])
+        if self._data and not self.done:
+            events += self._events([""])
+        return events
+
+    def _events(self, lines: list[str]) -> list[Any]:
+        out = []
         for line in lines:
-            yield line
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        for line in _LINE_END.split(pending.removesuffix("\r")):
-            yield line
-
-
-async def _sse_events(response: Response) -> AsyncGenerator[Any, None]:
-    """Parsed `data:` payloads of an SSE stream; None for `[DONE]`.
-
-    Multi-line data fields are joined with newlines, as the SSE spec says.
-    """
-    data: list[str] = []
-    async for line in _lines(response):
-        if line.startswith("data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
-        elif line == "" and data:
-            payload = "\n".join(data)
-            data = []
-            if payload.strip() == "[DONE]":
-                yield None
-                return
-            yield _loads(payload)
-        # Comments (":"), event, id and retry fields carry nothing we need.
-    if data:
-        payload = "\n".join(data)
-        yield None if payload.strip() == "[DONE]" else _loads(payload)
+            if line.startswith("data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(" ") else value)
+            elif line == "" and self._data:
+                payload = "\n".join(self._data)
+                self._data = []
+                if payload.strip() == "[DONE]":
+                    self.done = True
+                    break
+                out.append(_loads(payload))
+        return out
 
 
 def _loads(payload: str | bytes) -> Any:
