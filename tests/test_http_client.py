@@ -82,6 +82,15 @@ def answer(body: bytes, *extra: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+async def fetch(http: HTTPClient, target: str = "/") -> bytes:
+    """POST, read the whole answer, give the connection back."""
+    response = await http.post(target, b"{}")
+    try:
+        return await response.read()
+    finally:
+        response.release()
+
+
 def client(origin: str, **options: float) -> HTTPClient:
     return HTTPClient(
         origin,
@@ -136,9 +145,7 @@ def test_an_idle_connection_the_server_closed_is_replaced(
         async with server:
             http = client(server.origin)
             for _ in range(3):
-                response = await http.post("/", b"{}")
-                assert await response.read() == b"ok"
-                response.release()
+                assert await fetch(http) == b"ok"
                 await asyncio.sleep(0.05)  # the close reaches us, or not: both must work
             await http.aclose()
 
@@ -159,9 +166,7 @@ def test_connection_close_is_not_reused(run: Callable[[Awaitable[None]], None]) 
         async with server:
             http = client(server.origin)
             for _ in range(2):
-                response = await http.post("/", b"{}")
-                assert await response.read() == b"ok"
-                response.release()
+                assert await fetch(http) == b"ok"
             await http.aclose()
 
     run(body())
@@ -325,13 +330,11 @@ def test_https_verifies_the_upstream_certificate(run: Callable[[Awaitable[None]]
                 ssl_context=trusting,
             )
             for _ in range(2):
-                response = await http.post("/", b"{}")
-                assert await response.read() == b"secret"
-                response.release()
+                assert await fetch(http) == b"secret"
             await http.aclose()
             untrusting = client(server.origin)
             with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
-                await untrusting.post("/", b"{}")
+                await fetch(untrusting)
             await untrusting.aclose()
 
     run(body())
