@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 import uvloop
+from test_openai_chat_provider import failure, make_request
 
 from relay.providers.http_client import (
     ConnectFailed,
@@ -20,6 +21,7 @@ from relay.providers.http_client import (
     HTTPClient,
     ReadTimeout,
 )
+from relay.providers.openai_chat import OpenAIChatProvider
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -368,3 +370,36 @@ def test_connection_refused_is_connect_failed(run: Callable[[Awaitable[None]], N
 def test_header_injection_is_refused_up_front(headers: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="invalid HTTP header"):
         HTTPClient("http://127.0.0.1:1", headers=headers, connect_timeout_s=1, read_timeout_s=1)
+
+
+def test_credentials_in_a_base_url_become_basic_auth(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    """A chat upstream behind a proxy that wants user:password in the URL: the provider sends
+    them as Basic auth, never in the Host header or the request line, and redacts the
+    password from what it raises."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 24\r\n\r\nsecret-password-1 broke\n")
+        await writer.drain()
+        await reader.read()
+
+    server = Server(handler)
+
+    async def body() -> None:
+        async with server:
+            base = f"http://me:secret-password-1@127.0.0.1:{server.port}/v1"
+            provider = OpenAIChatProvider(base, None)
+            try:
+                error = await failure(provider, make_request())
+            finally:
+                await provider.aclose()
+            assert "secret-password-1" not in error.message
+            assert "[redacted]" in error.message
+
+    run(body())
+    head = server.requests[0].split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert head[0] == "POST /v1/chat/completions HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.port}" in head
+    assert "Authorization: Basic bWU6c2VjcmV0LXBhc3N3b3JkLTE=" in head
