@@ -22,7 +22,7 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.openai_chat import OpenAIChatProvider
+from relay.providers.openai_chat import OpenAIChatProvider, _SSEDecoder
 
 WEATHER = {
     "type": "function",
@@ -692,3 +692,57 @@ async def test_stream_ending_without_finish_raises(provider: OpenAIChatProvider)
         async for delta in stream:
             seen.append(delta)
     assert text_of(seen) == "a b"
+
+
+def decode(pieces: list[bytes]) -> list[Any]:
+    decoder = _SSEDecoder()
+    out = [event for piece in pieces for event in decoder.feed(piece)]
+    return out + list(decoder.finish())
+
+
+def every_split(body: bytes) -> list[list[bytes]]:
+    return [[body[:cut], body[cut:]] for cut in range(len(body) + 1)]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+def test_sse_decoder_gives_the_same_events_wherever_the_network_splits(ending: bytes) -> None:
+    body = (
+        ending.join(
+            [
+                b": comment",
+                b'data: {"a": "caf\xc3\xa9"}',
+                b"",
+                b"event: x",
+                b"data: {",
+                b'data: "b": 2}',
+                b"",
+            ]
+        )
+        + ending
+        + b"data: [DONE]"
+        + ending
+        + ending
+        + b'data: {"after": "done"}'
+        + ending
+        + ending
+    )
+    for pieces in every_split(body):
+        assert decode(pieces) == [{"a": "café"}, {"b": 2}], pieces
+
+
+def test_sse_decoder_ends_an_event_the_body_did_not_close() -> None:
+    assert decode([b'data: {"a": 1}']) == [{"a": 1}]
+    assert decode([b'data: {"a": 1}\r']) == [{"a": 1}]
+
+
+def test_sse_decoder_turns_bytes_that_are_not_utf8_into_replacement_characters() -> None:
+    assert decode([b'data: {"a": "x\xffy"}\n\n']) == [{"a": "x\ufffdy"}]
+
+
+def test_sse_decoder_parses_a_read_lazily() -> None:
+    # The first event of a read is handed over before the rest is parsed: a broken later one
+    # only fails when it is reached.
+    events = _SSEDecoder().feed(b'data: {"a": 1}\n\ndata: {broken\n\n')
+    assert next(events) == {"a": 1}
+    with pytest.raises(ProviderError, match="not valid JSON"):
+        next(events)

@@ -10,9 +10,8 @@ URL) are scrubbed from every message we raise.
 from __future__ import annotations
 
 import base64
-import codecs
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -415,58 +414,66 @@ class _StreamState:
         return out
 
 
-_LINE_END = re.compile(r"\r\n|\r|\n")
-
-
 class _SSEDecoder:
     """The parsed `data:` payloads of an SSE stream, fed its body as it arrives, whatever the
     network split: LF, CRLF or CR line endings (all three are legal), multi-line data joined
     with newlines as the SSE spec says; comments, event, id and retry fields carry nothing we
-    need. `done` once `[DONE]` came; what follows it is ignored."""
+    need. `done` once `[DONE]` came; what follows it is ignored.
+
+    Works on bytes (the line endings are ASCII, so a character split across reads is whole
+    again before its line is parsed) and parses lazily: a read that brought the whole answer
+    lets its first delta go on its way before the rest is parsed."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""
-        self._data: list[str] = []
+        self._pending = b""
+        self._data: list[bytes] = []
         self.done = False
 
-    def feed(self, chunk: bytes) -> list[Any]:
-        text = self._pending + self._decoder.decode(chunk)
+    def feed(self, chunk: bytes) -> Iterator[Any]:
+        text = self._pending + chunk
         # A trailing "\r" may be the first half of "\r\n": keep it for the next chunk.
-        held = "\r" if text.endswith("\r") else ""
-        lines = _LINE_END.split(text[: len(text) - len(held)])
+        held = b"\r" if text.endswith(b"\r") else b""
+        lines = _lines(text[: len(text) - len(held)])
         self._pending = lines.pop() + held
         return self._events(lines)
 
-    def finish(self) -> list[Any]:
+    def finish(self) -> Iterator[Any]:
         """The end of the body: a last line without its ending, an event without its blank
         line."""
-        text = self._pending + self._decoder.decode(b"", final=True)
-        self._pending = ""
-        events = self._events(_LINE_END.split(text.removesuffix("\r")) if text else [])
-        if self._data and not self.done:
-            events += self._events([""])
-        return events
+        lines = _lines(self._pending.removesuffix(b"\r")) if self._pending else []
+        self._pending = b""
+        return self._events([*lines, b""])
 
-    def _events(self, lines: list[str]) -> list[Any]:
-        out = []
+    def _events(self, lines: list[bytes]) -> Iterator[Any]:
+        if self.done:
+            return
         for line in lines:
-            if line.startswith("data:"):
+            if line.startswith(b"data:"):
                 value = line[5:]
-                self._data.append(value[1:] if value.startswith(" ") else value)
-            elif line == "" and self._data:
-                payload = "\n".join(self._data)
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            elif not line and self._data:
+                payload = b"\n".join(self._data)
                 self._data = []
-                if payload.strip() == "[DONE]":
+                if payload.strip() == b"[DONE]":
                     self.done = True
-                    break
-                out.append(_loads(payload))
-        return out
+                    return
+                yield _loads(payload)
 
 
-def _loads(payload: str | bytes) -> Any:
+def _lines(text: bytes) -> list[bytes]:
+    if b"\r" in text:
+        text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return text.split(b"\n")
+
+
+def _loads(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        # Bytes that are not UTF-8 become U+FFFD, as a text decoder would have made them.
+        return orjson.loads(payload.decode("utf-8", "replace"))
     except orjson.JSONDecodeError:
         raise ProviderError("the upstream sent data that is not valid JSON") from None
 

@@ -1,0 +1,248 @@
+"""EventStreamResponse at the ASGI level: which events go out in which write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from relay.api.sse import DONE, FLUSH_BYTES, EventStreamResponse, Suspended, until_suspended
+
+Batch = list[dict[str, Any]]
+
+
+def event(kind: str, sequence: int) -> dict[str, Any]:
+    return {"type": kind, "sequence_number": sequence}
+
+
+START = [event("response.created", 0), event("response.in_progress", 1)]
+FIRST = [event("response.output_item.added", 2), event("response.output_text.delta", 3)]
+END = [event("response.completed", 4)]
+
+
+class Client:
+    """The ASGI side: records each body write as the event types it carried."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[str]] = []
+        self.gone = asyncio.Event()
+
+        self.done = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        assert not self.done, "a write after [DONE]"
+        body: bytes = message["body"]
+        if body.endswith(DONE):
+            body, self.done = body.removesuffix(DONE), True
+            assert not message["more_body"]
+        frames = [f for f in body.split(b"\n\n") if f]
+        if frames:
+            self.writes.append([orjson.loads(f.split(b"data: ")[1])["type"] for f in frames])
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+async def stream(events: AsyncIterator[Batch], client: Client) -> None:
+    response = EventStreamResponse(events, keepalive_s=60)
+    await response({"type": "http"}, client.receive, client.send)
+
+
+async def test_start_joins_the_first_output_when_it_is_ready_at_once() -> None:
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        yield FIRST
+        yield END
+
+    client = Client()
+    await stream(events(), client)
+    assert client.writes == [
+        ["response.created", "response.in_progress", *(e["type"] for e in FIRST)],
+        ["response.completed"],  # with [DONE], in the last write
+    ]
+    assert client.done
+
+
+def deltas(first: int, count: int, text: str = "word") -> list[Batch]:
+    return [
+        [{"type": "response.output_text.delta", "sequence_number": n, "delta": text}]
+        for n in range(first, first + count)
+    ]
+
+
+async def test_deltas_ready_at_once_share_one_write() -> None:
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        yield FIRST
+        for batch in deltas(4, 5):
+            yield batch
+        yield [event("response.completed", 9)]
+
+    client = Client()
+    await stream(events(), client)
+    assert client.writes[1:] == [["response.output_text.delta"] * 5 + ["response.completed"]]
+
+
+async def test_what_is_ready_goes_out_before_waiting_for_the_upstream() -> None:
+    client = Client()
+
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        yield FIRST
+        yield deltas(4, 1)[0]
+        await asyncio.sleep(0.01)  # the upstream pauses: the delta before must be out already
+        assert client.writes[-1] == ["response.output_text.delta"]
+        yield deltas(5, 1)[0]
+        yield [event("response.completed", 6)]
+
+    await stream(events(), client)
+    assert client.writes[1:] == [
+        ["response.output_text.delta"],
+        ["response.output_text.delta", "response.completed"],
+    ]
+
+
+async def test_no_write_grows_far_past_the_flush_size() -> None:
+    big = "x" * 1000
+
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        yield FIRST
+        for batch in deltas(4, 300, big):
+            yield batch
+
+    sizes: list[int] = []
+    client = Client()
+    inner = client.send
+
+    async def send(message: dict[str, Any]) -> None:
+        sizes.append(len(message.get("body", b"")))
+        await inner(message)
+
+    await EventStreamResponse(events(), keepalive_s=60)({"type": "http"}, client.receive, send)
+    assert sum(len(w) for w in client.writes[1:]) == 300
+    assert len(client.writes) > 2
+    assert max(sizes) < FLUSH_BYTES + 2000
+
+
+async def test_a_slow_upstream_never_holds_created_back() -> None:
+    client = Client()
+
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        for _ in range(50):  # the first delta is late: created must be out meanwhile
+            if client.writes:
+                break
+            await asyncio.sleep(0.01)
+        assert client.writes == [["response.created", "response.in_progress"]]
+        yield FIRST
+        yield END
+
+    await stream(events(), client)
+    assert client.writes == [
+        ["response.created", "response.in_progress"],
+        [e["type"] for e in FIRST],
+        ["response.completed"],
+    ]
+
+
+async def test_a_stream_with_nothing_after_the_start_still_sends_it() -> None:
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+
+    client = Client()
+    await stream(events(), client)
+    assert client.writes == [["response.created", "response.in_progress"]]
+
+
+async def test_a_bug_after_the_start_still_sends_the_start_then_an_error() -> None:
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        raise RuntimeError("a bug below the stream")
+
+    client = Client()
+    await stream(events(), client)
+    assert client.writes == [["response.created", "response.in_progress", "error"]]
+
+
+async def test_a_disconnect_while_waiting_for_the_first_output_closes_the_events() -> None:
+    closed = asyncio.Event()
+
+    async def events() -> AsyncIterator[Batch]:
+        try:
+            yield START
+            await asyncio.sleep(60)  # an upstream that never answers
+            yield FIRST
+        finally:
+            closed.set()
+
+    client = Client()
+    task = asyncio.ensure_future(stream(events(), client))
+    await asyncio.sleep(0.05)
+    client.gone.set()
+    await asyncio.wait_for(task, 5)
+    assert closed.is_set()
+    assert client.writes == [["response.created", "response.in_progress"]]
+
+
+async def test_until_suspended_returns_what_needs_no_wait() -> None:
+    async def ready() -> int:
+        return 7
+
+    assert until_suspended(ready()) == 7
+
+
+async def test_until_suspended_resumes_the_rest_where_it_stopped() -> None:
+    steps: list[str] = []
+
+    async def later() -> int:
+        steps.append("first step")
+        await asyncio.sleep(0.01)
+        steps.append("resumed")
+        return 8
+
+    rest = until_suspended(later())
+    assert isinstance(rest, Suspended)
+    assert steps == ["first step"]
+    assert await rest == 8
+    assert steps == ["first step", "resumed"]
+
+
+async def test_cancelling_the_awaiter_cancels_the_suspended_rest() -> None:
+    seen: list[str] = []
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def awaiter() -> None:
+        rest = until_suspended(forever())
+        assert isinstance(rest, Suspended)
+        await rest
+
+    task = asyncio.ensure_future(awaiter())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["cancelled"]
+
+
+async def test_an_error_after_resuming_reaches_the_awaiter() -> None:
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("upstream broke")
+
+    rest = until_suspended(fails())
+    assert isinstance(rest, Suspended)
+    with pytest.raises(ValueError, match="upstream broke"):
+        await rest
