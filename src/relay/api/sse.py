@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine, Generator
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, cast
 
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from relay.eager import Suspended, until_suspended
 from relay.engine.builder import error_event
 
 log = logging.getLogger("relay.sse")
@@ -26,7 +27,6 @@ log = logging.getLogger("relay.sse")
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 FLUSH_BYTES = 64 * 1024
-T = TypeVar("T")
 
 
 def frame(event: dict[str, Any]) -> bytes:
@@ -56,11 +56,28 @@ class EventStreamResponse(Response):
             (b"x-accel-buffering", b"no"),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
-        loop = asyncio.get_running_loop()
-        self._last_write = loop.time()
-        # Three tasks a stream, whatever its length: the events, the keep-alive timer, and a
-        # listener for the client's disconnect.
-        pump = asyncio.ensure_future(self._pump(send))
+        self._last_write = asyncio.get_running_loop().time()
+        try:
+            # The pump runs in this task until it first has to wait: an answer that is all
+            # there already (a fast upstream) goes out without starting a task.
+            started = until_suspended(self._pump(send))
+            tail = (
+                await self._watched(started, receive, send)
+                if isinstance(started, Suspended)
+                else started
+            )
+        finally:
+            # Finalises the run: after a disconnect it stores where the run stopped.
+            await self.events.aclose()  # type: ignore[attr-defined]
+        if tail is not None:
+            await send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
+
+    async def _watched(
+        self, pump_rest: Suspended[bytes], receive: Receive, send: Send
+    ) -> bytes | None:
+        """The rest of the pump, beside a keep-alive timer and a listener for the client's
+        disconnect: three tasks, however long the stream. None when the client left."""
+        pump = asyncio.ensure_future(pump_rest)
         keepalive = asyncio.ensure_future(self._keepalive(send))
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
@@ -71,11 +88,9 @@ class EventStreamResponse(Response):
             for task in (pump, keepalive, watcher):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            # Finalises the run: after a disconnect it stores where the run stopped.
-            await self.events.aclose()  # type: ignore[attr-defined]
-        if not pump.cancelled() and pump.exception() is None:
-            body = pump.result() + DONE
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+        if pump.cancelled() or pump.exception() is not None:
+            return None
+        return pump.result()
 
     async def _pump(self, send: Send) -> bytes:
         """Stream the events; returns the last ones, unsent, for the closing write.
@@ -135,51 +150,6 @@ class EventStreamResponse(Response):
                 continue
             await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
             self._last_write = loop.time()
-
-
-class Suspended(Generic[T]):
-    """The rest of a coroutine that suspended in its first step: awaiting this resumes it
-    where it stopped, passing the event loop's wake-ups and cancellation through, as `await`
-    on the coroutine itself would have."""
-
-    __slots__ = ("_coroutine", "_yielded")
-
-    def __init__(self, coroutine: Coroutine[Any, Any, T], yielded: Any) -> None:
-        self._coroutine = coroutine
-        self._yielded = yielded
-
-    def __await__(self) -> Generator[Any, Any, T]:
-        coroutine, yielded = self._coroutine, self._yielded
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coroutine.close()
-                raise
-            except BaseException as error:
-                try:
-                    yielded = coroutine.throw(error)
-                except StopIteration as stop:
-                    result: T = stop.value
-                    return result
-            else:
-                try:
-                    yielded = coroutine.send(sent)
-                except StopIteration as stop:
-                    result = stop.value
-                    return result
-
-
-def until_suspended(coroutine: Coroutine[Any, Any, T]) -> T | Suspended[T]:
-    """Run `coroutine` in the current task until it first has to wait: its result if it
-    never had to, else the Suspended rest of it. What an eager task does (Python 3.12's
-    eager_start), without a task or a turn of the event loop."""
-    try:
-        yielded = coroutine.send(None)
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
-    return Suspended(coroutine, yielded)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
