@@ -2,8 +2,7 @@
 
 Python 3.12 has eager tasks for this; on 3.11 a task always waits a turn of the event loop
 before its first step. Relay uses it where the common case never waits (an upstream answer
-that is already read) or where useful work fits in the wait (building a response while the
-upstream answers): no task, no loop turn.
+that is already read): no task, no loop turn.
 """
 
 from __future__ import annotations
