@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, cast
 
 import pytest
 
@@ -64,3 +66,23 @@ async def test_an_error_after_resuming_reaches_the_awaiter() -> None:
     assert isinstance(rest, Suspended)
     with pytest.raises(ValueError, match="upstream broke"):
         await rest
+
+
+async def test_cancel_runs_the_cleanup_of_a_begun_async_generator_step() -> None:
+    seen: list[str] = []
+
+    async def upstream() -> AsyncIterator[int]:
+        try:
+            await asyncio.sleep(60)
+            yield 1
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)  # cleanup that waits, like storing where a run stopped
+            seen.append("cleaned up")
+            raise
+
+    events = upstream()
+    step = until_suspended(cast(Coroutine[Any, Any, int], events.__anext__()))
+    assert isinstance(step, Suspended)
+    await step.cancel()
+    assert seen == ["cleaned up"]
+    await events.aclose()  # not "already running": the step is over

@@ -188,3 +188,38 @@ async def test_a_disconnect_while_waiting_for_the_first_output_closes_the_events
     await asyncio.wait_for(task, 5)
     assert closed.is_set()
     assert client.writes == [["response.created", "response.in_progress"]]
+
+
+async def test_a_disconnect_during_a_blocked_write_still_finalises_the_events() -> None:
+    """The write before waiting on the upstream blocks (a client that stopped reading), then
+    the client leaves: the upstream step already begun must be cancelled and the events
+    closed as the run expects (their cleanup may await), not left half-run."""
+    finalised = asyncio.Event()
+
+    async def events() -> AsyncIterator[Batch]:
+        try:
+            yield START
+            yield FIRST
+            yield deltas(4, 1)[0]
+            await asyncio.sleep(60)  # the upstream is slow: the delta is written meanwhile
+            yield END
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)  # e.g. storing where the run stopped
+            finalised.set()
+            raise
+
+    client = Client()
+    inner = client.send
+
+    async def send(message: dict[str, Any]) -> None:
+        await inner(message)
+        if len(client.writes) == 2:
+            await asyncio.sleep(60)  # the transport is paused: this write never drains
+
+    task = asyncio.ensure_future(
+        EventStreamResponse(events(), keepalive_s=60)({"type": "http"}, client.receive, send)
+    )
+    await asyncio.sleep(0.05)
+    client.gone.set()
+    await asyncio.wait_for(task, 5)
+    assert finalised.is_set()

@@ -7,6 +7,8 @@ that is already read): no task, no loop turn.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
@@ -16,7 +18,9 @@ T = TypeVar("T")
 class Suspended(Generic[T]):
     """The rest of a coroutine that suspended in its first step: awaiting this resumes it
     where it stopped, passing the event loop's wake-ups and cancellation through, as `await`
-    on the coroutine itself would have. Await it once."""
+    on the coroutine itself would have. Await it once, or cancel it: a coroutine left
+    half-run never finishes its cleanup (and an async generator whose step it is stays
+    "already running", so that it cannot be closed)."""
 
     __slots__ = ("_coroutine", "_yielded")
 
@@ -44,6 +48,18 @@ class Suspended(Generic[T]):
                 except StopIteration as stop:
                     result = stop.value
                     return result
+
+    async def cancel(self) -> None:
+        """Instead of awaiting the rest: cancel it where it waits, as cancelling a task would,
+        and let its cleanup run to the end."""
+        if isinstance(self._yielded, asyncio.Future):
+            self._yielded.cancel()
+        try:
+            self._yielded = self._coroutine.throw(asyncio.CancelledError())
+        except (StopIteration, asyncio.CancelledError):
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            await self
 
 
 def until_suspended(coroutine: Coroutine[Any, Any, T]) -> T | Suspended[T]:

@@ -111,7 +111,12 @@ class EventStreamResponse(Response):
                     batch = until_suspended(step)
                     if isinstance(batch, Suspended):
                         if pending:
-                            await self._write(send, pending)
+                            try:
+                                await self._write(send, pending)
+                            except BaseException:
+                                # The step has begun: end it, or the events cannot close.
+                                await batch.cancel()
+                                raise
                             pending, size = [], 0
                         batch = await batch
                 except StopAsyncIteration:
