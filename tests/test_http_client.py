@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 import uvloop
-from test_openai_chat_provider import failure, make_request
+from test_openai_chat_provider import collect, failure, make_request, text_of
 
+from relay.providers import http_client
 from relay.providers.http_client import (
+    MAX_BUFFER,
     ConnectFailed,
     ConnectionLost,
     HTTPClient,
@@ -304,6 +306,109 @@ def test_a_slow_reader_pauses_the_socket_and_loses_nothing(
 
     run(body())
     assert waited == [True]
+
+
+def test_an_answer_released_while_reading_is_paused_leaves_the_connection_reading(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    """An answer that arrived whole past the buffer limit (reading paused) and is released
+    unread, as after [DONE]: its connection goes back to the pool and reads the next answer."""
+    first = b"x" * (MAX_BUFFER + (100 << 10))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer(first))
+        await server.read_request(reader)
+        writer.write(answer(b"second"))
+
+    server = Server(handler)
+
+    async def body() -> None:
+        async with server:
+            http = client(server.origin, read=1.0)
+            response = await http.post("/", b"{}")
+            await asyncio.sleep(0.3)
+            assert response._connection._complete and response._connection._paused
+            await response.read_chunk()
+            response.release()
+            assert await fetch(http) == b"second"
+            await http.aclose()
+
+    run(body())
+    assert server.connections == 1
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+SSE_HI = (
+    b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
+)
+
+
+def test_a_chat_stream_keeps_its_connection_when_the_end_follows_done(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    """Servers write [DONE] and the chunked terminator apart (two packets): the provider stops
+    reading at [DONE], and the connection still goes back to the pool once the end came."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(SSE_HEAD + chunk(SSE_HI) + chunk(b"data: [DONE]\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+
+    server = Server(handler)
+
+    async def body() -> None:
+        async with server:
+            provider = OpenAIChatProvider(f"http://127.0.0.1:{server.port}/v1", None)
+            try:
+                for _ in range(3):
+                    assert text_of(await collect(provider, make_request())) == "hi"
+                    await asyncio.sleep(0.1)
+            finally:
+                await provider.aclose()
+
+    run(body())
+    assert server.connections == 1
+    assert len(server.requests) == 3
+
+
+def test_an_answer_whose_expected_end_never_comes_is_closed(
+    run: Callable[[Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_client, "END_WAIT_S", 0.1)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = server.connections == 1
+        await server.read_request(reader)
+        writer.write(SSE_HEAD + chunk(b"data: [DONE]\n\n"))
+        if first:
+            await reader.read()  # and never end the body
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    server = Server(handler)
+
+    async def body() -> None:
+        async with server:
+            http = client(server.origin)
+            response = await http.post("/", b"{}")
+            assert await response.read_chunk() == b"data: [DONE]\n\n"
+            response.release(end_expected=True)
+            await asyncio.sleep(0.3)
+            assert await fetch(http) == b"data: [DONE]\n\n"
+            await http.aclose()
+
+    run(body())
+    assert server.connections == 2
 
 
 def test_https_verifies_the_upstream_certificate(run: Callable[[Awaitable[None]], None]) -> None:

@@ -36,6 +36,9 @@ from relay import __version__
 
 MAX_BUFFER = 1 << 20  # bytes received and not yet read before the socket stops being read
 MAX_IDLE = 256  # idle connections kept per origin; more are closed when released
+# How long a released answer whose end is expected may take to end before its connection is
+# closed rather than reused.
+END_WAIT_S = 1.0
 
 
 class HTTPClientError(Exception):
@@ -96,12 +99,18 @@ class Response:
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
-    def release(self) -> None:
+    def release(self, *, end_expected: bool = False) -> None:
         """Give the connection back: to the pool when the answer was read to its end and the
-        server keeps it alive, closed otherwise. Idempotent."""
+        server keeps it alive, closed otherwise. Idempotent.
+
+        `end_expected`: the caller has all it needs and the end follows at once (an SSE
+        stream after `[DONE]`, whose chunked terminator often comes in a later packet): the
+        rest is discarded as it comes and the connection goes to the pool at the end, or is
+        closed if the end takes longer than END_WAIT_S. Without it, an unfinished answer
+        closes the connection at once, which is how an upstream learns to stop generating."""
         if not self.released:
             self.released = True
-            self._connection.finish_response()
+            self._connection.finish_response(end_expected)
 
 
 class HTTPClient:
@@ -238,6 +247,7 @@ class _Connection(asyncio.Protocol):
         self._decoder: zlib._Decompress | None = None
         self._last_data = 0.0
         self._paused = False
+        self._awaiting_end = False  # released; the rest is discarded until the end
 
     # asyncio.Protocol
 
@@ -258,6 +268,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_timer()
+        if self._awaiting_end:
+            self.close()
+            return
         headers_came = self._headers_done is not None and self._headers_done.done()
         if headers_came and self._until_close and not self._complete:
             self.on_message_complete()
@@ -292,8 +305,8 @@ class _Connection(asyncio.Protocol):
             self._headers_done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self.status == 0 or self._error is not None:
-            return  # the body of an interim answer, or of one we gave up on
+        if self.status == 0 or self._error is not None or self._awaiting_end:
+            return  # the body of an interim answer, of one we gave up on, or released
         if self._decoder is not None:
             try:
                 body = self._decoder.decompress(body)
@@ -314,6 +327,10 @@ class _Connection(asyncio.Protocol):
         # Asked now: once the parser has moved past the message it no longer knows.
         self._keep_alive = self._parser.should_keep_alive()
         self._cancel_timer()
+        if self._awaiting_end:
+            self._awaiting_end = False
+            self.finish_response(end_expected=False)
+            return
         if self._decoder is not None:
             self._chunks.append(self._decoder.flush())
         self._wake()
@@ -353,9 +370,20 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
         return chunk
 
-    def finish_response(self) -> None:
-        if self._complete and self._error is None and self._keep_alive and self.usable():
+    def finish_response(self, end_expected: bool) -> None:
+        reusable = self._error is None and self.usable()
+        if reusable and self._paused and self._transport is not None:
+            # Released with much of it unread: what comes next must be read again.
+            self._paused = False
+            self._transport.resume_reading()
+        if reusable and self._complete and self._keep_alive:
             self._client._put_back(self)
+        elif reusable and not self._complete and end_expected:
+            self._awaiting_end = True
+            self._chunks.clear()
+            self._buffered = 0
+            self._cancel_timer()
+            self._timer = self._loop.call_later(END_WAIT_S, self.close)
         else:
             self.close()
 

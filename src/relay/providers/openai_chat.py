@@ -179,6 +179,7 @@ class OpenAIChatProvider:
     # Stream translation -------------------------------------------------------------------------
 
     async def _deltas(self, response: Response) -> AsyncGenerator[Delta, None]:
+        events = _SSEDecoder()
         try:
             content_type = response.headers.get("content-type", "")
             if content_type.startswith("application/json"):
@@ -188,7 +189,6 @@ class OpenAIChatProvider:
                     yield delta
                 return
             state = _StreamState()
-            events = _SSEDecoder()
             # Every event that one network read completed is translated before the next read.
             while not events.done:
                 data = await response.read_chunk()
@@ -210,7 +210,8 @@ class OpenAIChatProvider:
                 f"the upstream sent a chunk Relay could not read ({type(exc).__name__})"
             ) from None
         finally:
-            response.release()
+            # After [DONE] only the body's end is to come: the connection waits for it.
+            response.release(end_expected=events.done)
 
     def _chunk_deltas(self, chunk: Any, state: _StreamState) -> list[Delta]:
         if not isinstance(chunk, dict):
