@@ -223,3 +223,24 @@ async def test_a_disconnect_during_a_blocked_write_still_finalises_the_events() 
     client.gone.set()
     await asyncio.wait_for(task, 5)
     assert finalised.is_set()
+
+
+async def test_an_event_that_cannot_be_framed_ends_the_stream_with_the_next_number() -> None:
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        yield [event("response.output_item.added", 2), {**event("bad", 3), "x": {1, 2}}]
+
+    numbers: list[int] = []
+    client = Client()
+    inner = client.send
+
+    async def send(message: dict[str, Any]) -> None:
+        body: bytes = message.get("body", b"")
+        for line in body.split(b"\n"):
+            if line.startswith(b"data: {"):
+                numbers.append(orjson.loads(line[6:])["sequence_number"])
+        await inner(message)
+
+    await EventStreamResponse(events(), keepalive_s=60)({"type": "http"}, client.receive, send)
+    assert client.writes[-1][-1] == "error"
+    assert numbers == [0, 1, 2, 3]  # the unframed event's number goes to the error, once

@@ -126,7 +126,7 @@ class EventStreamResponse(Response):
                     data = frame(event)
                     pending.append(data)
                     size += len(data)
-                sequence = batch[-1]["sequence_number"]
+                    sequence = event["sequence_number"]
                 if batches == 2 or size >= FLUSH_BYTES:
                     await self._write(send, pending)
                     pending, size = [], 0
