@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
 
 from relay.api.sse import DONE, FLUSH_BYTES, EventStreamResponse
 
@@ -244,3 +245,32 @@ async def test_an_event_that_cannot_be_framed_ends_the_stream_with_the_next_numb
     await EventStreamResponse(events(), keepalive_s=60)({"type": "http"}, client.receive, send)
     assert client.writes[-1][-1] == "error"
     assert numbers == [0, 1, 2, 3]  # the unframed event's number goes to the error, once
+
+
+async def test_a_cancel_during_the_cleanup_after_a_disconnect_waits_for_it() -> None:
+    """The client leaves, the run starts recording where it stopped, and then the request
+    itself is cancelled (a server shutting down): the run's cleanup still runs to its end, and
+    the request's cancel is raised after it, not swallowed."""
+    finalised = asyncio.Event()
+    cleaning = asyncio.Event()
+
+    async def events() -> AsyncIterator[Batch]:
+        try:
+            yield START
+            await asyncio.sleep(60)
+            yield FIRST
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0.05)  # storing where the run stopped
+            finalised.set()
+            raise
+
+    client = Client()
+    task = asyncio.ensure_future(stream(events(), client))
+    await asyncio.sleep(0.01)
+    client.gone.set()
+    await asyncio.wait_for(cleaning.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert finalised.is_set()

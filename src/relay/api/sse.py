@@ -10,7 +10,6 @@ where it stopped instead of staying in_progress.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, cast
@@ -85,9 +84,7 @@ class EventStreamResponse(Response):
         finally:
             for task in (pump, keepalive, watcher):
                 task.cancel()
-            for task in (pump, keepalive, watcher):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await _settle(pump, keepalive, watcher)
         if pump.cancelled() or pump.exception() is not None:
             return None
         return pump.result()
@@ -155,6 +152,26 @@ class EventStreamResponse(Response):
                 continue
             await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
             self._last_write = loop.time()
+
+
+async def _settle(*tasks: asyncio.Task[Any]) -> None:
+    """Wait until cancelled tasks have ended, cleanup included. Awaiting a task passes a
+    cancel of the awaiter on to it, which would cut the run's cleanup short (a server
+    shutting down as the client leaves): a cancel that comes meanwhile is raised after."""
+    cancelled = False
+    pending = set(tasks)
+    while pending:
+        try:
+            _, pending = await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+    for task in tasks:
+        if not task.cancelled():
+            # Read, so that asyncio does not log it: the keep-alive's failed write means the
+            # client is gone, which the watcher has said already.
+            task.exception()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
