@@ -86,6 +86,11 @@ def answer(body: bytes, *extra: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def chunk(data: bytes) -> bytes:
+    """One piece of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 async def fetch(http: HTTPClient, target: str = "/") -> bytes:
     """POST, read the whole answer, give the connection back."""
     response = await http.post(target, b"{}")
@@ -214,7 +219,7 @@ def test_bodies_chunked_close_delimited_and_gzip(run: Callable[[Awaitable[None]]
             if kind == b"/chunked":
                 writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 for piece in (b"data: one\n\n", b"data: two\n\n"):
-                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    writer.write(chunk(piece))
                     await writer.drain()
                     await asyncio.sleep(0.01)
                 writer.write(b"0\r\n\r\n")
@@ -336,10 +341,6 @@ def test_an_answer_released_while_reading_is_paused_leaves_the_connection_readin
 
     run(body())
     assert server.connections == 1
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 SSE_HEAD = (
