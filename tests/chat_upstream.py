@@ -24,6 +24,12 @@ context manager. Models (scripts):
   rogue_tool      a call to `not_offered`, whatever tools were sent
   small_context   echo, but a context-length error past SMALL_CONTEXT messages
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
+  slow_stream     SLOW_WORDS words, one every SLOW_INTERVAL_S; how each such stream ended
+                  (finished, or cut by the client after N words) is kept in `slow_streams`
+  echo_credentials
+                  a 400 whose message repeats every header received, whole and in the forms
+                  an upstream might write it (token only, cut in half, percent-encoded);
+                  echo_credentials_stream repeats them in an error chunk mid-stream
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -46,7 +53,9 @@ from starlette.routing import Route
 
 __all__ = ["MODELS", "UPSTREAM_KEY", "ChatUpstream", "chat_upstream"]
 
-UPSTREAM_KEY = "sk-loopback-upstream-secret-0123456789"
+# Random, as real keys are: a fragment of a key is scrubbed wherever it appears in upstream text,
+# so a key spelling out words ("upstream") would redact them from error messages too.
+UPSTREAM_KEY = "sk-lb-7Qm2xV9pK4rT8wZ3nY6cJ1hF5dG0sAe"
 MODELS = [
     "echo",
     "tools",
@@ -67,7 +76,14 @@ MODELS = [
     "error_chunk_429",
     "malformed",
     "rogue_tool",
+    "slow_stream",
+    "echo_credentials",
+    "echo_credentials_stream",
 ]
+SLOW_WORDS = 200
+SLOW_INTERVAL_S = 0.05
+# Headers every HTTP client sends; echo_credentials repeats all others.
+_PLAIN_HEADERS = {"host", "content-length", "content-type", "user-agent", "accept-encoding"}
 CREATED = 1_700_000_000
 # small_context: answers like echo, but refuses more than this many chat messages.
 SMALL_CONTEXT = 4
@@ -83,6 +99,7 @@ class ChatUpstream:
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.slow_streams: list[str] = []
         self.port = 0
         app = Starlette(
             routes=[
@@ -109,6 +126,7 @@ class ChatUpstream:
     def reset(self) -> None:
         self.requests.clear()
         self.headers.clear()
+        self.slow_streams.clear()
 
     def start(self) -> ChatUpstream:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -177,6 +195,13 @@ class ChatUpstream:
             return _error(404, f"The model `{model}` does not exist.", code="model_not_found")
         if model == "slow_headers":
             await asyncio.sleep(1.0)
+        if model == "echo_credentials":
+            return _error(400, _echo_credentials(request))
+        if model == "echo_credentials_stream":
+            echoed = _echo_credentials(request)
+            return StreamingResponse(_failing_stream(body, echoed), media_type="text/event-stream")
+        if model == "slow_stream":
+            return StreamingResponse(self._slow_stream(body), media_type="text/event-stream")
         answer = _answer(model, body)
         # Like some hosted upstreams' load balancers: a session cookie on every answer, which a
         # gateway must not carry to later requests (they may be another tenant's).
@@ -186,6 +211,22 @@ class ChatUpstream:
         return StreamingResponse(
             _stream(model, body, answer), media_type="text/event-stream", headers=cookie
         )
+
+    async def _slow_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            for _ in range(SLOW_WORDS):
+                chunk = _chunk("slow_stream", [_choice({"content": "word "})], body)
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                sent += 1
+                await asyncio.sleep(SLOW_INTERVAL_S)
+            finish = _chunk("slow_stream", [_choice({}, None, "stop")], body)
+            yield b"data: " + orjson.dumps(finish) + b"\n\ndata: [DONE]\n\n"
+            self.slow_streams.append("finished")
+        except BaseException:
+            # Starlette cancels the body's task when the client (Relay) disconnects.
+            self.slow_streams.append(f"cut after {sent} words")
+            raise
 
     def _check_key(self, request: Request) -> Response | None:
         given = request.headers.get("authorization", "")
@@ -417,6 +458,25 @@ def _error(
     )
     error = {"message": message, "type": kind, "param": None, "code": code}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+async def _failing_stream(body: dict[str, Any], message: str) -> AsyncIterator[bytes]:
+    for payload in (
+        _chunk("echo_credentials_stream", [_choice({"content": "Partial "})], body),
+        {"error": {"message": message, "type": "server_error", "param": None, "code": None}},
+    ):
+        yield b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _echo_credentials(request: Request) -> str:
+    """What careless upstreams write back: every header, whole and in other forms."""
+    forms = []
+    for name, value in request.headers.items():
+        if name.lower() in _PLAIN_HEADERS:
+            continue
+        token = value.partition(" ")[2] or value
+        forms += [f"{name}: {value}", token, token[: len(token) // 2], quote(value)]
+    return "Invalid request; you sent " + " | ".join(forms)
 
 
 def _auth_error(status: int, authorization: str) -> JSONResponse:

@@ -3,17 +3,16 @@
 The request side builds a chat-completions body (its messages come from
 `relay.providers.chat_messages`); the stream side turns `chat.completion.chunk` SSE events into
 deltas. Nothing here retries: every failure becomes a `ProviderError` and the engine decides on
-fallbacks. Secrets (the API key, secret-looking extra header values, a password in the base
-URL) are scrubbed from every message we raise.
+fallbacks. Upstream text is quoted only through `_quote`, which scrubs every credential sent
+upstream, in every form (`relay.providers.credentials`).
 """
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel
@@ -31,6 +30,7 @@ from relay.providers.base import (
     UsageDelta,
 )
 from relay.providers.chat_messages import chat_messages_json
+from relay.providers.credentials import Scrubber, basic_token
 from relay.providers.http_client import (
     ConnectFailed,
     HTTPClient,
@@ -63,6 +63,7 @@ _FINISH: dict[str, FinishReason] = {
     "function_call": "tool_calls",
 }
 _MAX_MESSAGE = 500  # upstream error text we quote, so a huge HTML error page stays out of logs
+_MAX_SCANNED = 4 * _MAX_MESSAGE  # scrubbed before the cut, however much the scrubbing shortens
 
 
 class OpenAIChatProvider:
@@ -85,14 +86,17 @@ class OpenAIChatProvider:
         headers = {"Content-Type": "application/json"}
         if url.username is not None:
             # Credentials in the base URL (a proxy in front of a self-hosted model) are Basic auth.
-            pair = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            headers["Authorization"] = "Basic " + basic_token(url.username, url.password or "")
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         headers.update(extra_headers or {})
-        # Short values are not worth scrubbing (and would mangle messages); keys never are short.
-        secrets = [api_key or "", *(extra_headers or {}).values(), url.password or ""]
-        self._secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+        # Every credential sent, in every form, is scrubbed from the upstream text we quote.
+        self._scrub = Scrubber.for_upstream(
+            api_key=api_key,
+            username=url.username,
+            password=url.password,
+            headers=extra_headers,
+        )
         # A dead host should fail fast so the engine can fall back; a slow model may take minutes
         # between bytes, so only the connect phase gets the shorter bound.
         self._http = HTTPClient(
@@ -268,13 +272,13 @@ class OpenAIChatProvider:
 
     # Errors --------------------------------------------------------------------------------------
 
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+    def _quote(self, text: str) -> str:
+        """Upstream text as Relay may repeat it: credentials scrubbed, then cut to length (in
+        that order, so that a cut never leaves part of a key)."""
+        return self._scrub(text[:_MAX_SCANNED])[:_MAX_MESSAGE]
 
     def _transport_error(self, exc: BaseException) -> ProviderError:
-        detail = self._redact(str(exc)) or type(exc).__name__
+        detail = self._quote(str(exc)) or type(exc).__name__
         if isinstance(exc, TimeoutError):
             return ProviderError(
                 f"the upstream timed out ({type(exc).__name__})",
@@ -297,7 +301,7 @@ class OpenAIChatProvider:
                 code="upstream_auth_failed",
                 retryable=False,
             )
-        message = self._redact(_error_message(raw))
+        message = self._quote(_error_message(raw))
         if status == 429:
             return ProviderError(
                 f"the upstream is rate limiting requests: {message}",
@@ -342,7 +346,7 @@ class OpenAIChatProvider:
             return self._status_error(code, {}, raw)
         if code == "rate_limit_exceeded":
             return self._status_error(429, {}, raw)
-        message = self._redact(_error_message(raw))
+        message = self._quote(_error_message(raw))
         return ProviderError(f"the upstream reported an error mid-stream: {message}")
 
 
@@ -491,7 +495,7 @@ def _error_message(raw: bytes) -> str:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace").strip()[:_MAX_MESSAGE] or "no error message"
+        return raw[:_MAX_SCANNED].decode("utf-8", "replace").strip() or "no error message"
     message: Any = body
     if isinstance(body, dict):
         error = body.get("error")
@@ -501,8 +505,7 @@ def _error_message(raw: bytes) -> str:
             message = error  # Ollama: {"error": "model 'x' not found"}
         else:
             message = body.get("message") or body.get("detail") or body  # vLLM, FastAPI
-    text = message if isinstance(message, str) else orjson.dumps(message).decode()
-    return text[:_MAX_MESSAGE]
+    return message if isinstance(message, str) else orjson.dumps(message).decode()
 
 
 def _usage(usage: dict[str, Any]) -> UsageDelta:
