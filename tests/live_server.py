@@ -1,13 +1,22 @@
-"""A real Relay server (uvicorn, loopback, free port) in a background thread, for tests."""
+"""Real Relay servers for tests, on loopback and a free port: the app under uvicorn in a
+background thread (`relay_server`), or `relay serve` in a process of its own (`relay_serve`)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
 
+import httpx
 import uvicorn
 
 from relay.api.app import create_app
@@ -52,3 +61,61 @@ def running(app: object, port: int | None = None) -> Iterator[str]:
 def relay_server(settings: Settings) -> Iterator[str]:
     with running(create_app(settings)) as url:
         yield url
+
+
+class ServeProcess:
+    """`relay serve` as a user starts it: its own process, settings from the environment."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: IO[bytes]) -> None:
+        self.process = process
+        self.url = url
+        self._log = log  # a file, not a pipe: a pipe nobody reads would block the server
+        self.output = ""  # everything it printed (stdout and stderr), once it stopped
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.seek(0)
+        self.output = self._log.read().decode(errors="replace")
+        return self.output
+
+
+@contextmanager
+def relay_serve(env: dict[str, str], *args: str) -> Iterator[ServeProcess]:
+    """Run `relay serve --port <free>` with `env` added to this environment; yields once
+    /healthz answers, stops it (SIGINT, as Ctrl+C) on the way out."""
+    port = free_port()
+    relay = Path(sys.executable).with_name("relay")
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [str(relay), "serve", "--port", str(port), *args],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        served = ServeProcess(process, f"http://127.0.0.1:{port}", log)
+        try:
+            _wait_until_healthy(served)
+            yield served
+        finally:
+            served.stop()
+
+
+def _wait_until_healthy(served: ServeProcess) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        if served.process.poll() is not None:
+            raise RuntimeError(f"relay serve exited: {served.stop()}")
+        try:
+            if httpx.get(f"{served.url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"relay serve did not start: {served.stop()}")
+        time.sleep(0.05)

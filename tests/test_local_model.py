@@ -397,3 +397,22 @@ def test_disconnect_stops_generation(local_url: str, local: httpx.Client) -> Non
     assert body["status"] == "cancelled"
     # Stopped within a few tokens of the disconnect, not after 2,000.
     assert len(body["output"][0]["content"][0]["text"].split()) < 60
+
+
+def test_an_abandoned_json_request_frees_the_worker(
+    local_url: str, local: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.engine")
+    long = {"model": MODEL, "input": "Write a very long essay.", "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{local_url}/v1/responses", json={**long, "max_output_tokens": 4000}, timeout=1)
+    # The one worker is free again: the next request does not wait for 4,000 tokens.
+    short = local.post(
+        "/v1/responses", json={**long, "max_output_tokens": 16}, timeout=httpx.Timeout(10)
+    )
+    assert short.status_code == 200 and short.json()["status"] == "incomplete"
+    [line] = [r.getMessage() for r in caplog.records if "status=cancelled" in r.getMessage()]
+    stored = local.get(f"/v1/responses/{line.split()[1]}").json()
+    assert stored["status"] == "cancelled"
+    # Stopped about when the client left (a second of generation), not after 4,000 tokens.
+    assert len(stored["output_text"].split()) < 400

@@ -6,7 +6,7 @@ import logging
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
@@ -46,6 +46,15 @@ async def _http_error(_: Request, error: Exception) -> Response:
     return error_response(relay_error)
 
 
+async def _client_gone(_: Request, error: Exception) -> Response:
+    """The client disconnected (mid-upload, or before its answer was ready): whatever it had
+    asked for was stopped; the answer goes nowhere, and is no error of the server's."""
+    log.debug("client disconnected before its answer was sent")
+    gone = ClientError("The client closed the connection before the answer was sent.")
+    gone.status = 499  # nginx's "client closed request": seen by no one but access logs
+    return error_response(gone)
+
+
 async def _unexpected(_: Request, error: Exception) -> Response:
     log.exception("unhandled error", exc_info=error)
     return error_response(ServerError("The server had an error processing your request."))
@@ -55,6 +64,7 @@ async def _unexpected(_: Request, error: Exception) -> Response:
 # Starlette's ServerErrorMiddleware, so even a bug answers with the envelope.
 HANDLERS: dict[type[Exception], ExceptionHandler] = {
     RelayError: _relay_error,
+    ClientDisconnect: _client_gone,
     HTTPException: _http_error,
     Exception: _unexpected,
 }

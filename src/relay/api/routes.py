@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from relay.api.auth import tenant_of
+from relay.api.disconnect import CancelOnDisconnect
 from relay.api.sse import EventStreamResponse
 from relay.engine.run import Engine
 from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -113,10 +114,15 @@ async def create_response(request: Request) -> Response:
         raise InvalidRequest(
             f"x-session-id is longer than {MAX_SESSION_ID} characters.", param="x-session-id"
         )
-    run = await _engine(request).start(body, tenant=tenant, session_id=session)
-    if body.stream:
-        return EventStreamResponse(run.events(), keepalive_s=request.app.state.settings.keepalive_s)
-    return json_response(await run.final())
+    # A client that leaves before its answer is ready stops the work done for it (a stream
+    # watches for that itself once it has begun).
+    async with CancelOnDisconnect(request.receive):
+        run = await _engine(request).start(body, tenant=tenant, session_id=session)
+        if body.stream:
+            keepalive_s = request.app.state.settings.keepalive_s
+            return EventStreamResponse(run.events(), keepalive_s=keepalive_s)
+        answer = await run.final()
+    return json_response(answer)
 
 
 async def responses_info(request: Request) -> Response:

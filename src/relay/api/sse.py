@@ -18,6 +18,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from relay.api.disconnect import wait_for_disconnect
 from relay.eager import Suspended, until_suspended
 from relay.engine.builder import error_event
 
@@ -78,7 +79,7 @@ class EventStreamResponse(Response):
         disconnect: three tasks, however long the stream. None when the client left."""
         pump = asyncio.ensure_future(pump_rest)
         keepalive = asyncio.ensure_future(self._keepalive(send))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -172,10 +173,3 @@ async def _settle(*tasks: asyncio.Task[Any]) -> None:
             task.exception()
     if cancelled:
         raise asyncio.CancelledError
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
