@@ -1,4 +1,4 @@
-"""`python -m bench [local|gateway ...]`: run the named benchmarks (default: all)."""
+"""`python -m bench [local|gateway|memory ...]`: run the named benchmarks (default: all)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib
 SUITES = {
     "local": "bench.local_model",
     "gateway": "bench.gateway",
+    "memory": "bench.history_memory",
 }
 
 

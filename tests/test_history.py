@@ -1,5 +1,6 @@
 """Conversations remembered in memory: the chat translation continued turn after turn must be
-exactly the one built in one go, and the cache must stay within its budget."""
+exactly the one built in one go, and the cache must stay within its budgets of items and
+bytes."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_derive_extends_the_parent_once() -> None:
 
 
 def test_cache_evicts_least_recently_used_within_its_budget() -> None:
-    cache = HistoryCache(max_items=10)
+    cache = HistoryCache(max_items=10, max_bytes=1 << 30)
     for name in ("a", "b", "c"):
         cache.put("t", name, History(CONVERSATION[:4]))
     assert cache.get("t", "a") is None  # 12 items > 10: the oldest went
@@ -92,6 +93,41 @@ def test_cache_evicts_least_recently_used_within_its_budget() -> None:
 
 
 def test_cache_of_zero_keeps_nothing() -> None:
-    cache = HistoryCache(max_items=0)
-    cache.put("t", "a", History([]))
-    assert cache.get("t", "a") is None
+    for cache in (HistoryCache(max_items=0, max_bytes=1 << 30), HistoryCache(10, max_bytes=0)):
+        cache.put("t", "a", History([]))
+        assert cache.get("t", "a") is None
+
+
+def sized(nbytes: int) -> History:
+    return History([message("user", "x" * nbytes)])
+
+
+def test_cache_is_bounded_by_bytes() -> None:
+    budget = 64 * 1024
+    cache = HistoryCache(max_items=10_000, max_bytes=budget)
+    # A history costs twice its JSON (the items and their translation).
+    for index in range(100):
+        cache.put("t", str(index), sized(2000))
+        assert cache.held_bytes <= budget
+    kept = [index for index in range(100) if cache.get("t", str(index)) is not None]
+    assert kept == list(range(100 - len(kept), 100))  # the most recent ones
+    assert len(kept) == budget // (2 * sized(2000).size())
+
+
+def test_an_oversized_history_is_never_kept() -> None:
+    budget = 64 * 1024
+    cache = HistoryCache(max_items=10_000, max_bytes=budget)
+    cache.put("t", "small", sized(100))
+    # Over an eighth of the budget: kept, it would push out everything else for one turn.
+    cache.put("t", "huge", sized(budget // 16 + 100))
+    assert cache.get("t", "huge") is None
+    assert cache.get("t", "small") is not None
+    assert cache.held_bytes == 2 * sized(100).size()
+
+
+def test_a_history_read_from_storage_is_measured_once() -> None:
+    history = History(CONVERSATION)
+    assert history.size() == len(orjson.dumps(CONVERSATION))
+    history.items = []  # measured already: the figure stays
+    assert history.size() == len(orjson.dumps(CONVERSATION))
+    assert History(CONVERSATION, nbytes=7).size() == 7

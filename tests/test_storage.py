@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -109,8 +110,11 @@ def ids(items: list[dict[str, Any]] | None) -> list[str]:
 
 async def test_save_and_get_roundtrip(store: SqlStore) -> None:
     response, input_items = make_turn("resp_a", inputs=2, outputs=2)
-    await store.save_response("acme", response, input_items)
+    stored = await store.save_response("acme", response, input_items)
 
+    # What the history cache charges for the items: their stored JSON.
+    items = [*input_items, *response["output"]]
+    assert stored == sum(len(orjson.dumps(item)) for item in items)
     assert await store.get_response("acme", "resp_a") == response
     assert await store.get_response("acme", "resp_missing") is None
     assert await store.load_context("acme", "resp_a") == [*input_items, *response["output"]]
@@ -121,7 +125,7 @@ async def test_save_and_get_roundtrip(store: SqlStore) -> None:
 
 async def test_response_without_items(store: SqlStore) -> None:
     response, input_items = make_turn("resp_empty", inputs=0, outputs=0)
-    await store.save_response("acme", response, input_items)
+    assert await store.save_response("acme", response, input_items) == 0
 
     assert await store.load_context("acme", "resp_empty") == []
     page = await store.list_input_items(

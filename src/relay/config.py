@@ -86,6 +86,9 @@ class ApiKeyConfig(BaseModel):
 
 
 DEFAULT_HISTORY_CACHE_ITEMS = 20_000
+# 64 MiB a process: small next to what a process serving many conversations needs anyway, and
+# ample for long chains (a 1,000-turn chat of short messages costs about 2 MB).
+DEFAULT_HISTORY_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -110,9 +113,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Origins allowed to call Relay from a browser (CORS); ["*"] allows any.
     cors_origins: list[str] = Field(default_factory=list)
-    # Items of recent conversations each process keeps in memory, so that a turn continuing
-    # one reads and translates only its new items (0: always rebuild from storage).
+    # Recent conversations each process keeps in memory, so that a turn continuing one reads
+    # and translates only its new items; bounded in items and in bytes (twice the size of
+    # the items' JSON: the items and their upstream translation). 0 in either: always rebuild
+    # from storage. One history over an eighth of the bytes is never kept.
     history_cache_items: int = Field(default=DEFAULT_HISTORY_CACHE_ITEMS, ge=0)
+    history_cache_bytes: int = Field(default=DEFAULT_HISTORY_CACHE_BYTES, ge=0)
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:

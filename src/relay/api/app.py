@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> ASGIApp:
             store,
             echo_json_schema=settings.echo_json_schema,
             history_cache_items=settings.history_cache_items,
+            history_cache_bytes=settings.history_cache_bytes,
         )
         app.state.engine = engine
         app.state.key_table = key_table({key.secret(): key.tenant for key in settings.api_keys})

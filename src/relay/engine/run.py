@@ -14,9 +14,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from relay.config import DEFAULT_HISTORY_CACHE_ITEMS
+from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, check_route, plan_tools, reasoning_settings
 from relay.engine.context import (
@@ -36,6 +36,7 @@ from relay.providers.registry import Registry, Route
 from relay.storage.base import Store
 
 log = logging.getLogger("relay.engine")
+T = TypeVar("T")
 GENERIC_FAILURE = "The server had an error while generating the response."
 
 
@@ -118,13 +119,13 @@ class Run:
             )
             try:
                 # Shielded: a client leaving now must not roll back a finished response.
-                await asyncio.shield(save)
+                nbytes = await asyncio.shield(save)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("could not store response %s", response["id"])
                 return False
-            self.engine.remember(self.tenant, response, self.history, self.input_items)
+            self.engine.remember(self.tenant, response, self.history, self.input_items, nbytes)
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -156,12 +157,13 @@ class Engine:
         *,
         echo_json_schema: bool = True,
         history_cache_items: int = DEFAULT_HISTORY_CACHE_ITEMS,
+        history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES,
     ) -> None:
         self.registry = registry
         self.store = store
         self.echo_json_schema = echo_json_schema
-        self.histories = HistoryCache(history_cache_items)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.histories = HistoryCache(history_cache_items, history_cache_bytes)
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def remember(
         self,
@@ -169,18 +171,24 @@ class Engine:
         response: dict[str, Any],
         history: History | None,
         input_items: list[dict[str, Any]],
+        nbytes: int,
     ) -> None:
-        """Keep the history a stored response ends with, for the turn that continues it."""
-        before = [] if history is None else history.items
+        """Keep the history a stored response ends with, for the turn that continues it
+        (`nbytes`: the size of the items the response added, as stored)."""
+        before, before_nbytes = ([], 0) if history is None else (history.items, history.size())
         self.histories.put(
             tenant,
             response["id"],
-            History([*before, *input_items, *response["output"]], parent=history),
+            History(
+                [*before, *input_items, *response["output"]],
+                parent=history,
+                nbytes=before_nbytes + nbytes,
+            ),
         )
         if history is not None:
             history.parent = None  # one level of links, see History.parent
 
-    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def track(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `work` as a task the engine owns: it outlives a cancelled request, and
         `aclose` waits for it."""
         task = asyncio.ensure_future(work)

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
+import orjson
+
 from relay.protocol import CreateResponse
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -77,7 +79,16 @@ class History:
     # A history whose items begin these. One level only: the engine cuts the link below, so
     # a conversation does not keep every earlier history alive.
     parent: History | None = None
+    # The size of the items' JSON, what keeping the history costs (see `size`).
+    nbytes: int | None = None
     _derived: dict[str, Any] = field(default_factory=dict)
+
+    def size(self) -> int:
+        """The size of the items' JSON: as given (the store reports what it wrote), or
+        measured once (a history read back from storage)."""
+        if self.nbytes is None:
+            self.nbytes = len(orjson.dumps(self.items))
+        return self.nbytes
 
     def derive(self, key: str, extend: Callable[[T, list[dict[str, Any]]], T], empty: T) -> T:
         """`extend(empty, items)`, computed once, or `extend(the parent's, the items after the

@@ -24,9 +24,10 @@ class Store(Protocol):
         tenant: str,
         response: dict[str, Any],
         input_items: list[dict[str, Any]],
-    ) -> None:
+    ) -> int:
         """Persist a finished response (its `output` holds the output items) and its own input
-        items, in one transaction. Items already carry their ids."""
+        items, in one transaction. Items already carry their ids. Returns the size of the
+        items' JSON, which a history holding them costs in memory."""
         ...
 
     async def get_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:

@@ -167,7 +167,7 @@ def _save(
     tenant: str,
     response: dict[str, Any],
     input_items: list[dict[str, Any]],
-) -> None:
+) -> int:
     response_id = response["id"]
     columns = {
         "previous_response_id": response.get("previous_response_id"),
@@ -197,6 +197,7 @@ def _save(
         conn.execute(_DELETE_ITEMS, {"rid": response_id})
     if rows:
         conn.execute(_INSERT_ITEMS, rows)
+    return sum(len(row["item"]) for row in rows)
 
 
 def _get_body(conn: Connection, tenant: str, response_id: str) -> dict[str, Any] | None:
@@ -278,9 +279,9 @@ class SqlStore:
         tenant: str,
         response: dict[str, Any],
         input_items: list[dict[str, Any]],
-    ) -> None:
+    ) -> int:
         insert = self._insert_response
-        await self.db.write(lambda conn: _save(conn, insert, tenant, response, input_items))
+        return await self.db.write(lambda conn: _save(conn, insert, tenant, response, input_items))
 
     async def get_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:
         return await self.db.read(lambda conn: _get_body(conn, tenant, response_id))
