@@ -110,6 +110,32 @@ def test_chain_rebuilds_context_without_old_instructions(
     assert messages(chat_upstream)[0] == {"role": "system", "content": "New rules."}
 
 
+@pytest.mark.parametrize("no_input", [{}, {"input": []}])
+def test_a_continuation_without_input_sends_the_chain(
+    up: httpx.Client, chat_upstream: ChatUpstream, no_input: dict[str, Any]
+) -> None:
+    first = up.post("/v1/responses", json={"model": "up-echo", "input": "alpha beta"}).json()
+    again = up.post(
+        "/v1/responses",
+        json={"model": "up-echo", "previous_response_id": first["id"], **no_input},
+    ).json()
+    assert again["status"] == "completed"
+    assert messages(chat_upstream) == [
+        {"role": "user", "content": "alpha beta"},
+        {"role": "assistant", "content": "alpha beta"},
+    ]
+    assert up.get(f"/v1/responses/{again['id']}/input_items").json()["data"] == []
+    up.post(
+        "/v1/responses",
+        json={"model": "up-echo", "input": "gamma", "previous_response_id": again["id"]},
+    )
+    assert [m["content"] for m in messages(chat_upstream)] == [
+        "alpha beta",
+        "alpha beta\n\nalpha beta",  # two assistant turns in a row make one chat message
+        "gamma",
+    ]
+
+
 def test_a_remembered_chain_sends_what_storage_rebuilds(
     up: httpx.Client, chat_upstream: ChatUpstream, database_url: str
 ) -> None:

@@ -13,6 +13,8 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
     # (body, status, param, code)
     ({"input": "x"}, 400, "model", "missing_required_parameter"),
     ({"model": "fake-text"}, 400, "input", "missing_required_parameter"),
+    # No input items and nothing to continue: nothing for the model to answer.
+    ({"model": "fake-text", "input": []}, 400, "input", "missing_required_parameter"),
     ({"model": "no-such-model", "input": "x"}, 404, "model", "model_not_found"),
     ({"model": "fake-text", "models": ["nope"], "input": "x"}, 404, "models[0]", "model_not_found"),
     ({"model": "fake-text", "input": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),

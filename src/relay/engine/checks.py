@@ -145,7 +145,7 @@ def check_request(request: CreateResponse) -> None:
                 f"Unknown include value '{value}'. Supported: {sorted(KNOWN_INCLUDES)}",
                 param=f"include[{index}]",
             )
-    if request.input is None and request.previous_response_id is None:
+    if request.input in (None, []) and request.previous_response_id is None:
         raise InvalidRequest(
             "Missing required parameter: 'input'.",
             param="input",
