@@ -248,6 +248,33 @@ def test_tool_round_trip_keeps_calls_in_the_chain(
     assert history[2] == {"role": "tool", "tool_call_id": call["call_id"], "content": "-3 C"}
 
 
+def test_schemas_are_checked_before_the_upstream_is_called(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    # Valid, with the parts of JSON Schema agents use ($defs, $ref, anyOf, enum, format).
+    valid = {
+        "$defs": {"unit": {"enum": ["c", "f"]}},
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "format": "hostname"},
+            "unit": {"$ref": "#/$defs/unit"},
+            "when": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "required": ["city"],
+    }
+    tool = {"type": "function", "name": "get_weather", "parameters": valid}
+    answer = up.post("/v1/responses", json={"model": "up-tools", "input": "x", "tools": [tool]})
+    assert answer.status_code == 200
+    assert chat_upstream.last["tools"][0]["function"]["parameters"] == valid
+    sent = len(chat_upstream.requests)
+    broken = {**tool, "parameters": {**valid, "required": "city"}}
+    refused = up.post("/v1/responses", json={"model": "up-tools", "input": "x", "tools": [broken]})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "tools[0].parameters"
+    assert "'city' is not of type 'array'" in refused.json()["error"]["message"]
+    assert len(chat_upstream.requests) == sent
+
+
 def test_parameters_are_translated_not_dropped(
     up: httpx.Client, chat_upstream: ChatUpstream
 ) -> None:

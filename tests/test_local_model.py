@@ -416,3 +416,31 @@ def test_an_abandoned_json_request_frees_the_worker(
     assert stored["status"] == "cancelled"
     # Stopped about when the client left (a second of generation), not after 4,000 tokens.
     assert len(stored["output_text"].split()) < 400
+
+
+def test_a_schema_the_grammar_cannot_enforce_is_a_400(local: httpx.Client) -> None:
+    # Valid JSON Schema, but llama.cpp's converter takes only anchored patterns.
+    unanchored = {"type": "object", "properties": {"code": {"type": "string", "pattern": "[A-Z]+"}}}
+    tools = [TOOLS[0], {"type": "function", "name": "lookup", "parameters": unanchored}]
+    for body in (
+        {"tools": tools},
+        {"text": {"format": {"type": "json_schema", "name": "a", "schema": unanchored}}},
+    ):
+        answer = local.post("/v1/responses", json={"model": MODEL, "input": "x", **body})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "unsupported_schema"
+        assert error["param"] == (
+            "tools[1].parameters" if "tools" in body else "text.format.schema"
+        )
+
+
+def test_a_continuation_without_input(local: httpx.Client) -> None:
+    first = local.post(
+        "/v1/responses", json={"model": MODEL, "input": "Say hello.", "max_output_tokens": 16}
+    ).json()
+    again = local.post(
+        "/v1/responses",
+        json={"model": MODEL, "previous_response_id": first["id"], "max_output_tokens": 16},
+    )
+    assert again.status_code == 200 and again.json()["output_text"]

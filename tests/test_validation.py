@@ -8,6 +8,15 @@ import httpx
 import pytest
 
 TOOL = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
+BAD_SCHEMAS: list[dict[str, Any]] = [
+    {"type": "objekt"},
+    {"type": "object", "properties": []},
+    {"type": "object", "properties": {"city": {"type": "strin"}}},
+    {"type": "object", "required": "city"},
+    {"type": "integer", "minimum": "0"},
+    {"$schema": 7, "type": "object"},
+    {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "items": 1},
+]
 
 BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
     # (body, status, param, code)
@@ -249,6 +258,33 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         "input",
         None,
     ),
+    # Schemas that are not JSON Schema: the client's error, not an upstream's 502.
+    *[
+        (
+            {
+                "model": "fake-text",
+                "input": "x",
+                "tools": [TOOL, {**TOOL, "name": "b", "parameters": schema}],
+            },
+            400,
+            "tools[1].parameters",
+            "invalid_json_schema",
+        )
+        for schema in BAD_SCHEMAS
+    ],
+    *[
+        (
+            {
+                "model": "fake-json",
+                "input": "x",
+                "text": {"format": {"type": "json_schema", "name": "a", "schema": schema}},
+            },
+            400,
+            "text.format.schema",
+            "invalid_json_schema",
+        )
+        for schema in BAD_SCHEMAS
+    ],
 ]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from relay.engine.schemas import check_json_schema
 from relay.errors import InvalidRequest
 from relay.protocol import (
     HOSTED_TOOL_TYPES,
@@ -15,6 +16,7 @@ from relay.protocol import (
     CreateResponse,
     FunctionChoice,
     FunctionTool,
+    TextFormatJsonSchema,
     invalid_request,
 )
 from relay.providers.registry import Route
@@ -57,6 +59,8 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
             tool = FunctionTool.model_validate(raw)
         except ValidationError as error:
             raise invalid_request(error, raw, f"tools[{index}]") from None
+        if tool.parameters is not None:
+            check_json_schema(tool.parameters, f"tools[{index}].parameters")
         declared.append(tool.model_dump(exclude_none=True))
     names = [tool["name"] for tool in declared]
     if len(set(names)) != len(names):
@@ -135,6 +139,9 @@ def check_request(request: CreateResponse) -> None:
             param="prompt",
             code="unsupported_parameter",
         )
+    fmt = request.text.format if request.text is not None else None
+    if isinstance(fmt, TextFormatJsonSchema):
+        check_json_schema(fmt.schema_, "text.format.schema")
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest(
             "stream_options is only allowed with stream: true.", param="stream_options"

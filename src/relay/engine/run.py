@@ -46,7 +46,7 @@ def provider_error_to_http(error: ProviderError) -> RelayError:
     if error.status == 429:
         return RateLimited(error.message, code=error.code, headers=headers)
     if error.status == 400:
-        return InvalidRequest(error.message, code=error.code)
+        return InvalidRequest(error.message, code=error.code, param=error.param)
     return UpstreamError(error.message, status=error.status, code=error.code, headers=headers)
 
 

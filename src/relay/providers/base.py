@@ -148,6 +148,7 @@ class ProviderError(Exception):
         code: str = "upstream_error",
         retryable: bool = True,
         retry_after: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -155,6 +156,7 @@ class ProviderError(Exception):
         self.code = code
         self.retryable = retryable
         self.retry_after = retry_after
+        self.param = param  # the request field at fault, for a 400
 
 
 class Provider(Protocol):

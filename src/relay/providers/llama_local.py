@@ -36,7 +36,7 @@ from relay.providers.base import (
     UsageDelta,
 )
 from relay.providers.chat_messages import build_messages
-from relay.providers.local_grammar import DecodingPlan, parse_calls, plan
+from relay.providers.local_grammar import DecodingPlan, UnsupportedSchema, parse_calls, plan
 
 log = logging.getLogger("relay.local")
 
@@ -170,7 +170,16 @@ class LlamaLocalProvider:
                 code="model_overloaded",
                 retry_after="1",
             )
-        decoding = plan(request)
+        try:
+            decoding = plan(request)
+        except UnsupportedSchema as error:
+            raise ProviderError(
+                f"The embedded model cannot enforce the JSON schema of '{error.param}': {error}",
+                status=400,
+                code="unsupported_schema",
+                retryable=False,
+                param=error.param,
+            ) from None
         messages = _local_messages(request, decoding)
         job = _Job(asyncio.get_running_loop())
         self._pending += 1

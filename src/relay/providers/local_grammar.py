@@ -82,7 +82,42 @@ def tool_prompt(tools: list[dict[str, Any]], must_call: bool) -> str:
     return f"You can call these functions:\n{listed}\n{how}{when}"
 
 
+class UnsupportedSchema(Exception):
+    """A valid JSON Schema that llama.cpp's converter cannot turn into a grammar."""
+
+    def __init__(self, param: str, detail: str) -> None:
+        super().__init__(detail)
+        self.param = param
+
+
 def plan(request: ProviderRequest) -> DecodingPlan:
+    try:
+        return _plan(request)
+    except Exception as error:  # the converter asserts and raises ValueError on what it lacks
+        raise UnsupportedSchema(
+            _unconvertible(request), str(error) or type(error).__name__
+        ) from None
+
+
+def _unconvertible(request: ProviderRequest) -> str:
+    """The request field whose schema the converter fails on (looked for after a failure)."""
+    declared = [tool.get("name") for tool in request.request.tools or []]
+    schemas = [
+        (f"tools[{declared.index(tool['name'])}].parameters", tool.get("parameters"))
+        for tool in request.tools
+    ]
+    schemas.append(("text.format.schema", _format_schema(request)))
+    for param, schema in schemas:
+        if schema is None:
+            continue
+        try:
+            _gbnf(schema)
+        except Exception:
+            return param
+    return "tools"
+
+
+def _plan(request: ProviderRequest) -> DecodingPlan:
     answer_schema = _format_schema(request)
     if not request.tools or request.tool_choice == "none":
         grammar = _gbnf(answer_schema) if answer_schema is not None else None
