@@ -65,6 +65,15 @@ def local_url(
             RouteConfig(
                 model="smol-tiny-queue", provider="llama_cpp", max_queue=2, load="first_use"
             ),
+            RouteConfig(
+                model="smol-short",
+                provider="llama_cpp",
+                default_max_output_tokens=24,
+                load="first_use",
+            ),
+            RouteConfig(
+                model="smol-deadline", provider="llama_cpp", max_generation_s=0.5, load="first_use"
+            ),
         ],
     )
     with relay_server(settings) as url:
@@ -444,3 +453,22 @@ def test_a_continuation_without_input(local: httpx.Client) -> None:
         json={"model": MODEL, "previous_response_id": first["id"], "max_output_tokens": 16},
     )
     assert again.status_code == 200 and again.json()["output_text"]
+
+
+def test_requests_without_a_limit_get_the_route_default(local: httpx.Client) -> None:
+    body = create(local, model="smol-short", input="Write a very long essay.", temperature=0)
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["usage"]["output_tokens"] == 24
+
+
+def test_a_generation_past_its_deadline_ends_incomplete(local: httpx.Client) -> None:
+    essay = {"model": "smol-deadline", "input": "Write a very long essay.", "temperature": 0}
+    body = create(local, **essay, max_output_tokens=4000)
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_generation_time"}
+    assert 0 < body["usage"]["output_tokens"] < 4000
+    assert body["output"][0]["status"] == "incomplete" and body["output_text"]
+    events = sse_events(local, {**essay, "max_output_tokens": 4000})
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "max_generation_time"}

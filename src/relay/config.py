@@ -50,6 +50,11 @@ class RouteConfig(BaseModel):
     n_threads: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=8, ge=1)
     load: Literal["startup", "first_use"] = "startup"
+    # Bounds on one generation, so that no request holds the model's one worker for long: the
+    # output limit of requests that set no max_output_tokens, and the time a generation may
+    # run (from when the worker takes it up) before it ends incomplete.
+    default_max_output_tokens: int = Field(default=1024, ge=16)
+    max_generation_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _needs_base_url(self) -> RouteConfig:

@@ -24,6 +24,12 @@ from relay.providers.base import (
 )
 
 Event = dict[str, Any]
+# Finish reasons that leave a response incomplete, and the reason it reports.
+_INCOMPLETE = {
+    "length": "max_output_tokens",
+    "content_filter": "content_filter",
+    "time_limit": "max_generation_time",
+}
 
 
 class ToolPolicyViolation(Exception):
@@ -402,9 +408,9 @@ class ResponseBuilder:
     def finish(self) -> list[Event]:
         """Close what is open and settle the outcome from the upstream's finish reason. The
         terminal events come from `terminal()`, once the response is stored."""
-        if self._finish in ("length", "content_filter"):
+        reason = _INCOMPLETE.get(self._finish)
+        if reason is not None:
             events = self._close_all("incomplete")
-            reason = "max_output_tokens" if self._finish == "length" else "content_filter"
             self.response["status"] = "incomplete"
             self.response["incomplete_details"] = {"reason": reason}
         else:

@@ -15,7 +15,8 @@ import orjson
 
 from relay.protocol import CreateResponse
 
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+# "time_limit": the provider stopped at its own bound on one generation's time.
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "time_limit"]
 T = TypeVar("T")
 
 

@@ -5,6 +5,9 @@ one request at a time, in arrival order. The event loop never waits on it: token
 loop through `call_soon_threadsafe`. At most `max_queue` requests wait; more get a 503 with
 retry-after, so a burst costs bounded memory. A closed stream (client gone) sets a flag that
 llama.cpp's stopping criterion reads after every token, so generation stops within a token.
+The same criterion ends a generation that outlives `max_generation_s` (finish "time_limit"), and
+requests without max_output_tokens get the route's `default_max_output_tokens`: a small model
+that loops (an endless tool argument) cannot hold the worker for long.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class LocalModelOptions:
     n_threads: int | None = None
     max_queue: int = 8
     load_at_startup: bool = True
+    default_max_output_tokens: int = 1024
+    max_generation_s: float = 60.0
 
 
 class _Job:
@@ -231,7 +236,7 @@ class LlamaLocalProvider:
             formatted.prompt.encode(), add_bos=not formatted.added_special, special=True
         )
         params = request.request
-        budget = params.max_output_tokens or max(16, llama.n_ctx() - len(prompt))
+        budget = params.max_output_tokens or self._options.default_max_output_tokens
         if len(prompt) + min(budget, 16) > llama.n_ctx():
             raise ProviderError(
                 f"the input is {len(prompt)} tokens; the model's context window is "
@@ -241,13 +246,16 @@ class LlamaLocalProvider:
                 retryable=False,
             )
         generated = 0
+        deadline = time.monotonic() + self._options.max_generation_s
+        timed_out = False
 
-        def stop_when_cancelled(
+        def stop_when_cancelled_or_late(
             _ids: npt.NDArray[np.intc], _logits: npt.NDArray[np.single]
         ) -> bool:
-            nonlocal generated
+            nonlocal generated, timed_out
             generated += 1
-            return job.cancelled.is_set()
+            timed_out = time.monotonic() > deadline
+            return timed_out or job.cancelled.is_set()
 
         # With stream=True the answer is an iterator of chunks (the return type is a union).
         stream: Iterator[Any] = llama.create_completion(  # type: ignore[assignment]
@@ -265,7 +273,7 @@ class LlamaLocalProvider:
             grammar=LlamaGrammar.from_string(decoding.grammar, verbose=False)
             if decoding.grammar
             else None,
-            stopping_criteria=StoppingCriteriaList([stop_when_cancelled]),
+            stopping_criteria=StoppingCriteriaList([stop_when_cancelled_or_late]),
         )
         text, finish = "", "stop"
         streaming_text = not decoding.calls_possible
@@ -285,16 +293,18 @@ class LlamaLocalProvider:
                 job.put(TextDelta(piece))
         if job.cancelled.is_set():
             return
+        if timed_out:
+            finish = "time_limit"
         if not streaming_text:
             calls = parse_calls(text) or []
             for index, call in enumerate(calls):
                 job.put(ToolCallDelta(index=index, name=call["name"], arguments=call["arguments"]))
             if calls:
                 finish = "tool_calls"
-        # The criterion also saw the token that ended generation (end of turn, or the one past
-        # max_tokens), which is not part of the output.
+        # The criterion also saw the token that ended generation (end of turn, the one past
+        # max_tokens or the deadline), which is not part of the output.
         job.put(UsageDelta(input_tokens=len(prompt), output_tokens=max(generated - 1, 0)))
-        job.put(FinishDelta("length" if finish == "length" else finish))  # type: ignore[arg-type]
+        job.put(FinishDelta(finish))  # type: ignore[arg-type]
 
 
 def _local_messages(request: ProviderRequest, decoding: DecodingPlan) -> list[dict[str, str]]:

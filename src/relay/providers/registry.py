@@ -35,6 +35,8 @@ def _build_provider(config: RouteConfig) -> Provider:
             n_threads=config.n_threads,
             max_queue=config.max_queue,
             load_at_startup=config.load == "startup",
+            default_max_output_tokens=config.default_max_output_tokens,
+            max_generation_s=config.max_generation_s,
         )
         return LlamaLocalProvider(config.model_path or bundled_model_path(), options)
     from relay.providers.openai_chat import OpenAIChatProvider
