@@ -8,10 +8,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from live_server import relay_server
+from live_server import relay_server, running
 from pydantic import SecretStr
 from relay_fixtures import checked_client, fake_routes, sdk_client
 
+from relay.api.app import create_app
 from relay.config import ApiKeyConfig, Settings
 
 
@@ -131,3 +132,20 @@ def test_without_keys_only_loopback_clients_are_served() -> None:
     assert tenant_of(request_from("::1")) == OPEN_TENANT
     with pytest.raises(PermissionDenied):
         tenant_of(request_from("192.0.2.10"))
+
+
+def test_the_app_keeps_only_digests_of_the_keys(tmp_path: Path) -> None:
+    key = "sk-plain-key-kept-nowhere-4Qx9"
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/relay.db",
+        routes=fake_routes(),
+        api_keys=[ApiKeyConfig(key=SecretStr(key), tenant="acme")],
+    )
+    app = create_app(settings)
+    with running(app) as url:
+        models = httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"})
+        assert models.status_code == 200
+        state = app.app.state  # type: ignore[attr-defined]
+        assert state.settings.api_keys == []
+        kept = repr(state.settings.model_dump()) + repr(state.key_table)
+        assert key not in kept and "acme" in kept

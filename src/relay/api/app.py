@@ -51,6 +51,10 @@ class RequestIdMiddleware:
 
 
 def create_app(settings: Settings) -> ASGIApp:
+    keys = key_table({key.secret(): key.tenant for key in settings.api_keys})
+    # From here on the application holds only the keys' digests.
+    settings = settings.model_copy(update={"api_keys": []})
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await open_store(settings.database_url)
@@ -65,7 +69,7 @@ def create_app(settings: Settings) -> ASGIApp:
             history_cache_bytes=settings.history_cache_bytes,
         )
         app.state.engine = engine
-        app.state.key_table = key_table({key.secret(): key.tenant for key in settings.api_keys})
+        app.state.key_table = keys
         log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
         try:
             yield

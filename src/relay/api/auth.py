@@ -1,7 +1,9 @@
 """Bearer-key authentication. Each key belongs to a tenant; every stored row is the tenant's.
 
 Keys are kept as SHA-256 digests and looked up by digest, so the comparison does not leak a
-key's prefix through timing and the process holds no plain keys after start-up.
+key's prefix through timing. The application keeps no plain key: `create_app` builds the digest
+table and drops the keys from the settings it keeps (a key given by `key_env` stays in the
+process's environment, where the operator put it).
 """
 
 from __future__ import annotations
