@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
+from relay import __version__
 from relay.config import Settings, load_settings
 from relay.loopback import is_loopback
 
@@ -67,15 +69,17 @@ def serve(argv: list[str]) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    if not settings.api_keys:
-        if not is_loopback(settings.host):
-            print(
-                f"relay: refusing to serve on {settings.host} without API keys; "
-                "configure api_keys or bind to 127.0.0.1",
-                file=sys.stderr,
-            )
-            return 2
-        log.warning("no API keys configured: serving without authentication, on loopback only")
+    if settings.log_level != "debug":
+        # The migration tool's plugin set-up and dialect notes are not for a user's eyes.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    if not settings.api_keys and not is_loopback(settings.host):
+        print(
+            f"relay: refusing to serve on {settings.host} without API keys; "
+            "configure api_keys or bind to 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
+    describe(settings)
     uvicorn.run(
         "relay.cli:app_factory",
         factory=True,
@@ -88,6 +92,40 @@ def serve(argv: list[str]) -> int:
         access_log=False,
     )
     return 0
+
+
+def describe(settings: Settings) -> None:
+    """What a user needs to see at start-up: where Relay listens, its storage, its
+    authentication and its routes (no credential among them)."""
+    workers = f"{settings.workers} worker{'s' if settings.workers > 1 else ''}"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("relay %s on http://%s:%d (%s)", __version__, host, settings.port, workers)
+    log.info("storage: %s", without_password(settings.database_url))
+    if settings.api_keys:
+        tenants = sorted({key.tenant for key in settings.api_keys})
+        log.info("auth: %d API keys, tenants %s", len(settings.api_keys), ", ".join(tenants))
+    else:
+        log.warning("auth: no API keys configured: serving without authentication, loopback only")
+    for route in settings.routes:
+        upstream = route.upstream_model or route.model
+        if route.provider == "llama_cpp":
+            target = f"{route.model_path or 'the bundled SmolLM2-135M-Instruct'}, in-process"
+        elif route.provider == "fake":
+            target = f"the fake provider's script '{upstream}'"
+        else:
+            target = f"'{upstream}' at {without_password(route.base_url or '')}"
+        fallbacks = f" (falls back to {', '.join(route.fallbacks)})" if route.fallbacks else ""
+        log.info("model %s -> %s%s", route.model, target, fallbacks)
+
+
+def without_password(url: str) -> str:
+    """`url` with the password of its user part masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user_part, _, host_part = parts.netloc.rpartition("@")
+    user = user_part.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host_part}"))
 
 
 def main(argv: list[str] | None = None) -> int:
