@@ -3,11 +3,13 @@ of the server's, and the work done for them stops."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -15,7 +17,9 @@ import pytest
 from chat_upstream import SLOW_WORDS, ChatUpstream
 from live_server import relay_serve, relay_server
 from relay_fixtures import checked_client
+from starlette.requests import ClientDisconnect
 
+from relay.api.disconnect import WATCH_AFTER_S, CancelOnDisconnect
 from relay.config import RouteConfig, Settings
 
 FAKE_ROUTES = orjson.dumps(
@@ -107,3 +111,43 @@ def test_an_abandoned_json_request_on_the_fake_provider_is_cancelled(
                 break
             time.sleep(0.05)
         assert any("status=cancelled" in r.getMessage() for r in caplog.records)
+
+
+def receive_disconnect_after(seconds: float) -> Any:
+    async def receive() -> dict[str, str]:
+        await asyncio.sleep(seconds)
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def test_a_departure_cancels_the_work_and_ends_in_client_disconnect() -> None:
+    seen: list[str] = []
+    with pytest.raises(ClientDisconnect):
+        async with CancelOnDisconnect(receive_disconnect_after(0.05)):
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+    assert seen == ["cancelled"]
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # the cancel was taken back
+
+
+async def test_work_done_before_the_departure_is_not_disturbed() -> None:
+    async with CancelOnDisconnect(receive_disconnect_after(WATCH_AFTER_S / 2)):
+        await asyncio.sleep(WATCH_AFTER_S / 4)
+    await asyncio.sleep(WATCH_AFTER_S * 2)  # no cancel arrives later either
+
+
+async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
+    async def work() -> None:
+        async with CancelOnDisconnect(receive_disconnect_after(60)):
+            await asyncio.sleep(5)
+
+    task = asyncio.ensure_future(work())
+    await asyncio.sleep(WATCH_AFTER_S * 2)  # watching by now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     # Recent conversations each process keeps in memory, so that a turn continuing one reads
     # and translates only its new items; bounded in items and in bytes (twice the size of
     # the items' JSON: the items and their upstream translation). 0 in either: always rebuild
-    # from storage. One history over an eighth of the bytes is never kept.
+    # from storage. One history over a quarter of the bytes is never kept.
     history_cache_items: int = Field(default=DEFAULT_HISTORY_CACHE_ITEMS, ge=0)
     history_cache_bytes: int = Field(default=DEFAULT_HISTORY_CACHE_BYTES, ge=0)
 

@@ -16,9 +16,10 @@ from relay.providers.base import History
 # What a history costs per byte of its items' JSON: the items themselves, and the upstream
 # translation a provider derives from them and keeps with the history (see History.derive).
 COST_PER_BYTE = 2
-# A history costing more than this share of the byte budget is never kept: one huge input
-# would otherwise push every other conversation out, and still pin the memory.
-MAX_SHARE = 8
+# A history costing more than 1/MAX_SHARE of the byte budget is never kept: one huge input
+# would otherwise push most other conversations out, and still pin the memory. Long agent
+# sessions (a few MB of JSON) stay within it at the default budget.
+MAX_SHARE = 4
 
 
 def cost(history: History) -> int:
