@@ -123,27 +123,26 @@ def receive_disconnect_after(seconds: float) -> Any:
 
 async def test_a_departure_cancels_the_work_and_ends_in_client_disconnect() -> None:
     seen: list[str] = []
-    with pytest.raises(ClientDisconnect):
-        async with CancelOnDisconnect(receive_disconnect_after(0.05)):
-            try:
-                await asyncio.sleep(5)
-            except asyncio.CancelledError:
-                seen.append("cancelled")
-                raise
+    with pytest.raises(ClientDisconnect), CancelOnDisconnect(receive_disconnect_after(0.05)):
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
     assert seen == ["cancelled"]
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # the cancel was taken back
 
 
 async def test_work_done_before_the_departure_is_not_disturbed() -> None:
-    async with CancelOnDisconnect(receive_disconnect_after(WATCH_AFTER_S / 2)):
+    with CancelOnDisconnect(receive_disconnect_after(WATCH_AFTER_S / 2)):
         await asyncio.sleep(WATCH_AFTER_S / 4)
     await asyncio.sleep(WATCH_AFTER_S * 2)  # no cancel arrives later either
 
 
 async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
     async def work() -> None:
-        async with CancelOnDisconnect(receive_disconnect_after(60)):
+        with CancelOnDisconnect(receive_disconnect_after(60)):
             await asyncio.sleep(5)
 
     task = asyncio.ensure_future(work())

@@ -27,9 +27,10 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 class CancelOnDisconnect:
-    """`async with CancelOnDisconnect(receive):` cancels the task that entered it when the
-    client disconnects, and turns that cancel into `ClientDisconnect` on the way out; as
-    `asyncio.timeout` does with a deadline. A cancel of the task from elsewhere (a server
+    """`with CancelOnDisconnect(receive):` (inside a coroutine) cancels the task that entered
+    it when the client disconnects, and turns that cancel into `ClientDisconnect` on the way
+    out; as `asyncio.timeout` does with a deadline (entering and leaving need no await, so it
+    is a plain context manager). A cancel of the task from elsewhere (a server
     shutting down) stays a cancel.
 
     The watching begins WATCH_AFTER_S after entry, with one task: most answers are ready
@@ -43,7 +44,7 @@ class CancelOnDisconnect:
         self._watcher: asyncio.Task[None] | None = None
         self._disconnected = False
 
-    async def __aenter__(self) -> CancelOnDisconnect:
+    def __enter__(self) -> CancelOnDisconnect:
         self._task = asyncio.current_task()
         self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start_watching)
         return self
@@ -57,7 +58,7 @@ class CancelOnDisconnect:
         self._disconnected = True
         self._task.cancel()
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,

@@ -116,7 +116,7 @@ async def create_response(request: Request) -> Response:
         )
     # A client that leaves before its answer is ready stops the work done for it (a stream
     # watches for that itself once it has begun).
-    async with CancelOnDisconnect(request.receive):
+    with CancelOnDisconnect(request.receive):
         run = await _engine(request).start(body, tenant=tenant, session_id=session)
         if body.stream:
             keepalive_s = request.app.state.settings.keepalive_s
