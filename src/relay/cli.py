@@ -89,6 +89,7 @@ def serve(argv: list[str]) -> int:
         log_level=settings.log_level,
         loop="uvloop",
         http="httptools",
+        ws_max_size=settings.max_body_bytes,
         access_log=False,
     )
     return 0

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # from storage. One history over a quarter of the bytes is never kept.
     history_cache_items: int = Field(default=DEFAULT_HISTORY_CACHE_ITEMS, ge=0)
     history_cache_bytes: int = Field(default=DEFAULT_HISTORY_CACHE_BYTES, ge=0)
+    # A WebSocket (WebSocket mode of /v1/responses) takes new turns for this long, as OpenAI's
+    # 60 minutes; a client then opens a new one.
+    websocket_max_age_s: float = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:

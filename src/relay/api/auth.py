@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
 from relay.errors import AuthenticationError, PermissionDenied
 from relay.loopback import is_loopback
@@ -27,7 +27,8 @@ def key_table(keys: dict[str, str]) -> dict[str, str]:
     return {digest(key): tenant for key, tenant in keys.items()}
 
 
-def tenant_of(request: Request) -> str:
+def tenant_of(request: HTTPConnection) -> str:
+    """The tenant of an HTTP request or a WebSocket's upgrade request."""
     table: dict[str, str] = request.app.state.key_table
     if not table:
         # No keys configured: `relay serve` refuses to bind anywhere but loopback; this check

@@ -15,11 +15,12 @@ import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from relay.api.auth import tenant_of
 from relay.api.disconnect import CancelOnDisconnect
 from relay.api.sse import EventStreamResponse
+from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
 from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
 from relay.ids import looks_like_response_id
@@ -253,11 +254,12 @@ def _route(path: str, endpoint: Endpoint, method: str) -> Route:
 
 
 def routes(prefixes: tuple[str, ...]) -> list[BaseRoute]:
-    """The API under each prefix, and /healthz. POST /responses comes first: it is matched
-    on every request that matters for speed."""
+    """The API under each prefix, WebSocket mode on /responses, and /healthz. POST
+    /responses comes first: it is matched on every request that matters for speed."""
     table: list[BaseRoute] = [
         _route(prefix + path, endpoint, method)
         for path, endpoint, method in _API
         for prefix in prefixes
     ]
-    return [*table, _route("/healthz", healthz, "GET")]
+    sockets = [WebSocketRoute(prefix + "/responses", responses_socket) for prefix in prefixes]
+    return [*table, *sockets, _route("/healthz", healthz, "GET")]

@@ -31,7 +31,7 @@ from relay.engine.response import new_response
 from relay.errors import InvalidRequest, RateLimited, RelayError, UpstreamError
 from relay.ids import new_id
 from relay.protocol import CreateResponse
-from relay.providers.base import Delta, History, ProviderError, ProviderRequest
+from relay.providers.base import Delta, FinishDelta, History, ProviderError, ProviderRequest
 from relay.providers.registry import Registry, Route
 from relay.storage.base import Store
 
@@ -66,6 +66,21 @@ class Run:
     @property
     def response(self) -> dict[str, Any]:
         return self.builder.response
+
+    def resulting_history(self, nbytes: int | None = None) -> History:
+        """The chain this response ends, for a turn that continues it (`nbytes`: the size of
+        the items it added, as stored, when it was)."""
+        history = self.history
+        if history is None:
+            before, before_nbytes = [], 0
+        else:
+            before, before_nbytes = history.items, history.size() if nbytes is not None else 0
+            history.parent = None  # one level of links, see History.parent
+        return History(
+            [*before, *self.input_items, *self.response["output"]],
+            parent=history,
+            nbytes=None if nbytes is None else before_nbytes + nbytes,
+        )
 
     async def events(self) -> AsyncIterator[list[Event]]:
         """The stream, in batches: the events one step produced (the start, one upstream
@@ -125,7 +140,7 @@ class Run:
             except Exception:
                 log.exception("could not store response %s", response["id"])
                 return False
-            self.engine.remember(self.tenant, response, self.history, self.input_items, nbytes)
+            self.engine.histories.put(self.tenant, response["id"], self.resulting_history(nbytes))
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -141,6 +156,10 @@ class Run:
             self.trace,
         )
         return True
+
+
+async def _nothing_generated() -> AsyncIterator[Delta]:
+    yield FinishDelta("stop")
 
 
 async def _close(deltas: AsyncIterator[Delta]) -> None:
@@ -165,29 +184,6 @@ class Engine:
         self.histories = HistoryCache(history_cache_items, history_cache_bytes)
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def remember(
-        self,
-        tenant: str,
-        response: dict[str, Any],
-        history: History | None,
-        input_items: list[dict[str, Any]],
-        nbytes: int,
-    ) -> None:
-        """Keep the history a stored response ends with, for the turn that continues it
-        (`nbytes`: the size of the items the response added, as stored)."""
-        before, before_nbytes = ([], 0) if history is None else (history.items, history.size())
-        self.histories.put(
-            tenant,
-            response["id"],
-            History(
-                [*before, *input_items, *response["output"]],
-                parent=history,
-                nbytes=before_nbytes + nbytes,
-            ),
-        )
-        if history is not None:
-            history.parent = None  # one level of links, see History.parent
-
     def track(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `work` as a task the engine owns: it outlives a cancelled request, and
         `aclose` waits for it."""
@@ -200,8 +196,18 @@ class Engine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def start(
-        self, request: CreateResponse, *, tenant: str, session_id: str | None = None
+        self,
+        request: CreateResponse,
+        *,
+        tenant: str,
+        session_id: str | None = None,
+        continuing: History | None = None,
+        generate: bool = True,
     ) -> Run:
+        """`continuing`: the chain previous_response_id names, when the caller holds it (a
+        WebSocket's own latest response); else it is read from memory or the store.
+        `generate=False`: a response that only takes the request in (a WebSocket warm-up):
+        no upstream call, no output, an id the next turn can continue."""
         if request.model is None:
             raise InvalidRequest(
                 "Missing required parameter: 'model'.",
@@ -215,7 +221,7 @@ class Engine:
         tools = plan_tools(request)
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
-        history = await load_history(self.store, self.histories, tenant, request)
+        history = continuing or await load_history(self.store, self.histories, tenant, request)
         items = await resolve_references(self.store, tenant, items)
         check_tool_outputs(history, items)
         include = set(request.include or [])
@@ -238,12 +244,15 @@ class Engine:
                 reasoning_effort=effort,
             )
 
-        route, deltas = await self._open(
-            routes,
-            provider_request,
-            lambda: items if history is None else history.items + items,
-            truncate=request.truncation == "auto",
-        )
+        if generate:
+            route, deltas = await self._open(
+                routes,
+                provider_request,
+                lambda: items if history is None else history.items + items,
+                truncate=request.truncation == "auto",
+            )
+        else:
+            route, deltas = routes[0], _nothing_generated()
         response = new_response(
             request,
             response_id=new_id("resp"),
@@ -257,7 +266,7 @@ class Engine:
         builder = ResponseBuilder(
             response,
             offered_tools={tool["name"] for tool in tools.offered},
-            must_call=tools.must_call,
+            must_call=tools.must_call and generate,
             parallel_tool_calls=tools.parallel,
             max_tool_calls=request.max_tool_calls,
             reasoning_as_summary=summary is not None,

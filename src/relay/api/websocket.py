@@ -1,0 +1,186 @@
+"""WebSocket mode: `GET /v1/responses` upgraded; each `response.create` message is a turn.
+
+The events of a turn are those of the SSE stream, from the same producer (`Run.events`), one
+JSON object per text message. Turns run one at a time, in the order they were sent; messages
+that arrive meanwhile wait. Each socket keeps the latest response it produced, so a
+`store: false` chain can continue on the same socket; a continuation that fails evicts the
+response it named. Errors that end a turn before it streams are sent as
+`{"type": "error", "status", "error": {...}}` and the socket stays open. A socket serves new
+turns for `websocket_max_age_s` (60 minutes by default), then says so and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from pydantic import ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from relay.api.auth import tenant_of
+from relay.api.errors import error_response
+from relay.engine.run import Engine, Run
+from relay.errors import InvalidRequest, PermissionDenied, RelayError
+from relay.protocol import MAX_DEPTH, CreateResponse, invalid_request, too_deep
+from relay.providers.base import History
+
+log = logging.getLogger("relay.websocket")
+
+CLOSE_NORMAL = 1000  # RFC 6455
+
+
+async def responses_socket(websocket: WebSocket) -> None:
+    try:
+        tenant = tenant_of(websocket)
+        _check_origin(websocket)
+    except RelayError as error:
+        # Refused before the upgrade, with the status and envelope an HTTP request would get.
+        await websocket.send_denial_response(error_response(error))
+        return
+    await websocket.accept()
+    settings = websocket.app.state.settings
+    await _Socket(
+        websocket, websocket.app.state.engine, tenant, settings.websocket_max_age_s
+    ).serve()
+
+
+def _check_origin(websocket: WebSocket) -> None:
+    """Browsers send Origin; other clients do not. A browser's origin must be one the CORS
+    settings allow, as for HTTP."""
+    origin = websocket.headers.get("origin")
+    allowed: list[str] = websocket.app.state.settings.cors_origins
+    if origin is not None and "*" not in allowed and origin not in allowed:
+        raise PermissionDenied(
+            f"Origin '{origin[:200]}' is not allowed.", code="origin_not_allowed"
+        )
+
+
+class _Socket:
+    def __init__(self, websocket: WebSocket, engine: Engine, tenant: str, max_age_s: float) -> None:
+        self.websocket = websocket
+        self.engine = engine
+        self.tenant = tenant
+        self.deadline = time.monotonic() + max_age_s
+        # The latest response of this socket: its id and the chain it ends.
+        self.latest: tuple[str, History] | None = None
+        self.gone = False
+        self.turn: asyncio.Task[None] | None = None
+
+    async def serve(self) -> None:
+        inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read(inbox))
+        try:
+            while (text := await inbox.get()) is not None:
+                if time.monotonic() > self.deadline:
+                    await self._error(
+                        InvalidRequest(
+                            "This WebSocket has reached its connection time limit; "
+                            "open a new one to continue.",
+                            code="websocket_connection_limit_reached",
+                        )
+                    )
+                    await self.websocket.close(CLOSE_NORMAL)
+                    return
+                self.turn = asyncio.ensure_future(self._turn(text))
+                try:
+                    await self.turn
+                except asyncio.CancelledError:
+                    if not self.gone or _cancelling():
+                        raise
+                    return  # the client left mid-turn: the run recorded where it stopped
+        except (WebSocketDisconnect, OSError):
+            return  # a send to a client that has gone
+        finally:
+            reader.cancel()
+
+    async def _read(self, inbox: asyncio.Queue[str | None]) -> None:
+        """Every message, in order, to `inbox`; at the client's departure, None, and the turn
+        in flight is cancelled."""
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:  # a binary frame: taken as UTF-8 JSON all the same
+                    text = (message.get("bytes") or b"").decode("utf-8", "replace")
+                inbox.put_nowait(text)
+        finally:
+            self.gone = True
+            inbox.put_nowait(None)
+            if self.turn is not None and not self.turn.done():
+                self.turn.cancel()
+
+    async def _turn(self, text: str) -> None:
+        previous: str | None = None
+        try:
+            body, generate = _parse_create(text)
+            previous = body.previous_response_id
+            continuing = None
+            if self.latest is not None and previous == self.latest[0]:
+                continuing = self.latest[1]
+            run = await self.engine.start(
+                body, tenant=self.tenant, continuing=continuing, generate=generate
+            )
+        except RelayError as error:
+            self._evict(previous)
+            await self._error(error)
+            return
+        await self._stream(run, previous)
+
+    async def _stream(self, run: Run, previous: str | None) -> None:
+        async for batch in run.events():
+            for event in batch:
+                await self.websocket.send_text(orjson.dumps(event).decode())
+        if run.response["status"] in ("completed", "incomplete"):
+            self.latest = (run.response["id"], run.resulting_history())
+        else:
+            self._evict(previous)
+
+    def _evict(self, response_id: str | None) -> None:
+        if self.latest is not None and self.latest[0] == response_id:
+            self.latest = None
+
+    async def _error(self, error: RelayError) -> None:
+        event = {"type": "error", "status": error.status, "error": error.envelope()["error"]}
+        await self.websocket.send_text(orjson.dumps(event).decode())
+
+
+def _parse_create(text: str) -> tuple[CreateResponse, bool]:
+    """A `response.create` message as a create request, and whether to generate."""
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The message is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("A message must be a JSON object.")
+    kind = data.pop("type", None)
+    if kind != "response.create":
+        raise InvalidRequest(
+            f"Unknown message type {str(kind)[:60]!r}; send 'response.create'.",
+            param="type",
+            code="unknown_event_type",
+        )
+    if too_deep(data):
+        raise InvalidRequest(f"The message nests deeper than {MAX_DEPTH} levels.")
+    generate = data.pop("generate", True)
+    if not isinstance(generate, bool):
+        raise InvalidRequest("'generate' must be a boolean.", param="generate")
+    if data.get("stream") is False:
+        raise InvalidRequest("A WebSocket turn always streams.", param="stream")
+    if data.get("background"):
+        raise InvalidRequest(
+            "Background mode is not available over a WebSocket.", param="background"
+        )
+    data.pop("stream", None)
+    try:
+        return CreateResponse.model_validate(data), generate
+    except ValidationError as error:
+        raise invalid_request(error, data) from None
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
