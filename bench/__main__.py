@@ -1,4 +1,4 @@
-"""`python -m bench [local|gateway|memory ...]`: run the named benchmarks (default: all)."""
+"""`python -m bench [local|gateway|memory|websocket ...]`: run the named suites (default: all)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ SUITES = {
     "local": "bench.local_model",
     "gateway": "bench.gateway",
     "memory": "bench.history_memory",
+    "websocket": "bench.websocket_turns",
 }
 
 
