@@ -248,6 +248,19 @@ def test_tool_round_trip_keeps_calls_in_the_chain(
     assert history[2] == {"role": "tool", "tool_call_id": call["call_id"], "content": "-3 C"}
 
 
+def test_input_tokens_are_estimated_without_calling_the_upstream(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    sent = len(chat_upstream.requests)
+    short = up.post("/v1/responses/input_tokens", json={"model": "up-echo", "input": "hi"}).json()
+    long = up.post(
+        "/v1/responses/input_tokens", json={"model": "up-echo", "input": "hi " * 400}
+    ).json()
+    assert short["estimated"] is True and long["estimated"] is True
+    assert 0 < short["input_tokens"] < 20 and 250 < long["input_tokens"] < 600
+    assert len(chat_upstream.requests) == sent
+
+
 def test_schemas_are_checked_before_the_upstream_is_called(
     up: httpx.Client, chat_upstream: ChatUpstream
 ) -> None:

@@ -472,3 +472,14 @@ def test_a_generation_past_its_deadline_ends_incomplete(local: httpx.Client) -> 
     events = sse_events(local, {**essay, "max_output_tokens": 4000})
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_generation_time"}
+
+
+def test_input_tokens_are_exact(local: httpx.Client) -> None:
+    body = {"model": MODEL, "input": "What is the weather in Oslo?", "tools": TOOLS}
+    counted = local.post("/v1/responses/input_tokens", json=body).json()
+    assert counted["estimated"] is False
+    created = create(local, **body, max_output_tokens=16, tool_choice="none")
+    # tool_choice none offers no tools: fewer tokens than the count with them.
+    assert created["usage"]["input_tokens"] < counted["input_tokens"]
+    answer = create(local, **body, max_output_tokens=16)
+    assert answer["usage"]["input_tokens"] == counted["input_tokens"]

@@ -126,6 +126,22 @@ async def create_response(request: Request) -> Response:
     return json_response(answer)
 
 
+async def count_input_tokens(request: Request) -> Response:
+    """POST /responses/input_tokens: what the same body would cost in input tokens. Exact
+    where the model's tokenizer is at hand (the embedded model), else an estimate, and the
+    answer says which (`estimated`)."""
+    tenant = tenant_of(request)
+    body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
+    count = await _engine(request).count_input_tokens(body, tenant=tenant)
+    return json_response(
+        {
+            "object": "response.input_tokens",
+            "input_tokens": count.tokens,
+            "estimated": not count.exact,
+        }
+    )
+
+
 async def responses_info(request: Request) -> Response:
     tenant_of(request)
     return json_response(
@@ -134,6 +150,8 @@ async def responses_info(request: Request) -> Response:
             "endpoint": "/v1/responses",
             "methods": {
                 "POST /responses": "Create a response (JSON, or SSE with stream: true).",
+                "POST /responses/input_tokens": "Count a would-be response's input tokens.",
+                "GET /responses (WebSocket upgrade)": "WebSocket mode: response.create turns.",
                 "GET /responses/{id}": "Retrieve a stored response.",
                 "DELETE /responses/{id}": "Delete a stored response.",
                 "GET /responses/{id}/input_items": "List a stored response's input items.",
@@ -237,6 +255,7 @@ async def healthz(request: Request) -> Response:
 Endpoint = Callable[[Request], Awaitable[Response]]
 _API: list[tuple[str, Endpoint, str]] = [
     ("/responses", create_response, "POST"),
+    ("/responses/input_tokens", count_input_tokens, "POST"),
     ("/responses", responses_info, "GET"),
     ("/responses/{response_id}", get_response, "GET"),
     ("/responses/{response_id}", delete_response, "DELETE"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,11 +27,12 @@ from relay.engine.context import (
     resolve_references,
 )
 from relay.engine.history import HistoryCache
+from relay.engine.prepared import Prepared
 from relay.engine.response import new_response
 from relay.errors import InvalidRequest, RateLimited, RelayError, UpstreamError
 from relay.ids import new_id
 from relay.protocol import CreateResponse
-from relay.providers.base import Delta, FinishDelta, History, ProviderError, ProviderRequest
+from relay.providers.base import Delta, FinishDelta, History, ProviderError, TokenCount
 from relay.providers.registry import Registry, Route
 from relay.storage.base import Store
 
@@ -208,6 +209,52 @@ class Engine:
         WebSocket's own latest response); else it is read from memory or the store.
         `generate=False`: a response that only takes the request in (a WebSocket warm-up):
         no upstream call, no output, an id the next turn can continue."""
+        prepared = await self._prepare(request, tenant, continuing)
+        tools, history, items = prepared.tools, prepared.history, prepared.items
+        if generate:
+            route, deltas = await self._open(prepared, truncate=request.truncation == "auto")
+        else:
+            route, deltas = prepared.routes[0], _nothing_generated()
+        response = new_response(
+            request,
+            response_id=new_id("resp"),
+            model=route.model,
+            created_at=int(time.time()),
+            tools=tools.declared,
+            reasoning={"effort": prepared.effort, "summary": prepared.summary},
+            session_id=request.session_id or session_id,
+            echo_json_schema=self.echo_json_schema,
+        )
+        builder = ResponseBuilder(
+            response,
+            offered_tools={tool["name"] for tool in tools.offered},
+            must_call=tools.must_call and generate,
+            parallel_tool_calls=tools.parallel,
+            max_tool_calls=request.max_tool_calls,
+            reasoning_as_summary=prepared.summary is not None,
+            include_logprobs=prepared.want_logprobs,
+            # On by default when streaming, as OpenAI does; clients opt out per request.
+            obfuscate=bool(request.stream)
+            and (
+                request.stream_options is None
+                or request.stream_options.include_obfuscation is not False
+            ),
+        )
+        return Run(self, tenant, builder, items, deltas, history=history, trace=request.trace)
+
+    async def count_input_tokens(self, request: CreateResponse, *, tenant: str) -> TokenCount:
+        """The input tokens the request would send to its model's first route."""
+        prepared = await self._prepare(request, tenant, None)
+        route = prepared.routes[0]
+        try:
+            return await route.provider.count_tokens(prepared.provider_request(route))
+        except ProviderError as error:
+            raise provider_error_to_http(error) from None
+
+    async def _prepare(
+        self, request: CreateResponse, tenant: str, continuing: History | None
+    ) -> Prepared:
+        """Everything refusable, refused; the context, built."""
         if request.model is None:
             raise InvalidRequest(
                 "Missing required parameter: 'model'.",
@@ -226,83 +273,27 @@ class Engine:
         check_tool_outputs(history, items)
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
-
-        def provider_request(
-            route: Route, shortened: list[dict[str, Any]] | None
-        ) -> ProviderRequest:
-            return ProviderRequest(
-                upstream_model=route.upstream_model,
-                request=request,
-                instructions=request.instructions,
-                # A shortened context no longer begins with the history.
-                items=items if shortened is None else shortened,
-                history=history if shortened is None else None,
-                tools=tools.offered,
-                tool_choice=tools.choice,
-                parallel_tool_calls=tools.parallel,
-                want_logprobs=want_logprobs,
-                reasoning_effort=effort,
-            )
-
-        if generate:
-            route, deltas = await self._open(
-                routes,
-                provider_request,
-                lambda: items if history is None else history.items + items,
-                truncate=request.truncation == "auto",
-            )
-        else:
-            route, deltas = routes[0], _nothing_generated()
-        response = new_response(
-            request,
-            response_id=new_id("resp"),
-            model=route.model,
-            created_at=int(time.time()),
-            tools=tools.declared,
-            reasoning={"effort": effort, "summary": summary},
-            session_id=request.session_id or session_id,
-            echo_json_schema=self.echo_json_schema,
-        )
-        builder = ResponseBuilder(
-            response,
-            offered_tools={tool["name"] for tool in tools.offered},
-            must_call=tools.must_call and generate,
-            parallel_tool_calls=tools.parallel,
-            max_tool_calls=request.max_tool_calls,
-            reasoning_as_summary=summary is not None,
-            include_logprobs=want_logprobs,
-            # On by default when streaming, as OpenAI does; clients opt out per request.
-            obfuscate=bool(request.stream)
-            and (
-                request.stream_options is None
-                or request.stream_options.include_obfuscation is not False
-            ),
-        )
-        return Run(self, tenant, builder, items, deltas, history=history, trace=request.trace)
+        return Prepared(request, routes, tools, effort, summary, items, history, want_logprobs)
 
     async def _open(
-        self,
-        routes: list[Route],
-        make_request: Callable[[Route, list[dict[str, Any]] | None], ProviderRequest],
-        whole: Callable[[], list[dict[str, Any]]],
-        *,
-        truncate: bool,
+        self, prepared: Prepared, *, truncate: bool
     ) -> tuple[Route, AsyncIterator[Delta]]:
         """Open the first route that accepts the request; move on only for retryable failures
         that happened before the first byte, so a client never sees two half-answers. With
-        truncation "auto", a context the upstream finds too long (`whole()`) loses its oldest
-        turns; `make_request` gets that shorter context, or None for the context as it is."""
+        truncation "auto", a context the upstream finds too long loses its oldest turns."""
         last: ProviderError | None = None
-        for route in routes:
+        for route in prepared.routes:
             shortened: list[dict[str, Any]] | None = None
             while True:
                 try:
-                    return route, await route.provider.open(make_request(route, shortened))
+                    request = prepared.provider_request(route, shortened)
+                    return route, await route.provider.open(request)
                 except ProviderError as error:
                     last = error
                     if error.code != "context_length_exceeded" or not truncate:
                         break
-                    shortened = drop_oldest_turn(whole() if shortened is None else shortened)
+                    whole = prepared.context() if shortened is None else shortened
+                    shortened = drop_oldest_turn(whole)
                     if shortened is None:
                         break
             assert last is not None

@@ -134,6 +134,15 @@ class ProviderRequest:
         return self.items if self.history is None else self.history.items + self.items
 
 
+@dataclass(slots=True, frozen=True)
+class TokenCount:
+    """Input tokens of a would-be request: counted by the model's tokenizer (`exact`), or
+    estimated where the upstream offers no way to count."""
+
+    tokens: int
+    exact: bool
+
+
 class ProviderError(Exception):
     """A provider failure, with what the engine needs to decide on a fallback.
 
@@ -167,6 +176,10 @@ class Provider(Protocol):
         Raises ProviderError when the upstream refuses or cannot be reached (before the first
         byte). The returned iterator may raise ProviderError later, mid-stream.
         """
+        ...
+
+    async def count_tokens(self, request: ProviderRequest) -> TokenCount:
+        """The input tokens `request` would cost, without generating."""
         ...
 
     async def aclose(self) -> None: ...

@@ -22,6 +22,7 @@ from relay.providers.base import (
     ReasoningDelta,
     RefusalDelta,
     TextDelta,
+    TokenCount,
     ToolCallDelta,
     UsageDelta,
 )
@@ -54,6 +55,10 @@ class FakeProvider:
 
     async def aclose(self) -> None:
         return None
+
+    async def count_tokens(self, request: ProviderRequest) -> TokenCount:
+        # Exact by this provider's own measure: its usage counts words, as here.
+        return TokenCount(count_context_words(request), exact=True)
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         script = request.upstream_model

@@ -35,6 +35,7 @@ from relay.providers.base import (
     ProviderError,
     ProviderRequest,
     TextDelta,
+    TokenCount,
     ToolCallDelta,
     UsageDelta,
 )
@@ -175,16 +176,7 @@ class LlamaLocalProvider:
                 code="model_overloaded",
                 retry_after="1",
             )
-        try:
-            decoding = plan(request)
-        except UnsupportedSchema as error:
-            raise ProviderError(
-                f"The embedded model cannot enforce the JSON schema of '{error.param}': {error}",
-                status=400,
-                code="unsupported_schema",
-                retryable=False,
-                param=error.param,
-            ) from None
+        decoding = _decoding(request)
         messages = _local_messages(request, decoding)
         job = _Job(asyncio.get_running_loop())
         self._pending += 1
@@ -193,6 +185,23 @@ class LlamaLocalProvider:
 
     def _release(self) -> None:
         self._pending -= 1
+
+    async def count_tokens(self, request: ProviderRequest) -> TokenCount:
+        """Exact: the prompt generation would evaluate, tokenized. Not on the worker thread,
+        so a count does not wait for a generation: tokenizing reads only the vocabulary."""
+        messages = _local_messages(request, _decoding(request))
+        prompt, _ = await asyncio.to_thread(self._prompt, messages)
+        return TokenCount(len(prompt), exact=True)
+
+    def _prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
+        """The tokens of `messages` in the model's chat template, and its stop strings."""
+        llama = self._load()
+        assert self._formatter is not None
+        formatted = self._formatter(messages=cast(Any, messages))
+        tokens = llama.tokenize(
+            formatted.prompt.encode(), add_bos=not formatted.added_special, special=True
+        )
+        return tokens, cast(list[str], formatted.stop or [])
 
     # The worker thread ------------------------------------------------------------------------
 
@@ -230,11 +239,7 @@ class LlamaLocalProvider:
         job: _Job,
     ) -> None:
         llama = self._load()
-        assert self._formatter is not None
-        formatted = self._formatter(messages=cast(Any, messages))
-        prompt = llama.tokenize(
-            formatted.prompt.encode(), add_bos=not formatted.added_special, special=True
-        )
+        prompt, stop = self._prompt(messages)
         params = request.request
         budget = params.max_output_tokens or self._options.default_max_output_tokens
         if len(prompt) + min(budget, 16) > llama.n_ctx():
@@ -268,7 +273,7 @@ class LlamaLocalProvider:
             presence_penalty=params.presence_penalty or 0.0,
             frequency_penalty=params.frequency_penalty or 0.0,
             seed=params.seed,
-            stop=formatted.stop,
+            stop=stop,
             stream=True,
             grammar=LlamaGrammar.from_string(decoding.grammar, verbose=False)
             if decoding.grammar
@@ -305,6 +310,19 @@ class LlamaLocalProvider:
         # max_tokens or the deadline), which is not part of the output.
         job.put(UsageDelta(input_tokens=len(prompt), output_tokens=max(generated - 1, 0)))
         job.put(FinishDelta(finish))  # type: ignore[arg-type]
+
+
+def _decoding(request: ProviderRequest) -> DecodingPlan:
+    try:
+        return plan(request)
+    except UnsupportedSchema as error:
+        raise ProviderError(
+            f"The embedded model cannot enforce the JSON schema of '{error.param}': {error}",
+            status=400,
+            code="unsupported_schema",
+            retryable=False,
+            param=error.param,
+        ) from None
 
 
 def _local_messages(request: ProviderRequest, decoding: DecodingPlan) -> list[dict[str, str]]:

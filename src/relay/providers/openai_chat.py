@@ -26,6 +26,7 @@ from relay.providers.base import (
     ReasoningDelta,
     RefusalDelta,
     TextDelta,
+    TokenCount,
     ToolCallDelta,
     UsageDelta,
 )
@@ -63,6 +64,7 @@ _FINISH: dict[str, FinishReason] = {
     "function_call": "tool_calls",
 }
 _MAX_MESSAGE = 500  # upstream error text we quote, so a huge HTML error page stays out of logs
+BYTES_PER_TOKEN = 4
 _MAX_SCANNED = 4 * _MAX_MESSAGE  # scrubbed before the cut, however much the scrubbing shortens
 
 
@@ -108,6 +110,14 @@ class OpenAIChatProvider:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def count_tokens(self, request: ProviderRequest) -> TokenCount:
+        """An estimate: a chat-completions upstream has no standard way to count. About
+        BYTES_PER_TOKEN bytes of the messages and tools as sent make a token, the usual rule
+        for English text and JSON."""
+        body = self._build_body(request)
+        sent = orjson.dumps({"messages": body["messages"], "tools": body.get("tools")})
+        return TokenCount(-(-len(sent) // BYTES_PER_TOKEN), exact=False)
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = orjson.dumps(self._build_body(request))
