@@ -11,12 +11,8 @@ inputs, with the cache at its defaults and with it off; its resident memory is r
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +21,7 @@ import httpx
 import orjson
 
 from bench.gateway import table
-from bench.local_model import _free_port
+from bench.local_model import free_port, start_relay
 
 MB = 1_000_000
 ROUTES = orjson.dumps([{"model": "echo", "provider": "fake", "upstream_model": "text"}]).decode()
@@ -41,32 +37,10 @@ def rss_mb(pid: int) -> float:
 @contextmanager
 def relay(workdir: Path, settings: dict[str, str]) -> Iterator[tuple[str, int]]:
     """`relay serve` with one worker; yields its URL and the worker's pid."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "RELAY_DATABASE_URL": f"sqlite:///{workdir}/relay.db",
-        "RELAY_ROUTES": ROUTES,
-        "RELAY_LOG_LEVEL": "warning",
-        **settings,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    process = start_relay(port, workdir, RELAY_ROUTES=ROUTES, **settings)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("Relay did not start") from None
-                time.sleep(0.1)
-        yield url, process.pid  # one worker: uvicorn serves in the process it was started as
+        yield f"http://127.0.0.1:{port}", process.pid  # one worker: it serves in this process
     finally:
         process.terminate()
         process.wait(30)

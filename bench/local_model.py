@@ -29,7 +29,7 @@ TOKENS = 256
 TARGET = 0.9
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -95,11 +95,14 @@ def relay_rate(base_url: str, rounds: int) -> list[float]:
     return rates
 
 
-def _start_relay(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def start_relay(port: int, workdir: Path, **settings: str) -> subprocess.Popen[bytes]:
+    """`relay serve` on `port` with SQLite in `workdir`, one process, and RELAY_* `settings`;
+    returned once it answers /healthz."""
     env = {
         **os.environ,
         "RELAY_DATABASE_URL": f"sqlite:///{workdir}/relay.db",
         "RELAY_LOG_LEVEL": "warning",
+        **settings,
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "relay.cli", "serve", "--port", str(port)],
@@ -125,8 +128,8 @@ def main(quick: bool = False) -> None:
     llama = Llama(str(bundled_model_path()), n_ctx=4096, verbose=False)
     direct_rate(llama, 1)  # warm-up: page the weights in
     with tempfile.TemporaryDirectory() as workdir:
-        port = _free_port()
-        relay = _start_relay(port, Path(workdir))
+        port = free_port()
+        relay = start_relay(port, Path(workdir))
         try:
             base_url = f"http://127.0.0.1:{port}"
             relay_rate(base_url, 1)  # warm-up

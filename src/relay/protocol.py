@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -405,3 +406,25 @@ class CreateResponse(BaseModel):
         if isinstance(value, list) and len(value) > MAX_INPUT_ITEMS:
             raise ValueError(f"more than {MAX_INPUT_ITEMS} items")
         return value
+
+
+def json_object(raw: bytes | str, what: str = "The request body") -> dict[str, Any]:
+    """`raw` parsed as a JSON object, nesting at most MAX_DEPTH levels; else a 400."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(f"{what} is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{what} must be a JSON object.")
+    if too_deep(data):
+        raise InvalidRequest(f"{what} nests deeper than {MAX_DEPTH} levels.")
+    return data
+
+
+def create_request(data: dict[str, Any]) -> CreateResponse:
+    """A create body (already a JSON object) as a validated request; else a 400 naming the
+    field."""
+    try:
+        return CreateResponse.model_validate(data)
+    except ValidationError as error:
+        raise invalid_request(error, data) from None

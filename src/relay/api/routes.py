@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -24,7 +23,7 @@ from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
 from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
 from relay.ids import looks_like_response_id
-from relay.protocol import ID_PATTERN, MAX_DEPTH, CreateResponse, invalid_request, too_deep
+from relay.protocol import ID_PATTERN, CreateResponse, create_request, json_object
 from relay.storage.base import Store
 
 STARTED = int(time.time())
@@ -74,18 +73,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def parse_create(body: bytes) -> CreateResponse:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    if too_deep(data):
-        raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.")
-    try:
-        return CreateResponse.model_validate(data)
-    except ValidationError as error:
-        raise invalid_request(error, data) from None
+    return create_request(json_object(body))
 
 
 def _checked_id(response_id: str) -> str:

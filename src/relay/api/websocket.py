@@ -16,14 +16,13 @@ import logging
 import time
 
 import orjson
-from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.api.auth import tenant_of
 from relay.api.errors import error_response
 from relay.engine.run import Engine, Run
 from relay.errors import InvalidRequest, PermissionDenied, RelayError
-from relay.protocol import MAX_DEPTH, CreateResponse, invalid_request, too_deep
+from relay.protocol import CreateResponse, create_request, json_object
 from relay.providers.base import History
 
 log = logging.getLogger("relay.websocket")
@@ -150,12 +149,7 @@ class _Socket:
 
 def _parse_create(text: str) -> tuple[CreateResponse, bool]:
     """A `response.create` message as a create request, and whether to generate."""
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The message is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("A message must be a JSON object.")
+    data = json_object(text, "A message")
     kind = data.pop("type", None)
     if kind != "response.create":
         raise InvalidRequest(
@@ -163,8 +157,6 @@ def _parse_create(text: str) -> tuple[CreateResponse, bool]:
             param="type",
             code="unknown_event_type",
         )
-    if too_deep(data):
-        raise InvalidRequest(f"The message nests deeper than {MAX_DEPTH} levels.")
     generate = data.pop("generate", True)
     if not isinstance(generate, bool):
         raise InvalidRequest("'generate' must be a boolean.", param="generate")
@@ -175,10 +167,7 @@ def _parse_create(text: str) -> tuple[CreateResponse, bool]:
             "Background mode is not available over a WebSocket.", param="background"
         )
     data.pop("stream", None)
-    try:
-        return CreateResponse.model_validate(data), generate
-    except ValidationError as error:
-        raise invalid_request(error, data) from None
+    return create_request(data), generate
 
 
 def _cancelling() -> bool:
