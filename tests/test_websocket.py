@@ -79,6 +79,23 @@ def test_turns_and_a_store_false_chain_on_one_socket(ws: ClientConnection) -> No
     assert third["usage"]["input_tokens"] == second["usage"]["input_tokens"] + 3 + 1
 
 
+def test_a_stored_turn_that_continues_an_unstored_one_keeps_its_context(
+    ws: ClientConnection, relay_url: str
+) -> None:
+    first = completed(turn(ws, model="fake-text", input="alpha beta", store=False))
+    second = completed(turn(ws, model="fake-text", input="gamma", previous_response_id=first["id"]))
+    # Storage alone must rebuild the second's context, though the first was never stored: the
+    # chain is kept among the second's input items.
+    items = httpx.get(f"{relay_url}/v1/responses/{second['id']}/input_items?order=asc").json()
+    assert len(items["data"]) == 3
+    third = httpx.post(
+        f"{relay_url}/v1/responses",
+        json={"model": "fake-text", "input": "delta", "previous_response_id": second["id"]},
+    ).json()
+    context = "alpha beta" + " You said: alpha beta" + " gamma" + " You said: gamma" + " delta"
+    assert third["usage"]["input_tokens"] == len(context.split())
+
+
 def test_a_store_false_response_is_unknown_on_another_socket(relay_url: str) -> None:
     with connect(socket_url(relay_url)) as one:
         first = completed(turn(one, model="fake-text", input="x", store=False))

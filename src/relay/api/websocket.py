@@ -62,8 +62,8 @@ class _Socket:
         self.engine = engine
         self.tenant = tenant
         self.deadline = time.monotonic() + max_age_s
-        # The latest response of this socket: its id and the chain it ends.
-        self.latest: tuple[str, History] | None = None
+        # The latest response of this socket: its id, the chain it ends, whether it is stored.
+        self.latest: tuple[str, History, bool] | None = None
         self.gone = False
         self.turn: asyncio.Task[None] | None = None
 
@@ -117,11 +117,15 @@ class _Socket:
         try:
             body, generate = _parse_create(text)
             previous = body.previous_response_id
-            continuing = None
+            continuing, stored = None, True
             if self.latest is not None and previous == self.latest[0]:
-                continuing = self.latest[1]
+                _, continuing, stored = self.latest
             run = await self.engine.start(
-                body, tenant=self.tenant, continuing=continuing, generate=generate
+                body,
+                tenant=self.tenant,
+                continuing=continuing,
+                continuing_is_stored=stored,
+                generate=generate,
             )
         except RelayError as error:
             self._evict(previous)
@@ -133,8 +137,9 @@ class _Socket:
         async for batch in run.events():
             for event in batch:
                 await self.websocket.send_text(orjson.dumps(event).decode())
-        if run.response["status"] in ("completed", "incomplete"):
-            self.latest = (run.response["id"], run.resulting_history())
+        response = run.response
+        if response["status"] in ("completed", "incomplete"):
+            self.latest = (response["id"], run.resulting_history(), response["store"])
         else:
             self._evict(previous)
 

@@ -61,6 +61,10 @@ class Run:
     input_items: list[dict[str, Any]]
     deltas: AsyncIterator[Delta]
     history: History | None = None  # the chain this run continues
+    # False when that chain was never stored (a WebSocket's store:false turns): a stored
+    # response then keeps the chain among its own input items, so that storage alone can
+    # rebuild its context.
+    history_stored: bool = True
     trace: dict[str, Any] | None = None
     _finished: bool = field(default=False)
 
@@ -130,9 +134,10 @@ class Run:
         self._finished = True
         response = self.response
         if response["store"]:
-            save = self.engine.track(
-                self.engine.store.save_response(self.tenant, response, self.input_items)
-            )
+            inputs = self.input_items
+            if self.history is not None and not self.history_stored:
+                inputs = [*self.history.items, *inputs]
+            save = self.engine.track(self.engine.store.save_response(self.tenant, response, inputs))
             try:
                 # Shielded: a client leaving now must not roll back a finished response.
                 nbytes = await asyncio.shield(save)
@@ -141,7 +146,10 @@ class Run:
             except Exception:
                 log.exception("could not store response %s", response["id"])
                 return False
-            self.engine.histories.put(self.tenant, response["id"], self.resulting_history(nbytes))
+            # (What was saved measures what the history holds only when it added to a stored
+            # chain; else the history measures itself.)
+            added = nbytes if self.history_stored else None
+            self.engine.histories.put(self.tenant, response["id"], self.resulting_history(added))
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -203,10 +211,12 @@ class Engine:
         tenant: str,
         session_id: str | None = None,
         continuing: History | None = None,
+        continuing_is_stored: bool = True,
         generate: bool = True,
     ) -> Run:
         """`continuing`: the chain previous_response_id names, when the caller holds it (a
-        WebSocket's own latest response); else it is read from memory or the store.
+        WebSocket's own latest response, stored or not: `continuing_is_stored`); else it is
+        read from memory or the store.
         `generate=False`: a response that only takes the request in (a WebSocket warm-up):
         no upstream call, no output, an id the next turn can continue."""
         prepared = await self._prepare(request, tenant, continuing)
@@ -240,7 +250,16 @@ class Engine:
                 or request.stream_options.include_obfuscation is not False
             ),
         )
-        return Run(self, tenant, builder, items, deltas, history=history, trace=request.trace)
+        return Run(
+            self,
+            tenant,
+            builder,
+            items,
+            deltas,
+            history=history,
+            history_stored=continuing is None or continuing_is_stored,
+            trace=request.trace,
+        )
 
     async def count_input_tokens(self, request: CreateResponse, *, tenant: str) -> TokenCount:
         """The input tokens the request would send to its model's first route."""
