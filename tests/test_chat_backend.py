@@ -15,6 +15,7 @@ from live_server import relay_server
 from relay_fixtures import checked_client, sdk_client, sse_events
 
 from relay.config import RouteConfig, Settings
+from relay.engine.compaction import SUMMARY_HEADING
 
 KEY_ENV = "RELAY_TEST_UPSTREAM_KEY"
 SCRIPTS = [*MODELS, "small_context", "http_429", "http_500", "http_401", "http_400"]
@@ -259,6 +260,41 @@ def test_input_tokens_are_estimated_without_calling_the_upstream(
     assert short["estimated"] is True and long["estimated"] is True
     assert 0 < short["input_tokens"] < 20 and 250 < long["input_tokens"] < 600
     assert len(chat_upstream.requests) == sent
+
+
+def test_a_compacted_window_reaches_the_upstream_as_its_summary(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    conversation = [
+        {"role": "user", "content": "The project is called Heron."},
+        {"role": "assistant", "content": "Noted: Heron."},
+    ]
+    compacted = up.post("/v1/responses/compact", json={"model": "up-echo", "input": conversation})
+    assert compacted.status_code == 200, compacted.text
+    result = compacted.json()
+    # The echo upstream's summary is its last user text: the request for a summary.
+    continued = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-echo",
+            "input": [*result["output"], {"role": "user", "content": "and then?"}],
+        },
+    )
+    assert continued.status_code == 200, continued.text
+    sent = chat_upstream.last["messages"]
+    summaries = [m for m in sent if m["role"] == "assistant"]
+    assert len(summaries) == 1 and summaries[0]["content"].startswith(SUMMARY_HEADING)
+    assert "Summarise the conversation so far" in summaries[0]["content"]
+    assert sent[-1] == {"role": "user", "content": "and then?"}
+    # What is stored is the item as sent; the chain continues with it, expanded again.
+    stored = up.get(f"/v1/responses/{continued.json()['id']}/input_items?order=asc").json()
+    assert stored["data"][-2]["type"] == "compaction"
+    again = up.post(
+        "/v1/responses",
+        json={"model": "up-echo", "input": "more", "previous_response_id": continued.json()["id"]},
+    )
+    assert again.status_code == 200
+    assert any(m["content"].startswith(SUMMARY_HEADING) for m in chat_upstream.last["messages"])
 
 
 def test_schemas_are_checked_before_the_upstream_is_called(

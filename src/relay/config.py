@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -127,6 +127,27 @@ class Settings(BaseSettings):
     # A WebSocket (WebSocket mode of /v1/responses) takes new turns for this long, as OpenAI's
     # 60 minutes; a client then opens a new one.
     websocket_max_age_s: float = Field(default=3600.0, gt=0)
+    # Keys that seal what clients must give back unchanged (compaction items): Fernet keys,
+    # the first seals, all open. None: one is generated into data_dir on first start.
+    sealing_keys: list[SecretStr] = Field(default_factory=list)
+    data_dir: Path = Path("data")
+
+    @field_validator("sealing_keys")
+    @classmethod
+    def _fernet_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        # Imported here: `relay serve`'s supervisor process reads settings and stays lean.
+        from cryptography.fernet import Fernet
+
+        for key in keys:
+            try:
+                Fernet(key.get_secret_value())
+            except ValueError:
+                raise ValueError(
+                    "a sealing key must be 32 url-safe base64-encoded bytes "
+                    "(python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())')"
+                ) from None
+        return keys
 
     @model_validator(mode="after")
     def _unique_routes(self) -> Settings:

@@ -219,6 +219,14 @@ class Reasoning(_Open):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+class Compaction(_Open):
+    """A compaction item from POST /responses/compact, given back as input."""
+
+    type: Literal["compaction"]
+    id: ItemId | None = None
+    encrypted_content: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
+
+
 class ItemReference(_Open):
     type: Literal["item_reference"] = "item_reference"
     id: ItemId
@@ -228,6 +236,7 @@ _ITEM_MODELS: dict[str, type[BaseModel]] = {
     "function_call": FunctionCall,
     "function_call_output": FunctionCallOutput,
     "reasoning": Reasoning,
+    "compaction": Compaction,
     "item_reference": ItemReference,
 }
 

@@ -19,6 +19,7 @@ from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
 from relay.providers.registry import Registry
+from relay.sealing import Sealer, load_keys
 from relay.storage.sql import open_store
 
 log = logging.getLogger("relay")
@@ -52,8 +53,11 @@ class RequestIdMiddleware:
 
 def create_app(settings: Settings) -> ASGIApp:
     keys = key_table({key.secret(): key.tenant for key in settings.api_keys})
-    # From here on the application holds only the keys' digests.
-    settings = settings.model_copy(update={"api_keys": []})
+    configured = [key.get_secret_value() for key in settings.sealing_keys]
+    sealer = Sealer(load_keys(configured, settings.data_dir))
+    # From here on the application holds only the client keys' digests, and the sealing keys
+    # inside the sealer.
+    settings = settings.model_copy(update={"api_keys": [], "sealing_keys": []})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -67,6 +71,7 @@ def create_app(settings: Settings) -> ASGIApp:
             echo_json_schema=settings.echo_json_schema,
             history_cache_items=settings.history_cache_items,
             history_cache_bytes=settings.history_cache_bytes,
+            sealer=sealer,
         )
         app.state.engine = engine
         app.state.key_table = keys

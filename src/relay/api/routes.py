@@ -130,6 +130,13 @@ async def count_input_tokens(request: Request) -> Response:
     )
 
 
+async def compact_response(request: Request) -> Response:
+    """POST /responses/compact: a shorter window for the context (see Engine.compact)."""
+    tenant = tenant_of(request)
+    body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
+    return json_response(await _engine(request).compact(body, tenant=tenant))
+
+
 async def responses_info(request: Request) -> Response:
     tenant_of(request)
     return json_response(
@@ -139,6 +146,7 @@ async def responses_info(request: Request) -> Response:
             "methods": {
                 "POST /responses": "Create a response (JSON, or SSE with stream: true).",
                 "POST /responses/input_tokens": "Count a would-be response's input tokens.",
+                "POST /responses/compact": "Compact a context into a shorter window.",
                 "GET /responses (WebSocket upgrade)": "WebSocket mode: response.create turns.",
                 "GET /responses/{id}": "Retrieve a stored response.",
                 "DELETE /responses/{id}": "Delete a stored response.",
@@ -244,6 +252,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 _API: list[tuple[str, Endpoint, str]] = [
     ("/responses", create_response, "POST"),
     ("/responses/input_tokens", count_input_tokens, "POST"),
+    ("/responses/compact", compact_response, "POST"),
     ("/responses", responses_info, "GET"),
     ("/responses/{response_id}", get_response, "GET"),
     ("/responses/{response_id}", delete_response, "DELETE"),

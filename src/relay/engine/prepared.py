@@ -22,9 +22,14 @@ class Prepared:
     items: list[dict[str, Any]]  # this request's input, normalised, references resolved
     history: History | None  # the chain previous_response_id continues
     want_logprobs: bool
+    # What the upstream reads: the same, with compaction items expanded to their summaries.
+    upstream_items: list[dict[str, Any]]
+    upstream_history: History | None
 
     def context(self) -> list[dict[str, Any]]:
-        return self.items if self.history is None else self.history.items + self.items
+        """The whole context as the upstream reads it."""
+        items, history = self.upstream_items, self.upstream_history
+        return items if history is None else history.items + items
 
     def provider_request(
         self, route: Route, shortened: list[dict[str, Any]] | None = None
@@ -35,8 +40,8 @@ class Prepared:
             request=self.request,
             instructions=self.request.instructions,
             # A shortened context no longer begins with the history.
-            items=self.items if shortened is None else shortened,
-            history=self.history if shortened is None else None,
+            items=self.upstream_items if shortened is None else shortened,
+            history=self.upstream_history if shortened is None else None,
             tools=self.tools.offered,
             tool_choice=self.tools.choice,
             parallel_tool_calls=self.tools.parallel,

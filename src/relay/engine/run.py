@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
+from relay.engine import compaction
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, check_route, plan_tools, reasoning_settings
 from relay.engine.context import (
@@ -34,6 +35,7 @@ from relay.ids import new_id
 from relay.protocol import CreateResponse
 from relay.providers.base import Delta, FinishDelta, History, ProviderError, TokenCount
 from relay.providers.registry import Registry, Route
+from relay.sealing import Sealer
 from relay.storage.base import Store
 
 log = logging.getLogger("relay.engine")
@@ -186,9 +188,11 @@ class Engine:
         echo_json_schema: bool = True,
         history_cache_items: int = DEFAULT_HISTORY_CACHE_ITEMS,
         history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES,
+        sealer: Sealer,
     ) -> None:
         self.registry = registry
         self.store = store
+        self.sealer = sealer
         self.echo_json_schema = echo_json_schema
         self.histories = HistoryCache(history_cache_items, history_cache_bytes)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -270,6 +274,43 @@ class Engine:
         except ProviderError as error:
             raise provider_error_to_http(error) from None
 
+    async def compact(self, request: CreateResponse, *, tenant: str) -> dict[str, Any]:
+        """POST /responses/compact: the context (input and/or previous_response_id) made into
+        a shorter window by the route's model (see `relay.engine.compaction`)."""
+        prepared = await self._prepare(request, tenant, None)
+        instructions = compaction.PROMPT
+        if request.instructions:
+            instructions += f"\n\nThe conversation's own instructions:\n{request.instructions}"
+        ask = {"type": "message", "role": "user", "content": compaction.REQUEST}
+        summarising = CreateResponse(
+            model=request.model,
+            models=request.models,
+            input=[*prepared.context(), ask],
+            instructions=instructions,
+            store=False,
+            prompt_cache_key=request.prompt_cache_key,
+        )
+        run = await self.start(summarising, tenant=tenant)
+        summary = await run.final()
+        if summary["status"] not in ("completed", "incomplete") or not summary["output_text"]:
+            error = summary["error"] or {}
+            raise UpstreamError(
+                f"The model could not compact the context: {error.get('message', 'no summary')}"
+            )
+        context = (
+            prepared.items if prepared.history is None else prepared.history.items + prepared.items
+        )
+        return {
+            "id": new_id("resp"),
+            "object": "response.compaction",
+            "created_at": summary["created_at"],
+            "output": [
+                *compaction.kept_user_messages(context),
+                compaction.seal(self.sealer, tenant, summary["output_text"]),
+            ],
+            "usage": summary["usage"],
+        }
+
     async def _prepare(
         self, request: CreateResponse, tenant: str, continuing: History | None
     ) -> Prepared:
@@ -292,7 +333,18 @@ class Engine:
         check_tool_outputs(history, items)
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
-        return Prepared(request, routes, tools, effort, summary, items, history, want_logprobs)
+        return Prepared(
+            request,
+            routes,
+            tools,
+            effort,
+            summary,
+            items,
+            history,
+            want_logprobs,
+            upstream_items=compaction.expand(items, self.sealer, tenant, "input"),
+            upstream_history=compaction.expand_history(history, self.sealer, tenant),
+        )
 
     async def _open(
         self, prepared: Prepared, *, truncate: bool
