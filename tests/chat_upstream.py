@@ -26,6 +26,8 @@ context manager. Models (scripts):
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
   slow_stream     SLOW_WORDS words, one every SLOW_INTERVAL_S; how each such stream ended
                   (finished, or cut by the client after N words) is kept in `slow_streams`
+  compliance      "tools" when the request offers tools, else "echo": what the official Open
+                  Responses compliance suite needs from one model (docs/compliance.md)
   echo_credentials
                   a 400 whose message repeats every header received, whole and in the forms
                   an upstream might write it (token only, cut in half, percent-encoded);
@@ -79,6 +81,7 @@ MODELS = [
     "slow_stream",
     "echo_credentials",
     "echo_credentials_stream",
+    "compliance",
 ]
 SLOW_WORDS = 200
 SLOW_INTERVAL_S = 0.05
@@ -95,12 +98,12 @@ class _Dropped(Exception):
 
 
 class ChatUpstream:
-    def __init__(self, api_key: str | None = None) -> None:
+    def __init__(self, api_key: str | None = None, port: int = 0) -> None:
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.slow_streams: list[str] = []
-        self.port = 0
+        self.port = port  # 0: any free one
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -130,7 +133,7 @@ class ChatUpstream:
 
     def start(self) -> ChatUpstream:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket.bind(("127.0.0.1", self.port))
         self.port = self._socket.getsockname()[1]
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
@@ -242,6 +245,8 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
     """The script as chat deltas plus a finish reason; rendered as a stream or one completion."""
     deltas: list[dict[str, Any]] = []
     finish = "stop"
+    if model == "compliance":  # for the official compliance suite: a call when tools are offered
+        model = "tools" if body.get("tools") else "echo"
     if model in ("tools", "parallel", "tools_stop", "tools_repeat", "rogue_tool"):
         tools = body.get("tools") or [{"function": {"name": "get_weather"}}]
         name = "not_offered" if model == "rogue_tool" else tools[0]["function"]["name"]
@@ -490,3 +495,11 @@ def chat_upstream() -> Iterator[ChatUpstream]:
     """A running loopback upstream that requires `Authorization: Bearer UPSTREAM_KEY`."""
     with ChatUpstream(api_key=UPSTREAM_KEY) as upstream:
         yield upstream
+
+
+if __name__ == "__main__":  # python tests/chat_upstream.py [PORT]: serve until interrupted
+    import sys
+
+    with ChatUpstream(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as upstream:
+        print(f"chat upstream on {upstream.base_url}", flush=True)
+        threading.Event().wait()
