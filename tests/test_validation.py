@@ -97,6 +97,16 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         "unsupported_tool_type",
     ),
     (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "tools": [TOOL, {"type": "namespace", "name": "crm", "description": "", "tools": []}],
+        },
+        400,
+        "tools[1].type",
+        "unsupported_tool_type",
+    ),
+    (
         {"model": "fake-text", "input": "x", "tools": [{"type": "function", "name": "bad name"}]},
         400,
         "tools[0].name",

@@ -35,6 +35,7 @@ HOSTED_TOOL_TYPES = {
     "shell",
     "custom",
     "apply_patch",
+    "namespace",
 }
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
