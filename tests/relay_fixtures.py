@@ -12,8 +12,9 @@ import orjson
 import pytest
 from conformance import assert_valid_item, assert_valid_response, check_stream
 from live_server import relay_server
+from pydantic import SecretStr
 
-from relay.config import RouteConfig, Settings
+from relay.config import ApiKeyConfig, RouteConfig, Settings
 
 FAKE_SCRIPTS = [
     "text",
@@ -102,6 +103,21 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 def relay_url(database_url: str) -> Iterator[str]:
     """An open Relay (no API keys) with the fake routes."""
     with relay_server(Settings(database_url=database_url, routes=fake_routes())) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def keyed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Relay with the fake routes and two keys: sk-alice (tenant alice), sk-bob (bob)."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path_factory.mktemp('keyed')}/relay.db",
+        routes=fake_routes(),
+        api_keys=[
+            ApiKeyConfig(key=SecretStr("sk-alice"), tenant="alice"),
+            ApiKeyConfig(key=SecretStr("sk-bob"), tenant="bob"),
+        ],
+    )
+    with relay_server(settings) as url:
         yield url
 
 

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from live_server import relay_server, running
+from live_server import running
 from pydantic import SecretStr
 from relay_fixtures import checked_client, fake_routes, sdk_client
 
 from relay.api.app import create_app
 from relay.config import ApiKeyConfig, Settings
-
-
-@pytest.fixture(scope="module")
-def keyed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path_factory.mktemp('auth')}/relay.db",
-        routes=fake_routes(),
-        api_keys=[
-            ApiKeyConfig(key=SecretStr("sk-alice"), tenant="alice"),
-            ApiKeyConfig(key=SecretStr("sk-bob"), tenant="bob"),
-        ],
-    )
-    with relay_server(settings) as url:
-        yield url
 
 
 def test_missing_and_wrong_keys_are_401(keyed_url: str) -> None:

@@ -11,12 +11,8 @@ import orjson
 import pytest
 from conformance import validator
 from cryptography.fernet import Fernet
-from live_server import relay_server
-from pydantic import SecretStr
-from relay_fixtures import fake_routes
 from websockets.sync.client import connect
 
-from relay.config import ApiKeyConfig, Settings
 from relay.errors import InvalidRequest
 from relay.sealing import KEY_FILE, Sealer, load_keys
 
@@ -95,19 +91,10 @@ def test_an_altered_or_foreign_compaction_item_is_a_400(http: httpx.Client, bad:
     assert error["param"] == "input[0].encrypted_content"
 
 
-def test_a_compaction_item_is_its_tenants_only(tmp_path: Path) -> None:
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path}/relay.db",
-        routes=fake_routes(),
-        api_keys=[
-            ApiKeyConfig(key=SecretStr("sk-alice"), tenant="alice"),
-            ApiKeyConfig(key=SecretStr("sk-bob"), tenant="bob"),
-        ],
-    )
+def test_a_compaction_item_is_its_tenants_only(keyed_url: str) -> None:
     with (
-        relay_server(settings) as url,
-        httpx.Client(base_url=url, headers={"authorization": "Bearer sk-alice"}) as alice,
-        httpx.Client(base_url=url, headers={"authorization": "Bearer sk-bob"}) as bob,
+        httpx.Client(base_url=keyed_url, headers={"authorization": "Bearer sk-alice"}) as alice,
+        httpx.Client(base_url=keyed_url, headers={"authorization": "Bearer sk-bob"}) as bob,
     ):
         item = compact(alice, model="fake-text", input=CONVERSATION)["output"][-1]
         body = {"model": "fake-text", "input": [item]}
