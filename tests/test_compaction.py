@@ -152,3 +152,12 @@ def test_a_bad_sealing_key_is_a_clear_configuration_error(
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "sealing_keys" in err and "not-a-fernet-key-0123" not in err
+
+
+def test_workers_starting_together_agree_on_the_generated_key(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: load_keys([], tmp_path), range(32)))
+    assert all(key == keys[0] for key in keys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [KEY_FILE]  # no drafts left

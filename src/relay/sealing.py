@@ -11,6 +11,7 @@ after (several instances on one database must share configured keys instead).
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +24,25 @@ KEY_FILE = "sealing.key"
 
 
 def load_keys(configured: list[str], data_dir: Path) -> list[bytes]:
-    """The configured keys, or the generated one of `data_dir` (made on first use, by
-    whichever process gets there first)."""
+    """The configured keys, or the generated one of `data_dir`, made on first use by whichever
+    process gets there first (workers start together): each writes a key to a file of its
+    own and links it into place, which only the first link does, whole; all read that one."""
     if configured:
         return [key.encode() for key in configured]
     path = data_dir / KEY_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return [path.read_bytes().strip()]
-    key = Fernet.generate_key()
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(key + b"\n")
-    return [key]
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        draft = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(Fernet.generate_key() + b"\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process was first
+        finally:
+            draft.unlink()
+    return [path.read_bytes().strip()]
 
 
 class Sealer:
