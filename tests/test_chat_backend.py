@@ -33,6 +33,15 @@ def backend_routes(chat_upstream: ChatUpstream) -> list[RouteConfig]:
     ]
     routes.append(
         RouteConfig(
+            model="up-echo-replay",
+            base_url=chat_upstream.base_url,
+            api_key_env=KEY_ENV,
+            upstream_model="echo",
+            replay_reasoning=True,
+        )
+    )
+    routes.append(
+        RouteConfig(
             model="up-flaky",
             base_url=chat_upstream.base_url,
             api_key_env=KEY_ENV,
@@ -560,3 +569,49 @@ def test_item_reference_sends_the_stored_item_upstream(
         {"role": "assistant", "content": "remember the tide"},
         {"role": "user", "content": "and?"},
     ]
+
+
+def test_sealed_reasoning_survives_a_store_false_transcript(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    first = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-reasoning",
+            "input": "why?",
+            "store": False,
+            "include": ["reasoning.encrypted_content"],
+        },
+    ).json()
+    reasoning, answer = first["output"]
+    assert reasoning["content"][0]["text"] == "Let me think."
+    sealed = reasoning["encrypted_content"]
+    assert sealed and "think" not in sealed
+    # Replayed the way Codex does: the whole transcript, the reasoning without its text.
+    replayed = {
+        "type": "reasoning",
+        "id": reasoning["id"],
+        "summary": [],
+        "encrypted_content": sealed,
+    }
+    transcript = [{"role": "user", "content": "why?"}, replayed, answer]
+    for route, expected in (("up-echo-replay", "Let me think."), ("up-echo", None)):
+        body = {"model": route, "input": [*transcript, {"role": "user", "content": "and?"}]}
+        assert up.post("/v1/responses", json=body).status_code == 200
+        assistant = chat_upstream.last["messages"][1]
+        assert assistant["role"] == "assistant" and assistant["content"] == "Done."
+        assert assistant.get("reasoning_content") == expected
+    # Content Relay did not seal (another provider's) is left alone, never an error.
+    foreign = {**replayed, "encrypted_content": "gAAAAAB-sealed-by-someone-else"}
+    body = {"model": "up-echo-replay", "input": [transcript[0], foreign, answer]}
+    assert up.post("/v1/responses", json=body).status_code == 200
+    assert "reasoning_content" not in chat_upstream.last["messages"][1]
+
+
+def test_stored_reasoning_is_replayed_where_the_route_takes_it(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    first = up.post("/v1/responses", json={"model": "up-reasoning", "input": "why?"}).json()
+    body = {"model": "up-echo-replay", "input": "and?", "previous_response_id": first["id"]}
+    assert up.post("/v1/responses", json=body).status_code == 200
+    assert chat_upstream.last["messages"][1]["reasoning_content"] == "Let me think."

@@ -42,6 +42,10 @@ class RouteConfig(BaseModel):
         default_factory=list
     )
     headers: dict[str, str] = Field(default_factory=dict)
+    # Reasoning items given back (stored chains, or store:false transcripts with Relay-sealed
+    # encrypted_content) are sent as `reasoning_content` on the assistant message they precede,
+    # for upstreams that take it (vLLM, DeepSeek-style servers); off, they are left out.
+    replay_reasoning: bool = False
     # llama_cpp routes: a GGUF file (default: the bundled SmolLM2-135M-Instruct), its context
     # window, threads, how many requests may wait, and whether it loads at start-up or on
     # first use.

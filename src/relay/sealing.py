@@ -53,19 +53,26 @@ class Sealer:
         body = orjson.dumps({"kind": kind, "tenant": tenant, "payload": payload})
         return self._fernet.encrypt(body).decode()
 
-    def unseal(self, tenant: str, kind: str, token: str, param: str) -> dict[str, Any]:
-        """The payload; a 400 naming `param` for anything this Relay did not seal for this
-        tenant and purpose (tampered, foreign, another tenant's, another key set's)."""
+    def open(self, tenant: str, kind: str, token: str) -> dict[str, Any] | None:
+        """The payload, or None for anything this Relay did not seal for this tenant and
+        purpose (tampered, foreign, another tenant's, another key set's)."""
         try:
             body = orjson.loads(self._fernet.decrypt(token.encode()))
         except (InvalidToken, ValueError, orjson.JSONDecodeError):
-            body = None
+            return None
         if not isinstance(body, dict) or body.get("tenant") != tenant or body.get("kind") != kind:
+            return None
+        payload: dict[str, Any] = body["payload"]
+        return payload
+
+    def unseal(self, tenant: str, kind: str, token: str, param: str) -> dict[str, Any]:
+        """The payload; a 400 naming `param` for anything `open` refuses."""
+        payload = self.open(tenant, kind, token)
+        if payload is None:
             raise InvalidRequest(
                 f"The encrypted content of '{param}' was not made by this server for you, or "
                 "was altered.",
                 param=param,
                 code="invalid_encrypted_content",
             )
-        payload: dict[str, Any] = body["payload"]
         return payload

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
+from relay.engine import reasoning
 from relay.engine.response import output_text
 from relay.ids import new_id
 from relay.providers.base import (
@@ -48,6 +50,7 @@ class ResponseBuilder:
         reasoning_as_summary: bool,
         include_logprobs: bool,
         obfuscate: bool = False,
+        seal_reasoning: Callable[[str], str] | None = None,
     ) -> None:
         self.response = response
         self._seq = 0
@@ -57,6 +60,8 @@ class ResponseBuilder:
         self._max_calls = max_tool_calls
         self._as_summary = reasoning_as_summary
         self._logprobs = include_logprobs
+        # include reasoning.encrypted_content: each finished reasoning item's text, sealed.
+        self._seal_reasoning = seal_reasoning
         # One random filler a response, sliced per delta: the padding hides lengths by its
         # length, so its characters need not be fresh (a urandom call per delta was 3% of a
         # stream's CPU).
@@ -364,6 +369,8 @@ class ResponseBuilder:
         events = self._close_part(item, index) if self._part is not None else []
         self._open = None
         item["status"] = status
+        if item["type"] == "reasoning" and self._seal_reasoning is not None:
+            item["encrypted_content"] = self._seal_reasoning(reasoning.text_of(item))
         events.append(
             self._event("response.output_item.done", output_index=index, item=_copy(item))
         )

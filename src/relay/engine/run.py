@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
-from relay.engine import compaction
+from relay.engine import compaction, reasoning
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, check_route, plan_tools, reasoning_settings
 from relay.engine.context import (
@@ -247,6 +247,9 @@ class Engine:
             max_tool_calls=request.max_tool_calls,
             reasoning_as_summary=prepared.summary is not None,
             include_logprobs=prepared.want_logprobs,
+            seal_reasoning=reasoning.sealer_for(self.sealer, tenant)
+            if "reasoning.encrypted_content" in (request.include or ())
+            else None,
             # On by default when streaming, as OpenAI does; clients opt out per request.
             obfuscate=bool(request.stream)
             and (
@@ -342,7 +345,9 @@ class Engine:
             items,
             history,
             want_logprobs,
-            upstream_items=compaction.expand(items, self.sealer, tenant, "input"),
+            upstream_items=reasoning.expand(
+                compaction.expand(items, self.sealer, tenant, "input"), self.sealer, tenant
+            ),
             upstream_history=compaction.expand_history(history, self.sealer, tenant),
         )
 

@@ -23,17 +23,19 @@ def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> lis
     return system + transcript._fresh  # nothing was encoded: it started empty
 
 
-def chat_messages_json(request: ProviderRequest, instructions: str | None) -> bytes:
+def chat_messages_json(
+    request: ProviderRequest, instructions: str | None, *, replay_reasoning: bool = False
+) -> bytes:
     """The request's context as a JSON array of chat messages, after `instructions` as the
     system message. A stored chain's history (request.history) is translated and encoded once
     and extended turn after turn, so a long conversation costs each turn its new items plus a
-    copy of bytes, not a pass over every earlier message."""
+    copy of bytes, not a pass over every earlier message. `replay_reasoning`: reasoning items
+    go back as `reasoning_content` on the assistant message they precede (upstreams that take
+    it); else they are left out."""
     history = request.history
-    transcript = (
-        ChatTranscript()
-        if history is None
-        else history.derive("chat", ChatTranscript.extended, ChatTranscript())
-    )
+    empty = ChatTranscript(replay_reasoning=replay_reasoning)
+    key = "chat+reasoning" if replay_reasoning else "chat"
+    transcript = empty if history is None else history.derive(key, ChatTranscript.extended, empty)
     return transcript.json(instructions, request.items)
 
 
@@ -50,13 +52,15 @@ class ChatTranscript:
     A transcript is never changed once built: `extended` returns a new one.
     """
 
-    __slots__ = ("_calls", "_encoded", "_fresh", "_texts")
+    __slots__ = ("_calls", "_encoded", "_fresh", "_reasoning", "_replay_reasoning", "_texts")
 
-    def __init__(self) -> None:
+    def __init__(self, *, replay_reasoning: bool = False) -> None:
         self._encoded = b""
         self._fresh: list[dict[str, Any]] = []  # closed while continuing, not yet encoded
         self._texts: list[str] = []
         self._calls: list[dict[str, Any]] = []
+        self._replay_reasoning = replay_reasoning
+        self._reasoning: list[str] = []  # of the pending assistant message
 
     def extended(self, items: list[dict[str, Any]]) -> ChatTranscript:
         out = self._continued(items)
@@ -74,10 +78,11 @@ class ChatTranscript:
         return b"[" + body.removesuffix(b",") + b"]"
 
     def _continued(self, items: Sequence[dict[str, Any]]) -> ChatTranscript:
-        out = ChatTranscript()
+        out = ChatTranscript(replay_reasoning=self._replay_reasoning)
         out._encoded = self._encoded
         out._texts = list(self._texts)
         out._calls = list(self._calls)
+        out._reasoning = list(self._reasoning)
         for item in items:
             out._add(item)
         return out
@@ -85,14 +90,21 @@ class ChatTranscript:
     def _flush(self) -> None:
         pending = _assistant_message(self._texts, self._calls)
         if pending is not None:
+            if self._reasoning:
+                pending["reasoning_content"] = "\n\n".join(self._reasoning)
             self._fresh.append(pending)
             self._texts = []
             self._calls = []
+        self._reasoning = []  # reasoning that no answer followed goes nowhere
 
     def _add(self, item: dict[str, Any]) -> None:
         kind = item.get("type", "message")
         if kind == "reasoning":
-            return  # chat upstreams cannot take reasoning back
+            parts = item.get("content") or item.get("summary") or ()
+            text = "".join(part.get("text") or "" for part in parts)
+            if self._replay_reasoning and text:
+                self._reasoning.append(text)
+            return
         if kind == "message" and item.get("role") == "assistant":
             self._texts.append(_assistant_text(item.get("content")))
         elif kind == "function_call":

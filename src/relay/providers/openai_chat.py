@@ -80,11 +80,13 @@ class OpenAIChatProvider:
         max_tokens_param: str = "max_tokens",
         extra_headers: dict[str, str] | None = None,
         forward_fields: frozenset[str] = frozenset(),
+        replay_reasoning: bool = False,
     ) -> None:
         url = urlsplit(base_url.rstrip("/") + "/chat/completions")
         self._target = url.path + (f"?{url.query}" if url.query else "")
         self._max_tokens_param = max_tokens_param
         self._forward_fields = forward_fields
+        self._replay_reasoning = replay_reasoning
         headers = {"Content-Type": "application/json"}
         if url.username is not None:
             # Credentials in the base URL (a proxy in front of a self-hosted model) are Basic auth.
@@ -143,7 +145,11 @@ class OpenAIChatProvider:
         body: dict[str, Any] = {
             "model": request.upstream_model,
             # Already JSON: a remembered history's messages are encoded once (chat_messages).
-            "messages": orjson.Fragment(chat_messages_json(request, request.instructions)),
+            "messages": orjson.Fragment(
+                chat_messages_json(
+                    request, request.instructions, replay_reasoning=self._replay_reasoning
+                )
+            ),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -49,6 +49,7 @@ def _build_provider(config: RouteConfig) -> Provider:
         max_tokens_param=config.max_tokens_param,
         extra_headers=config.headers,
         forward_fields=frozenset(config.forward_fields),
+        replay_reasoning=config.replay_reasoning,
     )
 
 
