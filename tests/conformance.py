@@ -63,10 +63,21 @@ def _fail_on_errors(kind: str, instance: Any, schema_name: str) -> None:
 def assert_valid_response(response: dict[str, Any]) -> None:
     fmt = response.get("text", {}).get("format", {})
     if fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
-        # The one documented divergence (docs/compatibility.md): by default Relay echoes the
-        # schema as OpenAI does, where the contract types it as null. Everything else of the
-        # response must still validate.
+        # A documented divergence: by default Relay echoes the schema as OpenAI does, where
+        # the contract types it as null. Everything else of the response must still validate.
         response = {**response, "text": {**response["text"], "format": {**fmt, "schema": None}}}
+    tools = response.get("tools") or []
+    if any(tool.get("type") == "namespace" for tool in tools):
+        # The other one: OpenAI echoes namespace tools as sent; the contract knows function
+        # tools only. Their functions must validate as function tools.
+        flat = []
+        for tool in tools:
+            if tool.get("type") == "namespace":
+                assert set(tool) <= {"type", "name", "description", "tools"}, tool
+                flat += tool["tools"]
+            else:
+                flat.append(tool)
+        response = {**response, "tools": flat}
     _fail_on_errors("response", response, "ResponseResource")
 
 

@@ -615,3 +615,64 @@ def test_stored_reasoning_is_replayed_where_the_route_takes_it(
     body = {"model": "up-echo-replay", "input": "and?", "previous_response_id": first["id"]}
     assert up.post("/v1/responses", json=body).status_code == 200
     assert chat_upstream.last["messages"][1]["reasoning_content"] == "Let me think."
+
+
+CRM = {
+    "type": "namespace",
+    "name": "crm",
+    "description": "The customer database.",
+    "tools": [
+        {
+            "type": "function",
+            "name": "lookup",
+            "description": "Find a customer.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ],
+}
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+
+
+def test_namespace_tools_go_upstream_flat_and_come_back_named(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    body = {"model": "up-tools", "input": "find them", "tools": [CRM, WEATHER_TOOL]}
+    first = up.post("/v1/responses", json=body).json()
+    offered = [tool["function"]["name"] for tool in chat_upstream.last["tools"]]
+    assert offered == ["crm__lookup", "get_weather"]
+    [call] = first["output"]
+    assert (call["type"], call["namespace"], call["name"]) == ("function_call", "crm", "lookup")
+    assert first["tools"][0]["type"] == "namespace"  # echoed as sent, as OpenAI does
+    # Continued, from storage and as a store:false transcript: the call goes back flat.
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "Ada"}
+    for continuation in (
+        {"previous_response_id": first["id"], "input": [output]},
+        {"input": [{"role": "user", "content": "find them"}, call, output], "store": False},
+    ):
+        answer = up.post("/v1/responses", json={"model": "up-echo", **continuation})
+        assert answer.status_code == 200, answer.text
+        assistant = chat_upstream.last["messages"][1]
+        assert assistant["tool_calls"][0]["function"]["name"] == "crm__lookup"
+
+
+def test_tool_choice_names_a_namespaced_function(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    forced = {"type": "function", "name": "lookup", "namespace": "crm"}
+    body = {"model": "up-tools", "input": "x", "tools": [WEATHER_TOOL, CRM], "tool_choice": forced}
+    answer = up.post("/v1/responses", json=body).json()
+    assert chat_upstream.last["tool_choice"] == {
+        "type": "function",
+        "function": {"name": "crm__lookup"},
+    }
+    assert answer["tool_choice"] == forced
+    assert answer["output"][0]["namespace"] == "crm"
+    allowed = {
+        "type": "allowed_tools",
+        "mode": "required",
+        "tools": [{"type": "function", "name": "lookup", "namespace": "crm"}],
+    }
+    up.post("/v1/responses", json={**body, "tool_choice": allowed})
+    assert [tool["function"]["name"] for tool in chat_upstream.last["tools"]] == ["crm__lookup"]
+    missing = {**body, "tool_choice": {"type": "function", "name": "lookup"}}
+    assert up.post("/v1/responses", json=missing).status_code == 400  # it lives in crm

@@ -483,3 +483,23 @@ def test_input_tokens_are_exact(local: httpx.Client) -> None:
     assert created["usage"]["input_tokens"] < counted["input_tokens"]
     answer = create(local, **body, max_output_tokens=16)
     assert answer["usage"]["input_tokens"] == counted["input_tokens"]
+
+
+def test_a_namespaced_function_is_called_by_its_names(local: httpx.Client) -> None:
+    crm = {"type": "namespace", "name": "crm", "description": "Customers.", "tools": [TOOLS[0]]}
+    forced = {"type": "function", "name": "get_weather", "namespace": "crm"}
+    body = create(
+        local,
+        input="Weather in Oslo?",
+        tools=[crm, TOOLS[1]],
+        tool_choice=forced,
+        temperature=0,
+        max_output_tokens=64,
+    )
+    call = body["output"][0]
+    assert (call["type"], call["namespace"], call["name"]) == (
+        "function_call",
+        "crm",
+        "get_weather",
+    )
+    assert "city" in json.loads(call["arguments"])

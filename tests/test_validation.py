@@ -103,8 +103,31 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
             "tools": [TOOL, {"type": "namespace", "name": "crm", "description": "", "tools": []}],
         },
         400,
-        "tools[1].type",
+        "tools[1].tools",
+        None,
+    ),
+    (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "tools": [TOOL, {"type": "namespace", "name": "crm", "tools": [{"type": "custom"}]}],
+        },
+        400,
+        "tools[1].tools[0].type",
         "unsupported_tool_type",
+    ),
+    (
+        {
+            "model": "fake-text",
+            "input": "x",
+            "tools": [
+                {**TOOL, "name": "crm__lookup"},
+                {"type": "namespace", "name": "crm", "tools": [TOOL]},
+            ],
+        },
+        400,
+        "tools",
+        None,
     ),
     (
         {"model": "fake-text", "input": "x", "tools": [{"type": "function", "name": "bad name"}]},

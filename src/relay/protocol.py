@@ -35,7 +35,6 @@ HOSTED_TOOL_TYPES = {
     "shell",
     "custom",
     "apply_patch",
-    "namespace",
 }
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -273,9 +272,19 @@ class FunctionTool(_Strict):
     strict: bool | None = None
 
 
+class NamespaceTool(_Strict):
+    """Function tools grouped under a namespace (Codex groups an MCP server's tools so)."""
+
+    type: Literal["namespace"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    tools: list[dict[str, Any]] = Field(min_length=1, max_length=128)
+
+
 class FunctionChoice(_Strict):
     type: Literal["function"]
     name: str
+    namespace: str | None = None  # for a function of a namespace tool
 
 
 class AllowedTools(_Strict):
@@ -283,12 +292,20 @@ class AllowedTools(_Strict):
     mode: Literal["auto", "required", "none"] = "auto"
     tools: list[dict[str, Any]] = Field(min_length=1, max_length=128)
 
-    def names(self) -> list[str]:
+    def names(self) -> list[tuple[str | None, str]]:
+        """(namespace or None, name) of each allowed function."""
         names = []
         for tool in self.tools:
-            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
-                raise ValueError("allowed_tools.tools entries must be {type: function, name}")
-            names.append(tool["name"])
+            namespace = tool.get("namespace")
+            if (
+                tool.get("type") != "function"
+                or not isinstance(tool.get("name"), str)
+                or not isinstance(namespace, str | None)
+            ):
+                raise ValueError(
+                    "allowed_tools.tools entries must be {type: function, name, namespace?}"
+                )
+            names.append((namespace, tool["name"]))
         return names
 
 

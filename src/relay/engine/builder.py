@@ -51,6 +51,7 @@ class ResponseBuilder:
         include_logprobs: bool,
         obfuscate: bool = False,
         seal_reasoning: Callable[[str], str] | None = None,
+        namespaced: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         self.response = response
         self._seq = 0
@@ -62,6 +63,8 @@ class ResponseBuilder:
         self._logprobs = include_logprobs
         # include reasoning.encrypted_content: each finished reasoning item's text, sealed.
         self._seal_reasoning = seal_reasoning
+        # Functions of namespace tools, by their upstream names: (namespace, name).
+        self._namespaced = namespaced or {}
         # One random filler a response, sliced per delta: the padding hides lengths by its
         # length, so its characters need not be fresh (a urandom call per delta was 3% of a
         # stream's CPU).
@@ -293,6 +296,9 @@ class ResponseBuilder:
                 "name": delta.name,
                 "arguments": "",
             }
+            if delta.name in self._namespaced:
+                # Back under the names the client gave: the namespace and the function's own.
+                item["namespace"], item["name"] = self._namespaced[delta.name]
             self._calls[delta.index] = item
             events.append(self._add_item(item))
         if delta.arguments:

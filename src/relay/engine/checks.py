@@ -3,7 +3,7 @@ applied, translated, or refused with a 400 naming it, never dropped."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,10 +16,12 @@ from relay.protocol import (
     CreateResponse,
     FunctionChoice,
     FunctionTool,
+    NamespaceTool,
     TextFormatJsonSchema,
     invalid_request,
 )
 from relay.providers.registry import Route
+from relay.providers.tool_names import wire_name
 
 KNOWN_INCLUDES = {
     "reasoning.encrypted_content",
@@ -37,58 +39,97 @@ KNOWN_INCLUDES = {
 
 @dataclass(slots=True)
 class ToolPlan:
-    declared: list[dict[str, Any]]  # every function tool of the request, echoed back
-    offered: list[dict[str, Any]]  # what the upstream sees after tool_choice filtering
+    declared: list[dict[str, Any]]  # the request's tools, echoed back (namespaces as sent)
+    offered: list[dict[str, Any]]  # function tools the upstream sees after tool_choice filtering
     choice: str | dict[str, str]  # "auto" | "none" | "required" | {"name": ...}
     must_call: bool
     parallel: bool
+    # The functions of namespace tools, by the name they go by upstream: (namespace, name).
+    namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _function(raw: Any, param: str) -> dict[str, Any]:
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind in HOSTED_TOOL_TYPES:
+        raise InvalidRequest(
+            f"Tool type '{kind}' is not supported yet: Relay runs function tools only.",
+            param=f"{param}.type",
+            code="unsupported_tool_type",
+        )
+    try:
+        tool = FunctionTool.model_validate(raw)
+    except ValidationError as error:
+        raise invalid_request(error, raw, param) from None
+    if tool.parameters is not None:
+        check_json_schema(tool.parameters, f"{param}.parameters")
+    return tool.model_dump(exclude_none=True)
+
+
+def _namespace(raw: Any, param: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A namespace tool as echoed, and its functions under their upstream names."""
+    try:
+        group = NamespaceTool.model_validate(raw)
+    except ValidationError as error:
+        raise invalid_request(error, raw, param) from None
+    inner = [_function(tool, f"{param}.tools[{i}]") for i, tool in enumerate(group.tools)]
+    echoed = {**group.model_dump(exclude_none=True), "tools": inner}
+    return echoed, [{**tool, "name": wire_name(group.name, tool["name"])} for tool in inner]
+
+
+def _upstream_name(namespace: str | None, name: str) -> str:
+    return name if namespace is None else wire_name(namespace, name)
 
 
 def plan_tools(request: CreateResponse) -> ToolPlan:
     parallel = request.parallel_tool_calls is not False
     declared: list[dict[str, Any]] = []
+    functions: list[dict[str, Any]] = []
+    namespaced: dict[str, tuple[str, str]] = {}
     for index, raw in enumerate(request.tools or []):
-        kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind in HOSTED_TOOL_TYPES:
-            raise InvalidRequest(
-                f"Tool type '{kind}' is not supported yet: Relay runs function tools only.",
-                param=f"tools[{index}].type",
-                code="unsupported_tool_type",
-            )
-        try:
-            tool = FunctionTool.model_validate(raw)
-        except ValidationError as error:
-            raise invalid_request(error, raw, f"tools[{index}]") from None
-        if tool.parameters is not None:
-            check_json_schema(tool.parameters, f"tools[{index}].parameters")
-        declared.append(tool.model_dump(exclude_none=True))
-    names = [tool["name"] for tool in declared]
+        if isinstance(raw, dict) and raw.get("type") == "namespace":
+            group, members = _namespace(raw, f"tools[{index}]")
+            declared.append(group)
+            functions += members
+            for member, tool in zip(members, group["tools"], strict=True):
+                namespaced[member["name"]] = (group["name"], tool["name"])
+        else:
+            tool = _function(raw, f"tools[{index}]")
+            declared.append(tool)
+            functions.append(tool)
+    names = [tool["name"] for tool in functions]
     if len(set(names)) != len(names):
-        raise InvalidRequest("Tool names must be unique.", param="tools")
+        raise InvalidRequest(
+            "Tool names must be unique (a namespace's function goes by <namespace>__<name>).",
+            param="tools",
+        )
+
+    def plan(offered: list[dict[str, Any]], choice: str | dict[str, str], must: bool) -> ToolPlan:
+        return ToolPlan(declared, offered, choice, must, parallel, namespaced)
 
     choice = request.tool_choice
     if choice is None or choice == "auto":
-        return ToolPlan(declared, declared, "auto", must_call=False, parallel=parallel)
+        return plan(functions, "auto", False)
     if choice == "none":
         # Enforced by not offering the tools at all: no upstream can call what it never saw.
-        return ToolPlan(declared, [], "none", must_call=False, parallel=parallel)
+        return plan([], "none", False)
     if choice == "required":
-        if not declared:
+        if not functions:
             raise InvalidRequest(
                 "tool_choice 'required' needs at least one tool.", param="tool_choice"
             )
-        return ToolPlan(declared, declared, "required", must_call=True, parallel=parallel)
+        return plan(functions, "required", True)
     if isinstance(choice, FunctionChoice):
-        if choice.name not in names:
+        forced_name = _upstream_name(choice.namespace, choice.name)
+        if forced_name not in names:
             raise InvalidRequest(
                 f"tool_choice names function '{choice.name}', which is not in tools.",
                 param="tool_choice.name",
             )
-        forced = [tool for tool in declared if tool["name"] == choice.name]
-        return ToolPlan(declared, forced, {"name": choice.name}, must_call=True, parallel=parallel)
+        forced = [tool for tool in functions if tool["name"] == forced_name]
+        return plan(forced, {"name": forced_name}, True)
     assert isinstance(choice, AllowedTools)
     try:
-        allowed = choice.names()
+        allowed = [_upstream_name(namespace, name) for namespace, name in choice.names()]
     except ValueError as error:
         raise InvalidRequest(str(error), param="tool_choice.tools") from None
     unknown = [name for name in allowed if name not in names]
@@ -96,12 +137,10 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
         raise InvalidRequest(
             f"allowed_tools names functions not in tools: {unknown}", param="tool_choice.tools"
         )
-    subset = [tool for tool in declared if tool["name"] in allowed]
     if choice.mode == "none":
-        return ToolPlan(declared, [], "none", must_call=False, parallel=parallel)
-    return ToolPlan(
-        declared, subset, choice.mode, must_call=choice.mode == "required", parallel=parallel
-    )
+        return plan([], "none", False)
+    subset = [tool for tool in functions if tool["name"] in allowed]
+    return plan(subset, choice.mode, choice.mode == "required")
 
 
 def reasoning_settings(request: CreateResponse) -> tuple[str | None, str | None]:

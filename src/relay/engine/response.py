@@ -9,7 +9,9 @@ from relay.protocol import AllowedTools, CreateResponse, FunctionChoice, TextFor
 
 def echo_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {
+        {**tool, "tools": echo_tools(tool["tools"])}
+        if tool["type"] == "namespace"
+        else {
             "type": "function",
             "name": tool["name"],
             "description": tool.get("description"),
@@ -25,7 +27,7 @@ def echo_tool_choice(request: CreateResponse) -> Any:
     if choice is None:
         return "auto"
     if isinstance(choice, FunctionChoice):
-        return {"type": "function", "name": choice.name}
+        return choice.model_dump(exclude_none=True)
     if isinstance(choice, AllowedTools):
         return {"type": "allowed_tools", "mode": choice.mode, "tools": choice.tools}
     return choice

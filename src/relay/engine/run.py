@@ -242,6 +242,7 @@ class Engine:
         builder = ResponseBuilder(
             response,
             offered_tools={tool["name"] for tool in tools.offered},
+            namespaced=tools.namespaced,
             must_call=tools.must_call and generate,
             parallel_tool_calls=tools.parallel,
             max_tool_calls=request.max_tool_calls,

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from relay.providers.base import ProviderError, ProviderRequest
+from relay.providers.tool_names import wire_name
 
 
 def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -108,11 +109,14 @@ class ChatTranscript:
         if kind == "message" and item.get("role") == "assistant":
             self._texts.append(_assistant_text(item.get("content")))
         elif kind == "function_call":
+            name = item["name"]
+            if item.get("namespace"):
+                name = wire_name(item["namespace"], name)
             self._calls.append(
                 {
                     "id": item["call_id"],
                     "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]},
+                    "function": {"name": name, "arguments": item["arguments"]},
                 }
             )
         elif kind == "function_call_output":

@@ -103,7 +103,13 @@ def _unconvertible(request: ProviderRequest) -> str:
     """The request field whose schema the converter fails on (looked for after a failure)."""
     declared = [tool.get("name") for tool in request.request.tools or []]
     schemas = [
-        (f"tools[{declared.index(tool['name'])}].parameters", tool.get("parameters"))
+        (
+            # A namespace's function goes by another name upstream: named by its namespace.
+            f"tools[{declared.index(tool['name'])}].parameters"
+            if tool["name"] in declared
+            else "tools",
+            tool.get("parameters"),
+        )
         for tool in request.tools
     ]
     schemas.append(("text.format.schema", _format_schema(request)))
