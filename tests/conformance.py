@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from openai.types.responses import (
+    CustomTool,
+    ResponseCustomToolCall,
+    ResponseCustomToolCallInputDeltaEvent,
+    ResponseCustomToolCallInputDoneEvent,
+    ResponseCustomToolCallOutput,
+    ToolChoiceCustom,
+)
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -60,16 +68,18 @@ def _fail_on_errors(kind: str, instance: Any, schema_name: str) -> None:
         raise AssertionError(f"{kind} does not validate against {schema_name}: {details}")
 
 
-def assert_valid_response(response: dict[str, Any]) -> None:
+def _response_view(response: dict[str, Any]) -> dict[str, Any]:
+    """The response as the contract checks see it, past the documented divergences (each
+    checked its own way first)."""
     fmt = response.get("text", {}).get("format", {})
     if fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
-        # A documented divergence: by default Relay echoes the schema as OpenAI does, where
-        # the contract types it as null. Everything else of the response must still validate.
+        # By default Relay echoes the schema as OpenAI does, where the contract types it as
+        # null.
         response = {**response, "text": {**response["text"], "format": {**fmt, "schema": None}}}
     tools = response.get("tools") or []
-    if any(tool.get("type") == "namespace" for tool in tools):
-        # The other one: OpenAI echoes namespace tools as sent; the contract knows function
-        # tools only. Their functions must validate as function tools.
+    if any(tool.get("type") in ("namespace", "custom") for tool in tools):
+        # OpenAI echoes namespace and custom tools as sent; the contract knows function tools
+        # only. Those are checked as the SDK types them, functions as functions.
         flat = []
         for tool in tools:
             if tool.get("type") == "namespace":
@@ -77,15 +87,60 @@ def assert_valid_response(response: dict[str, Any]) -> None:
                 flat += tool["tools"]
             else:
                 flat.append(tool)
-        response = {**response, "tools": flat}
-    _fail_on_errors("response", response, "ResponseResource")
+        for tool in flat:
+            if tool.get("type") == "custom":
+                CustomTool.model_validate(tool)
+        response = {**response, "tools": [t for t in flat if t.get("type") != "custom"]}
+    choice = response.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "custom":
+        ToolChoiceCustom.model_validate(choice)
+        response = {**response, "tool_choice": {"type": "function", "name": choice["name"]}}
+    return {**response, "output": [_contract_view(item) for item in response["output"]]}
+
+
+def assert_valid_response(response: dict[str, Any]) -> None:
+    _fail_on_errors("response", _response_view(response), "ResponseResource")
 
 
 def assert_valid_item(item: dict[str, Any]) -> None:
-    _fail_on_errors("item", item, "ItemField")
+    if item.get("type") == "custom_tool_call_output":
+        ResponseCustomToolCallOutput.model_validate(item)
+        return
+    _fail_on_errors("item", _contract_view(item), "ItemField")
+
+
+# OpenAI's shapes for custom tools, which the Open Responses contract does not have: checked
+# against the openai SDK's own types instead.
+_OPENAI_EVENTS = {
+    "response.custom_tool_call_input.delta": ResponseCustomToolCallInputDeltaEvent,
+    "response.custom_tool_call_input.done": ResponseCustomToolCallInputDoneEvent,
+}
+
+
+def _contract_view(item: dict[str, Any]) -> dict[str, Any]:
+    """A custom_tool_call item checked with the SDK's type, then seen by the contract checks
+    as the function call it travels upstream as; any other item as it is."""
+    if item.get("type") != "custom_tool_call":
+        return item
+    ResponseCustomToolCall.model_validate(item)
+    return {
+        "type": "function_call",
+        "id": item["id"],
+        "call_id": item["call_id"],
+        "name": item["name"],
+        "arguments": item["input"],
+        "status": item["status"],
+    }
 
 
 def assert_valid_event(event: dict[str, Any]) -> None:
+    if event["type"] in _OPENAI_EVENTS:
+        _OPENAI_EVENTS[event["type"]].model_validate(event)
+        return
+    if "item" in event:
+        event = {**event, "item": _contract_view(event["item"])}
+    if "response" in event:
+        event = {**event, "response": _response_view(event["response"])}
     schema_name = _event_schemas().get(event["type"])
     assert schema_name is not None, f"event type {event['type']!r} is not in the contract"
     _fail_on_errors(f"event {event['type']}", event, schema_name)
@@ -168,6 +223,9 @@ def _apply_delta(item: dict[str, Any], event: dict[str, Any]) -> None:
     if kind == "response.function_call_arguments.delta":
         item["arguments"] += event["delta"]
         return
+    if kind == "response.custom_tool_call_input.delta":
+        item["input"] += event["delta"]
+        return
     part = _part(item, event)
     key = "refusal" if kind == "response.refusal.delta" else "text"
     part[key] += event["delta"]
@@ -179,6 +237,9 @@ def _check_done(item: dict[str, Any], event: dict[str, Any]) -> None:
     kind = event["type"]
     if kind == "response.function_call_arguments.done":
         assert item["arguments"] == event["arguments"], "arguments.done differs from deltas"
+        return
+    if kind == "response.custom_tool_call_input.done":
+        assert item["input"] == event["input"], "custom_tool_call_input.done differs from deltas"
         return
     part = _part(item, event)
     if kind == "response.refusal.done":

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from chat_upstream import MODELS, UPSTREAM_KEY, ChatUpstream
 from conformance import assert_valid_response, check_stream
@@ -676,3 +677,66 @@ def test_tool_choice_names_a_namespaced_function(
     assert [tool["function"]["name"] for tool in chat_upstream.last["tools"]] == ["crm__lookup"]
     missing = {**body, "tool_choice": {"type": "function", "name": "lookup"}}
     assert up.post("/v1/responses", json=missing).status_code == 400  # it lives in crm
+
+
+PATCH_TOOL = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Apply a patch.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" /.+/'},
+}
+
+
+def test_custom_tools_travel_as_functions_of_one_string(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    # The tools script calls the first tool offered with {"city": "Paris"}: not the
+    # {"input": ...} shape, so the input is the arguments as they came.
+    events = sse_events(up, {"model": "up-tools", "input": "patch it", "tools": [PATCH_TOOL]})
+    offered = chat_upstream.last["tools"][0]["function"]
+    assert offered["name"] == "apply_patch"
+    assert offered["parameters"]["required"] == ["input"]
+    assert "lark grammar" in offered["description"] and "Begin Patch" in offered["description"]
+    call = events[-1]["response"]["output"][0]
+    assert (call["type"], call["name"]) == ("custom_tool_call", "apply_patch")
+    assert call["input"] == '{"city": "Paris"}'
+    kinds = [event["type"] for event in events]
+    assert "response.custom_tool_call_input.done" in kinds
+    assert "response.function_call_arguments.delta" not in kinds
+    # Its output comes back as input; the call and the output go upstream as a tool round.
+    output = {"type": "custom_tool_call_output", "call_id": call["call_id"], "output": "done"}
+    answer = up.post(
+        "/v1/responses",
+        json={
+            "model": "up-echo",
+            "input": [output],
+            "previous_response_id": events[-1]["response"]["id"],
+            "tools": [PATCH_TOOL],
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    sent = chat_upstream.last["messages"]
+    replayed = sent[1]["tool_calls"][0]["function"]
+    assert replayed["name"] == "apply_patch"
+    assert orjson.loads(replayed["arguments"]) == {"input": '{"city": "Paris"}'}
+    assert sent[2] == {"role": "tool", "tool_call_id": call["call_id"], "content": "done"}
+    items = up.get(f"/v1/responses/{answer.json()['id']}/input_items").json()["data"]
+    assert items[0]["type"] == "custom_tool_call_output"
+
+
+def test_tool_choice_can_force_a_custom_tool(up: httpx.Client, chat_upstream: ChatUpstream) -> None:
+    forced = {"type": "custom", "name": "apply_patch"}
+    body = {
+        "model": "up-tools",
+        "input": "x",
+        "tools": [WEATHER_TOOL, PATCH_TOOL],
+        "tool_choice": forced,
+    }
+    answer = up.post("/v1/responses", json=body).json()
+    assert chat_upstream.last["tool_choice"] == {
+        "type": "function",
+        "function": {"name": "apply_patch"},
+    }
+    assert answer["output"][0]["type"] == "custom_tool_call"
+    wrong_kind = {**body, "tool_choice": {"type": "function", "name": "apply_patch"}}
+    assert up.post("/v1/responses", json=wrong_kind).status_code == 400

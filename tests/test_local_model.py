@@ -503,3 +503,25 @@ def test_a_namespaced_function_is_called_by_its_names(local: httpx.Client) -> No
         "get_weather",
     )
     assert "city" in json.loads(call["arguments"])
+
+
+def test_custom_tools_on_the_embedded_model(local: httpx.Client) -> None:
+    note = {"type": "custom", "name": "note", "description": "Write a short note."}
+    body = create(
+        local,
+        input="Call note with the text: sky is blue",
+        tools=[note],
+        tool_choice={"type": "custom", "name": "note"},
+        temperature=0,
+        max_output_tokens=300,
+    )
+    call = body["output"][0]
+    assert call["type"] == "custom_tool_call" and call["name"] == "note"
+    assert call["input"] == "sky is blue"
+    grammar = {"type": "grammar", "syntax": "regex", "definition": "[a-z]+"}
+    refused = local.post(
+        "/v1/responses",
+        json={"model": MODEL, "input": "x", "tools": [{**note, "format": grammar}]},
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "unsupported_tool_format"

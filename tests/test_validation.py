@@ -110,7 +110,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         {
             "model": "fake-text",
             "input": "x",
-            "tools": [TOOL, {"type": "namespace", "name": "crm", "tools": [{"type": "custom"}]}],
+            "tools": [
+                TOOL,
+                {"type": "namespace", "name": "crm", "tools": [{"type": "web_search"}]},
+            ],
         },
         400,
         "tools[1].tools[0].type",

@@ -33,7 +33,6 @@ HOSTED_TOOL_TYPES = {
     "mcp",
     "local_shell",
     "shell",
-    "custom",
     "apply_patch",
 }
 
@@ -219,6 +218,31 @@ class Reasoning(_Open):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+class CustomToolCall(_Open):
+    type: Literal["custom_tool_call"]
+    call_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=64)
+    input: str = Field(max_length=MAX_INPUT_CHARS)
+    namespace: str | None = None
+    id: ItemId | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class CustomToolCallOutput(_Open):
+    type: Literal["custom_tool_call_output"]
+    call_id: str = Field(min_length=1, max_length=64)
+    output: str | list[InputPart] = Field(union_mode="left_to_right")
+    id: ItemId | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @field_validator("output")
+    @classmethod
+    def _bounded(cls, value: str | list[Any]) -> str | list[Any]:
+        if isinstance(value, str) and len(value) > MAX_INPUT_CHARS:
+            raise ValueError(f"output is longer than {MAX_INPUT_CHARS} characters")
+        return value
+
+
 class Compaction(_Open):
     """A compaction item from POST /responses/compact, given back as input."""
 
@@ -237,6 +261,8 @@ _ITEM_MODELS: dict[str, type[BaseModel]] = {
     "function_call_output": FunctionCallOutput,
     "reasoning": Reasoning,
     "compaction": Compaction,
+    "custom_tool_call": CustomToolCall,
+    "custom_tool_call_output": CustomToolCallOutput,
     "item_reference": ItemReference,
 }
 
@@ -272,6 +298,28 @@ class FunctionTool(_Strict):
     strict: bool | None = None
 
 
+class CustomTool(_Strict):
+    """A tool whose input is free text, optionally held to a grammar (lark or regex)."""
+
+    type: Literal["custom"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    format: dict[str, Any] | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None or value.get("type") == "text":
+            return value
+        if value.get("type") != "grammar":
+            raise ValueError("format.type must be 'text' or 'grammar'")
+        if value.get("syntax") not in ("lark", "regex") or not isinstance(
+            value.get("definition"), str
+        ):
+            raise ValueError("a grammar format needs syntax 'lark' or 'regex' and a definition")
+        return value
+
+
 class NamespaceTool(_Strict):
     """Function tools grouped under a namespace (Codex groups an MCP server's tools so)."""
 
@@ -287,6 +335,12 @@ class FunctionChoice(_Strict):
     namespace: str | None = None  # for a function of a namespace tool
 
 
+class CustomChoice(_Strict):
+    type: Literal["custom"]
+    name: str
+    namespace: str | None = None
+
+
 class AllowedTools(_Strict):
     type: Literal["allowed_tools"]
     mode: Literal["auto", "required", "none"] = "auto"
@@ -298,18 +352,18 @@ class AllowedTools(_Strict):
         for tool in self.tools:
             namespace = tool.get("namespace")
             if (
-                tool.get("type") != "function"
+                tool.get("type") not in ("function", "custom")
                 or not isinstance(tool.get("name"), str)
                 or not isinstance(namespace, str | None)
             ):
                 raise ValueError(
-                    "allowed_tools.tools entries must be {type: function, name, namespace?}"
+                    "allowed_tools.tools entries must be {type: function|custom, name, namespace?}"
                 )
             names.append((namespace, tool["name"]))
         return names
 
 
-ToolChoice = Literal["none", "auto", "required"] | FunctionChoice | AllowedTools
+ToolChoice = Literal["none", "auto", "required"] | FunctionChoice | CustomChoice | AllowedTools
 
 
 class TextFormatText(_Strict):

@@ -7,6 +7,7 @@ ends; so `output_item.added`/`done` always pair up and indices never collide.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class ResponseBuilder:
         obfuscate: bool = False,
         seal_reasoning: Callable[[str], str] | None = None,
         namespaced: dict[str, tuple[str, str]] | None = None,
+        custom_tools: frozenset[str] = frozenset(),
     ) -> None:
         self.response = response
         self._seq = 0
@@ -65,6 +67,10 @@ class ResponseBuilder:
         self._seal_reasoning = seal_reasoning
         # Functions of namespace tools, by their upstream names: (namespace, name).
         self._namespaced = namespaced or {}
+        # Custom tools by their upstream names: their calls are custom_tool_call items, whose
+        # input arrives as the arguments {"input": ...} and is sent whole when the call ends.
+        self._custom = custom_tools
+        self._custom_arguments: dict[int, str] = {}
         # One random filler a response, sliced per delta: the padding hides lengths by its
         # length, so its characters need not be fresh (a urandom call per delta was 3% of a
         # stream's CPU).
@@ -288,20 +294,33 @@ class ResponseBuilder:
             if self._open is not None:
                 events += self._close_open("completed")
             self._calls_made += 1
-            item = {
-                "id": new_id("fc"),
-                "type": "function_call",
-                "status": "in_progress",
-                "call_id": delta.call_id or new_id("call"),
-                "name": delta.name,
-                "arguments": "",
-            }
+            if delta.name in self._custom:
+                item = {
+                    "id": new_id("ctc"),
+                    "type": "custom_tool_call",
+                    "status": "in_progress",
+                    "call_id": delta.call_id or new_id("call"),
+                    "name": delta.name,
+                    "input": "",
+                }
+                self._custom_arguments[delta.index] = ""
+            else:
+                item = {
+                    "id": new_id("fc"),
+                    "type": "function_call",
+                    "status": "in_progress",
+                    "call_id": delta.call_id or new_id("call"),
+                    "name": delta.name,
+                    "arguments": "",
+                }
             if delta.name in self._namespaced:
                 # Back under the names the client gave: the namespace and the function's own.
                 item["namespace"], item["name"] = self._namespaced[delta.name]
             self._calls[delta.index] = item
             events.append(self._add_item(item))
-        if delta.arguments:
+        if delta.index in self._custom_arguments:
+            self._custom_arguments[delta.index] += delta.arguments
+        elif delta.arguments:
             item["arguments"] += delta.arguments
             events.append(
                 self._event(
@@ -388,19 +407,42 @@ class ResponseBuilder:
             item = self._calls[index]
             output_index = self._index_of(item)
             item["status"] = status
-            events.append(
-                self._event(
-                    "response.function_call_arguments.done",
-                    item_id=item["id"],
-                    output_index=output_index,
-                    name=item["name"],
-                    arguments=item["arguments"],
+            if index in self._custom_arguments:
+                events += self._custom_input(item, output_index, self._custom_arguments.pop(index))
+            else:
+                events.append(
+                    self._event(
+                        "response.function_call_arguments.done",
+                        item_id=item["id"],
+                        output_index=output_index,
+                        name=item["name"],
+                        arguments=item["arguments"],
+                    )
                 )
-            )
             events.append(
                 self._event("response.output_item.done", output_index=output_index, item=dict(item))
             )
         self._calls.clear()
+        return events
+
+    def _custom_input(self, item: dict[str, Any], output_index: int, arguments: str) -> list[Event]:
+        """A custom tool call's input, from the arguments the upstream sent: the string of
+        {"input": ...}, or the arguments as they are when they are not that shape."""
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            value = None
+        text = value.get("input") if isinstance(value, dict) else None
+        item["input"] = text if isinstance(text, str) else arguments
+        ids = {"item_id": item["id"], "output_index": output_index}
+        events = []
+        if item["input"]:
+            events.append(
+                self._event("response.custom_tool_call_input.delta", **ids, delta=item["input"])
+            )
+        events.append(
+            self._event("response.custom_tool_call_input.done", **ids, input=item["input"])
+        )
         return events
 
     def _close_all(self, status: str) -> list[Event]:

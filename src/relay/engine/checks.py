@@ -14,6 +14,8 @@ from relay.protocol import (
     HOSTED_TOOL_TYPES,
     AllowedTools,
     CreateResponse,
+    CustomChoice,
+    CustomTool,
     FunctionChoice,
     FunctionTool,
     NamespaceTool,
@@ -46,34 +48,62 @@ class ToolPlan:
     parallel: bool
     # The functions of namespace tools, by the name they go by upstream: (namespace, name).
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Custom tools (free-text input), by the name they go by upstream.
+    custom: frozenset[str] = frozenset()
 
 
-def _function(raw: Any, param: str) -> dict[str, Any]:
+# How a custom tool's free-text input travels as a function call's arguments.
+CUSTOM_INPUT = {
+    "type": "object",
+    "properties": {"input": {"type": "string"}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
+
+
+def _tool(raw: Any, param: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A function or custom tool: (as echoed, as a function offered upstream)."""
     kind = raw.get("type") if isinstance(raw, dict) else None
     if kind in HOSTED_TOOL_TYPES:
         raise InvalidRequest(
-            f"Tool type '{kind}' is not supported yet: Relay runs function tools only.",
+            f"Tool type '{kind}' is not supported yet: Relay runs function and custom tools.",
             param=f"{param}.type",
             code="unsupported_tool_type",
         )
+    model = CustomTool if kind == "custom" else FunctionTool
     try:
-        tool = FunctionTool.model_validate(raw)
+        tool = model.model_validate(raw)
     except ValidationError as error:
         raise invalid_request(error, raw, param) from None
-    if tool.parameters is not None:
-        check_json_schema(tool.parameters, f"{param}.parameters")
-    return tool.model_dump(exclude_none=True)
+    echoed = tool.model_dump(exclude_none=True)
+    if isinstance(tool, FunctionTool):
+        if tool.parameters is not None:
+            check_json_schema(tool.parameters, f"{param}.parameters")
+        return echoed, echoed
+    # A custom tool is a function of one string; its grammar, which chat upstreams cannot
+    # enforce, is put before the model in the description (and kept for the embedded model).
+    description = tool.description or ""
+    offered = {"name": tool.name, "parameters": CUSTOM_INPUT}
+    grammar = tool.format if tool.format and tool.format["type"] == "grammar" else None
+    if grammar is not None:
+        description += (
+            f"\n\nThe input must follow this {grammar['syntax']} grammar:\n{grammar['definition']}"
+        )
+        offered["grammar"] = grammar
+    offered["description"] = description.strip() or f"The input for {tool.name}, as free text."
+    return echoed, offered
 
 
 def _namespace(raw: Any, param: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A namespace tool as echoed, and its functions under their upstream names."""
+    """A namespace tool as echoed, and its tools as offered, under their upstream names."""
     try:
         group = NamespaceTool.model_validate(raw)
     except ValidationError as error:
         raise invalid_request(error, raw, param) from None
-    inner = [_function(tool, f"{param}.tools[{i}]") for i, tool in enumerate(group.tools)]
-    echoed = {**group.model_dump(exclude_none=True), "tools": inner}
-    return echoed, [{**tool, "name": wire_name(group.name, tool["name"])} for tool in inner]
+    pairs = [_tool(tool, f"{param}.tools[{i}]") for i, tool in enumerate(group.tools)]
+    echoed = {**group.model_dump(exclude_none=True), "tools": [pair[0] for pair in pairs]}
+    offered = [{**pair[1], "name": wire_name(group.name, pair[1]["name"])} for pair in pairs]
+    return echoed, offered
 
 
 def _upstream_name(namespace: str | None, name: str) -> str:
@@ -85,6 +115,7 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
     declared: list[dict[str, Any]] = []
     functions: list[dict[str, Any]] = []
     namespaced: dict[str, tuple[str, str]] = {}
+    custom: set[str] = set()
     for index, raw in enumerate(request.tools or []):
         if isinstance(raw, dict) and raw.get("type") == "namespace":
             group, members = _namespace(raw, f"tools[{index}]")
@@ -92,10 +123,14 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
             functions += members
             for member, tool in zip(members, group["tools"], strict=True):
                 namespaced[member["name"]] = (group["name"], tool["name"])
+                if tool["type"] == "custom":
+                    custom.add(member["name"])
         else:
-            tool = _function(raw, f"tools[{index}]")
-            declared.append(tool)
-            functions.append(tool)
+            echoed, offered = _tool(raw, f"tools[{index}]")
+            declared.append(echoed)
+            functions.append(offered)
+            if echoed["type"] == "custom":
+                custom.add(offered["name"])
     names = [tool["name"] for tool in functions]
     if len(set(names)) != len(names):
         raise InvalidRequest(
@@ -104,7 +139,7 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
         )
 
     def plan(offered: list[dict[str, Any]], choice: str | dict[str, str], must: bool) -> ToolPlan:
-        return ToolPlan(declared, offered, choice, must, parallel, namespaced)
+        return ToolPlan(declared, offered, choice, must, parallel, namespaced, frozenset(custom))
 
     choice = request.tool_choice
     if choice is None or choice == "auto":
@@ -118,11 +153,11 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
                 "tool_choice 'required' needs at least one tool.", param="tool_choice"
             )
         return plan(functions, "required", True)
-    if isinstance(choice, FunctionChoice):
+    if isinstance(choice, FunctionChoice | CustomChoice):
         forced_name = _upstream_name(choice.namespace, choice.name)
-        if forced_name not in names:
+        if forced_name not in names or (forced_name in custom) != (choice.type == "custom"):
             raise InvalidRequest(
-                f"tool_choice names function '{choice.name}', which is not in tools.",
+                f"tool_choice names {choice.type} tool '{choice.name}', which is not in tools.",
                 param="tool_choice.name",
             )
         forced = [tool for tool in functions if tool["name"] == forced_name]

@@ -23,6 +23,8 @@ _ID_PREFIX = {
     "function_call_output": "fco",
     "reasoning": "rs",
     "compaction": "cmp",
+    "custom_tool_call": "ctc",
+    "custom_tool_call_output": "ctco",
 }
 
 
@@ -109,8 +111,12 @@ async def load_history(
 _NO_CALLS: frozenset[str] = frozenset()
 
 
+_CALLS = ("function_call", "custom_tool_call")
+_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+
+
 def _with_calls(calls: frozenset[str], items: list[dict[str, Any]]) -> frozenset[str]:
-    return calls.union(item["call_id"] for item in items if item["type"] == "function_call")
+    return calls.union(item["call_id"] for item in items if item["type"] in _CALLS)
 
 
 def check_tool_outputs(history: History | None, items: list[dict[str, Any]]) -> None:
@@ -119,10 +125,10 @@ def check_tool_outputs(history: History | None, items: list[dict[str, Any]]) -> 
     earlier = _NO_CALLS if history is None else history.derive("calls", _with_calls, _NO_CALLS)
     calls: set[str] = set()
     for index, item in enumerate(items):
-        if item["type"] == "function_call":
+        if item["type"] in _CALLS:
             calls.add(item["call_id"])
         elif (
-            item["type"] == "function_call_output"
+            item["type"] in _OUTPUTS
             and item["call_id"] not in calls
             and item["call_id"] not in earlier
         ):

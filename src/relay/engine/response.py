@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.protocol import AllowedTools, CreateResponse, FunctionChoice, TextFormatJsonSchema
+from relay.protocol import (
+    AllowedTools,
+    CreateResponse,
+    CustomChoice,
+    FunctionChoice,
+    TextFormatJsonSchema,
+)
 
 
 def echo_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {**tool, "tools": echo_tools(tool["tools"])}
         if tool["type"] == "namespace"
+        else tool
+        if tool["type"] == "custom"
         else {
             "type": "function",
             "name": tool["name"],
@@ -26,7 +34,7 @@ def echo_tool_choice(request: CreateResponse) -> Any:
     choice = request.tool_choice
     if choice is None:
         return "auto"
-    if isinstance(choice, FunctionChoice):
+    if isinstance(choice, FunctionChoice | CustomChoice):
         return choice.model_dump(exclude_none=True)
     if isinstance(choice, AllowedTools):
         return {"type": "allowed_tools", "mode": choice.mode, "tools": choice.tools}

@@ -243,6 +243,7 @@ class Engine:
             response,
             offered_tools={tool["name"] for tool in tools.offered},
             namespaced=tools.namespaced,
+            custom_tools=tools.custom,
             must_call=tools.must_call and generate,
             parallel_tool_calls=tools.parallel,
             max_tool_calls=request.max_tool_calls,

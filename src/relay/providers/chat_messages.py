@@ -108,18 +108,23 @@ class ChatTranscript:
             return
         if kind == "message" and item.get("role") == "assistant":
             self._texts.append(_assistant_text(item.get("content")))
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             name = item["name"]
             if item.get("namespace"):
                 name = wire_name(item["namespace"], name)
+            arguments = (
+                item["arguments"]
+                if kind == "function_call"
+                else orjson.dumps({"input": item["input"]}).decode()
+            )
             self._calls.append(
                 {
                     "id": item["call_id"],
                     "type": "function",
-                    "function": {"name": name, "arguments": item["arguments"]},
+                    "function": {"name": name, "arguments": arguments},
                 }
             )
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             self._flush()
             output = item.get("output")
             if not isinstance(output, str):

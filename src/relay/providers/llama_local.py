@@ -176,6 +176,14 @@ class LlamaLocalProvider:
                 code="model_overloaded",
                 retry_after="1",
             )
+        if any(tool.get("grammar") for tool in request.tools):
+            raise ProviderError(
+                "The embedded model cannot hold a custom tool's input to a grammar yet.",
+                status=400,
+                code="unsupported_tool_format",
+                retryable=False,
+                param="tools",
+            )
         decoding = _decoding(request)
         messages = _local_messages(request, decoding)
         job = _Job(asyncio.get_running_loop())
