@@ -108,3 +108,28 @@ def test_a_bug_answers_500_in_the_envelope(
     assert answer.headers["x-should-retry"] == "false"
     assert answer.json()["error"]["type"] == "server_error"
     assert "internal detail" not in answer.text and "Traceback" not in answer.text
+
+
+def test_hosted_tools_can_be_left_out_and_are_named(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/relay.db", routes=fake_routes(), hosted_tools="omit"
+    )
+    function = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
+    body = {
+        "model": "fake-tool_call",
+        "input": "x",
+        "tools": [{"type": "web_search"}, function, {"type": "file_search"}],
+    }
+    with relay_server(settings) as url, checked_client(url) as client:
+        answer = client.post("/v1/responses", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-relay-omitted-tools"] == "web_search,file_search"
+        response = answer.json()
+        assert [tool["name"] for tool in response["tools"]] == ["lookup"]
+        # Nothing pretends a hosted tool ran: the model could call only what it was offered.
+        assert [item["type"] for item in response["output"]] == ["function_call"]
+        with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+            assert stream.headers["x-relay-omitted-tools"] == "web_search,file_search"
+            stream.read()
+        plain = client.post("/v1/responses", json={**body, "tools": [function]})
+        assert "x-relay-omitted-tools" not in plain.headers

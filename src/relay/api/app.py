@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> ASGIApp:
             history_cache_items=settings.history_cache_items,
             history_cache_bytes=settings.history_cache_bytes,
             sealer=sealer,
+            hosted_tools=settings.hosted_tools,
         )
         app.state.engine = engine
         app.state.key_table = keys
@@ -92,7 +93,7 @@ def create_app(settings: Settings) -> ASGIApp:
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["authorization", "content-type", "x-request-id", "x-session-id"],
-                expose_headers=["x-request-id"],
+                expose_headers=["x-request-id", "x-relay-omitted-tools"],
             )
         )
     app = Starlette(

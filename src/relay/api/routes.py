@@ -28,6 +28,7 @@ from relay.storage.base import Store
 
 STARTED = int(time.time())
 MAX_SESSION_ID = 128
+OMITTED_TOOLS = "x-relay-omitted-tools"  # the hosted tool types a request had left out
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
 _ITEM_ID = re.compile(ID_PATTERN)
@@ -44,8 +45,10 @@ def _int_or_none(text: str | None) -> int | None:
         return None
 
 
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def _engine(request: Request) -> Engine:
@@ -107,11 +110,12 @@ async def create_response(request: Request) -> Response:
     # watches for that itself once it has begun).
     with CancelOnDisconnect(request.receive):
         run = await _engine(request).start(body, tenant=tenant, session_id=session)
+        headers = {OMITTED_TOOLS: ",".join(run.omitted_tools)} if run.omitted_tools else None
         if body.stream:
             keepalive_s = request.app.state.settings.keepalive_s
-            return EventStreamResponse(run.events(), keepalive_s=keepalive_s)
+            return EventStreamResponse(run.events(), keepalive_s=keepalive_s, headers=headers)
         answer = await run.final()
-    return json_response(answer)
+    return json_response(answer, headers=headers)
 
 
 async def count_input_tokens(request: Request) -> Response:

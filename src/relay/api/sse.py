@@ -42,8 +42,10 @@ class EventStreamResponse(Response):
         events: AsyncIterator[list[dict[str, Any]]],
         *,
         keepalive_s: float,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.events = events
+        self.extra_headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         self.keepalive_s = keepalive_s
         self.background = None
         self.status_code = 200
@@ -54,6 +56,7 @@ class EventStreamResponse(Response):
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
+            *self.extra_headers,
         ]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         self._last_write = asyncio.get_running_loop().time()

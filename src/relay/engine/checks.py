@@ -50,6 +50,8 @@ class ToolPlan:
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Custom tools (free-text input), by the name they go by upstream.
     custom: frozenset[str] = frozenset()
+    # Hosted tool types left out (hosted_tools = "omit"): never offered, never echoed.
+    omitted: tuple[str, ...] = ()
 
 
 # How a custom tool's free-text input travels as a function call's arguments.
@@ -110,14 +112,20 @@ def _upstream_name(namespace: str | None, name: str) -> str:
     return name if namespace is None else wire_name(namespace, name)
 
 
-def plan_tools(request: CreateResponse) -> ToolPlan:
+def plan_tools(request: CreateResponse, *, omit_hosted: bool = False) -> ToolPlan:
+    """`omit_hosted`: hosted tools (web_search, ...), which Relay cannot run, are left out
+    instead of refused; the answer names them (`x-relay-omitted-tools`)."""
     parallel = request.parallel_tool_calls is not False
     declared: list[dict[str, Any]] = []
     functions: list[dict[str, Any]] = []
     namespaced: dict[str, tuple[str, str]] = {}
     custom: set[str] = set()
+    omitted: list[str] = []
     for index, raw in enumerate(request.tools or []):
-        if isinstance(raw, dict) and raw.get("type") == "namespace":
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if omit_hosted and kind in HOSTED_TOOL_TYPES:
+            omitted.append(str(kind))
+        elif kind == "namespace":
             group, members = _namespace(raw, f"tools[{index}]")
             declared.append(group)
             functions += members
@@ -139,7 +147,9 @@ def plan_tools(request: CreateResponse) -> ToolPlan:
         )
 
     def plan(offered: list[dict[str, Any]], choice: str | dict[str, str], must: bool) -> ToolPlan:
-        return ToolPlan(declared, offered, choice, must, parallel, namespaced, frozenset(custom))
+        return ToolPlan(
+            declared, offered, choice, must, parallel, namespaced, frozenset(custom), tuple(omitted)
+        )
 
     choice = request.tool_choice
     if choice is None or choice == "auto":

@@ -68,6 +68,7 @@ class Run:
     # rebuild its context.
     history_stored: bool = True
     trace: dict[str, Any] | None = None
+    omitted_tools: tuple[str, ...] = ()  # hosted tool types left out (hosted_tools = "omit")
     _finished: bool = field(default=False)
 
     @property
@@ -189,8 +190,10 @@ class Engine:
         history_cache_items: int = DEFAULT_HISTORY_CACHE_ITEMS,
         history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES,
         sealer: Sealer,
+        hosted_tools: str = "refuse",
     ) -> None:
         self.registry = registry
+        self.hosted_tools = hosted_tools
         self.store = store
         self.sealer = sealer
         self.echo_json_schema = echo_json_schema
@@ -268,6 +271,7 @@ class Engine:
             history=history,
             history_stored=continuing is None or continuing_is_stored,
             trace=request.trace,
+            omitted_tools=tools.omitted,
         )
 
     async def count_input_tokens(self, request: CreateResponse, *, tenant: str) -> TokenCount:
@@ -330,7 +334,7 @@ class Engine:
         check_request(request)
         for route in routes:
             check_route(request, route)
-        tools = plan_tools(request)
+        tools = plan_tools(request, omit_hosted=self.hosted_tools == "omit")
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
         history = continuing or await load_history(self.store, self.histories, tenant, request)
