@@ -692,11 +692,19 @@ def test_custom_tools_travel_as_functions_of_one_string(
 ) -> None:
     # The tools script calls the first tool offered with {"city": "Paris"}: not the
     # {"input": ...} shape, so the input is the arguments as they came.
-    events = sse_events(up, {"model": "up-tools", "input": "patch it", "tools": [PATCH_TOOL]})
-    offered = chat_upstream.last["tools"][0]["function"]
+    code = {
+        "type": "custom",
+        "name": "code",
+        "format": {"type": "grammar", "syntax": "regex", "definition": "[0-9]{3}"},
+    }
+    body = {"model": "up-tools", "input": "patch it", "tools": [PATCH_TOOL, code]}
+    events = sse_events(up, body)
+    offered, regex = (tool["function"] for tool in chat_upstream.last["tools"])
     assert offered["name"] == "apply_patch"
     assert offered["parameters"]["required"] == ["input"]
     assert "lark grammar" in offered["description"] and "Begin Patch" in offered["description"]
+    # A regex grammar is also the input's JSON Schema pattern, for upstreams that enforce it.
+    assert regex["parameters"]["properties"]["input"]["pattern"] == "^([0-9]{3})$"
     call = events[-1]["response"]["output"][0]
     assert (call["type"], call["name"]) == ("custom_tool_call", "apply_patch")
     assert call["input"] == '{"city": "Paris"}'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -518,10 +519,21 @@ def test_custom_tools_on_the_embedded_model(local: httpx.Client) -> None:
     call = body["output"][0]
     assert call["type"] == "custom_tool_call" and call["name"] == "note"
     assert call["input"] == "sky is blue"
-    grammar = {"type": "grammar", "syntax": "regex", "definition": "[a-z]+"}
+    # A regex grammar holds the input to it; a lark one the embedded model cannot take.
+    digits = {"type": "grammar", "syntax": "regex", "definition": "[0-9]{3}"}
+    held = create(
+        local,
+        input="Call note with the text: sky is blue",
+        tools=[{**note, "format": digits}],
+        tool_choice={"type": "custom", "name": "note"},
+        temperature=0,
+        max_output_tokens=64,
+    )
+    assert re.fullmatch(r"[0-9]{3}", held["output"][0]["input"])
+    lark = {"type": "grammar", "syntax": "lark", "definition": 'start: "a"'}
     refused = local.post(
         "/v1/responses",
-        json={"model": MODEL, "input": "x", "tools": [{**note, "format": grammar}]},
+        json={"model": MODEL, "input": "x", "tools": [{**note, "format": lark}]},
     )
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "unsupported_tool_format"

@@ -82,16 +82,20 @@ def _tool(raw: Any, param: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if tool.parameters is not None:
             check_json_schema(tool.parameters, f"{param}.parameters")
         return echoed, echoed
-    # A custom tool is a function of one string; its grammar, which chat upstreams cannot
-    # enforce, is put before the model in the description (and kept for the embedded model).
+    # A custom tool is a function of one string. A regex grammar becomes the string's JSON
+    # Schema pattern (enforced where the upstream enforces schemas, and by the embedded
+    # model's grammar); any grammar is also put before the model in the description.
     description = tool.description or ""
-    offered = {"name": tool.name, "parameters": CUSTOM_INPUT}
+    offered: dict[str, Any] = {"name": tool.name, "parameters": CUSTOM_INPUT}
     grammar = tool.format if tool.format and tool.format["type"] == "grammar" else None
     if grammar is not None:
         description += (
             f"\n\nThe input must follow this {grammar['syntax']} grammar:\n{grammar['definition']}"
         )
         offered["grammar"] = grammar
+        if grammar["syntax"] == "regex":
+            pattern = {"type": "string", "pattern": f"^({grammar['definition']})$"}
+            offered["parameters"] = {**CUSTOM_INPUT, "properties": {"input": pattern}}
     offered["description"] = description.strip() or f"The input for {tool.name}, as free text."
     return echoed, offered
 

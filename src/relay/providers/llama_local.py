@@ -176,9 +176,10 @@ class LlamaLocalProvider:
                 code="model_overloaded",
                 retry_after="1",
             )
-        if any(tool.get("grammar") for tool in request.tools):
+        if any((tool.get("grammar") or {}).get("syntax") == "lark" for tool in request.tools):
             raise ProviderError(
-                "The embedded model cannot hold a custom tool's input to a grammar yet.",
+                "The embedded model cannot hold a custom tool's input to a lark grammar (a "
+                "regex grammar it can).",
                 status=400,
                 code="unsupported_tool_format",
                 retryable=False,

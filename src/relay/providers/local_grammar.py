@@ -105,7 +105,9 @@ def _unconvertible(request: ProviderRequest) -> str:
     schemas = [
         (
             # A namespace's function goes by another name upstream: named by its namespace.
-            f"tools[{declared.index(tool['name'])}].parameters"
+            # (A custom tool's schema comes from its grammar format.)
+            f"tools[{declared.index(tool['name'])}]."
+            + ("format" if tool.get("grammar") else "parameters")
             if tool["name"] in declared
             else "tools",
             tool.get("parameters"),
