@@ -332,6 +332,12 @@ def test_trace_and_session_reach_the_log(
         json={"model": "fake-text", "input": "x", "session_id": "from-body"},
     )
     assert won.json()["session_id"] == "from-body"
+    codex = http.post(
+        "/v1/responses",
+        headers={"session-id": "codex-7"},
+        json={"model": "fake-text", "input": "x"},
+    )
+    assert codex.json()["session_id"] == "codex-7"  # Codex CLI's own header
 
 
 def test_answer_is_stored_before_the_terminal_event(relay_url: str) -> None:

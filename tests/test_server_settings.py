@@ -110,7 +110,7 @@ def test_a_bug_answers_500_in_the_envelope(
     assert "internal detail" not in answer.text and "Traceback" not in answer.text
 
 
-def test_hosted_tools_can_be_left_out_and_are_named(tmp_path: Path) -> None:
+def test_hosted_tools_are_left_out_and_named_or_refused(tmp_path: Path) -> None:
     settings = Settings(
         database_url=f"sqlite:///{tmp_path}/relay.db", routes=fake_routes(), hosted_tools="omit"
     )
@@ -133,3 +133,9 @@ def test_hosted_tools_can_be_left_out_and_are_named(tmp_path: Path) -> None:
             stream.read()
         plain = client.post("/v1/responses", json={**body, "tools": [function]})
         assert "x-relay-omitted-tools" not in plain.headers
+    refusing = settings.model_copy(update={"hosted_tools": "refuse"})
+    with relay_server(refusing) as url, checked_client(url) as client:
+        refused = client.post("/v1/responses", json=body)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("tools[0].type", "unsupported_tool_type")

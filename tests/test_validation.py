@@ -91,12 +91,6 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         None,
     ),
     (
-        {"model": "fake-text", "input": "x", "tools": [{"type": "web_search"}]},
-        400,
-        "tools[0].type",
-        "unsupported_tool_type",
-    ),
-    (
         {
             "model": "fake-text",
             "input": "x",

@@ -134,10 +134,11 @@ class Settings(BaseSettings):
     # Keys that seal what clients must give back unchanged (compaction items): Fernet keys,
     # the first seals, all open. None: one is generated into data_dir on first start.
     sealing_keys: list[SecretStr] = Field(default_factory=list)
-    # Hosted tools (web_search, file_search, ...) Relay cannot run: "refuse" answers a 400
-    # naming the type; "omit" leaves them out (not offered, not echoed) and names them in the
-    # x-relay-omitted-tools header. Nothing ever pretends a hosted tool ran.
-    hosted_tools: Literal["refuse", "omit"] = "refuse"
+    # Hosted tools (web_search, file_search, ...) Relay cannot run: "omit" leaves them out
+    # (not offered, not echoed) and names them in the x-relay-omitted-tools header; "refuse"
+    # answers a 400 naming the type. Nothing ever pretends a hosted tool ran. Omit is the
+    # default because Codex CLI sends web_search on every request by default.
+    hosted_tools: Literal["refuse", "omit"] = "omit"
     data_dir: Path = Path("data")
 
     @field_validator("sealing_keys")

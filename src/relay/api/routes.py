@@ -101,7 +101,8 @@ def _not_found(response_id: str) -> NotFound:
 async def create_response(request: Request) -> Response:
     tenant = tenant_of(request)
     body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
-    session = request.headers.get("x-session-id")
+    # Codex CLI sends its session as `session-id`.
+    session = request.headers.get("x-session-id") or request.headers.get("session-id")
     if session is not None and len(session) > MAX_SESSION_ID:
         raise InvalidRequest(
             f"x-session-id is longer than {MAX_SESSION_ID} characters.", param="x-session-id"

@@ -190,7 +190,7 @@ class Engine:
         history_cache_items: int = DEFAULT_HISTORY_CACHE_ITEMS,
         history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES,
         sealer: Sealer,
-        hosted_tools: str = "refuse",
+        hosted_tools: str = "omit",
     ) -> None:
         self.registry = registry
         self.hosted_tools = hosted_tools
