@@ -3,7 +3,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench clients clean
+
+# Real clients, pinned, for `make clients` (not part of `make test`: Codex CLI is ~400 MB).
+CODEX_VERSION := 0.171.0
+AGENTS_VERSION := 0.24.0
+CODEX_STAMP := .clients/codex-$(CODEX_VERSION)
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,5 +39,14 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+$(CODEX_STAMP):
+	mkdir -p .clients
+	npm install --prefix .clients --no-audit --no-fund --no-save @openai/codex@$(CODEX_VERSION)
+	touch $(CODEX_STAMP)
+
+clients: $(STAMP) $(CODEX_STAMP)
+	$(BIN)/pip install --quiet 'openai-agents==$(AGENTS_VERSION)'
+	$(BIN)/pytest -ra tests/test_clients.py
+
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data .clients .pytest_cache .mypy_cache .ruff_cache

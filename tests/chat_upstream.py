@@ -26,6 +26,8 @@ context manager. Models (scripts):
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
   slow_stream     SLOW_WORDS words, one every SLOW_INTERVAL_S; how each such stream ended
                   (finished, or cut by the client after N words) is kept in `slow_streams`
+  agent           an agent's two steps: call exec_command with {"cmd": "echo relay-ok"} (else
+                  the first tool, with {"city": "Paris"}), then say "The tool said: <output>"
   compliance      "tools" when the request offers tools, else "echo": what the official Open
                   Responses compliance suite needs from one model (docs/compliance.md)
   echo_credentials
@@ -82,6 +84,7 @@ MODELS = [
     "echo_credentials",
     "echo_credentials_stream",
     "compliance",
+    "agent",
 ]
 SLOW_WORDS = 200
 SLOW_INTERVAL_S = 0.05
@@ -247,6 +250,8 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
     finish = "stop"
     if model == "compliance":  # for the official compliance suite: a call when tools are offered
         model = "tools" if body.get("tools") else "echo"
+    if model == "agent":
+        return _agent_turn(body)
     if model in ("tools", "parallel", "tools_stop", "tools_repeat", "rogue_tool"):
         tools = body.get("tools") or [{"function": {"name": "get_weather"}}]
         name = "not_offered" if model == "rogue_tool" else tools[0]["function"]["name"]
@@ -275,6 +280,25 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
     else:
         deltas = [{"content": piece} for piece in _WORD.findall(_last_text(body) or "Hello")]
     return {"deltas": deltas, "finish": finish}
+
+
+def _agent_turn(body: dict[str, Any]) -> dict[str, Any]:
+    """An agent's model, in two steps: call a tool (Codex's shell, exec_command, to run
+    `echo relay-ok`; else the first tool offered, with {"city": "Paris"}), then, given its
+    output, say what it gave."""
+    messages = body.get("messages") or []
+    if messages and messages[-1].get("role") == "tool":
+        said = f"The tool said: {_text(messages[-1].get('content')).strip()}"
+        return {"deltas": [{"content": piece} for piece in _WORD.findall(said)], "finish": "stop"}
+    names = [tool["function"]["name"] for tool in body.get("tools") or []]
+    if not names:
+        return {"deltas": [{"content": "No tool was offered."}], "finish": "stop"}
+    if "exec_command" in names:
+        name, arguments = "exec_command", {"cmd": "echo relay-ok"}
+    else:
+        name, arguments = names[0], {"city": "Paris"}
+    call = _call(0, "call_agent_0", name, orjson.dumps(arguments).decode())
+    return {"deltas": [call], "finish": "tool_calls"}
 
 
 def _call(index: int | None, call_id: str, name: str, arguments: str) -> dict[str, Any]:
