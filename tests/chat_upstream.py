@@ -111,6 +111,10 @@ class ChatUpstream:
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
+                # Token counting as vLLM (messages in, count out) and llama.cpp's server
+                # (template, then tokens) do it; here a token is a word of a message.
+                Route("/tokenize", self._tokenize, methods=["POST"]),
+                Route("/apply-template", self._apply_template, methods=["POST"]),
             ]
         )
         config = uvicorn.Config(
@@ -218,6 +222,16 @@ class ChatUpstream:
             _stream(model, body, answer), media_type="text/event-stream", headers=cookie
         )
 
+    async def _tokenize(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        if "messages" in body:  # vLLM's shape
+            words = _prompt(body["messages"]).split()
+            return JSONResponse({"count": len(words), "max_model_len": 4096, "tokens": []})
+        return JSONResponse({"tokens": list(range(len(str(body["content"]).split())))})
+
+    async def _apply_template(self, request: Request) -> Response:
+        return JSONResponse({"prompt": _prompt(orjson.loads(await request.body())["messages"])})
+
     async def _slow_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
         sent = 0
         try:
@@ -311,6 +325,11 @@ def _call(index: int | None, call_id: str, name: str, arguments: str) -> dict[st
     if index is None:
         del call["index"]
     return {"tool_calls": [call]}
+
+
+def _prompt(messages: list[dict[str, Any]]) -> str:
+    """The messages as one text, a role word before each (a stand-in chat template)."""
+    return " ".join(f"{m['role']}: {_text(m.get('content'))}" for m in messages)
 
 
 def _last_text(body: dict[str, Any]) -> str:

@@ -32,6 +32,16 @@ def backend_routes(chat_upstream: ChatUpstream) -> list[RouteConfig]:
         )
         for name in SCRIPTS
     ]
+    for counter in ("vllm", "llama_cpp"):
+        routes.append(
+            RouteConfig(
+                model=f"up-count-{counter}",
+                base_url=chat_upstream.base_url,
+                api_key_env=KEY_ENV,
+                upstream_model="echo",
+                count_tokens=counter,
+            )
+        )
     routes.append(
         RouteConfig(
             model="up-echo-replay",
@@ -305,6 +315,18 @@ def test_a_compacted_window_reaches_the_upstream_as_its_summary(
     )
     assert again.status_code == 200
     assert any(m["content"].startswith(SUMMARY_HEADING) for m in chat_upstream.last["messages"])
+
+
+@pytest.mark.parametrize("counter", ["vllm", "llama_cpp"])
+def test_input_tokens_are_exact_where_the_upstream_counts(up: httpx.Client, counter: str) -> None:
+    body = {"model": f"up-count-{counter}", "input": "one two three", "instructions": "be brief"}
+    counted = up.post("/v1/responses/input_tokens", json=body).json()
+    # The loopback upstream's tokens: each message's words after a role word.
+    assert counted == {
+        "object": "response.input_tokens",
+        "input_tokens": len(["system:", "be", "brief", "user:", "one", "two", "three"]),
+        "estimated": False,
+    }
 
 
 def test_schemas_are_checked_before_the_upstream_is_called(

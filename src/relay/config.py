@@ -46,6 +46,9 @@ class RouteConfig(BaseModel):
     # encrypted_content) are sent as `reasoning_content` on the assistant message they precede,
     # for upstreams that take it (vLLM, DeepSeek-style servers); off, they are left out.
     replay_reasoning: bool = False
+    # How POST /responses/input_tokens counts for this route: "vllm" or "llama_cpp" ask the
+    # upstream's own tokenizer (their /tokenize beside /v1); "estimate" counts bytes.
+    count_tokens: Literal["estimate", "vllm", "llama_cpp"] = "estimate"
     # llama_cpp routes: a GGUF file (default: the bundled SmolLM2-135M-Instruct), its context
     # window, threads, how many requests may wait, and whether it loads at start-up or on
     # first use.

@@ -81,9 +81,13 @@ class OpenAIChatProvider:
         extra_headers: dict[str, str] | None = None,
         forward_fields: frozenset[str] = frozenset(),
         replay_reasoning: bool = False,
+        count_tokens: str = "estimate",
     ) -> None:
         url = urlsplit(base_url.rstrip("/") + "/chat/completions")
         self._target = url.path + (f"?{url.query}" if url.query else "")
+        # vLLM and llama.cpp's server count tokens at the server's root, beside /v1.
+        self._root = url.path.removesuffix("/chat/completions").removesuffix("/v1")
+        self._count_tokens = count_tokens
         self._max_tokens_param = max_tokens_param
         self._forward_fields = forward_fields
         self._replay_reasoning = replay_reasoning
@@ -114,12 +118,47 @@ class OpenAIChatProvider:
         await self._http.aclose()
 
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
-        """An estimate: a chat-completions upstream has no standard way to count. About
-        BYTES_PER_TOKEN bytes of the messages and tools as sent make a token, the usual rule
-        for English text and JSON."""
+        """Exact where the route says the upstream can count (`count_tokens`: vLLM's
+        /tokenize takes the chat messages and tools; llama.cpp's server applies its template
+        with /apply-template, then /tokenize); else an estimate: chat completions has no
+        standard way to count, and about BYTES_PER_TOKEN bytes of the messages and tools as
+        sent make a token, the usual rule for English text and JSON."""
         body = self._build_body(request)
-        sent = orjson.dumps({"messages": body["messages"], "tools": body.get("tools")})
-        return TokenCount(-(-len(sent) // BYTES_PER_TOKEN), exact=False)
+        messages, tools = body["messages"], body.get("tools")
+        if self._count_tokens == "estimate":
+            sent = orjson.dumps({"messages": messages, "tools": tools})
+            return TokenCount(-(-len(sent) // BYTES_PER_TOKEN), exact=False)
+        try:
+            if self._count_tokens == "vllm":
+                question = {"model": body["model"], "messages": messages}
+                if tools:
+                    question["tools"] = tools
+                answer = await self._ask(f"{self._root}/tokenize", question)
+                return TokenCount(int(answer["count"]), exact=True)
+            prompt = await self._ask(f"{self._root}/apply-template", {"messages": messages})
+            answer = await self._ask(
+                f"{self._root}/tokenize", {"content": prompt["prompt"], "add_special": True}
+            )
+            return TokenCount(len(answer["tokens"]), exact=True)
+        except (KeyError, TypeError, ValueError):
+            raise ProviderError("the upstream's token count could not be read") from None
+
+    async def _ask(self, target: str, question: dict[str, Any]) -> Any:
+        """A small JSON exchange with the upstream (token counting)."""
+        try:
+            response = await self._http.post(target, orjson.dumps(question))
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
+        except HTTPClientError as exc:
+            raise self._transport_error(exc) from None
+        if response.status >= 300:
+            raise self._status_error(response.status, response.headers, raw)
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProviderError("the upstream's token count is not JSON") from None
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = orjson.dumps(self._build_body(request))

@@ -50,6 +50,7 @@ def _build_provider(config: RouteConfig) -> Provider:
         extra_headers=config.headers,
         forward_fields=frozenset(config.forward_fields),
         replay_reasoning=config.replay_reasoning,
+        count_tokens=config.count_tokens,
     )
 
 
