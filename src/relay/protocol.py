@@ -228,19 +228,8 @@ class CustomToolCall(_Open):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
-class CustomToolCallOutput(_Open):
-    type: Literal["custom_tool_call_output"]
-    call_id: str = Field(min_length=1, max_length=64)
-    output: str | list[InputPart] = Field(union_mode="left_to_right")
-    id: ItemId | None = None
-    status: Literal["in_progress", "completed", "incomplete"] | None = None
-
-    @field_validator("output")
-    @classmethod
-    def _bounded(cls, value: str | list[Any]) -> str | list[Any]:
-        if isinstance(value, str) and len(value) > MAX_INPUT_CHARS:
-            raise ValueError(f"output is longer than {MAX_INPUT_CHARS} characters")
-        return value
+class CustomToolCallOutput(FunctionCallOutput):
+    type: Literal["custom_tool_call_output"]  # type: ignore[assignment]
 
 
 class Compaction(_Open):

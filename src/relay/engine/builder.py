@@ -294,25 +294,17 @@ class ResponseBuilder:
             if self._open is not None:
                 events += self._close_open("completed")
             self._calls_made += 1
-            if delta.name in self._custom:
-                item = {
-                    "id": new_id("ctc"),
-                    "type": "custom_tool_call",
-                    "status": "in_progress",
-                    "call_id": delta.call_id or new_id("call"),
-                    "name": delta.name,
-                    "input": "",
-                }
+            custom = delta.name in self._custom
+            item = {
+                "id": new_id("ctc" if custom else "fc"),
+                "type": "custom_tool_call" if custom else "function_call",
+                "status": "in_progress",
+                "call_id": delta.call_id or new_id("call"),
+                "name": delta.name,
+                "input" if custom else "arguments": "",
+            }
+            if custom:
                 self._custom_arguments[delta.index] = ""
-            else:
-                item = {
-                    "id": new_id("fc"),
-                    "type": "function_call",
-                    "status": "in_progress",
-                    "call_id": delta.call_id or new_id("call"),
-                    "name": delta.name,
-                    "arguments": "",
-                }
             if delta.name in self._namespaced:
                 # Back under the names the client gave: the namespace and the function's own.
                 item["namespace"], item["name"] = self._namespaced[delta.name]
