@@ -24,6 +24,7 @@ context manager. Models (scripts):
   rogue_tool      a call to `not_offered`, whatever tools were sent
   small_context   echo, but a context-length error past SMALL_CONTEXT messages
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
+  stall           one word, then 2 s of silence, then the rest (for read timeouts mid-stream)
   slow_stream     SLOW_WORDS words, one every SLOW_INTERVAL_S; how each such stream ended
                   (finished, or cut by the client after N words) is kept in `slow_streams`
   agent           an agent's two steps: call exec_command with {"cmd": "echo relay-ok"} (else
@@ -81,6 +82,7 @@ MODELS = [
     "malformed",
     "rogue_tool",
     "slow_stream",
+    "stall",
     "echo_credentials",
     "echo_credentials_stream",
     "compliance",
@@ -426,6 +428,11 @@ async def _stream(model: str, body: dict[str, Any], answer: dict[str, Any]) -> A
             error = {"message": "Rate limit exceeded upstream", "code": 429}
         yield event({"error": error})
         return
+    if model == "stall":
+        yield frames[0]
+        yield frames[1]
+        await asyncio.sleep(2.0)
+        del frames[:2]
     if model == "malformed":
         yield frames[0]
         yield event({"object": "chat.completion.chunk", "choices": ["not an object"]})

@@ -42,6 +42,16 @@ def backend_routes(chat_upstream: ChatUpstream) -> list[RouteConfig]:
                 count_tokens=counter,
             )
         )
+    for name, script in (("up-timeout-before", "slow_headers"), ("up-timeout-mid", "stall")):
+        routes.append(
+            RouteConfig(
+                model=name,
+                base_url=chat_upstream.base_url,
+                api_key_env=KEY_ENV,
+                upstream_model=script,
+                timeout_s=0.5,
+            )
+        )
     routes.append(
         RouteConfig(
             model="up-echo-replay",
@@ -770,3 +780,16 @@ def test_tool_choice_can_force_a_custom_tool(up: httpx.Client, chat_upstream: Ch
     assert answer["output"][0]["type"] == "custom_tool_call"
     wrong_kind = {**body, "tool_choice": {"type": "function", "name": "apply_patch"}}
     assert up.post("/v1/responses", json=wrong_kind).status_code == 400
+
+
+def test_upstream_timeouts_are_408_before_the_stream_and_a_failure_after(up: httpx.Client) -> None:
+    for stream in (False, True):
+        before = up.post(
+            "/v1/responses", json={"model": "up-timeout-before", "input": "x", "stream": stream}
+        )
+        assert before.status_code == 408
+        assert before.json()["error"]["code"] == "request_timeout"
+    events = sse_events(up, {"model": "up-timeout-mid", "input": "one two three"})
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "request_timeout"
+    assert failed["output"][0]["status"] == "incomplete"  # the word that came is kept

@@ -648,13 +648,13 @@ async def test_connection_refused() -> None:
     assert "sk-some-secret" not in str(error)
 
 
-async def test_timeout_is_a_retryable_504(chat_upstream: ChatUpstream) -> None:
+async def test_timeout_is_a_retryable_408(chat_upstream: ChatUpstream) -> None:
     provider = OpenAIChatProvider(chat_upstream.base_url, UPSTREAM_KEY, timeout_s=0.2)
     try:
         error = await failure(provider, make_request("slow_headers"))
     finally:
         await provider.aclose()
-    assert (error.status, error.code, error.retryable) == (504, "upstream_timeout", True)
+    assert (error.status, error.code, error.retryable) == (408, "request_timeout", True)
 
 
 async def test_drop_mid_stream_raises_after_the_first_deltas(provider: OpenAIChatProvider) -> None:

@@ -79,6 +79,15 @@ class NotFound(RelayError):
     code = "not_found"
 
 
+class RequestTimeout(RelayError):
+    """The upstream did not answer in time (408, as the documents Relay implements list it;
+    clients retry it)."""
+
+    status = 408
+    type = "server_error"
+    code = "request_timeout"
+
+
 class RateLimited(RelayError):
     status = 429
     type = "rate_limit_error"

@@ -30,7 +30,7 @@ from relay.engine.context import (
 from relay.engine.history import HistoryCache
 from relay.engine.prepared import Prepared
 from relay.engine.response import new_response
-from relay.errors import InvalidRequest, RateLimited, RelayError, UpstreamError
+from relay.errors import InvalidRequest, RateLimited, RelayError, RequestTimeout, UpstreamError
 from relay.ids import new_id
 from relay.protocol import CreateResponse
 from relay.providers.base import Delta, FinishDelta, History, ProviderError, TokenCount
@@ -48,6 +48,8 @@ def provider_error_to_http(error: ProviderError) -> RelayError:
     headers = {"retry-after": error.retry_after} if error.retry_after else {}
     if error.status == 429:
         return RateLimited(error.message, code=error.code, headers=headers)
+    if error.status == 408:
+        return RequestTimeout(error.message, code=error.code, headers=headers)
     if error.status == 400:
         return InvalidRequest(error.message, code=error.code, param=error.param)
     return UpstreamError(error.message, status=error.status, code=error.code, headers=headers)
@@ -104,7 +106,9 @@ class Run:
                 closing = builder.finish()
             except ProviderError as error:
                 log.warning("upstream failed mid-stream: %s", error.message)
-                code = "rate_limit_exceeded" if error.status == 429 else "server_error"
+                code = {429: "rate_limit_exceeded", 408: "request_timeout"}.get(
+                    error.status, "server_error"
+                )
                 closing = builder.fail(code, error.message)
             except ToolPolicyViolation as error:
                 closing = builder.fail("invalid_tool_call", str(error))

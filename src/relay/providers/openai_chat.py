@@ -337,8 +337,8 @@ class OpenAIChatProvider:
         if isinstance(exc, TimeoutError):
             return ProviderError(
                 f"the upstream timed out ({type(exc).__name__})",
-                status=504,
-                code="upstream_timeout",
+                status=408,
+                code="request_timeout",
             )
         if isinstance(exc, ConnectFailed):
             return ProviderError(
