@@ -12,8 +12,8 @@ turns for `websocket_max_age_s` (60 minutes by default), then says so and closes
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
+from contextlib import aclosing
 
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -24,8 +24,6 @@ from relay.engine.run import Engine, Run
 from relay.errors import InvalidRequest, PermissionDenied, RelayError
 from relay.protocol import CreateResponse, create_request, json_object
 from relay.providers.base import History
-
-log = logging.getLogger("relay.websocket")
 
 CLOSE_NORMAL = 1000  # RFC 6455
 
@@ -134,9 +132,12 @@ class _Socket:
         await self._stream(run, previous)
 
     async def _stream(self, run: Run, previous: str | None) -> None:
-        async for batch in run.events():
-            for event in batch:
-                await self.websocket.send_text(orjson.dumps(event).decode())
+        # Closed however the loop ends: a send that fails (the client gone) must still let
+        # the run record where it stopped, as SSE does.
+        async with aclosing(run.events()) as events:
+            async for batch in events:
+                for event in batch:
+                    await self.websocket.send_text(orjson.dumps(event).decode())
         response = run.response
         if response["status"] in ("completed", "incomplete"):
             self.latest = (response["id"], run.resulting_history(), response["store"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -72,6 +72,7 @@ class Run:
     trace: dict[str, Any] | None = None
     omitted_tools: tuple[str, ...] = ()  # hosted tool types left out (hosted_tools = "omit")
     _finished: bool = field(default=False)
+    _resulting: History | None = field(default=None)
 
     @property
     def response(self) -> dict[str, Any]:
@@ -79,7 +80,13 @@ class Run:
 
     def resulting_history(self, nbytes: int | None = None) -> History:
         """The chain this response ends, for a turn that continues it (`nbytes`: the size of
-        the items it added, as stored, when it was)."""
+        the items it added, as stored, when it was). Made once: the engine's cache and a
+        WebSocket's memory share it."""
+        if self._resulting is None:
+            self._resulting = self._chain_after(nbytes)
+        return self._resulting
+
+    def _chain_after(self, nbytes: int | None) -> History:
         history = self.history
         if history is None:
             before, before_nbytes = [], 0
@@ -92,7 +99,7 @@ class Run:
             nbytes=None if nbytes is None else before_nbytes + nbytes,
         )
 
-    async def events(self) -> AsyncIterator[list[Event]]:
+    async def events(self) -> AsyncGenerator[list[Event], None]:
         """The stream, in batches: the events one step produced (the start, one upstream
         delta, the end), which a stream can send in one write."""
         builder = self.builder
