@@ -23,54 +23,24 @@ SCRIPTS = [*MODELS, "small_context", "http_429", "http_500", "http_401", "http_4
 
 
 def backend_routes(chat_upstream: ChatUpstream) -> list[RouteConfig]:
-    routes = [
-        RouteConfig(
-            model=f"up-{name}",
+    def route(model: str, script: str, **settings: Any) -> RouteConfig:
+        return RouteConfig(
+            model=model,
             base_url=chat_upstream.base_url,
             api_key_env=KEY_ENV,
-            upstream_model=name,
+            upstream_model=script,
+            **settings,
         )
-        for name in SCRIPTS
+
+    return [
+        *(route(f"up-{name}", name) for name in SCRIPTS),
+        route("up-count-vllm", "echo", count_tokens="vllm"),
+        route("up-count-llama_cpp", "echo", count_tokens="llama_cpp"),
+        route("up-timeout-before", "slow_headers", timeout_s=0.5),
+        route("up-timeout-mid", "stall", timeout_s=0.5),
+        route("up-echo-replay", "echo", replay_reasoning=True),
+        route("up-flaky", "http_500", fallbacks=["up-echo"]),
     ]
-    for counter in ("vllm", "llama_cpp"):
-        routes.append(
-            RouteConfig(
-                model=f"up-count-{counter}",
-                base_url=chat_upstream.base_url,
-                api_key_env=KEY_ENV,
-                upstream_model="echo",
-                count_tokens=counter,
-            )
-        )
-    for name, script in (("up-timeout-before", "slow_headers"), ("up-timeout-mid", "stall")):
-        routes.append(
-            RouteConfig(
-                model=name,
-                base_url=chat_upstream.base_url,
-                api_key_env=KEY_ENV,
-                upstream_model=script,
-                timeout_s=0.5,
-            )
-        )
-    routes.append(
-        RouteConfig(
-            model="up-echo-replay",
-            base_url=chat_upstream.base_url,
-            api_key_env=KEY_ENV,
-            upstream_model="echo",
-            replay_reasoning=True,
-        )
-    )
-    routes.append(
-        RouteConfig(
-            model="up-flaky",
-            base_url=chat_upstream.base_url,
-            api_key_env=KEY_ENV,
-            upstream_model="http_500",
-            fallbacks=["up-echo"],
-        )
-    )
-    return routes
 
 
 @pytest.fixture(scope="module")
