@@ -103,20 +103,27 @@ def test_config_errors_name_the_field_not_the_secret(
     assert "api_key_evn" in capsys.readouterr().err
 
 
-def test_without_keys_only_loopback_clients_are_served() -> None:
+async def test_without_keys_only_loopback_clients_are_served() -> None:
     from starlette.requests import Request
 
-    from relay.api.auth import OPEN_TENANT, tenant_of
+    from relay.access.gate import OPEN_TENANT, Access, Credentials
     from relay.errors import PermissionDenied
+    from relay.storage.database import open_database
+
+    db = await open_database("sqlite://")
+    gate = Access(Settings(), Credentials({}, {}), db)
 
     def request_from(host: str) -> Request:
-        app = type("App", (), {"state": type("State", (), {"key_table": {}})()})()
-        return Request({"type": "http", "headers": [], "client": (host, 5000), "app": app})
+        return Request({"type": "http", "headers": [], "client": (host, 5000)})
 
-    assert tenant_of(request_from("127.0.0.1")) == OPEN_TENANT
-    assert tenant_of(request_from("::1")) == OPEN_TENANT
-    with pytest.raises(PermissionDenied):
-        tenant_of(request_from("192.0.2.10"))
+    try:
+        assert (await gate.principal(request_from("127.0.0.1"))).project == OPEN_TENANT
+        assert (await gate.principal(request_from("::1"))).project == OPEN_TENANT
+        with pytest.raises(PermissionDenied):
+            await gate.principal(request_from("192.0.2.10"))
+    finally:
+        await gate.aclose()
+        await db.close()
 
 
 def test_the_app_keeps_only_digests_of_the_keys(tmp_path: Path) -> None:
@@ -132,5 +139,5 @@ def test_the_app_keeps_only_digests_of_the_keys(tmp_path: Path) -> None:
         assert models.status_code == 200
         state = app.app.state  # type: ignore[attr-defined]
         assert state.settings.api_keys == []
-        kept = repr(state.settings.model_dump()) + repr(state.key_table)
+        kept = repr(state.settings.model_dump()) + repr(state.access.keys.config_keys)
         assert key not in kept and "acme" in kept

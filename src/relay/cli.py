@@ -55,7 +55,7 @@ def serve(argv: list[str]) -> int:
         # Secrets are read now so that a missing variable is one clear line, not a traceback.
         for route in settings.routes:
             route.api_key()
-        for key in settings.api_keys:
+        for key in [*settings.api_keys, *settings.admin_keys]:
             key.secret()
     except ValidationError as error:
         # Without the offending values: a misplaced secret must not reach the terminal.
@@ -72,10 +72,10 @@ def serve(argv: list[str]) -> int:
     if settings.log_level != "debug":
         # The migration tool's plugin set-up and dialect notes are not for a user's eyes.
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    if not settings.api_keys and not is_loopback(settings.host):
+    if not settings.api_keys and not settings.admin_keys and not is_loopback(settings.host):
         print(
             f"relay: refusing to serve on {settings.host} without API keys; "
-            "configure api_keys or bind to 127.0.0.1",
+            "configure api_keys or admin_keys, or bind to 127.0.0.1",
             file=sys.stderr,
         )
         return 2
@@ -102,9 +102,19 @@ def describe(settings: Settings) -> None:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("relay %s on http://%s:%d (%s)", __version__, host, settings.port, workers)
     log.info("storage: %s", without_password(settings.database_url))
-    if settings.api_keys:
+    if settings.api_keys or settings.admin_keys:
         tenants = sorted({key.tenant for key in settings.api_keys})
-        log.info("auth: %d API keys, tenants %s", len(settings.api_keys), ", ".join(tenants))
+        log.info(
+            "auth: %d API keys in the config (tenants %s), keys in the database, %d admin keys",
+            len(settings.api_keys),
+            ", ".join(tenants) or "none",
+            len(settings.admin_keys),
+        )
+        if settings.redis_url is not None:
+            log.info(
+                "rate limits: shared through %s",
+                without_password(settings.redis_url.get_secret_value()),
+            )
     else:
         log.warning("auth: no API keys configured: serving without authentication, loopback only")
     for route in settings.routes:
@@ -131,9 +141,14 @@ def without_password(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "admin":
+        from relay.admin_cli import main as admin
+
+        return admin(argv[1:])
     if not argv or argv[0] != "serve":
         print(
-            "usage: relay serve [--config relay.toml] [--host H] [--port P] [--workers N]",
+            "usage: relay serve [--config relay.toml] [--host H] [--port P] [--workers N]\n"
+            "       relay admin [--config relay.toml] {project,key,usage,audit} ...",
             file=sys.stderr,
         )
         return 2

@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from relay.access.policy import NO_POLICY, Policy, Price
+
 ProviderKind = Literal["openai_chat", "llama_cpp", "fake"]
 
 
@@ -62,6 +64,8 @@ class RouteConfig(BaseModel):
     # run (from when the worker takes it up) before it ends incomplete.
     default_max_output_tokens: int = Field(default=1024, ge=16)
     max_generation_s: float = Field(default=60.0, gt=0)
+    # What a response costs on this route (usage ledger and budgets); None: nothing.
+    price: Price | None = None
 
     @model_validator(mode="after")
     def _needs_base_url(self) -> RouteConfig:
@@ -80,21 +84,46 @@ class RouteConfig(BaseModel):
         return value
 
 
-class ApiKeyConfig(BaseModel):
-    """A client key and the tenant it belongs to. Prefer `key_env` over an inline `key`."""
-
+class _SecretKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key: SecretStr | None = None
     key_env: str | None = None
-    tenant: str = Field(default="default", min_length=1, max_length=64)
 
     def secret(self) -> str:
         if self.key is not None:
             return self.key.get_secret_value()
         if self.key_env and os.environ.get(self.key_env):
             return os.environ[self.key_env]
-        raise ValueError(f"API key for tenant '{self.tenant}' has neither key nor a set key_env")
+        raise ValueError(f"{self.describe()} has neither key nor a set key_env")
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class ApiKeyConfig(_SecretKey):
+    """A client key from the config file and its project (`tenant`: the project's id, which
+    owns what the key stores). Prefer `key_env` over an inline `key`. Keys made with the admin
+    API or CLI live in the database instead."""
+
+    tenant: str = Field(default="default", min_length=1, max_length=64)
+    # More projects the key may pick with X-Project-ID, the models it may use (None: all),
+    # and its own limits and budgets.
+    projects: list[str] = Field(default_factory=list)
+    models: list[str] | None = None
+    policy: Policy = NO_POLICY
+
+    def describe(self) -> str:
+        return f"API key for tenant '{self.tenant}'"
+
+
+class AdminKeyConfig(_SecretKey):
+    """A key for the admin API and nothing else (X-Admin-Key)."""
+
+    name: str = Field(default="admin", min_length=1, max_length=64)
+
+    def describe(self) -> str:
+        return f"admin key '{self.name}'"
 
 
 DEFAULT_HISTORY_CACHE_ITEMS = 20_000
@@ -113,6 +142,15 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1)
     database_url: str = "sqlite:///./data/relay.db"
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    admin_keys: list[AdminKeyConfig] = Field(default_factory=list)
+    # Rate limits shared by every instance (redis://host:port/db); None: each process counts
+    # its own.
+    redis_url: SecretStr | None = None
+    # How long a process trusts what it read of a database key (revocation, expiry, limits
+    # take effect within this time on every instance).
+    key_cache_s: float = Field(default=5.0, ge=0)
+    # How long an Idempotency-Key's answer is kept for replays.
+    idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     routes: list[RouteConfig] = Field(default_factory=list)
     # A comment line is sent on a stream after this many silent seconds, so proxies and
     # clients do not time the connection out while a model thinks.

@@ -88,6 +88,22 @@ class RequestTimeout(RelayError):
     code = "request_timeout"
 
 
+class QuotaExceeded(RelayError):
+    """A budget or credit is used up (402, as the documents Relay implements list it)."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class Conflict(RelayError):
+    """An Idempotency-Key used with another body, or whose first request still runs."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
+
+
 class RateLimited(RelayError):
     status = 429
     type = "rate_limit_error"

@@ -13,8 +13,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import __version__
+from relay.access.admin import Admin
+from relay.access.gate import Access, Credentials
 from relay.api import errors
-from relay.api.auth import key_table
 from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
@@ -52,16 +53,17 @@ class RequestIdMiddleware:
 
 
 def create_app(settings: Settings) -> ASGIApp:
-    keys = key_table({key.secret(): key.tenant for key in settings.api_keys})
     configured = [key.get_secret_value() for key in settings.sealing_keys]
     sealer = Sealer(load_keys(configured, settings.data_dir))
-    # From here on the application holds only the client keys' digests, and the sealing keys
-    # inside the sealer.
-    settings = settings.model_copy(update={"api_keys": [], "sealing_keys": []})
+    credentials = Credentials.of(settings)
+    # From here on the application holds only the client and admin keys' digests, and the
+    # sealing keys inside the sealer.
+    settings = settings.model_copy(update={"api_keys": [], "admin_keys": [], "sealing_keys": []})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await open_store(settings.database_url)
+        access = Access(settings, credentials, store.db)
         registry = Registry(settings.routes)
         app.state.settings = settings
         app.state.store = store
@@ -75,12 +77,14 @@ def create_app(settings: Settings) -> ASGIApp:
             hosted_tools=settings.hosted_tools,
         )
         app.state.engine = engine
-        app.state.key_table = keys
+        app.state.access = access
+        app.state.admin = Admin(store.db)
         log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
         try:
             yield
         finally:
             await engine.aclose()
+            await access.aclose()
             await registry.aclose()
             await store.close()
 

@@ -1,52 +1,53 @@
-"""Bearer-key authentication. Each key belongs to a tenant; every stored row is the tenant's.
-
-Keys are kept as SHA-256 digests and looked up by digest, so the comparison does not leak a
-key's prefix through timing. The application keeps no plain key: `create_app` builds the digest
-table and drops the keys from the settings it keeps (a key given by `key_env` stays in the
-process's environment, where the operator put it).
-"""
+"""Authentication by construction: `routes()` wraps every data-plane endpoint in
+`client_endpoint` and every admin endpoint in `admin_endpoint`, so no handler runs without
+its caller resolved, and handlers receive the caller instead of reading headers. The rules
+themselves live in relay.access.gate.Access."""
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Awaitable, Callable
 
-from starlette.requests import HTTPConnection
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
 
-from relay.errors import AuthenticationError, PermissionDenied
-from relay.loopback import is_loopback
+from relay.access.gate import Access, Principal
+from relay.api.errors import error_response
+from relay.errors import RelayError
 
-OPEN_TENANT = "default"
-
-
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def key_table(keys: dict[str, str]) -> dict[str, str]:
-    """{plain key: tenant} -> {digest: tenant}."""
-    return {digest(key): tenant for key, tenant in keys.items()}
+Endpoint = Callable[[Request], Awaitable[Response]]
+ClientHandler = Callable[[Request, Principal], Awaitable[Response]]
+AdminHandler = Callable[[Request, str], Awaitable[Response]]
+SocketHandler = Callable[[WebSocket, Principal], Awaitable[None]]
 
 
-def tenant_of(request: HTTPConnection) -> str:
-    """The tenant of an HTTP request or a WebSocket's upgrade request."""
-    table: dict[str, str] = request.app.state.key_table
-    if not table:
-        # No keys configured: `relay serve` refuses to bind anywhere but loopback; this check
-        # holds however the app is served (another ASGI server, another bind address).
-        client = request.client
-        if client is None or not is_loopback(client.host):
-            raise PermissionDenied(
-                "This Relay has no API keys configured and only serves loopback clients."
-            )
-        return OPEN_TENANT
-    header = request.headers.get("authorization")
-    if not header:
-        raise AuthenticationError(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-            code="authentication_required",
-        )
-    scheme, _, key = header.partition(" ")
-    tenant = table.get(digest(key.strip())) if scheme.lower() == "bearer" else None
-    if tenant is None:
-        raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-    return tenant
+def access(request: Request | WebSocket) -> Access:
+    gate: Access = request.app.state.access
+    return gate
+
+
+def client_endpoint(handler: ClientHandler) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, await access(request).principal(request))
+
+    return endpoint
+
+
+def admin_endpoint(handler: AdminHandler) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, access(request).admin(request))
+
+    return endpoint
+
+
+def client_socket(handler: SocketHandler) -> Callable[[WebSocket], Awaitable[None]]:
+    async def endpoint(websocket: WebSocket) -> None:
+        try:
+            principal = await access(websocket).principal(websocket)
+        except RelayError as error:
+            # Refused before the upgrade, with the status and envelope HTTP would get.
+            await websocket.send_denial_response(error_response(error))
+            return
+        await handler(websocket, principal)
+
+    return endpoint

@@ -1,7 +1,8 @@
-"""HTTP endpoints: authenticate, parse, call the engine or the store, frame the answer.
+"""HTTP endpoints: parse, call the engine or the store, frame the answer.
 
-Plain Starlette routes: each handler authenticates and validates by itself, so the hot path
-(POST /responses) pays for no dependency injection.
+Plain Starlette routes, each wrapped by `routes()` in the authentication its plane needs
+(relay.api.auth): a handler receives its caller and never reads credentials itself. No
+dependency injection: the hot path (POST /responses) pays for none.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from relay.api.auth import tenant_of
+from relay.access.gate import Principal
+from relay.access.idempotency import checked_key, request_digest
+from relay.api import admin
+from relay.api.auth import ClientHandler, access, client_endpoint, client_socket
 from relay.api.disconnect import CancelOnDisconnect
+from relay.api.idempotent import recorded, replayed
 from relay.api.sse import EventStreamResponse
 from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
@@ -98,34 +103,78 @@ def _not_found(response_id: str) -> NotFound:
     )
 
 
-async def create_response(request: Request) -> Response:
-    tenant = tenant_of(request)
-    body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
+async def create_response(request: Request, principal: Principal) -> Response:
+    raw = await read_body(request, request.app.state.settings.max_body_bytes)
+    body = parse_create(raw)
     # Codex CLI sends its session as `session-id`.
     session = request.headers.get("x-session-id") or request.headers.get("session-id")
     if session is not None and len(session) > MAX_SESSION_ID:
         raise InvalidRequest(
             f"x-session-id is longer than {MAX_SESSION_ID} characters.", param="x-session-id"
         )
-    # A client that leaves before its answer is ready stops the work done for it (a stream
-    # watches for that itself once it has begun).
-    with CancelOnDisconnect(request.receive):
-        run = await _engine(request).start(body, tenant=tenant, session_id=session)
-        headers = {OMITTED_TOOLS: ",".join(run.omitted_tools)} if run.omitted_tools else None
-        if body.stream:
-            keepalive_s = request.app.state.settings.keepalive_s
-            return EventStreamResponse(run.events(), keepalive_s=keepalive_s, headers=headers)
-        answer = await run.final()
-    return json_response(answer, headers=headers)
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is None:
+        return await _respond(request, principal, body, raw, session, None)
+    idempotency = access(request).idempotency
+    key = checked_key(idempotency_key)
+    replay = await idempotency.claim(principal.project, key, request_digest(raw))
+    if replay is not None:
+        return replayed(replay)
+    try:
+        return await _respond(request, principal, body, raw, session, key)
+    except BaseException:
+        # No response came of it: a retry with this key runs again.
+        access(request).track(idempotency.release(principal.project, key))
+        raise
 
 
-async def count_input_tokens(request: Request) -> Response:
+async def _respond(
+    request: Request,
+    principal: Principal,
+    body: CreateResponse,
+    raw: bytes,
+    session: str | None,
+    idempotency_key: str | None,
+) -> Response:
+    gate = access(request)
+    accounting = await gate.admit(principal, body, len(raw))
+    try:
+        # A client that leaves before its answer is ready stops the work done for it (a
+        # stream watches for that itself once it has begun).
+        with CancelOnDisconnect(request.receive):
+            run = await _engine(request).start(
+                body,
+                tenant=principal.project,
+                session_id=session,
+                on_settled=accounting.settle,
+            )
+            headers = accounting.headers.copy()
+            if run.omitted_tools:
+                headers[OMITTED_TOOLS] = ",".join(run.omitted_tools)
+            if body.stream:
+                events = run.events()
+                if idempotency_key is not None:
+                    events = recorded(events, gate, principal.project, idempotency_key)
+                keepalive_s = request.app.state.settings.keepalive_s
+                return EventStreamResponse(events, keepalive_s=keepalive_s, headers=headers)
+            answer = await run.final()
+    except BaseException:
+        accounting.abandon()
+        raise
+    data = orjson.dumps(answer)
+    if idempotency_key is not None:
+        await gate.idempotency.complete(
+            principal.project, idempotency_key, 200, "application/json", data
+        )
+    return Response(data, media_type="application/json", headers=headers)
+
+
+async def count_input_tokens(request: Request, principal: Principal) -> Response:
     """POST /responses/input_tokens: what the same body would cost in input tokens. Exact
     where the model's tokenizer is at hand (the embedded model), else an estimate, and the
     answer says which (`estimated`)."""
-    tenant = tenant_of(request)
     body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
-    count = await _engine(request).count_input_tokens(body, tenant=tenant)
+    count = await _engine(request).count_input_tokens(body, tenant=principal.project)
     return json_response(
         {
             "object": "response.input_tokens",
@@ -135,15 +184,22 @@ async def count_input_tokens(request: Request) -> Response:
     )
 
 
-async def compact_response(request: Request) -> Response:
-    """POST /responses/compact: a shorter window for the context (see Engine.compact)."""
-    tenant = tenant_of(request)
-    body = parse_create(await read_body(request, request.app.state.settings.max_body_bytes))
-    return json_response(await _engine(request).compact(body, tenant=tenant))
+async def compact_response(request: Request, principal: Principal) -> Response:
+    """POST /responses/compact: a shorter window for the context (see Engine.compact). It
+    calls the model, so it is admitted and accounted as a response."""
+    raw = await read_body(request, request.app.state.settings.max_body_bytes)
+    body = parse_create(raw)
+    accounting = await access(request).admit(principal, body, len(raw))
+    try:
+        compacted = await _engine(request).compact(
+            body, tenant=principal.project, on_settled=accounting.settle
+        )
+    finally:
+        accounting.abandon()  # a no-op once the summary settled
+    return json_response(compacted, headers=accounting.headers)
 
 
-async def responses_info(request: Request) -> Response:
-    tenant_of(request)
+async def responses_info(request: Request, principal: Principal) -> Response:
     return json_response(
         {
             "object": "endpoint",
@@ -161,19 +217,17 @@ async def responses_info(request: Request) -> Response:
     )
 
 
-async def get_response(request: Request) -> Response:
-    tenant = tenant_of(request)
+async def get_response(request: Request, principal: Principal) -> Response:
     response_id = request.path_params["response_id"]
-    stored = await _store(request).get_response(tenant, _checked_id(response_id))
+    stored = await _store(request).get_response(principal.project, _checked_id(response_id))
     if stored is None:
         raise _not_found(response_id)
     return json_response(stored)
 
 
-async def delete_response(request: Request) -> Response:
-    tenant = tenant_of(request)
+async def delete_response(request: Request, principal: Principal) -> Response:
     response_id = request.path_params["response_id"]
-    if not await _store(request).delete_response(tenant, _checked_id(response_id)):
+    if not await _store(request).delete_response(principal.project, _checked_id(response_id)):
         raise _not_found(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -211,11 +265,10 @@ def _order(request: Request) -> str:
     return order
 
 
-async def list_input_items(request: Request) -> Response:
-    tenant = tenant_of(request)
+async def list_input_items(request: Request, principal: Principal) -> Response:
     response_id = request.path_params["response_id"]
     page = await _store(request).list_input_items(
-        tenant,
+        principal.project,
         _checked_id(response_id),
         after=_cursor(request, "after"),
         before=_cursor(request, "before"),
@@ -235,9 +288,11 @@ async def list_input_items(request: Request) -> Response:
     )
 
 
-async def list_models(request: Request) -> Response:
-    tenant_of(request)
+async def list_models(request: Request, principal: Principal) -> Response:
     names = request.app.state.engine.registry.names()
+    allowed = principal.key.models
+    if allowed is not None:
+        names = [name for name in names if name in allowed]
     return json_response(
         {
             "object": "list",
@@ -254,7 +309,7 @@ async def healthz(request: Request) -> Response:
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-_API: list[tuple[str, Endpoint, str]] = [
+_API: list[tuple[str, ClientHandler, str]] = [
     ("/responses", create_response, "POST"),
     ("/responses/input_tokens", count_input_tokens, "POST"),
     ("/responses/compact", compact_response, "POST"),
@@ -275,12 +330,16 @@ def _route(path: str, endpoint: Endpoint, method: str) -> Route:
 
 
 def routes(prefixes: tuple[str, ...]) -> list[BaseRoute]:
-    """The API under each prefix, WebSocket mode on /responses, and /healthz. POST
+    """The API under each prefix (every endpoint behind client authentication), WebSocket
+    mode on /responses, the admin API (behind admin authentication), and /healthz. POST
     /responses comes first: it is matched on every request that matters for speed."""
     table: list[BaseRoute] = [
-        _route(prefix + path, endpoint, method)
-        for path, endpoint, method in _API
+        _route(prefix + path, client_endpoint(handler), method)
+        for path, handler, method in _API
         for prefix in prefixes
     ]
-    sockets = [WebSocketRoute(prefix + "/responses", responses_socket) for prefix in prefixes]
-    return [*table, *sockets, _route("/healthz", healthz, "GET")]
+    sockets = [
+        WebSocketRoute(prefix + "/responses", client_socket(responses_socket))
+        for prefix in prefixes
+    ]
+    return [*table, *sockets, *admin.routes(_route), _route("/healthz", healthz, "GET")]

@@ -18,7 +18,8 @@ from contextlib import aclosing
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from relay.api.auth import tenant_of
+from relay.access.gate import Access, Principal
+from relay.api.auth import access
 from relay.api.errors import error_response
 from relay.engine.run import Engine, Run
 from relay.errors import InvalidRequest, PermissionDenied, RelayError
@@ -28,9 +29,8 @@ from relay.providers.base import History
 CLOSE_NORMAL = 1000  # RFC 6455
 
 
-async def responses_socket(websocket: WebSocket) -> None:
+async def responses_socket(websocket: WebSocket, principal: Principal) -> None:
     try:
-        tenant = tenant_of(websocket)
         _check_origin(websocket)
     except RelayError as error:
         # Refused before the upgrade, with the status and envelope an HTTP request would get.
@@ -39,7 +39,11 @@ async def responses_socket(websocket: WebSocket) -> None:
     await websocket.accept()
     settings = websocket.app.state.settings
     await _Socket(
-        websocket, websocket.app.state.engine, tenant, settings.websocket_max_age_s
+        websocket,
+        websocket.app.state.engine,
+        access(websocket),
+        principal,
+        settings.websocket_max_age_s,
     ).serve()
 
 
@@ -55,10 +59,18 @@ def _check_origin(websocket: WebSocket) -> None:
 
 
 class _Socket:
-    def __init__(self, websocket: WebSocket, engine: Engine, tenant: str, max_age_s: float) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        engine: Engine,
+        gate: Access,
+        principal: Principal,
+        max_age_s: float,
+    ) -> None:
         self.websocket = websocket
         self.engine = engine
-        self.tenant = tenant
+        self.gate = gate
+        self.principal = principal
         self.deadline = time.monotonic() + max_age_s
         # The latest response of this socket: its id, the chain it ends, whether it is stored.
         self.latest: tuple[str, History, bool] | None = None
@@ -112,23 +124,33 @@ class _Socket:
 
     async def _turn(self, text: str) -> None:
         previous: str | None = None
+        accounting = None
         try:
             body, generate = _parse_create(text)
             previous = body.previous_response_id
             continuing, stored = None, True
             if self.latest is not None and previous == self.latest[0]:
                 _, continuing, stored = self.latest
+            # Each turn is a request as far as limits and budgets go.
+            accounting = await self.gate.admit(self.principal, body, len(text))
             run = await self.engine.start(
                 body,
-                tenant=self.tenant,
+                tenant=self.principal.project,
                 continuing=continuing,
                 continuing_is_stored=stored,
                 generate=generate,
+                on_settled=accounting.settle,
             )
         except RelayError as error:
+            if accounting is not None:
+                accounting.abandon()
             self._evict(previous)
             await self._error(error)
             return
+        except BaseException:
+            if accounting is not None:
+                accounting.abandon()
+            raise
         await self._stream(run, previous)
 
     async def _stream(self, run: Run, previous: str | None) -> None:

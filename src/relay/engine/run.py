@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -71,6 +71,8 @@ class Run:
     history_stored: bool = True
     trace: dict[str, Any] | None = None
     omitted_tools: tuple[str, ...] = ()  # hosted tool types left out (hosted_tools = "omit")
+    # Told the settled response once, whatever the outcome (usage, limits: relay.access).
+    on_settled: Callable[[dict[str, Any]], None] | None = None
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
 
@@ -147,6 +149,8 @@ class Run:
         """Store the settled response (when store is true); False when storage failed."""
         self._finished = True
         response = self.response
+        if self.on_settled is not None:
+            self.on_settled(response)
         if response["store"]:
             inputs = self.input_items
             if self.history is not None and not self.history_stored:
@@ -231,6 +235,7 @@ class Engine:
         continuing: History | None = None,
         continuing_is_stored: bool = True,
         generate: bool = True,
+        on_settled: Callable[[dict[str, Any]], None] | None = None,
     ) -> Run:
         """`continuing`: the chain previous_response_id names, when the caller holds it (a
         WebSocket's own latest response, stored or not: `continuing_is_stored`); else it is
@@ -283,6 +288,7 @@ class Engine:
             history_stored=continuing is None or continuing_is_stored,
             trace=request.trace,
             omitted_tools=tools.omitted,
+            on_settled=on_settled,
         )
 
     async def count_input_tokens(self, request: CreateResponse, *, tenant: str) -> TokenCount:
@@ -294,7 +300,13 @@ class Engine:
         except ProviderError as error:
             raise provider_error_to_http(error) from None
 
-    async def compact(self, request: CreateResponse, *, tenant: str) -> dict[str, Any]:
+    async def compact(
+        self,
+        request: CreateResponse,
+        *,
+        tenant: str,
+        on_settled: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """POST /responses/compact: the context (input and/or previous_response_id) made into
         a shorter window by the route's model (see `relay.engine.compaction`)."""
         prepared = await self._prepare(request, tenant, None)
@@ -310,7 +322,7 @@ class Engine:
             store=False,
             prompt_cache_key=request.prompt_cache_key,
         )
-        run = await self.start(summarising, tenant=tenant)
+        run = await self.start(summarising, tenant=tenant, on_settled=on_settled)
         summary = await run.final()
         if summary["status"] not in ("completed", "incomplete") or not summary["output_text"]:
             error = summary["error"] or {}

@@ -66,3 +66,98 @@ response_items = Table(
     CheckConstraint("kind IN ('input', 'output')", name="kind"),
     Index(None, "tenant", "item_id"),
 )
+
+# --- Projects, keys, usage and idempotency (relay.access) ------------------------------------
+# A project is a tenant: `responses.tenant` holds its id. Limits and budgets are JSON
+# (relay.access.policy.Policy), read whole and never queried into.
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("name", String, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("archived_at", BigInteger, nullable=True),
+    Column("policy", Text, nullable=False),
+)
+
+# A key is stored as the SHA-256 digest of the whole key, found by its `prefix` (a public part
+# of the key) and compared in constant time.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("prefix", String, nullable=False, unique=True),
+    Column("digest", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("project_id", String, ForeignKey("projects.id"), nullable=False),
+    Column("projects", Text, nullable=False),  # JSON list: more projects it may pick
+    Column("models", Text, nullable=True),  # JSON list: the models it may use; null: all
+    Column("policy", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("revoked_at", BigInteger, nullable=True),
+    Column("last_used_at", BigInteger, nullable=True),
+)
+
+# One row per settled response. Costs are integers in nano-dollars: sums stay exact.
+usage_ledger = Table(
+    "usage_ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("day", String, nullable=False),  # UTC, YYYY-MM-DD: what usage groups by
+    Column("project_id", String, nullable=False),
+    Column("key_id", String, nullable=True),
+    Column("model", String, nullable=False),  # as the client asked for it
+    Column("route", String, nullable=False),  # the route that served it (a fallback's)
+    Column("response_id", String, nullable=False),
+    Column("status", String, nullable=False),
+    Column("input_tokens", Integer, nullable=False),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+    Column("cost_nanos", BigInteger, nullable=False),
+    Column("latency_ms", Integer, nullable=False),
+    Index(None, "project_id", "day"),
+    Index(None, "key_id", "day"),
+)
+
+# Running spend per budget period, kept with each ledger write, so that a budget check is one
+# indexed read. period: 'day:2026-11-28', 'month:2026-11' or 'total'.
+spend = Table(
+    "spend",
+    metadata,
+    Column("scope", String, nullable=False),  # 'project' or 'key'
+    Column("owner", String, nullable=False),
+    Column("period", String, nullable=False),
+    Column("cost_nanos", BigInteger, nullable=False),
+    PrimaryKeyConstraint("scope", "owner", "period"),
+)
+
+# Answers kept for Idempotency-Key replays, apart from stored responses (store:false too).
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("project_id", String, nullable=False),
+    Column("key", String, nullable=False),
+    Column("request_digest", String, nullable=False),
+    Column("state", String, nullable=False),  # 'running' or 'done'
+    Column("lease_until", BigInteger, nullable=False),  # a running claim lapses after this
+    Column("expires_at", BigInteger, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("media_type", String, nullable=True),
+    Column("body", Text, nullable=True),
+    PrimaryKeyConstraint("project_id", "key"),
+    Index(None, "expires_at"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", BigInteger, nullable=False),
+    Column("actor", String, nullable=False),
+    Column("action", String, nullable=False),
+    Column("target", String, nullable=False),
+    Column("detail", Text, nullable=False),
+)

@@ -1,0 +1,328 @@
+"""Admin operations on projects and keys, shared by the admin API and `relay admin`. Each
+change writes its audit row in the same transaction (who, what, when; never a key)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import Connection, insert, select, update
+
+from relay.access.keys import KEY_PREFIX, digest, new_key
+from relay.access.policy import NO_POLICY, Policy
+from relay.errors import InvalidRequest, NotFound
+from relay.ids import new_id
+from relay.storage.database import Database
+from relay.storage.tables import api_keys, audit_log, projects
+
+PROJECT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_PAGE = 100
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    # Optional: a config file's tenant name, to give that tenant limits and budgets.
+    id: str | None = Field(default=None, pattern=PROJECT_ID.pattern)
+    policy: Policy = NO_POLICY
+
+
+class ProjectUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    policy: dict[str, Any] | None = None  # changes; a null lifts that limit
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(default="", max_length=200)
+    projects: list[str] = Field(default_factory=list)
+    models: list[str] | None = None
+    policy: Policy = NO_POLICY
+    expires_at: int | None = Field(default=None, ge=0)  # unix seconds
+
+
+class KeyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    projects: list[str] | None = None
+    models: list[str] | None = None
+    policy: dict[str, Any] | None = None
+    expires_at: int | None = Field(default=None, ge=0)
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """A request body as `model`, or a 400 naming the first bad field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(step) for step in first["loc"])
+        raise InvalidRequest(f"Invalid '{where}': {first['msg']}.", param=where) from None
+
+
+def _policy(changes: dict[str, Any] | None, current: Policy) -> Policy:
+    if changes is None:
+        return current
+    try:
+        return current.updated(changes)
+    except ValidationError as error:
+        first = error.errors(include_url=False, include_input=False)[0]
+        where = "policy." + ".".join(str(step) for step in first["loc"])
+        raise InvalidRequest(f"Invalid '{where}': {first['msg']}.", param=where) from None
+
+
+def project_view(row: Any) -> dict[str, Any]:
+    return {
+        "object": "project",
+        "id": row.id,
+        "name": row.name,
+        "created_at": row.created_at,
+        "archived_at": row.archived_at,
+        "status": "archived" if row.archived_at is not None else "active",
+        "policy": orjson.loads(row.policy),
+    }
+
+
+def key_view(row: Any) -> dict[str, Any]:
+    return {
+        "object": "api_key",
+        "id": row.id,
+        "name": row.name,
+        "redacted_value": f"{KEY_PREFIX}{row.prefix}...",
+        "project_id": row.project_id,
+        "projects": orjson.loads(row.projects),
+        "models": None if row.models is None else orjson.loads(row.models),
+        "policy": orjson.loads(row.policy),
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+        "revoked_at": row.revoked_at,
+        "last_used_at": row.last_used_at,
+        "status": "revoked" if row.revoked_at is not None else "active",
+    }
+
+
+def _audit(conn: Connection, actor: str, action: str, target: str, detail: Any) -> None:
+    conn.execute(
+        insert(audit_log).values(
+            at=int(time.time()),
+            actor=actor,
+            action=action,
+            target=target,
+            detail=orjson.dumps(detail).decode(),
+        )
+    )
+
+
+def _project_row(conn: Connection, project_id: str) -> Any:
+    row = conn.execute(select(projects).where(projects.c.id == project_id)).first()
+    if row is None:
+        raise NotFound(f"Project '{project_id[:100]}' not found.", code="project_not_found")
+    return row
+
+
+def _key_row(conn: Connection, key_id: str) -> Any:
+    row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+    if row is None:
+        raise NotFound(f"API key '{key_id[:100]}' not found.", code="api_key_not_found")
+    return row
+
+
+def _page(conn: Connection, table: Any, where: list[Any], after: str | None, limit: int) -> Any:
+    query = select(table).where(*where).order_by(table.c.id).limit(limit + 1)
+    if after is not None:
+        query = query.where(table.c.id > after)
+    return conn.execute(query).all()
+
+
+def page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    shown = data[:limit]
+    return {
+        "object": "list",
+        "data": shown,
+        "first_id": shown[0]["id"] if shown else None,
+        "last_id": shown[-1]["id"] if shown else None,
+        "has_more": len(data) > limit,
+    }
+
+
+class Admin:
+    """Every admin operation; `actor` names who asked (an admin key's name, or the CLI)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create_project(self, actor: str, body: Any) -> dict[str, Any]:
+        spec: ProjectCreate = parse(ProjectCreate, body)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            project_id = spec.id or new_id("proj")
+            if conn.execute(select(projects.c.id).where(projects.c.id == project_id)).first():
+                raise InvalidRequest(
+                    f"Project '{project_id}' already exists.", param="id", code="project_exists"
+                )
+            conn.execute(
+                insert(projects).values(
+                    id=project_id,
+                    name=spec.name,
+                    created_at=int(time.time()),
+                    archived_at=None,
+                    policy=spec.policy.to_json(),
+                )
+            )
+            _audit(conn, actor, "project.created", project_id, spec.model_dump(exclude_none=True))
+            return project_view(_project_row(conn, project_id))
+
+        return await self.db.write(work)
+
+    async def list_projects(self, after: str | None, limit: int) -> dict[str, Any]:
+        rows = await self.db.read(lambda conn: _page(conn, projects, [], after, limit))
+        return page([project_view(row) for row in rows], limit)
+
+    async def get_project(self, project_id: str) -> dict[str, Any]:
+        return await self.db.read(lambda conn: project_view(_project_row(conn, project_id)))
+
+    async def update_project(self, actor: str, project_id: str, body: Any) -> dict[str, Any]:
+        spec: ProjectUpdate = parse(ProjectUpdate, body)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            row = _project_row(conn, project_id)
+            policy = _policy(spec.policy, Policy.from_json(row.policy))
+            conn.execute(
+                update(projects)
+                .where(projects.c.id == project_id)
+                .values(name=spec.name or row.name, policy=policy.to_json())
+            )
+            _audit(conn, actor, "project.updated", project_id, spec.model_dump(exclude_none=True))
+            return project_view(_project_row(conn, project_id))
+
+        return await self.db.write(work)
+
+    async def archive_project(self, actor: str, project_id: str) -> dict[str, Any]:
+        """Archived, not deleted: its responses and usage stay; its keys stop working."""
+
+        def work(conn: Connection) -> dict[str, Any]:
+            row = _project_row(conn, project_id)
+            if row.archived_at is None:
+                conn.execute(
+                    update(projects)
+                    .where(projects.c.id == project_id)
+                    .values(archived_at=int(time.time()))
+                )
+                _audit(conn, actor, "project.archived", project_id, {})
+            return project_view(_project_row(conn, project_id))
+
+        return await self.db.write(work)
+
+    async def create_key(self, actor: str, body: Any) -> dict[str, Any]:
+        """The new key, whose `value` is shown this once."""
+        spec: KeyCreate = parse(KeyCreate, body)
+        value, prefix = new_key()
+
+        def work(conn: Connection) -> dict[str, Any]:
+            for project_id in [spec.project_id, *spec.projects]:
+                if _project_row(conn, project_id).archived_at is not None:
+                    raise InvalidRequest(
+                        f"Project '{project_id}' is archived.", code="project_archived"
+                    )
+            key_id = "key_" + prefix
+            conn.execute(
+                insert(api_keys).values(
+                    id=key_id,
+                    prefix=prefix,
+                    digest=digest(value),
+                    name=spec.name,
+                    project_id=spec.project_id,
+                    projects=orjson.dumps(spec.projects).decode(),
+                    models=None if spec.models is None else orjson.dumps(spec.models).decode(),
+                    policy=spec.policy.to_json(),
+                    created_at=int(time.time()),
+                    expires_at=spec.expires_at,
+                )
+            )
+            _audit(conn, actor, "key.created", key_id, spec.model_dump(exclude_none=True))
+            return {**key_view(_key_row(conn, key_id)), "value": value}
+
+        return await self.db.write(work)
+
+    async def list_keys(
+        self, project_id: str | None, after: str | None, limit: int
+    ) -> dict[str, Any]:
+        where = [] if project_id is None else [api_keys.c.project_id == project_id]
+        rows = await self.db.read(lambda conn: _page(conn, api_keys, where, after, limit))
+        return page([key_view(row) for row in rows], limit)
+
+    async def get_key(self, key_id: str) -> dict[str, Any]:
+        return await self.db.read(lambda conn: key_view(_key_row(conn, key_id)))
+
+    async def update_key(self, actor: str, key_id: str, body: Any) -> dict[str, Any]:
+        spec: KeyUpdate = parse(KeyUpdate, body)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            row = _key_row(conn, key_id)
+            for project_id in spec.projects or []:
+                _project_row(conn, project_id)
+            changes: dict[str, Any] = {
+                "policy": _policy(spec.policy, Policy.from_json(row.policy)).to_json()
+            }
+            if spec.name is not None:
+                changes["name"] = spec.name
+            if spec.projects is not None:
+                changes["projects"] = orjson.dumps(spec.projects).decode()
+            if "models" in spec.model_fields_set:
+                changes["models"] = (
+                    None if spec.models is None else orjson.dumps(spec.models).decode()
+                )
+            if "expires_at" in spec.model_fields_set:
+                changes["expires_at"] = spec.expires_at
+            conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**changes))
+            _audit(conn, actor, "key.updated", key_id, spec.model_dump(exclude_unset=True))
+            return key_view(_key_row(conn, key_id))
+
+        return await self.db.write(work)
+
+    async def revoke_key(self, actor: str, key_id: str) -> dict[str, Any]:
+        def work(conn: Connection) -> dict[str, Any]:
+            row = _key_row(conn, key_id)
+            if row.revoked_at is None:
+                conn.execute(
+                    update(api_keys)
+                    .where(api_keys.c.id == key_id)
+                    .values(revoked_at=int(time.time()))
+                )
+                _audit(conn, actor, "key.revoked", key_id, {})
+            return key_view(_key_row(conn, key_id))
+
+        return await self.db.write(work)
+
+    async def audit(self, after: int | None, limit: int) -> dict[str, Any]:
+        """Newest first; `after`: an entry id, to page on to older ones."""
+
+        def work(conn: Connection) -> list[Any]:
+            query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit + 1)
+            if after is not None:
+                query = query.where(audit_log.c.id < after)
+            return list(conn.execute(query).all())
+
+        rows = await self.db.read(work)
+        data = [
+            {
+                "object": "audit_log",
+                "id": row.id,
+                "at": row.at,
+                "actor": row.actor,
+                "action": row.action,
+                "target": row.target,
+                "detail": orjson.loads(row.detail),
+            }
+            for row in rows
+        ]
+        return page(data, limit)

@@ -1,0 +1,218 @@
+"""Rate limits: requests and tokens per minute, and requests at once, per key and per project.
+
+The per-minute windows are the `limits` library's sliding window counters, in this process's
+memory or, with `redis_url`, in Redis, so that every instance counts against one window.
+Concurrency is not a window but a count of leases, which `limits` does not offer: in memory a
+counter, in Redis a sorted set of leases scored by their deadline, so that the leases of a
+process that died lapse instead of holding their slots forever.
+
+Redis being unreachable does not stop traffic: the check is skipped (and logged once a minute).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from relay.access.policy import Policy
+from relay.errors import RateLimited
+
+log = logging.getLogger("relay.limits")
+# A lease outlives its request by at most this long when its process dies holding it.
+LEASE_S = 15 * 60
+_REDIS_PREFIX = "relay:concurrent:"
+_QUIET_S = 60.0
+
+
+@dataclass(slots=True)
+class Scope:
+    """One limited owner: ('key', id) or ('project', id), and its policy."""
+
+    kind: str
+    owner: str
+    policy: Policy
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} '{self.owner}'"
+
+
+@dataclass(slots=True)
+class Admission:
+    """What one admitted request holds: its concurrency leases, and the headers to send."""
+
+    scopes: list[Scope]
+    headers: dict[str, str] = field(default_factory=dict)
+    leases: list[tuple[Scope, str]] = field(default_factory=list)
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: '250ms', '12s', '1m30s'."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+class RateLimiter:
+    def __init__(self, redis_url: str | None = None) -> None:
+        self._redis: Any = None
+        storage: Storage
+        if redis_url:
+            import redis.asyncio
+
+            storage = RedisStorage(
+                "async+" + redis_url, implementation="redispy", wrap_exceptions=True
+            )
+            self._redis = redis.asyncio.Redis.from_url(redis_url)
+        else:
+            storage = MemoryStorage()
+        self._storage = storage
+        self._windows = SlidingWindowCounterRateLimiter(storage)
+        self._running: dict[str, int] = {}
+        self._warned = -_QUIET_S
+
+    async def admit(self, scopes: list[Scope], estimated_tokens: int) -> Admission:
+        """Count one request against every scope, or raise RateLimited (429) naming the
+        limit it is over. Tokens are only tested here (the estimate of the input); the real
+        count is added by `record` when the response is settled."""
+        admission = Admission(scopes)
+        try:
+            for scope in scopes:
+                await self._requests(scope, admission)
+                await self._tokens(scope, estimated_tokens, admission)
+                await self._acquire(scope, admission)
+        except RateLimited:
+            await self.release(admission)
+            raise
+        except Exception as error:  # the shared store is down: let traffic through
+            self._warn(error)
+        return admission
+
+    async def record(self, admission: Admission, tokens: int) -> None:
+        """Add a settled response's tokens to its scopes' windows (up to what is left: the
+        window is then full until it slides)."""
+        try:
+            for scope in admission.scopes:
+                tpm = scope.policy.tpm
+                if tpm is None or tokens <= 0:
+                    continue
+                item = RateLimitItemPerMinute(tpm)
+                if not await self._windows.hit(
+                    item, scope.kind, scope.owner, "tokens", cost=tokens
+                ):
+                    stats = await self._windows.get_window_stats(
+                        item, scope.kind, scope.owner, "tokens"
+                    )
+                    if stats.remaining > 0:
+                        await self._windows.hit(
+                            item, scope.kind, scope.owner, "tokens", cost=stats.remaining
+                        )
+        except Exception as error:
+            self._warn(error)
+
+    async def release(self, admission: Admission) -> None:
+        leases, admission.leases = admission.leases, []
+        for scope, lease in leases:
+            key = _REDIS_PREFIX + scope.kind + ":" + scope.owner
+            try:
+                if self._redis is None:
+                    self._running[key] -= 1
+                else:
+                    await self._redis.zrem(key, lease)
+            except Exception as error:
+                self._warn(error)
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _requests(self, scope: Scope, admission: Admission) -> None:
+        rpm = scope.policy.rpm
+        if rpm is None:
+            return
+        item = RateLimitItemPerMinute(rpm)
+        allowed = await self._windows.hit(item, scope.kind, scope.owner, "requests")
+        stats = await self._windows.get_window_stats(item, scope.kind, scope.owner, "requests")
+        reset_in = max(0.0, stats.reset_time - time.time())
+        self._header(admission, "requests", rpm, stats.remaining, reset_in)
+        if not allowed:
+            raise self._refusal(scope, f"{rpm} requests per minute", reset_in, admission)
+
+    async def _tokens(self, scope: Scope, estimated: int, admission: Admission) -> None:
+        tpm = scope.policy.tpm
+        if tpm is None:
+            return
+        item = RateLimitItemPerMinute(tpm)
+        stats = await self._windows.get_window_stats(item, scope.kind, scope.owner, "tokens")
+        reset_in = max(0.0, stats.reset_time - time.time())
+        self._header(admission, "tokens", tpm, stats.remaining, reset_in)
+        # A request larger than the whole window could never pass: it passes when the
+        # window is empty.
+        if stats.remaining < min(estimated, tpm) or stats.remaining <= 0:
+            raise self._refusal(scope, f"{tpm} tokens per minute", reset_in, admission)
+
+    async def _acquire(self, scope: Scope, admission: Admission) -> None:
+        limit = scope.policy.max_concurrent
+        if limit is None:
+            return
+        key = _REDIS_PREFIX + scope.kind + ":" + scope.owner
+        lease = secrets.token_hex(8)
+        if self._redis is None:
+            running = self._running.get(key, 0)
+            if running >= limit:
+                raise self._refusal(scope, f"{limit} requests at once", 1.0, admission)
+            self._running[key] = running + 1
+        else:
+            now = time.time()
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zremrangebyscore(key, "-inf", now)
+                pipe.zadd(key, {lease: now + LEASE_S})
+                pipe.zcard(key)
+                pipe.expire(key, LEASE_S)
+                _, _, running, _ = await pipe.execute()
+            if running > limit:
+                await self._redis.zrem(key, lease)
+                raise self._refusal(scope, f"{limit} requests at once", 1.0, admission)
+        admission.leases.append((scope, lease))
+
+    @staticmethod
+    def _header(
+        admission: Admission, kind: str, limit: int, remaining: int, reset_in: float
+    ) -> None:
+        """The headers OpenAI clients read; with a key and a project limited, the tighter."""
+        name = f"x-ratelimit-remaining-{kind}"
+        current = admission.headers.get(name)
+        if current is not None and int(current) <= remaining:
+            return
+        admission.headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        admission.headers[name] = str(remaining)
+        admission.headers[f"x-ratelimit-reset-{kind}"] = duration(reset_in)
+
+    @staticmethod
+    def _refusal(scope: Scope, what: str, reset_in: float, admission: Admission) -> RateLimited:
+        wait = max(reset_in, 0.05)
+        headers = {
+            **admission.headers,
+            "retry-after": str(math.ceil(wait)),
+            "retry-after-ms": str(math.ceil(wait * 1000)),
+        }
+        return RateLimited(
+            f"Rate limit reached for {scope.name}: {what}. Try again in {duration(wait)}.",
+            headers=headers,
+        )
+
+    def _warn(self, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned >= _QUIET_S:
+            self._warned = now
+            log.warning("rate limits not checked: the limits store failed (%s)", error)

@@ -1,0 +1,74 @@
+"""Limits and budgets, as a project or a key carries them (config file, admin API, CLI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+NANOS_PER_USD = 1_000_000_000
+
+
+class Policy(BaseModel):
+    """What a project or key may use. Every field is optional; None: no limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Requests and tokens per minute (a sliding window), and requests running at once.
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    # Spend caps in US dollars: per UTC day, per UTC month, and over all time (a prepaid
+    # credit: raise it to top up).
+    daily_budget_usd: float | None = Field(default=None, ge=0)
+    monthly_budget_usd: float | None = Field(default=None, ge=0)
+    credit_usd: float | None = Field(default=None, ge=0)
+
+    @property
+    def has_rate_limits(self) -> bool:
+        return self.rpm is not None or self.tpm is not None or self.max_concurrent is not None
+
+    @property
+    def has_budget(self) -> bool:
+        return (
+            self.daily_budget_usd is not None
+            or self.monthly_budget_usd is not None
+            or self.credit_usd is not None
+        )
+
+    def to_json(self) -> str:
+        return orjson.dumps(self.model_dump(exclude_none=True)).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        return cls.model_validate(orjson.loads(text))
+
+    def updated(self, changes: dict[str, Any]) -> Policy:
+        """This policy with `changes` applied (a None value lifts that limit)."""
+        return Policy.model_validate({**self.model_dump(), **changes})
+
+
+NO_POLICY = Policy()
+
+
+class Price(BaseModel):
+    """A route's price in US dollars per million tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(default=0.0, ge=0)
+    cached_input: float | None = Field(default=None, ge=0)  # default: the input price
+    output: float = Field(default=0.0, ge=0)
+
+    def cost_nanos(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> int:
+        """The cost in nano-dollars (integers, so that sums stay exact)."""
+        cached = min(cached_tokens, input_tokens)
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        # Price per million tokens in dollars = nano-dollars per thousand tokens... x1000.
+        nanos = (
+            (input_tokens - cached) * self.input
+            + cached * cached_price
+            + output_tokens * self.output
+        ) * 1000
+        return round(nanos)

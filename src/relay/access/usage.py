@@ -1,0 +1,214 @@
+"""The usage ledger (a row per settled response), spend per budget period, and budget checks.
+
+Rows are written by one task in batches (group commit: whatever queued while the previous
+write ran goes in the next), so settling a response never waits for the database. Each batch
+inserts its ledger rows and adds to the `spend` counters in one transaction; a budget check
+reads those counters (one indexed query) plus what this process has queued but not written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+
+from relay.access.limits import Scope
+from relay.access.policy import NANOS_PER_USD
+from relay.errors import QuotaExceeded
+from relay.storage.database import Database
+from relay.storage.tables import spend, usage_ledger
+
+log = logging.getLogger("relay.usage")
+GROUPS = ("day", "model", "route", "key", "project")
+_COLUMNS = {
+    "day": usage_ledger.c.day,
+    "model": usage_ledger.c.model,
+    "route": usage_ledger.c.route,
+    "key": usage_ledger.c.key_id,
+    "project": usage_ledger.c.project_id,
+}
+
+
+@dataclass(slots=True)
+class UsageRow:
+    created_at: int
+    day: str
+    project_id: str
+    key_id: str | None
+    model: str
+    route: str
+    response_id: str
+    status: str
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    cost_nanos: int
+    latency_ms: int
+
+
+def periods(now: float) -> tuple[str, str, str]:
+    """The spend periods `now` falls in: its UTC day, its UTC month, all time."""
+    moment = datetime.fromtimestamp(now, UTC)
+    return f"day:{moment:%Y-%m-%d}", f"month:{moment:%Y-%m}", "total"
+
+
+def usd(nanos: int) -> float:
+    return round(nanos / NANOS_PER_USD, 9)
+
+
+class Ledger:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        dialect = db.sync_engine.dialect.name
+        upsert = postgresql.insert(spend) if dialect == "postgresql" else sqlite.insert(spend)
+        self._add_spend = upsert.on_conflict_do_update(
+            index_elements=[spend.c.scope, spend.c.owner, spend.c.period],
+            set_={"cost_nanos": spend.c.cost_nanos + upsert.excluded.cost_nanos},
+        )
+        self._queue: list[UsageRow] = []
+        self._pending: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._writer: asyncio.Task[None] | None = None
+
+    def add(self, row: UsageRow) -> None:
+        self._queue.append(row)
+        for key in _spend_keys(row):
+            self._pending[key] += row.cost_nanos
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_all())
+
+    async def flush(self) -> None:
+        """Until everything added so far is written."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def spent(
+        self, owners: list[tuple[str, str]], now: float
+    ) -> dict[tuple[str, str, str], int]:
+        """Spend of each (scope, owner) in each period `now` falls in, queued rows included."""
+        keys = [(scope, owner, period) for scope, owner in owners for period in periods(now)]
+        rows = await self.db.glance(
+            lambda conn: conn.execute(
+                select(spend.c.scope, spend.c.owner, spend.c.period, spend.c.cost_nanos).where(
+                    tuple_(spend.c.scope, spend.c.owner, spend.c.period).in_(keys)
+                )
+            ).all()
+        )
+        found = {(row[0], row[1], row[2]): int(row[3]) for row in rows}
+        return {key: found.get(key, 0) + self._pending.get(key, 0) for key in keys}
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self.db.write(partial(self._write, batch=batch))
+                except Exception:
+                    log.exception("could not write %d usage rows", len(batch))
+                finally:
+                    for row in batch:
+                        for key in _spend_keys(row):
+                            self._pending[key] -= row.cost_nanos
+                            if not self._pending[key]:
+                                del self._pending[key]
+        finally:
+            self._writer = None
+
+    def _write(self, conn: Connection, *, batch: list[UsageRow]) -> None:
+        conn.execute(insert(usage_ledger), [asdict(row) for row in batch])
+        totals: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        for row in batch:
+            if row.cost_nanos:
+                for key in _spend_keys(row):
+                    totals[key] += row.cost_nanos
+        if totals:
+            conn.execute(
+                self._add_spend,
+                [
+                    {"scope": scope, "owner": owner, "period": period, "cost_nanos": nanos}
+                    for (scope, owner, period), nanos in totals.items()
+                ],
+            )
+
+    async def check_budgets(self, scopes: list[Scope]) -> None:
+        """Raise QuotaExceeded (402) when a scope has spent its budget for the period."""
+        budgeted = [scope for scope in scopes if scope.policy.has_budget]
+        if not budgeted:
+            return
+        now = time.time()
+        spent = await self.spent([(scope.kind, scope.owner) for scope in budgeted], now)
+        day, month, total = periods(now)
+        for scope in budgeted:
+            policy = scope.policy
+            for period, cap, what in (
+                (day, policy.daily_budget_usd, "daily budget"),
+                (month, policy.monthly_budget_usd, "monthly budget"),
+                (total, policy.credit_usd, "credit"),
+            ):
+                if cap is None:
+                    continue
+                used = spent[(scope.kind, scope.owner, period)]
+                if used >= round(cap * NANOS_PER_USD):
+                    raise QuotaExceeded(
+                        f"The {scope.name} has used its {what} of ${cap:.2f} "
+                        f"(spent ${usd(used):.4f}). Raise the budget or wait for the next period."
+                    )
+
+    async def report(
+        self,
+        group_by: list[str],
+        *,
+        project: str | None,
+        key: str | None,
+        start: str | None,
+        end: str | None,
+    ) -> list[dict[str, Any]]:
+        """Usage summed over `group_by` (of GROUPS), days from `start` to `end` inclusive."""
+        await self.flush()
+        columns = [_COLUMNS[name].label(name) for name in group_by]
+        where = []
+        if project is not None:
+            where.append(usage_ledger.c.project_id == project)
+        if key is not None:
+            where.append(usage_ledger.c.key_id == key)
+        if start is not None:
+            where.append(usage_ledger.c.day >= start)
+        if end is not None:
+            where.append(usage_ledger.c.day <= end)
+        query = (
+            select(
+                *columns,
+                func.count().label("requests"),
+                func.sum(usage_ledger.c.input_tokens).label("input_tokens"),
+                func.sum(usage_ledger.c.cached_tokens).label("cached_tokens"),
+                func.sum(usage_ledger.c.output_tokens).label("output_tokens"),
+                func.sum(usage_ledger.c.cost_nanos).label("cost_nanos"),
+            )
+            .where(*where)
+            .group_by(*[_COLUMNS[name] for name in group_by])
+            .order_by(*[_COLUMNS[name] for name in group_by])
+        )
+        rows = await self.db.read(lambda conn: conn.execute(query).mappings().all())
+        report = []
+        for row in rows:
+            entry: dict[str, Any] = {name: row[name] for name in group_by}
+            entry["requests"] = int(row["requests"])
+            for name in ("input_tokens", "cached_tokens", "output_tokens"):
+                entry[name] = int(row[name] or 0)
+            entry["cost_usd"] = usd(int(row["cost_nanos"] or 0))
+            report.append(entry)
+        return report
+
+
+def _spend_keys(row: UsageRow) -> list[tuple[str, str, str]]:
+    owners = [("project", row.project_id)]
+    if row.key_id is not None:
+        owners.append(("key", row.key_id))
+    return [(scope, owner, period) for scope, owner in owners for period in periods(row.created_at)]

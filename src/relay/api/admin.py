@@ -1,0 +1,160 @@
+"""The admin API under /admin/v1, behind X-Admin-Key (see relay.api.auth): projects, keys,
+limits and budgets (a project's or key's `policy`), usage, and the audit log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from relay.access.admin import MAX_PAGE, Admin
+from relay.access.usage import GROUPS
+from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
+from relay.errors import InvalidRequest
+
+PREFIX = "/admin/v1"
+DEFAULT_PAGE = 20
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _admin(request: Request) -> Admin:
+    admin: Admin = request.app.state.admin
+    return admin
+
+
+async def _body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit", str(DEFAULT_PAGE))
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw[:4]) <= MAX_PAGE:
+        raise InvalidRequest(
+            f"Invalid 'limit': expected an integer from 1 to {MAX_PAGE}.", param="limit"
+        )
+    return int(raw)
+
+
+def _day(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and (len(value) != 10 or value[4] != "-" or value[7] != "-"):
+        raise InvalidRequest(f"Invalid '{name}': expected a day as YYYY-MM-DD.", param=name)
+    return value
+
+
+async def create_project(request: Request, actor: str) -> Response:
+    return _json(await _admin(request).create_project(actor, await _body(request)), 201)
+
+
+async def list_projects(request: Request, actor: str) -> Response:
+    after = request.query_params.get("after")
+    return _json(await _admin(request).list_projects(after, _limit(request)))
+
+
+async def get_project(request: Request, actor: str) -> Response:
+    return _json(await _admin(request).get_project(request.path_params["project_id"]))
+
+
+async def update_project(request: Request, actor: str) -> Response:
+    project_id = request.path_params["project_id"]
+    updated = await _admin(request).update_project(actor, project_id, await _body(request))
+    access(request).keys.forget()
+    return _json(updated)
+
+
+async def archive_project(request: Request, actor: str) -> Response:
+    archived = await _admin(request).archive_project(actor, request.path_params["project_id"])
+    access(request).keys.forget()
+    return _json(archived)
+
+
+async def create_key(request: Request, actor: str) -> Response:
+    return _json(await _admin(request).create_key(actor, await _body(request)), 201)
+
+
+async def list_keys(request: Request, actor: str) -> Response:
+    project = request.query_params.get("project_id")
+    after = request.query_params.get("after")
+    return _json(await _admin(request).list_keys(project, after, _limit(request)))
+
+
+async def get_key(request: Request, actor: str) -> Response:
+    return _json(await _admin(request).get_key(request.path_params["key_id"]))
+
+
+async def update_key(request: Request, actor: str) -> Response:
+    key_id = request.path_params["key_id"]
+    updated = await _admin(request).update_key(actor, key_id, await _body(request))
+    access(request).keys.forget()
+    return _json(updated)
+
+
+async def revoke_key(request: Request, actor: str) -> Response:
+    revoked = await _admin(request).revoke_key(actor, request.path_params["key_id"])
+    access(request).keys.forget()
+    return _json(revoked)
+
+
+async def usage(request: Request, actor: str) -> Response:
+    """Usage summed by `group_by` (repeat it, or comma-separate: day, model, route, key,
+    project), filtered by project_id, key_id, start and end (days, inclusive)."""
+    group_by = [
+        name
+        for value in request.query_params.getlist("group_by") or ["day"]
+        for name in value.split(",")
+        if name
+    ]
+    unknown = [name for name in group_by if name not in GROUPS]
+    if unknown or not group_by:
+        raise InvalidRequest(
+            f"Invalid 'group_by': expected some of {', '.join(GROUPS)}.", param="group_by"
+        )
+    report = await access(request).ledger.report(
+        list(dict.fromkeys(group_by)),
+        project=request.query_params.get("project_id"),
+        key=request.query_params.get("key_id"),
+        start=_day(request, "start"),
+        end=_day(request, "end"),
+    )
+    return _json({"object": "usage.report", "group_by": group_by, "data": report})
+
+
+async def audit_log(request: Request, actor: str) -> Response:
+    raw = request.query_params.get("after")
+    if raw is not None and not (raw.isascii() and raw.isdigit() and len(raw) < 19):
+        raise InvalidRequest("Invalid 'after': expected an audit entry id.", param="after")
+    after = int(raw) if raw is not None else None
+    return _json(await _admin(request).audit(after, _limit(request)))
+
+
+_ADMIN: list[tuple[str, AdminHandler, str]] = [
+    ("/projects", create_project, "POST"),
+    ("/projects", list_projects, "GET"),
+    ("/projects/{project_id}", get_project, "GET"),
+    ("/projects/{project_id}", update_project, "POST"),
+    ("/projects/{project_id}", archive_project, "DELETE"),
+    ("/keys", create_key, "POST"),
+    ("/keys", list_keys, "GET"),
+    ("/keys/{key_id}", get_key, "GET"),
+    ("/keys/{key_id}", update_key, "POST"),
+    ("/keys/{key_id}", revoke_key, "DELETE"),
+    ("/usage", usage, "GET"),
+    ("/audit_log", audit_log, "GET"),
+]
+
+
+def routes(route: Callable[[str, Endpoint, str], BaseRoute]) -> list[BaseRoute]:
+    return [
+        route(PREFIX + path, admin_endpoint(handler), method) for path, handler, method in _ADMIN
+    ]
