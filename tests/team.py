@@ -1,0 +1,95 @@
+"""A Relay run for a team, for tests: an admin key, a key in the config file, fake routes
+(one of them priced), and a small client for the admin API."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from live_server import relay_server
+from pydantic import SecretStr
+from relay_fixtures import checked_client, fake_routes
+
+from relay.access.policy import Price
+from relay.config import AdminKeyConfig, ApiKeyConfig, RouteConfig, Settings
+
+ADMIN_KEY = "adm-" + secrets.token_urlsafe(24)
+CONFIG_KEY = "sk-config-" + secrets.token_urlsafe(24)
+CONFIG_TENANT = "legacy"
+# $1,000 per million input tokens and $2,000 per million output tokens: a fake answer of a
+# few tokens costs a few cents, so budgets in cents are crossed in a few requests.
+PRICE = Price(input=1000, output=2000)
+
+
+def team_routes() -> list[RouteConfig]:
+    routes = fake_routes()
+    routes.append(
+        RouteConfig(model="priced", provider="fake", upstream_model="text", price=PRICE)
+    )
+    routes.append(
+        RouteConfig(model="priced-slow", provider="fake", upstream_model="slow", price=PRICE)
+    )
+    return routes
+
+
+def team_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "routes": team_routes(),
+        "admin_keys": [AdminKeyConfig(key=SecretStr(ADMIN_KEY), name="ops")],
+        "api_keys": [ApiKeyConfig(key=SecretStr(CONFIG_KEY), tenant=CONFIG_TENANT)],
+        "key_cache_s": 0.2,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+class AdminClient:
+    """The admin API, as a test drives it; every call must succeed."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = checked_client(base_url)
+        self.http.headers["x-admin-key"] = ADMIN_KEY
+
+    def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        answer = self.http.request(method, f"/admin/v1{path}", json=body, params=params)
+        assert answer.status_code in (200, 201), answer.text
+        return answer.json()
+
+    def project(self, name: str = "team", **policy: Any) -> str:
+        project_id: str = self.call("POST", "/projects", {"name": name, "policy": policy})["id"]
+        return project_id
+
+    def key(self, project: str, **fields: Any) -> tuple[str, str]:
+        """A new key of `project`: (id, value)."""
+        created = self.call("POST", "/keys", {"project_id": project, **fields})
+        return created["id"], created["value"]
+
+    def revoke(self, key_id: str) -> None:
+        self.call("DELETE", f"/keys/{key_id}")
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def client(base_url: str, key: str, project: str | None = None) -> httpx.Client:
+    http = checked_client(base_url)
+    http.headers["authorization"] = f"Bearer {key}"
+    if project is not None:
+        http.headers["x-project-id"] = project
+    return http
+
+
+@contextmanager
+def team_relay(database_url: str, **overrides: Any) -> Iterator[str]:
+    with relay_server(team_settings(database_url, **overrides)) as url:
+        yield url

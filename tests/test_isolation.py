@@ -1,0 +1,148 @@
+"""The isolation matrix: every endpoint that takes an id, called by every kind of caller.
+Only the project that owns a row ever sees it (any of its keys); every other caller gets the
+404 an unknown id gets, and a caller whose key is not good gets 401 before anything is read.
+
+Endpoints not built yet (cancel, conversations) join the matrix with their issue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from team import ADMIN_KEY, CONFIG_KEY, AdminClient, client, team_relay
+
+
+@dataclass
+class World:
+    url: str
+    response_id: str  # created by `owner` in project `home`
+    home: str
+    elsewhere: str  # another project the owner's key may pick
+    callers: dict[str, dict[str, str]]  # name -> headers
+
+
+@pytest.fixture(scope="module")
+def world(database_url: str) -> Iterator[World]:
+    with team_relay(database_url) as url, AdminClient(url) as admin:
+        home, elsewhere, other = admin.project("home"), admin.project("away"), admin.project()
+        _, owner = admin.key(home, projects=[elsewhere])
+        _, same_project = admin.key(home)
+        _, other_key = admin.key(other)
+        revoked_id, revoked = admin.key(home)
+        _, expired = admin.key(home, expires_at=int(time.time()) - 1)
+        with client(url, owner) as http:
+            created = http.post("/v1/responses", json={"model": "fake-text", "input": "mine"})
+            assert created.status_code == 200, created.text
+        admin.revoke(revoked_id)
+        bearer = "authorization"
+        callers = {
+            "owner": {bearer: f"Bearer {owner}"},
+            "same project, another key": {bearer: f"Bearer {same_project}"},
+            "same key, another project": {bearer: f"Bearer {owner}", "x-project-id": elsewhere},
+            "another key's project": {bearer: f"Bearer {other_key}"},
+            "a config file key": {bearer: f"Bearer {CONFIG_KEY}"},
+            "revoked key": {bearer: f"Bearer {revoked}"},
+            "expired key": {bearer: f"Bearer {expired}"},
+            "admin key as X-Admin-Key": {"x-admin-key": ADMIN_KEY},
+            "admin key as bearer": {bearer: f"Bearer {ADMIN_KEY}"},
+            "no key": {},
+        }
+        yield World(url, created.json()["id"], home, elsewhere, callers)
+
+
+SEES = {"owner", "same project, another key"}
+NOT_FOUND = {"same key, another project", "another key's project", "a config file key"}
+UNAUTHENTICATED = {
+    "revoked key": "api_key_revoked",
+    "expired key": "api_key_expired",
+    "admin key as X-Admin-Key": "authentication_required",
+    "admin key as bearer": "invalid_api_key",
+    "no key": "authentication_required",
+}
+ENDPOINTS = ["GET", "input_items", "previous_response_id", "DELETE"]
+
+
+def _call(http: httpx.Client, endpoint: str, response_id: str) -> httpx.Response:
+    if endpoint == "GET":
+        return http.get(f"/v1/responses/{response_id}")
+    if endpoint == "input_items":
+        return http.get(f"/v1/responses/{response_id}/input_items")
+    if endpoint == "previous_response_id":
+        body = {"model": "fake-text", "input": "and?", "previous_response_id": response_id}
+        return http.post("/v1/responses", json=body, headers={"content-type": "application/json"})
+    # DELETE last: the owner's delete ends the row's life.
+    return http.delete(f"/v1/responses/{response_id}")
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("caller", [*SEES, *NOT_FOUND, *UNAUTHENTICATED])
+def test_only_the_owning_project_sees_a_response(world: World, caller: str, endpoint: str) -> None:
+    if endpoint == "DELETE" and caller in SEES:
+        pytest.skip("the owner's delete is tested last, below")
+    from relay_fixtures import checked_client
+
+    with checked_client(world.url) as http:
+        http.headers.update(world.callers[caller])
+        answer = _call(http, endpoint, world.response_id)
+    error = answer.json().get("error") if answer.status_code >= 400 else None
+    if caller in SEES:
+        assert answer.status_code == 200, answer.text
+    elif caller in NOT_FOUND:
+        # What an id that never existed gets: 404, or for previous_response_id OpenAI's 400.
+        with checked_client(world.url) as http:
+            http.headers.update(world.callers["owner"])
+            unknown = _call(http, endpoint, "resp_" + "0" * 48)
+        expected = unknown.json()["error"]
+        expected["message"] = expected["message"].replace("resp_" + "0" * 48, world.response_id)
+        assert (answer.status_code, error) == (unknown.status_code, expected)
+        assert answer.status_code in (400, 404)
+    else:
+        assert answer.status_code == 401, answer.text
+        assert error is not None and error["code"] == UNAUTHENTICATED[caller]
+
+
+
+def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
+    with client(world.url, world.callers["owner"]["authorization"][7:]) as http:
+        assert http.delete(f"/v1/responses/{world.response_id}").status_code == 200
+        assert http.get(f"/v1/responses/{world.response_id}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "authentication_required"),
+        ({"authorization": f"Bearer {CONFIG_KEY}"}, "authentication_required"),
+        ({"x-admin-key": CONFIG_KEY}, "invalid_admin_key"),
+        ({"x-admin-key": ADMIN_KEY + "x"}, "invalid_admin_key"),
+    ],
+)
+@pytest.mark.parametrize(
+    "path", ["/projects", "/keys", "/usage", "/audit_log", "/projects/x", "/keys/key_x"]
+)
+def test_client_keys_never_open_the_admin_plane(
+    world: World, headers: dict[str, str], code: str, path: str
+) -> None:
+    answer = httpx.get(f"{world.url}/admin/v1{path}", headers=headers)
+    assert answer.status_code == 401
+    assert answer.json()["error"]["code"] == code
+
+
+def test_a_database_key_never_opens_the_admin_plane(world: World) -> None:
+    owner = world.callers["owner"]["authorization"][7:]
+    for headers in ({"x-admin-key": owner}, {"authorization": f"Bearer {owner}"}):
+        answer = httpx.post(f"{world.url}/admin/v1/projects", json={"name": "x"}, headers=headers)
+        assert answer.status_code == 401
+
+
+def test_a_project_the_key_may_not_pick_is_403(world: World) -> None:
+    owner = world.callers["owner"]["authorization"][7:]
+    for project in ("legacy", "proj_unknown", world.home + "x"):
+        with client(world.url, owner, project=project) as http:
+            answer = http.get("/v1/models")
+        assert answer.status_code == 403
+        assert answer.json()["error"]["code"] == "project_not_allowed"
