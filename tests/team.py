@@ -26,9 +26,7 @@ PRICE = Price(input=1000, output=2000)
 
 def team_routes() -> list[RouteConfig]:
     routes = fake_routes()
-    routes.append(
-        RouteConfig(model="priced", provider="fake", upstream_model="text", price=PRICE)
-    )
+    routes.append(RouteConfig(model="priced", provider="fake", upstream_model="text", price=PRICE))
     routes.append(
         RouteConfig(model="priced-slow", provider="fake", upstream_model="slow", price=PRICE)
     )
@@ -59,8 +57,9 @@ class AdminClient:
         assert answer.status_code in (200, 201), answer.text
         return answer.json()
 
-    def project(self, name: str = "team", **policy: Any) -> str:
-        project_id: str = self.call("POST", "/projects", {"name": name, "policy": policy})["id"]
+    def project(self, name: str = "team", policy: dict[str, Any] | None = None) -> str:
+        body = {"name": name, "policy": policy or {}}
+        project_id: str = self.call("POST", "/projects", body)["id"]
         return project_id
 
     def key(self, project: str, **fields: Any) -> tuple[str, str]:

@@ -53,12 +53,6 @@ def backend_url(
         yield url
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 @pytest.fixture
 def up(backend_url: str) -> Iterator[httpx.Client]:
     with checked_client(backend_url) as session:

@@ -105,7 +105,6 @@ def test_only_the_owning_project_sees_a_response(world: World, caller: str, endp
         assert error is not None and error["code"] == UNAUTHENTICATED[caller]
 
 
-
 def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
     with client(world.url, world.callers["owner"]["authorization"][7:]) as http:
         assert http.delete(f"/v1/responses/{world.response_id}").status_code == 200

@@ -1,0 +1,181 @@
+"""Rate limits (429 and the headers OpenAI clients read), budgets (402) and the usage ledger,
+on one Relay with in-process limits. (Across two instances: test_two_instances.py.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from relay_fixtures import sdk_client, sse_events
+from team import AdminClient, client, team_relay
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    database = tmp_path_factory.mktemp("limits") / "relay.db"
+    with team_relay(f"sqlite:///{database}") as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def admin(url: str) -> Iterator[AdminClient]:
+    with AdminClient(url) as admin_client:
+        yield admin_client
+
+
+def _ask(http: httpx.Client, model: str = "fake-text", **extra: object) -> httpx.Response:
+    return http.post("/v1/responses", json={"model": model, "input": "hello", **extra})
+
+
+def test_requests_per_minute_per_key(url: str, admin: AdminClient) -> None:
+    _, value = admin.key(admin.project(), policy={"rpm": 3})
+    with client(url, value) as http:
+        answers = [_ask(http) for _ in range(4)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
+    assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == [
+        "2",
+        "1",
+        "0",
+        "0",
+    ]
+    refused = answers[-1]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.headers["x-ratelimit-limit-requests"] == "3"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_the_project_limit_binds_all_its_keys(url: str, admin: AdminClient) -> None:
+    project = admin.project(policy={"rpm": 2})
+    keys = [admin.key(project)[1] for _ in range(2)]
+    codes = []
+    for value in [*keys, *keys]:
+        with client(url, value) as http:
+            codes.append(_ask(http).status_code)
+    assert codes == [200, 200, 429, 429]
+
+
+def test_tokens_per_minute_count_real_usage(url: str, admin: AdminClient) -> None:
+    # The fake answer to "hello" costs 1 input + 3 output tokens: two fill a window of 8.
+    _, value = admin.key(admin.project(), policy={"tpm": 8})
+    with client(url, value) as http:
+        first = _ask(http)
+        assert first.headers["x-ratelimit-limit-tokens"] == "8"
+        assert first.headers["x-ratelimit-remaining-tokens"] == "8"
+        second = _ask(http)
+        assert second.headers["x-ratelimit-remaining-tokens"] == "4"
+        time.sleep(0.1)  # the second's tokens are added as it settles
+        refused = _ask(http)
+    assert refused.status_code == 429, refused.text
+    assert "tokens per minute" in refused.json()["error"]["message"]
+
+
+def test_concurrent_requests(url: str, admin: AdminClient) -> None:
+    _, value = admin.key(admin.project(), policy={"max_concurrent": 1})
+    with client(url, value) as http, client(url, value) as other:
+        with http.stream(
+            "POST", "/v1/responses", json={"model": "fake-slow", "input": "x", "stream": True}
+        ) as slow:
+            assert slow.status_code == 200
+            refused = _ask(other)
+            assert refused.status_code == 429
+            assert "at once" in refused.json()["error"]["message"]
+            slow.read()
+        time.sleep(0.1)
+        assert _ask(other).status_code == 200
+        # A refused or failed start frees its slot too.
+        assert _ask(other, model="fake-error_before").status_code >= 400
+        assert _ask(other).status_code == 200
+
+
+def test_the_openai_sdk_sees_a_rate_limit_error(url: str, admin: AdminClient) -> None:
+    _, value = admin.key(admin.project(), policy={"rpm": 1})
+    with sdk_client(url, value) as sdk:
+        sdk.responses.create(model="fake-text", input="one")
+        with pytest.raises(openai.RateLimitError) as raised:
+            sdk.responses.create(model="fake-text", input="two")
+    assert raised.value.code == "rate_limit_exceeded"
+    assert raised.value.response.headers["retry-after"]
+
+
+def test_a_daily_budget_is_checked_before_the_upstream(url: str, admin: AdminClient) -> None:
+    # "priced": 1 input token at $1,000/M + 3 output tokens at $2,000/M = $0.007 an answer.
+    project = admin.project(policy={"daily_budget_usd": 0.02})
+    key_id, value = admin.key(project)
+    with client(url, value) as http:
+        codes = [_ask(http, model="priced").status_code for _ in range(4)]
+        # Unpriced routes cost nothing, yet the budget is spent: they are refused too.
+        spent = _ask(http)
+    assert codes == [200, 200, 200, 402]
+    assert spent.status_code == 402
+    error = spent.json()["error"]
+    assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
+    assert f"project '{project}'" in error["message"]
+    assert "daily budget of $0.02" in error["message"]
+    usage = admin.call("GET", "/usage", group_by="key,model", key_id=key_id)["data"]
+    assert usage == [
+        {
+            "key": key_id,
+            "model": "priced",
+            "requests": 3,
+            "input_tokens": 3,
+            "cached_tokens": 0,
+            "output_tokens": 9,
+            "cost_usd": 0.021,
+        }
+    ]
+    # Raising the budget lets it through again.
+    admin.call("POST", f"/projects/{project}", {"policy": {"daily_budget_usd": 1}})
+    time.sleep(0.3)
+    with client(url, value) as http:
+        assert _ask(http, model="priced").status_code == 200
+
+
+def test_a_key_credit_and_a_stream_that_crosses_it(url: str, admin: AdminClient) -> None:
+    """A response that starts within the budget runs to its end and is charged in full; the
+    budget is then over, and the next request is refused. (A stream is never cut: its
+    client would be left with half an answer it paid for.)"""
+    _, value = admin.key(admin.project(), policy={"credit_usd": 0.001})
+    with client(url, value) as http:
+        events = sse_events(http, {"model": "priced-slow", "input": "x"})
+        assert events[-1]["type"] == "response.completed"
+        cost = events[-1]["response"]["usage"]["output_tokens"] * 2000 / 1e6
+        assert cost > 0.001  # it crossed the credit
+        time.sleep(0.1)
+        refused = _ask(http, model="priced")
+    assert refused.status_code == 402
+    assert "credit of $0.00" in refused.json()["error"]["message"]
+
+
+def test_usage_is_recorded_for_every_outcome(url: str, admin: AdminClient) -> None:
+    project = admin.project()
+    _, value = admin.key(project)
+    with client(url, value) as http:
+        assert _ask(http, model="priced").status_code == 200
+        assert _ask(http, model="fake-error_after").status_code == 200  # a failed response
+        assert _ask(http, model="fake-flaky").status_code == 200  # served by its fallback
+        done = threading.Event()
+
+        def leave_early() -> None:
+            with http.stream("POST", "/v1/responses", json={"model": "fake-slow", "input": "x"}):
+                done.set()
+
+        leaver = threading.Thread(target=leave_early)
+        leaver.start()
+        leaver.join()
+    time.sleep(0.5)
+    rows = admin.call("GET", "/usage", group_by="model,route", project_id=project)["data"]
+    summary = {(row["model"], row["route"]): row["requests"] for row in rows}
+    assert summary == {
+        ("priced", "priced"): 1,
+        ("fake-error_after", "fake-error_after"): 1,
+        ("fake-flaky", "fake-text"): 1,
+        ("fake-slow", "fake-slow"): 1,
+    }
+    by_project = admin.call("GET", "/usage", group_by="project", project_id=project)["data"]
+    assert by_project[0]["requests"] == 4 and by_project[0]["cost_usd"] == 0.007
