@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen, peers
+from bench.keyed_relay import start_keyed_relays
 from bench.loadgen import Target, WrkResult
 from bench.upstream_nginx import APT_COMMAND, direct_target, missing_tools, start_nginx
 
@@ -364,6 +365,7 @@ def main(quick: bool) -> None:
         relay = peers.start_relay(workdir / "relay-1", upstream, relay_port, WORKERS)
         stack.callback(relay.stop)
         relay_base = f"http://127.0.0.1:{relay_port}"
+        keyed = start_keyed_relays(stack, workdir, upstream, WORKERS)
         peer_stack = stack.enter_context(ExitStack())
         peer_targets = start_peers(peer_stack, workdir, upstream, plan)
         print(
@@ -377,13 +379,16 @@ def main(quick: bool) -> None:
                              "bench-sse", store=store) for store in (False, True)
         )  # fmt: skip
         direct = direct_target(upstream)
-        targets = [direct, relay_false, relay_true, *(target for target, _ in peer_targets)]
+        targets = [direct, relay_false, relay_true]
+        targets += [target for target, _ in [*keyed, *peer_targets]]
         servers = {direct.name: nginx, relay_false.name: relay, relay_true.name: relay}
-        servers.update((target.name, proc) for target, proc in peer_targets)
+        servers.update((target.name, proc) for target, proc in [*keyed, *peer_targets])
 
         targets, overhead = run_sequential(targets, servers, plan.rounds, plan.batch)
         sweep = run_sweep(workdir, targets, servers, plan)
         peer_stack.close()  # the rest measures Relay alone, on a quiet machine
+        for _, keyed_relay in keyed:
+            keyed_relay.stop()
         run_profile(workdir, relay, relay_true, plan.profile_s)
         chain_ms = run_chain(workdir, upstream, relay_base, plan.chain)
         relay.stop()
@@ -425,6 +430,13 @@ def report_targets(
             value = overhead[name][mode]
             rows.append([f"sequential overhead, {name}, {label}", f"<= {limit:.0f} ms",
                          f"{value:.2f} ms", verdict(value <= limit)])  # fmt: skip
+    for name in ("relay keyed store=false", "relay keyed+redis store=false"):
+        if name not in overhead:
+            continue
+        for mode, label in (("json", "JSON"), ("stream", "1st delta")):
+            added = overhead[name][mode] - overhead["relay store=false"][mode]
+            rows.append([f"keys and limits, {name.split()[1]}, {label}: added to store=false",
+                         "<= 0.10 ms", f"{added:+.2f} ms", verdict(added <= 0.1)])  # fmt: skip
     litellm = sweep.get(("litellm", 64))
     for name in ("relay store=false", "relay store=true"):
         relay = sweep.get((name, 64))

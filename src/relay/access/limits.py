@@ -11,6 +11,7 @@ Redis being unreachable does not stop traffic: the check is skipped (and logged 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -86,16 +87,35 @@ class RateLimiter:
         limit it is over. Tokens are only tested here (the estimate of the input); the real
         count is added by `record` when the response is settled."""
         admission = Admission(scopes)
-        try:
-            for scope in scopes:
-                await self._requests(scope, admission)
-                await self._tokens(scope, estimated_tokens, admission)
-                await self._acquire(scope, admission)
-        except RateLimited:
+        checks = []
+        for scope in scopes:
+            checks += [
+                self._requests(scope, admission),
+                self._tokens(scope, estimated_tokens, admission),
+                self._acquire(scope, admission),
+            ]
+        if self._redis is None:
+            # In memory a check takes microseconds: one after the other, no tasks.
+            outcomes: list[BaseException | None] = []
+            for check in checks:
+                try:
+                    await check
+                    outcomes.append(None)
+                except Exception as error:
+                    outcomes.append(error)
+        else:
+            # Each check is a round trip to Redis: all at once, so a request waits for
+            # about two (a window's hit, then its numbers), not for six.
+            outcomes = await asyncio.gather(*checks, return_exceptions=True)
+        refusals = [outcome for outcome in outcomes if isinstance(outcome, RateLimited)]
+        if refusals:
             await self.release(admission)
-            raise
-        except Exception as error:  # the shared store is down: let traffic through
-            self._warn(error)
+            raise refusals[0]
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):  # the shared store is down: let it through
+                self._warn(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
         return admission
 
     async def record(self, admission: Admission, tokens: int) -> None:
@@ -170,7 +190,9 @@ class RateLimiter:
         if self._redis is None:
             running = self._running.get(key, 0)
             if running >= limit:
-                raise self._refusal(scope, f"{limit} requests at once", 1.0, admission)
+                raise self._refusal(
+                    scope, f"{limit} request{'s' if limit > 1 else ''} at once", 1.0, admission
+                )
             self._running[key] = running + 1
         else:
             now = time.time()
@@ -182,7 +204,9 @@ class RateLimiter:
                 _, _, running, _ = await pipe.execute()
             if running > limit:
                 await self._redis.zrem(key, lease)
-                raise self._refusal(scope, f"{limit} requests at once", 1.0, admission)
+                raise self._refusal(
+                    scope, f"{limit} request{'s' if limit > 1 else ''} at once", 1.0, admission
+                )
         admission.leases.append((scope, lease))
 
     @staticmethod
