@@ -255,7 +255,7 @@ class Access:
         allowed = principal.key.models
         if allowed is not None:
             for name in [model, *(request.models or [])]:
-                if name not in allowed:
+                if name and name not in allowed:  # no model at all: the engine's 400
                     raise PermissionDenied(
                         f"This API key may not use model '{name[:100]}'.",
                         param="model",

@@ -79,7 +79,10 @@ class RateLimiter:
             storage = MemoryStorage()
         self._storage = storage
         self._windows = SlidingWindowCounterRateLimiter(storage)
-        self._running: dict[str, int] = {}
+        # In memory as in Redis: the leases of each owner, with their deadlines, so that a
+        # slot whose request never settled (a stream whose client left before it began)
+        # lapses instead of leaking.
+        self._running: dict[str, dict[str, float]] = {}
         self._warned = -_QUIET_S
 
     async def admit(self, scopes: list[Scope], estimated_tokens: int) -> Admission:
@@ -146,7 +149,7 @@ class RateLimiter:
             key = _REDIS_PREFIX + scope.kind + ":" + scope.owner
             try:
                 if self._redis is None:
-                    self._running[key] -= 1
+                    self._running.get(key, {}).pop(lease, None)
                 else:
                     await self._redis.zrem(key, lease)
             except Exception as error:
@@ -188,12 +191,17 @@ class RateLimiter:
         key = _REDIS_PREFIX + scope.kind + ":" + scope.owner
         lease = secrets.token_hex(8)
         if self._redis is None:
-            running = self._running.get(key, 0)
-            if running >= limit:
+            now = time.monotonic()
+            leases = self._running.setdefault(key, {})
+            if len(leases) >= limit:
+                for held, deadline in list(leases.items()):
+                    if deadline < now:
+                        del leases[held]
+            if len(leases) >= limit:
                 raise self._refusal(
                     scope, f"{limit} request{'s' if limit > 1 else ''} at once", 1.0, admission
                 )
-            self._running[key] = running + 1
+            leases[lease] = now + LEASE_S
         else:
             now = time.time()
             async with self._redis.pipeline(transaction=True) as pipe:
