@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 from relay_fixtures import sdk_client, sse_events
 from team import AdminClient, client, team_relay
@@ -179,3 +180,19 @@ def test_usage_is_recorded_for_every_outcome(url: str, admin: AdminClient) -> No
     }
     by_project = admin.call("GET", "/usage", group_by="project", project_id=project)["data"]
     assert by_project[0]["requests"] == 4 and by_project[0]["cost_usd"] == 0.007
+
+
+def test_each_websocket_turn_is_a_request(url: str, admin: AdminClient) -> None:
+    from websockets.sync.client import connect
+
+    _, value = admin.key(admin.project(), policy={"rpm": 1})
+    socket_url = url.replace("http://", "ws://") + "/v1/responses"
+    turn = orjson.dumps({"type": "response.create", "model": "fake-text", "input": "hi"}).decode()
+    with connect(socket_url, additional_headers={"authorization": f"Bearer {value}"}) as ws:
+        ws.send(turn)
+        while orjson.loads(ws.recv())["type"] != "response.completed":
+            pass
+        ws.send(turn)
+        refused = orjson.loads(ws.recv())
+    assert refused["type"] == "error" and refused["status"] == 429
+    assert refused["error"]["code"] == "rate_limit_exceeded"
