@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from relay.access.limits import Admission, RateLimiter, Scope
 from relay.access.policy import NO_POLICY, Price
 from relay.access.usage import Ledger, UsageRow, periods
 from relay.config import Settings
+from relay.eager import Suspended, until_suspended
 from relay.errors import AuthenticationError, PermissionDenied
 from relay.loopback import is_loopback
 from relay.protocol import CreateResponse
@@ -124,7 +125,7 @@ class Accounting:
             )
         )
         if self.admission is not None:
-            self.access.track(self._free(self.admission, input_tokens + output_tokens))
+            self._free(self.admission, input_tokens + output_tokens)
 
     def abandon(self) -> None:
         """The response never started (refused, or the upstream failed before its first
@@ -133,9 +134,16 @@ class Accounting:
             return
         self.done = True
         if self.admission is not None:
-            self.access.track(self._free(self.admission, 0))
+            self._free(self.admission, 0)
 
-    async def _free(self, admission: Admission, tokens: int) -> None:
+    def _free(self, admission: Admission, tokens: int) -> None:
+        # In memory nothing here waits, so it runs now, without a task; with Redis the
+        # rest runs as a task of the gate's once it has to wait.
+        rest = until_suspended(self._release_and_record(admission, tokens))
+        if isinstance(rest, Suspended):
+            self.access.track(rest)
+
+    async def _release_and_record(self, admission: Admission, tokens: int) -> None:
         await self.access.limiter.release(admission)
         await self.access.limiter.record(admission, tokens)
 
@@ -156,7 +164,7 @@ class Access:
             route.model: route.price for route in settings.routes if route.price is not None
         }
 
-    def track(self, work: Coroutine[Any, Any, None]) -> None:
+    def track(self, work: Awaitable[None]) -> None:
         """Run `work` as a task of this gate's: settling never waits for it, and a
         cancelled request does not cut it short."""
         task = asyncio.ensure_future(work)
@@ -226,9 +234,9 @@ class Access:
                 f"Project '{project_id[:100]}' is archived.", code="project_archived"
             )
         scopes = []
-        if record.policy != NO_POLICY:
+        if record.policy.limits_anything:
             scopes.append(Scope("key", record.key_id, record.policy))
-        if project.policy != NO_POLICY:
+        if project.policy.limits_anything:
             scopes.append(Scope("project", project_id, project.policy))
         return Principal(project_id, record, tuple(scopes))
 

@@ -12,15 +12,17 @@ Redis being unreachable does not stop traffic: the check is skipped (and logged 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import Any, Protocol
 
-from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits import RateLimitItem, RateLimitItemPerMinute, WindowStats
+from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from relay.access.policy import Policy
@@ -31,6 +33,81 @@ log = logging.getLogger("relay.limits")
 LEASE_S = 15 * 60
 _REDIS_PREFIX = "relay:concurrent:"
 _QUIET_S = 60.0
+
+
+_PROCESS = secrets.token_hex(8)  # lease ids: unique across instances sharing a Redis
+_LEASES = itertools.count()
+
+
+@lru_cache(maxsize=1024)
+def _per_minute(amount: int) -> RateLimitItemPerMinute:
+    return RateLimitItemPerMinute(amount)
+
+
+class Windows(Protocol):
+    """The part of a `limits` limiter Relay uses (the async API)."""
+
+    async def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool: ...
+
+    async def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats: ...
+
+
+class InMemoryWindows:
+    """Sliding window counters in this process: `limits`' algorithm (a fixed window's count
+    plus the previous window's, weighted by how much of it the sliding window still covers),
+    written here because `limits`' in-memory storages expire keys with a task per hit (async)
+    or a timer thread every 10 ms (sync): 68 us a request for the requests-per-minute check,
+    where these counters take a few (docs/design.md). Redis goes through `limits`."""
+
+    _SWEEP_AT = 10_000  # entries; older windows are dropped when there are more
+
+    def __init__(self) -> None:
+        # key -> [index of the current window, its count, the previous window's count]
+        self._counts: dict[str, list[int]] = {}
+
+    def _window(
+        self, item: RateLimitItem, identifiers: tuple[str, ...], now: float
+    ) -> tuple[list[int], float]:
+        """The key's counts, moved on to the window `now` falls in, and the previous
+        window's weight."""
+        length = item.get_expiry()
+        index, into = divmod(now, length)
+        key = item.key_for(*identifiers)
+        counts = self._counts.get(key)
+        if counts is None:
+            if len(self._counts) >= self._SWEEP_AT:
+                self._sweep(int(index))
+            counts = self._counts[key] = [int(index), 0, 0]
+        elif counts[0] != index:
+            previous = counts[1] if counts[0] == index - 1 else 0
+            counts[:] = [int(index), 0, previous]
+        return counts, 1 - into / length
+
+    def _sweep(self, index: int) -> None:
+        for key, counts in list(self._counts.items()):
+            if counts[0] < index - 1:
+                del self._counts[key]
+
+    async def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        counts, weight = self._window(item, identifiers, time.time())
+        if math.floor(counts[2] * weight + counts[1]) + cost > item.amount:
+            return False
+        counts[1] += cost
+        return True
+
+    async def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        now = time.time()
+        counts, weight = self._window(item, identifiers, now)
+        current, previous = counts[1], counts[2]
+        remaining = max(0, item.amount - math.floor(previous * weight + current))
+        length = item.get_expiry()
+        window_ends_in = length * weight
+        # The next unit to free up: one of the previous window's, as its weight falls, or
+        # the current window's, when it ends.
+        reset_in = window_ends_in % (length / previous) if previous else window_ends_in
+        if not (current or previous):
+            reset_in = 0.0
+        return WindowStats(now + reset_in, remaining)
 
 
 @dataclass(slots=True)
@@ -67,18 +144,17 @@ def duration(seconds: float) -> str:
 class RateLimiter:
     def __init__(self, redis_url: str | None = None) -> None:
         self._redis: Any = None
-        storage: Storage
+        self._windows: Windows
         if redis_url:
             import redis.asyncio
 
             storage = RedisStorage(
                 "async+" + redis_url, implementation="redispy", wrap_exceptions=True
             )
+            self._windows = SlidingWindowCounterRateLimiter(storage)
             self._redis = redis.asyncio.Redis.from_url(redis_url)
         else:
-            storage = MemoryStorage()
-        self._storage = storage
-        self._windows = SlidingWindowCounterRateLimiter(storage)
+            self._windows = InMemoryWindows()
         # In memory as in Redis: the leases of each owner, with their deadlines, so that a
         # slot whose request never settled (a stream whose client left before it began)
         # lapses instead of leaking.
@@ -129,7 +205,7 @@ class RateLimiter:
                 tpm = scope.policy.tpm
                 if tpm is None or tokens <= 0:
                     continue
-                item = RateLimitItemPerMinute(tpm)
+                item = _per_minute(tpm)
                 if not await self._windows.hit(
                     item, scope.kind, scope.owner, "tokens", cost=tokens
                 ):
@@ -163,7 +239,7 @@ class RateLimiter:
         rpm = scope.policy.rpm
         if rpm is None:
             return
-        item = RateLimitItemPerMinute(rpm)
+        item = _per_minute(rpm)
         allowed = await self._windows.hit(item, scope.kind, scope.owner, "requests")
         stats = await self._windows.get_window_stats(item, scope.kind, scope.owner, "requests")
         reset_in = max(0.0, stats.reset_time - time.time())
@@ -175,7 +251,7 @@ class RateLimiter:
         tpm = scope.policy.tpm
         if tpm is None:
             return
-        item = RateLimitItemPerMinute(tpm)
+        item = _per_minute(tpm)
         stats = await self._windows.get_window_stats(item, scope.kind, scope.owner, "tokens")
         reset_in = max(0.0, stats.reset_time - time.time())
         self._header(admission, "tokens", tpm, stats.remaining, reset_in)
@@ -189,7 +265,7 @@ class RateLimiter:
         if limit is None:
             return
         key = _REDIS_PREFIX + scope.kind + ":" + scope.owner
-        lease = secrets.token_hex(8)
+        lease = f"{_PROCESS}:{next(_LEASES)}"
         if self._redis is None:
             now = time.monotonic()
             leases = self._running.setdefault(key, {})

@@ -37,6 +37,10 @@ class Policy(BaseModel):
             or self.credit_usd is not None
         )
 
+    @property
+    def limits_anything(self) -> bool:
+        return self.has_rate_limits or self.has_budget
+
     def to_json(self) -> str:
         return orjson.dumps(self.model_dump(exclude_none=True)).decode()
 

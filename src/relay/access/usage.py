@@ -1,7 +1,9 @@
 """The usage ledger (a row per settled response), spend per budget period, and budget checks.
 
-Rows are written by one task in batches (group commit: whatever queued while the previous
-write ran goes in the next), so settling a response never waits for the database. Each batch
+Rows are written by one task in batches: the first row of a batch waits FLUSH_S for others
+(and whatever queues during a write goes in the next), so settling a response never waits for
+the database, and a busy process writes ten transactions a second, not one per response. A
+crash loses at most the rows of the last FLUSH_S. Each batch
 inserts its ledger rows and adds to the `spend` counters in one transaction; a budget check
 reads those counters (one indexed query) plus what this process has queued but not written.
 """
@@ -12,12 +14,11 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, func, insert, select, tuple_
+from sqlalchemy import Connection, bindparam, func, insert, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.access.limits import Scope
@@ -27,6 +28,7 @@ from relay.storage.database import Database
 from relay.storage.tables import spend, usage_ledger
 
 log = logging.getLogger("relay.usage")
+FLUSH_S = 0.1
 GROUPS = ("day", "model", "route", "key", "project")
 _COLUMNS = {
     "day": usage_ledger.c.day,
@@ -37,8 +39,9 @@ _COLUMNS = {
 }
 
 
-@dataclass(slots=True)
-class UsageRow:
+class UsageRow(NamedTuple):
+    """A ledger row; its fields are the table's columns (but the id)."""
+
     created_at: int
     day: str
     project_id: str
@@ -56,7 +59,12 @@ class UsageRow:
 
 def periods(now: float) -> tuple[str, str, str]:
     """The spend periods `now` falls in: its UTC day, its UTC month, all time."""
-    moment = datetime.fromtimestamp(now, UTC)
+    return _periods(int(now))
+
+
+@lru_cache(maxsize=4)
+def _periods(second: int) -> tuple[str, str, str]:
+    moment = datetime.fromtimestamp(second, UTC)
     return f"day:{moment:%Y-%m-%d}", f"month:{moment:%Y-%m}", "total"
 
 
@@ -73,14 +81,23 @@ class Ledger:
             index_elements=[spend.c.scope, spend.c.owner, spend.c.period],
             set_={"cost_nanos": spend.c.cost_nanos + upsert.excluded.cost_nanos},
         )
+        # The insert as the driver's own SQL, with the row's fields in its parameters'
+        # order: a batch goes to the driver as tuples, with no per-row work of SQLAlchemy's
+        # (which cost more than SQLite's insert itself).
+        columns: dict[str, Any] = {name: bindparam(name) for name in UsageRow._fields}
+        compiled = insert(usage_ledger).values(columns).compile(dialect=db.sync_engine.dialect)
+        assert compiled.positiontup is not None, "a driver with positional parameters"
+        self._insert_sql = str(compiled)
+        self._positions = [UsageRow._fields.index(name) for name in compiled.positiontup]
         self._queue: list[UsageRow] = []
         self._pending: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self._writer: asyncio.Task[None] | None = None
 
     def add(self, row: UsageRow) -> None:
         self._queue.append(row)
-        for key in _spend_keys(row):
-            self._pending[key] += row.cost_nanos
+        if row.cost_nanos:
+            for key in _spend_keys(row):
+                self._pending[key] += row.cost_nanos
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write_all())
 
@@ -107,6 +124,7 @@ class Ledger:
     async def _write_all(self) -> None:
         try:
             while self._queue:
+                await asyncio.sleep(FLUSH_S)
                 batch, self._queue = self._queue, []
                 try:
                     await self.db.write(partial(self._write, batch=batch))
@@ -114,7 +132,7 @@ class Ledger:
                     log.exception("could not write %d usage rows", len(batch))
                 finally:
                     for row in batch:
-                        for key in _spend_keys(row):
+                        for key in _spend_keys(row) if row.cost_nanos else ():
                             self._pending[key] -= row.cost_nanos
                             if not self._pending[key]:
                                 del self._pending[key]
@@ -122,7 +140,10 @@ class Ledger:
             self._writer = None
 
     def _write(self, conn: Connection, *, batch: list[UsageRow]) -> None:
-        conn.execute(insert(usage_ledger), [asdict(row) for row in batch])
+        positions = self._positions
+        conn.exec_driver_sql(
+            self._insert_sql, [tuple(row[index] for index in positions) for row in batch]
+        )
         totals: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         for row in batch:
             if row.cost_nanos:
