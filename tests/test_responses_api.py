@@ -206,11 +206,12 @@ def test_client_disconnect_never_leaves_in_progress(relay_url: str, http: httpx.
     assert response_id is not None
     deadline = time.monotonic() + 10
     while True:
+        # Recorded from its start (in_progress: its id was given out), settled as it stops.
         stored = http.get(f"/v1/responses/{response_id}")
-        if stored.status_code == 200 or time.monotonic() > deadline:
+        assert stored.status_code == 200
+        if stored.json()["status"] != "in_progress" or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert stored.status_code == 200
     body = stored.json()
     assert body["status"] == "cancelled"
     assert body["output"][0]["status"] == "incomplete"

@@ -161,10 +161,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         None,
     ),
     (
-        {"model": "fake-text", "input": "x", "background": True},
+        {"model": "fake-text", "input": "x", "background": True, "store": False},
         400,
         "background",
-        "unsupported_parameter",
+        "invalid_value",
     ),
     (
         {"model": "fake-text", "input": "x", "conversation": "conv_1"},

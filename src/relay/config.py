@@ -149,6 +149,16 @@ class Settings(BaseSettings):
     # How long a process trusts what it read of a database key (revocation, expiry, limits
     # take effect within this time on every instance).
     key_cache_s: float = Field(default=5.0, ge=0)
+    # Background responses: how many generate at once in a process, and how many may wait
+    # (beyond: 503 with retry-after).
+    background_max_running: int = Field(default=16, ge=1)
+    background_max_queued: int = Field(default=1000, ge=0)
+    # A run in flight (background, or a stored stream) holds a lease its process renews every
+    # `run_poll_s` (which also picks up cancels asked for on another instance); a run whose
+    # lease lapses (its process died) is ended as failed by any instance within about
+    # `run_lease_s` more.
+    run_lease_s: float = Field(default=30.0, ge=1)
+    run_poll_s: float = Field(default=1.0, gt=0)
     # How long an Idempotency-Key's answer is kept for replays.
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     routes: list[RouteConfig] = Field(default_factory=list)

@@ -20,6 +20,8 @@ from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
 from relay.providers.registry import Registry
+from relay.runs.log import RunLog
+from relay.runs.runner import Runner
 from relay.sealing import Sealer, load_keys
 from relay.storage.sql import open_store
 
@@ -77,12 +79,22 @@ def create_app(settings: Settings) -> ASGIApp:
             hosted_tools=settings.hosted_tools,
         )
         app.state.engine = engine
+        runner = Runner(
+            engine,
+            RunLog(store, settings.run_lease_s),
+            max_running=settings.background_max_running,
+            max_queued=settings.background_max_queued,
+            poll_s=settings.run_poll_s,
+        )
+        runner.start()
+        app.state.runner = runner
         app.state.access = access
         app.state.admin = Admin(store.db)
         log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
         try:
             yield
         finally:
+            await runner.aclose()
             await engine.aclose()
             await access.aclose()
             await registry.aclose()

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from relay.access.gate import Principal
 from relay.access.idempotency import checked_key, request_digest
-from relay.api import admin
+from relay.api import admin, background
 from relay.api.auth import ClientHandler, access, client_endpoint, client_socket
 from relay.api.disconnect import CancelOnDisconnect
 from relay.api.idempotent import recorded, replayed
@@ -138,6 +138,14 @@ async def _respond(
 ) -> Response:
     gate = access(request)
     accounting = await gate.admit(principal, body, len(raw))
+    if body.background:
+        try:
+            return await background.submit(
+                request, principal, body, session, accounting, idempotency_key
+            )
+        except BaseException:
+            accounting.abandon()
+            raise
     try:
         # A client that leaves before its answer is ready stops the work done for it (a
         # stream watches for that itself once it has begun).
@@ -152,6 +160,9 @@ async def _respond(
             if run.omitted_tools:
                 headers[OMITTED_TOOLS] = ",".join(run.omitted_tools)
             if body.stream:
+                if run.response["store"]:
+                    # Its id is in response.created: recorded now, so it never 404s.
+                    background.runner(request).record_stream(principal.project, run)
                 events = run.events()
                 if idempotency_key is not None:
                     events = recorded(events, gate, principal.project, idempotency_key)
@@ -209,7 +220,9 @@ async def responses_info(request: Request, principal: Principal) -> Response:
                 "POST /responses/input_tokens": "Count a would-be response's input tokens.",
                 "POST /responses/compact": "Compact a context into a shorter window.",
                 "GET /responses (WebSocket upgrade)": "WebSocket mode: response.create turns.",
-                "GET /responses/{id}": "Retrieve a stored response.",
+                "GET /responses/{id}": "Retrieve a stored response; with stream=true and "
+                "starting_after, replay and follow a background response's events.",
+                "POST /responses/{id}/cancel": "Cancel a queued or running background response.",
                 "DELETE /responses/{id}": "Delete a stored response.",
                 "GET /responses/{id}/input_items": "List a stored response's input items.",
             },
@@ -218,11 +231,22 @@ async def responses_info(request: Request, principal: Principal) -> Response:
 
 
 async def get_response(request: Request, principal: Principal) -> Response:
+    stored = await _stored(request, principal)
+    if request.query_params.get("stream") == "true":
+        return background.resume(request, stored)
+    return json_response(stored)
+
+
+async def cancel_response(request: Request, principal: Principal) -> Response:
+    return await background.cancel(request, principal, await _stored(request, principal))
+
+
+async def _stored(request: Request, principal: Principal) -> dict[str, Any]:
     response_id = request.path_params["response_id"]
     stored = await _store(request).get_response(principal.project, _checked_id(response_id))
     if stored is None:
         raise _not_found(response_id)
-    return json_response(stored)
+    return stored
 
 
 async def delete_response(request: Request, principal: Principal) -> Response:
@@ -316,6 +340,7 @@ _API: list[tuple[str, ClientHandler, str]] = [
     ("/responses", responses_info, "GET"),
     ("/responses/{response_id}", get_response, "GET"),
     ("/responses/{response_id}", delete_response, "DELETE"),
+    ("/responses/{response_id}/cancel", cancel_response, "POST"),
     ("/responses/{response_id}/input_items", list_input_items, "GET"),
     ("/models", list_models, "GET"),
 ]

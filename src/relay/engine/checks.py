@@ -209,11 +209,11 @@ def reasoning_settings(request: CreateResponse) -> tuple[str | None, str | None]
 
 def check_request(request: CreateResponse) -> None:
     """Refuse, before anything runs, what Relay cannot honour at all."""
-    if request.background:
+    if request.background and request.store is False:
         raise InvalidRequest(
-            "Background mode is not supported yet; send the request without background.",
+            "Background responses must be stored: send store: true (the default) with "
+            "background: true.",
             param="background",
-            code="unsupported_parameter",
         )
     if request.conversation is not None:
         raise InvalidRequest(

@@ -101,7 +101,7 @@ def new_response(
         "max_output_tokens": request.max_output_tokens,
         "max_tool_calls": request.max_tool_calls,
         "store": request.store is not False,
-        "background": False,
+        "background": bool(request.background),
         # "auto" asks the upstream to choose; what we report is the tier the request ran on.
         "service_tier": "default" if service_tier in (None, "auto") else service_tier,
         "metadata": request.metadata or {},

@@ -73,6 +73,10 @@ class Run:
     omitted_tools: tuple[str, ...] = ()  # hosted tool types left out (hosted_tools = "omit")
     # Told the settled response once, whatever the outcome (usage, limits: relay.access).
     on_settled: Callable[[dict[str, Any]], None] | None = None
+    # A stored stream's record of its start (relay.runs), written beside the first steps:
+    # the final save waits for it, then says it is done.
+    recorded: asyncio.Future[None] | None = None
+    on_stored: Callable[[], None] | None = None
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
 
@@ -155,6 +159,13 @@ class Run:
             inputs = self.input_items
             if self.history is not None and not self.history_stored:
                 inputs = [*self.history.items, *inputs]
+            if self.recorded is not None:
+                try:
+                    await asyncio.shield(self.recorded)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("could not record the start of response %s", response["id"])
             save = self.engine.track(self.engine.store.save_response(self.tenant, response, inputs))
             try:
                 # Shielded: a client leaving now must not roll back a finished response.
@@ -168,6 +179,8 @@ class Run:
             # chain; else the history measures itself.)
             added = nbytes if self.history_stored else None
             self.engine.histories.put(self.tenant, response["id"], self.resulting_history(added))
+            if self.on_stored is not None:
+                self.on_stored()
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -236,8 +249,12 @@ class Engine:
         continuing_is_stored: bool = True,
         generate: bool = True,
         on_settled: Callable[[dict[str, Any]], None] | None = None,
+        response_id: str | None = None,
+        created_at: int | None = None,
     ) -> Run:
-        """`continuing`: the chain previous_response_id names, when the caller holds it (a
+        """`response_id`, `created_at`: those of a background response queued earlier (see
+        `queued`); a foreground response gets new ones.
+        `continuing`: the chain previous_response_id names, when the caller holds it (a
         WebSocket's own latest response, stored or not: `continuing_is_stored`); else it is
         read from memory or the store.
         `generate=False`: a response that only takes the request in (a WebSocket warm-up):
@@ -250,9 +267,9 @@ class Engine:
             route, deltas = prepared.routes[0], _nothing_generated()
         response = new_response(
             request,
-            response_id=new_id("resp"),
+            response_id=response_id or new_id("resp"),
             model=route.model,
-            created_at=int(time.time()),
+            created_at=created_at or int(time.time()),
             tools=tools.declared,
             reasoning={"effort": prepared.effort, "summary": prepared.summary},
             session_id=request.session_id or session_id,
@@ -290,6 +307,25 @@ class Engine:
             omitted_tools=tools.omitted,
             on_settled=on_settled,
         )
+
+    async def queued(
+        self, request: CreateResponse, *, tenant: str, session_id: str | None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A background response as it is answered at once: everything refusable refused
+        (400s come now, not later), status `queued`; and its input items, as stored."""
+        prepared = await self._prepare(request, tenant, None)
+        response = new_response(
+            request,
+            response_id=new_id("resp"),
+            model=prepared.routes[0].model,
+            created_at=int(time.time()),
+            tools=prepared.tools.declared,
+            reasoning={"effort": prepared.effort, "summary": prepared.summary},
+            session_id=request.session_id or session_id,
+            echo_json_schema=self.echo_json_schema,
+        )
+        response["status"] = "queued"
+        return response, prepared.items
 
     async def count_input_tokens(self, request: CreateResponse, *, tenant: str) -> TokenCount:
         """The input tokens the request would send to its model's first route."""

@@ -283,6 +283,16 @@ class SqlStore:
         insert = self._insert_response
         return await self.db.write(lambda conn: _save(conn, insert, tenant, response, input_items))
 
+    def save_in(
+        self,
+        conn: Connection,
+        tenant: str,
+        response: dict[str, Any],
+        input_items: list[dict[str, Any]],
+    ) -> int:
+        """save_response, inside a transaction of the caller's (with other writes)."""
+        return _save(conn, self._insert_response, tenant, response, input_items)
+
     async def get_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:
         return await self.db.read(lambda conn: _get_body(conn, tenant, response_id))
 

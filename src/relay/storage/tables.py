@@ -161,3 +161,30 @@ audit_log = Table(
     Column("target", String, nullable=False),
     Column("detail", Text, nullable=False),
 )
+
+# --- Runs (relay.runs) -----------------------------------------------------------------------
+# A response being generated that a client already knows the id of: a background response
+# (from its creation) or a stored stream (from its response.created). The process running it
+# renews `lease_until`; past it, any instance ends the response as failed, so that no id a
+# client was given stays in_progress forever, or vanishes.
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("response_id", String, primary_key=True),
+    Column("tenant", String, nullable=False),
+    Column("background", Integer, nullable=False),  # 0 or 1
+    Column("lease_until", BigInteger, nullable=False),
+    Column("cancel_requested", Integer, nullable=False),  # 0 or 1
+    Index(None, "lease_until"),
+)
+
+# The events of a background response, in order, for stream resumption.
+response_events = Table(
+    "response_events",
+    metadata,
+    Column("response_id", String, nullable=False),
+    Column("sequence_number", Integer, nullable=False),
+    Column("event", Text, nullable=False),
+    PrimaryKeyConstraint("response_id", "sequence_number"),
+)

@@ -1,0 +1,103 @@
+"""Background responses on the wire: create (JSON at once, or the stream, which the client
+may leave and resume), resume with `GET /responses/{id}?stream=true&starting_after=N`, and
+`POST /responses/{id}/cancel`. The runs themselves are relay.runs.runner's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.access.gate import Accounting, Principal
+from relay.api.idempotent import recorded
+from relay.api.sse import EventStreamResponse
+from relay.errors import InvalidRequest
+from relay.protocol import CreateResponse
+from relay.runs.feed import Event
+from relay.runs.runner import Runner
+
+_LIVE = ("queued", "in_progress")
+# After a cancel asked of another instance, how long to wait for it to take effect before
+# answering with the response as it stands.
+_CANCEL_WAIT_S = 10.0
+
+
+def runner(request: Request) -> Runner:
+    found: Runner = request.app.state.runner
+    return found
+
+
+async def submit(
+    request: Request,
+    principal: Principal,
+    body: CreateResponse,
+    session: str | None,
+    accounting: Accounting,
+    idempotency_key: str | None,
+) -> Response:
+    """Queue the response; answer it queued (JSON), or stream it as it runs."""
+    gate = request.app.state.access
+    response, feed = await runner(request).submit(
+        body, tenant=principal.project, session_id=session, on_settled=accounting.settle
+    )
+    if body.stream:
+        events: AsyncIterator[list[Event]] = feed.follow(-1)
+        if idempotency_key is not None:
+            events = recorded(events, gate, principal.project, idempotency_key)
+        keepalive_s = request.app.state.settings.keepalive_s
+        return EventStreamResponse(events, keepalive_s=keepalive_s, headers=accounting.headers)
+    data = orjson.dumps(response)
+    if idempotency_key is not None:
+        await gate.idempotency.complete(
+            principal.project, idempotency_key, 200, "application/json", data
+        )
+    return Response(data, media_type="application/json", headers=accounting.headers)
+
+
+def _starting_after(request: Request) -> int:
+    raw = request.query_params.get("starting_after", "-1")
+    try:
+        value = int(raw) if raw.isascii() and len(raw) < 12 else None
+    except ValueError:
+        value = None
+    if value is None or value < -1:
+        raise InvalidRequest(
+            "Invalid 'starting_after': expected a sequence number (an integer >= -1).",
+            param="starting_after",
+        )
+    return value
+
+
+def resume(request: Request, stored: dict[str, Any]) -> Response:
+    """GET /responses/{id}?stream=true: the events after `starting_after`, then the live
+    ones until the response ends (background responses only: others keep no event log)."""
+    if not stored.get("background"):
+        raise InvalidRequest(
+            "Only background responses can be streamed after their creation.",
+            param="stream",
+        )
+    events = runner(request).follow(stored["id"], _starting_after(request))
+    return EventStreamResponse(events, keepalive_s=request.app.state.settings.keepalive_s)
+
+
+async def cancel(request: Request, principal: Principal, stored: dict[str, Any]) -> Response:
+    """POST /responses/{id}/cancel: a queued or running background response is cancelled
+    (where it runs: here, or on the instance that holds it); a finished one is answered as
+    it is, so a repeated cancel is harmless."""
+    if not stored.get("background"):
+        raise InvalidRequest("Only background responses can be cancelled.", param="response_id")
+    store = request.app.state.store
+    if stored["status"] in _LIVE:
+        await runner(request).cancel(principal.project, stored["id"])
+        deadline = time.monotonic() + _CANCEL_WAIT_S
+        while True:
+            stored = await store.get_response(principal.project, stored["id"]) or stored
+            if stored["status"] not in _LIVE or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    return Response(orjson.dumps(stored), media_type="application/json")

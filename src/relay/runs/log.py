@@ -1,0 +1,235 @@
+"""Runs in storage: the record written when a run starts (the response and its lease), lease
+renewal and cancel requests, the event log of background responses, and the sweep that ends
+runs whose process died.
+
+Event rows are written in batches (every FLUSH_S, in one statement), so a stream of a
+thousand deltas costs tens of transactions, not a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+
+from relay.engine.builder import error_event
+from relay.storage.sql import SqlStore
+from relay.storage.tables import response_events, responses, runs
+
+log = logging.getLogger("relay.runs")
+FLUSH_S = 0.05
+INTERRUPTED = (
+    "The response was interrupted: the server running it stopped before it finished. "
+    "Send the request again."
+)
+_LIVE = ("queued", "in_progress")
+
+_RENEW = (
+    update(runs)
+    .where(runs.c.response_id.in_(bindparam("ids", expanding=True)))
+    .values(lease_until=bindparam("until"))
+)
+_CANCELS = select(runs.c.response_id).where(
+    runs.c.response_id.in_(bindparam("ids", expanding=True)), runs.c.cancel_requested == 1
+)
+_REQUEST_CANCEL = (
+    update(runs)
+    .where(runs.c.response_id == bindparam("rid"), runs.c.tenant == bindparam("t"))
+    .values(cancel_requested=1)
+)
+_END = delete(runs).where(runs.c.response_id == bindparam("rid"))
+_EVENTS_AFTER = (
+    select(response_events.c.event)
+    .where(
+        response_events.c.response_id == bindparam("rid"),
+        response_events.c.sequence_number > bindparam("after"),
+    )
+    .order_by(response_events.c.sequence_number)
+)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class RunLog:
+    def __init__(self, store: SqlStore, lease_s: float) -> None:
+        self.store = store
+        self.db = store.db
+        self.lease_s = lease_s
+        self._pending: list[dict[str, Any]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def _until(self) -> int:
+        return int(time.time() + self.lease_s)
+
+    async def begin(
+        self,
+        tenant: str,
+        response: dict[str, Any],
+        input_items: list[dict[str, Any]],
+        *,
+        background: bool,
+    ) -> None:
+        """Store the response as it starts (queued or in_progress) with its run, at once."""
+        row = {
+            "response_id": response["id"],
+            "tenant": tenant,
+            "background": int(background),
+            "lease_until": self._until(),
+            "cancel_requested": 0,
+        }
+
+        def work(conn: Connection) -> None:
+            self.store.save_in(conn, tenant, response, input_items)
+            conn.execute(insert(runs), row)
+
+        await self.db.write(work)
+
+    async def mark_running(self, response: dict[str, Any]) -> None:
+        """A queued response's stored copy, now that its run has started."""
+        running = (
+            update(responses)
+            .where(responses.c.id == response["id"], responses.c.status == "queued")
+            .values(status="in_progress", body=_dumps(response))
+        )
+        await self.db.write(lambda conn: conn.execute(running))
+
+    async def end(self, response_id: str) -> None:
+        await self.db.write(lambda conn: conn.execute(_END, {"rid": response_id}))
+
+    async def renew(self, response_ids: list[str]) -> set[str]:
+        """Extend these runs' leases; the ones whose cancel was asked for (elsewhere)."""
+        if not response_ids:
+            return set()
+        params = {"ids": response_ids, "until": self._until()}
+
+        def work(conn: Connection) -> set[str]:
+            conn.execute(_RENEW, params)
+            return {row[0] for row in conn.execute(_CANCELS, {"ids": response_ids})}
+
+        return await self.db.write(work)
+
+    async def request_cancel(self, tenant: str, response_id: str) -> bool:
+        """Ask the instance running it to cancel; False when no such run is in flight."""
+
+        def work(conn: Connection) -> bool:
+            done = conn.execute(_REQUEST_CANCEL, {"rid": response_id, "t": tenant})
+            return bool(done.rowcount)
+
+        return await self.db.write(work)
+
+    # events -----------------------------------------------------------------------------------
+
+    def append(self, response_id: str, batch: list[dict[str, Any]]) -> None:
+        self._pending.extend(
+            {
+                "response_id": response_id,
+                "sequence_number": event["sequence_number"],
+                "event": _dumps(event),
+            }
+            for event in batch
+        )
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_all())
+
+    async def flush(self) -> None:
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def _write_all(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(FLUSH_S)
+                batch, self._pending = self._pending, []
+                try:
+                    await self.db.write(partial(_insert_events, batch=batch))
+                except Exception:
+                    log.exception("could not write %d stream events", len(batch))
+        finally:
+            self._writer = None
+
+    async def in_flight(self, response_id: str) -> bool:
+        query = select(runs.c.response_id).where(runs.c.response_id == response_id)
+        return await self.db.glance(lambda conn: conn.execute(query).first() is not None)
+
+    async def events_after(self, response_id: str, after: int) -> list[dict[str, Any]]:
+        params = {"rid": response_id, "after": after}
+        rows = await self.db.read(lambda conn: conn.execute(_EVENTS_AFTER, params).all())
+        return [orjson.loads(row[0]) for row in rows]
+
+    # recovery ---------------------------------------------------------------------------------
+
+    async def sweep(self) -> list[str]:
+        """End every run whose lease lapsed (its process died) as failed, with a clear
+        error, and close its event log; the ids ended."""
+        return await self.db.write(lambda conn: _sweep(conn, int(time.time())))
+
+
+def _insert_events(conn: Connection, *, batch: list[dict[str, Any]]) -> None:
+    conn.execute(insert(response_events), batch)
+
+
+def _sweep(conn: Connection, now: int) -> list[str]:
+    lapsed = conn.execute(
+        select(runs.c.response_id, runs.c.background).where(runs.c.lease_until < now)
+    ).all()
+    ended = []
+    for response_id, background in lapsed:
+        # Deleting the run is the claim: of several instances sweeping, one gets the row.
+        claim = delete(runs).where(runs.c.response_id == response_id, runs.c.lease_until < now)
+        if conn.execute(claim).rowcount != 1:
+            continue
+        body = conn.execute(
+            select(responses.c.body).where(
+                responses.c.id == response_id, responses.c.status.in_(_LIVE)
+            )
+        ).scalar()
+        if body is None:
+            continue  # it ended after all, just before its process died
+        response = orjson.loads(body)
+        response.update(
+            status="failed",
+            completed_at=None,
+            error={"code": "server_error", "message": INTERRUPTED},
+        )
+        conn.execute(
+            update(responses)
+            .where(responses.c.id == response_id)
+            .values(status="failed", body=_dumps(response))
+        )
+        if background:
+            _close_log(conn, response_id, response)
+        ended.append(response_id)
+    return ended
+
+
+def _close_log(conn: Connection, response_id: str, response: dict[str, Any]) -> None:
+    """The error and response.failed events after the last one logged, so that followers
+    see the stream end."""
+    last = conn.execute(
+        select(func.max(response_events.c.sequence_number)).where(
+            response_events.c.response_id == response_id
+        )
+    ).scalar()
+    sequence = -1 if last is None else int(last)
+    events = [
+        error_event(sequence + 1, "server_error", "server_error", INTERRUPTED),
+        {"type": "response.failed", "sequence_number": sequence + 2, "response": response},
+    ]
+    conn.execute(
+        insert(response_events),
+        [
+            {
+                "response_id": response_id,
+                "sequence_number": event["sequence_number"],
+                "event": _dumps(event),
+            }
+            for event in events
+        ],
+    )

@@ -1,0 +1,257 @@
+"""Where background responses run in this process, and what keeps every run in flight
+accounted for.
+
+- `submit` stores a background response as queued, with its run, and starts it as a task of
+  the runner's: at most `max_running` generate at once, at most `max_queued` wait (beyond
+  that: 503 with retry-after). Its events go to a Feed (followers in this process) and to the
+  event log (followers anywhere, and later resumptions). The client's connection has no say:
+  a disconnect ends only the client's view.
+- `record_stream` stores a foreground stored stream as in_progress as it starts (its id is in
+  the client's response.created), beside the run's first steps rather than before them.
+- One loop renews the leases of this process's runs, picks up cancels asked for on another
+  instance, and sweeps runs whose lease lapsed anywhere (their process died): those end as
+  failed with a clear error, so that no id a client was given stays in_progress or 404s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from relay.engine.builder import error_event
+from relay.engine.run import Engine, Run
+from relay.errors import RelayError, UpstreamError
+from relay.protocol import CreateResponse
+from relay.runs.feed import Event, Feed
+from relay.runs.log import RunLog
+
+log = logging.getLogger("relay.runs")
+
+
+class Runner:
+    def __init__(
+        self,
+        engine: Engine,
+        run_log: RunLog,
+        *,
+        max_running: int,
+        max_queued: int,
+        poll_s: float,
+    ) -> None:
+        self.engine = engine
+        self.log = run_log
+        self.max_queued = max_queued
+        self.poll_s = poll_s
+        self._slots = asyncio.Semaphore(max_running)
+        self._waiting = 0
+        self._feeds: dict[str, Feed] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._streams: set[str] = set()  # foreground stored streams in flight here
+        self._loop: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.ensure_future(self._keep())
+
+    async def aclose(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()  # each stores where it stopped (cancelled)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.log.flush()
+
+    # background -------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        request: CreateResponse,
+        *,
+        tenant: str,
+        session_id: str | None,
+        on_settled: Callable[[dict[str, Any]], None],
+    ) -> tuple[dict[str, Any], Feed]:
+        """Queue a background response: the queued response object, and its feed."""
+        if self._waiting >= self.max_queued:
+            raise UpstreamError(
+                "Too many background responses are waiting; retry shortly.",
+                status=503,
+                code="background_queue_full",
+                headers={"retry-after": "1"},
+            )
+        response, items = await self.engine.queued(request, tenant=tenant, session_id=session_id)
+        await self.log.begin(tenant, response, items, background=True)
+        feed = self._feeds[response["id"]] = Feed()
+        self._waiting += 1
+        self._tasks[response["id"]] = asyncio.ensure_future(
+            self._run(request, tenant, session_id, dict(response), feed, on_settled)
+        )
+        return response, feed
+
+    def feed(self, response_id: str) -> Feed | None:
+        return self._feeds.get(response_id)
+
+    async def _run(
+        self,
+        request: CreateResponse,
+        tenant: str,
+        session_id: str | None,
+        queued: dict[str, Any],
+        feed: Feed,
+        on_settled: Callable[[dict[str, Any]], None],
+    ) -> None:
+        response_id = queued["id"]
+        started = False
+        try:
+            async with self._slots:
+                self._waiting -= 1
+                started = True
+                try:
+                    run = await self.engine.start(
+                        request,
+                        tenant=tenant,
+                        session_id=session_id,
+                        response_id=response_id,
+                        created_at=queued["created_at"],
+                        on_settled=on_settled,
+                    )
+                except RelayError as error:
+                    failed = await self._failed_before_start(tenant, queued, feed, error)
+                    on_settled(failed)
+                    return
+                self.engine.track(self.log.mark_running(dict(run.response)))
+                await self._stream(run, feed)
+        except asyncio.CancelledError:
+            if not started:
+                self._waiting -= 1
+                on_settled(await self._cancelled_while_queued(tenant, queued, feed))
+            raise
+        except Exception:
+            log.exception("background response %s failed", response_id)
+        finally:
+            feed.close()
+            self.engine.track(self._forget(response_id))
+
+    async def _stream(self, run: Run, feed: Feed) -> None:
+        first = True
+        async for batch in run.events():
+            if first:
+                # A background stream shows the response queued first, as OpenAI's does.
+                batch[0]["response"]["status"] = "queued"
+                first = False
+            feed.publish(batch)
+            self.log.append(run.response["id"], batch)
+
+    async def _failed_before_start(
+        self, tenant: str, queued: dict[str, Any], feed: Feed, error: RelayError
+    ) -> dict[str, Any]:
+        """The upstream refused before its first byte: the response fails, as a stream
+        that failed would, with its error."""
+        failed = {
+            **queued,
+            "status": "failed",
+            "error": {"code": error.code, "message": error.message},
+        }
+        await self.log.store.save_response(tenant, failed, [])
+        events: list[Event] = [
+            {"type": "response.created", "sequence_number": 0, "response": queued},
+            error_event(1, error.type, error.code, error.message),
+            {"type": "response.failed", "sequence_number": 2, "response": failed},
+        ]
+        feed.publish(events)
+        self.log.append(queued["id"], events)
+        return failed
+
+    async def _cancelled_while_queued(
+        self, tenant: str, queued: dict[str, Any], feed: Feed
+    ) -> dict[str, Any]:
+        cancelled = {**queued, "status": "cancelled"}
+        await asyncio.shield(self.log.store.save_response(tenant, cancelled, []))
+        event = {"type": "response.created", "sequence_number": 0, "response": queued}
+        feed.publish([event])
+        self.log.append(queued["id"], [event])
+        return cancelled
+
+    async def _forget(self, response_id: str) -> None:
+        await self.log.flush()
+        await self.log.end(response_id)
+        self._tasks.pop(response_id, None)
+        self._feeds.pop(response_id, None)
+
+    async def cancel(self, tenant: str, response_id: str) -> bool:
+        """Cancel a background run wherever it runs: here, at once; elsewhere, through its
+        run record (its instance polls every `poll_s`). False when none is in flight."""
+        task = self._tasks.get(response_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self.log.flush()
+            return True
+        return await self.log.request_cancel(tenant, response_id)
+
+    async def follow(self, response_id: str, after: int) -> AsyncIterator[list[Event]]:
+        """A background response's events after `after`: from this process's feed while it
+        runs here, else from the event log, following it until its terminal event."""
+        feed = self._feeds.get(response_id)
+        if feed is not None:
+            async for batch in feed.follow(after):
+                yield batch
+            return
+        while True:
+            events = await self.log.events_after(response_id, after)
+            if events:
+                yield events
+                after = events[-1]["sequence_number"]
+                if events[-1]["type"] in _TERMINAL:
+                    return
+            elif not await self.log.in_flight(response_id):
+                # Ended without a terminal event (cancelled): one more read, then stop.
+                last = await self.log.events_after(response_id, after)
+                if last:
+                    yield last
+                return
+            else:
+                await asyncio.sleep(min(self.poll_s, 0.1))
+
+    # foreground stored streams ----------------------------------------------------------------
+
+    def record_stream(self, tenant: str, run: Run) -> None:
+        response = dict(run.response)
+        response_id = response["id"]
+        self._streams.add(response_id)
+        run.recorded = asyncio.ensure_future(
+            self.log.begin(tenant, response, run.input_items, background=False)
+        )
+
+        def ended() -> None:
+            self._streams.discard(response_id)
+            self.engine.track(self.log.end(response_id))
+
+        run.on_stored = ended
+
+    # the loop ---------------------------------------------------------------------------------
+
+    async def _keep(self) -> None:
+        sweep_every = max(1, round(self.log.lease_s / 2 / self.poll_s))
+        turns = 0
+        while True:
+            await asyncio.sleep(self.poll_s)
+            turns += 1
+            try:
+                mine = [*self._tasks, *self._streams]
+                for response_id in await self.log.renew(mine):
+                    task = self._tasks.get(response_id)
+                    if task is not None:
+                        task.cancel()
+                if turns % sweep_every == 0:
+                    ended = await self.log.sweep()
+                    if ended:
+                        log.warning("ended %d interrupted responses: %s", len(ended), ended)
+            except Exception:
+                log.exception("run upkeep failed")
+
+
+_TERMINAL = ("response.completed", "response.failed", "response.incomplete")
