@@ -10,6 +10,7 @@ SUITES = {
     "gateway": "bench.gateway",
     "memory": "bench.history_memory",
     "websocket": "bench.websocket_turns",
+    "background": "bench.background_runs",
 }
 
 

@@ -183,7 +183,7 @@ def start_relay(
     workdir.mkdir(parents=True, exist_ok=True)
     database = database or workdir / "relay.db"
     lines = [f'database_url = "sqlite:///{database}"', 'log_level = "info"', *settings]
-    for kind in ("json", "sse", "hold"):
+    for kind in ("json", "sse", "hold", "long"):
         lines += ["", "[[routes]]", f'model = "bench-{kind}"', 'provider = "openai_chat"']
         lines += [f'base_url = "{upstream}/{kind}/v1"', 'upstream_model = "mock-model"']
     config = workdir / "relay.toml"

@@ -21,6 +21,7 @@ APT_COMMAND = "apt-get update && apt-get install -y nginx wrk"
 # (":\n"), so it stays open for about HOLD_PADDING_LINES * 2 / HOLD_RATE seconds.
 HOLD_PADDING_LINES = 600
 HOLD_RATE = 1
+LONG_DELTAS = 1000  # content chunks of the long stream (/long/): about as many events
 
 
 def missing_tools() -> list[str]:
@@ -43,6 +44,8 @@ def render_config(prefix: Path, port: int) -> Path:
     # finish chunk, usage chunk and [DONE]: the held stream ends honestly, minutes later
     tail = "".join(_sse_events(chat_sse)[-3:])
     (prefix / "hold.sse").write_text(head + ":\n" * HOLD_PADDING_LINES + tail)
+    events = _sse_events(chat_sse)
+    (prefix / "long.sse").write_text(events[0] + events[1] * LONG_DELTAS + tail)
     models = (NGINX_DIR / "models.json").read_text().strip()
     template = Template((NGINX_DIR / "nginx.conf.in").read_text())
     text = template.substitute(
