@@ -2,7 +2,8 @@
 Only the project that owns a row ever sees it (any of its keys); every other caller gets the
 404 an unknown id gets, and a caller whose key is not good gets 401 before anything is read.
 
-Endpoints not built yet (cancel, conversations) join the matrix with their issue.
+Responses (GET, DELETE, input_items, cancel, previous_response_id) and conversations (GET,
+update, items, an item, the `conversation` parameter, DELETE).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from team import ADMIN_KEY, CONFIG_KEY, AdminClient, client, team_relay
 @dataclass
 class World:
     url: str
-    response_id: str  # created by `owner` in project `home`
+    response_id: str  # created by `owner` in project `home` (a background response)
+    conversation_id: str  # likewise, with one item
+    item_id: str
     home: str
     elsewhere: str  # another project the owner's key may pick
     callers: dict[str, dict[str, str]]  # name -> headers
@@ -35,8 +38,14 @@ def world(database_url: str) -> Iterator[World]:
         revoked_id, revoked = admin.key(home)
         _, expired = admin.key(home, expires_at=int(time.time()) - 1)
         with client(url, owner) as http:
-            created = http.post("/v1/responses", json={"model": "fake-text", "input": "mine"})
+            body = {"model": "fake-text", "input": "mine", "background": True}
+            created = http.post("/v1/responses", json=body)
             assert created.status_code == 200, created.text
+            items = [{"type": "message", "role": "user", "content": "mine"}]
+            conversation = http.post("/v1/conversations", json={"items": items}).json()
+            item_id = http.get(f"/v1/conversations/{conversation['id']}/items").json()["data"][0][
+                "id"
+            ]
         admin.revoke(revoked_id)
         bearer = "authorization"
         callers = {
@@ -51,7 +60,9 @@ def world(database_url: str) -> Iterator[World]:
             "admin key as bearer": {bearer: f"Bearer {ADMIN_KEY}"},
             "no key": {},
         }
-        yield World(url, created.json()["id"], home, elsewhere, callers)
+        yield World(
+            url, created.json()["id"], conversation["id"], item_id, home, elsewhere, callers
+        )
 
 
 SEES = {"owner", "same project, another key"}
@@ -63,10 +74,43 @@ UNAUTHENTICATED = {
     "admin key as bearer": "invalid_api_key",
     "no key": "authentication_required",
 }
-ENDPOINTS = ["GET", "input_items", "previous_response_id", "DELETE"]
+ENDPOINTS = [
+    "GET",
+    "input_items",
+    "previous_response_id",
+    "cancel",
+    "conversation GET",
+    "conversation update",
+    "conversation items",
+    "conversation item",
+    "conversation add items",
+    "conversation parameter",
+    "conversation item DELETE",
+    "conversation DELETE",
+    "DELETE",
+]
 
 
-def _call(http: httpx.Client, endpoint: str, response_id: str) -> httpx.Response:
+def _call(http: httpx.Client, endpoint: str, world: World, unknown: bool = False) -> httpx.Response:
+    response_id = "resp_" + "0" * 48 if unknown else world.response_id
+    conversation = "conv_" + "0" * 48 if unknown else world.conversation_id
+    at = f"/v1/conversations/{conversation}"
+    say = {"type": "message", "role": "user", "content": "hi"}
+    calls = {
+        "cancel": lambda: http.post(f"/v1/responses/{response_id}/cancel"),
+        "conversation GET": lambda: http.get(at),
+        "conversation update": lambda: http.post(at, json={"metadata": {"a": "b"}}),
+        "conversation items": lambda: http.get(f"{at}/items"),
+        "conversation item": lambda: http.get(f"{at}/items/{world.item_id}"),
+        "conversation add items": lambda: http.post(f"{at}/items", json={"items": [say]}),
+        "conversation parameter": lambda: http.post(
+            "/v1/responses", json={"model": "fake-text", "input": "x", "conversation": conversation}
+        ),
+        "conversation item DELETE": lambda: http.delete(f"{at}/items/{world.item_id}"),
+        "conversation DELETE": lambda: http.delete(at),
+    }
+    if endpoint in calls:
+        return calls[endpoint]()
     if endpoint == "GET":
         return http.get(f"/v1/responses/{response_id}")
     if endpoint == "input_items":
@@ -81,13 +125,13 @@ def _call(http: httpx.Client, endpoint: str, response_id: str) -> httpx.Response
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("caller", [*SEES, *NOT_FOUND, *UNAUTHENTICATED])
 def test_only_the_owning_project_sees_a_response(world: World, caller: str, endpoint: str) -> None:
-    if endpoint == "DELETE" and caller in SEES:
-        pytest.skip("the owner's delete is tested last, below")
+    if endpoint.endswith("DELETE") and caller in SEES:
+        pytest.skip("the owner's deletes are tested last, below")
     from relay_fixtures import checked_client
 
     with checked_client(world.url) as http:
         http.headers.update(world.callers[caller])
-        answer = _call(http, endpoint, world.response_id)
+        answer = _call(http, endpoint, world)
     error = answer.json().get("error") if answer.status_code >= 400 else None
     if caller in SEES:
         assert answer.status_code == 200, answer.text
@@ -95,9 +139,13 @@ def test_only_the_owning_project_sees_a_response(world: World, caller: str, endp
         # What an id that never existed gets: 404, or for previous_response_id OpenAI's 400.
         with checked_client(world.url) as http:
             http.headers.update(world.callers["owner"])
-            unknown = _call(http, endpoint, "resp_" + "0" * 48)
+            unknown = _call(http, endpoint, world, unknown=True)
         expected = unknown.json()["error"]
-        expected["message"] = expected["message"].replace("resp_" + "0" * 48, world.response_id)
+        expected["message"] = (
+            expected["message"]
+            .replace("resp_" + "0" * 48, world.response_id)
+            .replace("conv_" + "0" * 48, world.conversation_id)
+        )
         assert (answer.status_code, error) == (unknown.status_code, expected)
         assert answer.status_code in (400, 404)
     else:
@@ -109,6 +157,10 @@ def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
     with client(world.url, world.callers["owner"]["authorization"][7:]) as http:
         assert http.delete(f"/v1/responses/{world.response_id}").status_code == 200
         assert http.get(f"/v1/responses/{world.response_id}").status_code == 404
+        at = f"/v1/conversations/{world.conversation_id}"
+        assert http.delete(f"{at}/items/{world.item_id}").status_code == 200
+        assert http.delete(at).status_code == 200
+        assert http.get(at).status_code == 404
 
 
 @pytest.mark.parametrize(

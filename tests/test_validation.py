@@ -167,10 +167,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         "invalid_value",
     ),
     (
-        {"model": "fake-text", "input": "x", "conversation": "conv_1"},
+        {"model": "fake-text", "input": "x", "conversation": "chat_1"},
         400,
         "conversation",
-        "unsupported_parameter",
+        "invalid_value",
     ),
     (
         {"model": "fake-text", "input": "x", "prompt": {"id": "pmpt_1"}},

@@ -23,6 +23,7 @@ from relay.providers.registry import Registry
 from relay.runs.log import RunLog
 from relay.runs.runner import Runner
 from relay.sealing import Sealer, load_keys
+from relay.storage.conversations import ConversationStore
 from relay.storage.sql import open_store
 
 log = logging.getLogger("relay")
@@ -67,6 +68,8 @@ def create_app(settings: Settings) -> ASGIApp:
         store = await open_store(settings.database_url)
         access = Access(settings, credentials, store.db)
         registry = Registry(settings.routes)
+        conversations = ConversationStore(store.db)
+        app.state.conversations = conversations
         app.state.settings = settings
         app.state.store = store
         engine = Engine(
@@ -77,6 +80,7 @@ def create_app(settings: Settings) -> ASGIApp:
             history_cache_bytes=settings.history_cache_bytes,
             sealer=sealer,
             hosted_tools=settings.hosted_tools,
+            conversations=conversations,
         )
         app.state.engine = engine
         runner = Runner(

@@ -7,7 +7,6 @@ dependency injection: the hot path (POST /responses) pays for none.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,35 +18,22 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from relay.access.gate import Principal
 from relay.access.idempotency import checked_key, request_digest
-from relay.api import admin, background
+from relay.api import admin, background, conversations
 from relay.api.auth import ClientHandler, access, client_endpoint, client_socket
 from relay.api.disconnect import CancelOnDisconnect
 from relay.api.idempotent import recorded, replayed
+from relay.api.paging import cursor, int_or_none, limit, order
 from relay.api.sse import EventStreamResponse
 from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
 from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
 from relay.ids import looks_like_response_id
-from relay.protocol import ID_PATTERN, CreateResponse, create_request, json_object
+from relay.protocol import CreateResponse, create_request, json_object
 from relay.storage.base import Store
 
 STARTED = int(time.time())
 MAX_SESSION_ID = 128
 OMITTED_TOOLS = "x-relay-omitted-tools"  # the hosted tool types a request had left out
-MAX_PAGE = 100
-DEFAULT_PAGE = 20
-_ITEM_ID = re.compile(ID_PATTERN)
-
-
-def _int_or_none(text: str | None) -> int | None:
-    """An ASCII decimal integer, or None. Not str.isdigit() + int(): '²' passes isdigit and
-    int() refuses it, and int() refuses more than 4300 digits; either would answer 500."""
-    if text is None or not text.isascii() or len(text) > 20:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -68,7 +54,7 @@ def _store(request: Request) -> Store:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 past `limit` bytes before it is all in memory."""
-    declared = _int_or_none(request.headers.get("content-length"))
+    declared = int_or_none(request.headers.get("content-length"))
     if declared is not None and declared > limit:
         raise PayloadTooLarge(limit)
     chunks, size = [], 0
@@ -256,48 +242,15 @@ async def delete_response(request: Request, principal: Principal) -> Response:
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
-def _cursor(request: Request, name: str) -> str | None:
-    value = request.query_params.get(name)
-    # fullmatch: with match, ID_PATTERN's '$' would let a trailing newline through.
-    if value is not None and not _ITEM_ID.fullmatch(value):
-        raise InvalidRequest(
-            f"Invalid '{name}': expected an item id of 1 to 256 printable ASCII characters.",
-            param=name,
-        )
-    return value
-
-
-def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None:
-        return DEFAULT_PAGE
-    limit = _int_or_none(raw)
-    if limit is None or not 1 <= limit <= MAX_PAGE:
-        raise InvalidRequest(
-            f"Invalid 'limit': expected an integer from 1 to {MAX_PAGE}, got '{raw[:20]}'.",
-            param="limit",
-        )
-    return limit
-
-
-def _order(request: Request) -> str:
-    order = request.query_params.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise InvalidRequest(
-            f"Invalid 'order': expected 'asc' or 'desc', got '{order[:20]}'.", param="order"
-        )
-    return order
-
-
 async def list_input_items(request: Request, principal: Principal) -> Response:
     response_id = request.path_params["response_id"]
     page = await _store(request).list_input_items(
         principal.project,
         _checked_id(response_id),
-        after=_cursor(request, "after"),
-        before=_cursor(request, "before"),
-        limit=_limit(request),
-        order="asc" if _order(request) == "asc" else "desc",
+        after=cursor(request, "after"),
+        before=cursor(request, "before"),
+        limit=limit(request),
+        order="asc" if order(request) == "asc" else "desc",
     )
     if page is None:
         raise _not_found(response_id)
@@ -343,6 +296,14 @@ _API: list[tuple[str, ClientHandler, str]] = [
     ("/responses/{response_id}/cancel", cancel_response, "POST"),
     ("/responses/{response_id}/input_items", list_input_items, "GET"),
     ("/models", list_models, "GET"),
+    ("/conversations", conversations.create, "POST"),
+    ("/conversations/{conversation_id}", conversations.retrieve, "GET"),
+    ("/conversations/{conversation_id}", conversations.update, "POST"),
+    ("/conversations/{conversation_id}", conversations.delete, "DELETE"),
+    ("/conversations/{conversation_id}/items", conversations.list_items, "GET"),
+    ("/conversations/{conversation_id}/items", conversations.add_items, "POST"),
+    ("/conversations/{conversation_id}/items/{item_id}", conversations.get_item, "GET"),
+    ("/conversations/{conversation_id}/items/{item_id}", conversations.delete_item, "DELETE"),
 ]
 
 

@@ -215,12 +215,6 @@ def check_request(request: CreateResponse) -> None:
             "background: true.",
             param="background",
         )
-    if request.conversation is not None:
-        raise InvalidRequest(
-            "Conversations are not supported yet; use previous_response_id.",
-            param="conversation",
-            code="unsupported_parameter",
-        )
     if request.prompt is not None:
         raise InvalidRequest(
             "Stored prompt templates are not supported; send instructions and input instead.",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
-from relay.engine import compaction, reasoning
+from relay.engine import compaction, conversation, reasoning
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, check_route, plan_tools, reasoning_settings
 from relay.engine.context import (
@@ -37,6 +37,7 @@ from relay.providers.base import Delta, FinishDelta, History, ProviderError, Tok
 from relay.providers.registry import Registry, Route
 from relay.sealing import Sealer
 from relay.storage.base import Store
+from relay.storage.conversations import ConversationStore
 
 log = logging.getLogger("relay.engine")
 T = TypeVar("T")
@@ -77,6 +78,7 @@ class Run:
     # the final save waits for it, then says it is done.
     recorded: asyncio.Future[None] | None = None
     on_stored: Callable[[], None] | None = None
+    turn: conversation.Turn | None = None  # the conversation it continues, held
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
 
@@ -178,9 +180,25 @@ class Run:
             # (What was saved measures what the history holds only when it added to a stored
             # chain; else the history measures itself.)
             added = nbytes if self.history_stored else None
-            self.engine.histories.put(self.tenant, response["id"], self.resulting_history(added))
+            if self.turn is None:  # a conversation's turns are remembered by conversation
+                self.engine.histories.put(
+                    self.tenant, response["id"], self.resulting_history(added)
+                )
             if self.on_stored is not None:
                 self.on_stored()
+        if self.turn is not None:
+            after = (
+                self.resulting_history()
+                if response["status"] in ("completed", "incomplete")
+                else None
+            )
+            try:
+                await self.turn.end(response, self.input_items, after)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not add response %s to its conversation", response["id"])
+                return False
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -219,8 +237,10 @@ class Engine:
         history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES,
         sealer: Sealer,
         hosted_tools: str = "omit",
+        conversations: ConversationStore | None = None,
     ) -> None:
         self.registry = registry
+        self.conversations = conversations
         self.hosted_tools = hosted_tools
         self.store = store
         self.sealer = sealer
@@ -259,12 +279,20 @@ class Engine:
         read from memory or the store.
         `generate=False`: a response that only takes the request in (a WebSocket warm-up):
         no upstream call, no output, an id the next turn can continue."""
-        prepared = await self._prepare(request, tenant, continuing)
+        turn = await self._begin_turn(request, tenant)
+        try:
+            prepared = await self._prepare(
+                request, tenant, turn.history if turn is not None else continuing
+            )
+            if generate:
+                route, deltas = await self._open(prepared, truncate=request.truncation == "auto")
+            else:
+                route, deltas = prepared.routes[0], _nothing_generated()
+        except BaseException:
+            if turn is not None:
+                await turn.abandon()
+            raise
         tools, history, items = prepared.tools, prepared.history, prepared.items
-        if generate:
-            route, deltas = await self._open(prepared, truncate=request.truncation == "auto")
-        else:
-            route, deltas = prepared.routes[0], _nothing_generated()
         response = new_response(
             request,
             response_id=response_id or new_id("resp"),
@@ -275,6 +303,8 @@ class Engine:
             session_id=request.session_id or session_id,
             echo_json_schema=self.echo_json_schema,
         )
+        if turn is not None:
+            response["conversation"] = {"id": turn.conversation}
         builder = ResponseBuilder(
             response,
             offered_tools={tool["name"] for tool in tools.offered},
@@ -306,6 +336,7 @@ class Engine:
             trace=request.trace,
             omitted_tools=tools.omitted,
             on_settled=on_settled,
+            turn=turn,
         )
 
     async def queued(
@@ -396,7 +427,7 @@ class Engine:
         tools = plan_tools(request, omit_hosted=self.hosted_tools == "omit")
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
-        history = continuing or await load_history(self.store, self.histories, tenant, request)
+        history = continuing or await self._context(request, tenant)
         items = await resolve_references(self.store, tenant, items)
         check_tool_outputs(history, items)
         include = set(request.include or [])
@@ -415,6 +446,23 @@ class Engine:
             ),
             upstream_history=compaction.expand_history(history, self.sealer, tenant),
         )
+
+    async def _begin_turn(self, request: CreateResponse, tenant: str) -> conversation.Turn | None:
+        found = conversation.conversation_id(request)
+        if found is None:
+            return None
+        return await conversation.begin(self._conversations(), self.histories, tenant, found)
+
+    async def _context(self, request: CreateResponse, tenant: str) -> History | None:
+        found = conversation.conversation_id(request)
+        if found is None:
+            return await load_history(self.store, self.histories, tenant, request)
+        return await conversation.context(self._conversations(), self.histories, tenant, found)
+
+    def _conversations(self) -> ConversationStore:
+        if self.conversations is None:
+            raise InvalidRequest("Conversations are not available here.", param="conversation")
+        return self.conversations
 
     async def _open(
         self, prepared: Prepared, *, truncate: bool

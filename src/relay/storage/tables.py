@@ -188,3 +188,38 @@ response_events = Table(
     Column("event", Text, nullable=False),
     PrimaryKeyConstraint("response_id", "sequence_number"),
 )
+
+# --- Conversations ---------------------------------------------------------------------------
+# A conversation's items in order; `version` grows with every change, so a history cached for
+# one version is known to be current. A response continuing a conversation holds it
+# (`active_token`, until `active_until`): a second one meanwhile is refused with a 409.
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("tenant", String, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger, nullable=True),
+    Column("metadata", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("next_position", Integer, nullable=False),
+    Column("active_token", String, nullable=True),
+    Column("active_until", BigInteger, nullable=True),
+)
+
+conversation_items = Table(
+    "conversation_items",
+    metadata,
+    Column(
+        "conversation_id",
+        String,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("position", Integer, nullable=False),
+    Column("item_id", String, nullable=False),
+    Column("item", Text, nullable=False),
+    PrimaryKeyConstraint("conversation_id", "position"),
+    Index(None, "conversation_id", "item_id"),
+)

@@ -1,0 +1,154 @@
+"""The Conversations API (`/conversations`), with OpenAI's shapes: a conversation object
+(`id`, `object`, `created_at`, `metadata`), its items in order, paged like input items."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.access.gate import Principal
+from relay.api.paging import cursor, limit, order
+from relay.engine.context import parse_input
+from relay.errors import InvalidRequest
+from relay.ids import new_id
+from relay.protocol import create_request, json_object
+from relay.storage.conversations import ConversationStore
+
+MAX_METADATA_KEYS = 16
+MAX_ITEMS = 20  # per POST, as OpenAI allows
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _store(request: Request) -> ConversationStore:
+    found: ConversationStore = request.app.state.conversations
+    return found
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    return json_object(raw) if raw else {}
+
+
+def _metadata(body: dict[str, Any]) -> dict[str, Any]:
+    metadata = body.get("metadata") or {}
+    valid = isinstance(metadata, dict) and all(
+        isinstance(key, str) and len(key) <= 64 and isinstance(value, str) and len(value) <= 512
+        for key, value in metadata.items()
+    )
+    if not valid or len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidRequest(
+            f"Invalid 'metadata': at most {MAX_METADATA_KEYS} string keys (64 characters) and "
+            "string values (512 characters).",
+            param="metadata",
+        )
+    return metadata
+
+
+def _items(body: dict[str, Any], required: bool) -> list[dict[str, Any]]:
+    given = body.get("items")
+    if given is None and not required:
+        return []
+    if not isinstance(given, list) or len(given) > MAX_ITEMS or (required and not given):
+        raise InvalidRequest(
+            f"Invalid 'items': expected a list of 1 to {MAX_ITEMS} input items.", param="items"
+        )
+    # The same items a response's input takes, normalised the same way (ids given).
+    items = parse_input(create_request({"input": given}))
+    if any(item["type"] == "item_reference" for item in items):
+        raise InvalidRequest("Item references cannot be added to a conversation.", param="items")
+    return items
+
+
+def _conversation_id(request: Request) -> str:
+    found: str = request.path_params["conversation_id"]
+    if not found.startswith("conv_") or len(found) > 200:
+        raise InvalidRequest(
+            f"Invalid 'conversation_id': '{found[:80]}'. Expected an ID that begins with 'conv_'.",
+            param="conversation_id",
+        )
+    return found
+
+
+async def create(request: Request, principal: Principal) -> Response:
+    body = await _body(request)
+    unknown = set(body) - {"items", "metadata"}
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown parameter: '{sorted(unknown)[0]}'.", param=sorted(unknown)[0]
+        )
+    created = await _store(request).create(
+        principal.project, new_id("conv"), _metadata(body), _items(body, required=False)
+    )
+    return _json(created)
+
+
+async def retrieve(request: Request, principal: Principal) -> Response:
+    return _json(await _store(request).get(principal.project, _conversation_id(request)))
+
+
+async def update(request: Request, principal: Principal) -> Response:
+    body = await _body(request)
+    if "metadata" not in body:
+        raise InvalidRequest("Missing required parameter: 'metadata'.", param="metadata")
+    store = _store(request)
+    return _json(
+        await store.update_metadata(principal.project, _conversation_id(request), _metadata(body))
+    )
+
+
+async def delete(request: Request, principal: Principal) -> Response:
+    conversation = _conversation_id(request)
+    await _store(request).delete(principal.project, conversation)
+    return _json({"id": conversation, "object": "conversation.deleted", "deleted": True})
+
+
+async def list_items(request: Request, principal: Principal) -> Response:
+    page = await _store(request).page(
+        principal.project,
+        _conversation_id(request),
+        after=cursor(request, "after"),
+        limit=limit(request),
+        order="asc" if order(request) == "asc" else "desc",
+    )
+    return _json(
+        {
+            "object": "list",
+            "data": page.data,
+            "first_id": page.first_id,
+            "last_id": page.last_id,
+            "has_more": page.has_more,
+        }
+    )
+
+
+async def add_items(request: Request, principal: Principal) -> Response:
+    items = _items(await _body(request), required=True)
+    await _store(request).add_items(principal.project, _conversation_id(request), items)
+    return _json(
+        {
+            "object": "list",
+            "data": items,
+            "first_id": items[0]["id"],
+            "last_id": items[-1]["id"],
+            "has_more": False,
+        }
+    )
+
+
+async def get_item(request: Request, principal: Principal) -> Response:
+    item_id = request.path_params["item_id"]
+    return _json(
+        await _store(request).get_item(principal.project, _conversation_id(request), item_id)
+    )
+
+
+async def delete_item(request: Request, principal: Principal) -> Response:
+    item_id = request.path_params["item_id"]
+    store = _store(request)
+    return _json(await store.delete_item(principal.project, _conversation_id(request), item_id))

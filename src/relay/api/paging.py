@@ -1,0 +1,58 @@
+"""Query parameters of the list endpoints: cursors, page sizes, order."""
+
+from __future__ import annotations
+
+import re
+
+from starlette.requests import Request
+
+from relay.errors import InvalidRequest
+from relay.protocol import ID_PATTERN
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+_ITEM_ID = re.compile(ID_PATTERN)
+
+
+def int_or_none(text: str | None) -> int | None:
+    """An ASCII decimal integer, or None. Not str.isdigit() + int(): '²' passes isdigit and
+    int() refuses it, and int() refuses more than 4300 digits; either would answer 500."""
+    if text is None or not text.isascii() or len(text) > 20:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def cursor(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name)
+    # fullmatch: with match, ID_PATTERN's '$' would let a trailing newline through.
+    if value is not None and not _ITEM_ID.fullmatch(value):
+        raise InvalidRequest(
+            f"Invalid '{name}': expected an item id of 1 to 256 printable ASCII characters.",
+            param=name,
+        )
+    return value
+
+
+def limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return DEFAULT_PAGE
+    limit = int_or_none(raw)
+    if limit is None or not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(
+            f"Invalid 'limit': expected an integer from 1 to {MAX_PAGE}, got '{raw[:20]}'.",
+            param="limit",
+        )
+    return limit
+
+
+def order(request: Request) -> str:
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest(
+            f"Invalid 'order': expected 'asc' or 'desc', got '{order[:20]}'.", param="order"
+        )
+    return order

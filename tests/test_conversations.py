@@ -1,0 +1,118 @@
+"""Conversations with the official openai client: the API, and responses continuing one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+from live_server import relay_server
+from relay_fixtures import fake_routes, sdk_client
+
+from relay.config import Settings
+
+
+@pytest.fixture(scope="module")
+def url(database_url: str) -> Iterator[str]:
+    with relay_server(Settings(database_url=database_url, routes=fake_routes())) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def sdk(url: str) -> Iterator[openai.OpenAI]:
+    with sdk_client(url) as client:
+        yield client
+
+
+def test_the_conversations_api(sdk: openai.OpenAI) -> None:
+    created = sdk.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "first"}],
+        metadata={"topic": "demo"},
+    )
+    assert created.id.startswith("conv_") and created.metadata == {"topic": "demo"}
+    assert sdk.conversations.retrieve(created.id).created_at == created.created_at
+    added = sdk.conversations.items.create(
+        created.id,
+        items=[
+            {"type": "message", "role": "user", "content": "second"},
+            {"type": "message", "role": "assistant", "content": "third"},
+        ],
+    )
+    assert [item.type for item in added.data] == ["message", "message"]
+    listed = sdk.conversations.items.list(created.id, order="asc")
+    texts = [item.content[0].text for item in listed.data]  # type: ignore[union-attr]
+    assert texts == ["first", "second", "third"]
+    newest = sdk.conversations.items.list(created.id, limit=2)  # desc by default
+    assert [item.id for item in newest.data] == [listed.data[2].id, listed.data[1].id]
+    assert newest.has_more
+    second = listed.data[1].id
+    assert sdk.conversations.items.retrieve(second, conversation_id=created.id).id == second
+    sdk.conversations.items.delete(second, conversation_id=created.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.conversations.items.retrieve(second, conversation_id=created.id)
+    updated = sdk.conversations.update(created.id, metadata={"topic": "other"})
+    assert updated.metadata == {"topic": "other"}
+    deleted = sdk.conversations.delete(created.id)
+    assert deleted.deleted is True
+    with pytest.raises(openai.NotFoundError):
+        sdk.conversations.retrieve(created.id)
+
+
+def test_responses_continue_a_conversation(sdk: openai.OpenAI) -> None:
+    conversation = sdk.conversations.create()
+    first = sdk.responses.create(model="fake-text", input="one two", conversation=conversation.id)
+    assert first.conversation is not None and first.conversation.id == conversation.id
+    second = sdk.responses.create(
+        model="fake-text", input="three", conversation={"id": conversation.id}
+    )
+    # The fake model counts the context's words as input tokens: the whole conversation.
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens
+    items = sdk.conversations.items.list(conversation.id, order="asc").data
+    roles = [(item.type, getattr(item, "role", None)) for item in items]
+    assert roles == [("message", "user"), ("message", "assistant")] * 2
+    assert items[1].id == first.output[0].id
+    # A stream adds its items too; a failed response adds nothing.
+    with sdk.responses.stream(model="fake-text", input="four", conversation=conversation.id) as s:
+        s.get_final_response()
+    sdk.responses.create(model="fake-error_after", input="five", conversation=conversation.id)
+    assert len(sdk.conversations.items.list(conversation.id, limit=100).data) == 6
+
+
+def test_conversation_rules(sdk: openai.OpenAI) -> None:
+    conversation = sdk.conversations.create()
+    earlier = sdk.responses.create(model="fake-text", input="x")
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.responses.create(
+            model="fake-text",
+            input="x",
+            conversation=conversation.id,
+            previous_response_id=earlier.id,
+        )
+    assert raised.value.param == "conversation"
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.create(model="fake-text", input="x", conversation="conv_" + "0" * 48)
+
+
+def test_two_responses_racing_on_one_conversation(sdk: openai.OpenAI, url: str) -> None:
+    """While a response runs on a conversation, a second one is a 409: the conversation's
+    items never interleave."""
+    conversation = sdk.conversations.create()
+    done = threading.Event()
+
+    def slow() -> None:
+        with sdk_client(url) as other:
+            other.responses.create(model="fake-slow", input="x", conversation=conversation.id)
+        done.set()
+
+    runner = threading.Thread(target=slow)
+    runner.start()
+    time.sleep(0.5)
+    with pytest.raises(openai.ConflictError) as raised:
+        sdk.responses.create(model="fake-text", input="y", conversation=conversation.id)
+    assert raised.value.code == "conversation_locked"
+    runner.join()
+    assert sdk.responses.create(model="fake-text", input="y", conversation=conversation.id)
+    assert len(sdk.conversations.items.list(conversation.id).data) == 4
