@@ -11,6 +11,8 @@ gateway benchmark's canned nginx upstream:
 2. A background stream of about a thousand events (the upstream's `/long/` answer): its end
    to end time beside the same request as a foreground stored stream (the cost of the event
    log), then `starting_after=<middle>` replays of the finished log.
+3. A conversation of a thousand turns (`conversation` on each create): its next turns beside
+   the first turn of fresh conversations, alternating.
 """
 
 from __future__ import annotations
@@ -140,6 +142,33 @@ def resume(base: str, rounds: int) -> list[list[str]]:
     return rows
 
 
+def conversation(base: str, turns: int, ends: int) -> list[list[str]]:
+    body = {"model": "bench-json", "input": PROMPT}
+
+    def turn(http: httpx.Client, conversation_id: str) -> float:
+        start = time.perf_counter()
+        answer = http.post("/v1/responses", json={**body, "conversation": conversation_id})
+        elapsed = (time.perf_counter() - start) * 1000
+        if answer.status_code != 200:
+            raise RuntimeError(f"turn answered {answer.status_code}: {answer.text[:200]}")
+        return elapsed
+
+    with httpx.Client(base_url=base, timeout=60) as http:
+        long = http.post("/v1/conversations", json={}).json()["id"]
+        for _ in range(turns):
+            turn(http, long)
+        first, last = [], []
+        for _ in range(ends):
+            first.append(turn(http, http.post("/v1/conversations", json={}).json()["id"]))
+            last.append(turn(http, long))
+    ratio = statistics.median(last) / statistics.median(first)
+    return [
+        [f"turn 1 of a fresh conversation (median of {ends})", f"{statistics.median(first):.2f}"],
+        [f"turn {turns + 1} and on (median of {ends})", f"{statistics.median(last):.2f}"],
+        ["ratio (goal: <= 1.2x)", f"{ratio:.2f}x"],
+    ]
+
+
 def main(quick: bool = False) -> None:
     missing = missing_tools()
     if missing:
@@ -157,6 +186,7 @@ def main(quick: bool = False) -> None:
         try:
             drained = asyncio.run(drain(base, count))
             rows = resume(base, rounds)
+            chat = conversation(base, count, 21)
         finally:
             relay.stop()
             nginx.stop()
@@ -178,3 +208,5 @@ def main(quick: bool = False) -> None:
     )
     print(f"\n## A long stream and its resumption (median of {rounds})\n")
     print(table(["measure", "ms"], rows))
+    print(f"\n## A conversation of {count} turns, store=true, non-streaming\n")
+    print(table(["request", "latency ms"], chat))

@@ -16,6 +16,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
+
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine import compaction, conversation, reasoning
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
@@ -180,18 +182,17 @@ class Run:
             # (What was saved measures what the history holds only when it added to a stored
             # chain; else the history measures itself.)
             added = nbytes if self.history_stored else None
+            resulting = self.resulting_history(added)
             if self.turn is None:  # a conversation's turns are remembered by conversation
-                self.engine.histories.put(
-                    self.tenant, response["id"], self.resulting_history(added)
-                )
+                self.engine.histories.put(self.tenant, response["id"], resulting)
             if self.on_stored is not None:
                 self.on_stored()
         if self.turn is not None:
-            after = (
-                self.resulting_history()
-                if response["status"] in ("completed", "incomplete")
-                else None
-            )
+            after = None
+            if response["status"] in ("completed", "incomplete"):
+                # Measured by its new items only (stored, the store has told it already).
+                added = len(orjson.dumps([*self.input_items, *response["output"]]))
+                after = self.resulting_history(added)
             try:
                 await self.turn.end(response, self.input_items, after)
             except asyncio.CancelledError:
