@@ -164,3 +164,11 @@ def test_runs_cut_by_a_crash_end_failed_never_404(tmp_path: Path) -> None:
         log = httpx.get(f"{second.url}/v1/responses/{background['id']}?stream=true").text
         kinds = [line[7:] for line in log.splitlines() if line.startswith("event: ")]
         assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"]
+
+
+def test_a_lease_must_be_renewed_in_time() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="a third of run_lease_s"):
+        Settings(run_lease_s=2, run_poll_s=1)
+    Settings(run_lease_s=3, run_poll_s=1)

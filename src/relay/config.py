@@ -210,6 +210,15 @@ class Settings(BaseSettings):
         return keys
 
     @model_validator(mode="after")
+    def _leases_renewed_in_time(self) -> Settings:
+        if self.run_poll_s * 3 > self.run_lease_s:
+            raise ValueError(
+                f"run_poll_s ({self.run_poll_s}) must be at most a third of run_lease_s "
+                f"({self.run_lease_s}): a lease is renewed every run_poll_s"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _unique_routes(self) -> Settings:
         names = [route.model for route in self.routes]
         duplicates = {name for name in names if names.count(name) > 1}

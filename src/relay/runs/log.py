@@ -103,15 +103,20 @@ class RunLog:
     async def end(self, response_id: str) -> None:
         await self.db.write(lambda conn: conn.execute(_END, {"rid": response_id}))
 
-    async def renew(self, response_ids: list[str]) -> set[str]:
-        """Extend these runs' leases; the ones whose cancel was asked for (elsewhere)."""
+    async def renew(self, response_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Extend these runs' leases: (the ones whose cancel was asked for elsewhere, the ones
+        no longer recorded: swept because this process stalled past its lease)."""
         if not response_ids:
-            return set()
+            return set(), set()
         params = {"ids": response_ids, "until": self._until()}
 
-        def work(conn: Connection) -> set[str]:
+        def work(conn: Connection) -> tuple[set[str], set[str]]:
             conn.execute(_RENEW, params)
-            return {row[0] for row in conn.execute(_CANCELS, {"ids": response_ids})}
+            cancels = {row[0] for row in conn.execute(_CANCELS, {"ids": response_ids})}
+            present = conn.execute(
+                select(runs.c.response_id).where(runs.c.response_id.in_(response_ids))
+            )
+            return cancels, set(response_ids) - {row[0] for row in present}
 
         return await self.db.write(work)
 

@@ -49,6 +49,7 @@ class Runner:
         self._feeds: dict[str, Feed] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: set[str] = set()  # foreground stored streams in flight here
+        self._lost: set[str] = set()  # runs here whose lease lapsed (see _keep)
         self._loop: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -122,7 +123,8 @@ class Runner:
                     failed = await self._failed_before_start(tenant, queued, feed, error)
                     on_settled(failed)
                     return
-                self.engine.track(self.log.mark_running(dict(run.response)))
+                # As it starts (its output fills in later, in the final save).
+                self.engine.track(self.log.mark_running({**run.response, "output": []}))
                 await self._stream(run, feed)
         except asyncio.CancelledError:
             if not started:
@@ -143,7 +145,8 @@ class Runner:
                 batch[0]["response"]["status"] = "queued"
                 first = False
             feed.publish(batch)
-            self.log.append(run.response["id"], batch)
+            if run.response["id"] not in self._lost:
+                self.log.append(run.response["id"], batch)
 
     async def _failed_before_start(
         self, tenant: str, queued: dict[str, Any], feed: Feed, error: RelayError
@@ -180,6 +183,7 @@ class Runner:
         await self.log.end(response_id)
         self._tasks.pop(response_id, None)
         self._feeds.pop(response_id, None)
+        self._lost.discard(response_id)
 
     async def cancel(self, tenant: str, response_id: str) -> bool:
         """Cancel a background run wherever it runs: here, at once; elsewhere, through its
@@ -228,6 +232,7 @@ class Runner:
 
         def ended() -> None:
             self._streams.discard(response_id)
+            self._lost.discard(response_id)
             self.engine.track(self.log.end(response_id))
 
         run.on_stored = ended
@@ -242,10 +247,17 @@ class Runner:
             turns += 1
             try:
                 mine = [*self._tasks, *self._streams]
-                for response_id in await self.log.renew(mine):
+                cancels, lost = await self.log.renew(mine)
+                for response_id in cancels:
                     task = self._tasks.get(response_id)
                     if task is not None:
                         task.cancel()
+                for response_id in lost - self._lost:
+                    # Swept as interrupted while it ran (this process stalled past its
+                    # lease): its log already ends there, so it writes no more events; its
+                    # final save still records how it really ended.
+                    log.warning("response %s lost its lease while running", response_id)
+                self._lost |= lost
                 if turns % sweep_every == 0:
                     ended = await self.log.sweep()
                     if ended:
