@@ -226,9 +226,9 @@ class Runner:
         response = dict(run.response)
         response_id = response["id"]
         self._streams.add(response_id)
-        run.recorded = asyncio.ensure_future(
-            self.log.begin(tenant, response, run.input_items, background=False)
-        )
+        # The response alone (its input items come with the final save): two one-row
+        # inserts, which the first token barely notices.
+        run.recorded = asyncio.ensure_future(self.log.begin(tenant, response, [], background=False))
 
         def ended() -> None:
             self._streams.discard(response_id)
