@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 from live_server import relay_server
 from pydantic import SecretStr
 from relay_fixtures import checked_client, fake_routes
@@ -92,3 +93,21 @@ def client(base_url: str, key: str, project: str | None = None) -> httpx.Client:
 def team_relay(database_url: str, **overrides: Any) -> Iterator[str]:
     with relay_server(team_settings(database_url, **overrides)) as url:
         yield url
+
+
+def ask(http: httpx.Client, model: str = "fake-text", **extra: object) -> httpx.Response:
+    return http.post("/v1/responses", json={"model": model, "input": "hello", **extra})
+
+
+@pytest.fixture(scope="module")
+def team_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Relay for a team (team_settings) on its own SQLite file, per test module."""
+    database = tmp_path_factory.mktemp("team") / "relay.db"
+    with team_relay(f"sqlite:///{database}") as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def admin(team_url: str) -> Iterator[AdminClient]:
+    with AdminClient(team_url) as admin_client:
+        yield admin_client

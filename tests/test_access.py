@@ -6,34 +6,14 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import pytest
-from team import ADMIN_KEY, CONFIG_KEY, CONFIG_TENANT, AdminClient, client, team_relay
+from team import ADMIN_KEY, CONFIG_KEY, CONFIG_TENANT, AdminClient, ask, client
 
 from relay.access.keys import KEY_PREFIX
 
 
-@pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    database = tmp_path_factory.mktemp("access") / "relay.db"
-    with team_relay(f"sqlite:///{database}") as base_url:
-        yield base_url
-
-
-@pytest.fixture
-def admin(url: str) -> Iterator[AdminClient]:
-    with AdminClient(url) as admin_client:
-        yield admin_client
-
-
-def _ask(http: httpx.Client, model: str = "fake-text", **extra: object) -> httpx.Response:
-    return http.post("/v1/responses", json={"model": model, "input": "hello", **extra})
-
-
-def test_a_key_is_shown_once_and_stored_as_a_digest(url: str, admin: AdminClient) -> None:
+def test_a_key_is_shown_once_and_stored_as_a_digest(team_url: str, admin: AdminClient) -> None:
     project = admin.project("shown-once")
     key_id, value = admin.key(project, name="ci")
     assert value.startswith(KEY_PREFIX) and len(value) == len(KEY_PREFIX) + 44
@@ -45,75 +25,75 @@ def test_a_key_is_shown_once_and_stored_as_a_digest(url: str, admin: AdminClient
     assert [key["id"] for key in listed] == [key_id] and value not in json.dumps(listed)
     audit = json.dumps(admin.call("GET", "/audit_log", limit=100))
     assert key_id in audit and value not in audit
-    with client(url, value) as http:
-        assert _ask(http).status_code == 200
+    with client(team_url, value) as http:
+        assert ask(http).status_code == 200
     assert admin.call("GET", f"/keys/{key_id}")["last_used_at"] is not None
 
 
-def test_revocation_and_expiry_take_effect(url: str, admin: AdminClient) -> None:
+def test_revocation_and_expiry_take_effect(team_url: str, admin: AdminClient) -> None:
     project = admin.project()
     key_id, value = admin.key(project)
-    with client(url, value) as http:
-        assert _ask(http).status_code == 200
+    with client(team_url, value) as http:
+        assert ask(http).status_code == 200
         admin.revoke(key_id)
         # This instance forgets at once; others within key_cache_s (0.2 s here).
-        answer = _ask(http)
+        answer = ask(http)
         assert answer.status_code == 401
         assert answer.json()["error"]["code"] == "api_key_revoked"
     soon = int(time.time()) + 2
     _, expiring = admin.key(project, expires_at=soon)
-    with client(url, expiring) as http:
-        assert _ask(http).status_code == 200
+    with client(team_url, expiring) as http:
+        assert ask(http).status_code == 200
         time.sleep(max(0.0, soon - time.time()) + 0.3)
-        assert _ask(http).json()["error"]["code"] == "api_key_expired"
+        assert ask(http).json()["error"]["code"] == "api_key_expired"
 
 
-def test_a_key_uses_only_its_models(url: str, admin: AdminClient) -> None:
+def test_a_key_uses_only_its_models(team_url: str, admin: AdminClient) -> None:
     _, value = admin.key(admin.project(), models=["fake-text"])
-    with client(url, value) as http:
-        assert _ask(http).status_code == 200
-        refused = _ask(http, model="fake-json")
+    with client(team_url, value) as http:
+        assert ask(http).status_code == 200
+        refused = ask(http, model="fake-json")
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "model_not_allowed"
         # A fallback list may not smuggle another model in.
-        refused = _ask(http, models=["fake-json"])
+        refused = ask(http, models=["fake-json"])
         assert refused.json()["error"]["code"] == "model_not_allowed"
         names = [model["id"] for model in http.get("/v1/models").json()["data"]]
         assert names == ["fake-text"]
 
 
-def test_projects_are_tenants_picked_with_x_project_id(url: str, admin: AdminClient) -> None:
+def test_projects_are_tenants_picked_with_x_project_id(team_url: str, admin: AdminClient) -> None:
     first, second = admin.project("first"), admin.project("second")
     _, value = admin.key(first, projects=[second])
-    with client(url, value) as http:
-        mine = _ask(http).json()["id"]
-    with client(url, value, project=second) as http:
-        theirs = _ask(http).json()["id"]
+    with client(team_url, value) as http:
+        mine = ask(http).json()["id"]
+    with client(team_url, value, project=second) as http:
+        theirs = ask(http).json()["id"]
         assert http.get(f"/v1/responses/{mine}").status_code == 404
         assert http.get(f"/v1/responses/{theirs}").status_code == 200
     admin.call("DELETE", f"/projects/{second}")
-    with client(url, value, project=second) as http:
-        archived = _ask(http)
+    with client(team_url, value, project=second) as http:
+        archived = ask(http)
     assert archived.status_code == 403
     assert archived.json()["error"]["code"] == "project_archived"
     refused = admin.http.post("/admin/v1/keys", json={"project_id": second})
     assert refused.status_code == 400
 
 
-def test_config_keys_keep_working_and_can_get_limits(url: str, admin: AdminClient) -> None:
-    with client(url, CONFIG_KEY) as http:
-        assert _ask(http).status_code == 200
+def test_config_keys_keep_working_and_can_get_limits(team_url: str, admin: AdminClient) -> None:
+    with client(team_url, CONFIG_KEY) as http:
+        assert ask(http).status_code == 200
         # The config tenant becomes a project by id, to carry limits.
         admin.call("POST", "/projects", {"id": CONFIG_TENANT, "name": "from the config"})
         admin.call("POST", f"/projects/{CONFIG_TENANT}", {"policy": {"rpm": 1}})
         time.sleep(0.3)
-        answers = [_ask(http).status_code for _ in range(2)]
+        answers = [ask(http).status_code for _ in range(2)]
         assert 429 in answers
         admin.call("POST", f"/projects/{CONFIG_TENANT}", {"policy": {"rpm": None}})
-        assert _ask(http).status_code == 200
+        assert ask(http).status_code == 200
 
 
-def test_admin_errors_are_envelopes(url: str, admin: AdminClient) -> None:
+def test_admin_errors_are_envelopes(team_url: str, admin: AdminClient) -> None:
     cases = [
         ("POST", "/projects", {"name": ""}, 400),
         ("POST", "/projects", {"name": "x", "policy": {"rpm": 0}}, 400),
@@ -134,7 +114,7 @@ def test_admin_errors_are_envelopes(url: str, admin: AdminClient) -> None:
     assert broken.status_code == 400
 
 
-def test_listing_pages_through_projects(url: str, admin: AdminClient) -> None:
+def test_listing_pages_through_projects(team_url: str, admin: AdminClient) -> None:
     for index in range(5):
         admin.project(f"page-{index}")
     seen: list[str] = []
@@ -179,11 +159,11 @@ def test_the_cli_runs_a_team_end_to_end(tmp_path: Path) -> None:
 
     with relay_serve({"RELAY_KEY_CACHE_S": "0.5"}, "--config", str(config)) as served:
         with client(served.url, value) as http:
-            assert _ask(http).status_code == 200
+            assert ask(http).status_code == 200
         run("key", "revoke", str(key["id"]))
         time.sleep(0.7)  # key_cache_s: the server learns of it within that time
         with client(served.url, value) as http:
-            assert _ask(http).status_code == 401
+            assert ask(http).status_code == 401
     usage = run("usage", "--group-by", "day,key")
     assert usage == [  # type: ignore[comparison-overlap]
         {

@@ -5,37 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
-import httpx
 import openai
 import orjson
 import pytest
 from relay_fixtures import sdk_client, sse_events
-from team import AdminClient, client, team_relay
+from team import AdminClient, ask, client
 
 
-@pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    database = tmp_path_factory.mktemp("limits") / "relay.db"
-    with team_relay(f"sqlite:///{database}") as base_url:
-        yield base_url
-
-
-@pytest.fixture
-def admin(url: str) -> Iterator[AdminClient]:
-    with AdminClient(url) as admin_client:
-        yield admin_client
-
-
-def _ask(http: httpx.Client, model: str = "fake-text", **extra: object) -> httpx.Response:
-    return http.post("/v1/responses", json={"model": model, "input": "hello", **extra})
-
-
-def test_requests_per_minute_per_key(url: str, admin: AdminClient) -> None:
+def test_requests_per_minute_per_key(team_url: str, admin: AdminClient) -> None:
     _, value = admin.key(admin.project(), policy={"rpm": 3})
-    with client(url, value) as http:
-        answers = [_ask(http) for _ in range(4)]
+    with client(team_url, value) as http:
+        answers = [ask(http) for _ in range(4)]
     assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
     assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == [
         "2",
@@ -51,52 +32,52 @@ def test_requests_per_minute_per_key(url: str, admin: AdminClient) -> None:
     assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
 
 
-def test_the_project_limit_binds_all_its_keys(url: str, admin: AdminClient) -> None:
+def test_the_project_limit_binds_all_its_keys(team_url: str, admin: AdminClient) -> None:
     project = admin.project(policy={"rpm": 2})
     keys = [admin.key(project)[1] for _ in range(2)]
     codes = []
     for value in [*keys, *keys]:
-        with client(url, value) as http:
-            codes.append(_ask(http).status_code)
+        with client(team_url, value) as http:
+            codes.append(ask(http).status_code)
     assert codes == [200, 200, 429, 429]
 
 
-def test_tokens_per_minute_count_real_usage(url: str, admin: AdminClient) -> None:
+def test_tokens_per_minute_count_real_usage(team_url: str, admin: AdminClient) -> None:
     # The fake answer to "hello" costs 1 input + 3 output tokens: two fill a window of 8.
     _, value = admin.key(admin.project(), policy={"tpm": 8})
-    with client(url, value) as http:
-        first = _ask(http)
+    with client(team_url, value) as http:
+        first = ask(http)
         assert first.headers["x-ratelimit-limit-tokens"] == "8"
         assert first.headers["x-ratelimit-remaining-tokens"] == "8"
-        second = _ask(http)
+        second = ask(http)
         assert second.headers["x-ratelimit-remaining-tokens"] == "4"
         time.sleep(0.1)  # the second's tokens are added as it settles
-        refused = _ask(http)
+        refused = ask(http)
     assert refused.status_code == 429, refused.text
     assert "tokens per minute" in refused.json()["error"]["message"]
 
 
-def test_concurrent_requests(url: str, admin: AdminClient) -> None:
+def test_concurrent_requests(team_url: str, admin: AdminClient) -> None:
     _, value = admin.key(admin.project(), policy={"max_concurrent": 1})
-    with client(url, value) as http, client(url, value) as other:
+    with client(team_url, value) as http, client(team_url, value) as other:
         with http.stream(
             "POST", "/v1/responses", json={"model": "fake-slow", "input": "x", "stream": True}
         ) as slow:
             assert slow.status_code == 200
-            refused = _ask(other)
+            refused = ask(other)
             assert refused.status_code == 429
             assert "at once" in refused.json()["error"]["message"]
             slow.read()
         time.sleep(0.1)
-        assert _ask(other).status_code == 200
+        assert ask(other).status_code == 200
         # A refused or failed start frees its slot too.
-        assert _ask(other, model="fake-error_before").status_code >= 400
-        assert _ask(other).status_code == 200
+        assert ask(other, model="fake-error_before").status_code >= 400
+        assert ask(other).status_code == 200
 
 
-def test_the_openai_sdk_sees_a_rate_limit_error(url: str, admin: AdminClient) -> None:
+def test_the_openai_sdk_sees_a_rate_limit_error(team_url: str, admin: AdminClient) -> None:
     _, value = admin.key(admin.project(), policy={"rpm": 1})
-    with sdk_client(url, value) as sdk:
+    with sdk_client(team_url, value) as sdk:
         sdk.responses.create(model="fake-text", input="one")
         with pytest.raises(openai.RateLimitError) as raised:
             sdk.responses.create(model="fake-text", input="two")
@@ -104,14 +85,14 @@ def test_the_openai_sdk_sees_a_rate_limit_error(url: str, admin: AdminClient) ->
     assert raised.value.response.headers["retry-after"]
 
 
-def test_a_daily_budget_is_checked_before_the_upstream(url: str, admin: AdminClient) -> None:
+def test_a_daily_budget_is_checked_before_the_upstream(team_url: str, admin: AdminClient) -> None:
     # "priced": 1 input token at $1,000/M + 3 output tokens at $2,000/M = $0.007 an answer.
     project = admin.project(policy={"daily_budget_usd": 0.02})
     key_id, value = admin.key(project)
-    with client(url, value) as http:
-        codes = [_ask(http, model="priced").status_code for _ in range(4)]
+    with client(team_url, value) as http:
+        codes = [ask(http, model="priced").status_code for _ in range(4)]
         # Unpriced routes cost nothing, yet the budget is spent: they are refused too.
-        spent = _ask(http)
+        spent = ask(http)
     assert codes == [200, 200, 200, 402]
     assert spent.status_code == 402
     error = spent.json()["error"]
@@ -133,33 +114,33 @@ def test_a_daily_budget_is_checked_before_the_upstream(url: str, admin: AdminCli
     # Raising the budget lets it through again.
     admin.call("POST", f"/projects/{project}", {"policy": {"daily_budget_usd": 1}})
     time.sleep(0.3)
-    with client(url, value) as http:
-        assert _ask(http, model="priced").status_code == 200
+    with client(team_url, value) as http:
+        assert ask(http, model="priced").status_code == 200
 
 
-def test_a_key_credit_and_a_stream_that_crosses_it(url: str, admin: AdminClient) -> None:
+def test_a_key_credit_and_a_stream_that_crosses_it(team_url: str, admin: AdminClient) -> None:
     """A response that starts within the budget runs to its end and is charged in full; the
     budget is then over, and the next request is refused. (A stream is never cut: its
     client would be left with half an answer it paid for.)"""
     _, value = admin.key(admin.project(), policy={"credit_usd": 0.001})
-    with client(url, value) as http:
+    with client(team_url, value) as http:
         events = sse_events(http, {"model": "priced-slow", "input": "x"})
         assert events[-1]["type"] == "response.completed"
         cost = events[-1]["response"]["usage"]["output_tokens"] * 2000 / 1e6
         assert cost > 0.001  # it crossed the credit
         time.sleep(0.1)
-        refused = _ask(http, model="priced")
+        refused = ask(http, model="priced")
     assert refused.status_code == 402
     assert "credit of $0.00" in refused.json()["error"]["message"]
 
 
-def test_usage_is_recorded_for_every_outcome(url: str, admin: AdminClient) -> None:
+def test_usage_is_recorded_for_every_outcome(team_url: str, admin: AdminClient) -> None:
     project = admin.project()
     _, value = admin.key(project)
-    with client(url, value) as http:
-        assert _ask(http, model="priced").status_code == 200
-        assert _ask(http, model="fake-error_after").status_code == 200  # a failed response
-        assert _ask(http, model="fake-flaky").status_code == 200  # served by its fallback
+    with client(team_url, value) as http:
+        assert ask(http, model="priced").status_code == 200
+        assert ask(http, model="fake-error_after").status_code == 200  # a failed response
+        assert ask(http, model="fake-flaky").status_code == 200  # served by its fallback
         done = threading.Event()
 
         def leave_early() -> None:
@@ -182,11 +163,11 @@ def test_usage_is_recorded_for_every_outcome(url: str, admin: AdminClient) -> No
     assert by_project[0]["requests"] == 4 and by_project[0]["cost_usd"] == 0.007
 
 
-def test_each_websocket_turn_is_a_request(url: str, admin: AdminClient) -> None:
+def test_each_websocket_turn_is_a_request(team_url: str, admin: AdminClient) -> None:
     from websockets.sync.client import connect
 
     _, value = admin.key(admin.project(), policy={"rpm": 1})
-    socket_url = url.replace("http://", "ws://") + "/v1/responses"
+    socket_url = team_url.replace("http://", "ws://") + "/v1/responses"
     turn = orjson.dumps({"type": "response.create", "model": "fake-text", "input": "hi"}).decode()
     with connect(socket_url, additional_headers={"authorization": f"Bearer {value}"}) as ws:
         ws.send(turn)

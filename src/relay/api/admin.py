@@ -66,17 +66,23 @@ async def get_project(request: Request, actor: str) -> Response:
     return _json(await _admin(request).get_project(request.path_params["project_id"]))
 
 
+def _changed(request: Request, result: dict[str, Any]) -> Response:
+    """The answer to a change of a project or key: this process forgets what it cached of
+    them at once (other instances within key_cache_s)."""
+    access(request).keys.forget()
+    return _json(result)
+
+
 async def update_project(request: Request, actor: str) -> Response:
     project_id = request.path_params["project_id"]
-    updated = await _admin(request).update_project(actor, project_id, await _body(request))
-    access(request).keys.forget()
-    return _json(updated)
+    return _changed(
+        request, await _admin(request).update_project(actor, project_id, await _body(request))
+    )
 
 
 async def archive_project(request: Request, actor: str) -> Response:
-    archived = await _admin(request).archive_project(actor, request.path_params["project_id"])
-    access(request).keys.forget()
-    return _json(archived)
+    project_id = request.path_params["project_id"]
+    return _changed(request, await _admin(request).archive_project(actor, project_id))
 
 
 async def create_key(request: Request, actor: str) -> Response:
@@ -95,15 +101,12 @@ async def get_key(request: Request, actor: str) -> Response:
 
 async def update_key(request: Request, actor: str) -> Response:
     key_id = request.path_params["key_id"]
-    updated = await _admin(request).update_key(actor, key_id, await _body(request))
-    access(request).keys.forget()
-    return _json(updated)
+    return _changed(request, await _admin(request).update_key(actor, key_id, await _body(request)))
 
 
 async def revoke_key(request: Request, actor: str) -> Response:
-    revoked = await _admin(request).revoke_key(actor, request.path_params["key_id"])
-    access(request).keys.forget()
-    return _json(revoked)
+    key_id = request.path_params["key_id"]
+    return _changed(request, await _admin(request).revoke_key(actor, key_id))
 
 
 async def usage(request: Request, actor: str) -> Response:
