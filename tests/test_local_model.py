@@ -398,8 +398,9 @@ def test_disconnect_stops_generation(local_url: str, local: httpx.Client) -> Non
     assert response_id is not None
     stored = None
     for _ in range(200):
+        # Recorded from its start (in_progress), settled as it stops.
         stored = local.get(f"/v1/responses/{response_id}")
-        if stored.status_code == 200:
+        if stored.status_code == 200 and stored.json()["status"] != "in_progress":
             break
         threading.Event().wait(0.05)
     assert stored is not None and stored.status_code == 200

@@ -276,8 +276,10 @@ def test_the_runs_of_a_killed_instance_end_failed_through_the_other(pair: Pair) 
     the other instance both ids answer, and end failed ("interrupted") within the lease;
     a follower of the background run's log sees it end with error and response.failed."""
     b = pair.b.url
+    # Its background runs stay in its own process (not the shared job queue), so that the
+    # kill takes this run with it: test_job_queue.py kills a worker that took one.
     with (
-        relay_serve(pair.env) as doomed,
+        relay_serve({**pair.env, "RELAY_BACKGROUND_QUEUE": "process"}) as doomed,
         httpx.Client(base_url=doomed.url, timeout=10) as http,
         httpx.Client(timeout=10) as http_b,
     ):

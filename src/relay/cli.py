@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
@@ -95,6 +96,52 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def worker(argv: list[str]) -> int:
+    """`relay worker`: take background runs from the job queue (PostgreSQL), serving no
+    HTTP: runners scaled apart from the API (which may set background_worker = false)."""
+    parser = argparse.ArgumentParser(
+        prog="relay worker", description="Run background responses from the job queue."
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (env vars override it)")
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        os.environ[CONFIG_ENV] = str(args.config.resolve())
+    try:
+        settings = settings_from_env().model_copy(update={"background_worker": True})
+    except (ValidationError, ValueError) as error:
+        print(f"relay: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    if not settings.database_url.startswith("postgresql") or settings.background_queue != "auto":
+        print('relay worker: needs PostgreSQL and background_queue = "auto"', file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    log.info("relay %s worker; storage: %s", __version__, without_password(settings.database_url))
+    import uvloop
+
+    uvloop.run(_work(settings))
+    return 0
+
+
+async def _work(settings: Settings) -> None:
+    """The application's start-up and shutdown, and nothing in between but its background
+    work, until SIGINT or SIGTERM."""
+    import asyncio
+    import signal
+
+    from relay.api.app import create_app
+
+    app: Any = create_app(settings).app  # type: ignore[attr-defined]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, stop.set)
+    async with app.router.lifespan_context(app):
+        await stop.wait()
+
+
 def describe(settings: Settings) -> None:
     """What a user needs to see at start-up: where Relay listens, its storage, its
     authentication and its routes (no credential among them)."""
@@ -141,6 +188,8 @@ def without_password(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "worker":
+        return worker(argv[1:])
     if argv and argv[0] == "admin":
         from relay.admin_cli import main as admin
 
@@ -148,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "serve":
         print(
             "usage: relay serve [--config relay.toml] [--host H] [--port P] [--workers N]\n"
+            "       relay worker [--config relay.toml]\n"
             "       relay admin [--config relay.toml] {project,key,usage,audit} ...",
             file=sys.stderr,
         )

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     # (beyond: 503 with retry-after).
     background_max_running: int = Field(default=16, ge=1)
     background_max_queued: int = Field(default=1000, ge=0)
+    # With PostgreSQL, background runs go through a job queue shared by every instance
+    # ("auto"); "process" keeps each in the process that received it (as with SQLite).
+    # `background_worker = false` makes an instance that only serves the API (`relay
+    # worker` runs one that only takes jobs).
+    background_queue: Literal["auto", "process"] = "auto"
+    background_worker: bool = True
     # A run in flight (background, or a stored stream) holds a lease its process renews every
     # `run_poll_s` (which also picks up cancels asked for on another instance); a run whose
     # lease lapses (its process died) is ended as failed by any instance within about

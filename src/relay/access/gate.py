@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +175,14 @@ class Access:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.ledger.flush()
         await self.limiter.aclose()
+
+    def accounting_for(
+        self, project: str, key_id: str | None, model: str
+    ) -> Callable[[dict[str, Any]], None]:
+        """The books of a run admitted elsewhere (a background run from the job queue):
+        its usage row, without the limits, which the admitting instance applied."""
+        key = KeyRecord(key_id or "", project, frozenset([project]), None, NO_POLICY)
+        return Accounting(self, Principal(project, key), model, None).settle
 
     async def principal(self, connection: HTTPConnection) -> Principal:
         """The caller of a data-plane request (or a WebSocket's upgrade), or 401/403."""

@@ -21,9 +21,11 @@ from relay.config import Settings
 from relay.engine.run import Engine
 from relay.providers.registry import Registry
 from relay.runs.log import RunLog
+from relay.runs.queue import JobQueue
 from relay.runs.runner import Runner
 from relay.sealing import Sealer, load_keys
 from relay.storage.conversations import ConversationStore
+from relay.storage.database import AsyncDatabase
 from relay.storage.sql import open_store
 
 log = logging.getLogger("relay")
@@ -90,6 +92,17 @@ def create_app(settings: Settings) -> ASGIApp:
             max_queued=settings.background_max_queued,
             poll_s=settings.run_poll_s,
         )
+        runner.accounting_for = access.accounting_for
+        queue = None
+        if isinstance(store.db, AsyncDatabase) and settings.background_queue == "auto":
+            queue = JobQueue(
+                settings.database_url,
+                runner.run_queued,
+                concurrency=settings.background_max_running,
+                work=settings.background_worker,
+            )
+            await queue.open()
+            runner.queue = queue
         runner.start()
         app.state.runner = runner
         app.state.access = access
@@ -98,6 +111,8 @@ def create_app(settings: Settings) -> ASGIApp:
         try:
             yield
         finally:
+            if queue is not None:
+                await queue.close()
             await runner.aclose()
             await engine.aclose()
             await access.aclose()

@@ -42,11 +42,17 @@ async def submit(
 ) -> Response:
     """Queue the response; answer it queued (JSON), or stream it as it runs."""
     gate = request.app.state.access
-    response, feed = await runner(request).submit(
-        body, tenant=principal.project, session_id=session, on_settled=accounting.settle
+    response, here = await runner(request).submit(
+        body,
+        tenant=principal.project,
+        session_id=session,
+        key_id=principal.key_id,
+        on_settled=accounting.settle,
     )
+    if not here:
+        accounting.abandon()  # the worker that runs it keeps its books
     if body.stream:
-        events: AsyncIterator[list[Event]] = feed.follow(-1)
+        events: AsyncIterator[list[Event]] = runner(request).follow(response["id"], -1)
         if idempotency_key is not None:
             events = recorded(events, gate, principal.project, idempotency_key)
         keepalive_s = request.app.state.settings.keepalive_s

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -53,8 +54,19 @@ _EVENTS_AFTER = (
 )
 
 
+# A background run waiting in the job queue is ended by the sweep after this long.
+QUEUED_S = 3600
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRun:
+    request: str  # the create body, as JSON
+    session_id: str | None
+    key_id: str | None
 
 
 class RunLog:
@@ -75,14 +87,20 @@ class RunLog:
         input_items: list[dict[str, Any]],
         *,
         background: bool,
+        queued: QueuedRun | None = None,
     ) -> None:
-        """Store the response as it starts (queued or in_progress) with its run, at once."""
+        """Store the response as it starts (queued or in_progress) with its run, at once.
+        `queued`: what a worker elsewhere needs to start it (it waits in the job queue,
+        without a lease, for up to QUEUED_S)."""
         row = {
             "response_id": response["id"],
             "tenant": tenant,
             "background": int(background),
-            "lease_until": self._until(),
+            "lease_until": self._until() if queued is None else int(time.time() + QUEUED_S),
             "cancel_requested": 0,
+            "request": None if queued is None else queued.request,
+            "session_id": None if queued is None else queued.session_id,
+            "key_id": None if queued is None else queued.key_id,
         }
 
         def work(conn: Connection) -> None:
@@ -90,6 +108,25 @@ class RunLog:
             conn.execute(insert(runs), row)
 
         await self.db.write(work)
+
+    async def take(self, response_id: str) -> tuple[QueuedRun, str, dict[str, Any]] | None:
+        """A worker's claim on a queued run: its lease starts now. (What it needs, its tenant,
+        the queued response); None when it is no longer queued (cancelled, or swept)."""
+
+        def work(conn: Connection) -> tuple[QueuedRun, str, dict[str, Any]] | None:
+            row = conn.execute(select(runs).where(runs.c.response_id == response_id)).first()
+            body = conn.execute(
+                select(responses.c.body).where(
+                    responses.c.id == response_id, responses.c.status == "queued"
+                )
+            ).scalar()
+            if row is None or body is None or row.request is None:
+                return None
+            conn.execute(_RENEW, {"ids": [response_id], "until": self._until()})
+            queued = QueuedRun(row.request, row.session_id, row.key_id)
+            return queued, row.tenant, orjson.loads(body)
+
+        return await self.db.write(work)
 
     async def mark_running(self, response: dict[str, Any]) -> None:
         """A queued response's stored copy, now that its run has started."""
@@ -121,9 +158,26 @@ class RunLog:
         return await self.db.write(work)
 
     async def request_cancel(self, tenant: str, response_id: str) -> bool:
-        """Ask the instance running it to cancel; False when no such run is in flight."""
+        """Cancel a run not running here: one still waiting in the job queue at once (its
+        worker will find it gone), a running one by asking its instance. False when no such
+        run is in flight."""
 
         def work(conn: Connection) -> bool:
+            body = conn.execute(
+                select(responses.c.body).where(
+                    responses.c.id == response_id,
+                    responses.c.tenant == tenant,
+                    responses.c.status == "queued",
+                )
+            ).scalar()
+            if body is not None and conn.execute(_END, {"rid": response_id}).rowcount:
+                cancelled = {**orjson.loads(body), "status": "cancelled"}
+                conn.execute(
+                    update(responses)
+                    .where(responses.c.id == response_id)
+                    .values(status="cancelled", body=_dumps(cancelled))
+                )
+                return True
             done = conn.execute(_REQUEST_CANCEL, {"rid": response_id, "t": tenant})
             return bool(done.rowcount)
 

@@ -20,12 +20,15 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
+
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
 from relay.errors import RelayError, UpstreamError
-from relay.protocol import CreateResponse
+from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
-from relay.runs.log import RunLog
+from relay.runs.log import QueuedRun, RunLog
+from relay.runs.queue import JobQueue
 
 log = logging.getLogger("relay.runs")
 
@@ -50,7 +53,12 @@ class Runner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: set[str] = set()  # foreground stored streams in flight here
         self._lost: set[str] = set()  # runs here whose lease lapsed (see _keep)
+        self._cancelled: set[str] = set()  # runs a client cancelled
         self._loop: asyncio.Task[None] | None = None
+        # With PostgreSQL: the job queue that hands background runs out, and how a worker
+        # opens the books of a run another instance admitted (relay.api.app sets both).
+        self.queue: JobQueue | None = None
+        self.accounting_for: AccountingFor = _no_accounting
 
     def start(self) -> None:
         self._loop = asyncio.ensure_future(self._keep())
@@ -73,9 +81,12 @@ class Runner:
         *,
         tenant: str,
         session_id: str | None,
+        key_id: str | None,
         on_settled: Callable[[dict[str, Any]], None],
-    ) -> tuple[dict[str, Any], Feed]:
-        """Queue a background response: the queued response object, and its feed."""
+    ) -> tuple[dict[str, Any], bool]:
+        """Queue a background response: the queued response object, and whether it runs in
+        this process (else a worker took it from the job queue, and `on_settled` is not
+        called: that worker settles it)."""
         if self._waiting >= self.max_queued:
             raise UpstreamError(
                 "Too many background responses are waiting; retry shortly.",
@@ -84,13 +95,44 @@ class Runner:
                 headers={"retry-after": "1"},
             )
         response, items = await self.engine.queued(request, tenant=tenant, session_id=session_id)
+        if self.queue is not None:
+            # Handed out: a worker (here or elsewhere) runs it, and settles its accounting.
+            body = request.model_dump_json(exclude_unset=True, by_alias=True)
+            queued = QueuedRun(body, session_id, key_id)
+            await self.log.begin(tenant, response, items, background=True, queued=queued)
+            await self.queue.defer(response["id"])
+            return response, False
         await self.log.begin(tenant, response, items, background=True)
         feed = self._feeds[response["id"]] = Feed()
         self._waiting += 1
         self._tasks[response["id"]] = asyncio.ensure_future(
             self._run(request, tenant, session_id, dict(response), feed, on_settled)
         )
-        return response, feed
+        return response, True
+
+    async def run_queued(self, response_id: str) -> None:
+        """A job from the queue: the background run it names, here, unless it was
+        cancelled (or swept) while it waited."""
+        taken = await self.log.take(response_id)
+        if taken is None:
+            return
+        queued, tenant, snapshot = taken
+        request = create_request(orjson.loads(queued.request))
+        feed = self._feeds[response_id] = Feed()
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks[response_id] = task
+        self._waiting += 1
+        on_settled = self.accounting_for(tenant, queued.key_id, request.model or "")
+        try:
+            await self._run(request, tenant, queued.session_id, snapshot, feed, on_settled)
+        except asyncio.CancelledError:
+            if response_id not in self._cancelled:
+                raise  # the worker is stopping
+            # A cancel asked for by a client: the job is done (the run stored as much).
+            task.uncancel()
+        finally:
+            self._cancelled.discard(response_id)
 
     def feed(self, response_id: str) -> Feed | None:
         return self._feeds.get(response_id)
@@ -184,14 +226,16 @@ class Runner:
         self._tasks.pop(response_id, None)
         self._feeds.pop(response_id, None)
         self._lost.discard(response_id)
+        self._cancelled.discard(response_id)
 
     async def cancel(self, tenant: str, response_id: str) -> bool:
         """Cancel a background run wherever it runs: here, at once; elsewhere, through its
         run record (its instance polls every `poll_s`). False when none is in flight."""
         task = self._tasks.get(response_id)
         if task is not None:
+            self._cancelled.add(response_id)
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task})
             await self.log.flush()
             return True
         return await self.log.request_cancel(tenant, response_id)
@@ -251,6 +295,7 @@ class Runner:
                 for response_id in cancels:
                     task = self._tasks.get(response_id)
                     if task is not None:
+                        self._cancelled.add(response_id)
                         task.cancel()
                 for response_id in lost - self._lost:
                     # Swept as interrupted while it ran (this process stalled past its
@@ -267,3 +312,8 @@ class Runner:
 
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")
+AccountingFor = Callable[[str, str | None, str], Callable[[dict[str, Any]], None]]
+
+
+def _no_accounting(tenant: str, key_id: str | None, model: str) -> Callable[[dict[str, Any]], None]:
+    return lambda response: None

@@ -176,6 +176,10 @@ runs = Table(
     Column("background", Integer, nullable=False),  # 0 or 1
     Column("lease_until", BigInteger, nullable=False),
     Column("cancel_requested", Integer, nullable=False),  # 0 or 1
+    # What a worker needs to start a background run handed out through the job queue.
+    Column("request", Text, nullable=True),
+    Column("session_id", String, nullable=True),
+    Column("key_id", String, nullable=True),
     Index(None, "lease_until"),
 )
 

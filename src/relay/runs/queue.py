@@ -1,0 +1,92 @@
+"""Background runs handed out between instances through procrastinate, a job queue on
+PostgreSQL (docs/design.md says why this one): the instance that receives a background
+response stores its run record and defers a job naming it; whichever instance's worker is free
+takes the job and runs it (`Runner.run_queued`). procrastinate keeps its own tables in the
+same database; they are created at start-up, once, under an advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import procrastinate
+import psycopg
+from procrastinate.schema import SchemaManager
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger("relay.queue")
+QUEUE = "relay-background"
+_SCHEMA_LOCK = 7_366_100_261_625_119_077
+
+
+def conninfo(database_url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as libpq connection info."""
+    url = make_url(database_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+class JobQueue:
+    def __init__(
+        self,
+        database_url: str,
+        run: Callable[[str], Awaitable[None]],
+        *,
+        concurrency: int,
+        work: bool,
+    ) -> None:
+        self._conninfo = conninfo(database_url)
+        self.app = procrastinate.App(
+            connector=procrastinate.PsycopgConnector(conninfo=self._conninfo)
+        )
+        self._concurrency = concurrency
+        self._work = work
+        self._worker: asyncio.Task[None] | None = None
+
+        # No retries: a run that started is never run twice (its client may have seen its
+        # first events); one whose worker died is ended by the run sweep instead.
+        @self.app.task(name="relay.background_run", queue=QUEUE, retry=False)
+        async def background_run(response_id: str) -> None:
+            await run(response_id)
+
+        self._task: Any = background_run
+
+    async def open(self) -> None:
+        await self._ensure_schema()
+        await self.app.open_async()
+        if self._work:
+            self._worker = asyncio.ensure_future(
+                self.app.run_worker_async(
+                    queues=[QUEUE],
+                    concurrency=self._concurrency,
+                    wait=True,
+                    install_signal_handlers=False,
+                    listen_notify=True,
+                )
+            )
+
+    async def defer(self, response_id: str) -> None:
+        await self._task.defer_async(response_id=response_id)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        await self.app.close_async()
+
+    async def _ensure_schema(self) -> None:
+        """procrastinate's tables, created by the first instance to start."""
+        async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
+            await conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+            try:
+                found = await (
+                    await conn.execute("SELECT to_regclass('procrastinate_jobs')")
+                ).fetchone()
+                if found is None or found[0] is None:
+                    schema = SchemaManager.get_schema()
+                    await conn.execute(schema)
+                    log.info("created the job queue's tables")
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
