@@ -179,3 +179,26 @@ def test_the_cli_runs_a_team_end_to_end(tmp_path: Path) -> None:
     actions = [entry["action"] for entry in run("audit")["data"]]  # type: ignore[index]
     assert actions == ["key.revoked", "project.updated", "key.created", "project.created"]
     assert value not in json.dumps(run("audit"))
+
+
+def test_admin_inputs_out_of_range_are_400(team_url: str, admin: AdminClient) -> None:
+    project = admin.project("bounds")
+    for path, params in (
+        ("/projects", {"limit": "00050000"}),
+        ("/projects", {"limit": "1" + "0" * 5000}),
+        ("/audit_log", {"after": "9" * 40}),
+    ):
+        answer = admin.http.get(f"/admin/v1{path}", params=params)
+        assert answer.status_code == 400, answer.text
+    for body in (
+        {"policy": {"credit_usd": 1e300}},
+        {"policy": {"rpm": 10**30}},
+    ):
+        answer = admin.http.post(f"/admin/v1/projects/{project}", json=body)
+        assert answer.status_code == 400, answer.text
+    answer = admin.http.post("/admin/v1/keys", json={"project_id": project, "expires_at": 2**63})
+    assert answer.status_code == 400
+    answer = admin.http.post("/admin/v1/projects", json={"name": "x", "id": "a b/c?"})
+    assert answer.status_code == 400
+    with client(team_url, admin.key(project)[1]) as http:
+        assert ask(http).status_code == 200  # the project still serves

@@ -172,3 +172,24 @@ def test_a_lease_must_be_renewed_in_time() -> None:
     with pytest.raises(ValidationError, match="a third of run_lease_s"):
         Settings(run_lease_s=2, run_poll_s=1)
     Settings(run_lease_s=3, run_poll_s=1)
+
+
+def test_an_idempotent_background_stream_is_one_run(url: str) -> None:
+    """The client leaves its background stream and retries with the same Idempotency-Key:
+    the retry follows the same run from its first event, it does not start another."""
+    body = {"model": "fake-slow", "input": "x", "background": True, "stream": True}
+    headers = {"idempotency-key": "bg-stream-1"}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/responses", json=body, headers=headers) as first:
+            lines = first.iter_lines()
+            created = next(line for line in lines if line.startswith("data:"))
+        response_id = httpx.Response(200, content=created[5:]).json()["response"]["id"]
+        with http.stream("POST", "/v1/responses", json=body, headers=headers) as again:
+            assert again.headers["idempotent-replayed"] == "true"
+            text = "".join(again.iter_text())
+        assert response_id in text and "event: response.completed" in text
+        bad = http.get(
+            f"/v1/responses/{response_id}",
+            params={"stream": "true", "starting_after": "99999999999"},
+        )
+        assert bad.status_code == 400

@@ -177,7 +177,9 @@ def describe(settings: Settings) -> None:
 
 
 def without_password(url: str) -> str:
-    """`url` with the password of its user part masked."""
+    """`url` with the password of its user part masked, and its query left out (drivers
+    take passwords there too: ?password=...)."""
+    url = url.split("?", 1)[0]
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -18,7 +18,8 @@ from relay.ids import new_id
 from relay.storage.database import Database
 from relay.storage.tables import api_keys, audit_log, projects
 
-PROJECT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PROJECT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_TIME = 2**53  # unix seconds: far beyond any expiry, within every column type
 MAX_PAGE = 100
 
 
@@ -46,7 +47,7 @@ class KeyCreate(BaseModel):
     projects: list[str] = Field(default_factory=list)
     models: list[str] | None = None
     policy: Policy = NO_POLICY
-    expires_at: int | None = Field(default=None, ge=0)  # unix seconds
+    expires_at: int | None = Field(default=None, ge=0, le=MAX_TIME)  # unix seconds
 
 
 class KeyUpdate(BaseModel):
@@ -56,7 +57,7 @@ class KeyUpdate(BaseModel):
     projects: list[str] | None = None
     models: list[str] | None = None
     policy: dict[str, Any] | None = None
-    expires_at: int | None = Field(default=None, ge=0)
+    expires_at: int | None = Field(default=None, ge=0, le=MAX_TIME)
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:

@@ -123,7 +123,15 @@ class Idempotency:
         ).first()
         if claimed is not None:
             return None
-        row = conn.execute(_READ, this).one()
+        row = conn.execute(_READ, this).first()
+        if row is None:
+            # Released between the insert and this read (PostgreSQL, read committed).
+            raise Conflict(
+                "A request with this Idempotency-Key just ended without an answer; retry.",
+                param="Idempotency-Key",
+                code="idempotency_key_in_progress",
+                headers={"retry-after": "1"},
+            )
         if row.request_digest != digest:
             raise Conflict(
                 "This Idempotency-Key was already used with a different request body. "

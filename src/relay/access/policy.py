@@ -8,6 +8,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 NANOS_PER_USD = 1_000_000_000
+# Bounds on amounts (a billion dollars): sums in nano-dollars stay within 64-bit integers.
+MAX_USD = 1_000_000_000.0
 
 
 class Policy(BaseModel):
@@ -16,14 +18,14 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Requests and tokens per minute (a sliding window), and requests running at once.
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1, le=10**12)
+    tpm: int | None = Field(default=None, ge=1, le=10**15)
+    max_concurrent: int | None = Field(default=None, ge=1, le=10**9)
     # Spend caps in US dollars: per UTC day, per UTC month, and over all time (a prepaid
     # credit: raise it to top up).
-    daily_budget_usd: float | None = Field(default=None, ge=0)
-    monthly_budget_usd: float | None = Field(default=None, ge=0)
-    credit_usd: float | None = Field(default=None, ge=0)
+    daily_budget_usd: float | None = Field(default=None, ge=0, le=MAX_USD)
+    monthly_budget_usd: float | None = Field(default=None, ge=0, le=MAX_USD)
+    credit_usd: float | None = Field(default=None, ge=0, le=MAX_USD)
 
     @property
     def has_rate_limits(self) -> bool:
@@ -61,9 +63,9 @@ class Price(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: float = Field(default=0.0, ge=0)
-    cached_input: float | None = Field(default=None, ge=0)  # default: the input price
-    output: float = Field(default=0.0, ge=0)
+    input: float = Field(default=0.0, ge=0, le=MAX_USD)
+    cached_input: float | None = Field(default=None, ge=0, le=MAX_USD)  # default: input's
+    output: float = Field(default=0.0, ge=0, le=MAX_USD)
 
     def cost_nanos(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> int:
         """The cost in nano-dollars (integers, so that sums stay exact)."""

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute
 from relay.access.admin import MAX_PAGE, Admin
 from relay.access.usage import GROUPS
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
+from relay.api.paging import int_or_none, read_body
 from relay.errors import InvalidRequest
 
 PREFIX = "/admin/v1"
@@ -30,7 +31,7 @@ def _admin(request: Request) -> Admin:
 
 
 async def _body(request: Request) -> Any:
-    raw = await request.body()
+    raw = await read_body(request)
     try:
         return orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:
@@ -38,12 +39,12 @@ async def _body(request: Request) -> Any:
 
 
 def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit", str(DEFAULT_PAGE))
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw[:4]) <= MAX_PAGE:
+    value = int_or_none(request.query_params.get("limit", str(DEFAULT_PAGE)))
+    if value is None or not 1 <= value <= MAX_PAGE:
         raise InvalidRequest(
             f"Invalid 'limit': expected an integer from 1 to {MAX_PAGE}.", param="limit"
         )
-    return int(raw)
+    return value
 
 
 def _day(request: Request, name: str) -> str | None:

@@ -127,7 +127,14 @@ def create_app(settings: Settings) -> ASGIApp:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                allow_headers=["authorization", "content-type", "x-request-id", "x-session-id"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "x-request-id",
+                    "x-session-id",
+                    "idempotency-key",
+                    "x-project-id",
+                ],
                 expose_headers=["x-request-id", "x-relay-omitted-tools"],
             )
         )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -14,14 +13,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.access.gate import Accounting, Principal
-from relay.api.idempotent import recorded
 from relay.api.sse import EventStreamResponse
 from relay.errors import InvalidRequest
 from relay.protocol import CreateResponse
-from relay.runs.feed import Event
 from relay.runs.runner import Runner
 
 _LIVE = ("queued", "in_progress")
+# The media type of an Idempotency-Key record that stands for a background stream: its body
+# is the response id, and a replay follows the run's event log.
+BACKGROUND_STREAM = "application/x-relay-background-stream"
 # After a cancel asked of another instance, how long to wait for it to take effect before
 # answering with the response as it stands.
 _CANCEL_WAIT_S = 10.0
@@ -51,16 +51,22 @@ async def submit(
     )
     if not here:
         accounting.abandon()  # the worker that runs it keeps its books
-    if body.stream:
-        events: AsyncIterator[list[Event]] = runner(request).follow(response["id"], -1)
-        if idempotency_key is not None:
-            events = recorded(events, gate, principal.project, idempotency_key)
-        keepalive_s = request.app.state.settings.keepalive_s
-        return EventStreamResponse(events, keepalive_s=keepalive_s, headers=accounting.headers)
     data = orjson.dumps(response)
     if idempotency_key is not None:
-        await gate.idempotency.complete(
-            principal.project, idempotency_key, 200, "application/json", data
+        # Kept now: the run goes on whatever the client does, so a retry must find it (a
+        # stream's retry follows its event log from the start).
+        kept, media = (
+            (response["id"].encode(), BACKGROUND_STREAM)
+            if body.stream
+            else (data, "application/json")
+        )
+        await gate.idempotency.complete(principal.project, idempotency_key, 200, media, kept)
+    if body.stream:
+        keepalive_s = request.app.state.settings.keepalive_s
+        return EventStreamResponse(
+            runner(request).follow(response["id"], -1),
+            keepalive_s=keepalive_s,
+            headers=accounting.headers,
         )
     return Response(data, media_type="application/json", headers=accounting.headers)
 
@@ -71,7 +77,7 @@ def _starting_after(request: Request) -> int:
         value = int(raw) if raw.isascii() and len(raw) < 12 else None
     except ValueError:
         value = None
-    if value is None or value < -1:
+    if value is None or not -1 <= value < 2**31:
         raise InvalidRequest(
             "Invalid 'starting_after': expected a sequence number (an integer >= -1).",
             param="starting_after",
@@ -107,3 +113,10 @@ async def cancel(request: Request, principal: Principal, stored: dict[str, Any])
                 break
             await asyncio.sleep(0.05)
     return Response(orjson.dumps(stored), media_type="application/json")
+
+
+def replay_stream(request: Request, response_id: str, headers: dict[str, str]) -> Response:
+    """An Idempotency-Key replay of a background stream: its events, from the first."""
+    events = runner(request).follow(response_id, -1)
+    keepalive_s = request.app.state.settings.keepalive_s
+    return EventStreamResponse(events, keepalive_s=keepalive_s, headers=headers)

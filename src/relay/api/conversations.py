@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.access.gate import Principal
-from relay.api.paging import cursor, limit, order
+from relay.api.paging import cursor, limit, order, read_body
 from relay.engine.context import parse_input
 from relay.errors import InvalidRequest
 from relay.ids import new_id
@@ -31,12 +31,14 @@ def _store(request: Request) -> ConversationStore:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await read_body(request)
     return json_object(raw) if raw else {}
 
 
 def _metadata(body: dict[str, Any]) -> dict[str, Any]:
-    metadata = body.get("metadata") or {}
+    metadata = body.get("metadata")
+    if metadata is None:
+        return {}
     valid = isinstance(metadata, dict) and all(
         isinstance(key, str) and len(key) <= 64 and isinstance(value, str) and len(value) <= 512
         for key, value in metadata.items()
@@ -47,7 +49,7 @@ def _metadata(body: dict[str, Any]) -> dict[str, Any]:
             "string values (512 characters).",
             param="metadata",
         )
-    return metadata
+    return dict(metadata)
 
 
 def _items(body: dict[str, Any], required: bool) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Query parameters of the list endpoints: cursors, page sizes, order."""
+"""What requests carry, read once for every endpoint: bodies within their size limit, and
+the query parameters of list endpoints (cursors, page sizes, order)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 
 from starlette.requests import Request
 
-from relay.errors import InvalidRequest
+from relay.errors import InvalidRequest, PayloadTooLarge
 from relay.protocol import ID_PATTERN
 
 MAX_PAGE = 100
@@ -56,3 +57,20 @@ def order(request: Request) -> str:
             f"Invalid 'order': expected 'asc' or 'desc', got '{order[:20]}'.", param="order"
         )
     return order
+
+
+async def read_body(request: Request, limit: int | None = None) -> bytes:
+    """The body, refused with a 413 past `limit` bytes (default: max_body_bytes) before it
+    is all in memory."""
+    if limit is None:
+        limit = int(request.app.state.settings.max_body_bytes)
+    declared = int_or_none(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)

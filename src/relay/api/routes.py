@@ -21,12 +21,12 @@ from relay.access.idempotency import checked_key, request_digest
 from relay.api import admin, background, conversations
 from relay.api.auth import ClientHandler, access, client_endpoint, client_socket
 from relay.api.disconnect import CancelOnDisconnect
-from relay.api.idempotent import recorded, replayed
-from relay.api.paging import cursor, int_or_none, limit, order
+from relay.api.idempotent import REPLAYED, recorded, replayed
+from relay.api.paging import cursor, limit, order, read_body
 from relay.api.sse import EventStreamResponse
 from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
-from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
+from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
 from relay.protocol import CreateResponse, create_request, json_object
 from relay.storage.base import Store
@@ -50,20 +50,6 @@ def _engine(request: Request) -> Engine:
 def _store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with a 413 past `limit` bytes before it is all in memory."""
-    declared = int_or_none(request.headers.get("content-length"))
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_create(body: bytes) -> CreateResponse:
@@ -105,6 +91,8 @@ async def create_response(request: Request, principal: Principal) -> Response:
     key = checked_key(idempotency_key)
     replay = await idempotency.claim(principal.project, key, request_digest(raw))
     if replay is not None:
+        if replay.media_type == background.BACKGROUND_STREAM:
+            return background.replay_stream(request, replay.body.decode(), {REPLAYED: "true"})
         return replayed(replay)
     try:
         return await _respond(request, principal, body, raw, session, key)

@@ -131,7 +131,9 @@ class _Socket:
             continuing, stored = None, True
             if self.latest is not None and previous == self.latest[0]:
                 _, continuing, stored = self.latest
-            # Each turn is a request as far as limits and budgets go.
+            # Each turn is a request as far as keys, limits and budgets go: a key revoked or
+            # expired meanwhile (or its project archived) ends there.
+            self.principal = await self.gate.principal(self.websocket)
             accounting = await self.gate.admit(self.principal, body, len(text))
             run = await self.engine.start(
                 body,

@@ -79,7 +79,7 @@ class Run:
     # A stored stream's record of its start (relay.runs), written beside the first steps:
     # the final save waits for it, then says it is done.
     recorded: asyncio.Future[None] | None = None
-    on_stored: Callable[[], None] | None = None
+    on_stored: Callable[[bool], None] | None = None  # told whether the save succeeded
     turn: conversation.Turn | None = None  # the conversation it continues, held
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
@@ -154,52 +154,15 @@ class Run:
         return self.response
 
     async def _persist(self) -> bool:
-        """Store the settled response (when store is true); False when storage failed."""
+        """Store the settled response (when store is true) and end its conversation turn;
+        False when storage failed."""
         self._finished = True
         response = self.response
         if self.on_settled is not None:
             self.on_settled(response)
-        if response["store"]:
-            inputs = self.input_items
-            if self.history is not None and not self.history_stored:
-                inputs = [*self.history.items, *inputs]
-            if self.recorded is not None:
-                try:
-                    await asyncio.shield(self.recorded)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("could not record the start of response %s", response["id"])
-            save = self.engine.track(self.engine.store.save_response(self.tenant, response, inputs))
-            try:
-                # Shielded: a client leaving now must not roll back a finished response.
-                nbytes = await asyncio.shield(save)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("could not store response %s", response["id"])
-                return False
-            # (What was saved measures what the history holds only when it added to a stored
-            # chain; else the history measures itself.)
-            added = nbytes if self.history_stored else None
-            resulting = self.resulting_history(added)
-            if self.turn is None:  # a conversation's turns are remembered by conversation
-                self.engine.histories.put(self.tenant, response["id"], resulting)
-            if self.on_stored is not None:
-                self.on_stored()
-        if self.turn is not None:
-            after = None
-            if response["status"] in ("completed", "incomplete"):
-                # Measured by its new items only (stored, the store has told it already).
-                added = len(orjson.dumps([*self.input_items, *response["output"]]))
-                after = self.resulting_history(added)
-            try:
-                await self.turn.end(response, self.input_items, after)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("could not add response %s to its conversation", response["id"])
-                return False
+        # One task of the engine's for all of it, awaited shielded: a client leaving now
+        # must neither roll back a finished response nor leave its conversation held.
+        stored = await asyncio.shield(self.engine.track(self._store(response)))
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -214,6 +177,55 @@ class Run:
             response["session_id"],
             self.trace,
         )
+        return stored
+
+    async def _store(self, response: dict[str, Any]) -> bool:
+        stored = True
+        try:
+            if response["store"]:
+                stored = await self._save(response)
+        finally:
+            if self.on_stored is not None:
+                self.on_stored(stored)
+            if self.turn is not None:
+                stored = await self._end_turn(response, stored) and stored
+        return stored
+
+    async def _save(self, response: dict[str, Any]) -> bool:
+        inputs = self.input_items
+        if self.history is not None and not self.history_stored:
+            inputs = [*self.history.items, *inputs]
+        if self.recorded is not None:
+            try:
+                await self.recorded
+            except Exception:
+                log.exception("could not record the start of response %s", response["id"])
+        try:
+            nbytes = await self.engine.store.save_response(self.tenant, response, inputs)
+        except Exception:
+            log.exception("could not store response %s", response["id"])
+            return False
+        # (What was saved measures what the history holds only when it added to a stored
+        # chain; else the history measures itself.)
+        resulting = self.resulting_history(nbytes if self.history_stored else None)
+        if self.turn is None:  # a conversation's turns are remembered by conversation
+            self.engine.histories.put(self.tenant, response["id"], resulting)
+        return True
+
+    async def _end_turn(self, response: dict[str, Any], stored: bool) -> bool:
+        """Release the conversation: with the turn's items when the response completed
+        (or ended incomplete) and was stored; else as it was."""
+        assert self.turn is not None
+        try:
+            if not stored or response["status"] not in ("completed", "incomplete"):
+                await self.turn.abandon()
+                return True
+            # Measured by its new items only (stored, the store has told it already).
+            added = len(orjson.dumps([*self.input_items, *response["output"]]))
+            await self.turn.end(response, self.input_items, self.resulting_history(added))
+        except Exception:
+            log.exception("could not add response %s to its conversation", response["id"])
+            return False
         return True
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.engine.builder import error_event
 from relay.storage.sql import SqlStore
@@ -231,7 +232,13 @@ class RunLog:
 
 
 def _insert_events(conn: Connection, *, batch: list[dict[str, Any]]) -> None:
-    conn.execute(insert(response_events), batch)
+    # A row already there (the sweep closed a run whose process stalled) must not reject
+    # the other runs' events of the batch.
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(response_events).on_conflict_do_nothing(
+        index_elements=[response_events.c.response_id, response_events.c.sequence_number]
+    )
+    conn.execute(statement, batch)
 
 
 def _sweep(conn: Connection, now: int) -> list[str]:

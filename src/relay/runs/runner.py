@@ -24,7 +24,7 @@ import orjson
 
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
-from relay.errors import RelayError, UpstreamError
+from relay.errors import RelayError, ServerError, UpstreamError
 from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
 from relay.runs.log import QueuedRun, RunLog
@@ -147,11 +147,12 @@ class Runner:
         on_settled: Callable[[dict[str, Any]], None],
     ) -> None:
         response_id = queued["id"]
-        started = False
+        run: Run | None = None
+        waiting = True
         try:
             async with self._slots:
                 self._waiting -= 1
-                started = True
+                waiting = False
                 try:
                     run = await self.engine.start(
                         request,
@@ -169,12 +170,16 @@ class Runner:
                 self.engine.track(self.log.mark_running({**run.response, "output": []}))
                 await self._stream(run, feed)
         except asyncio.CancelledError:
-            if not started:
+            if waiting:
                 self._waiting -= 1
+            if run is None:  # cancelled before the run existed: waiting, or opening it
                 on_settled(await self._cancelled_while_queued(tenant, queued, feed))
             raise
         except Exception:
             log.exception("background response %s failed", response_id)
+            if run is None:
+                fault = ServerError("The server had an error starting the response.")
+                on_settled(await self._failed_before_start(tenant, queued, feed, fault))
         finally:
             feed.close()
             self.engine.track(self._forget(response_id))
@@ -274,10 +279,13 @@ class Runner:
         # inserts, which the first token barely notices.
         run.recorded = asyncio.ensure_future(self.log.begin(tenant, response, [], background=False))
 
-        def ended() -> None:
+        def ended(stored: bool) -> None:
             self._streams.discard(response_id)
             self._lost.discard(response_id)
-            self.engine.track(self.log.end(response_id))
+            if stored:
+                self.engine.track(self.log.end(response_id))
+            # Not stored: its run record stays, no longer renewed, and the sweep ends the
+            # in_progress record as failed.
 
         run.on_stored = ended
 

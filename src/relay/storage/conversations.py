@@ -240,7 +240,12 @@ class ConversationStore:
             )
             if not taken.rowcount:
                 raise Conflict(_BUSY, param="conversation", code="conversation_locked")
-            return int(row.version)
+            # Read again under the hold: a turn released between the first read and the
+            # update (PostgreSQL, read committed) has changed it.
+            version = conn.execute(
+                select(conversations.c.version).where(conversations.c.id == conversation_id)
+            ).scalar()
+            return int(version or 0)
 
         return await self.db.write(work)
 
