@@ -4,6 +4,7 @@ ends its run failed through the API instance; a run nobody has taken yet cancels
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -71,8 +72,10 @@ def setup(pg_server: PgServer) -> Iterator[Setup]:
     env = {
         "RELAY_DATABASE_URL": pg_server.url(database),
         "RELAY_ROUTES": orjson.dumps(routes).decode(),
-        "RELAY_RUN_POLL_S": "0.2",
-        "RELAY_RUN_LEASE_S": "2",
+        # A slow upkeep loop: cancels and followers on another instance are woken by signals
+        # (LISTEN/NOTIFY), not by its polls.
+        "RELAY_RUN_POLL_S": "2",
+        "RELAY_RUN_LEASE_S": "6",
     }
     try:
         with relay_serve({**env, "RELAY_BACKGROUND_WORKER": "false"}) as api:
@@ -126,7 +129,7 @@ def test_a_killed_worker_and_a_run_nobody_took(setup: Setup) -> None:
             time.sleep(0.05)
         os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.wait()
-    failed = _settled(setup.api.url, created["id"], timeout_s=10)
+    failed = _settled(setup.api.url, created["id"], timeout_s=15)
     assert failed["status"] == "failed" and "interrupted" in failed["error"]["message"]
     # No worker now: a new run waits in the queue, and a cancel ends it at once.
     waiting = _create(setup.api.url)
@@ -140,3 +143,29 @@ def test_a_killed_worker_and_a_run_nobody_took(setup: Setup) -> None:
         time.sleep(1)
         after = httpx.get(f"{setup.api.url}/v1/responses/{waiting['id']}").json()
     assert after["status"] == "cancelled"
+
+
+def test_signals_carry_cancels_and_events_between_instances(setup: Setup) -> None:
+    """With the upkeep loop at 2 s, a cancel through the API instance stops the worker's run
+    within a fraction of that, and a follower through the API instance gets each delta as
+    the worker writes it, not in 2 s steps."""
+    with relay_worker(setup.env):
+        body = {"model": "slow", "input": "x", "background": True, "stream": True}
+        arrivals = []
+        with httpx.stream("POST", f"{setup.api.url}/v1/responses", json=body, timeout=30) as s:
+            for line in s.iter_lines():
+                if line == "event: response.output_text.delta":
+                    arrivals.append(time.monotonic())
+        gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+        assert len(arrivals) == 10 and max(gaps) < 1.0, gaps  # the deltas are 0.2 s apart
+        created = _create(setup.api.url)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{setup.api.url}/v1/responses/{created['id']}").json()["status"] != (
+            "in_progress"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        answer = httpx.post(f"{setup.api.url}/v1/responses/{created['id']}/cancel", timeout=15)
+        assert answer.json()["status"] == "cancelled"
+        assert time.monotonic() - started < 1.0

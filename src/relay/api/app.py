@@ -21,7 +21,8 @@ from relay.config import Settings
 from relay.engine.run import Engine
 from relay.providers.registry import Registry
 from relay.runs.log import RunLog
-from relay.runs.queue import JobQueue
+from relay.runs.notify import Listener
+from relay.runs.queue import JobQueue, conninfo
 from relay.runs.runner import Runner
 from relay.sealing import Sealer, load_keys
 from relay.storage.conversations import ConversationStore
@@ -103,6 +104,11 @@ def create_app(settings: Settings) -> ASGIApp:
             )
             await queue.open()
             runner.queue = queue
+        listener = None
+        if isinstance(store.db, AsyncDatabase):
+            listener = Listener(conninfo(settings.database_url), runner.on_signal)
+            listener.start()
+            runner.signalled = True
         runner.start()
         app.state.runner = runner
         app.state.access = access
@@ -111,6 +117,8 @@ def create_app(settings: Settings) -> ASGIApp:
         try:
             yield
         finally:
+            if listener is not None:
+                await listener.close()
             if queue is not None:
                 await queue.close()
             await runner.aclose()

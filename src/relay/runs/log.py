@@ -20,6 +20,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.engine.builder import error_event
+from relay.runs.notify import CANCEL, CHANNEL, EVENT
 from relay.storage.sql import SqlStore
 from relay.storage.tables import response_events, responses, runs
 
@@ -180,6 +181,8 @@ class RunLog:
                 )
                 return True
             done = conn.execute(_REQUEST_CANCEL, {"rid": response_id, "t": tenant})
+            if done.rowcount and conn.dialect.name == "postgresql":
+                _signal(conn, CANCEL, response_id)
             return bool(done.rowcount)
 
         return await self.db.write(work)
@@ -239,6 +242,14 @@ def _insert_events(conn: Connection, *, batch: list[dict[str, Any]]) -> None:
         index_elements=[response_events.c.response_id, response_events.c.sequence_number]
     )
     conn.execute(statement, batch)
+    if conn.dialect.name == "postgresql":
+        for response_id in {row["response_id"] for row in batch}:
+            _signal(conn, EVENT, response_id)
+
+
+def _signal(conn: Connection, kind: str, response_id: str) -> None:
+    """A NOTIFY (relay.runs.notify), delivered when this transaction commits."""
+    conn.execute(select(func.pg_notify(CHANNEL, f"{kind}:{response_id}")))
 
 
 def _sweep(conn: Connection, now: int) -> list[str]:

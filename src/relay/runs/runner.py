@@ -16,6 +16,7 @@ accounted for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,6 +29,7 @@ from relay.errors import RelayError, ServerError, UpstreamError
 from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
 from relay.runs.log import QueuedRun, RunLog
+from relay.runs.notify import CANCEL, EVENT
 from relay.runs.queue import JobQueue
 
 log = logging.getLogger("relay.runs")
@@ -54,6 +56,10 @@ class Runner:
         self._streams: set[str] = set()  # foreground stored streams in flight here
         self._lost: set[str] = set()  # runs here whose lease lapsed (see _keep)
         self._cancelled: set[str] = set()  # runs a client cancelled
+        # With PostgreSQL, signals from other instances (relay.runs.notify) wake followers
+        # of logs written elsewhere at once; else they poll.
+        self.signalled = False
+        self._followers: dict[str, set[asyncio.Event]] = {}
         self._loop: asyncio.Task[None] | None = None
         # With PostgreSQL: the job queue that hands background runs out, and how a worker
         # opens the books of a run another instance admitted (relay.api.app sets both).
@@ -253,21 +259,50 @@ class Runner:
             async for batch in feed.follow(after):
                 yield batch
             return
-        while True:
-            events = await self.log.events_after(response_id, after)
-            if events:
-                yield events
-                after = events[-1]["sequence_number"]
-                if events[-1]["type"] in _TERMINAL:
+        wake = asyncio.Event()  # set by a signal that the log grew
+        followers = self._followers.setdefault(response_id, set())
+        followers.add(wake)
+        try:
+            while True:
+                events = await self.log.events_after(response_id, after)
+                if events:
+                    yield events
+                    after = events[-1]["sequence_number"]
+                    if events[-1]["type"] in _TERMINAL:
+                        return
+                elif not await self.log.in_flight(response_id):
+                    # Ended without a terminal event (cancelled): one more read, then stop.
+                    last = await self.log.events_after(response_id, after)
+                    if last:
+                        yield last
                     return
-            elif not await self.log.in_flight(response_id):
-                # Ended without a terminal event (cancelled): one more read, then stop.
-                last = await self.log.events_after(response_id, after)
-                if last:
-                    yield last
-                return
-            else:
-                await asyncio.sleep(min(self.poll_s, 0.1))
+                else:
+                    await self._grown(wake)
+        finally:
+            followers.discard(wake)
+            if not followers:
+                self._followers.pop(response_id, None)
+
+    async def _grown(self, wake: asyncio.Event) -> None:
+        """Until the log may have grown: a signal (relay.runs.notify), or the poll interval
+        (100 ms without signals; the lease renewal interval with them, as a fallback)."""
+        if not self.signalled:
+            await asyncio.sleep(min(self.poll_s, 0.1))
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), self.poll_s)
+        wake.clear()
+
+    def on_signal(self, kind: str, response_id: str) -> None:
+        """A signal from another instance (relay.runs.notify)."""
+        if kind == EVENT:
+            for wake in self._followers.get(response_id, ()):
+                wake.set()
+        elif kind == CANCEL:
+            task = self._tasks.get(response_id)
+            if task is not None:
+                self._cancelled.add(response_id)
+                task.cancel()
 
     # foreground stored streams ----------------------------------------------------------------
 
