@@ -495,6 +495,28 @@ def test_truncation_auto_drops_oldest_turns_and_disabled_refuses(
     ]
 
 
+def test_truncation_auto_keeps_a_long_conversation_within_the_window(
+    up: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    conversation = up.post("/v1/conversations", json={}).json()["id"]
+    for word in ("one", "two", "three"):
+        body = {"model": "up-echo", "input": word, "conversation": conversation}
+        assert up.post("/v1/responses", json=body).status_code == 200
+    body = {"model": "up-small_context", "input": "four", "conversation": conversation}
+    refused = up.post("/v1/responses", json=body)
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+    truncated = up.post("/v1/responses", json={**body, "truncation": "auto"})
+    assert truncated.status_code == 200, truncated.text
+    assert [message["content"] for message in messages(chat_upstream)] == [
+        "three",
+        "three",
+        "four",
+    ]
+    # The conversation keeps every turn; only what the upstream was sent was cut.
+    items = up.get(f"/v1/conversations/{conversation}/items", params={"limit": 100}).json()
+    assert len(items["data"]) == 8
+
+
 def test_allowed_tools_limit_what_the_upstream_sees_and_may_call(
     up: httpx.Client, chat_upstream: ChatUpstream
 ) -> None:
