@@ -162,7 +162,9 @@ class Run:
             self.on_settled(response)
         # One task of the engine's for all of it, awaited shielded: a client leaving now
         # must neither roll back a finished response nor leave its conversation held.
-        stored = await asyncio.shield(self.engine.track(self._store(response)))
+        stored = True
+        if response["store"] or self.turn is not None:
+            stored = await asyncio.shield(self.engine.track(self._store(response)))
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
