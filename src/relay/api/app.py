@@ -21,8 +21,6 @@ from relay.config import Settings
 from relay.engine.run import Engine
 from relay.providers.registry import Registry
 from relay.runs.log import RunLog
-from relay.runs.notify import Listener
-from relay.runs.queue import JobQueue, conninfo
 from relay.runs.runner import Runner
 from relay.sealing import Sealer, load_keys
 from relay.storage.conversations import ConversationStore
@@ -95,6 +93,11 @@ def create_app(settings: Settings) -> ASGIApp:
         )
         runner.accounting_for = access.accounting_for
         queue = None
+        if isinstance(store.db, AsyncDatabase):
+            # Imported here: the job queue and the signals need psycopg and procrastinate,
+            # which a SQLite process does without (about 10 MB a worker).
+            from relay.runs.notify import Listener
+            from relay.runs.queue import JobQueue, conninfo
         if isinstance(store.db, AsyncDatabase) and settings.background_queue == "auto":
             queue = JobQueue(
                 settings.database_url,

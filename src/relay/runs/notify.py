@@ -11,8 +11,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import psycopg
-
 log = logging.getLogger("relay.runs")
 CHANNEL = "relay_runs"
 EVENT = "event"
@@ -37,6 +35,8 @@ class Listener:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _listen(self) -> None:
+        import psycopg  # only with PostgreSQL: SQLite processes do without it
+
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(

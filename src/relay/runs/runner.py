@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -30,7 +30,9 @@ from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
 from relay.runs.log import QueuedRun, RunLog
 from relay.runs.notify import CANCEL, EVENT
-from relay.runs.queue import JobQueue
+
+if TYPE_CHECKING:
+    from relay.runs.queue import JobQueue
 
 log = logging.getLogger("relay.runs")
 
