@@ -103,6 +103,13 @@ def _settled(url: str, response_id: str, timeout_s: float = 15) -> dict[str, Any
         time.sleep(0.1)
 
 
+def _wait_running(url: str, response_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/v1/responses/{response_id}").json()["status"] != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_a_worker_runs_what_the_api_instance_received(setup: Setup) -> None:
     with relay_worker(setup.env) as worker:
         created = _create(setup.api.url)
@@ -121,12 +128,7 @@ def test_a_worker_runs_what_the_api_instance_received(setup: Setup) -> None:
 def test_a_killed_worker_and_a_run_nobody_took(setup: Setup) -> None:
     with relay_worker(setup.env) as worker:
         created = _create(setup.api.url)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{setup.api.url}/v1/responses/{created['id']}").json()["status"] != (
-            "in_progress"
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_running(setup.api.url, created["id"])
         os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.wait()
     failed = _settled(setup.api.url, created["id"], timeout_s=15)
@@ -159,12 +161,7 @@ def test_signals_carry_cancels_and_events_between_instances(setup: Setup) -> Non
         gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
         assert len(arrivals) == 10 and max(gaps) < 1.0, gaps  # the deltas are 0.2 s apart
         created = _create(setup.api.url)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{setup.api.url}/v1/responses/{created['id']}").json()["status"] != (
-            "in_progress"
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_running(setup.api.url, created["id"])
         started = time.monotonic()
         answer = httpx.post(f"{setup.api.url}/v1/responses/{created['id']}/cancel", timeout=15)
         assert answer.json()["status"] == "cancelled"

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from relay.access.admin import Admin
 from relay.access.usage import GROUPS, Ledger
+from relay.cli import report_config_error
 from relay.config import load_settings
 from relay.errors import RelayError
 from relay.storage.database import Database, open_database
@@ -175,14 +175,8 @@ def main(argv: list[str]) -> int:
     except RelayError as error:
         print(f"relay admin: {error.message}", file=sys.stderr)
         return 1
-    except ValidationError as error:
-        # Without the offending values: a misplaced secret must not reach the terminal.
-        for detail in error.errors(include_input=False, include_url=False):
-            where = ".".join(str(step) for step in detail["loc"]) or "config"
-            print(f"relay admin: invalid configuration: {where}: {detail['msg']}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"relay admin: {error}", file=sys.stderr)
+    except ValueError as error:  # pydantic's ValidationError included
+        report_config_error("relay admin", error)
         return 2
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0

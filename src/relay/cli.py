@@ -58,14 +58,8 @@ def serve(argv: list[str]) -> int:
             route.api_key()
         for key in [*settings.api_keys, *settings.admin_keys]:
             key.secret()
-    except ValidationError as error:
-        # Without the offending values: a misplaced secret must not reach the terminal.
-        for detail in error.errors(include_input=False, include_url=False):
-            where = ".".join(str(step) for step in detail["loc"]) or "config"
-            print(f"relay: invalid configuration: {where}: {detail['msg']}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"relay: invalid configuration: {error}", file=sys.stderr)
+    except ValueError as error:  # pydantic's ValidationError included
+        report_config_error("relay", error)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
@@ -108,8 +102,8 @@ def worker(argv: list[str]) -> int:
         os.environ[CONFIG_ENV] = str(args.config.resolve())
     try:
         settings = settings_from_env().model_copy(update={"background_worker": True})
-    except (ValidationError, ValueError) as error:
-        print(f"relay: invalid configuration: {error}", file=sys.stderr)
+    except ValueError as error:
+        report_config_error("relay worker", error)
         return 2
     if not settings.database_url.startswith("postgresql") or settings.background_queue != "auto":
         print('relay worker: needs PostgreSQL and background_queue = "auto"', file=sys.stderr)
@@ -140,6 +134,17 @@ async def _work(settings: Settings) -> None:
         loop.add_signal_handler(number, stop.set)
     async with app.router.lifespan_context(app):
         await stop.wait()
+
+
+def report_config_error(program: str, error: ValueError) -> None:
+    """A configuration error, one line per field, without the offending values: a
+    misplaced secret must not reach the terminal."""
+    if not isinstance(error, ValidationError):
+        print(f"{program}: invalid configuration: {error}", file=sys.stderr)
+        return
+    for detail in error.errors(include_input=False, include_url=False):
+        where = ".".join(str(step) for step in detail["loc"]) or "config"
+        print(f"{program}: invalid configuration: {where}: {detail['msg']}", file=sys.stderr)
 
 
 def describe(settings: Settings) -> None:
