@@ -116,3 +116,18 @@ def test_two_responses_racing_on_one_conversation(sdk: openai.OpenAI, url: str) 
     runner.join()
     assert sdk.responses.create(model="fake-text", input="y", conversation=conversation.id)
     assert len(sdk.conversations.items.list(conversation.id).data) == 4
+
+
+def test_unknown_fields_are_refused(url: str) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url) as http:
+        conversation = http.post("/v1/conversations", json={}).json()["id"]
+        for path, body in (
+            ("/v1/conversations", {"metadata": {}, "title": "x"}),
+            (f"/v1/conversations/{conversation}", {"metadata": {}, "name": "x"}),
+            (f"/v1/conversations/{conversation}/items", {"items": [], "after": "x"}),
+        ):
+            answer = http.post(path, json=body)
+            assert answer.status_code == 400, (path, answer.text)
+            assert answer.json()["error"]["param"] in ("title", "name", "after")

@@ -136,9 +136,9 @@ async def usage(request: Request, actor: str) -> Response:
 
 async def audit_log(request: Request, actor: str) -> Response:
     raw = request.query_params.get("after")
-    if raw is not None and not (raw.isascii() and raw.isdigit() and len(raw) < 19):
+    after = int_or_none(raw)
+    if raw is not None and (after is None or not 0 <= after < 2**62):
         raise InvalidRequest("Invalid 'after': expected an audit entry id.", param="after")
-    after = int(raw) if raw is not None else None
     return _json(await _admin(request).audit(after, _limit(request)))
 
 

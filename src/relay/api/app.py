@@ -90,8 +90,8 @@ def create_app(settings: Settings) -> ASGIApp:
             max_running=settings.background_max_running,
             max_queued=settings.background_max_queued,
             poll_s=settings.run_poll_s,
+            accounting_for=access.accounting_for,
         )
-        runner.accounting_for = access.accounting_for
         queue = None
         if isinstance(store.db, AsyncDatabase):
             # Imported here: the job queue and the signals need psycopg and procrastinate,

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.access.gate import Accounting, Principal
+from relay.api.paging import int_or_none
 from relay.api.sse import EventStreamResponse
 from relay.errors import InvalidRequest
 from relay.protocol import CreateResponse
@@ -72,11 +73,7 @@ async def submit(
 
 
 def _starting_after(request: Request) -> int:
-    raw = request.query_params.get("starting_after", "-1")
-    try:
-        value = int(raw) if raw.isascii() and len(raw) < 12 else None
-    except ValueError:
-        value = None
+    value = int_or_none(request.query_params.get("starting_after", "-1"))
     if value is None or not -1 <= value < 2**31:
         raise InvalidRequest(
             "Invalid 'starting_after': expected a sequence number (an integer >= -1).",

@@ -30,9 +30,14 @@ def _store(request: Request) -> ConversationStore:
     return found
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def _body(request: Request, *known: str) -> dict[str, Any]:
+    """The JSON body; a field it does not know is a 400, not silently ignored."""
     raw = await read_body(request)
-    return json_object(raw) if raw else {}
+    body = json_object(raw) if raw else {}
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise InvalidRequest(f"Unknown parameter: '{unknown[0]}'.", param=unknown[0])
+    return body
 
 
 def _metadata(body: dict[str, Any]) -> dict[str, Any]:
@@ -78,12 +83,7 @@ def _conversation_id(request: Request) -> str:
 
 
 async def create(request: Request, principal: Principal) -> Response:
-    body = await _body(request)
-    unknown = set(body) - {"items", "metadata"}
-    if unknown:
-        raise InvalidRequest(
-            f"Unknown parameter: '{sorted(unknown)[0]}'.", param=sorted(unknown)[0]
-        )
+    body = await _body(request, "items", "metadata")
     created = await _store(request).create(
         principal.project, new_id("conv"), _metadata(body), _items(body, required=False)
     )
@@ -95,7 +95,7 @@ async def retrieve(request: Request, principal: Principal) -> Response:
 
 
 async def update(request: Request, principal: Principal) -> Response:
-    body = await _body(request)
+    body = await _body(request, "metadata")
     if "metadata" not in body:
         raise InvalidRequest("Missing required parameter: 'metadata'.", param="metadata")
     store = _store(request)
@@ -130,7 +130,7 @@ async def list_items(request: Request, principal: Principal) -> Response:
 
 
 async def add_items(request: Request, principal: Principal) -> Response:
-    items = _items(await _body(request), required=True)
+    items = _items(await _body(request, "items"), required=True)
     await _store(request).add_items(principal.project, _conversation_id(request), items)
     return _json(
         {

@@ -50,9 +50,7 @@ def _key(conversation: str, version: int) -> str:
     return f"{conversation}@{version}"
 
 
-async def context(
-    store: ConversationStore, cache: HistoryCache, tenant: str, conversation: str
-) -> History:
+async def context(store: ConversationStore, tenant: str, conversation: str) -> History:
     """The conversation as a history, without holding it (counting tokens, compacting,
     queueing a background response)."""
     await store.get(tenant, conversation)  # 404 for another tenant's

@@ -472,7 +472,7 @@ class Engine:
         found = conversation.conversation_id(request)
         if found is None:
             return await load_history(self.store, self.histories, tenant, request)
-        return await conversation.context(self._conversations(), self.histories, tenant, found)
+        return await conversation.context(self._conversations(), tenant, found)
 
     def _conversations(self) -> ConversationStore:
         if self.conversations is None:

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.engine.builder import error_event
 from relay.runs.notify import CANCEL, CHANNEL, EVENT
-from relay.storage.sql import SqlStore
+from relay.storage.sql import SqlStore, json_text
 from relay.storage.tables import response_events, responses, runs
 
 log = logging.getLogger("relay.runs")
@@ -58,10 +58,6 @@ _EVENTS_AFTER = (
 
 # A background run waiting in the job queue is ended by the sweep after this long.
 QUEUED_S = 3600
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +131,7 @@ class RunLog:
         running = (
             update(responses)
             .where(responses.c.id == response["id"], responses.c.status == "queued")
-            .values(status="in_progress", body=_dumps(response))
+            .values(status="in_progress", body=json_text(response))
         )
         await self.db.write(lambda conn: conn.execute(running))
 
@@ -177,7 +173,7 @@ class RunLog:
                 conn.execute(
                     update(responses)
                     .where(responses.c.id == response_id)
-                    .values(status="cancelled", body=_dumps(cancelled))
+                    .values(status="cancelled", body=json_text(cancelled))
                 )
                 return True
             done = conn.execute(_REQUEST_CANCEL, {"rid": response_id, "t": tenant})
@@ -194,7 +190,7 @@ class RunLog:
             {
                 "response_id": response_id,
                 "sequence_number": event["sequence_number"],
-                "event": _dumps(event),
+                "event": json_text(event),
             }
             for event in batch
         )
@@ -278,7 +274,7 @@ def _sweep(conn: Connection, now: int) -> list[str]:
         conn.execute(
             update(responses)
             .where(responses.c.id == response_id)
-            .values(status="failed", body=_dumps(response))
+            .values(status="failed", body=json_text(response))
         )
         if background:
             _close_log(conn, response_id, response)
@@ -305,7 +301,7 @@ def _close_log(conn: Connection, response_id: str, response: dict[str, Any]) -> 
             {
                 "response_id": response_id,
                 "sequence_number": event["sequence_number"],
-                "event": _dumps(event),
+                "event": json_text(event),
             }
             for event in events
         ],

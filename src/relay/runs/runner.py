@@ -46,8 +46,12 @@ class Runner:
         max_running: int,
         max_queued: int,
         poll_s: float,
+        accounting_for: AccountingFor,
     ) -> None:
+        """`accounting_for`: how a worker opens the books of a run that another instance
+        admitted (a job from the queue)."""
         self.engine = engine
+        self.accounting_for = accounting_for
         self.log = run_log
         self.max_queued = max_queued
         self.poll_s = poll_s
@@ -63,10 +67,9 @@ class Runner:
         self.signalled = False
         self._followers: dict[str, set[asyncio.Event]] = {}
         self._loop: asyncio.Task[None] | None = None
-        # With PostgreSQL: the job queue that hands background runs out, and how a worker
-        # opens the books of a run another instance admitted (relay.api.app sets both).
+        # With PostgreSQL: the job queue that hands background runs out (relay.api.app sets
+        # it: the queue needs this runner to run its jobs).
         self.queue: JobQueue | None = None
-        self.accounting_for: AccountingFor = _no_accounting
 
     def start(self) -> None:
         self._loop = asyncio.ensure_future(self._keep())
@@ -141,9 +144,6 @@ class Runner:
             task.uncancel()
         finally:
             self._cancelled.discard(response_id)
-
-    def feed(self, response_id: str) -> Feed | None:
-        return self._feeds.get(response_id)
 
     async def _run(
         self,
@@ -358,7 +358,3 @@ class Runner:
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")
 AccountingFor = Callable[[str, str | None, str], Callable[[dict[str, Any]], None]]
-
-
-def _no_accounting(tenant: str, key_id: str | None, model: str) -> Callable[[dict[str, Any]], None]:
-    return lambda response: None

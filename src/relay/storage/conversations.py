@@ -13,14 +13,11 @@ from sqlalchemy import Connection, delete, insert, or_, select, update
 from relay.errors import Conflict, NotFound
 from relay.storage.base import ItemPage
 from relay.storage.database import Database
+from relay.storage.sql import json_text
 from relay.storage.tables import conversation_items as items
 from relay.storage.tables import conversations
 
 _BUSY = "Another response is in progress for this conversation; retry when it has completed."
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 def view(row: Any) -> dict[str, Any]:
@@ -59,7 +56,7 @@ def _append(conn: Connection, row: Any, new_items: list[dict[str, Any]]) -> None
                     "conversation_id": row.id,
                     "position": row.next_position + offset,
                     "item_id": item["id"],
-                    "item": _dumps(item),
+                    "item": json_text(item),
                 }
                 for offset, item in enumerate(new_items)
             ],
@@ -91,7 +88,7 @@ class ConversationStore:
                     id=conversation_id,
                     tenant=tenant,
                     created_at=int(time.time()),
-                    metadata=_dumps(metadata),
+                    metadata=json_text(metadata),
                     version=0,
                     next_position=0,
                 )
@@ -117,7 +114,7 @@ class ConversationStore:
             conn.execute(
                 update(conversations)
                 .where(conversations.c.id == conversation_id)
-                .values(metadata=_dumps(metadata))
+                .values(metadata=json_text(metadata))
             )
             return view(_row(conn, tenant, conversation_id))
 

@@ -32,13 +32,14 @@ from relay.storage.database import AsyncDatabase, SqliteDatabase, alembic_config
 from relay.storage.tables import response_items as items
 from relay.storage.tables import responses
 
-__all__ = ["SqlStore", "alembic_config", "open_store"]
+__all__ = ["SqlStore", "alembic_config", "json_text", "open_store"]
 # Guards the recursive walk against a cycle in previous_response_id, which Relay never writes.
 _MAX_DEPTH = 100_000
 _POSITION_MAX = 2**31 - 1
 
 
-def _dumps(value: Any) -> str:
+def json_text(value: Any) -> str:
+    """JSON as stored: text, serialised by orjson."""
     return orjson.dumps(value).decode()
 
 
@@ -174,7 +175,7 @@ def _save(
         "status": response.get("status") or "",
         "model": response.get("model") or "",
         "created_at": int(response.get("created_at") or 0),
-        "body": _dumps(response),
+        "body": json_text(response),
     }
     rows = [
         {
@@ -183,7 +184,7 @@ def _save(
             "kind": kind,
             "position": position,
             "item_id": item["id"],
-            "item": _dumps(item),
+            "item": json_text(item),
         }
         for kind, group in (("input", input_items), ("output", response.get("output") or []))
         for position, item in enumerate(group)
