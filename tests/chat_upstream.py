@@ -24,6 +24,9 @@ context manager. Models (scripts):
   rogue_tool      a call to `not_offered`, whatever tools were sent
   small_context   echo, but a context-length error past SMALL_CONTEXT messages
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
+  retry_after_once
+                  the first request with a given last message: a 429 with Retry-After: 1;
+                  the next ones: echo (for retries that honour retry-after)
   stall           one word, then 2 s of silence, then the rest (for read timeouts mid-stream)
   slow_stream     SLOW_WORDS words, one every SLOW_INTERVAL_S; how each such stream ended
                   (finished, or cut by the client after N words) is kept in `slow_streams`
@@ -87,6 +90,7 @@ MODELS = [
     "echo_credentials_stream",
     "compliance",
     "agent",
+    "retry_after_once",
 ]
 SLOW_WORDS = 200
 SLOW_INTERVAL_S = 0.05
@@ -108,6 +112,7 @@ class ChatUpstream:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.slow_streams: list[str] = []
+        self._refused_once: set[str] = set()
         self.port = port  # 0: any free one
         app = Starlette(
             routes=[
@@ -202,6 +207,12 @@ class ChatUpstream:
                 "requested 1000 tokens in the messages.",
             )
         if model == "small_context":
+            model = "echo"
+        if model == "retry_after_once":
+            last = _last_text(body)
+            if last not in self._refused_once:
+                self._refused_once.add(last)
+                return _error(429, "Slow down a moment.", {"Retry-After": "1"})
             model = "echo"
         if model not in MODELS:
             return _error(404, f"The model `{model}` does not exist.", code="model_not_found")

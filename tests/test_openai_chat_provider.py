@@ -22,7 +22,8 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.openai_chat import OpenAIChatProvider, _SSEDecoder
+from relay.providers.openai_chat import OpenAIChatProvider
+from relay.providers.upstream import SSEDecoder
 
 WEATHER = {
     "type": "function",
@@ -695,7 +696,7 @@ async def test_stream_ending_without_finish_raises(provider: OpenAIChatProvider)
 
 
 def decode(pieces: list[bytes]) -> list[Any]:
-    decoder = _SSEDecoder()
+    decoder = SSEDecoder()
     out = [event for piece in pieces for event in decoder.feed(piece)]
     return out + list(decoder.finish())
 
@@ -742,7 +743,7 @@ def test_sse_decoder_turns_bytes_that_are_not_utf8_into_replacement_characters()
 def test_sse_decoder_parses_a_read_lazily() -> None:
     # The first event of a read is handed over before the rest is parsed: a broken later one
     # only fails when it is reached.
-    events = _SSEDecoder().feed(b'data: {"a": 1}\n\ndata: {broken\n\n')
+    events = SSEDecoder().feed(b'data: {"a": 1}\n\ndata: {broken\n\n')
     assert next(events) == {"a": 1}
     with pytest.raises(ProviderError, match="not valid JSON"):
         next(events)

@@ -179,10 +179,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
         "unsupported_parameter",
     ),
     (
-        {"model": "fake-text", "input": "x", "provider": {"order": ["a"]}},
+        {"model": "fake-text", "input": "x", "provider": {"only": ["a"]}},
         400,
-        "provider",
-        "unsupported_parameter",
+        "provider.only",
+        "no_eligible_deployment",
     ),
     (
         {"model": "fake-text", "input": "x", "plugins": [{"id": "web"}]},

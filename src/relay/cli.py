@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 from relay import __version__
 from relay.config import Settings, load_settings
 from relay.loopback import is_loopback
+from relay.providers.settings import DeploymentConfig, FakeConfig, LlamaCppConfig
 
 CONFIG_ENV = "RELAY_CONFIG"
 log = logging.getLogger("relay")
@@ -55,7 +56,7 @@ def serve(argv: list[str]) -> int:
         settings = settings_from_env()
         # Secrets are read now so that a missing variable is one clear line, not a traceback.
         for route in settings.routes:
-            route.api_key()
+            route.api_keys()
         for key in [*settings.api_keys, *settings.admin_keys]:
             key.secret()
     except ValueError as error:  # pydantic's ValidationError included
@@ -170,15 +171,21 @@ def describe(settings: Settings) -> None:
     else:
         log.warning("auth: no API keys configured: serving without authentication, loopback only")
     for route in settings.routes:
-        upstream = route.upstream_model or route.model
-        if route.provider == "llama_cpp":
-            target = f"{route.model_path or 'the bundled SmolLM2-135M-Instruct'}, in-process"
-        elif route.provider == "fake":
-            target = f"the fake provider's script '{upstream}'"
-        else:
-            target = f"'{upstream}' at {without_password(route.base_url or '')}"
+        targets = [_target(route.model, deployment) for deployment in route.deployments]
+        if len(targets) > 1:
+            labels = [deployment.label for deployment in route.deployments]
+            targets = [f"{label}: {target}" for label, target in zip(labels, targets, strict=True)]
         fallbacks = f" (falls back to {', '.join(route.fallbacks)})" if route.fallbacks else ""
-        log.info("model %s -> %s%s", route.model, target, fallbacks)
+        log.info("model %s -> %s%s", route.model, "; ".join(targets), fallbacks)
+
+
+def _target(model: str, deployment: DeploymentConfig) -> str:
+    upstream = deployment.upstream_model or model
+    if isinstance(deployment, LlamaCppConfig):
+        return f"{deployment.model_path or 'the bundled SmolLM2-135M-Instruct'}, in-process"
+    if isinstance(deployment, FakeConfig):
+        return f"the fake provider's script '{upstream}'"
+    return f"'{upstream}' at {without_password(deployment.base_url)}"
 
 
 def without_password(url: str) -> str:

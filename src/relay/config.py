@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -18,70 +18,51 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from relay.access.policy import NO_POLICY, Policy, Price
-
-ProviderKind = Literal["openai_chat", "llama_cpp", "fake"]
+from relay.access.policy import NO_POLICY, Policy
+from relay.providers.settings import DeploymentConfig, LlamaCppConfig
 
 
 class RouteConfig(BaseModel):
-    """One public model name and where it is served."""
+    """One public model name and its deployments (where it is served, chosen among per
+    request; see relay.engine.routing). A route with one deployment may give that
+    deployment's fields inline, beside `model`."""
 
-    model_config = ConfigDict(extra="forbid")  # a typo in a route is an error, not a default
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
-    provider: ProviderKind = "openai_chat"
-    base_url: str | None = None
-    api_key_env: str | None = None
-    upstream_model: str | None = None
     fallbacks: list[str] = Field(default_factory=list)
-    timeout_s: float = Field(default=600.0, gt=0)
-    # Older OpenAI-compatible servers only know max_tokens; OpenAI's reasoning models only
-    # max_completion_tokens.
-    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
-    # Request fields that only some upstreams understand (OpenRouter's `provider`, `plugins`)
-    # are forwarded verbatim when listed here, and refused with a 400 otherwise.
-    forward_fields: list[Literal["provider", "plugins", "modalities", "image_config"]] = Field(
-        default_factory=list
-    )
-    headers: dict[str, str] = Field(default_factory=dict)
-    # Reasoning items given back (stored chains, or store:false transcripts with Relay-sealed
-    # encrypted_content) are sent as `reasoning_content` on the assistant message they precede,
-    # for upstreams that take it (vLLM, DeepSeek-style servers); off, they are left out.
-    replay_reasoning: bool = False
-    # How POST /responses/input_tokens counts for this route: "vllm" or "llama_cpp" ask the
-    # upstream's own tokenizer (their /tokenize beside /v1); "estimate" counts bytes.
-    count_tokens: Literal["estimate", "vllm", "llama_cpp"] = "estimate"
-    # llama_cpp routes: a GGUF file (default: the bundled SmolLM2-135M-Instruct), its context
-    # window, threads, how many requests may wait, and whether it loads at start-up or on
-    # first use.
-    model_path: Path | None = None
-    n_ctx: int = Field(default=4096, ge=256)
-    n_threads: int | None = Field(default=None, ge=1)
-    max_queue: int = Field(default=8, ge=1)
-    load: Literal["startup", "first_use"] = "startup"
-    # Bounds on one generation, so that no request holds the model's one worker for long: the
-    # output limit of requests that set no max_output_tokens, and the time a generation may
-    # run (from when the worker takes it up) before it ends incomplete.
-    default_max_output_tokens: int = Field(default=1024, ge=16)
-    max_generation_s: float = Field(default=60.0, gt=0)
-    # What a response costs on this route (usage ledger and budgets); None: nothing.
-    price: Price | None = None
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_deployment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "deployments" not in data:
+            route = {key: data[key] for key in ROUTE_FIELDS if key in data}
+            route["deployments"] = [
+                {key: value for key, value in data.items() if key not in ROUTE_FIELDS}
+            ]
+            return route
+        return data
 
     @model_validator(mode="after")
-    def _needs_base_url(self) -> RouteConfig:
-        if self.provider == "openai_chat" and not self.base_url:
-            raise ValueError(f"route '{self.model}': provider openai_chat needs base_url")
+    def _unique_deployments(self) -> RouteConfig:
+        labels = [deployment.label for deployment in self.deployments]
+        if len(set(labels)) != len(labels):
+            raise ValueError(
+                f"route '{self.model}': deployments need distinct names (got {labels})"
+            )
         return self
 
-    def api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        value = os.environ.get(self.api_key_env)
-        if not value:
-            raise ValueError(
-                f"route '{self.model}': environment variable {self.api_key_env} is not set"
-            )
-        return value
+    def api_keys(self) -> None:
+        """Read every deployment's key now: a missing variable is an error at start-up."""
+        for deployment in self.deployments:
+            try:
+                deployment.api_key()
+            except ValueError as error:
+                raise ValueError(f"route '{self.model}': {error}") from None
+
+
+ROUTE_FIELDS = ("model", "fallbacks")
 
 
 class _SecretKey(BaseModel):
@@ -168,6 +149,10 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key's answer is kept for replays.
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     routes: list[RouteConfig] = Field(default_factory=list)
+    # A deployment that fails this many times in a row (before its first byte, retries
+    # included) is tried after every other for `cooldown_s`; then one request probes it.
+    cooldown_failures: int = Field(default=3, ge=1)
+    cooldown_s: float = Field(default=30.0, ge=0)
     # A comment line is sent on a stream after this many silent seconds, so proxies and
     # clients do not time the connection out while a model thinks.
     keepalive_s: float = Field(default=15.0, gt=0)
@@ -239,7 +224,7 @@ class Settings(BaseSettings):
 
 
 # With no routes configured, Relay serves the model that ships with it, offline.
-DEFAULT_ROUTE = RouteConfig(model="smollm2-135m-instruct", provider="llama_cpp")
+DEFAULT_ROUTE = RouteConfig(model="smollm2-135m-instruct", deployments=[LlamaCppConfig()])
 
 
 def load_settings(config: Path | None = None, **overrides: object) -> Settings:

@@ -36,6 +36,21 @@ HOSTED_TOOL_TYPES = {
     "apply_patch",
 }
 
+# Items of hosted tools an upstream ran (a Responses upstream's web search): given back as
+# context, kept as they are; only a Responses upstream reads them (the others have their
+# results in the answer's text).
+HOSTED_ITEM_TYPES = frozenset(
+    {
+        "web_search_call",
+        "file_search_call",
+        "code_interpreter_call",
+        "image_generation_call",
+        "computer_call",
+        "mcp_call",
+        "mcp_list_tools",
+    }
+)
+
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
@@ -240,6 +255,11 @@ class Compaction(_Open):
     encrypted_content: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
 
 
+class HostedCall(_Open):
+    type: str
+    id: ItemId
+
+
 class ItemReference(_Open):
     type: Literal["item_reference"] = "item_reference"
     id: ItemId
@@ -253,6 +273,7 @@ _ITEM_MODELS: dict[str, type[BaseModel]] = {
     "custom_tool_call": CustomToolCall,
     "custom_tool_call_output": CustomToolCallOutput,
     "item_reference": ItemReference,
+    **dict.fromkeys(HOSTED_ITEM_TYPES, HostedCall),
 }
 
 

@@ -93,8 +93,9 @@ class Accounting:
     def headers(self) -> dict[str, str]:
         return self.admission.headers if self.admission is not None else {}
 
-    def settle(self, response: dict[str, Any]) -> None:
-        """Called by the run once its outcome is final (stored, if it is stored)."""
+    def settle(self, response: dict[str, Any], price: Price | None = None) -> None:
+        """Called by the run once its outcome is final (stored, if it is stored), with the
+        price of the deployment that answered."""
         if self.done:
             return
         self.done = True
@@ -103,7 +104,6 @@ class Accounting:
         output_tokens = int(usage.get("output_tokens") or 0)
         cached = int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0)
         route = str(response.get("model") or self.model)
-        price = self.access.prices.get(route)
         now = time.time()
         self.access.ledger.add(
             UsageRow(
@@ -160,9 +160,6 @@ class Access:
         self.ledger = Ledger(db)
         self.idempotency = Idempotency(db, settings.idempotency_ttl_s)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.prices: dict[str, Price] = {
-            route.model: route.price for route in settings.routes if route.price is not None
-        }
 
     def track(self, work: Awaitable[None]) -> None:
         """Run `work` as a task of this gate's: settling never waits for it, and a
@@ -178,7 +175,7 @@ class Access:
 
     def accounting_for(
         self, project: str, key_id: str | None, model: str
-    ) -> Callable[[dict[str, Any]], None]:
+    ) -> Callable[[dict[str, Any], Price | None], None]:
         """The books of a run admitted elsewhere (a background run from the job queue):
         its usage row, without the limits, which the admitting instance applied."""
         key = KeyRecord(key_id or "", project, frozenset([project]), None, NO_POLICY)

@@ -68,7 +68,11 @@ def create_app(settings: Settings) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await open_store(settings.database_url)
         access = Access(settings, credentials, store.db)
-        registry = Registry(settings.routes)
+        registry = Registry(
+            settings.routes,
+            cooldown_failures=settings.cooldown_failures,
+            cooldown_s=settings.cooldown_s,
+        )
         conversations = ConversationStore(store.db)
         app.state.conversations = conversations
         app.state.settings = settings
@@ -146,7 +150,7 @@ def create_app(settings: Settings) -> ASGIApp:
                     "idempotency-key",
                     "x-project-id",
                 ],
-                expose_headers=["x-request-id", "x-relay-omitted-tools"],
+                expose_headers=["x-request-id", "x-relay-omitted-tools", "x-relay-deployment"],
             )
         )
     app = Starlette(

@@ -34,6 +34,7 @@ from relay.storage.base import Store
 STARTED = int(time.time())
 MAX_SESSION_ID = 128
 OMITTED_TOOLS = "x-relay-omitted-tools"  # the hosted tool types a request had left out
+DEPLOYMENT = "x-relay-deployment"  # the deployment that answered (relay.engine.routing)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -133,6 +134,8 @@ async def _respond(
             headers = accounting.headers.copy()
             if run.omitted_tools:
                 headers[OMITTED_TOOLS] = ",".join(run.omitted_tools)
+            if run.deployment is not None:
+                headers[DEPLOYMENT] = run.deployment.name
             if body.stream:
                 if run.response["store"]:
                     # Its id is in response.created: recorded now, so it never 404s.

@@ -17,9 +17,12 @@ from relay.engine import reasoning
 from relay.engine.response import output_text
 from relay.ids import new_id
 from relay.providers.base import (
+    AnnotationDelta,
     Delta,
     FinishDelta,
+    HostedItem,
     ReasoningDelta,
+    ReasoningState,
     RefusalDelta,
     TextDelta,
     ToolCallDelta,
@@ -51,7 +54,8 @@ class ResponseBuilder:
         reasoning_as_summary: bool,
         include_logprobs: bool,
         obfuscate: bool = False,
-        seal_reasoning: Callable[[str], str] | None = None,
+        seal_reasoning: Callable[[str, dict[str, Any] | None], str] | None = None,
+        include_encrypted_reasoning: bool = False,
         namespaced: dict[str, tuple[str, str]] | None = None,
         custom_tools: frozenset[str] = frozenset(),
     ) -> None:
@@ -63,8 +67,12 @@ class ResponseBuilder:
         self._max_calls = max_tool_calls
         self._as_summary = reasoning_as_summary
         self._logprobs = include_logprobs
-        # include reasoning.encrypted_content: each finished reasoning item's text, sealed.
+        # Each finished reasoning item's text and upstream state, sealed: always when the
+        # upstream gave state to give back (a thinking signature), else when the request
+        # included reasoning.encrypted_content.
         self._seal_reasoning = seal_reasoning
+        self._include_encrypted = include_encrypted_reasoning
+        self._reasoning_state: dict[str, Any] | None = None  # of the open reasoning item
         # Functions of namespace tools, by their upstream names: (namespace, name).
         self._namespaced = namespaced or {}
         # Custom tools by their upstream names: their calls are custom_tool_call items, whose
@@ -118,6 +126,12 @@ class ResponseBuilder:
             return self._text("refusal", delta.text, None)
         if isinstance(delta, ReasoningDelta):
             return self._reasoning(delta.text)
+        if isinstance(delta, ReasoningState):
+            return self._reasoning_state_of(delta.state)
+        if isinstance(delta, AnnotationDelta):
+            return self._annotation(delta.annotation)
+        if isinstance(delta, HostedItem):
+            return self._hosted(delta)
         if isinstance(delta, ToolCallDelta):
             return self._tool_call(delta)
         if isinstance(delta, UsageDelta):
@@ -210,10 +224,56 @@ class ResponseBuilder:
             )
         return events
 
+    def _reasoning_state_of(self, state: dict[str, Any]) -> list[Event]:
+        """Attach `state` to the open reasoning item, which it ends; with none open (a
+        redacted block), it is a reasoning item of its own, without text."""
+        events: list[Event] = []
+        item = self._open
+        if item is None or item["type"] != "reasoning" or self._reasoning_state is not None:
+            events += self._close_all("completed")
+            item = {"id": new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": []}
+            self._open = item
+            events.append(self._add_item(item))
+        self._reasoning_state = state
+        return events + self._close_open("completed")
+
+    def _annotation(self, annotation: dict[str, Any]) -> list[Event]:
+        item, part = self._open, self._part
+        if item is None or part is None or part["type"] != "output_text":
+            return []  # nothing to annotate: the upstream's text never came
+        part["annotations"].append(annotation)
+        return [
+            self._event(
+                "response.output_text.annotation.added",
+                item_id=item["id"],
+                output_index=self._index_of(item),
+                content_index=len(item["content"]) - 1,
+                annotation_index=len(part["annotations"]) - 1,
+                annotation=dict(annotation),
+            )
+        ]
+
+    def _hosted(self, delta: HostedItem) -> list[Event]:
+        """A finished item the upstream ran (web_search_call, ...): added, its progress
+        events, done."""
+        events = self._close_all("completed")
+        item = dict(delta.item)
+        final_status = item.get("status", "completed")
+        item["status"] = "in_progress"
+        events.append(self._add_item(item))
+        index = self._index_of(item)
+        for kind in delta.progress:
+            events.append(self._event(kind, item_id=item["id"], output_index=index))
+        item["status"] = final_status
+        events.append(
+            self._event("response.output_item.done", output_index=index, item=_copy(item))
+        )
+        return events
+
     def _reasoning(self, text: str) -> list[Event]:
         events: list[Event] = []
         item = self._open
-        if item is None or item["type"] != "reasoning":
+        if item is None or item["type"] != "reasoning" or self._reasoning_state is not None:
             events += self._close_all("completed")
             item = {"id": new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": []}
             if not self._as_summary:
@@ -386,8 +446,10 @@ class ResponseBuilder:
         events = self._close_part(item, index) if self._part is not None else []
         self._open = None
         item["status"] = status
-        if item["type"] == "reasoning" and self._seal_reasoning is not None:
-            item["encrypted_content"] = self._seal_reasoning(reasoning.text_of(item))
+        if item["type"] == "reasoning":
+            state, self._reasoning_state = self._reasoning_state, None
+            if self._seal_reasoning is not None and (state or self._include_encrypted):
+                item["encrypted_content"] = self._seal_reasoning(reasoning.text_of(item), state)
         events.append(
             self._event("response.output_item.done", output_index=index, item=_copy(item))
         )
@@ -446,7 +508,10 @@ class ResponseBuilder:
         usage = self._usage or UsageDelta(0, 0)
         return {
             "input_tokens": usage.input_tokens,
-            "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens}
+            | (
+                {"cache_write_tokens": usage.cache_write_tokens} if usage.cache_write_tokens else {}
+            ),
             "output_tokens": usage.output_tokens,
             "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
             "total_tokens": usage.input_tokens + usage.output_tokens,

@@ -22,7 +22,6 @@ from relay.protocol import (
     TextFormatJsonSchema,
     invalid_request,
 )
-from relay.providers.registry import Route
 from relay.providers.tool_names import wire_name
 
 KNOWN_INCLUDES = {
@@ -52,6 +51,10 @@ class ToolPlan:
     custom: frozenset[str] = frozenset()
     # Hosted tool types left out (hosted_tools = "omit"): never offered, never echoed.
     omitted: tuple[str, ...] = ()
+    # Hosted tools an upstream runs itself (a Responses deployment's hosted_tools), as given.
+    hosted: list[dict[str, Any]] = field(default_factory=list)
+    # Every function tool, whatever tool_choice lets the model call (`offered`).
+    functions: list[dict[str, Any]] = field(default_factory=list)
 
 
 # How a custom tool's free-text input travels as a function call's arguments.
@@ -116,18 +119,28 @@ def _upstream_name(namespace: str | None, name: str) -> str:
     return name if namespace is None else wire_name(namespace, name)
 
 
-def plan_tools(request: CreateResponse, *, omit_hosted: bool = False) -> ToolPlan:
+def plan_tools(
+    request: CreateResponse,
+    *,
+    omit_hosted: bool = False,
+    upstream_runs: frozenset[str] = frozenset(),
+) -> ToolPlan:
     """`omit_hosted`: hosted tools (web_search, ...), which Relay cannot run, are left out
-    instead of refused; the answer names them (`x-relay-omitted-tools`)."""
+    instead of refused; the answer names them (`x-relay-omitted-tools`). `upstream_runs`:
+    hosted tool types a deployment of the model runs itself: those pass through."""
     parallel = request.parallel_tool_calls is not False
     declared: list[dict[str, Any]] = []
     functions: list[dict[str, Any]] = []
     namespaced: dict[str, tuple[str, str]] = {}
     custom: set[str] = set()
     omitted: list[str] = []
+    hosted: list[dict[str, Any]] = []
     for index, raw in enumerate(request.tools or []):
         kind = raw.get("type") if isinstance(raw, dict) else None
-        if omit_hosted and kind in HOSTED_TOOL_TYPES:
+        if kind in upstream_runs:
+            declared.append(raw)
+            hosted.append(raw)
+        elif omit_hosted and kind in HOSTED_TOOL_TYPES:
             omitted.append(str(kind))
         elif kind == "namespace":
             group, members = _namespace(raw, f"tools[{index}]")
@@ -152,7 +165,16 @@ def plan_tools(request: CreateResponse, *, omit_hosted: bool = False) -> ToolPla
 
     def plan(offered: list[dict[str, Any]], choice: str | dict[str, str], must: bool) -> ToolPlan:
         return ToolPlan(
-            declared, offered, choice, must, parallel, namespaced, frozenset(custom), tuple(omitted)
+            declared,
+            offered,
+            choice,
+            must,
+            parallel,
+            namespaced,
+            frozenset(custom),
+            tuple(omitted),
+            hosted,
+            functions,
         )
 
     choice = request.tool_choice
@@ -240,22 +262,3 @@ def check_request(request: CreateResponse) -> None:
             param="input",
             code="missing_required_parameter",
         )
-
-
-def check_route(request: CreateResponse, route: Route) -> None:
-    """Refuse what this route, the first choice or a fallback, cannot honour: a fallback that
-    would silently drop a field is as wrong as a first choice that would."""
-    forwarded = set(route.config.forward_fields)
-    wants_image = request.modalities is not None and "image" in request.modalities
-    for name, used in (
-        ("provider", request.provider is not None),
-        ("plugins", bool(request.plugins)),
-        ("modalities", wants_image),
-        ("image_config", bool(request.image_config)),
-    ):
-        if used and name not in forwarded:
-            raise InvalidRequest(
-                f"'{name}' is not supported by the route for model '{route.model}'.",
-                param=name,
-                code="unsupported_parameter",
-            )

@@ -3,19 +3,24 @@ response and counting its input tokens both start from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from relay.engine.checks import ToolPlan
+from relay.engine.routing import Preferences
 from relay.protocol import CreateResponse
 from relay.providers.base import History, ProviderRequest
-from relay.providers.registry import Route
+from relay.providers.registry import Deployment, Route
 
 
 @dataclass(slots=True)
 class Prepared:
     request: CreateResponse
-    routes: list[Route]  # the model's route, then its fallbacks, in order
+    # The model's route, then its fallbacks, in order, each with the deployments that can
+    # serve this request.
+    routes: list[tuple[Route, list[Deployment]]]
+    preferences: Preferences
     tools: ToolPlan
     effort: str | None
     summary: str | None
@@ -25,18 +30,25 @@ class Prepared:
     # What the upstream reads: the same, with compaction items expanded to their summaries.
     upstream_items: list[dict[str, Any]]
     upstream_history: History | None
+    reasoning_state: Callable[[str], dict[str, Any] | None]
 
     def context(self) -> list[dict[str, Any]]:
         """The whole context as the upstream reads it."""
         items, history = self.upstream_items, self.upstream_history
         return items if history is None else history.items + items
 
+    @property
+    def route(self) -> Route:
+        """The model's own route (the first choice)."""
+        return self.routes[0][0]
+
     def provider_request(
-        self, route: Route, shortened: list[dict[str, Any]] | None = None
+        self, deployment: Deployment, shortened: list[dict[str, Any]] | None = None
     ) -> ProviderRequest:
-        """The request for `route`; `shortened`: a context truncation made shorter."""
+        """The request for `deployment`; `shortened`: a context truncation made shorter."""
+        runs = set(getattr(deployment.config, "hosted_tools", ()))
         return ProviderRequest(
-            upstream_model=route.upstream_model,
+            upstream_model=deployment.upstream_model,
             request=self.request,
             instructions=self.request.instructions,
             # A shortened context no longer begins with the history.
@@ -47,4 +59,7 @@ class Prepared:
             parallel_tool_calls=self.tools.parallel,
             want_logprobs=self.want_logprobs,
             reasoning_effort=self.effort,
+            all_tools=self.tools.functions,
+            hosted_tools=[tool for tool in self.tools.hosted if tool["type"] in runs],
+            reasoning_state=self.reasoning_state,
         )

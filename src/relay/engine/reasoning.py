@@ -22,9 +22,29 @@ def text_of(item: dict[str, Any]) -> str:
     return "".join(part.get("text") or "" for part in parts)
 
 
-def sealer_for(sealer: Sealer, tenant: str) -> Callable[[str], str]:
-    """What the builder calls on each finished reasoning item's text."""
-    return lambda text: sealer.seal(tenant, KIND, {"text": text})
+def sealer_for(sealer: Sealer, tenant: str) -> Callable[[str, dict[str, Any] | None], str]:
+    """What the builder calls on each finished reasoning item: its text, and the state the
+    upstream needs given back with it (relay.providers.base.ReasoningState)."""
+
+    def seal(text: str, state: dict[str, Any] | None) -> str:
+        payload: dict[str, Any] = {"text": text}
+        if state:
+            payload["state"] = state
+        return sealer.seal(tenant, KIND, payload)
+
+    return seal
+
+
+def opener_for(sealer: Sealer, tenant: str) -> Callable[[str], dict[str, Any] | None]:
+    """What providers call on a reasoning item's encrypted_content: the upstream state Relay
+    sealed in it, or None (none there, or content Relay did not seal)."""
+
+    def state_of(token: str) -> dict[str, Any] | None:
+        payload = sealer.open(tenant, KIND, token)
+        state = None if payload is None else payload.get("state")
+        return state if isinstance(state, dict) else None
+
+    return state_of
 
 
 def expand(items: list[dict[str, Any]], sealer: Sealer, tenant: str) -> list[dict[str, Any]]:

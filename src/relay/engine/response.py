@@ -18,7 +18,7 @@ def echo_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {**tool, "tools": echo_tools(tool["tools"])}
         if tool["type"] == "namespace"
         else tool
-        if tool["type"] == "custom"
+        if tool["type"] != "function"  # custom, and hosted tools an upstream runs: as sent
         else {
             "type": "function",
             "name": tool["name"],

@@ -10,6 +10,7 @@ state that is stored when store is true.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
@@ -18,10 +19,11 @@ from typing import Any, TypeVar
 
 import orjson
 
+from relay.access.policy import Price
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
-from relay.engine import compaction, conversation, reasoning
+from relay.engine import compaction, conversation, reasoning, routing
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
-from relay.engine.checks import check_request, check_route, plan_tools, reasoning_settings
+from relay.engine.checks import check_request, plan_tools, reasoning_settings
 from relay.engine.context import (
     check_tool_outputs,
     drop_oldest_turn,
@@ -36,7 +38,7 @@ from relay.errors import InvalidRequest, RateLimited, RelayError, RequestTimeout
 from relay.ids import new_id
 from relay.protocol import CreateResponse
 from relay.providers.base import Delta, FinishDelta, History, ProviderError, TokenCount
-from relay.providers.registry import Registry, Route
+from relay.providers.registry import Deployment, Registry
 from relay.sealing import Sealer
 from relay.storage.base import Store
 from relay.storage.conversations import ConversationStore
@@ -74,8 +76,11 @@ class Run:
     history_stored: bool = True
     trace: dict[str, Any] | None = None
     omitted_tools: tuple[str, ...] = ()  # hosted tool types left out (hosted_tools = "omit")
-    # Told the settled response once, whatever the outcome (usage, limits: relay.access).
-    on_settled: Callable[[dict[str, Any]], None] | None = None
+    # The deployment that answered (None: nothing was generated).
+    deployment: Deployment | None = None
+    # Told the settled response once, whatever the outcome (usage, limits: relay.access),
+    # with the answering deployment's price.
+    on_settled: Callable[[dict[str, Any], Price | None], None] | None = None
     # A stored stream's record of its start (relay.runs), written beside the first steps:
     # the final save waits for it, then says it is done.
     recorded: asyncio.Future[None] | None = None
@@ -158,8 +163,9 @@ class Run:
         False when storage failed."""
         self._finished = True
         response = self.response
+        deployment = self.deployment
         if self.on_settled is not None:
-            self.on_settled(response)
+            self.on_settled(response, deployment.config.price if deployment else None)
         # One task of the engine's for all of it, awaited shielded: a client leaving now
         # must neither roll back a finished response nor leave its conversation held.
         stored = True
@@ -168,11 +174,12 @@ class Run:
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
-            "response %s tenant=%r model=%r status=%s input_tokens=%s output_tokens=%s "
-            "session=%r trace=%r",
+            "response %s tenant=%r model=%r deployment=%r status=%s input_tokens=%s "
+            "output_tokens=%s session=%r trace=%r",
             response["id"],
             self.tenant,
             response["model"],
+            deployment.name if deployment else None,
             response["status"],
             usage.get("input_tokens"),
             usage.get("output_tokens"),
@@ -231,6 +238,15 @@ class Run:
         return True
 
 
+def _log_failure(deployment: Deployment, error: ProviderError) -> None:
+    log.warning(
+        "model %s (deployment %s) failed before the first byte: %s",
+        deployment.route,
+        deployment.name,
+        error.message,
+    )
+
+
 async def _nothing_generated() -> AsyncIterator[Delta]:
     yield FinishDelta("stop")
 
@@ -283,7 +299,7 @@ class Engine:
         continuing: History | None = None,
         continuing_is_stored: bool = True,
         generate: bool = True,
-        on_settled: Callable[[dict[str, Any]], None] | None = None,
+        on_settled: Callable[[dict[str, Any], Price | None], None] | None = None,
         response_id: str | None = None,
         created_at: int | None = None,
     ) -> Run:
@@ -299,10 +315,14 @@ class Engine:
             prepared = await self._prepare(
                 request, tenant, turn.history if turn is not None else continuing
             )
+            deployment: Deployment | None = None
             if generate:
-                route, deltas = await self._open(prepared, truncate=request.truncation == "auto")
+                deployment, deltas = await self._open(
+                    prepared, truncate=request.truncation == "auto"
+                )
+                model = deployment.route
             else:
-                route, deltas = prepared.routes[0], _nothing_generated()
+                model, deltas = prepared.route.model, _nothing_generated()
         except BaseException:
             if turn is not None:
                 await turn.abandon()
@@ -311,7 +331,7 @@ class Engine:
         response = new_response(
             request,
             response_id=response_id or new_id("resp"),
-            model=route.model,
+            model=model,
             created_at=created_at or int(time.time()),
             tools=tools.declared,
             reasoning={"effort": prepared.effort, "summary": prepared.summary},
@@ -330,9 +350,8 @@ class Engine:
             max_tool_calls=request.max_tool_calls,
             reasoning_as_summary=prepared.summary is not None,
             include_logprobs=prepared.want_logprobs,
-            seal_reasoning=reasoning.sealer_for(self.sealer, tenant)
-            if "reasoning.encrypted_content" in (request.include or ())
-            else None,
+            seal_reasoning=reasoning.sealer_for(self.sealer, tenant),
+            include_encrypted_reasoning="reasoning.encrypted_content" in (request.include or ()),
             # On by default when streaming, as OpenAI does; clients opt out per request.
             obfuscate=bool(request.stream)
             and (
@@ -350,6 +369,7 @@ class Engine:
             history_stored=continuing is None or continuing_is_stored,
             trace=request.trace,
             omitted_tools=tools.omitted,
+            deployment=deployment,
             on_settled=on_settled,
             turn=turn,
         )
@@ -363,7 +383,7 @@ class Engine:
         response = new_response(
             request,
             response_id=new_id("resp"),
-            model=prepared.routes[0].model,
+            model=prepared.route.model,
             created_at=int(time.time()),
             tools=prepared.tools.declared,
             reasoning={"effort": prepared.effort, "summary": prepared.summary},
@@ -374,11 +394,11 @@ class Engine:
         return response, prepared.items
 
     async def count_input_tokens(self, request: CreateResponse, *, tenant: str) -> TokenCount:
-        """The input tokens the request would send to its model's first route."""
+        """The input tokens the request would send to its model's first deployment."""
         prepared = await self._prepare(request, tenant, None)
-        route = prepared.routes[0]
+        first = routing.ordered(prepared.routes[0][1], prepared.preferences)[0]
         try:
-            return await route.provider.count_tokens(prepared.provider_request(route))
+            return await first.provider.count_tokens(prepared.provider_request(first))
         except ProviderError as error:
             raise provider_error_to_http(error) from None
 
@@ -387,7 +407,7 @@ class Engine:
         request: CreateResponse,
         *,
         tenant: str,
-        on_settled: Callable[[dict[str, Any]], None] | None = None,
+        on_settled: Callable[[dict[str, Any], Price | None], None] | None = None,
     ) -> dict[str, Any]:
         """POST /responses/compact: the context (input and/or previous_response_id) made into
         a shorter window by the route's model (see `relay.engine.compaction`)."""
@@ -437,9 +457,16 @@ class Engine:
             )
         routes = self.registry.candidates(request.model, request.models)
         check_request(request)
-        for route in routes:
-            check_route(request, route)
-        tools = plan_tools(request, omit_hosted=self.hosted_tools == "omit")
+        prefs = routing.preferences(request)
+        upstream_runs = frozenset(
+            kind
+            for deployment in routes[0].deployments
+            for kind in getattr(deployment.config, "hosted_tools", ())
+        )
+        tools = plan_tools(
+            request, omit_hosted=self.hosted_tools == "omit", upstream_runs=upstream_runs
+        )
+        choices = routing.choices(routes, request, prefs, tools.hosted)
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
         history = continuing or await self._context(request, tenant)
@@ -449,7 +476,8 @@ class Engine:
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
         return Prepared(
             request,
-            routes,
+            choices,
+            prefs,
             tools,
             effort,
             summary,
@@ -460,6 +488,7 @@ class Engine:
                 compaction.expand(items, self.sealer, tenant, "input"), self.sealer, tenant
             ),
             upstream_history=compaction.expand_history(history, self.sealer, tenant),
+            reasoning_state=reasoning.opener_for(self.sealer, tenant),
         )
 
     async def _begin_turn(self, request: CreateResponse, tenant: str) -> conversation.Turn | None:
@@ -481,28 +510,43 @@ class Engine:
 
     async def _open(
         self, prepared: Prepared, *, truncate: bool
-    ) -> tuple[Route, AsyncIterator[Delta]]:
-        """Open the first route that accepts the request; move on only for retryable failures
-        that happened before the first byte, so a client never sees two half-answers. With
-        truncation "auto", a context the upstream finds too long loses its oldest turns."""
+    ) -> tuple[Deployment, AsyncIterator[Delta]]:
+        """Open the first deployment that accepts the request (routing.ordered, each with its
+        retries), route after route; move on only for retryable failures that happened before
+        the first byte, so a client never sees two half-answers."""
         last: ProviderError | None = None
-        for route in prepared.routes:
-            shortened: list[dict[str, Any]] | None = None
-            while True:
+        for _route, deployments in prepared.routes:
+            for deployment in routing.ordered(deployments, prepared.preferences):
                 try:
-                    request = prepared.provider_request(route, shortened)
-                    return route, await route.provider.open(request)
+                    deltas, error = await routing.attempt(
+                        deployment, functools.partial(self._open_on, deployment, prepared, truncate)
+                    )
                 except ProviderError as error:
-                    last = error
-                    if error.code != "context_length_exceeded" or not truncate:
-                        break
-                    whole = prepared.context() if shortened is None else shortened
-                    shortened = drop_oldest_turn(whole)
-                    if shortened is None:
-                        break
-            assert last is not None
-            log.warning("model %s failed before the first byte: %s", route.model, last.message)
-            if not last.retryable:
-                break
+                    _log_failure(deployment, error)
+                    raise provider_error_to_http(error) from None
+                if deltas is not None:
+                    return deployment, deltas
+                assert error is not None
+                _log_failure(deployment, error)
+                last = error
         assert last is not None
         raise provider_error_to_http(last)
+
+    @staticmethod
+    async def _open_on(
+        deployment: Deployment, prepared: Prepared, truncate: bool
+    ) -> AsyncIterator[Delta]:
+        """One try on `deployment`. With truncation "auto", a context the upstream finds too
+        long loses its oldest turns, until it fits or nothing is left to drop."""
+        shortened: list[dict[str, Any]] | None = None
+        while True:
+            try:
+                request = prepared.provider_request(deployment, shortened)
+                return await deployment.provider.open(request)
+            except ProviderError as error:
+                if error.code != "context_length_exceeded" or not truncate:
+                    raise
+                whole = prepared.context() if shortened is None else shortened
+                shortened = drop_oldest_turn(whole)
+                if shortened is None:
+                    raise

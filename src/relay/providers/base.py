@@ -37,6 +37,36 @@ class ReasoningDelta:
 
 
 @dataclass(slots=True)
+class ReasoningState:
+    """What the upstream needs given back with the reasoning just streamed (a thinking
+    block's signature, a redacted block, the upstream's own encrypted content): sealed by
+    Relay into the reasoning item's `encrypted_content`. `state["kind"]` names the provider
+    kind that can use it; other providers are sent the reasoning without it, or not at all.
+
+    It ends its reasoning item: the next reasoning starts another (Anthropic's thinking
+    blocks go back one for one)."""
+
+    state: dict[str, Any]
+
+
+@dataclass(slots=True)
+class HostedItem:
+    """An item the upstream made and ran itself (a web_search_call of a Responses upstream),
+    complete, with the types of its progress events (`response.web_search_call.searching`,
+    ...), which are replayed for it in order."""
+
+    item: dict[str, Any]
+    progress: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class AnnotationDelta:
+    """An annotation (a url_citation, ...) of the output text streamed so far."""
+
+    annotation: dict[str, Any]
+
+
+@dataclass(slots=True)
 class ToolCallDelta:
     """A piece of one tool call; `index` tells parallel calls apart.
 
@@ -56,6 +86,8 @@ class UsageDelta:
     output_tokens: int
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Input tokens written to the upstream's prompt cache (Anthropic reports them).
+    cache_write_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -63,7 +95,17 @@ class FinishDelta:
     reason: FinishReason
 
 
-Delta = TextDelta | RefusalDelta | ReasoningDelta | ToolCallDelta | UsageDelta | FinishDelta
+Delta = (
+    TextDelta
+    | RefusalDelta
+    | ReasoningDelta
+    | ReasoningState
+    | HostedItem
+    | AnnotationDelta
+    | ToolCallDelta
+    | UsageDelta
+    | FinishDelta
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -128,6 +170,19 @@ class ProviderRequest:
     # The stored chain this request continues, when there is one: then `items` holds only
     # what comes after it (see `context`).
     history: History | None = None
+    # Every function tool of the request, whatever tool_choice allows: for upstreams that want
+    # the definitions beside earlier calls even when none may be called now (Anthropic).
+    all_tools: list[dict[str, Any]] = field(default_factory=list)
+    # Hosted tools (web_search, ...) the upstream is to run itself, as the request gave them.
+    hosted_tools: list[dict[str, Any]] = field(default_factory=list)
+    # A reasoning item's encrypted_content -> the upstream state Relay sealed in it (see
+    # relay.providers.base.ReasoningState), or None.
+    reasoning_state: Callable[[str], dict[str, Any] | None] = field(default=lambda token: None)
+
+    def state_of(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        """The upstream state of a reasoning item, when Relay sealed one in it."""
+        token = item.get("encrypted_content")
+        return self.reasoning_state(token) if isinstance(token, str) and token else None
 
     def context(self) -> list[dict[str, Any]]:
         """The whole context: the history's items, then `items`."""

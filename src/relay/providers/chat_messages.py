@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from relay.protocol import HOSTED_ITEM_TYPES
 from relay.providers.base import ProviderError, ProviderRequest
 from relay.providers.tool_names import wire_name
 
@@ -100,6 +101,8 @@ class ChatTranscript:
 
     def _add(self, item: dict[str, Any]) -> None:
         kind = item.get("type", "message")
+        if kind in HOSTED_ITEM_TYPES:
+            return  # an upstream's hosted call: its results are in the answer's text
         if kind == "reasoning":
             parts = item.get("content") or item.get("summary") or ()
             text = "".join(part.get("text") or "" for part in parts)

@@ -26,6 +26,7 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
+from relay.providers.settings import FakeConfig
 
 SCRIPTS = frozenset(
     {
@@ -45,6 +46,10 @@ SLOW_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "n
 LENGTH_TEXT = "This answer is far too long to fit in the budget it was given"
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 _WORD = re.compile(r"\S+\s*")
+
+
+def build(config: FakeConfig) -> FakeProvider:
+    return FakeProvider()
 
 
 class FakeProvider:

@@ -41,6 +41,7 @@ from relay.providers.base import (
 )
 from relay.providers.chat_messages import build_messages
 from relay.providers.local_grammar import DecodingPlan, UnsupportedSchema, parse_calls, plan
+from relay.providers.settings import LlamaCppConfig
 
 log = logging.getLogger("relay.local")
 
@@ -115,6 +116,18 @@ class _LocalStream:
             await asyncio.shield(self._done)
         finally:
             self._release()
+
+
+def build(config: LlamaCppConfig) -> LlamaLocalProvider:
+    options = LocalModelOptions(
+        n_ctx=config.n_ctx,
+        n_threads=config.n_threads,
+        max_queue=config.max_queue,
+        load_at_startup=config.load == "startup",
+        default_max_output_tokens=config.default_max_output_tokens,
+        max_generation_s=config.max_generation_s,
+    )
+    return LlamaLocalProvider(config.model_path or bundled_model_path(), options)
 
 
 class LlamaLocalProvider:

@@ -1,66 +1,81 @@
-"""Public model names -> routes (a provider instance, its upstream model, its fallbacks)."""
+"""Public model names -> routes; a route's deployments, each a provider instance with its
+health.
+
+Provider kinds are a table (`KINDS`), not a chain of ifs: each kind's module has a
+`build(config)` that makes its provider from its own config model
+(`relay.providers.settings`), imported when a route first uses it, so that a provider's
+dependencies load only where they are needed.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from relay.config import RouteConfig
 from relay.errors import NotFound
 from relay.providers.base import Provider
+from relay.providers.health import Health
+from relay.providers.settings import DeploymentConfig
+
+KINDS: dict[str, str] = {
+    "openai_chat": "relay.providers.openai_chat",
+    "openai_responses": "relay.providers.openai_responses",
+    "anthropic": "relay.providers.anthropic",
+    "llama_cpp": "relay.providers.llama_local",
+    "fake": "relay.providers.fake",
+}
+
+
+def build_provider(config: DeploymentConfig) -> Provider:
+    build: Callable[[DeploymentConfig], Provider] = importlib.import_module(
+        KINDS[config.provider]
+    ).build
+    return build(config)
+
+
+@dataclass(slots=True, eq=False)
+class Deployment:
+    """One place a route is served: its provider, the upstream model, its health."""
+
+    route: str
+    name: str
+    upstream_model: str
+    provider: Provider
+    config: DeploymentConfig
+    health: Health = field(default_factory=Health)
+
+    @property
+    def kind(self) -> str:
+        return self.config.provider
 
 
 @dataclass(slots=True, frozen=True)
 class Route:
     model: str
-    upstream_model: str
-    provider: Provider
+    deployments: tuple[Deployment, ...]
     config: RouteConfig
 
 
-def _build_provider(config: RouteConfig) -> Provider:
-    # Imported here so that a provider's dependencies load only when a route uses it.
-    if config.provider == "fake":
-        from relay.providers.fake import FakeProvider
-
-        return FakeProvider()
-    if config.provider == "llama_cpp":
-        from relay.providers.llama_local import (
-            LlamaLocalProvider,
-            LocalModelOptions,
-            bundled_model_path,
-        )
-
-        options = LocalModelOptions(
-            n_ctx=config.n_ctx,
-            n_threads=config.n_threads,
-            max_queue=config.max_queue,
-            load_at_startup=config.load == "startup",
-            default_max_output_tokens=config.default_max_output_tokens,
-            max_generation_s=config.max_generation_s,
-        )
-        return LlamaLocalProvider(config.model_path or bundled_model_path(), options)
-    from relay.providers.openai_chat import OpenAIChatProvider
-
-    assert config.base_url is not None  # checked by RouteConfig
-    return OpenAIChatProvider(
-        config.base_url,
-        config.api_key(),
-        timeout_s=config.timeout_s,
-        max_tokens_param=config.max_tokens_param,
-        extra_headers=config.headers,
-        forward_fields=frozenset(config.forward_fields),
-        replay_reasoning=config.replay_reasoning,
-        count_tokens=config.count_tokens,
-    )
-
-
 class Registry:
-    def __init__(self, routes: list[RouteConfig]) -> None:
+    def __init__(
+        self, routes: list[RouteConfig], *, cooldown_failures: int = 3, cooldown_s: float = 30.0
+    ) -> None:
         self._routes = {
             config.model: Route(
                 model=config.model,
-                upstream_model=config.upstream_model or config.model,
-                provider=_build_provider(config),
+                deployments=tuple(
+                    Deployment(
+                        route=config.model,
+                        name=deployment.label,
+                        upstream_model=deployment.upstream_model or config.model,
+                        provider=build_provider(deployment),
+                        config=deployment,
+                        health=Health(cooldown_failures, cooldown_s),
+                    )
+                    for deployment in config.deployments
+                ),
                 config=config,
             )
             for config in routes
@@ -97,4 +112,5 @@ class Registry:
 
     async def aclose(self) -> None:
         for route in self._routes.values():
-            await route.provider.aclose()
+            for deployment in route.deployments:
+                await deployment.provider.aclose()

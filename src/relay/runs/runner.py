@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from relay.access.policy import Price
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
 from relay.errors import RelayError, ServerError, UpstreamError
@@ -93,7 +94,7 @@ class Runner:
         tenant: str,
         session_id: str | None,
         key_id: str | None,
-        on_settled: Callable[[dict[str, Any]], None],
+        on_settled: Settled,
     ) -> tuple[dict[str, Any], bool]:
         """Queue a background response: the queued response object, and whether it runs in
         this process (else a worker took it from the job queue, and `on_settled` is not
@@ -152,7 +153,7 @@ class Runner:
         session_id: str | None,
         queued: dict[str, Any],
         feed: Feed,
-        on_settled: Callable[[dict[str, Any]], None],
+        on_settled: Settled,
     ) -> None:
         response_id = queued["id"]
         run: Run | None = None
@@ -172,7 +173,7 @@ class Runner:
                     )
                 except RelayError as error:
                     failed = await self._failed_before_start(tenant, queued, feed, error)
-                    on_settled(failed)
+                    on_settled(failed, None)
                     return
                 # As it starts (its output fills in later, in the final save).
                 self.engine.track(self.log.mark_running({**run.response, "output": []}))
@@ -181,13 +182,13 @@ class Runner:
             if waiting:
                 self._waiting -= 1
             if run is None:  # cancelled before the run existed: waiting, or opening it
-                on_settled(await self._cancelled_while_queued(tenant, queued, feed))
+                on_settled(await self._cancelled_while_queued(tenant, queued, feed), None)
             raise
         except Exception:
             log.exception("background response %s failed", response_id)
             if run is None:
                 fault = ServerError("The server had an error starting the response.")
-                on_settled(await self._failed_before_start(tenant, queued, feed, fault))
+                on_settled(await self._failed_before_start(tenant, queued, feed, fault), None)
         finally:
             feed.close()
             self.engine.track(self._forget(response_id))
@@ -357,4 +358,5 @@ class Runner:
 
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")
-AccountingFor = Callable[[str, str | None, str], Callable[[dict[str, Any]], None]]
+Settled = Callable[[dict[str, Any], Price | None], None]
+AccountingFor = Callable[[str, str | None, str], Settled]

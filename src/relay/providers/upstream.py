@@ -1,0 +1,310 @@
+"""What every provider that calls an HTTP upstream shares: the pooled client with its
+credentials, the scrubbing of those credentials from anything the upstream says, the mapping
+of upstream failures to `ProviderError`, the SSE decoder and the delta stream that releases
+its connection.
+
+Upstream text is quoted only through `Upstream.quote`, which scrubs every credential sent
+upstream, in every form (`relay.providers.credentials`), before cutting it to length.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from relay.providers.base import Delta, ProviderError
+from relay.providers.credentials import Scrubber, basic_token
+from relay.providers.http_client import ConnectFailed, HTTPClient, HTTPClientError, Response
+
+MAX_MESSAGE = 500  # upstream error text we quote, so a huge HTML error page stays out of logs
+MAX_SCANNED = 4 * MAX_MESSAGE  # scrubbed before the cut, however much the scrubbing shortens
+
+
+class Upstream:
+    """One upstream origin: its base path, the headers every request carries (the
+    credential among them), a pooled HTTP client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        key_header: str = "Authorization",
+        extra_headers: Mapping[str, str] | None = None,
+        timeout_s: float = 600.0,
+    ) -> None:
+        url = urlsplit(base_url.rstrip("/"))
+        self.base_path = url.path
+        self.query = f"?{url.query}" if url.query else ""
+        headers = {"Content-Type": "application/json"}
+        if url.username is not None:
+            # Credentials in the base URL (a proxy in front of a self-hosted model) are Basic auth.
+            headers["Authorization"] = "Basic " + basic_token(url.username, url.password or "")
+        if api_key:
+            headers[key_header] = f"Bearer {api_key}" if key_header == "Authorization" else api_key
+        headers.update(extra_headers or {})
+        # Every credential sent, in every form, is scrubbed from the upstream text we quote.
+        self._scrub = Scrubber.for_upstream(
+            api_key=api_key,
+            username=url.username,
+            password=url.password,
+            headers=extra_headers,
+        )
+        # A dead host should fail fast so the engine can fall back; a slow model may take minutes
+        # between bytes, so only the connect phase gets the shorter bound.
+        self.http = HTTPClient(
+            f"{url.scheme}://{url.netloc.rpartition('@')[2]}",
+            headers=headers,
+            connect_timeout_s=min(timeout_s, 10.0),
+            read_timeout_s=timeout_s,
+        )
+
+    def target(self, path: str) -> str:
+        """The request target of `path` under the base URL (its query kept)."""
+        return self.base_path + path + self.query
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def post(self, target: str, body: bytes) -> Response:
+        """POST `body`; the answer once the upstream accepted it (status < 300), else the
+        failure as a ProviderError, its body read and quoted."""
+        try:
+            response = await self.http.post(target, body)
+        except HTTPClientError as exc:
+            raise self.transport_error(exc) from None
+        if response.status >= 300:
+            try:
+                raw = await response.read()
+            except HTTPClientError:
+                raw = b""
+            finally:
+                response.release()
+            raise self.status_error(response.status, response.headers, raw)
+        return response
+
+    async def ask(self, target: str, question: dict[str, Any]) -> Any:
+        """A small JSON exchange (token counting)."""
+        response = await self.post(target, orjson.dumps(question))
+        try:
+            raw = await response.read()
+        except HTTPClientError as exc:
+            raise self.transport_error(exc) from None
+        finally:
+            response.release()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProviderError("the upstream's answer is not JSON") from None
+
+    # Errors --------------------------------------------------------------------------------------
+
+    def quote(self, text: str) -> str:
+        """Upstream text as Relay may repeat it: credentials scrubbed, then cut to length (in
+        that order, so that a cut never leaves part of a key)."""
+        return self._scrub(text[:MAX_SCANNED])[:MAX_MESSAGE]
+
+    def transport_error(self, exc: BaseException) -> ProviderError:
+        detail = self.quote(str(exc)) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            return ProviderError(
+                f"the upstream timed out ({type(exc).__name__})",
+                status=408,
+                code="request_timeout",
+            )
+        if isinstance(exc, ConnectFailed):
+            return ProviderError(
+                f"could not connect to the upstream: {detail}", code="upstream_unreachable"
+            )
+        return ProviderError(f"the upstream connection failed: {detail}")
+
+    def status_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProviderError:
+        retry_after = headers.get("retry-after")
+        if status in (401, 403):
+            # The upstream's text is not quoted: some echo the (masked or whole) key back.
+            return ProviderError(
+                f"the upstream rejected Relay's credentials (HTTP {status})",
+                status=502,
+                code="upstream_auth_failed",
+                retryable=False,
+            )
+        message = self.quote(error_message(raw))
+        if status == 429:
+            return ProviderError(
+                f"the upstream is rate limiting requests: {message}",
+                status=429,
+                code="rate_limit_exceeded",
+                retry_after=retry_after,
+            )
+        if status in (400, 413) and CONTEXT_TOO_LONG.search(message):
+            return ProviderError(
+                f"the input is longer than the model's context window: {message}",
+                status=400,
+                code="context_length_exceeded",
+                retryable=False,
+            )
+        if status in (400, 413, 422):
+            return ProviderError(
+                f"the upstream rejected the request (HTTP {status}): {message}",
+                status=400,
+                code="upstream_invalid_request",
+                retryable=False,
+            )
+        if status == 404:
+            # A wrong base URL, or the model missing upstream: Relay's configuration is at
+            # fault, not the request, and another model in the fallback list may well serve it.
+            return ProviderError(
+                f"the upstream has no such endpoint or model (HTTP 404): {message}",
+                status=502,
+                code="upstream_not_found",
+            )
+        if status == 529:  # Anthropic: overloaded, try again later or elsewhere
+            return ProviderError(
+                f"the upstream is overloaded (HTTP 529): {message}",
+                status=503,
+                code="upstream_overloaded",
+                retry_after=retry_after,
+            )
+        # 408, 409, 5xx and the 4xx that mean "this upstream cannot serve it" (402 out of credit,
+        # 405/415 misconfigured): another model in the fallback list may well succeed.
+        return ProviderError(
+            f"the upstream failed (HTTP {status}): {message}",
+            status=503 if status == 503 else 502,
+            retry_after=retry_after,
+        )
+
+    async def events(
+        self, response: Response, decoder: SSEDecoder | None = None
+    ) -> AsyncGenerator[Any, None]:
+        """The JSON payloads of an SSE answer, each network read's events before the next
+        read; the connection released at the end (kept when the stream said [DONE], which
+        `decoder.done` tells)."""
+        decoder = decoder or SSEDecoder()
+        try:
+            while not decoder.done:
+                data = await response.read_chunk()
+                for event in decoder.feed(data) if data is not None else decoder.finish():
+                    yield event
+                if data is None:
+                    break
+        except HTTPClientError as exc:
+            raise self.transport_error(exc) from None
+        finally:
+            response.release(end_expected=decoder.done)
+
+
+class DeltaStream(AsyncIterator[Delta]):
+    """The delta generator, plus an `aclose` that releases the connection even if never started.
+
+    An async generator that was never iterated skips its `finally`, which would leak the pooled
+    connection when the engine is cancelled between `open()` and the first delta.
+    """
+
+    def __init__(self, response: Response, deltas: AsyncGenerator[Delta, None]) -> None:
+        self._response = response
+        self._deltas = deltas
+
+    def __aiter__(self) -> DeltaStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        return await self._deltas.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._deltas.aclose()
+        finally:
+            self._response.release()
+
+
+class SSEDecoder:
+    """The parsed `data:` payloads of an SSE stream, fed its body as it arrives, whatever the
+    network split: LF, CRLF or CR line endings (all three are legal), multi-line data joined
+    with newlines as the SSE spec says; comments, event, id and retry fields carry nothing we
+    need. `done` once `[DONE]` came; what follows it is ignored.
+
+    Works on bytes (the line endings are ASCII, so a character split across reads is whole
+    again before its line is parsed) and parses lazily: a read that brought the whole answer
+    lets its first delta go on its way before the rest is parsed."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+        self.done = False
+
+    def feed(self, chunk: bytes) -> Iterator[Any]:
+        text = self._pending + chunk
+        # A trailing "\r" may be the first half of "\r\n": keep it for the next chunk.
+        held = b"\r" if text.endswith(b"\r") else b""
+        lines = _lines(text[: len(text) - len(held)])
+        self._pending = lines.pop() + held
+        return self._events(lines)
+
+    def finish(self) -> Iterator[Any]:
+        """The end of the body: a last line without its ending, an event without its blank
+        line."""
+        lines = _lines(self._pending.removesuffix(b"\r")) if self._pending else []
+        self._pending = b""
+        return self._events([*lines, b""])
+
+    def _events(self, lines: list[bytes]) -> Iterator[Any]:
+        if self.done:
+            return
+        for line in lines:
+            if line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            elif not line and self._data:
+                payload = b"\n".join(self._data)
+                self._data = []
+                if payload.strip() == b"[DONE]":
+                    self.done = True
+                    return
+                yield loads(payload)
+
+
+def _lines(text: bytes) -> list[bytes]:
+    if b"\r" in text:
+        text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return text.split(b"\n")
+
+
+def loads(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        # Bytes that are not UTF-8 become U+FFFD, as a text decoder would have made them.
+        return orjson.loads(payload.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
+        raise ProviderError("the upstream sent data that is not valid JSON") from None
+
+
+# How vLLM, OpenAI, llama.cpp server and others word a prompt over the context window.
+CONTEXT_TOO_LONG = re.compile(
+    r"context[ _-]?(length|window|size)|maximum context|prompt is too long|too many tokens",
+    re.IGNORECASE,
+)
+
+
+def error_message(raw: bytes) -> str:
+    """The human part of an upstream error body, in any of the shapes we have seen."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw[:MAX_SCANNED].decode("utf-8", "replace").strip() or "no error message"
+    message: Any = body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message") or error
+        elif error:
+            message = error  # Ollama: {"error": "model 'x' not found"}
+        else:
+            message = body.get("message") or body.get("detail") or body  # vLLM, FastAPI
+    return message if isinstance(message, str) else orjson.dumps(message).decode()
