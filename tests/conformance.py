@@ -21,7 +21,14 @@ from openai.types.responses import (
     ResponseCustomToolCallInputDeltaEvent,
     ResponseCustomToolCallInputDoneEvent,
     ResponseCustomToolCallOutput,
+    ResponseFunctionWebSearch,
+    ResponseOutputItemAddedEvent,
+    ResponseOutputItemDoneEvent,
+    ResponseWebSearchCallCompletedEvent,
+    ResponseWebSearchCallInProgressEvent,
+    ResponseWebSearchCallSearchingEvent,
     ToolChoiceCustom,
+    WebSearchTool,
 )
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -95,7 +102,16 @@ def _response_view(response: dict[str, Any]) -> dict[str, Any]:
     if isinstance(choice, dict) and choice.get("type") == "custom":
         ToolChoiceCustom.model_validate(choice)
         response = {**response, "tool_choice": {"type": "function", "name": choice["name"]}}
-    return {**response, "output": [_contract_view(item) for item in response["output"]]}
+    hosted = [tool for tool in response.get("tools") or [] if tool.get("type") in _HOSTED_TOOLS]
+    for tool in hosted:
+        _HOSTED_TOOLS[tool["type"]].model_validate(tool)
+    if hosted:
+        response = {**response, "tools": [t for t in response["tools"] if t not in hosted]}
+    output = [item for item in response["output"] if item.get("type") not in _HOSTED_ITEMS]
+    for item in response["output"]:
+        if item.get("type") in _HOSTED_ITEMS:
+            _HOSTED_ITEMS[item["type"]].model_validate(item)
+    return {**response, "output": [_contract_view(item) for item in output]}
 
 
 def assert_valid_response(response: dict[str, Any]) -> None:
@@ -111,10 +127,20 @@ def assert_valid_item(item: dict[str, Any]) -> None:
 
 # OpenAI's shapes for custom tools, which the Open Responses contract does not have: checked
 # against the openai SDK's own types instead.
-_OPENAI_EVENTS = {
+_OPENAI_EVENTS: dict[str, Any] = {
     "response.custom_tool_call_input.delta": ResponseCustomToolCallInputDeltaEvent,
     "response.custom_tool_call_input.done": ResponseCustomToolCallInputDoneEvent,
+    # Hosted tools an upstream ran (a Responses upstream's web search): OpenAI's shapes.
+    "response.web_search_call.in_progress": ResponseWebSearchCallInProgressEvent,
+    "response.web_search_call.searching": ResponseWebSearchCallSearchingEvent,
+    "response.web_search_call.completed": ResponseWebSearchCallCompletedEvent,
 }
+_HOSTED_ITEMS: dict[str, Any] = {"web_search_call": ResponseFunctionWebSearch}
+_ITEM_EVENTS: dict[str, Any] = {
+    "response.output_item.added": ResponseOutputItemAddedEvent,
+    "response.output_item.done": ResponseOutputItemDoneEvent,
+}
+_HOSTED_TOOLS: dict[str, Any] = {"web_search": WebSearchTool, "web_search_preview": WebSearchTool}
 
 
 def _contract_view(item: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +162,10 @@ def _contract_view(item: dict[str, Any]) -> dict[str, Any]:
 def assert_valid_event(event: dict[str, Any]) -> None:
     if event["type"] in _OPENAI_EVENTS:
         _OPENAI_EVENTS[event["type"]].model_validate(event)
+        return
+    if event.get("item", {}).get("type") in _HOSTED_ITEMS:
+        _HOSTED_ITEMS[event["item"]["type"]].model_validate(event["item"])
+        _ITEM_EVENTS[event["type"]].model_validate(event)
         return
     if "item" in event:
         event = {**event, "item": _contract_view(event["item"])}
@@ -197,6 +227,10 @@ def check_stream(events: list[dict[str, Any]]) -> dict[str, Any]:
             assert (item["id"], field, position) in open_parts, f"{kind} without added"
             open_parts.discard((item["id"], field, position))
             assert item[field][position] == event["part"], f"{kind} part differs from deltas"
+        elif kind == "response.output_text.annotation.added":
+            notes = _part(item, event)["annotations"]
+            assert event["annotation_index"] == len(notes), f"{kind} index must grow by one"
+            notes.append(event["annotation"])
         elif kind.endswith(".delta"):
             _apply_delta(item, event)
         elif kind.endswith(".done"):

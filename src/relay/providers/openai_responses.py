@@ -1,0 +1,333 @@
+"""Provider for upstreams that speak the Responses API (OpenAI, Azure OpenAI, OpenRouter, vLLM).
+
+Relay keeps the state: every turn goes with its whole context and `store: false`, so any
+such upstream serves Relay's chains, conversations and background runs, and nothing is kept
+upstream. Items go as the upstream takes them back (Relay's ids left out: the upstream never
+saw them). Reasoning comes back with the upstream's encrypted content, which Relay seals in its
+reasoning item with the deployment's name: it is given back to that deployment only; other
+upstreams get the turn without it (they would refuse it as invalid_encrypted_content).
+Hosted tools the deployment runs (`hosted_tools`) pass through, and their items and events
+come back.
+
+The upstream's events become deltas; Relay's builder makes the events the client sees, with
+Relay's own ids and sequence numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import orjson
+
+from relay.providers.base import (
+    AnnotationDelta,
+    Delta,
+    FinishDelta,
+    HostedItem,
+    ProviderError,
+    ProviderRequest,
+    ReasoningDelta,
+    ReasoningState,
+    RefusalDelta,
+    TextDelta,
+    TokenCount,
+    ToolCallDelta,
+    UsageDelta,
+)
+from relay.providers.http_client import HTTPClientError, Response
+from relay.providers.settings import OpenAIResponsesConfig
+from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
+
+KIND = "openai_responses"
+_PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "service_tier",
+    "max_output_tokens",
+    "max_tool_calls",
+)
+_INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
+_CLIENT_ITEM_FIELDS = ("id", "status")  # Relay's, meaningless upstream
+
+
+def build(config: OpenAIResponsesConfig) -> OpenAIResponsesProvider:
+    return OpenAIResponsesProvider(config)
+
+
+class OpenAIResponsesProvider:
+    def __init__(self, config: OpenAIResponsesConfig) -> None:
+        self._name = config.label
+        self._upstream = Upstream(
+            config.base_url,
+            api_key=config.api_key(),
+            extra_headers=config.headers,
+            timeout_s=config.timeout_s,
+        )
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+    async def count_tokens(self, request: ProviderRequest) -> TokenCount:
+        """The upstream's own count (`/responses/input_tokens`): exact."""
+        body = self.build_body(request)
+        question: dict[str, Any] = {
+            key: body[key] for key in ("model", "input", "instructions", "tools") if key in body
+        }
+        answer = await self._upstream.ask(
+            self._upstream.target("/responses/input_tokens"), question
+        )
+        try:
+            return TokenCount(int(answer["input_tokens"]), exact=True)
+        except (KeyError, TypeError, ValueError):
+            raise ProviderError("the upstream's token count could not be read") from None
+
+    async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        body = orjson.dumps(self.build_body(request))
+        response = await self._upstream.post(self._upstream.target("/responses"), body)
+        return DeltaStream(response, self._deltas(response))
+
+    # Request translation ------------------------------------------------------------------------
+
+    def build_body(self, request: ProviderRequest) -> dict[str, Any]:
+        req = request.request
+        include = ["reasoning.encrypted_content"]
+        if request.want_logprobs:
+            include.append("message.output_text.logprobs")
+        body: dict[str, Any] = {
+            "model": request.upstream_model,
+            "input": [
+                item for item in map(self._item(request), request.context()) if item is not None
+            ],
+            "store": False,
+            "stream": True,
+            "include": include,
+        }
+        if request.instructions:
+            body["instructions"] = request.instructions
+        tools: list[dict[str, Any]] = [_function(tool) for tool in request.tools]
+        tools += request.hosted_tools
+        if tools:
+            body["tools"] = tools
+            body["tool_choice"] = _tool_choice(request.tool_choice)
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+        for name in _PASSTHROUGH:
+            value = getattr(req, name)
+            if value is not None:
+                body[name] = value
+        reasoning = {}
+        if request.reasoning_effort is not None:
+            reasoning["effort"] = request.reasoning_effort
+        if req.reasoning is not None and req.reasoning.summary is not None:
+            reasoning["summary"] = req.reasoning.summary
+        if reasoning:
+            body["reasoning"] = reasoning
+        if req.text is not None:
+            body["text"] = req.text.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return body
+
+    def _item(self, request: ProviderRequest) -> Any:
+        name = self._name
+
+        def upstream_item(item: dict[str, Any]) -> dict[str, Any] | None:
+            kind = item.get("type", "message")
+            if kind == "reasoning":
+                state = request.state_of(item)
+                if state is None or state.get("kind") != KIND or state.get("origin") != name:
+                    return None  # another upstream's reasoning: this one would refuse it
+                return {
+                    "type": "reasoning",
+                    "id": state["id"],
+                    "summary": item.get("summary") or [],
+                    "encrypted_content": state["encrypted_content"],
+                }
+            out = {key: value for key, value in item.items() if key not in _CLIENT_ITEM_FIELDS}
+            if kind == "message":
+                out.setdefault("type", "message")
+            return out
+
+        return upstream_item
+
+    # Stream translation -------------------------------------------------------------------------
+
+    async def _deltas(self, response: Response) -> AsyncGenerator[Delta, None]:
+        state = _StreamState(self._name)
+        try:
+            if response.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    answer = loads(await response.read())
+                finally:
+                    response.release()
+                for delta in state.whole(answer):
+                    yield delta
+                return
+            async for event in self._upstream.events(response):
+                if not isinstance(event, dict):
+                    raise ProviderError("the upstream sent an event that is not a JSON object")
+                if event.get("type") == "error":
+                    raise self._failure(event.get("error") or event)
+                if event.get("type") == "response.failed":
+                    raise self._failure((event.get("response") or {}).get("error"))
+                for delta in state.feed(event):
+                    yield delta
+                if state.finished:
+                    break
+            if not state.finished:
+                raise ProviderError("the upstream closed the stream before it finished")
+        except HTTPClientError as exc:
+            raise self._upstream.transport_error(exc) from None
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ProviderError(
+                f"the upstream sent an event Relay could not read ({type(exc).__name__})"
+            ) from None
+        finally:
+            response.release(end_expected=state.finished)
+
+    def _failure(self, error: Any) -> ProviderError:
+        raw = orjson.dumps({"error": error})
+        code = error.get("code") if isinstance(error, dict) else None
+        if code == "rate_limit_exceeded":
+            return self._upstream.status_error(429, {}, raw)
+        message = self._upstream.quote(error_message(raw))
+        return ProviderError(f"the upstream reported an error mid-stream: {message}")
+
+
+class _StreamState:
+    """What one stream remembers between events: calls by output index, hosted items'
+    progress events, whether arguments streamed."""
+
+    def __init__(self, origin: str) -> None:
+        self._origin = origin
+        self._calls: dict[int, bool] = {}  # output index -> arguments streamed
+        self._progress: dict[str, list[str]] = {}
+        self.finished = False
+
+    def feed(self, event: dict[str, Any]) -> list[Delta]:
+        kind: str = event["type"]
+        if kind == "response.output_text.delta":
+            return [TextDelta(event["delta"], event.get("logprobs") or None)]
+        if kind == "response.refusal.delta":
+            return [RefusalDelta(event["delta"])]
+        if kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+            return [ReasoningDelta(event["delta"])]
+        if kind == "response.output_text.annotation.added":
+            return [AnnotationDelta(event["annotation"])]
+        if kind == "response.output_item.added":
+            item = event["item"]
+            if item.get("type") == "function_call":
+                index = int(event["output_index"])
+                self._calls[index] = False
+                return [ToolCallDelta(index=index, name=item["name"], call_id=item.get("call_id"))]
+            return []
+        if kind == "response.function_call_arguments.delta":
+            index = int(event["output_index"])
+            self._calls[index] = True
+            return [ToolCallDelta(index=index, arguments=event["delta"])]
+        if kind == "response.output_item.done":
+            return self._item_done(int(event["output_index"]), event["item"])
+        if kind in ("response.completed", "response.incomplete"):
+            self.finished = True
+            return self._closing(event["response"])
+        if kind.endswith(("_call.in_progress", "_call.searching", "_call.completed")) or (
+            kind.endswith(("_call.interpreting", "_call.generating"))
+        ):
+            self._progress.setdefault(event.get("item_id", ""), []).append(kind)
+        return []
+
+    def _item_done(self, index: int, item: dict[str, Any]) -> list[Delta]:
+        kind = item.get("type")
+        if kind == "reasoning":
+            if not item.get("encrypted_content"):
+                return []
+            return [
+                ReasoningState(
+                    {
+                        "kind": KIND,
+                        "origin": self._origin,
+                        "id": item["id"],
+                        "encrypted_content": item["encrypted_content"],
+                    }
+                )
+            ]
+        if kind == "function_call":
+            if not self._calls.get(index) and item.get("arguments"):
+                return [ToolCallDelta(index=index, arguments=item["arguments"])]
+            return []
+        if kind in ("message", None):
+            return []
+        return [HostedItem(item, self._progress.pop(item.get("id", ""), []))]
+
+    def _closing(self, response: dict[str, Any]) -> list[Delta]:
+        usage = response.get("usage") or {}
+        out: list[Delta] = [
+            UsageDelta(
+                input_tokens=int(usage.get("input_tokens") or 0),
+                output_tokens=int(usage.get("output_tokens") or 0),
+                cached_tokens=int(
+                    (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
+                ),
+                reasoning_tokens=int(
+                    (usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0
+                ),
+            )
+        ]
+        reason = (response.get("incomplete_details") or {}).get("reason")
+        if response.get("status") == "incomplete":
+            out.append(FinishDelta(_INCOMPLETE.get(str(reason), "length")))  # type: ignore[arg-type]
+        else:
+            out.append(FinishDelta("tool_calls" if self._calls else "stop"))
+        return out
+
+    def whole(self, answer: Any) -> list[Delta]:
+        """A whole response object (an upstream that answered without streaming)."""
+        if not isinstance(answer, dict):
+            raise ProviderError("the upstream answered with JSON that is not a response")
+        if answer.get("error"):
+            raise ProviderError(f"the upstream failed: {answer['error']}")
+        out: list[Delta] = []
+        for index, item in enumerate(answer.get("output") or ()):
+            kind = item.get("type")
+            if kind == "message":
+                for part in item.get("content") or ():
+                    if part.get("type") == "refusal":
+                        out.append(RefusalDelta(part.get("refusal", "")))
+                    elif part.get("text"):
+                        out.append(TextDelta(part["text"]))
+                        out += [AnnotationDelta(note) for note in part.get("annotations") or ()]
+            elif kind == "function_call":
+                self._calls[index] = True
+                out.append(
+                    ToolCallDelta(
+                        index, item.get("arguments", ""), item["name"], item.get("call_id")
+                    )
+                )
+            elif kind == "reasoning":
+                summary = "".join(part.get("text", "") for part in item.get("summary") or ())
+                if summary:
+                    out.append(ReasoningDelta(summary))
+                out += self._item_done(index, item)
+            else:
+                out += self._item_done(index, item)
+        self.finished = True
+        return out + self._closing(answer)
+
+
+def _function(tool: dict[str, Any]) -> dict[str, Any]:
+    # The engine offers function tools only (custom tools as functions of one string).
+    out = {"type": "function", "name": tool["name"]}
+    for key in ("description", "parameters", "strict"):
+        if tool.get(key) is not None:
+            out[key] = tool[key]
+    return out
+
+
+def _tool_choice(choice: str | dict[str, str]) -> str | dict[str, str]:
+    if isinstance(choice, dict):
+        return {"type": "function", "name": choice["name"]}
+    return choice
