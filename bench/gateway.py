@@ -378,14 +378,22 @@ def main(quick: bool) -> None:
             responses_target(f"relay store={str(store).lower()}", relay_base, "bench-json",
                              "bench-sse", store=store) for store in (False, True)
         )  # fmt: skip
+        # Provider against provider: the same answer streamed by the upstream, through the
+        # chat provider and through the Anthropic one (sequential table only).
+        by_provider = [
+            responses_target(f"relay {kind} store=false", relay_base, model, model, store=False)
+            for kind, model in (("chat-sse", "bench-sse"), ("anthropic", "bench-claude"))
+        ]
         direct = direct_target(upstream)
-        targets = [direct, relay_false, relay_true]
+        targets = [direct, relay_false, relay_true, *by_provider]
         targets += [target for target, _ in [*keyed, *peer_targets]]
         servers = {direct.name: nginx, relay_false.name: relay, relay_true.name: relay}
+        servers.update((target.name, relay) for target in by_provider)
         servers.update((target.name, proc) for target, proc in [*keyed, *peer_targets])
 
         targets, overhead = run_sequential(targets, servers, plan.rounds, plan.batch)
-        sweep = run_sweep(workdir, targets, servers, plan)
+        swept = [target for target in targets if target not in by_provider]
+        sweep = run_sweep(workdir, swept, servers, plan)
         peer_stack.close()  # the rest measures Relay alone, on a quiet machine
         for _, keyed_relay in keyed:
             keyed_relay.stop()
@@ -437,6 +445,12 @@ def report_targets(
             added = overhead[name][mode] - overhead["relay store=false"][mode]
             rows.append([f"keys and limits, {name.split()[1]}, {label}: added to store=false",
                          "<= 0.10 ms", f"{added:+.2f} ms", verdict(added <= 0.1)])  # fmt: skip
+    chat, anthropic = "relay chat-sse store=false", "relay anthropic store=false"
+    if chat in overhead and anthropic in overhead:
+        for mode, label in (("json", "JSON"), ("stream", "1st delta")):
+            added = overhead[anthropic][mode] - overhead[chat][mode]
+            rows.append([f"anthropic provider beside the chat provider, {label}",
+                         "<= 0.20 ms", f"{added:+.2f} ms", verdict(added <= 0.2)])  # fmt: skip
     litellm = sweep.get(("litellm", 64))
     for name in ("relay store=false", "relay store=true"):
         relay = sweep.get((name, 64))

@@ -57,6 +57,7 @@ def render_config(prefix: Path, port: int) -> Path:
         hold_after=len(head.encode()) + 300,
         hold_rate=HOLD_RATE,
         models_json=_nginx_string(models),
+        messages_sse=_nginx_string((NGINX_DIR / "messages.sse").read_text()),
     )
     config = prefix / "nginx.conf"
     config.write_text(text)

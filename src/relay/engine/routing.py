@@ -324,8 +324,3 @@ async def attempt(
         health.succeeded(time.monotonic() - started)
         return result, None
     return None, last
-
-
-def describe(deployment: Deployment) -> dict[str, Any]:
-    """What the log says about the deployment that answered."""
-    return {"route": deployment.route, "deployment": deployment.name, "kind": deployment.kind}
