@@ -416,3 +416,82 @@ def test_tool_choice_none_after_tool_calls_keeps_the_definitions(
     body = sent(upstream)
     assert body["tool_choice"] == {"type": "none"}
     assert [tool["name"] for tool in body["tools"]] == ["get_weather"]
+
+
+def test_thinking_round_trips_when_shown_as_a_summary(
+    sdk: openai.OpenAI, upstream: AnthropicUpstream
+) -> None:
+    """Codex asks for reasoning summaries: the thinking text is then the item's summary."""
+    reasoning: Any = {"effort": "low", "summary": "auto"}
+    first = sdk.responses.create(
+        model="claude-thinking", input="weather in Bern?", tools=[WEATHER], reasoning=reasoning
+    )
+    assert first.output[0].type == "reasoning" and first.output[0].summary
+    call = first.output[-1]
+    second = sdk.responses.create(
+        model="claude-thinking",
+        previous_response_id=first.id,
+        tools=[WEATHER],
+        reasoning=reasoning,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "mild"}],
+    )
+    assert second.output_text == "The tool said: mild"
+    thinking = sent(upstream)["messages"][1]["content"][0]
+    assert thinking["type"] == "thinking" and "Bern" in thinking["thinking"]
+
+
+def test_a_tool_loop_begun_without_thinking_continues_without_it(
+    sdk: openai.OpenAI, upstream: AnthropicUpstream
+) -> None:
+    first = sdk.responses.create(model="claude-tools", input="weather?", tools=[WEATHER])
+    call = first.output[-1]
+    second = sdk.responses.create(
+        model="claude-tools",
+        previous_response_id=first.id,
+        tools=[WEATHER],
+        reasoning={"effort": "low"},
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "wet"}],
+    )
+    assert second.output_text == "The tool said: wet"
+    assert "thinking" not in sent(upstream)
+    # A new question starts a new loop: thinking is back.
+    sdk.responses.create(
+        model="claude-tools", previous_response_id=second.id, input="and now?",
+        reasoning={"effort": "low"},
+    )  # fmt: skip
+    assert sent(upstream)["thinking"]["type"] == "enabled"
+
+
+def test_json_schema_with_thinking_is_offered_not_forced(
+    sdk: openai.OpenAI, upstream: AnthropicUpstream
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    }
+    response = sdk.responses.create(
+        model="claude-thinking",
+        input="weather as JSON",
+        reasoning={"effort": "low"},
+        text={"format": {"type": "json_schema", "name": "weather", "schema": schema}},
+    )
+    assert sent(upstream)["tool_choice"] == {"type": "auto"}
+    assert json.loads(response.output_text) == {"city": "Paris"}
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+
+
+def test_tool_results_open_the_user_turn(sdk: openai.OpenAI, upstream: AnthropicUpstream) -> None:
+    first = sdk.responses.create(model="claude-tools", input="weather?", tools=[WEATHER])
+    call = first.output[-1]
+    sdk.responses.create(
+        model="claude-tools",
+        previous_response_id=first.id,
+        tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "here is the result"},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "calm"},
+        ],
+    )
+    last = sent(upstream)["messages"][-1]["content"]
+    assert [block["type"] for block in last] == ["tool_result", "text"]

@@ -235,3 +235,22 @@ def test_upstream_errors(http: httpx.Client, model: str, status: int) -> None:
 def test_input_tokens_are_counted_upstream(sdk: openai.OpenAI) -> None:
     count = sdk.responses.input_tokens.count(model="rsp-echo", input="three words here")
     assert count.input_tokens == 3
+
+
+def test_custom_and_namespaced_calls_go_back_as_declared(
+    sdk: openai.OpenAI, upstream: ResponsesUpstream
+) -> None:
+    patch = {"type": "custom", "name": "apply_patch", "description": "Apply a patch."}
+    first = sdk.responses.create(model="rsp-tools", input="fix it", tools=[patch])
+    call = first.output[-1]
+    assert call.type == "custom_tool_call"
+    second = sdk.responses.create(
+        model="rsp-tools",
+        previous_response_id=first.id,
+        tools=[patch],
+        input=[{"type": "custom_tool_call_output", "call_id": call.call_id, "output": "done"}],
+    )
+    assert second.output_text == "The tool said: done"
+    kinds = [item["type"] for item in upstream.last["input"]]
+    assert kinds == ["message", "function_call", "function_call_output"]
+    assert upstream.last["input"][1]["name"] == "apply_patch"

@@ -97,6 +97,13 @@ def routes(upstream: ChatUpstream) -> list[RouteConfig]:
             "deployments": [chat(upstream, "down", "http_503", retries=2, retry_backoff_s=0.05)],
         },
         {
+            "model": "bad-key",
+            "deployments": [
+                chat(upstream, "locked", "http_401", weight=1000),
+                fake("open", weight=0.001),
+            ],
+        },
+        {
             "model": "openrouter",
             "deployments": [chat(upstream, "aggregator", "echo", forward_fields=["provider"])],
         },
@@ -334,3 +341,25 @@ def test_health_cools_down_then_lets_one_probe_through() -> None:
     health.succeeded(0.01)
     assert health.usable() and health.failures == 0
     assert health.latency_s == 0.01
+
+
+def test_an_order_that_names_nothing_without_fallbacks_is_refused(client: httpx.Client) -> None:
+    answer = ask(client, "weighted", provider={"order": ["nowhere"], "allow_fallbacks": False})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "provider.order"
+
+
+def test_a_deployment_whose_key_is_refused_gives_way(
+    client: httpx.Client, routing_upstream: ChatUpstream
+) -> None:
+    routing_upstream.reset()
+    assert answered_by(client, "bad-key", provider={"order": ["locked"]}) == "open"
+    assert len(routing_upstream.requests) == 1  # an auth failure is not retried
+
+
+def test_sort_by_throughput_uses_what_was_measured(client: httpx.Client) -> None:
+    for _ in range(3):
+        answered_by(client, "kinds", provider={"order": ["echoing"]})
+        answered_by(client, "kinds", provider={"order": ["scripted"]})
+    # The fake yields its words at once; the chat upstream's come over HTTP.
+    assert answered_by(client, "kinds", provider={"sort": "throughput"}) == "scripted"

@@ -72,7 +72,8 @@ class ResponseBuilder:
         # included reasoning.encrypted_content.
         self._seal_reasoning = seal_reasoning
         self._include_encrypted = include_encrypted_reasoning
-        self._reasoning_state: dict[str, Any] | None = None  # of the open reasoning item
+        # The state of the reasoning item being closed (set just before `_close_open`).
+        self._reasoning_state: dict[str, Any] | None = None
         # Functions of namespace tools, by their upstream names: (namespace, name).
         self._namespaced = namespaced or {}
         # Custom tools by their upstream names: their calls are custom_tool_call items, whose
@@ -229,7 +230,7 @@ class ResponseBuilder:
         redacted block), it is a reasoning item of its own, without text."""
         events: list[Event] = []
         item = self._open
-        if item is None or item["type"] != "reasoning" or self._reasoning_state is not None:
+        if item is None or item["type"] != "reasoning":
             events += self._close_all("completed")
             item = {"id": new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": []}
             self._open = item
@@ -273,7 +274,7 @@ class ResponseBuilder:
     def _reasoning(self, text: str) -> list[Event]:
         events: list[Event] = []
         item = self._open
-        if item is None or item["type"] != "reasoning" or self._reasoning_state is not None:
+        if item is None or item["type"] != "reasoning":
             events += self._close_all("completed")
             item = {"id": new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": []}
             if not self._as_summary:

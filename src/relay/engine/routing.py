@@ -175,8 +175,10 @@ def eligible(
     ]
     for param, keep in filters:
         # A deployment that forwards `provider` (OpenRouter) has the upstream apply the
-        # preferences among its own providers: Relay's filters are not for it.
-        kept = [d for d in chosen if keep(d) or _forwards_preferences(d)]
+        # preferences among its own providers: Relay's filters are not for it, but for an
+        # `ignore` that names it.
+        exempt = param != "provider.ignore"
+        kept = [d for d in chosen if keep(d) or (exempt and _forwards_preferences(d))]
         if not kept:
             raise InvalidRequest(
                 f"No deployment of model '{route.model}' meets '{param}'.",
@@ -184,6 +186,14 @@ def eligible(
                 code=NO_ELIGIBLE,
             )
         chosen = kept
+    ordered_only = prefs.order and not prefs.allow_fallbacks
+    if ordered_only and not any(_matches(d, prefs.order or ()) for d in chosen):
+        raise InvalidRequest(
+            f"No deployment of model '{route.model}' is in 'provider.order', and "
+            "allow_fallbacks is false.",
+            param="provider.order",
+            code=NO_ELIGIBLE,
+        )
     return chosen
 
 
@@ -265,7 +275,16 @@ def _weighted(deployments: list[Deployment]) -> list[Deployment]:
 def _worth_retrying(error: ProviderError) -> bool:
     """Connection failures, 429 and 5xx: the same deployment may well answer next time. A 404
     (misconfigured) or a timeout (the next try would wait as long) moves on at once."""
-    return error.retryable and error.status in (429, 500, 502, 503, 504, 529)
+    return (
+        error.retryable
+        and error.status in (429, 500, 502, 503, 504)
+        and error.code != "upstream_not_found"
+    )
+
+
+# Failures that are this deployment's and not the request's: the next deployment may serve
+# it (another provider takes the parameter; another key is valid).
+_NEXT_DEPLOYMENT = ("unsupported_parameter", "unsupported_input", "upstream_auth_failed")
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -281,8 +300,8 @@ async def attempt(
     deployment: Deployment, call: Callable[[], Awaitable[T]]
 ) -> tuple[T | None, ProviderError | None]:
     """`call` on `deployment`, retried as its config says: (result, None), or (None, the last
-    failure). Non-retryable failures are raised at once; the health record hears of each
-    try."""
+    failure). Failures that are the request's (a 400) are raised at once; the health record
+    hears of each try."""
     config = deployment.config
     health = deployment.health
     last: ProviderError | None = None
@@ -292,11 +311,13 @@ async def attempt(
         try:
             result = await call()
         except ProviderError as error:
-            if error.retryable:
+            if error.retryable or error.code == "upstream_auth_failed":
                 health.failed()
             else:
                 health.probing = False
             if not error.retryable:
+                if error.code in _NEXT_DEPLOYMENT:
+                    return None, error
                 raise
             last = error
             if number == config.retries or not _worth_retrying(error):
@@ -304,7 +325,7 @@ async def attempt(
             wait = _retry_after_s(error.retry_after)
             if wait is None:
                 # Exponential backoff with full jitter over the upper half.
-                ceiling = config.retry_backoff_s * 2**number
+                ceiling = min(config.retry_backoff_s * 2**number, config.retry_max_wait_s)
                 wait = ceiling * (0.5 + random.random() / 2)
             elif wait > config.retry_max_wait_s:
                 break  # asked to wait longer than this deployment is worth: the next one

@@ -121,11 +121,13 @@ class Run:
         try:
             yield builder.start()
             try:
+                started = time.monotonic()
                 async for delta in self.deltas:
                     batch = builder.feed(delta)
                     if batch:
                         yield batch
                 closing = builder.finish()
+                self._measure(time.monotonic() - started)
             except ProviderError as error:
                 log.warning("upstream failed mid-stream: %s", error.message)
                 code = {429: "rate_limit_exceeded", 408: "request_timeout"}.get(
@@ -151,6 +153,12 @@ class Run:
             raise
         finally:
             await _close(self.deltas)
+
+    def _measure(self, seconds: float) -> None:
+        """The deployment's throughput, for provider.sort "throughput"."""
+        usage = self.response.get("usage") or {}
+        if self.deployment is not None:
+            self.deployment.health.measured_throughput(usage.get("output_tokens") or 0, seconds)
 
     async def final(self) -> dict[str, Any]:
         """Drain the events: the JSON answer is the stream, folded."""
@@ -423,6 +431,7 @@ class Engine:
             instructions=instructions,
             store=False,
             prompt_cache_key=request.prompt_cache_key,
+            provider=request.provider,
         )
         run = await self.start(summarising, tenant=tenant, on_settled=on_settled)
         summary = await run.final()

@@ -20,8 +20,10 @@ Stream: content blocks to deltas; a thinking block's signature and a redacted bl
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -41,7 +43,7 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.http_client import HTTPClientError, Response
+from relay.providers.http_client import Response
 from relay.providers.settings import AnthropicConfig
 from relay.providers.tool_names import wire_name
 from relay.providers.upstream import DeltaStream, Upstream, error_message
@@ -49,6 +51,7 @@ from relay.providers.upstream import DeltaStream, Upstream, error_message
 KIND = "anthropic"
 JSON_TOOL = "json_output"
 REFUSAL_TEXT = "The model declined to continue this response."
+DEFAULT_BUDGET = 8192  # thinking tokens for an effort the deployment's thinking_budgets lacks
 _STOP: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -118,11 +121,23 @@ class AnthropicProvider:
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = self.build_body(request)
-        json_tool = JSON_TOOL if body.get("tool_choice", {}).get("name") == JSON_TOOL else None
+        offered = {tool["name"] for tool in body.get("tools", ())}
+        json_tool = JSON_TOOL if JSON_TOOL in offered and JSON_TOOL not in _names(request) else None
         response = await self._upstream.post(
             self._upstream.target("/v1/messages"), orjson.dumps(body)
         )
-        return DeltaStream(response, self._deltas(response, json_tool))
+        events = self._upstream.events(response)
+        try:
+            # An error as the first event (overloaded, rate limited) is a failure before the
+            # first byte of the answer: retried and failed over like an HTTP error.
+            first = await anext(events)
+            if isinstance(first, dict) and first.get("type") == "error":
+                raise self._error_event(first.get("error"))
+        except BaseException:
+            await events.aclose()
+            response.release()
+            raise
+        return DeltaStream(response, self._deltas(response, events, first, json_tool))
 
     # Request translation ------------------------------------------------------------------------
 
@@ -175,10 +190,13 @@ class AnthropicProvider:
         if tools:
             body["tools"] = tools
         effort = request.reasoning_effort
-        thinking = effort not in (None, "none")
+        # A tool loop that began without Anthropic's thinking (on another provider, or with
+        # reasoning off) must go on without it: Messages wants the turn whose calls are
+        # answered to open with its signed thinking.
+        thinking = effort not in (None, "none") and _thinking_may_continue(messages)
         if thinking:
             assert effort is not None
-            budget = config.thinking_budgets.get(effort, config.thinking_budgets["medium"])
+            budget = config.thinking_budgets.get(effort) or DEFAULT_BUDGET
             if req.max_output_tokens is None:
                 body["max_tokens"] = max_tokens = max_tokens + budget
             budget = min(budget, max_tokens - 1)
@@ -191,7 +209,11 @@ class AnthropicProvider:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             if req.temperature is not None and req.temperature != 1:
                 raise _refuse("'temperature' other than 1 with reasoning", "temperature")
-            if choice is not None and choice["type"] in ("any", "tool"):
+            if choice == {"type": "tool", "name": JSON_TOOL}:
+                # Thinking cannot be combined with a forced tool: the JSON tool is offered,
+                # and its input is still the answer when the model calls it.
+                choice = {"type": "auto"}
+            elif choice is not None and choice["type"] in ("any", "tool"):
                 raise _refuse("a forced tool choice with reasoning", "tool_choice")
         if choice is not None:
             if not request.parallel_tool_calls and choice["type"] != "none":
@@ -218,25 +240,30 @@ class AnthropicProvider:
     # Stream translation -------------------------------------------------------------------------
 
     async def _deltas(
-        self, response: Response, json_tool: str | None
+        self,
+        response: Response,
+        events: AsyncGenerator[Any, None],
+        first: Any,
+        json_tool: str | None,
     ) -> AsyncGenerator[Delta, None]:
         state = _StreamState(json_tool)
         try:
-            async for event in self._upstream.events(response):
-                if not isinstance(event, dict):
-                    raise ProviderError("the upstream sent an event that is not a JSON object")
-                if event.get("type") == "error":
-                    raise self._error_event(event.get("error"))
-                for delta in state.feed(event):
-                    yield delta
-                if state.stopped:
-                    break
-            if not state.stopped:
-                raise ProviderError("the upstream closed the stream before it finished")
+            async with aclosing(events):
+                event = first
+                while True:
+                    if not isinstance(event, dict):
+                        raise ProviderError("the upstream sent an event that is not an object")
+                    if event.get("type") == "error":
+                        raise self._error_event(event.get("error"))
+                    for delta in state.feed(event):
+                        yield delta
+                    if state.stopped:
+                        break
+                    event = await anext(events, None)
+                    if event is None:
+                        raise ProviderError("the upstream closed the stream before it finished")
             for delta in state.closing():
                 yield delta
-        except HTTPClientError as exc:
-            raise self._upstream.transport_error(exc) from None
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ProviderError(
                 f"the upstream sent an event Relay could not read ({type(exc).__name__})"
@@ -277,9 +304,12 @@ class _StreamState:
         if kind == "content_block_delta":
             return self._delta(int(event["index"]), event["delta"])
         if kind == "content_block_stop":
-            block = self._blocks.pop(int(event["index"]), {})
+            index = int(event["index"])
+            block = self._blocks.pop(index, {})
             if block.get("type") == "thinking":
                 return [ReasoningState({"kind": KIND, "signature": block.get("signature", "")})]
+            if block.get("type") == "tool_use" and not block.get("arguments"):
+                return [ToolCallDelta(index=index, arguments="{}")]  # a call without input
             return []
         if kind == "message_delta":
             self._stop = (event.get("delta") or {}).get("stop_reason") or self._stop
@@ -325,6 +355,7 @@ class _StreamState:
         if kind == "input_json_delta" and delta.get("partial_json"):
             if block.get("type") == "json":
                 return [TextDelta(delta["partial_json"])]
+            block["arguments"] = True
             return [ToolCallDelta(index=index, arguments=delta["partial_json"])]
         return []
 
@@ -381,8 +412,11 @@ def _extend(
         if not blocks:
             continue
         if messages and messages[-1]["role"] == side:
-            last = messages[-1]
-            messages[-1] = {"role": side, "content": [*last["content"], *blocks]}
+            content = [*messages[-1]["content"], *blocks]
+            if side == "user":
+                # Tool results open the user turn that answers the calls (Messages' rule).
+                content.sort(key=lambda block: block["type"] != "tool_result")
+            messages[-1] = {"role": side, "content": content}
         else:
             messages.append({"role": side, "content": blocks})
     return tuple(system), tuple(messages)
@@ -424,11 +458,30 @@ def _blocks(
             return "assistant", []  # not Anthropic's: Messages takes no unsigned thinking
         if "redacted" in state:
             return "assistant", [{"type": "redacted_thinking", "data": state["redacted"]}]
-        text = "".join(part.get("text") or "" for part in item.get("content") or ())
+        # The text as streamed: content, or the summary when the client asked for one.
+        parts = item.get("content") or item.get("summary") or ()
+        text = "".join(part.get("text") or "" for part in parts)
         return "assistant", [
             {"type": "thinking", "thinking": text, "signature": state.get("signature", "")}
         ]
     raise _refuse(f"input item type '{kind}'")
+
+
+def _thinking_may_continue(messages: list[dict[str, Any]]) -> bool:
+    if len(messages) < 2 or messages[-1]["role"] != "user":
+        return True
+    answered = messages[-2]["content"]
+    calls = any(block["type"] == "tool_use" for block in answered)
+    opens_with_thinking = bool(answered) and answered[0]["type"] in (
+        "thinking",
+        "redacted_thinking",
+    )
+    return not calls or opens_with_thinking
+
+
+def _names(request: ProviderRequest) -> set[str]:
+    """The names of the client's own tools."""
+    return {tool["name"] for tool in (*request.tools, *request.all_tools)}
 
 
 def _text_of(content: Any) -> str:
@@ -470,7 +523,10 @@ def _source(url: str) -> dict[str, Any]:
         return {"type": "url", "url": url}
     media_type, data = match["type"], match["data"]
     if media_type == "text/plain":
-        text = base64.b64decode(data).decode("utf-8", "replace")
+        try:
+            text = base64.b64decode(data, validate=True).decode("utf-8", "replace")
+        except (binascii.Error, ValueError):
+            raise _refuse("a text/plain file whose data is not base64") from None
         return {"type": "text", "media_type": media_type, "data": text}
     return {"type": "base64", "media_type": media_type, "data": data}
 

@@ -16,10 +16,12 @@ Relay's own ids and sequence numbers.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
 
+from relay.protocol import HOSTED_ITEM_TYPES
 from relay.providers.base import (
     AnnotationDelta,
     Delta,
@@ -37,6 +39,7 @@ from relay.providers.base import (
 )
 from relay.providers.http_client import HTTPClientError, Response
 from relay.providers.settings import OpenAIResponsesConfig
+from relay.providers.tool_names import wire_name
 from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 
 KIND = "openai_responses"
@@ -63,7 +66,9 @@ def build(config: OpenAIResponsesConfig) -> OpenAIResponsesProvider:
 
 class OpenAIResponsesProvider:
     def __init__(self, config: OpenAIResponsesConfig) -> None:
-        self._name = config.label
+        # Whose encrypted reasoning this upstream takes back: the same upstream, with the
+        # same credentials (names alone repeat across routes).
+        self._name = f"{config.label}@{config.base_url}#{config.api_key_env or ''}"
         self._upstream = Upstream(
             config.base_url,
             api_key=config.api_key(),
@@ -91,7 +96,19 @@ class OpenAIResponsesProvider:
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = orjson.dumps(self.build_body(request))
         response = await self._upstream.post(self._upstream.target("/responses"), body)
-        return DeltaStream(response, self._deltas(response))
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return DeltaStream(response, self._whole(response))
+        events = self._upstream.events(response)
+        try:
+            # A failure as the first event is one before the first byte of the answer:
+            # retried and failed over like an HTTP error.
+            first = await anext(events)
+            self._check(first)
+        except BaseException:
+            await events.aclose()
+            response.release()
+            raise
+        return DeltaStream(response, self._deltas(response, events, first))
 
     # Request translation ------------------------------------------------------------------------
 
@@ -133,13 +150,13 @@ class OpenAIResponsesProvider:
         return body
 
     def _item(self, request: ProviderRequest) -> Any:
-        name = self._name
+        origin = self._name
 
         def upstream_item(item: dict[str, Any]) -> dict[str, Any] | None:
             kind = item.get("type", "message")
             if kind == "reasoning":
                 state = request.state_of(item)
-                if state is None or state.get("kind") != KIND or state.get("origin") != name:
+                if state is None or state.get("kind") != KIND or state.get("origin") != origin:
                     return None  # another upstream's reasoning: this one would refuse it
                 return {
                     "type": "reasoning",
@@ -147,47 +164,78 @@ class OpenAIResponsesProvider:
                     "summary": item.get("summary") or [],
                     "encrypted_content": state["encrypted_content"],
                 }
+            if kind in HOSTED_ITEM_TYPES:
+                return item  # the upstream's own item, id and status as it made them
             out = {key: value for key, value in item.items() if key not in _CLIENT_ITEM_FIELDS}
             if kind == "message":
                 out.setdefault("type", "message")
+            elif kind in ("function_call", "custom_tool_call"):
+                # As the tools were declared: functions under their upstream names.
+                name = item["name"]
+                if out.pop("namespace", None):
+                    name = wire_name(item["namespace"], name)
+                arguments = out.pop("input", None)
+                if kind == "custom_tool_call":
+                    out["arguments"] = orjson.dumps({"input": arguments}).decode()
+                out.update(type="function_call", name=name)
+            elif kind == "custom_tool_call_output":
+                out["type"] = "function_call_output"
             return out
 
         return upstream_item
 
     # Stream translation -------------------------------------------------------------------------
 
-    async def _deltas(self, response: Response) -> AsyncGenerator[Delta, None]:
-        state = _StreamState(self._name)
+    async def _whole(self, response: Response) -> AsyncGenerator[Delta, None]:
+        """An upstream that answered with the whole response object."""
         try:
-            if response.headers.get("content-type", "").startswith("application/json"):
-                try:
-                    answer = loads(await response.read())
-                finally:
-                    response.release()
-                for delta in state.whole(answer):
-                    yield delta
-                return
-            async for event in self._upstream.events(response):
-                if not isinstance(event, dict):
-                    raise ProviderError("the upstream sent an event that is not a JSON object")
-                if event.get("type") == "error":
-                    raise self._failure(event.get("error") or event)
-                if event.get("type") == "response.failed":
-                    raise self._failure((event.get("response") or {}).get("error"))
-                for delta in state.feed(event):
-                    yield delta
-                if state.finished:
-                    break
-            if not state.finished:
-                raise ProviderError("the upstream closed the stream before it finished")
+            answer = loads(await response.read())
         except HTTPClientError as exc:
             raise self._upstream.transport_error(exc) from None
+        finally:
+            response.release()
+        if isinstance(answer, dict) and answer.get("error"):
+            raise self._failure(answer["error"])
+        try:
+            deltas = _StreamState(self._name).whole(answer)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ProviderError(
+                f"the upstream sent a response Relay could not read ({type(exc).__name__})"
+            ) from None
+        for delta in deltas:
+            yield delta
+
+    async def _deltas(
+        self, response: Response, events: AsyncGenerator[Any, None], first: Any
+    ) -> AsyncGenerator[Delta, None]:
+        state = _StreamState(self._name)
+        try:
+            async with aclosing(events):
+                event = first
+                while True:
+                    self._check(event)
+                    for delta in state.feed(event):
+                        yield delta
+                    if state.finished:
+                        break
+                    event = await anext(events, None)
+                    if event is None:
+                        raise ProviderError("the upstream closed the stream before it finished")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ProviderError(
                 f"the upstream sent an event Relay could not read ({type(exc).__name__})"
             ) from None
         finally:
             response.release(end_expected=state.finished)
+
+    def _check(self, event: Any) -> None:
+        """Raise the failure an event reports (an `error` event, `response.failed`)."""
+        if not isinstance(event, dict):
+            raise ProviderError("the upstream sent an event that is not a JSON object")
+        if event.get("type") == "error":
+            raise self._failure(event.get("error") or event)
+        if event.get("type") == "response.failed":
+            raise self._failure((event.get("response") or {}).get("error"))
 
     def _failure(self, error: Any) -> ProviderError:
         raw = orjson.dumps({"error": error})
@@ -288,8 +336,6 @@ class _StreamState:
         """A whole response object (an upstream that answered without streaming)."""
         if not isinstance(answer, dict):
             raise ProviderError("the upstream answered with JSON that is not a response")
-        if answer.get("error"):
-            raise ProviderError(f"the upstream failed: {answer['error']}")
         out: list[Delta] = []
         for index, item in enumerate(answer.get("output") or ()):
             kind = item.get("type")

@@ -2,7 +2,7 @@
 weight, its price, its retries, its attributes for the request's `provider` preferences), and
 one config model per provider kind, told apart by `provider` (a discriminated union, each
 validated on its own). Adding a provider kind is a config model here, its module, and a line
-in `relay.providers.kinds`.
+in `relay.providers.registry.KINDS`.
 
 Plain pydantic only: `relay serve`'s supervisor reads these without loading any provider.
 """
