@@ -54,16 +54,12 @@ import hashlib
 import hmac
 import re
 import secrets
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
 import pytest
-import uvicorn
-from starlette.applications import Starlette
+from loopback_server import LoopbackServer, serve_forever
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -189,70 +185,27 @@ def _signature_ok(block: dict[str, Any]) -> bool:
     return hmac.compare_digest(signature, sign_thinking(thinking))
 
 
-class AnthropicUpstream:
+class AnthropicUpstream(LoopbackServer):
+    label = "Anthropic upstream"
+
     def __init__(self, api_key: str | None = None, port: int = 0) -> None:
-        self.api_key = api_key
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
-        self.port = port  # 0: any free one
         # Hashes of the prompt prefixes cached so far (prompt caching's created/read split).
         self._cached: set[str] = set()
-        app = Starlette(
-            routes=[
-                Route("/v1/messages", self._messages, methods=["POST"]),
-                Route("/v1/messages/count_tokens", self._count_tokens, methods=["POST"]),
-            ]
-        )
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", ws="none", loop="asyncio"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        routes = [
+            Route("/v1/messages", self._messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", self._count_tokens, methods=["POST"]),
+        ]
+        super().__init__(routes, api_key=api_key, port=port)
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def last(self) -> dict[str, Any]:
-        """The body of the most recent request."""
-        return self.requests[-1]
+    def record(self, request: Request, body: dict[str, Any]) -> None:
+        super().record(request, body)
+        self.paths.append(request.url.path)
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.headers.clear()
+        super().reset()
         self.paths.clear()
         self._cached.clear()
-
-    def start(self) -> AnthropicUpstream:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", self.port))
-        self.port = self._socket.getsockname()[1]
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the loopback Anthropic upstream did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-
-    def __enter__(self) -> AnthropicUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # Endpoints ---------------------------------------------------------------------------------
 
@@ -268,9 +221,7 @@ class AnthropicUpstream:
             return _error(400, "The request body is not valid JSON.")
         if not isinstance(body, dict):
             return _error(400, "The request body must be a JSON object.")
-        self.requests.append(body)
-        self.headers.append({k.lower(): v for k, v in request.headers.items()})
-        self.paths.append(request.url.path)
+        self.record(request, body)
         if not request.headers.get("anthropic-version"):
             return _error(400, "anthropic-version: header is required")
         return body
@@ -851,8 +802,4 @@ def anthropic_upstream() -> Iterator[AnthropicUpstream]:
 
 
 if __name__ == "__main__":  # python tests/anthropic_upstream.py [PORT]: serve until interrupted
-    import sys
-
-    with AnthropicUpstream(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as upstream:
-        print(f"Anthropic upstream on {upstream.base_url}", flush=True)
-        threading.Event().wait()
+    serve_forever(AnthropicUpstream)

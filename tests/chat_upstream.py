@@ -44,17 +44,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 import pytest
-import uvicorn
-from starlette.applications import Starlette
+from loopback_server import LoopbackServer, serve_forever
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -106,72 +102,26 @@ class _Dropped(Exception):
     """Raised inside a streaming body so that uvicorn cuts the connection mid-response."""
 
 
-class ChatUpstream:
+class ChatUpstream(LoopbackServer):
+    base_path = "/v1"
+    label = "chat upstream"
+
     def __init__(self, api_key: str | None = None, port: int = 0) -> None:
-        self.api_key = api_key
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
         self.slow_streams: list[str] = []
         self._refused_once: set[str] = set()
-        self.port = port  # 0: any free one
-        app = Starlette(
-            routes=[
-                Route("/v1/chat/completions", self._chat, methods=["POST"]),
-                Route("/v1/models", self._models, methods=["GET"]),
-                # Token counting as vLLM (messages in, count out) and llama.cpp's server
-                # (template, then tokens) do it; here a token is a word of a message.
-                Route("/tokenize", self._tokenize, methods=["POST"]),
-                Route("/apply-template", self._apply_template, methods=["POST"]),
-            ]
-        )
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", ws="none", loop="asyncio"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def last(self) -> dict[str, Any]:
-        """The body of the most recent request."""
-        return self.requests[-1]
+        routes = [
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            # Token counting as vLLM (messages in, count out) and llama.cpp's server
+            # (template, then tokens) do it; here a token is a word of a message.
+            Route("/tokenize", self._tokenize, methods=["POST"]),
+            Route("/apply-template", self._apply_template, methods=["POST"]),
+        ]
+        super().__init__(routes, api_key=api_key, port=port)
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.headers.clear()
+        super().reset()
         self.slow_streams.clear()
-
-    def start(self) -> ChatUpstream:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", self.port))
-        self.port = self._socket.getsockname()[1]
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the loopback chat upstream did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-
-    def __enter__(self) -> ChatUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # Endpoints ---------------------------------------------------------------------------------
 
@@ -190,8 +140,7 @@ class ChatUpstream:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
             return _error(400, "We could not parse the JSON body of your request.")
-        self.requests.append(body)
-        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.record(request, body)
         model = str(body.get("model", ""))
         if match := re.fullmatch(r"http_(\d{3})", model):
             status = int(match.group(1))
@@ -559,8 +508,4 @@ def chat_upstream() -> Iterator[ChatUpstream]:
 
 
 if __name__ == "__main__":  # python tests/chat_upstream.py [PORT]: serve until interrupted
-    import sys
-
-    with ChatUpstream(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as upstream:
-        print(f"chat upstream on {upstream.base_url}", flush=True)
-        threading.Event().wait()
+    serve_forever(ChatUpstream)

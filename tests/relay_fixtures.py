@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -91,6 +92,23 @@ def sdk_client(base_url: str, api_key: str = "unused") -> openai.OpenAI:
     )
 
 
+@contextmanager
+def relay_on_sqlite(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    routes: Iterable[RouteConfig | dict[str, Any]],
+    **settings: Any,
+) -> Iterator[str]:
+    """A running Relay on a new SQLite database (in a temporary folder named `name`) with
+    `routes` (RouteConfig objects or their dicts) and any other `settings`; yields its URL."""
+    database = tmp_path_factory.mktemp(name) / "relay.db"
+    configs = [RouteConfig.model_validate(route) for route in routes]
+    with relay_server(
+        Settings(database_url=f"sqlite:///{database}", routes=configs, **settings)
+    ) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
     with pytest.MonkeyPatch.context() as patch:
@@ -115,15 +133,11 @@ def relay_url(database_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def keyed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Relay with the fake routes and two keys: sk-alice (tenant alice), sk-bob (bob)."""
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path_factory.mktemp('keyed')}/relay.db",
-        routes=fake_routes(),
-        api_keys=[
-            ApiKeyConfig(key=SecretStr("sk-alice"), tenant="alice"),
-            ApiKeyConfig(key=SecretStr("sk-bob"), tenant="bob"),
-        ],
-    )
-    with relay_server(settings) as url:
+    keys = [
+        ApiKeyConfig(key=SecretStr("sk-alice"), tenant="alice"),
+        ApiKeyConfig(key=SecretStr("sk-bob"), tenant="bob"),
+    ]
+    with relay_on_sqlite(tmp_path_factory, "keyed", fake_routes(), api_keys=keys) as url:
         yield url
 
 

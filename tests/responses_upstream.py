@@ -45,8 +45,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -54,8 +52,7 @@ from typing import Any
 
 import orjson
 import pytest
-import uvicorn
-from starlette.applications import Starlette
+from loopback_server import LoopbackServer, serve_forever
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -92,70 +89,24 @@ _WORD = re.compile(r"\S+\s*")
 _TEXT_PARTS = {"input_text", "output_text", "text", "summary_text"}
 
 
-class ResponsesUpstream:
+class ResponsesUpstream(LoopbackServer):
+    base_path = "/v1"
+    label = "responses upstream"
+
     def __init__(self, api_key: str | None = None, port: int = 0) -> None:
-        self.api_key = api_key
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
         self.slow_streams: list[str] = []
-        self.port = port  # 0: any free one
         # Signs this server's reasoning tokens; another instance cannot make one that verifies.
         self._secret = secrets.token_bytes(32)
-        app = Starlette(
-            routes=[
-                Route("/v1/responses", self._responses, methods=["POST"]),
-                Route("/v1/responses/input_tokens", self._input_tokens, methods=["POST"]),
-                Route("/v1/models", self._models, methods=["GET"]),
-            ]
-        )
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", ws="none", loop="asyncio"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def last(self) -> dict[str, Any]:
-        """The body of the most recent request."""
-        return self.requests[-1]
+        routes = [
+            Route("/v1/responses", self._responses, methods=["POST"]),
+            Route("/v1/responses/input_tokens", self._input_tokens, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+        ]
+        super().__init__(routes, api_key=api_key, port=port)
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.headers.clear()
+        super().reset()
         self.slow_streams.clear()
-
-    def start(self) -> ResponsesUpstream:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", self.port))
-        self.port = self._socket.getsockname()[1]
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the loopback responses upstream did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-
-    def __enter__(self) -> ResponsesUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # Reasoning tokens --------------------------------------------------------------------------
 
@@ -229,8 +180,7 @@ class ResponsesUpstream:
             return {}, _error(400, "We could not parse the JSON body of your request.")
         if not isinstance(body, dict):
             return {}, _error(400, "The request body must be a JSON object.")
-        self.requests.append(body)
-        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.record(request, body)
         return body, None
 
     def _validate(self, body: dict[str, Any], *, create: bool) -> Response | None:
@@ -737,8 +687,4 @@ def responses_upstream() -> Iterator[ResponsesUpstream]:
 
 
 if __name__ == "__main__":  # python tests/responses_upstream.py [PORT]: serve until interrupted
-    import sys
-
-    with ResponsesUpstream(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as upstream:
-        print(f"responses upstream on {upstream.base_url}", flush=True)
-        threading.Event().wait()
+    serve_forever(ResponsesUpstream)

@@ -14,10 +14,9 @@ import httpx
 import openai
 import pytest
 from anthropic_upstream import ANTHROPIC_KEY, AnthropicUpstream
-from live_server import relay_server
-from relay_fixtures import checked_client, sdk_client, sse_events
+from relay_fixtures import checked_client, relay_on_sqlite, sdk_client, sse_events
 
-from relay.config import RouteConfig, Settings
+from relay.config import RouteConfig
 
 KEY_ENV = "RELAY_TEST_ANTHROPIC_KEY"
 WEATHER = {
@@ -73,11 +72,9 @@ def claude_url(
     monkeypatch_module: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     monkeypatch_module.setenv(KEY_ENV, ANTHROPIC_KEY)
-    database = tmp_path_factory.mktemp("anthropic") / "relay.db"
-    settings = Settings(
-        database_url=f"sqlite:///{database}", routes=anthropic_routes(anthropic_upstream)
-    )
-    with relay_server(settings) as url:
+    with relay_on_sqlite(
+        tmp_path_factory, "anthropic", anthropic_routes(anthropic_upstream)
+    ) as url:
         yield url
 
 

@@ -12,11 +12,8 @@ import openai
 import pytest
 from anthropic_upstream import ANTHROPIC_KEY, AnthropicUpstream
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
-from live_server import relay_server
-from relay_fixtures import sdk_client
+from relay_fixtures import relay_on_sqlite, sdk_client
 from responses_upstream import RESPONSES_KEY, ResponsesUpstream
-
-from relay.config import RouteConfig, Settings
 
 WEATHER = {
     "type": "function",
@@ -86,12 +83,7 @@ def mixed_url(
             ],
         },
     ]
-    database = tmp_path_factory.mktemp("mixed") / "relay.db"
-    settings = Settings(
-        database_url=f"sqlite:///{database}",
-        routes=[RouteConfig.model_validate(route) for route in spec],
-    )
-    with relay_server(settings) as url:
+    with relay_on_sqlite(tmp_path_factory, "mixed", spec) as url:
         yield url
 
 

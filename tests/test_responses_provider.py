@@ -13,11 +13,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from live_server import relay_server
-from relay_fixtures import checked_client, sdk_client, sse_events
+from relay_fixtures import checked_client, relay_on_sqlite, sdk_client, sse_events
 from responses_upstream import RESPONSES_KEY, ResponsesUpstream
-
-from relay.config import RouteConfig, Settings
 
 KEY_ENV = "RELAY_TEST_RESPONSES_KEY"
 WEATHER = {
@@ -70,12 +67,7 @@ def responses_url(
             ],
         },
     ]
-    database = tmp_path_factory.mktemp("responses") / "relay.db"
-    settings = Settings(
-        database_url=f"sqlite:///{database}",
-        routes=[RouteConfig.model_validate(route) for route in spec],
-    )
-    with relay_server(settings) as url:
+    with relay_on_sqlite(tmp_path_factory, "responses", spec) as url:
         yield url
 
 

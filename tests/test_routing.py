@@ -14,11 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
-from live_server import relay_server
 from pydantic import ValidationError
-from relay_fixtures import checked_client
+from relay_fixtures import checked_client, relay_on_sqlite
 
-from relay.config import RouteConfig, Settings, load_settings
+from relay.config import RouteConfig, load_settings
 from relay.providers.health import Health
 
 KEY_ENV = "RELAY_TEST_ROUTING_KEY"
@@ -128,14 +127,9 @@ def routing_url(
     monkeypatch_module: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
-    database = tmp_path_factory.mktemp("routing") / "relay.db"
-    settings = Settings(
-        database_url=f"sqlite:///{database}",
-        routes=routes(routing_upstream),
-        cooldown_failures=2,
-        cooldown_s=60,
-    )
-    with relay_server(settings) as url:
+    with relay_on_sqlite(
+        tmp_path_factory, "routing", routes(routing_upstream), cooldown_failures=2, cooldown_s=60
+    ) as url:
         yield url
 
 

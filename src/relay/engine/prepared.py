@@ -46,7 +46,7 @@ class Prepared:
         self, deployment: Deployment, shortened: list[dict[str, Any]] | None = None
     ) -> ProviderRequest:
         """The request for `deployment`; `shortened`: a context truncation made shorter."""
-        runs = set(getattr(deployment.config, "hosted_tools", ()))
+        runs = deployment.hosted_tools
         return ProviderRequest(
             upstream_model=deployment.upstream_model,
             request=self.request,

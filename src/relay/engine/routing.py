@@ -138,19 +138,21 @@ def eligible(
 ) -> list[Deployment]:
     """The route's deployments that can honour the request and its preferences; a 400 when
     none can, naming what ruled the last ones out."""
+    fields = _used_fields(request)
+    if prefs is NO_PREFERENCES and not fields and not hosted:
+        return list(route.deployments)  # the common case, on every request
     chosen = list(route.deployments)
     kinds = {tool["type"] for tool in hosted}
     if kinds:
-        chosen = [d for d in chosen if kinds <= set(getattr(d.config, "hosted_tools", ()))]
+        chosen = [d for d in chosen if kinds <= d.hosted_tools]
         if not chosen:
             raise InvalidRequest(
                 f"No deployment of model '{route.model}' runs the hosted tools {sorted(kinds)}.",
                 param="tools",
                 code=NO_ELIGIBLE,
             )
-    fields = _used_fields(request)
     for name in fields:
-        kept = [d for d in chosen if name in getattr(d.config, "forward_fields", ())]
+        kept = [d for d in chosen if name in d.forward_fields]
         if not kept:
             raise InvalidRequest(
                 f"'{name}' is not supported by the route for model '{route.model}'.",
@@ -198,7 +200,7 @@ def eligible(
 
 
 def _forwards_preferences(deployment: Deployment) -> bool:
-    return "provider" in getattr(deployment.config, "forward_fields", ())
+    return "provider" in deployment.forward_fields
 
 
 def _within(deployment: Deployment, bound: MaxPrice) -> bool:

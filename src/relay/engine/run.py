@@ -468,9 +468,7 @@ class Engine:
         check_request(request)
         prefs = routing.preferences(request)
         upstream_runs = frozenset(
-            kind
-            for deployment in routes[0].deployments
-            for kind in getattr(deployment.config, "hosted_tools", ())
+            kind for deployment in routes[0].deployments for kind in deployment.hosted_tools
         )
         tools = plan_tools(
             request, omit_hosted=self.hosted_tools == "omit", upstream_runs=upstream_runs

@@ -22,8 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -43,10 +42,9 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.http_client import Response
 from relay.providers.settings import AnthropicConfig
 from relay.providers.tool_names import wire_name
-from relay.providers.upstream import DeltaStream, Upstream, error_message
+from relay.providers.upstream import Upstream, error_message
 
 KIND = "anthropic"
 JSON_TOOL = "json_output"
@@ -105,19 +103,11 @@ class AnthropicProvider:
 
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """Messages' own count (`/v1/messages/count_tokens`): exact."""
-        body = self.build_body(request)
-        question: dict[str, Any] = {
-            key: body[key]
-            for key in ("model", "messages", "system", "tools", "tool_choice", "thinking")
-            if key in body
-        }
-        answer = await self._upstream.ask(
-            self._upstream.target("/v1/messages/count_tokens"), question
+        return await self._upstream.count_tokens(
+            "/v1/messages/count_tokens",
+            self.build_body(request),
+            ("model", "messages", "system", "tools", "tool_choice", "thinking"),
         )
-        try:
-            return TokenCount(int(answer["input_tokens"]), exact=True)
-        except (KeyError, TypeError, ValueError):
-            raise ProviderError("the upstream's token count could not be read") from None
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = self.build_body(request)
@@ -126,18 +116,7 @@ class AnthropicProvider:
         response = await self._upstream.post(
             self._upstream.target("/v1/messages"), orjson.dumps(body)
         )
-        events = self._upstream.events(response)
-        try:
-            # An error as the first event (overloaded, rate limited) is a failure before the
-            # first byte of the answer: retried and failed over like an HTTP error.
-            first = await anext(events)
-            if isinstance(first, dict) and first.get("type") == "error":
-                raise self._error_event(first.get("error"))
-        except BaseException:
-            await events.aclose()
-            response.release()
-            raise
-        return DeltaStream(response, self._deltas(response, events, first, json_tool))
+        return await self._upstream.stream(response, self._check, _StreamState(json_tool))
 
     # Request translation ------------------------------------------------------------------------
 
@@ -239,37 +218,12 @@ class AnthropicProvider:
 
     # Stream translation -------------------------------------------------------------------------
 
-    async def _deltas(
-        self,
-        response: Response,
-        events: AsyncGenerator[Any, None],
-        first: Any,
-        json_tool: str | None,
-    ) -> AsyncGenerator[Delta, None]:
-        state = _StreamState(json_tool)
-        try:
-            async with aclosing(events):
-                event = first
-                while True:
-                    if not isinstance(event, dict):
-                        raise ProviderError("the upstream sent an event that is not an object")
-                    if event.get("type") == "error":
-                        raise self._error_event(event.get("error"))
-                    for delta in state.feed(event):
-                        yield delta
-                    if state.stopped:
-                        break
-                    event = await anext(events, None)
-                    if event is None:
-                        raise ProviderError("the upstream closed the stream before it finished")
-            for delta in state.closing():
-                yield delta
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise ProviderError(
-                f"the upstream sent an event Relay could not read ({type(exc).__name__})"
-            ) from None
-        finally:
-            response.release(end_expected=state.stopped)
+    def _check(self, event: Any) -> None:
+        """Raise the failure an event reports (an `error` event)."""
+        if not isinstance(event, dict):
+            raise ProviderError("the upstream sent an event that is not a JSON object")
+        if event.get("type") == "error":
+            raise self._error_event(event.get("error"))
 
     def _error_event(self, error: Any) -> ProviderError:
         kind = error.get("type") if isinstance(error, dict) else None
@@ -292,7 +246,7 @@ class _StreamState:
         self._cache_write = 0
         self._output = 0
         self._stop: str | None = None
-        self.stopped = False
+        self.finished = False
 
     def feed(self, event: dict[str, Any]) -> list[Delta]:
         kind = event["type"]
@@ -316,7 +270,7 @@ class _StreamState:
             self._usage(event.get("usage") or {})
             return []
         if kind == "message_stop":
-            self.stopped = True
+            self.finished = True
         return []  # ping, and event types added later
 
     def _usage(self, usage: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ Relay's own ids and sequence numbers.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -81,34 +80,18 @@ class OpenAIResponsesProvider:
 
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """The upstream's own count (`/responses/input_tokens`): exact."""
-        body = self.build_body(request)
-        question: dict[str, Any] = {
-            key: body[key] for key in ("model", "input", "instructions", "tools") if key in body
-        }
-        answer = await self._upstream.ask(
-            self._upstream.target("/responses/input_tokens"), question
+        return await self._upstream.count_tokens(
+            "/responses/input_tokens",
+            self.build_body(request),
+            ("model", "input", "instructions", "tools"),
         )
-        try:
-            return TokenCount(int(answer["input_tokens"]), exact=True)
-        except (KeyError, TypeError, ValueError):
-            raise ProviderError("the upstream's token count could not be read") from None
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = orjson.dumps(self.build_body(request))
         response = await self._upstream.post(self._upstream.target("/responses"), body)
         if response.headers.get("content-type", "").startswith("application/json"):
             return DeltaStream(response, self._whole(response))
-        events = self._upstream.events(response)
-        try:
-            # A failure as the first event is one before the first byte of the answer:
-            # retried and failed over like an HTTP error.
-            first = await anext(events)
-            self._check(first)
-        except BaseException:
-            await events.aclose()
-            response.release()
-            raise
-        return DeltaStream(response, self._deltas(response, events, first))
+        return await self._upstream.stream(response, self._check, _StreamState(self._name))
 
     # Request translation ------------------------------------------------------------------------
 
@@ -205,29 +188,6 @@ class OpenAIResponsesProvider:
         for delta in deltas:
             yield delta
 
-    async def _deltas(
-        self, response: Response, events: AsyncGenerator[Any, None], first: Any
-    ) -> AsyncGenerator[Delta, None]:
-        state = _StreamState(self._name)
-        try:
-            async with aclosing(events):
-                event = first
-                while True:
-                    self._check(event)
-                    for delta in state.feed(event):
-                        yield delta
-                    if state.finished:
-                        break
-                    event = await anext(events, None)
-                    if event is None:
-                        raise ProviderError("the upstream closed the stream before it finished")
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise ProviderError(
-                f"the upstream sent an event Relay could not read ({type(exc).__name__})"
-            ) from None
-        finally:
-            response.release(end_expected=state.finished)
-
     def _check(self, event: Any) -> None:
         """Raise the failure an event reports (an `error` event, `response.failed`)."""
         if not isinstance(event, dict):
@@ -287,6 +247,9 @@ class _StreamState:
         ):
             self._progress.setdefault(event.get("item_id", ""), []).append(kind)
         return []
+
+    def closing(self) -> list[Delta]:
+        return []  # usage and finish came with the terminal event (feed)
 
     def _item_done(self, index: int, item: dict[str, Any]) -> list[Delta]:
         kind = item.get("type")

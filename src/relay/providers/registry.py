@@ -45,10 +45,15 @@ class Deployment:
     provider: Provider
     config: DeploymentConfig
     health: Health = field(default_factory=Health)
+    # Read once from the config (only some kinds have them): what routing asks per request.
+    kind: str = ""
+    forward_fields: frozenset[str] = frozenset()
+    hosted_tools: frozenset[str] = frozenset()
 
-    @property
-    def kind(self) -> str:
-        return self.config.provider
+    def __post_init__(self) -> None:
+        self.kind = self.config.provider
+        self.forward_fields = frozenset(getattr(self.config, "forward_fields", ()))
+        self.hosted_tools = frozenset(getattr(self.config, "hosted_tools", ()))
 
 
 @dataclass(slots=True, frozen=True)

@@ -10,18 +10,29 @@ upstream, in every form (`relay.providers.credentials`), before cutting it to le
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import aclosing
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
 
-from relay.providers.base import Delta, ProviderError
+from relay.providers.base import Delta, ProviderError, TokenCount
 from relay.providers.credentials import Scrubber, basic_token
 from relay.providers.http_client import ConnectFailed, HTTPClient, HTTPClientError, Response
 
 MAX_MESSAGE = 500  # upstream error text we quote, so a huge HTML error page stays out of logs
 MAX_SCANNED = 4 * MAX_MESSAGE  # scrubbed before the cut, however much the scrubbing shortens
+
+
+class EventState(Protocol):
+    """What a provider remembers between the events of one stream, and turns them into."""
+
+    finished: bool  # the stream's last event came
+
+    def feed(self, event: dict[str, Any]) -> list[Delta]: ...
+
+    def closing(self) -> list[Delta]: ...
 
 
 class Upstream:
@@ -101,6 +112,19 @@ class Upstream:
         except orjson.JSONDecodeError:
             raise ProviderError("the upstream's answer is not JSON") from None
 
+    async def count_tokens(
+        self, path: str, body: dict[str, Any], fields: tuple[str, ...]
+    ) -> TokenCount:
+        """The upstream's own count of input tokens (Messages' count_tokens, Responses'
+        input_tokens): `fields` of the body it would be sent, to `path`; the answer's
+        `input_tokens`, exact."""
+        question = {key: body[key] for key in fields if key in body}
+        answer = await self.ask(self.target(path), question)
+        try:
+            return TokenCount(int(answer["input_tokens"]), exact=True)
+        except (KeyError, TypeError, ValueError):
+            raise ProviderError("the upstream's token count could not be read") from None
+
     # Errors --------------------------------------------------------------------------------------
 
     def quote(self, text: str) -> str:
@@ -176,6 +200,52 @@ class Upstream:
             status=503 if status == 503 else 502,
             retry_after=retry_after,
         )
+
+    async def stream(
+        self, response: Response, check: Callable[[Any], None], state: EventState
+    ) -> AsyncIterator[Delta]:
+        """The deltas of an SSE answer whose events are JSON objects. Its first event is read
+        now: a failure there (`check` raises it) is one before the first byte of the answer,
+        retried and failed over like an HTTP error."""
+        events = self.events(response)
+        try:
+            first = await anext(events)
+            check(first)
+        except BaseException:
+            await events.aclose()
+            response.release()
+            raise
+        return DeltaStream(response, self._translate(response, events, first, check, state))
+
+    async def _translate(
+        self,
+        response: Response,
+        events: AsyncGenerator[Any, None],
+        event: Any,
+        check: Callable[[Any], None],
+        state: EventState,
+    ) -> AsyncGenerator[Delta, None]:
+        try:
+            async with aclosing(events):
+                while True:
+                    check(event)
+                    for delta in state.feed(event):
+                        yield delta
+                    if state.finished:
+                        break
+                    event = await anext(events, None)
+                    if event is None:
+                        raise ProviderError("the upstream closed the stream before it finished")
+            for delta in state.closing():
+                yield delta
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # An event of the wrong shape is the upstream's failure, and must reach the
+            # engine as one.
+            raise ProviderError(
+                f"the upstream sent an event Relay could not read ({type(exc).__name__})"
+            ) from None
+        finally:
+            response.release(end_expected=state.finished)
 
     async def events(
         self, response: Response, decoder: SSEDecoder | None = None
