@@ -177,24 +177,27 @@ def start_relay(
     *,
     database: Path | None = None,
     settings: Sequence[str] = (),
+    anthropic: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
     """Relay with SQLite (in `workdir` unless `database` names a file), no API keys, a route per
-    nginx location (json, sse, hold, long, and the Anthropic-shaped sse); `settings` are extra
-    lines of its TOML file."""
+    nginx location (json, sse, hold, long, and with `anthropic` the Anthropic-shaped sse);
+    `settings` are extra lines of its TOML file, `env` extra environment variables."""
     workdir.mkdir(parents=True, exist_ok=True)
     database = database or workdir / "relay.db"
     lines = [f'database_url = "sqlite:///{database}"', 'log_level = "info"', *settings]
     for kind in ("json", "sse", "hold", "long"):
         lines += ["", "[[routes]]", f'model = "bench-{kind}"', 'provider = "openai_chat"']
         lines += [f'base_url = "{upstream}/{kind}/v1"', 'upstream_model = "mock-model"']
-    # The same canned answer, as an Anthropic Messages stream (nginx's /sse/v1/messages).
-    lines += ["", "[[routes]]", 'model = "bench-claude"', 'provider = "anthropic"']
-    lines += [f'base_url = "{upstream}/sse"', 'upstream_model = "mock-model"']
+    if anthropic:
+        # The same canned answer, as an Anthropic Messages stream (nginx's /sse/v1/messages).
+        lines += ["", "[[routes]]", 'model = "bench-claude"', 'provider = "anthropic"']
+        lines += [f'base_url = "{upstream}/sse"', 'upstream_model = "mock-model"']
     config = workdir / "relay.toml"
     config.write_text("\n".join(lines) + "\n")
     argv = [str(RELAY_BIN), "serve", "--config", str(config), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--workers", str(workers)]
-    proc = ManagedProcess("relay", argv, workdir / "relay.log", cwd=workdir)
+    proc = ManagedProcess("relay", argv, workdir / "relay.log", env=clean_env(env), cwd=workdir)
     proc.start()
     proc.wait_ready(f"http://127.0.0.1:{port}/healthz", timeout_s=90)
     return proc

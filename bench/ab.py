@@ -1,0 +1,96 @@
+"""`python -m bench ab`: this working tree against an earlier revision, interleaved.
+
+On a noisy machine two runs of the gateway benchmark can differ by more than a change does.
+This runs one Relay per tree at once (the revision checked out into a temporary git worktree
+and run with `PYTHONPATH=<worktree>/src`, the same virtual environment), on one canned nginx,
+with the same routes, and alternates between them: the sequential overhead over direct nginx
+(JSON and first delta, store=false and store=true, interleaved rounds) and the server CPU per
+request under wrk (alternating 5-second runs at C=16 and C=64). `BENCH_AB_BASE` names the
+revision (default HEAD, i.e. the uncommitted change).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench import loadgen, peers
+from bench.gateway import WORKERS, responses_target, table
+from bench.upstream_nginx import APT_COMMAND, direct_target, missing_tools, start_nginx
+
+WRK_S = 5
+
+
+def _worktree(stack: ExitStack, base: str, where: Path) -> Path:
+    git = ["git", "-C", str(peers.ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(where), base], check=True)
+    stack.callback(subprocess.run, [*git, "worktree", "remove", "--force", str(where)])
+    return where
+
+
+def main(quick: bool) -> None:
+    missing = missing_tools()
+    if missing:
+        print(f"the A/B benchmark needs {' and '.join(missing)}; run:\n  {APT_COMMAND}")
+        sys.exit(2)
+    base = os.environ.get("BENCH_AB_BASE", "HEAD")
+    rounds, wrk_runs = (6, 1) if quick else (40, 4)
+    print(f"# A/B: {base} against the working tree ({rounds} rounds, {wrk_runs} wrk runs)")
+    with tempfile.TemporaryDirectory(prefix="relay-ab-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx's worker reads files in here
+        before = _worktree(stack, base, workdir / "base")
+        port = peers.free_port()
+        nginx = start_nginx(workdir, port)
+        stack.callback(nginx.stop)
+        upstream = f"http://127.0.0.1:{port}"
+        trees = {"base": str(before / "src"), "change": str(peers.ROOT / "src")}
+        relays, stored, plain = {}, [], []
+        for name, src in trees.items():
+            relay_port = peers.free_port()
+            relay = peers.start_relay(
+                workdir / name, upstream, relay_port, WORKERS, anthropic=False,
+                env={"PYTHONPATH": src},
+            )  # fmt: skip
+            stack.callback(relay.stop)
+            url = f"http://127.0.0.1:{relay_port}"
+            plain.append(responses_target(name, url, "bench-json", "bench-sse", store=False))
+            stored.append(responses_target(f"{name} stored", url, "bench-json", "bench-sse",
+                                           store=True))  # fmt: skip
+            relays[name] = relay
+        direct = direct_target(upstream)
+        targets = [direct, *plain, *stored]
+        json_s, _ = loadgen.sequential(targets, rounds, 10, loadgen.request_once)
+        first_s, _ = loadgen.sequential(
+            targets, rounds, 10, lambda http, target: loadgen.stream_once(http, target)[0]
+        )
+        rows = []
+        for target in targets[1:]:
+            cells = []
+            for samples in (json_s, first_s):
+                pairs = zip(samples[target.name], samples[direct.name], strict=True)
+                cells.append(f"{statistics.median(a - b for a, b in pairs) * 1000:+.3f}")
+            rows.append([target.name, *cells])
+        print(table(["tree", "JSON overhead ms", "1st delta overhead ms"], rows))
+        cpu: dict[tuple[str, int], list[float]] = {}
+        for target in plain:
+            loadgen.run_wrk(workdir, target, 16, 2)  # warm-up
+        for run in range(wrk_runs):
+            for connections in (16, 64):
+                for target in plain if run % 2 == 0 else plain[::-1]:
+                    relay = relays[target.name]
+                    spent = peers.cpu_seconds(relay.pids())
+                    result = loadgen.run_wrk(workdir, target, connections, WRK_S)
+                    spent = peers.cpu_seconds(relay.pids()) - spent
+                    per = spent * 1000 / max(result.requests, 1)
+                    cpu.setdefault((target.name, connections), []).append(per)
+        rows = [
+            [f"C={c} {name}", f"{statistics.median(v):.3f}", " ".join(f"{x:.2f}" for x in v)]
+            for (name, c), v in sorted(cpu.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        ]
+        print(table(["store=false, wrk", "server CPU ms/req (median)", "runs"], rows))
