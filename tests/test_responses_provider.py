@@ -7,6 +7,7 @@ them."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -246,3 +247,23 @@ def test_custom_and_namespaced_calls_go_back_as_declared(
     kinds = [item["type"] for item in upstream.last["input"]]
     assert kinds == ["message", "function_call", "function_call_output"]
     assert upstream.last["input"][1]["name"] == "apply_patch"
+
+
+def test_background_runs_and_conversations_on_a_responses_upstream(
+    sdk: openai.OpenAI, upstream: ResponsesUpstream
+) -> None:
+    queued = sdk.responses.create(model="rsp-echo", input="in the background", background=True)
+    assert queued.status in ("queued", "in_progress", "completed")
+    deadline = time.monotonic() + 10
+    done = queued
+    while done.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        done = sdk.responses.retrieve(queued.id)
+    assert done.status == "completed" and done.output_text == "in the background"
+    conversation = sdk.conversations.create()
+    sdk.responses.create(model="rsp-echo", conversation=conversation.id, input="first turn")
+    second = sdk.responses.create(model="rsp-echo", conversation=conversation.id, input="second")
+    assert second.output_text == "second"
+    texts = [item["content"][0]["text"] for item in upstream.last["input"]]
+    assert texts == ["first turn", "first turn", "second"]
+    assert upstream.last["store"] is False
