@@ -19,6 +19,8 @@ from relay_fixtures import checked_client, relay_on_sqlite, sdk_client, sse_even
 from relay.config import RouteConfig
 
 KEY_ENV = "RELAY_TEST_ANTHROPIC_KEY"
+WRONG_KEY_ENV = "RELAY_TEST_ANTHROPIC_WRONG_KEY"
+WRONG_KEY = "sk-ant-wrong-9Xq4Lm2Vb7Nc1Zt8Rw5Ky3Hd6Fp0Gs"
 WEATHER = {
     "type": "function",
     "name": "get_weather",
@@ -62,6 +64,7 @@ def anthropic_routes(upstream: AnthropicUpstream) -> list[RouteConfig]:
         *(route(f"claude-{script}", script) for script in scripts),
         route("claude-native-json", "echo", json_output="native"),
         route("claude-uncached", "echo", prompt_caching="off"),
+        route("claude-wrong-key", "echo", api_key_env=WRONG_KEY_ENV),
     ]
 
 
@@ -72,6 +75,7 @@ def claude_url(
     monkeypatch_module: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     monkeypatch_module.setenv(KEY_ENV, ANTHROPIC_KEY)
+    monkeypatch_module.setenv(WRONG_KEY_ENV, WRONG_KEY)
     with relay_on_sqlite(
         tmp_path_factory, "anthropic", anthropic_routes(anthropic_upstream)
     ) as url:
@@ -492,3 +496,14 @@ def test_tool_results_open_the_user_turn(sdk: openai.OpenAI, upstream: Anthropic
     )
     last = sent(upstream)["messages"][-1]["content"]
     assert [block["type"] for block in last] == ["tool_result", "text"]
+
+
+def test_a_refused_key_never_reaches_the_client(
+    http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mock's 401 repeats the x-api-key it got, as some upstreams do."""
+    answer = http.post("/v1/responses", json={"model": "claude-wrong-key", "input": "hi"})
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "upstream_auth_failed"
+    assert WRONG_KEY not in answer.text and WRONG_KEY[:12] not in answer.text
+    assert all(WRONG_KEY not in record.getMessage() for record in caplog.records)
