@@ -31,6 +31,12 @@ def team_routes() -> list[RouteConfig]:
     routes.append(
         RouteConfig(model="priced-slow", provider="fake", upstream_model="slow", price=PRICE)
     )
+    # Two deployments at two prices: usage and cost are each deployment's own.
+    deployments = [
+        {"name": "dear", "provider": "fake", "upstream_model": "text", "price": PRICE},
+        {"name": "cheap", "provider": "fake", "upstream_model": "text"},
+    ]
+    routes.append(RouteConfig.model_validate({"model": "priced-pair", "deployments": deployments}))
     return routes
 
 

@@ -163,6 +163,21 @@ def test_usage_is_recorded_for_every_outcome(team_url: str, admin: AdminClient) 
     assert by_project[0]["requests"] == 4 and by_project[0]["cost_usd"] == 0.007
 
 
+def test_usage_and_cost_by_deployment(team_url: str, admin: AdminClient) -> None:
+    project = admin.project()
+    _, value = admin.key(project)
+    with client(team_url, value) as http:
+        for name in ("dear", "cheap", "cheap"):
+            answer = ask(http, model="priced-pair", provider={"only": [name]})
+            assert answer.headers["x-relay-deployment"] == name
+    time.sleep(0.5)
+    rows = admin.call("GET", "/usage", group_by="route,deployment", project_id=project)["data"]
+    summary = {row["deployment"]: (row["requests"], row["cost_usd"]) for row in rows}
+    assert summary.keys() == {"dear", "cheap"}
+    assert summary["dear"][0] == 1 and summary["dear"][1] > 0
+    assert summary["cheap"] == (2, 0.0)  # priced by the deployment that answered
+
+
 def test_each_websocket_turn_is_a_request(team_url: str, admin: AdminClient) -> None:
     from websockets.sync.client import connect
 

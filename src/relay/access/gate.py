@@ -22,7 +22,7 @@ from starlette.requests import HTTPConnection
 from relay.access.idempotency import Idempotency
 from relay.access.keys import CONFIG_PROJECT, KeyRecord, KeyStore, digest
 from relay.access.limits import Admission, RateLimiter, Scope
-from relay.access.policy import NO_POLICY, Price
+from relay.access.policy import NO_POLICY, Served
 from relay.access.usage import Ledger, UsageRow, periods
 from relay.config import Settings
 from relay.eager import Suspended, until_suspended
@@ -93,9 +93,9 @@ class Accounting:
     def headers(self) -> dict[str, str]:
         return self.admission.headers if self.admission is not None else {}
 
-    def settle(self, response: dict[str, Any], price: Price | None = None) -> None:
+    def settle(self, response: dict[str, Any], served: Served | None = None) -> None:
         """Called by the run once its outcome is final (stored, if it is stored), with the
-        price of the deployment that answered."""
+        deployment that answered (None: nothing was generated)."""
         if self.done:
             return
         self.done = True
@@ -104,6 +104,7 @@ class Accounting:
         output_tokens = int(usage.get("output_tokens") or 0)
         cached = int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0)
         route = str(response.get("model") or self.model)
+        price = served.price if served is not None else None
         now = time.time()
         self.access.ledger.add(
             UsageRow(
@@ -113,6 +114,7 @@ class Accounting:
                 key_id=self.principal.key_id,
                 model=self.model,
                 route=route,
+                deployment=served.deployment if served is not None else None,
                 response_id=str(response.get("id", "")),
                 status=str(response.get("status", "")),
                 input_tokens=input_tokens,
@@ -175,7 +177,7 @@ class Access:
 
     def accounting_for(
         self, project: str, key_id: str | None, model: str
-    ) -> Callable[[dict[str, Any], Price | None], None]:
+    ) -> Callable[[dict[str, Any], Served | None], None]:
         """The books of a run admitted elsewhere (a background run from the job queue):
         its usage row, without the limits, which the admitting instance applied."""
         key = KeyRecord(key_id or "", project, frozenset([project]), None, NO_POLICY)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,3 +78,10 @@ class Price(BaseModel):
             + output_tokens * self.output
         ) * 1000
         return round(nanos)
+
+
+class Served(NamedTuple):
+    """Who answered a response: the deployment's name and price (relay.engine.routing)."""
+
+    deployment: str
+    price: Price | None

@@ -29,11 +29,12 @@ from relay.storage.tables import spend, usage_ledger
 
 log = logging.getLogger("relay.usage")
 FLUSH_S = 0.1
-GROUPS = ("day", "model", "route", "key", "project")
+GROUPS = ("day", "model", "route", "deployment", "key", "project")
 _COLUMNS = {
     "day": usage_ledger.c.day,
     "model": usage_ledger.c.model,
     "route": usage_ledger.c.route,
+    "deployment": usage_ledger.c.deployment,
     "key": usage_ledger.c.key_id,
     "project": usage_ledger.c.project_id,
 }
@@ -48,6 +49,7 @@ class UsageRow(NamedTuple):
     key_id: str | None
     model: str
     route: str
+    deployment: str | None
     response_id: str
     status: str
     input_tokens: int

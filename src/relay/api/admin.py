@@ -111,8 +111,9 @@ async def revoke_key(request: Request, actor: str) -> Response:
 
 
 async def usage(request: Request, actor: str) -> Response:
-    """Usage summed by `group_by` (repeat it, or comma-separate: day, model, route, key,
-    project), filtered by project_id, key_id, start and end (days, inclusive)."""
+    """Usage summed by `group_by` (repeat it, or comma-separate: day, model, route,
+    deployment, key, project), filtered by project_id, key_id, start and end (days,
+    inclusive)."""
     group_by = [
         name
         for value in request.query_params.getlist("group_by") or ["day"]

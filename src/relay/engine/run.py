@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from relay.access.policy import Price
+from relay.access.policy import Served
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine import compaction, conversation, reasoning, routing
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
@@ -79,8 +79,8 @@ class Run:
     # The deployment that answered (None: nothing was generated).
     deployment: Deployment | None = None
     # Told the settled response once, whatever the outcome (usage, limits: relay.access),
-    # with the answering deployment's price.
-    on_settled: Callable[[dict[str, Any], Price | None], None] | None = None
+    # with the deployment that answered.
+    on_settled: Callable[[dict[str, Any], Served | None], None] | None = None
     # A stored stream's record of its start (relay.runs), written beside the first steps:
     # the final save waits for it, then says it is done.
     recorded: asyncio.Future[None] | None = None
@@ -173,7 +173,8 @@ class Run:
         response = self.response
         deployment = self.deployment
         if self.on_settled is not None:
-            self.on_settled(response, deployment.config.price if deployment else None)
+            served = Served(deployment.name, deployment.config.price) if deployment else None
+            self.on_settled(response, served)
         # One task of the engine's for all of it, awaited shielded: a client leaving now
         # must neither roll back a finished response nor leave its conversation held.
         stored = True
@@ -307,7 +308,7 @@ class Engine:
         continuing: History | None = None,
         continuing_is_stored: bool = True,
         generate: bool = True,
-        on_settled: Callable[[dict[str, Any], Price | None], None] | None = None,
+        on_settled: Callable[[dict[str, Any], Served | None], None] | None = None,
         response_id: str | None = None,
         created_at: int | None = None,
     ) -> Run:
@@ -415,7 +416,7 @@ class Engine:
         request: CreateResponse,
         *,
         tenant: str,
-        on_settled: Callable[[dict[str, Any], Price | None], None] | None = None,
+        on_settled: Callable[[dict[str, Any], Served | None], None] | None = None,
     ) -> dict[str, Any]:
         """POST /responses/compact: the context (input and/or previous_response_id) made into
         a shorter window by the route's model (see `relay.engine.compaction`)."""

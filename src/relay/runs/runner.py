@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from relay.access.policy import Price
+from relay.access.policy import Served
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
 from relay.errors import RelayError, ServerError, UpstreamError
@@ -358,5 +358,5 @@ class Runner:
 
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")
-Settled = Callable[[dict[str, Any], Price | None], None]
+Settled = Callable[[dict[str, Any], Served | None], None]
 AccountingFor = Callable[[str, str | None, str], Settled]

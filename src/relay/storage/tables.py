@@ -111,6 +111,8 @@ usage_ledger = Table(
     Column("key_id", String, nullable=True),
     Column("model", String, nullable=False),  # as the client asked for it
     Column("route", String, nullable=False),  # the route that served it (a fallback's)
+    # ... and which of its deployments (None: nothing was generated, or before 0006).
+    Column("deployment", String, nullable=True),
     Column("response_id", String, nullable=False),
     Column("status", String, nullable=False),
     Column("input_tokens", Integer, nullable=False),
