@@ -60,6 +60,15 @@ def responses_url(
         ),
         {"model": "rsp-web", **deployment(one, "one", "web_search", hosted_tools=["web_search"])},
         {
+            # An upstream that fails right after announcing the response: nothing of the
+            # answer came yet, so the next deployment serves it.
+            "model": "rsp-early-error",
+            "deployments": [
+                deployment(one, "flaky", "error_event", weight=1000),
+                {"name": "spare", "provider": "fake", "upstream_model": "text", "weight": 0.001},
+            ],
+        },
+        {
             # Two upstreams, each with its own encrypted reasoning.
             "model": "rsp-reasoning",
             "deployments": [
@@ -267,3 +276,11 @@ def test_background_runs_and_conversations_on_a_responses_upstream(
     texts = [item["content"][0]["text"] for item in upstream.last["input"]]
     assert texts == ["first turn", "first turn", "second"]
     assert upstream.last["store"] is False
+
+
+def test_a_failure_before_any_output_fails_over(http: httpx.Client) -> None:
+    answer = http.post("/v1/responses", json={"model": "rsp-early-error", "input": "hi"})
+    assert answer.status_code == 200
+    assert answer.headers["x-relay-deployment"] == "spare"
+    events = sse_events(http, {"model": "rsp-early-error", "input": "hi"})
+    assert events[-1]["type"] == "response.completed"

@@ -285,8 +285,10 @@ def _worth_retrying(error: ProviderError) -> bool:
 
 
 # Failures that are this deployment's and not the request's: the next deployment may serve
-# it (another provider takes the parameter; another key is valid).
-_NEXT_DEPLOYMENT = ("unsupported_parameter", "unsupported_input", "upstream_auth_failed")
+# it (another provider takes the parameter, another model has a larger context window,
+# another key is valid). When every deployment refuses, the client hears the refusal.
+REFUSALS = ("unsupported_parameter", "unsupported_input", "context_length_exceeded")
+_NEXT_DEPLOYMENT = (*REFUSALS, "upstream_auth_failed")
 
 
 def _retry_after_s(value: str | None) -> float | None:

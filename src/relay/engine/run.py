@@ -155,9 +155,10 @@ class Run:
             await _close(self.deltas)
 
     def _measure(self, seconds: float) -> None:
-        """The deployment's throughput, for provider.sort "throughput"."""
+        """The deployment's throughput, for provider.sort "throughput" (not of an answer that
+        came whole: its tokens arrived at once)."""
         usage = self.response.get("usage") or {}
-        if self.deployment is not None:
+        if self.deployment is not None and seconds >= 0.005:
             self.deployment.health.measured_throughput(usage.get("output_tokens") or 0, seconds)
 
     async def final(self) -> dict[str, Any]:
@@ -536,7 +537,10 @@ class Engine:
                     return deployment, deltas
                 assert error is not None
                 _log_failure(deployment, error)
-                last = error
+                # A refusal (a parameter, the context window) speaks for the request only
+                # when nothing failed otherwise: an outage elsewhere is the better answer.
+                if last is None or last.code in routing.REFUSALS:
+                    last = error
         assert last is not None
         raise provider_error_to_http(last)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,7 +45,7 @@ from relay.providers.base import (
 )
 from relay.providers.settings import AnthropicConfig
 from relay.providers.tool_names import wire_name
-from relay.providers.upstream import Upstream, error_message
+from relay.providers.upstream import Upstream
 
 KIND = "anthropic"
 JSON_TOOL = "json_output"
@@ -112,7 +113,8 @@ class AnthropicProvider:
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = self.build_body(request)
         offered = {tool["name"] for tool in body.get("tools", ())}
-        json_tool = JSON_TOOL if JSON_TOOL in offered and JSON_TOOL not in _names(request) else None
+        name = _json_tool(request)
+        json_tool = name if name in offered else None
         response = await self._upstream.post(
             self._upstream.target("/v1/messages"), orjson.dumps(body)
         )
@@ -152,6 +154,7 @@ class AnthropicProvider:
             tools = [_tool(tool) for tool in request.all_tools]
             choice = {"type": "none"}
         fmt = req.text.format if req.text is not None else None
+        json_tool = _json_tool(request)
         if fmt is not None and fmt.type in ("json_schema", "json_object"):
             schema = fmt.schema_ if fmt.type == "json_schema" else {"type": "object"}
             if config.json_output == "native":
@@ -159,13 +162,13 @@ class AnthropicProvider:
             else:
                 tools.append(
                     {
-                        "name": JSON_TOOL,
+                        "name": json_tool,
                         "description": "Give the final answer as this tool's input.",
                         "input_schema": schema,
                     }
                 )
                 if choice is None:  # no tools of the client's: the answer is the JSON
-                    choice = {"type": "tool", "name": JSON_TOOL}
+                    choice = {"type": "tool", "name": json_tool}
         if tools:
             body["tools"] = tools
         effort = request.reasoning_effort
@@ -188,7 +191,11 @@ class AnthropicProvider:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             if req.temperature is not None and req.temperature != 1:
                 raise _refuse("'temperature' other than 1 with reasoning", "temperature")
-            if choice == {"type": "tool", "name": JSON_TOOL}:
+            if req.top_k is not None:
+                raise _refuse("'top_k' with reasoning", "top_k")
+            if req.top_p is not None and req.top_p < 0.95:
+                raise _refuse("'top_p' below 0.95 with reasoning", "top_p")
+            if choice == {"type": "tool", "name": json_tool}:
                 # Thinking cannot be combined with a forced tool: the JSON tool is offered,
                 # and its input is still the answer when the model calls it.
                 choice = {"type": "auto"}
@@ -204,7 +211,10 @@ class AnthropicProvider:
                 body[name] = value
         user = req.safety_identifier or req.user
         if user:
-            body["metadata"] = {"user_id": user}
+            # Messages refuses user ids that look like an email or a phone number: an opaque
+            # digest identifies the user as well for abuse reports.
+            digest = hashlib.sha256(user.encode()).hexdigest()[:32]
+            body["metadata"] = {"user_id": digest}
         if req.service_tier is not None:
             tiers = {"auto": "auto", "default": "standard_only"}
             if req.service_tier not in tiers:
@@ -229,9 +239,8 @@ class AnthropicProvider:
         kind = error.get("type") if isinstance(error, dict) else None
         status = _ERROR_STATUS.get(str(kind), 502)
         raw = orjson.dumps({"error": error})
-        if status == 400:
-            message = self._upstream.quote(error_message(raw))
-            return ProviderError(f"the upstream reported an error mid-stream: {message}")
+        # The same mapping as an HTTP status: a 400 is the request's (not retried, and not
+        # the deployment's failure), 429 and 529 are retried elsewhere.
         return self._upstream.status_error(status, {}, raw)
 
 
@@ -247,6 +256,9 @@ class _StreamState:
         self._output = 0
         self._stop: str | None = None
         self.finished = False
+
+    def opening(self, event: dict[str, Any]) -> bool:
+        return event.get("type") in ("message_start", "ping")
 
     def feed(self, event: dict[str, Any]) -> list[Delta]:
         kind = event["type"]
@@ -422,20 +434,35 @@ def _blocks(
 
 
 def _thinking_may_continue(messages: list[dict[str, Any]]) -> bool:
-    if len(messages) < 2 or messages[-1]["role"] != "user":
+    """Whether the request may turn thinking on: not when it answers tool calls of a tool
+    loop whose first assistant message does not open with thinking (Messages keeps one
+    thinking setting for the whole assistant turn, tool results included)."""
+
+    def answers_calls(message: dict[str, Any]) -> bool:
+        return any(block["type"] == "tool_result" for block in message["content"])
+
+    if not messages or messages[-1]["role"] != "user" or not answers_calls(messages[-1]):
         return True
-    answered = messages[-2]["content"]
-    calls = any(block["type"] == "tool_use" for block in answered)
-    opens_with_thinking = bool(answered) and answered[0]["type"] in (
-        "thinking",
-        "redacted_thinking",
-    )
-    return not calls or opens_with_thinking
+    opening: dict[str, Any] | None = None
+    for message in reversed(messages[:-1]):
+        if message["role"] == "assistant":
+            opening = message
+        elif not answers_calls(message):
+            break  # the user's own turn: the loop began after it
+    if opening is None:
+        return True
+    first = opening["content"][0] if opening["content"] else {}
+    return first.get("type") in ("thinking", "redacted_thinking")
 
 
-def _names(request: ProviderRequest) -> set[str]:
-    """The names of the client's own tools."""
-    return {tool["name"] for tool in (*request.tools, *request.all_tools)}
+def _json_tool(request: ProviderRequest) -> str:
+    """The name of the tool that carries JSON output: JSON_TOOL, unless a tool of the
+    client's has that name."""
+    taken = {tool["name"] for tool in (*request.tools, *request.all_tools)}
+    name = JSON_TOOL
+    while name in taken:
+        name = f"relay_{name}"
+    return name
 
 
 def _text_of(content: Any) -> str:

@@ -202,6 +202,10 @@ class OpenAIResponsesProvider:
         code = error.get("code") if isinstance(error, dict) else None
         if code == "rate_limit_exceeded":
             return self._upstream.status_error(429, {}, raw)
+        if code == "context_length_exceeded" or (isinstance(code, str) and "invalid" in code):
+            # The request's fault (invalid_prompt, invalid_encrypted_content, ...): a 400, not
+            # retried, not the deployment's failure.
+            return self._upstream.status_error(400, {}, raw)
         message = self._upstream.quote(error_message(raw))
         return ProviderError(f"the upstream reported an error mid-stream: {message}")
 
@@ -215,6 +219,9 @@ class _StreamState:
         self._calls: dict[int, bool] = {}  # output index -> arguments streamed
         self._progress: dict[str, list[str]] = {}
         self.finished = False
+
+    def opening(self, event: dict[str, Any]) -> bool:
+        return event.get("type") in ("response.created", "response.queued", "response.in_progress")
 
     def feed(self, event: dict[str, Any]) -> list[Delta]:
         kind: str = event["type"]

@@ -30,6 +30,10 @@ class EventState(Protocol):
 
     finished: bool  # the stream's last event came
 
+    def opening(self, event: dict[str, Any]) -> bool:
+        """The event only opens the stream (nothing of the answer yet)."""
+        ...
+
     def feed(self, event: dict[str, Any]) -> list[Delta]: ...
 
     def closing(self) -> list[Delta]: ...
@@ -204,48 +208,67 @@ class Upstream:
     async def stream(
         self, response: Response, check: Callable[[Any], None], state: EventState
     ) -> AsyncIterator[Delta]:
-        """The deltas of an SSE answer whose events are JSON objects. Its first event is read
-        now: a failure there (`check` raises it) is one before the first byte of the answer,
-        retried and failed over like an HTTP error."""
+        """The deltas of an SSE answer whose events are JSON objects. Its opening events
+        (`state.opening`: Responses' created and in_progress, Anthropic's message_start and
+        pings) and the first one after them are read now: a failure among them (`check`
+        raises it) is one before the first byte of the answer, retried and failed over like
+        an HTTP error."""
         events = self.events(response)
+        read: list[Any] = []
         try:
-            first = await anext(events)
-            check(first)
+            while True:
+                event = await anext(events, None)
+                if event is None:
+                    raise ProviderError("the upstream's stream ended before it began")
+                self._checked(check, event)
+                read.append(event)
+                if not state.opening(event):
+                    break
         except BaseException:
             await events.aclose()
             response.release()
             raise
-        return DeltaStream(response, self._translate(response, events, first, check, state))
+        deltas = self._translate(response, events, read, check, state)
+        return DeltaStream(response, deltas, events)
+
+    @staticmethod
+    def _checked(check: Callable[[Any], None], event: Any) -> None:
+        try:
+            check(event)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise _unreadable(exc) from None
 
     async def _translate(
         self,
         response: Response,
         events: AsyncGenerator[Any, None],
-        event: Any,
+        read: list[Any],
         check: Callable[[Any], None],
         state: EventState,
     ) -> AsyncGenerator[Delta, None]:
         try:
             async with aclosing(events):
-                while True:
-                    check(event)
+                for event in read:  # checked already
                     for delta in state.feed(event):
                         yield delta
-                    if state.finished:
-                        break
+                while not state.finished:
                     event = await anext(events, None)
                     if event is None:
                         raise ProviderError("the upstream closed the stream before it finished")
+                    check(event)
+                    for delta in state.feed(event):
+                        yield delta
+                # Only the body's end is to come: the connection waits for it, then goes
+                # back to the pool (before `events` is closed, which would close it).
+                response.release(end_expected=True)
             for delta in state.closing():
                 yield delta
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             # An event of the wrong shape is the upstream's failure, and must reach the
             # engine as one.
-            raise ProviderError(
-                f"the upstream sent an event Relay could not read ({type(exc).__name__})"
-            ) from None
+            raise _unreadable(exc) from None
         finally:
-            response.release(end_expected=state.finished)
+            response.release()
 
     async def events(
         self, response: Response, decoder: SSEDecoder | None = None
@@ -267,6 +290,10 @@ class Upstream:
             response.release(end_expected=decoder.done)
 
 
+def _unreadable(exc: Exception) -> ProviderError:
+    return ProviderError(f"the upstream sent an event Relay could not read ({type(exc).__name__})")
+
+
 class DeltaStream(AsyncIterator[Delta]):
     """The delta generator, plus an `aclose` that releases the connection even if never started.
 
@@ -274,9 +301,15 @@ class DeltaStream(AsyncIterator[Delta]):
     connection when the engine is cancelled between `open()` and the first delta.
     """
 
-    def __init__(self, response: Response, deltas: AsyncGenerator[Delta, None]) -> None:
+    def __init__(
+        self,
+        response: Response,
+        deltas: AsyncGenerator[Delta, None],
+        events: AsyncGenerator[Any, None] | None = None,
+    ) -> None:
         self._response = response
         self._deltas = deltas
+        self._events = events  # the events `deltas` reads, started before it was
 
     def __aiter__(self) -> DeltaStream:
         return self
@@ -287,6 +320,8 @@ class DeltaStream(AsyncIterator[Delta]):
     async def aclose(self) -> None:
         try:
             await self._deltas.aclose()
+            if self._events is not None:
+                await self._events.aclose()
         finally:
             self._response.release()
 
