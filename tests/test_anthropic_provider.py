@@ -509,3 +509,36 @@ def test_a_refused_key_never_reaches_the_client(
     assert answer.json()["error"]["code"] == "upstream_auth_failed"
     assert WRONG_KEY not in answer.text and WRONG_KEY[:12] not in answer.text
     assert all(WRONG_KEY not in record.getMessage() for record in caplog.records)
+
+
+def test_a_thinking_tool_loop_on_a_websocket(claude_url: str) -> None:
+    """WebSocket mode with store: false: the socket keeps the chain, thinking included."""
+    from test_websocket import completed, socket_url, turn
+    from websockets.sync.client import connect
+
+    with connect(socket_url(claude_url)) as socket:
+        first = completed(
+            turn(
+                socket,
+                model="claude-thinking",
+                input="weather in Quito?",
+                tools=[WEATHER],
+                reasoning={"effort": "low"},
+                store=False,
+            )
+        )
+        call = first["output"][-1]
+        assert [item["type"] for item in first["output"]] == ["reasoning", "function_call"]
+        answer = {"type": "function_call_output", "call_id": call["call_id"], "output": "ok"}
+        second = completed(
+            turn(
+                socket,
+                model="claude-thinking",
+                previous_response_id=first["id"],
+                input=[answer],
+                tools=[WEATHER],
+                reasoning={"effort": "low"},
+                store=False,
+            )
+        )
+    assert second["output_text"] == "The tool said: ok"
