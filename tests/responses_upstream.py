@@ -34,6 +34,8 @@ Models (scripts):
   slow_stream     SLOW_WORDS words, one every SLOW_INTERVAL_S; how each such stream ended
                   (finished, or cut by the client after N words) is kept in `slow_streams`
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
+  compliance      "tools" when the request offers function tools, else "echo": what the official
+                  Open Responses compliance suite needs from one model (docs/compliance.md)
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ MODELS = [
     "error_event",
     "slow_headers",
     "slow_stream",
+    "compliance",
 ]
 SLOW_WORDS = 20
 SLOW_INTERVAL_S = 0.05
@@ -321,6 +324,8 @@ class _Run:
         self.emit("response.created", response=self.snapshot())
         self.emit("response.in_progress", response=self.snapshot())
         model, words = self.model, _last_user_words(self.body)
+        if model == "compliance":  # the official compliance suite: a call when tools are offered
+            model = "tools" if _function_tool(self.body) else "echo"
         if model == "error_event":
             self.log.append(
                 {
@@ -569,6 +574,10 @@ def _web_search_tool(body: dict[str, Any]) -> bool:
         isinstance(t, dict) and t.get("type") in ("web_search", "web_search_preview")
         for t in body.get("tools") or []
     )
+
+
+def _function_tool(body: dict[str, Any]) -> bool:
+    return any(isinstance(t, dict) and t.get("type") == "function" for t in body.get("tools") or [])
 
 
 def _tool_name(body: dict[str, Any]) -> str:
