@@ -117,6 +117,14 @@ def test_each_turn_goes_whole_with_store_false(
     assert sdk.responses.retrieve(second.id).output_text == "gamma"
 
 
+def test_sampling_fields_go_upstream(sdk: openai.OpenAI, upstream: ResponsesUpstream) -> None:
+    sdk.responses.create(
+        model="rsp-echo", input="hi", temperature=0.3, extra_body={"top_k": 5, "seed": 7}
+    )
+    sent = upstream.last
+    assert (sent["temperature"], sent["top_k"], sent["seed"]) == (0.3, 5, 7)
+
+
 def test_stream_is_resequenced_and_valid(http: httpx.Client) -> None:
     events = sse_events(http, {"model": "rsp-echo", "input": "one two three"})
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == (

@@ -469,11 +469,8 @@ class Engine:
         routes = self.registry.candidates(request.model, request.models)
         check_request(request)
         prefs = routing.preferences(request)
-        upstream_runs = frozenset(
-            kind for deployment in routes[0].deployments for kind in deployment.hosted_tools
-        )
         tools = plan_tools(
-            request, omit_hosted=self.hosted_tools == "omit", upstream_runs=upstream_runs
+            request, omit_hosted=self.hosted_tools == "omit", upstream_runs=routes[0].hosted_tools
         )
         choices = routing.choices(routes, request, prefs, tools.hosted)
         effort, summary = reasoning_settings(request)

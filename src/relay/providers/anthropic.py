@@ -356,7 +356,8 @@ def _messages(request: ProviderRequest) -> tuple[list[str], list[dict[str, Any]]
         system, messages = _extend(translated, request.items, request)
     else:
         system, messages = _extend(_EMPTY, request.items, request)
-    return list(system), [dict(message, content=list(message["content"])) for message in messages]
+    # The messages are shared with the stored chain's translation: never changed in place.
+    return list(system), list(messages)
 
 
 _Translated = tuple[tuple[str, ...], tuple[dict[str, Any], ...]]
@@ -543,5 +544,7 @@ def _cache_breakpoints(body: dict[str, Any]) -> None:
         body["system"][-1] = {**body["system"][-1], "cache_control": ephemeral}
     messages = body["messages"]
     if messages and messages[-1]["content"]:
-        last = messages[-1]["content"]
-        last[-1] = {**last[-1], "cache_control": ephemeral}
+        # A new last message (the translation it came from is kept with the chain).
+        *before, last = messages[-1]["content"]
+        content = [*before, {**last, "cache_control": ephemeral}]
+        messages[-1] = {**messages[-1], "content": content}

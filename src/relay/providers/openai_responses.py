@@ -42,9 +42,13 @@ from relay.providers.tool_names import wire_name
 from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 
 KIND = "openai_responses"
+# Request fields sent as they are (an upstream that does not know one, top_k or seed at
+# OpenAI, refuses it: a 400 the client sees, never a field dropped on the way).
 _PASSTHROUGH = (
     "temperature",
     "top_p",
+    "top_k",
+    "seed",
     "presence_penalty",
     "frequency_penalty",
     "top_logprobs",
@@ -102,9 +106,7 @@ class OpenAIResponsesProvider:
             include.append("message.output_text.logprobs")
         body: dict[str, Any] = {
             "model": request.upstream_model,
-            "input": [
-                item for item in map(self._item(request), request.context()) if item is not None
-            ],
+            "input": self._input(request),
             "store": False,
             "stream": True,
             "include": include,
@@ -131,6 +133,19 @@ class OpenAIResponsesProvider:
         if req.text is not None:
             body["text"] = req.text.model_dump(mode="json", by_alias=True, exclude_none=True)
         return body
+
+    def _input(self, request: ProviderRequest) -> list[dict[str, Any]]:
+        """The whole context as this upstream takes it back. A stored chain's part is
+        translated once and kept with the chain (per deployment: what reasoning goes back
+        depends on it), so a long conversation costs each turn its new items."""
+        translate = self._item(request)
+
+        def extend(done: tuple[Any, ...], items: list[dict[str, Any]]) -> tuple[Any, ...]:
+            return (*done, *(out for out in map(translate, items) if out is not None))
+
+        history = request.history
+        before = () if history is None else history.derive(f"{KIND}:{self._name}", extend, ())
+        return [*before, *extend((), request.items)]
 
     def _item(self, request: ProviderRequest) -> Any:
         origin = self._name

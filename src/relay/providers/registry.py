@@ -61,30 +61,29 @@ class Route:
     model: str
     deployments: tuple[Deployment, ...]
     config: RouteConfig
+    # The hosted tool types some deployment of the route runs itself.
+    hosted_tools: frozenset[str] = frozenset()
 
 
 class Registry:
     def __init__(
         self, routes: list[RouteConfig], *, cooldown_failures: int = 3, cooldown_s: float = 30.0
     ) -> None:
-        self._routes = {
-            config.model: Route(
-                model=config.model,
-                deployments=tuple(
-                    Deployment(
-                        route=config.model,
-                        name=deployment.label,
-                        upstream_model=deployment.upstream_model or config.model,
-                        provider=build_provider(deployment),
-                        config=deployment,
-                        health=Health(cooldown_failures, cooldown_s),
-                    )
-                    for deployment in config.deployments
-                ),
-                config=config,
+        self._routes: dict[str, Route] = {}
+        for config in routes:
+            deployments = tuple(
+                Deployment(
+                    route=config.model,
+                    name=deployment.label,
+                    upstream_model=deployment.upstream_model or config.model,
+                    provider=build_provider(deployment),
+                    config=deployment,
+                    health=Health(cooldown_failures, cooldown_s),
+                )
+                for deployment in config.deployments
             )
-            for config in routes
-        }
+            runs = frozenset().union(*(deployment.hosted_tools for deployment in deployments))
+            self._routes[config.model] = Route(config.model, deployments, config, runs)
 
     def names(self) -> list[str]:
         return list(self._routes)
