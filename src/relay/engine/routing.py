@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,8 +26,9 @@ from relay.providers.registry import Deployment, Route
 
 log = logging.getLogger("relay.routing")
 T = TypeVar("T")
-# Fields of a request that only deployments which forward them can honour.
-FORWARDED = ("provider", "plugins", "modalities", "image_config")
+# Fields of a request that only deployments which forward them can honour (`provider`, which
+# such a deployment may forward too, is honoured by the router whatever the deployment).
+FORWARDED = ("plugins", "modalities", "image_config")
 
 
 class MaxPrice(BaseModel):
@@ -93,9 +94,9 @@ def preferences(request: CreateResponse) -> Preferences:
 
 
 def _used_fields(request: CreateResponse) -> list[str]:
+    """The fields of FORWARDED the request uses (`provider` is the router's own)."""
     wants_image = request.modalities is not None and "image" in request.modalities
     used = {
-        "provider": False,  # Relay's router honours it; forwarded where a deployment asks
         "plugins": bool(request.plugins),
         "modalities": wants_image,
         "image_config": bool(request.image_config),
@@ -134,7 +135,7 @@ def eligible(
     route: Route,
     request: CreateResponse,
     prefs: Preferences,
-    hosted: Sequence[dict[str, Any]] = (),
+    hosted: list[dict[str, Any]],
 ) -> list[Deployment]:
     """The route's deployments that can honour the request and its preferences; a 400 when
     none can, naming what ruled the last ones out."""
