@@ -16,11 +16,15 @@ context manager. Models (scripts):
   json_body       a plain JSON completion although a stream was asked for
   no_done         a complete stream without the final `data: [DONE]`
   truncated       text, then a clean end of stream with no finish_reason and no [DONE]
+  done_unfinished text, then `[DONE]` with no finish_reason
+  role_only       the role chunk, then `[DONE]`: nothing else (llama-cpp-python's server does
+                  this to requests it cannot take while busy)
+  error_first     a 200 whose first chunk is `{"error": ...}`
   split           CRLF framing, comments, and the bytes sent in 7-byte pieces
   slow_headers    waits 1 s before answering (for client timeouts)
   drop_mid_stream some chunks, then the connection is cut
   error_chunk     some text, then `data: {"error": {...}}`; error_chunk_429 with code 429
-  malformed       a chunk whose `choices` holds a string
+  malformed       some text, then a chunk whose `choices` holds a string
   rogue_tool      a call to `not_offered`, whatever tools were sent
   small_context   echo, but a context-length error past SMALL_CONTEXT messages
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
@@ -73,6 +77,9 @@ MODELS = [
     "json_body",
     "no_done",
     "truncated",
+    "done_unfinished",
+    "role_only",
+    "error_first",
     "split",
     "slow_headers",
     "drop_mid_stream",
@@ -376,8 +383,9 @@ async def _stream(model: str, body: dict[str, Any], answer: dict[str, Any]) -> A
             yield frame
         await asyncio.sleep(0.05)  # let the client read what was sent before the cut
         raise _Dropped("scripted connection drop")
-    if model in ("error_chunk", "error_chunk_429"):
-        yield frames[0]
+    if model in ("error_chunk", "error_chunk_429", "error_first"):
+        for frame in frames[: 1 if model == "error_first" else 2]:  # the role (, some text)
+            yield frame
         error: dict[str, Any] = {
             "message": "The server had an error while processing your request.",
             "type": "server_error",
@@ -395,16 +403,19 @@ async def _stream(model: str, body: dict[str, Any], answer: dict[str, Any]) -> A
         del frames[:2]
     if model == "malformed":
         yield frames[0]
+        yield frames[1]
         yield event({"object": "chat.completion.chunk", "choices": ["not an object"]})
         return
-    if model != "truncated":
+    if model == "role_only":
+        del frames[1:]
+    if model not in ("truncated", "done_unfinished", "role_only"):
         frames.append(event(_chunk(model, [_choice({}, None, answer["finish"])], body)))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage_chunk = _chunk(model, [], body)
             usage_chunk["usage"] = _usage(body, answer)
             frames.append(event(usage_chunk))
-        if model != "no_done":
-            frames.append(event("[DONE]"))
+    if model not in ("no_done", "truncated"):
+        frames.append(event("[DONE]"))
     if model == "split":
         data = b"".join(frames)
         for start in range(0, len(data), 7):

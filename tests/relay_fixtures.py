@@ -27,6 +27,7 @@ FAKE_SCRIPTS = [
     "slow",
     "length",
     "json",
+    "unmetered",
 ]
 
 

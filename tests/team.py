@@ -28,9 +28,12 @@ PRICE = Price(input=1000, output=2000)
 def team_routes() -> list[RouteConfig]:
     routes = fake_routes()
     routes.append(RouteConfig(model="priced", provider="fake", upstream_model="text", price=PRICE))
-    routes.append(
-        RouteConfig(model="priced-slow", provider="fake", upstream_model="slow", price=PRICE)
-    )
+    for script in ("slow", "unmetered"):
+        routes.append(
+            RouteConfig(
+                model=f"priced-{script}", provider="fake", upstream_model=script, price=PRICE
+            )
+        )
     # Two deployments at two prices: usage and cost are each deployment's own.
     deployments = [
         {"name": "dear", "provider": "fake", "upstream_model": "text", "price": PRICE},

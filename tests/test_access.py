@@ -174,6 +174,7 @@ def test_the_cli_runs_a_team_end_to_end(tmp_path: Path) -> None:
             "cached_tokens": 0,
             "output_tokens": 3,
             "cost_usd": 0.007,
+            "estimated_requests": 0,
         }
     ]
     actions = [entry["action"] for entry in run("audit")["data"]]  # type: ignore[index]

@@ -40,6 +40,8 @@ def backend_routes(chat_upstream: ChatUpstream) -> list[RouteConfig]:
         route("up-timeout-mid", "stall", timeout_s=0.5),
         route("up-echo-replay", "echo", replay_reasoning=True),
         route("up-flaky", "http_500", fallbacks=["up-echo"]),
+        route("up-role-only-then-echo", "role_only", fallbacks=["up-echo"]),
+        route("up-error-first-then-echo", "error_first", fallbacks=["up-echo"]),
     ]
 
 
@@ -449,6 +451,47 @@ def test_upstream_failure_mid_stream_is_reported_and_stored(up: httpx.Client, mo
     stored = up.get(f"/v1/responses/{folded['id']}").json()
     assert stored == folded
     assert_valid_response(stored)
+
+
+@pytest.mark.parametrize("model", ["up-done_unfinished", "up-truncated"])
+def test_a_stream_cut_short_after_some_text_fails_saying_so(up: httpx.Client, model: str) -> None:
+    """No finish_reason (with or without [DONE]): the answer is not whole, whatever the body's
+    end looked like; the text that came is kept, marked incomplete."""
+    events = sse_events(up, {"model": model, "input": "some words here"})
+    folded = check_stream(events)
+    assert folded["status"] == "failed"
+    assert folded["error"]["code"] == events[-2]["code"] == "upstream_truncated"
+    assert folded["output"][0]["status"] == "incomplete"
+    assert folded["output_text"] == "some words here"
+    answer = up.post("/v1/responses", json={"model": model, "input": "more words"}).json()
+    assert (answer["status"], answer["error"]["code"]) == ("failed", "upstream_truncated")
+
+
+@pytest.mark.parametrize("script", ["role_only", "error_first"])
+def test_a_stream_that_fails_before_any_answer_is_retried_and_failed_over(
+    up: httpx.Client, chat_upstream: ChatUpstream, script: str
+) -> None:
+    """A 200 whose stream ends after the role chunk, or whose first chunk is an error, is a
+    failure before the first byte: retried (the route's 1 retry), then the fallback serves."""
+    fallback = "up-role-only-then-echo" if script == "role_only" else "up-error-first-then-echo"
+    chat_upstream.requests.clear()
+    answer = up.post("/v1/responses", json={"model": fallback, "input": "saved words"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["status"], body["model"], body["output_text"]) == (
+        "completed",
+        "up-echo",
+        "saved words",
+    )
+    assert [sent["model"] for sent in chat_upstream.requests] == [script, script, "echo"]
+    alone = up.post("/v1/responses", json={"model": f"up-{script}", "input": "x"})
+    assert alone.status_code == 502, alone.text
+    if script == "role_only":
+        assert alone.json()["error"]["code"] == "upstream_truncated"
+    streamed = up.post(
+        "/v1/responses", json={"model": f"up-{script}", "input": "x", "stream": True}
+    )
+    assert streamed.status_code == 502 and streamed.json()["error"]["message"]
 
 
 def test_official_client_against_a_chat_backend(backend_url: str) -> None:

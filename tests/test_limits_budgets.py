@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import openai
 import orjson
 import pytest
 from relay_fixtures import sdk_client, sse_events
-from team import AdminClient, ask, client
+from team import PRICE, AdminClient, ask, client
 
 
 def test_requests_per_minute_per_key(team_url: str, admin: AdminClient) -> None:
@@ -109,6 +110,7 @@ def test_a_daily_budget_is_checked_before_the_upstream(team_url: str, admin: Adm
             "cached_tokens": 0,
             "output_tokens": 9,
             "cost_usd": 0.021,
+            "estimated_requests": 0,
         }
     ]
     # Raising the budget lets it through again.
@@ -161,6 +163,93 @@ def test_usage_is_recorded_for_every_outcome(team_url: str, admin: AdminClient) 
     }
     by_project = admin.call("GET", "/usage", group_by="project", project_id=project)["data"]
     assert by_project[0]["requests"] == 4 and by_project[0]["cost_usd"] == 0.007
+
+
+def project_usage(admin: AdminClient, project: str, requests: int = 1) -> dict[str, Any]:
+    """The project's usage row, once its `requests` responses are in the ledger."""
+    deadline = time.monotonic() + 5
+    while True:
+        rows = admin.call("GET", "/usage", group_by="project", project_id=project)["data"]
+        if (rows and rows[0]["requests"] >= requests) or time.monotonic() > deadline:
+            assert rows and rows[0]["requests"] == requests, rows
+            row: dict[str, Any] = rows[0]
+            return row
+        time.sleep(0.05)
+
+
+def cost_usd(input_tokens: int, output_tokens: int) -> float:
+    return (input_tokens * PRICE.input + output_tokens * PRICE.output) / 1e6
+
+
+def test_a_client_that_leaves_early_pays_for_what_it_was_sent(
+    team_url: str, admin: AdminClient
+) -> None:
+    """A stream cut by its client after two deltas is charged for its input and the words
+    generated, counted by Relay (the upstream's usage never came), and stored with them."""
+    project = admin.project()
+    _, value = admin.key(project)
+    body = {"model": "priced-slow", "input": "x", "stream": True}
+    with client(team_url, value) as http:
+        with http.stream("POST", "/v1/responses", json=body) as answer:
+            deltas, response_id = 0, ""
+            for line in answer.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = orjson.loads(line[6:])
+                response_id = response_id or event["response"]["id"]
+                deltas += event["type"] == "response.output_text.delta"
+                if deltas == 2:
+                    break
+        row = project_usage(admin, project)
+        stored = http.get(f"/v1/responses/{response_id}").json()
+    assert stored["status"] == "cancelled"
+    assert 2 <= stored["usage"]["output_tokens"] <= 3  # a word may have come as it left
+    assert stored["usage"]["input_tokens"] == 1
+    output = stored["usage"]["output_tokens"]
+    assert (row["input_tokens"], row["output_tokens"]) == (1, output)
+    assert row["cost_usd"] == pytest.approx(cost_usd(1, output))
+    assert row["estimated_requests"] == 1
+
+
+def test_a_cancelled_background_run_pays_for_what_it_generated(
+    team_url: str, admin: AdminClient
+) -> None:
+    project = admin.project()
+    _, value = admin.key(project)
+    body = {"model": "priced-slow", "input": "x", "stream": True, "background": True}
+    with client(team_url, value) as http:
+        with http.stream("POST", "/v1/responses", json=body) as answer:
+            deltas, response_id = 0, ""
+            for line in answer.iter_lines():
+                if line.startswith("data: "):
+                    event = orjson.loads(line[6:])
+                    response_id = response_id or event["response"]["id"]
+                    deltas += event["type"] == "response.output_text.delta"
+                    if deltas == 3:
+                        break
+        cancelled = http.post(f"/v1/responses/{response_id}/cancel").json()
+        row = project_usage(admin, project)
+    assert cancelled["status"] == "cancelled"
+    output = cancelled["usage"]["output_tokens"]
+    assert 3 <= output < 10
+    assert (row["input_tokens"], row["output_tokens"]) == (1, output)
+    assert row["cost_usd"] == pytest.approx(cost_usd(1, output)) and row["cost_usd"] > 0
+
+
+def test_an_upstream_that_reports_no_usage_is_counted(team_url: str, admin: AdminClient) -> None:
+    """Usage 0/0 would make every answer free and limits blind: Relay counts it instead
+    (the fake's measure: words), and the ledger says the row was counted."""
+    project = admin.project()
+    _, value = admin.key(project)
+    with client(team_url, value) as http:
+        answer = ask(http, model="priced-unmetered").json()
+        metered = ask(http, model="priced").json()
+        row = project_usage(admin, project, requests=2)
+    assert answer["output_text"] == metered["output_text"] == "You said: hello"
+    assert answer["usage"] == metered["usage"]  # counted exactly as the upstream would have
+    assert answer["usage"]["output_tokens"] == 3 and answer["usage"]["total_tokens"] == 4
+    assert row["estimated_requests"] == 1
+    assert row["cost_usd"] == pytest.approx(2 * cost_usd(1, 3))
 
 
 def test_usage_and_cost_by_deployment(team_url: str, admin: AdminClient) -> None:

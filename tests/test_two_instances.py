@@ -271,6 +271,17 @@ def test_a_credit_spent_on_one_instance_is_refused_on_the_other(pair: Pair) -> N
     assert len(pair.upstream.requests) == calls + 4
 
 
+def test_a_credit_holds_when_sequential_requests_alternate_instances(pair: Pair) -> None:
+    """Each answer's spend is written before the answer ends, so the next request, on the
+    other instance, is admitted against it: a credit good for 5 answers admits 5."""
+    project = new_project(pair.a.url, credit_usd=0.03)  # 5 answers of $0.006
+    key, _ = new_key(pair.a.url, project)
+    codes = [
+        respond(pair.urls[number % 2], key, "one two three").status_code for number in range(10)
+    ]
+    assert codes == [200] * 5 + [402] * 5
+
+
 # Idempotency-Key -----------------------------------------------------------------------------
 
 

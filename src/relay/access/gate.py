@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from starlette.requests import HTTPConnection
 from relay.access.idempotency import Idempotency
 from relay.access.keys import CONFIG_PROJECT, KeyRecord, KeyStore, digest
 from relay.access.limits import Admission, RateLimiter, Scope
-from relay.access.policy import NO_POLICY, Served
+from relay.access.policy import NO_POLICY, Served, Settle
 from relay.access.usage import Ledger, UsageRow, periods
 from relay.config import Settings
 from relay.eager import Suspended, until_suspended
@@ -93,11 +93,15 @@ class Accounting:
     def headers(self) -> dict[str, str]:
         return self.admission.headers if self.admission is not None else {}
 
-    def settle(self, response: dict[str, Any], served: Served | None = None) -> None:
-        """Called by the run once its outcome is final (stored, if it is stored), with the
-        deployment that answered (None: nothing was generated)."""
+    def settle(
+        self, response: dict[str, Any], served: Served | None = None
+    ) -> Awaitable[None] | None:
+        """Called by the run once its outcome is final, with the deployment that answered
+        (None: nothing was generated). Under a budget: the write of its spend, which the run
+        awaits before its terminal event, so that the client's next request, on whichever
+        instance, is admitted against it."""
         if self.done:
-            return
+            return None
         self.done = True
         usage = response.get("usage") or {}
         input_tokens = int(usage.get("input_tokens") or 0)
@@ -106,7 +110,7 @@ class Accounting:
         route = str(response.get("model") or self.model)
         price = served.price if served is not None else None
         now = time.time()
-        self.access.ledger.add(
+        written = self.access.ledger.add(
             UsageRow(
                 created_at=int(now),
                 day=periods(now)[0].removeprefix("day:"),
@@ -124,10 +128,13 @@ class Accounting:
                 if price is None
                 else price.cost_nanos(input_tokens, cached, output_tokens),
                 latency_ms=round((time.monotonic() - self.started) * 1000),
-            )
+                estimated=served is not None and served.estimated,
+            ),
+            now=any(scope.policy.has_budget for scope in self.principal.scopes),
         )
         if self.admission is not None:
             self._free(self.admission, input_tokens + output_tokens)
+        return written
 
     def abandon(self) -> None:
         """The response never started (refused, or the upstream failed before its first
@@ -175,9 +182,7 @@ class Access:
         await self.ledger.flush()
         await self.limiter.aclose()
 
-    def accounting_for(
-        self, project: str, key_id: str | None, model: str
-    ) -> Callable[[dict[str, Any], Served | None], None]:
+    def accounting_for(self, project: str, key_id: str | None, model: str) -> Settle:
         """The books of a run admitted elsewhere (a background run from the job queue):
         its usage row, without the limits, which the admitting instance applied."""
         key = KeyRecord(key_id or "", project, frozenset([project]), None, NO_POLICY)

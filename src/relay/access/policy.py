@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import orjson
@@ -81,7 +82,15 @@ class Price(BaseModel):
 
 
 class Served(NamedTuple):
-    """Who answered a response: the deployment's name and price (relay.engine.routing)."""
+    """Who answered a response: the deployment's name and price (relay.engine.routing), and
+    whether its usage was counted by Relay because the upstream reported none."""
 
     deployment: str
     price: Price | None
+    estimated: bool = False
+
+
+# Told a settled response once, whatever the outcome (usage, limits: relay.access), with the
+# deployment that answered; what it returns (when not None) is awaited before the response's
+# terminal event goes out: a budget's spend, written where every instance sees it.
+Settle = Callable[[dict[str, Any], Served | None], Awaitable[None] | None]

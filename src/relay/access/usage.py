@@ -11,6 +11,7 @@ reads those counters (one indexed query) plus what this process has queued but n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -57,6 +58,7 @@ class UsageRow(NamedTuple):
     output_tokens: int
     cost_nanos: int
     latency_ms: int
+    estimated: bool  # tokens counted by Relay: the upstream reported none
 
 
 def periods(now: float) -> tuple[str, str, str]:
@@ -94,14 +96,25 @@ class Ledger:
         self._queue: list[UsageRow] = []
         self._pending: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self._writer: asyncio.Task[None] | None = None
+        self._waiting: list[asyncio.Future[None]] = []  # for the rows queued `now`
+        self._hurry = asyncio.Event()  # a row queued `now`: no wait for the batch
 
-    def add(self, row: UsageRow) -> None:
+    def add(self, row: UsageRow, *, now: bool = False) -> asyncio.Future[None] | None:
+        """Queue `row`. `now`: write it without waiting for others to join its batch, and
+        return what is done once it is written (or its write failed, which is logged): for
+        rows that count against a budget, which other instances read from the database."""
         self._queue.append(row)
         if row.cost_nanos:
             for key in _spend_keys(row):
                 self._pending[key] += row.cost_nanos
+        written = None
+        if now:
+            written = asyncio.get_running_loop().create_future()
+            self._waiting.append(written)
+            self._hurry.set()
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write_all())
+        return written
 
     async def flush(self) -> None:
         """Until everything added so far is written."""
@@ -126,13 +139,20 @@ class Ledger:
     async def _write_all(self) -> None:
         try:
             while self._queue:
-                await asyncio.sleep(FLUSH_S)
+                if not self._hurry.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), FLUSH_S)
+                self._hurry.clear()
                 batch, self._queue = self._queue, []
+                waiting, self._waiting = self._waiting, []
                 try:
                     await self.db.write(partial(self._write, batch=batch))
                 except Exception:
                     log.exception("could not write %d usage rows", len(batch))
                 finally:
+                    for future in waiting:
+                        if not future.done():
+                            future.set_result(None)
                     for row in batch:
                         for key in _spend_keys(row) if row.cost_nanos else ():
                             self._pending[key] -= row.cost_nanos
@@ -213,6 +233,7 @@ class Ledger:
                 func.sum(usage_ledger.c.cached_tokens).label("cached_tokens"),
                 func.sum(usage_ledger.c.output_tokens).label("output_tokens"),
                 func.sum(usage_ledger.c.cost_nanos).label("cost_nanos"),
+                func.count().filter(usage_ledger.c.estimated).label("estimated"),
             )
             .where(*where)
             .group_by(*[_COLUMNS[name] for name in group_by])
@@ -226,6 +247,8 @@ class Ledger:
             for name in ("input_tokens", "cached_tokens", "output_tokens"):
                 entry[name] = int(row[name] or 0)
             entry["cost_usd"] = usd(int(row["cost_nanos"] or 0))
+            # Of `requests`, those whose tokens Relay counted (the upstream reported none).
+            entry["estimated_requests"] = int(row["estimated"] or 0)
             report.append(entry)
         return report
 

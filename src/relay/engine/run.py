@@ -15,13 +15,13 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
-from relay.access.policy import Served
+from relay.access.policy import Served, Settle
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
-from relay.engine import compaction, conversation, reasoning, routing
+from relay.engine import compaction, conversation, counting, reasoning, routing
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, plan_tools, reasoning_settings
 from relay.engine.context import (
@@ -37,8 +37,16 @@ from relay.engine.response import new_response
 from relay.errors import InvalidRequest, RateLimited, RelayError, RequestTimeout, UpstreamError
 from relay.ids import new_id
 from relay.protocol import CreateResponse
-from relay.providers.base import Delta, FinishDelta, History, ProviderError, TokenCount
+from relay.providers.base import (
+    Delta,
+    FinishDelta,
+    History,
+    ProviderError,
+    ProviderRequest,
+    TokenCount,
+)
 from relay.providers.registry import Deployment, Registry
+from relay.providers.upstream import TRUNCATED
 from relay.sealing import Sealer
 from relay.storage.base import Store
 from relay.storage.conversations import ConversationStore
@@ -60,6 +68,16 @@ def provider_error_to_http(error: ProviderError) -> RelayError:
     return UpstreamError(error.message, status=error.status, code=error.code, headers=headers)
 
 
+class Opened(NamedTuple):
+    """A deployment's answer to a request, once it began: what it was sent, its deltas, and
+    when it was asked (its throughput counts from there: streams whose opening events are
+    read before the answer is the client's have their first delta by then)."""
+
+    request: ProviderRequest
+    deltas: AsyncIterator[Delta]
+    asked_at: float
+
+
 @dataclass(slots=True)
 class Run:
     """One response being generated. Iterate `events()` exactly once."""
@@ -76,11 +94,11 @@ class Run:
     history_stored: bool = True
     trace: dict[str, Any] | None = None
     omitted_tools: tuple[str, ...] = ()  # hosted tool types left out (hosted_tools = "omit")
-    # The deployment that answered (None: nothing was generated).
+    # The deployment that answered and what it was sent (None: nothing was generated).
     deployment: Deployment | None = None
-    # Told the settled response once, whatever the outcome (usage, limits: relay.access),
-    # with the deployment that answered.
-    on_settled: Callable[[dict[str, Any], Served | None], None] | None = None
+    sent: ProviderRequest | None = None
+    asked_at: float = 0.0
+    on_settled: Settle | None = None
     # A stored stream's record of its start (relay.runs), written beside the first steps:
     # the final save waits for it, then says it is done.
     recorded: asyncio.Future[None] | None = None
@@ -121,19 +139,14 @@ class Run:
         try:
             yield builder.start()
             try:
-                started = time.monotonic()
                 async for delta in self.deltas:
                     batch = builder.feed(delta)
                     if batch:
                         yield batch
                 closing = builder.finish()
-                self._measure(time.monotonic() - started)
+                self._measure(time.monotonic() - self.asked_at)
             except ProviderError as error:
-                log.warning("upstream failed mid-stream: %s", error.message)
-                code = {429: "rate_limit_exceeded", 408: "request_timeout"}.get(
-                    error.status, "server_error"
-                )
-                closing = builder.fail(code, error.message)
+                closing = builder.fail(self._mid_stream_failure(error), error.message)
             except ToolPolicyViolation as error:
                 closing = builder.fail("invalid_tool_call", str(error))
             except Exception:
@@ -154,6 +167,18 @@ class Run:
         finally:
             await _close(self.deltas)
 
+    def _mid_stream_failure(self, error: ProviderError) -> str:
+        """The error code of a failure after the stream began; the deployment's health
+        hears of it like one before."""
+        log.warning("upstream failed mid-stream: %s", error.message)
+        if error.retryable and self.deployment is not None:
+            self.deployment.health.failed()
+        if error.code == TRUNCATED:
+            return TRUNCATED
+        return {429: "rate_limit_exceeded", 408: "request_timeout"}.get(
+            error.status, "server_error"
+        )
+
     def _measure(self, seconds: float) -> None:
         """The deployment's throughput, for provider.sort "throughput" (not of an answer that
         came whole: its tokens arrived at once)."""
@@ -173,14 +198,22 @@ class Run:
         self._finished = True
         response = self.response
         deployment = self.deployment
+        counted = False
+        if deployment is not None and self.sent is not None:
+            counted = await counting.complete_usage(deployment.provider, self.sent, response)
+        charged = None
         if self.on_settled is not None:
-            served = Served(deployment.name, deployment.config.price) if deployment else None
-            self.on_settled(response, served)
+            served = (
+                Served(deployment.name, deployment.config.price, counted) if deployment else None
+            )
+            charged = self.on_settled(response, served)
         # One task of the engine's for all of it, awaited shielded: a client leaving now
         # must neither roll back a finished response nor leave its conversation held.
         stored = True
         if response["store"] or self.turn is not None:
             stored = await asyncio.shield(self.engine.track(self._store(response)))
+        if charged is not None:
+            await asyncio.shield(charged)
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -309,7 +342,7 @@ class Engine:
         continuing: History | None = None,
         continuing_is_stored: bool = True,
         generate: bool = True,
-        on_settled: Callable[[dict[str, Any], Served | None], None] | None = None,
+        on_settled: Settle | None = None,
         response_id: str | None = None,
         created_at: int | None = None,
     ) -> Run:
@@ -326,13 +359,14 @@ class Engine:
                 request, tenant, turn.history if turn is not None else continuing
             )
             deployment: Deployment | None = None
+            opened: Opened | None = None
             if generate:
-                deployment, deltas = await self._open(
+                deployment, opened = await self._open(
                     prepared, truncate=request.truncation == "auto"
                 )
                 model = deployment.route
             else:
-                model, deltas = prepared.route.model, _nothing_generated()
+                model = prepared.route.model
         except BaseException:
             if turn is not None:
                 await turn.abandon()
@@ -374,12 +408,14 @@ class Engine:
             tenant,
             builder,
             items,
-            deltas,
+            _nothing_generated() if opened is None else opened.deltas,
             history=history,
             history_stored=continuing is None or continuing_is_stored,
             trace=request.trace,
             omitted_tools=tools.omitted,
             deployment=deployment,
+            sent=None if opened is None else opened.request,
+            asked_at=0.0 if opened is None else opened.asked_at,
             on_settled=on_settled,
             turn=turn,
         )
@@ -417,7 +453,7 @@ class Engine:
         request: CreateResponse,
         *,
         tenant: str,
-        on_settled: Callable[[dict[str, Any], Served | None], None] | None = None,
+        on_settled: Settle | None = None,
     ) -> dict[str, Any]:
         """POST /responses/compact: the context (input and/or previous_response_id) made into
         a shorter window by the route's model (see `relay.engine.compaction`)."""
@@ -516,7 +552,7 @@ class Engine:
 
     async def _open(
         self, prepared: Prepared, *, truncate: bool
-    ) -> tuple[Deployment, AsyncIterator[Delta]]:
+    ) -> tuple[Deployment, Opened]:
         """Open the first deployment that accepts the request (routing.ordered, each with its
         retries), route after route; move on only for retryable failures that happened before
         the first byte, so a client never sees two half-answers."""
@@ -524,14 +560,14 @@ class Engine:
         for _route, deployments in prepared.routes:
             for deployment in routing.ordered(deployments, prepared.preferences):
                 try:
-                    deltas, error = await routing.attempt(
+                    opened, error = await routing.attempt(
                         deployment, functools.partial(self._open_on, deployment, prepared, truncate)
                     )
                 except ProviderError as error:
                     _log_failure(deployment, error)
                     raise provider_error_to_http(error) from None
-                if deltas is not None:
-                    return deployment, deltas
+                if opened is not None:
+                    return deployment, opened
                 assert error is not None
                 _log_failure(deployment, error)
                 # A refusal (a parameter, the context window) speaks for the request only
@@ -544,14 +580,15 @@ class Engine:
     @staticmethod
     async def _open_on(
         deployment: Deployment, prepared: Prepared, truncate: bool
-    ) -> AsyncIterator[Delta]:
+    ) -> Opened:
         """One try on `deployment`. With truncation "auto", a context the upstream finds too
         long loses its oldest turns, until it fits or nothing is left to drop."""
         shortened: list[dict[str, Any]] | None = None
         while True:
             try:
                 request = prepared.provider_request(deployment, shortened)
-                return await deployment.provider.open(request)
+                asked_at = time.monotonic()
+                return Opened(request, await deployment.provider.open(request), asked_at)
             except ProviderError as error:
                 if error.code != "context_length_exceeded" or not truncate:
                     raise

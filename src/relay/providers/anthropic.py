@@ -42,6 +42,7 @@ from relay.providers.base import (
     TokenCount,
     ToolCallDelta,
     UsageDelta,
+    estimated_tokens,
 )
 from relay.providers.settings import AnthropicConfig
 from relay.providers.tool_names import wire_name
@@ -109,6 +110,9 @@ class AnthropicProvider:
             self.build_body(request),
             ("model", "messages", "system", "tools", "tool_choice", "thinking"),
         )
+
+    async def count_text(self, text: str) -> TokenCount:
+        return estimated_tokens(text)  # the upstream counts only whole requests
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = self.build_body(request)
@@ -260,11 +264,16 @@ class _StreamState:
     def opening(self, event: dict[str, Any]) -> bool:
         return event.get("type") in ("message_start", "ping")
 
+    def cut_short(self) -> bool:
+        return not self.finished  # its terminal event is the only end
+
     def feed(self, event: dict[str, Any]) -> list[Delta]:
         kind = event["type"]
         if kind == "message_start":
             self._usage(event["message"].get("usage") or {})
-            return []
+            # The input side now, the whole at the end: a stream cut short in between is
+            # charged its input exactly (its output is counted, see relay.engine.counting).
+            return [self._usage_delta(output_tokens=0)]
         if kind == "content_block_start":
             return self._start(int(event["index"]), event["content_block"])
         if kind == "content_block_delta":
@@ -329,16 +338,17 @@ class _StreamState:
         out: list[Delta] = []
         if self._stop == "refusal":
             out.append(RefusalDelta(REFUSAL_TEXT))
-        out.append(
-            UsageDelta(
-                input_tokens=self._input + self._cache_read + self._cache_write,
-                output_tokens=self._output,
-                cached_tokens=self._cache_read,
-                cache_write_tokens=self._cache_write,
-            )
-        )
+        out.append(self._usage_delta(self._output))
         out.append(FinishDelta(_STOP.get(self._stop or "end_turn", "stop")))
         return out
+
+    def _usage_delta(self, output_tokens: int) -> UsageDelta:
+        return UsageDelta(
+            input_tokens=self._input + self._cache_read + self._cache_write,
+            output_tokens=output_tokens,
+            cached_tokens=self._cache_read,
+            cache_write_tokens=self._cache_write,
+        )
 
 
 # Items -> messages ------------------------------------------------------------------------------

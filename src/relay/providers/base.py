@@ -191,11 +191,22 @@ class ProviderRequest:
 
 @dataclass(slots=True, frozen=True)
 class TokenCount:
-    """Input tokens of a would-be request: counted by the model's tokenizer (`exact`), or
-    estimated where the upstream offers no way to count."""
+    """Tokens of a would-be request or of a text: counted by the model's tokenizer (`exact`),
+    or estimated where Relay has no way to count."""
 
     tokens: int
     exact: bool
+
+
+# About this many bytes of English text or JSON make a token: the usual rule of thumb, used
+# where neither Relay nor the upstream can count.
+BYTES_PER_TOKEN = 4
+
+
+def estimated_tokens(text: str | bytes) -> TokenCount:
+    """The tokens of `text` by BYTES_PER_TOKEN, rounded up: never 0 for some text."""
+    size = len(text.encode() if isinstance(text, str) else text)
+    return TokenCount(-(-size // BYTES_PER_TOKEN), exact=False)
 
 
 class ProviderError(Exception):
@@ -235,6 +246,11 @@ class Provider(Protocol):
 
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """The input tokens `request` would cost, without generating."""
+        ...
+
+    async def count_text(self, text: str) -> TokenCount:
+        """The tokens of `text` as the model's output (for usage the upstream did not
+        report): exact where Relay holds the tokenizer, else estimated."""
         ...
 
     async def aclose(self) -> None: ...

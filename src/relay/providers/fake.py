@@ -1,9 +1,10 @@
 """A deterministic provider for tests and demos: the upstream model name picks a script.
 
 Scripts: text, tool_call, parallel_tool_calls, reasoning, refusal, error_before, error_after,
-slow, length, json. Each yields the same deltas for the same request, so engine tests can assert
-exact events without a network. Usage is countable by hand: input_tokens is the number of
-whitespace-separated words in the context, output_tokens the number of pieces yielded.
+slow, length, json, unmetered (text without usage, as some servers answer). Each yields the
+same deltas for the same request, so engine tests can assert exact events without a network.
+Usage is countable by hand: input_tokens is the number of whitespace-separated words in the
+context, output_tokens the number of pieces yielded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SCRIPTS = frozenset(
         "slow",
         "length",
         "json",
+        "unmetered",
     }
 )
 SLOW_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -64,6 +66,9 @@ class FakeProvider:
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         # Exact by this provider's own measure: its usage counts words, as here.
         return TokenCount(count_context_words(request), exact=True)
+
+    async def count_text(self, text: str) -> TokenCount:
+        return TokenCount(len(text.split()), exact=True)
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         script = request.upstream_model
@@ -103,6 +108,7 @@ class _Run:
             "slow": self._slow,
             "length": self._length,
             "json": self._json,
+            "unmetered": self._unmetered,
         }
         async for delta in steps[script](script):
             yield delta
@@ -128,6 +134,11 @@ class _Run:
         for delta in self._words(reply_text(self.request)):
             yield delta
         yield self._usage()
+        yield FinishDelta("stop")
+
+    async def _unmetered(self, _: str) -> AsyncGenerator[Delta, None]:
+        for delta in self._words(reply_text(self.request)):
+            yield delta
         yield FinishDelta("stop")
 
     async def _tool_calls(self, script: str) -> AsyncGenerator[Delta, None]:

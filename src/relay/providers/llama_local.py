@@ -215,6 +215,14 @@ class LlamaLocalProvider:
         prompt, _ = await asyncio.to_thread(self._prompt, messages)
         return TokenCount(len(prompt), exact=True)
 
+    async def count_text(self, text: str) -> TokenCount:
+        """Exact: the text as the model's tokens (off the worker thread, as above)."""
+        tokens = await asyncio.to_thread(self._tokens, text)
+        return TokenCount(len(tokens), exact=True)
+
+    def _tokens(self, text: str) -> list[int]:
+        return self._load().tokenize(text.encode(), add_bos=False, special=False)
+
     def _prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
         """The tokens of `messages` in the model's chat template, and its stop strings."""
         llama = self._load()

@@ -26,11 +26,12 @@ from relay.providers.base import (
     TokenCount,
     ToolCallDelta,
     UsageDelta,
+    estimated_tokens,
 )
 from relay.providers.chat_messages import chat_messages_json
 from relay.providers.http_client import HTTPClientError, Response
 from relay.providers.settings import OpenAIChatConfig
-from relay.providers.upstream import DeltaStream, SSEDecoder, Upstream, error_message, loads
+from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 
 __all__ = ["OpenAIChatProvider", "build"]
 
@@ -54,7 +55,15 @@ _FINISH: dict[str, FinishReason] = {
     "content_filter": "content_filter",
     "function_call": "tool_calls",
 }
-BYTES_PER_TOKEN = 4
+# Delta fields that carry the answer: a chunk with none of them only opens the stream.
+_ANSWER_FIELDS = (
+    "content",
+    "reasoning_content",
+    "reasoning",
+    "refusal",
+    "tool_calls",
+    "function_call",
+)
 
 
 def build(config: OpenAIChatConfig) -> OpenAIChatProvider:
@@ -103,13 +112,11 @@ class OpenAIChatProvider:
         """Exact where the route says the upstream can count (`count_tokens`: vLLM's
         /tokenize takes the chat messages and tools; llama.cpp's server applies its template
         with /apply-template, then /tokenize); else an estimate: chat completions has no
-        standard way to count, and about BYTES_PER_TOKEN bytes of the messages and tools as
-        sent make a token, the usual rule for English text and JSON."""
+        standard way to count, so the messages and tools as sent are estimated by their size."""
         body = self._build_body(request)
         messages, tools = body["messages"], body.get("tools")
         if self._count_tokens == "estimate":
-            sent = orjson.dumps({"messages": messages, "tools": tools})
-            return TokenCount(-(-len(sent) // BYTES_PER_TOKEN), exact=False)
+            return estimated_tokens(orjson.dumps({"messages": messages, "tools": tools}))
         try:
             if self._count_tokens == "vllm":
                 question = {"model": body["model"], "messages": messages}
@@ -127,10 +134,16 @@ class OpenAIChatProvider:
         except (KeyError, TypeError, ValueError):
             raise ProviderError("the upstream's token count could not be read") from None
 
+    async def count_text(self, text: str) -> TokenCount:
+        return estimated_tokens(text)
+
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = orjson.dumps(self._build_body(request))
         response = await self._upstream.post(self._target, body)
-        return DeltaStream(response, self._deltas(response))
+        if response.headers.get("content-type", "").startswith("application/json"):
+            # Some upstreams ignore `stream: true` and answer with one completion object.
+            return DeltaStream(response, self._completion(response))
+        return await self._upstream.stream(response, self._check, _StreamState())
 
     # Request translation ------------------------------------------------------------------------
 
@@ -193,45 +206,96 @@ class OpenAIChatProvider:
 
     # Stream translation -------------------------------------------------------------------------
 
-    async def _deltas(self, response: Response) -> AsyncGenerator[Delta, None]:
+    async def _completion(self, response: Response) -> AsyncGenerator[Delta, None]:
+        """A whole chat completion (an upstream that ignored `stream: true`), as deltas."""
         try:
-            content_type = response.headers.get("content-type", "")
-            if content_type.startswith("application/json"):
-                # Some upstreams ignore `stream: true` and answer with one completion object.
-                try:
-                    completion = loads(await response.read())
-                finally:
-                    response.release()
-                for delta in self._completion_deltas(completion):
-                    yield delta
-                return
-            state = _StreamState()
-            decoder = SSEDecoder()
-            async for chunk in self._upstream.events(response, decoder):
-                for delta in self._chunk_deltas(chunk, state):
-                    yield delta
-            if state.finish is None and not decoder.done:
-                raise ProviderError("the upstream closed the stream before it finished")
-            for delta in state.closing():
-                yield delta
+            completion = loads(await response.read())
         except HTTPClientError as exc:
             raise self._upstream.transport_error(exc) from None
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            # A chunk of the wrong shape (a string where an object belongs, ...) is the
-            # upstream's failure, and must reach the engine as one.
-            raise ProviderError(
-                f"the upstream sent a chunk Relay could not read ({type(exc).__name__})"
-            ) from None
+        finally:
+            response.release()
+        for delta in self._completion_deltas(completion):
+            yield delta
 
-    def _chunk_deltas(self, chunk: Any, state: _StreamState) -> list[Delta]:
+    def _completion_deltas(self, completion: Any) -> list[Delta]:
+        if not isinstance(completion, dict):
+            raise ProviderError("the upstream answered with JSON that is not a chat completion")
+        self._check(completion)
+        state = _StreamState()
+        try:
+            choices = completion.get("choices") or [{}]
+            choice = next((c for c in choices if c.get("index", 0) == 0), choices[0])
+            # One chunk whose delta is the whole message: the streaming translation exactly.
+            chunk = {
+                "choices": [{**choice, "index": 0, "delta": choice.get("message") or {}}],
+                "usage": completion.get("usage"),
+            }
+            deltas = state.feed(chunk)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ProviderError(
+                f"the upstream sent a completion Relay could not read ({type(exc).__name__})"
+            ) from None
+        state.finish = state.finish or "stop"
+        return deltas + state.closing()
+
+    def _check(self, chunk: Any) -> None:
+        """Raise the failure a chunk reports: as the first event of a 200 (then it is one
+        before the first byte, retried and failed over), or mid-stream."""
         if not isinstance(chunk, dict):
             raise ProviderError("the upstream sent a stream event that is not a JSON object")
         if chunk.get("error"):
             raise self._error_chunk(chunk["error"])
+
+    # Errors ---------------------------------------------------------------------------------------
+
+    def _error_chunk(self, error: Any) -> ProviderError:
+        raw = orjson.dumps({"error": error})
+        code = error.get("code") if isinstance(error, dict) else None
+        if isinstance(code, int) and 400 <= code < 600:  # OpenRouter puts the HTTP status here
+            return self._upstream.status_error(code, {}, raw)
+        if code == "rate_limit_exceeded":
+            return self._upstream.status_error(429, {}, raw)
+        message = self._upstream.quote(error_message(raw))
+        return ProviderError(f"the upstream reported an error mid-stream: {message}")
+
+
+class _StreamState:
+    """What one stream remembers between chunks: usage, finish and which tool calls started.
+
+    A chat stream has no terminal event of its own: usage may come after the finish_reason,
+    then `[DONE]`; so it is read to the body's end (`finished` stays false), and a body that
+    ends without a finish_reason was cut short (an overloaded llama.cpp server sends the role
+    chunk and `[DONE]`, nothing else)."""
+
+    finished = False
+
+    def __init__(self) -> None:
+        self.usage: UsageDelta | None = None
+        self.finish: FinishReason | None = None
+        self.started_calls: set[int] = set()
+        self.named_calls: set[int] = set()
+        self.identified_calls: set[int] = set()
+
+    def opening(self, chunk: dict[str, Any]) -> bool:
+        """A chunk that carries nothing of the answer (the role, an empty delta)."""
+        if chunk.get("usage") is not None:
+            return False
+        for choice in chunk.get("choices") or ():
+            if choice.get("finish_reason"):
+                return False
+            delta = choice.get("delta") or {}
+            if any(delta.get(key) for key in _ANSWER_FIELDS):
+                return False
+        return True
+
+    def cut_short(self) -> bool:
+        return self.finish is None
+
+    def feed(self, chunk: dict[str, Any]) -> list[Delta]:
         out: list[Delta] = []
         if isinstance(chunk.get("usage"), dict):
             # Kept, not yielded: vLLM's continuous usage repeats running totals on every chunk.
-            state.usage = _usage(chunk["usage"])
+            self.usage = _usage(chunk["usage"])
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
@@ -250,54 +314,12 @@ class OpenAIChatProvider:
             if isinstance(delta.get("function_call"), dict):  # the pre-tools wire shape
                 calls.append({"index": 0, "function": delta["function_call"]})
             for position, call in enumerate(calls):
-                piece = state.tool_piece(call, position)
+                piece = self.tool_piece(call, position)
                 if piece is not None:
                     out.append(piece)
             if choice.get("finish_reason"):
-                state.finish = _FINISH.get(choice["finish_reason"], "stop")
+                self.finish = _FINISH.get(choice["finish_reason"], "stop")
         return out
-
-    def _completion_deltas(self, completion: Any) -> list[Delta]:
-        if not isinstance(completion, dict):
-            raise ProviderError("the upstream answered with JSON that is not a chat completion")
-        if completion.get("error"):
-            raise self._error_chunk(completion["error"])
-        choices = completion.get("choices") or [{}]
-        choice = next((c for c in choices if c.get("index", 0) == 0), choices[0])
-        message = choice.get("message") or {}
-        # One chunk whose delta is the whole message reuses the streaming translation exactly.
-        state = _StreamState()
-        chunk = {
-            "choices": [{**choice, "index": 0, "delta": message}],
-            "usage": completion.get("usage"),
-        }
-        out = self._chunk_deltas(chunk, state)
-        if state.finish is None:
-            state.finish = "stop"
-        return out + state.closing()
-
-    # Errors ---------------------------------------------------------------------------------------
-
-    def _error_chunk(self, error: Any) -> ProviderError:
-        raw = orjson.dumps({"error": error})
-        code = error.get("code") if isinstance(error, dict) else None
-        if isinstance(code, int) and 400 <= code < 600:  # OpenRouter puts the HTTP status here
-            return self._upstream.status_error(code, {}, raw)
-        if code == "rate_limit_exceeded":
-            return self._upstream.status_error(429, {}, raw)
-        message = self._upstream.quote(error_message(raw))
-        return ProviderError(f"the upstream reported an error mid-stream: {message}")
-
-
-class _StreamState:
-    """What one stream remembers between chunks: usage, finish and which tool calls started."""
-
-    def __init__(self) -> None:
-        self.usage: UsageDelta | None = None
-        self.finish: FinishReason | None = None
-        self.started_calls: set[int] = set()
-        self.named_calls: set[int] = set()
-        self.identified_calls: set[int] = set()
 
     def tool_piece(self, call: dict[str, Any], position: int) -> ToolCallDelta | None:
         # Some upstreams (Gemini's compat layer) omit `index`; some repeat name and id on every

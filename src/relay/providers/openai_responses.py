@@ -35,6 +35,7 @@ from relay.providers.base import (
     TokenCount,
     ToolCallDelta,
     UsageDelta,
+    estimated_tokens,
 )
 from relay.providers.http_client import HTTPClientError, Response
 from relay.providers.settings import OpenAIResponsesConfig
@@ -89,6 +90,9 @@ class OpenAIResponsesProvider:
             self.build_body(request),
             ("model", "input", "instructions", "tools"),
         )
+
+    async def count_text(self, text: str) -> TokenCount:
+        return estimated_tokens(text)  # the upstream counts only whole requests
 
     async def open(self, request: ProviderRequest) -> AsyncIterator[Delta]:
         body = orjson.dumps(self.build_body(request))
@@ -237,6 +241,9 @@ class _StreamState:
 
     def opening(self, event: dict[str, Any]) -> bool:
         return event.get("type") in ("response.created", "response.queued", "response.in_progress")
+
+    def cut_short(self) -> bool:
+        return not self.finished  # its terminal event is the only end
 
     def feed(self, event: dict[str, Any]) -> list[Delta]:
         kind: str = event["type"]

@@ -25,13 +25,21 @@ MAX_MESSAGE = 500  # upstream error text we quote, so a huge HTML error page sta
 MAX_SCANNED = 4 * MAX_MESSAGE  # scrubbed before the cut, however much the scrubbing shortens
 
 
+TRUNCATED = "upstream_truncated"  # the code of a stream that ended before it finished
+
+
 class EventState(Protocol):
     """What a provider remembers between the events of one stream, and turns them into."""
 
-    finished: bool  # the stream's last event came
+    finished: bool  # the stream's last event came: nothing more is read
 
     def opening(self, event: dict[str, Any]) -> bool:
         """The event only opens the stream (nothing of the answer yet)."""
+        ...
+
+    def cut_short(self) -> bool:
+        """The body ended before `finished`: whether the stream lacks its end (its
+        terminal event, a chat finish_reason), so that what came is not the whole answer."""
         ...
 
     def feed(self, event: dict[str, Any]) -> list[Delta]: ...
@@ -219,11 +227,16 @@ class Upstream:
             while True:
                 event = await anext(events, None)
                 if event is None:
-                    raise ProviderError("the upstream's stream ended before it began")
+                    raise truncated("the upstream's stream ended before any of the answer")
                 self._checked(check, event)
                 read.append(event)
                 if not state.opening(event):
                     break
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # An event of the wrong shape is the upstream's failure, as below.
+            await events.aclose()
+            response.release()
+            raise _unreadable(exc) from None
         except BaseException:
             await events.aclose()
             response.release()
@@ -254,7 +267,9 @@ class Upstream:
                 while not state.finished:
                     event = await anext(events, None)
                     if event is None:
-                        raise ProviderError("the upstream closed the stream before it finished")
+                        if state.cut_short():
+                            raise truncated("the upstream's stream ended before it finished")
+                        break
                     check(event)
                     for delta in state.feed(event):
                         yield delta
@@ -288,6 +303,12 @@ class Upstream:
             raise self.transport_error(exc) from None
         finally:
             response.release(end_expected=decoder.done)
+
+
+def truncated(message: str) -> ProviderError:
+    """A stream that ended without its end: an upstream failure (retried and failed over
+    when nothing of the answer came yet), never a short success."""
+    return ProviderError(message, code=TRUNCATED)
 
 
 def _unreadable(exc: Exception) -> ProviderError:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from relay.access.policy import Served
+from relay.access.policy import Settle
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
 from relay.errors import RelayError, ServerError, UpstreamError
@@ -94,7 +94,7 @@ class Runner:
         tenant: str,
         session_id: str | None,
         key_id: str | None,
-        on_settled: Settled,
+        on_settled: Settle,
     ) -> tuple[dict[str, Any], bool]:
         """Queue a background response: the queued response object, and whether it runs in
         this process (else a worker took it from the job queue, and `on_settled` is not
@@ -153,7 +153,7 @@ class Runner:
         session_id: str | None,
         queued: dict[str, Any],
         feed: Feed,
-        on_settled: Settled,
+        on_settled: Settle,
     ) -> None:
         response_id = queued["id"]
         run: Run | None = None
@@ -358,5 +358,4 @@ class Runner:
 
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")
-Settled = Callable[[dict[str, Any], Served | None], None]
-AccountingFor = Callable[[str, str | None, str], Settled]
+AccountingFor = Callable[[str, str | None, str], Settle]

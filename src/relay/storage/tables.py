@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData(
@@ -120,6 +122,8 @@ usage_ledger = Table(
     Column("output_tokens", Integer, nullable=False),
     Column("cost_nanos", BigInteger, nullable=False),
     Column("latency_ms", Integer, nullable=False),
+    # The tokens were counted by Relay, the upstream having reported none (since 0007).
+    Column("estimated", Boolean, nullable=False, server_default=false()),
     Index(None, "project_id", "day"),
     Index(None, "key_id", "day"),
 )
