@@ -179,7 +179,7 @@ class Access:
 
     async def aclose(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.ledger.flush()
+        await self.ledger.close()
         await self.limiter.aclose()
 
     def accounting_for(self, project: str, key_id: str | None, model: str) -> Settle:

@@ -3,7 +3,8 @@
 Rows are written by one task in batches: the first row of a batch waits FLUSH_S for others
 (and whatever queues during a write goes in the next), so settling a response never waits for
 the database, and a busy process writes ten transactions a second, not one per response. A
-crash loses at most the rows of the last FLUSH_S. Each batch
+crash loses at most the rows of the last FLUSH_S; rows the database refuses (an outage) are
+kept and retried, and their spend still counts in this process's budget checks. Each batch
 inserts its ledger rows and adds to the `spend` counters in one transaction; a budget check
 reads those counters (one indexed query) plus what this process has queued but not written.
 """
@@ -30,6 +31,11 @@ from relay.storage.tables import spend, usage_ledger
 
 log = logging.getLogger("relay.usage")
 FLUSH_S = 0.1
+# Rows the database refused are retried, backing off up to RETRY_MAX_S; at most
+# MAX_UNWRITTEN are kept meanwhile (about 200 bytes each).
+RETRY_MAX_S = 5.0
+MAX_UNWRITTEN = 100_000
+REPORT_FLUSH_S = 2.0
 GROUPS = ("day", "model", "route", "deployment", "key", "project")
 _COLUMNS = {
     "day": usage_ledger.c.day,
@@ -98,6 +104,7 @@ class Ledger:
         self._writer: asyncio.Task[None] | None = None
         self._waiting: list[asyncio.Future[None]] = []  # for the rows queued `now`
         self._hurry = asyncio.Event()  # a row queued `now`: no wait for the batch
+        self._closing = False
 
     def add(self, row: UsageRow, *, now: bool = False) -> asyncio.Future[None] | None:
         """Queue `row`. `now`: write it without waiting for others to join its batch, and
@@ -117,9 +124,15 @@ class Ledger:
         return written
 
     async def flush(self) -> None:
-        """Until everything added so far is written."""
+        """Until everything added so far is written (while the database refuses rows, until
+        it takes them again)."""
         while self._writer is not None:
             await asyncio.shield(self._writer)
+
+    async def close(self) -> None:
+        """Write what is queued; rows the database still refuses now are given up (logged)."""
+        self._closing = True
+        await self.flush()
 
     async def spent(
         self, owners: list[tuple[str, str]], now: float
@@ -137,9 +150,12 @@ class Ledger:
         return {key: found.get(key, 0) + self._pending.get(key, 0) for key in keys}
 
     async def _write_all(self) -> None:
+        failures = 0
         try:
             while self._queue:
-                if not self._hurry.is_set():
+                if failures:
+                    await asyncio.sleep(min(RETRY_MAX_S, FLUSH_S * 2**failures))
+                elif not self._hurry.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._hurry.wait(), FLUSH_S)
                 self._hurry.clear()
@@ -148,18 +164,49 @@ class Ledger:
                 try:
                     await self.db.write(partial(self._write, batch=batch))
                 except Exception:
-                    log.exception("could not write %d usage rows", len(batch))
+                    failures += 1
+                    self._unwritten(batch, failures)
+                else:
+                    if failures:
+                        log.warning("usage rows written again after %d failed tries", failures)
+                    failures = 0
+                    self._settled(batch)
                 finally:
+                    # A response waits for its budget's row no longer than one try: an
+                    # outage must not hold answers back (the row is kept, and retried).
                     for future in waiting:
                         if not future.done():
                             future.set_result(None)
-                    for row in batch:
-                        for key in _spend_keys(row) if row.cost_nanos else ():
-                            self._pending[key] -= row.cost_nanos
-                            if not self._pending[key]:
-                                del self._pending[key]
         finally:
             self._writer = None
+
+    def _unwritten(self, batch: list[UsageRow], failures: int) -> None:
+        """Keep a batch the database refused, ahead of newer rows, to try again: a row is
+        lost only past MAX_UNWRITTEN rows, or when the process stops before the database is
+        back, and then the log names the responses."""
+        if failures == 1:
+            log.exception("could not write %d usage rows; retrying", len(batch))
+        else:
+            log.warning("could not write %d usage rows (try %d)", len(batch), failures)
+        self._queue[:0] = batch
+        excess = len(self._queue) - MAX_UNWRITTEN
+        if self._closing or excess > 0:
+            lost = self._queue if self._closing else self._queue[:excess]
+            self._queue = [] if self._closing else self._queue[excess:]
+            log.error(
+                "%d usage rows lost (the database refused them): responses %s",
+                len(lost),
+                " ".join(row.response_id for row in lost),
+            )
+            self._settled(lost)
+
+    def _settled(self, rows: list[UsageRow]) -> None:
+        """Rows written (or lost): their spend is the database's now, no longer pending."""
+        for row in rows:
+            for key in _spend_keys(row) if row.cost_nanos else ():
+                self._pending[key] -= row.cost_nanos
+                if not self._pending[key]:
+                    del self._pending[key]
 
     def _write(self, conn: Connection, *, batch: list[UsageRow]) -> None:
         positions = self._positions
@@ -214,7 +261,9 @@ class Ledger:
         end: str | None,
     ) -> list[dict[str, Any]]:
         """Usage summed over `group_by` (of GROUPS), days from `start` to `end` inclusive."""
-        await self.flush()
+        # With what this process queued, unless the database is refusing rows just now.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), REPORT_FLUSH_S)
         columns = [_COLUMNS[name].label(name) for name in group_by]
         where = []
         if project is not None:

@@ -1,0 +1,103 @@
+"""The usage ledger while its database refuses writes: rows are kept and retried, their
+spend still counts in budget checks, and none is lost silently."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from relay.access import usage
+from relay.access.usage import Ledger, UsageRow, periods
+from relay.storage.database import SqliteDatabase, open_database
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[tuple[SqliteDatabase, Path]]:
+    path = tmp_path / "relay.db"
+    opened = await open_database(f"sqlite:///{path}")
+    assert isinstance(opened, SqliteDatabase)
+    try:
+        yield opened, path
+    finally:
+        await opened.close()
+
+
+def row(number: int, cost_nanos: int = 1000) -> UsageRow:
+    now = time.time()
+    return UsageRow(
+        created_at=int(now),
+        day=periods(now)[0].removeprefix("day:"),
+        project_id="proj_ledger",
+        key_id=None,
+        model="m",
+        route="m",
+        deployment="d",
+        response_id=f"resp_{number}",
+        status="completed",
+        input_tokens=1,
+        cached_tokens=0,
+        output_tokens=1,
+        cost_nanos=cost_nanos,
+        latency_ms=1,
+        estimated=False,
+    )
+
+
+def take_table_away(path: Path, away: bool) -> None:
+    """Make the ledger's inserts fail (the table gone), or work again."""
+    names = ("usage_ledger", "usage_ledger_away")
+    old, new = names if away else names[::-1]
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+
+async def ledger_rows(db: SqliteDatabase) -> list[str]:
+    rows = await db.read(
+        lambda conn: conn.execute(text("SELECT response_id FROM usage_ledger")).all()
+    )
+    return sorted(str(found[0]) for found in rows)
+
+
+async def test_rows_refused_by_the_database_are_retried_and_still_count(
+    database: tuple[SqliteDatabase, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, path = database
+    monkeypatch.setattr(usage, "FLUSH_S", 0.01)
+    ledger = Ledger(db)
+    take_table_away(path, away=True)
+    for number in range(3):
+        ledger.add(row(number))
+    written = ledger.add(row(3), now=True)  # a budget's row: its response waits one try
+    assert written is not None
+    await asyncio.wait_for(written, 5)
+    await asyncio.sleep(0.2)  # a few failed tries
+    owner = [("project", "proj_ledger")]
+    spent = await ledger.spent(owner, time.time())
+    assert set(spent.values()) == {4000}  # the refused rows' spend still counts here
+    take_table_away(path, away=False)
+    await asyncio.wait_for(ledger.flush(), 10)
+    assert await ledger_rows(db) == [f"resp_{number}" for number in range(4)]
+    assert set((await ledger.spent(owner, time.time())).values()) == {4000}  # once, from the db
+
+
+async def test_rows_still_refused_at_shutdown_are_named_in_the_log(
+    database: tuple[SqliteDatabase, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db, path = database
+    monkeypatch.setattr(usage, "FLUSH_S", 0.01)
+    ledger = Ledger(db)
+    take_table_away(path, away=True)
+    ledger.add(row(7))
+    await asyncio.sleep(0.1)
+    with caplog.at_level(logging.ERROR, logger="relay.usage"):
+        await asyncio.wait_for(ledger.close(), 10)
+    assert "1 usage rows lost" in caplog.text and "resp_7" in caplog.text
