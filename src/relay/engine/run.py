@@ -550,9 +550,7 @@ class Engine:
             raise InvalidRequest("Conversations are not available here.", param="conversation")
         return self.conversations
 
-    async def _open(
-        self, prepared: Prepared, *, truncate: bool
-    ) -> tuple[Deployment, Opened]:
+    async def _open(self, prepared: Prepared, *, truncate: bool) -> tuple[Deployment, Opened]:
         """Open the first deployment that accepts the request (routing.ordered, each with its
         retries), route after route; move on only for retryable failures that happened before
         the first byte, so a client never sees two half-answers."""
@@ -578,9 +576,7 @@ class Engine:
         raise provider_error_to_http(last)
 
     @staticmethod
-    async def _open_on(
-        deployment: Deployment, prepared: Prepared, truncate: bool
-    ) -> Opened:
+    async def _open_on(deployment: Deployment, prepared: Prepared, truncate: bool) -> Opened:
         """One try on `deployment`. With truncation "auto", a context the upstream finds too
         long loses its oldest turns, until it fits or nothing is left to drop."""
         shortened: list[dict[str, Any]] | None = None
