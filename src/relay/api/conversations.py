@@ -13,7 +13,7 @@ from relay.access.gate import Principal
 from relay.api.paging import cursor, limit, order, read_body
 from relay.engine.context import parse_items
 from relay.errors import InvalidRequest
-from relay.ids import new_id
+from relay.ids import looks_like_conversation_id, new_id
 from relay.protocol import json_object
 from relay.storage.conversations import ConversationStore
 
@@ -74,7 +74,7 @@ def _items(body: dict[str, Any], required: bool) -> list[dict[str, Any]]:
 
 def _conversation_id(request: Request) -> str:
     found: str = request.path_params["conversation_id"]
-    if not found.startswith("conv_") or len(found) > 200:
+    if not looks_like_conversation_id(found):
         raise InvalidRequest(
             f"Invalid 'conversation_id': '{found[:80]}'. Expected an ID that begins with 'conv_'.",
             param="conversation_id",
