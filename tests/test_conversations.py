@@ -131,3 +131,22 @@ def test_unknown_fields_are_refused(url: str) -> None:
             answer = http.post(path, json=body)
             assert answer.status_code == 400, (path, answer.text)
             assert answer.json()["error"]["param"] in ("title", "name", "after")
+
+
+def test_errors_in_items_name_items(sdk: openai.OpenAI) -> None:
+    conversation = sdk.conversations.create()
+    bad = [
+        {"type": "message", "role": "user", "content": "fine"},
+        {"type": "message", "role": "user", "content": 5},
+    ]
+    for create in (
+        lambda: sdk.conversations.create(items=bad),
+        lambda: sdk.conversations.items.create(conversation.id, items=bad),
+    ):
+        with pytest.raises(openai.BadRequestError) as raised:
+            create()
+        assert raised.value.param == "items[1].content"
+        assert "'items[1].content'" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.conversations.items.create(conversation.id, items=[{"type": "nonsense"}])
+    assert raised.value.param == "items[0]"

@@ -3,15 +3,21 @@ on one Relay with in-process limits. (Across two instances: test_two_instances.p
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
 import orjson
 import pytest
 from relay_fixtures import sdk_client, sse_events
-from team import PRICE, AdminClient, ask, client
+from team import PRICE, AdminClient, ask, client, team_relay
+
+from relay.access.limits import Admission, RateLimiter, Scope
+from relay.access.policy import Policy
+from relay.errors import RateLimited
 
 
 def test_requests_per_minute_per_key(team_url: str, admin: AdminClient) -> None:
@@ -74,6 +80,106 @@ def test_concurrent_requests(team_url: str, admin: AdminClient) -> None:
         # A refused or failed start frees its slot too.
         assert ask(other, model="fake-error_before").status_code >= 400
         assert ask(other).status_code == 200
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def limited_url(
+    request: pytest.FixtureRequest, team_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A team Relay counting its limits in memory (team_url), or in Redis."""
+    if request.param == "memory":
+        yield team_url
+        return
+    database = tmp_path_factory.mktemp("redis-team") / "relay.db"
+    redis_url = request.getfixturevalue("redis_url")
+    with team_relay(f"sqlite:///{database}", redis_url=redis_url) as url:
+        yield url
+
+
+def test_requests_refused_at_once_use_up_no_window(limited_url: str) -> None:
+    """Refusals for concurrency count against nothing: once the slot is free, the whole
+    rpm window is still there, and the headers said so all along."""
+    with AdminClient(limited_url) as admin:
+        _, value = admin.key(admin.project(), policy={"rpm": 10, "max_concurrent": 1})
+    with client(limited_url, value) as http, client(limited_url, value) as other:
+        with http.stream(
+            "POST", "/v1/responses", json={"model": "fake-slow", "input": "x", "stream": True}
+        ) as slow:
+            assert slow.headers["x-ratelimit-remaining-requests"] == "9"
+            refused = [ask(other) for _ in range(20)]
+            slow.read()
+        time.sleep(0.2)  # the slow one settles after its last event
+        assert {answer.status_code for answer in refused} == {429}
+        assert all("at once" in answer.json()["error"]["message"] for answer in refused)
+        assert {answer.headers["x-ratelimit-remaining-requests"] for answer in refused} == {"9"}
+        answers = [ask(other) for _ in range(10)]
+    assert [answer.status_code for answer in answers] == [200] * 9 + [429]
+    remaining = [answer.headers["x-ratelimit-remaining-requests"] for answer in answers]
+    assert remaining == [str(left) for left in range(8, -1, -1)] + ["0"]
+    assert "10 requests per minute" in answers[-1].json()["error"]["message"]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[RateLimiter]:
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    limiter = RateLimiter(redis_url)
+    yield limiter
+    await limiter.aclose()
+
+
+def scope(kind: str, **policy: int) -> Scope:
+    return Scope(kind, secrets.token_hex(6), Policy(**policy))
+
+
+async def refused(limiter: RateLimiter, scopes: list[Scope], tokens: int = 1) -> RateLimited:
+    with pytest.raises(RateLimited) as raised:
+        await limiter.admit(scopes, tokens)
+    return raised.value
+
+
+async def test_a_refusal_by_one_scope_counts_in_no_other(limiter: RateLimiter) -> None:
+    key, project = scope("key", rpm=5), scope("project", max_concurrent=1)
+    held = await limiter.admit([key, project], 1)
+    assert held.headers["x-ratelimit-remaining-requests"] == "4"
+    for _ in range(3):  # the project's slot is taken: the key's window must not move
+        refusal = await refused(limiter, [key, project])
+        assert "at once" in refusal.message
+        assert refusal.headers["x-ratelimit-remaining-requests"] == "4"
+    await limiter.settle(held, 0)
+    admitted = await limiter.admit([key, project], 1)
+    assert admitted.headers["x-ratelimit-remaining-requests"] == "3"
+    await limiter.settle(admitted, 0)
+
+
+async def test_a_tokens_refusal_counts_no_request(limiter: RateLimiter) -> None:
+    key, project = scope("key", rpm=3, max_concurrent=5), scope("project", tpm=10)
+    first = await limiter.admit([key, project], 4)
+    await limiter.settle(first, 8)  # 2 tokens left
+    for _ in range(4):
+        refusal = await refused(limiter, [key, project], tokens=4)
+        assert "10 tokens per minute" in refusal.message
+        assert refusal.headers["x-ratelimit-remaining-requests"] == "2"
+        assert refusal.headers["x-ratelimit-remaining-tokens"] == "2"
+    # The key's window is as the first request left it: two more fit.
+    held = [await limiter.admit([key], 1) for _ in range(2)]
+    assert held[-1].headers["x-ratelimit-remaining-requests"] == "0"
+    for admission in held:
+        await limiter.settle(admission, 0)
+
+
+async def test_requests_over_the_window_hold_no_slot(limiter: RateLimiter) -> None:
+    key = scope("key", rpm=1, max_concurrent=1)
+    first = await limiter.admit([key], 1)
+    await limiter.settle(first, 0)
+    for _ in range(3):
+        refusal = await refused(limiter, [key])
+        assert "1 requests per minute" in refusal.message
+        assert refusal.headers["x-ratelimit-remaining-requests"] == "0"
+    other = scope("key", max_concurrent=1)
+    # Admission with both: the key's window refuses; the other's slot stays free.
+    await refused(limiter, [key, other])
+    admitted: Admission = await limiter.admit([other], 1)
+    await limiter.settle(admitted, 0)
 
 
 def test_the_openai_sdk_sees_a_rate_limit_error(team_url: str, admin: AdminClient) -> None:

@@ -14,13 +14,15 @@ import openai
 import orjson
 import pytest
 from conformance import check_stream, validator
-from live_server import relay_server
+from live_server import ServeProcess, relay_serve, relay_server
 from pydantic import SecretStr
 from relay_fixtures import fake_routes
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from relay.config import ApiKeyConfig, Settings
+
+DEFAULT_QUEUED = Settings.model_fields["websocket_max_queued_turns"].default
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
 
@@ -260,3 +262,82 @@ def test_a_socket_takes_turns_until_its_age_limit(guarded_url: str) -> None:
 def test_websocket_mode_serves_under_api_v1_too(relay_url: str, tmp_path: Path) -> None:
     with connect(relay_url.replace("http://", "ws://") + "/api/v1/responses") as socket:
         completed(turn(socket, model="fake-text", input="x", store=False))
+
+
+MAX_BODY = 2_000_000
+MB = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """`relay serve` as a user starts it (uvicorn takes its WebSocket limits from there),
+    with room for 2 MB messages."""
+    routes = [
+        {"model": f"fake-{script}", "provider": "fake", "upstream_model": script}
+        for script in ("text", "slow")
+    ]
+    env = {
+        "RELAY_DATABASE_URL": f"sqlite:///{tmp_path_factory.mktemp('ws-serve')}/relay.db",
+        "RELAY_ROUTES": orjson.dumps(routes).decode(),
+        "RELAY_MAX_BODY_BYTES": str(MAX_BODY),
+    }
+    with relay_serve(env) as served:
+        yield served
+    assert "Traceback" not in served.output, served.output
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+    return int(kilobytes) * 1024
+
+
+def test_a_message_over_max_body_bytes_closes_the_socket(serve_process: ServeProcess) -> None:
+    with connect(socket_url(serve_process.url)) as socket:
+        big = {"type": "response.create", "model": "fake-text", "input": "x" * MAX_BODY}
+        socket.send(orjson.dumps(big).decode())
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009  # message too big
+    assert str(MAX_BODY) in closed.value.rcvd.reason
+
+
+def test_turns_queued_behind_a_slow_one_are_bounded(serve_process: ServeProcess) -> None:
+    """150 turns of 1 MB sent behind a slow one: a few wait, the others are refused at once
+    with an error event, and the server's memory stays bounded; the socket stays usable."""
+    pid = serve_process.process.pid
+    turns = 150
+    big = orjson.dumps(
+        {
+            "type": "response.create",
+            "model": "fake-text",
+            "input": "y" * MB,
+            "store": False,
+            "generate": False,
+        }
+    ).decode()
+    with connect(socket_url(serve_process.url), max_size=None) as socket:
+        completed(turn(socket, model="fake-text", input="warm up", store=False))
+        before = peak_rss(pid)
+        slow = {"type": "response.create", "model": "fake-slow", "input": "x", "store": False}
+        socket.send(orjson.dumps(slow).decode())
+        for _ in range(turns):
+            socket.send(big)
+        finished, refused = 0, []
+        while finished + len(refused) < turns + 1:
+            event = orjson.loads(socket.recv(timeout=60))
+            if event["type"] == "error":
+                refused.append(event)
+            elif event["type"] in TERMINAL:
+                assert event["type"] == "response.completed", event
+                finished += 1
+        grown = peak_rss(pid) - before
+        completed(turn(socket, model="fake-text", input="still here", store=False))
+    assert refused and finished >= 1 + DEFAULT_QUEUED
+    for event in refused:
+        assert event["status"] == 429, event
+        assert event["error"]["code"] == "websocket_queue_full"
+        assert not list(validator("WebSocketErrorEvent").iter_errors(event))
+    assert grown < 40 * MB, f"the server grew by {grown / MB:.0f} MB"

@@ -85,6 +85,8 @@ def serve(argv: list[str]) -> int:
         log_level=settings.log_level,
         loop="uvloop",
         http="httptools",
+        # A larger WebSocket message closes its socket with 1009 and the limit as reason,
+        # refused by the protocol library before it is all in memory.
         ws_max_size=settings.max_body_bytes,
         access_log=False,
     )

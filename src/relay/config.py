@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     # A WebSocket (WebSocket mode of /v1/responses) takes new turns for this long, as OpenAI's
     # 60 minutes; a client then opens a new one.
     websocket_max_age_s: float = Field(default=3600.0, gt=0)
+    # Turns a WebSocket holds waiting behind the one running; more are refused with an error
+    # event, so that a client sending faster than its turns run cannot fill the memory.
+    websocket_max_queued_turns: int = Field(default=4, ge=1, le=1000)
     # Keys that seal what clients must give back unchanged (compaction items): Fernet keys,
     # the first seals, all open. None: one is generated into data_dir on first start.
     sealing_keys: list[SecretStr] = Field(default_factory=list)

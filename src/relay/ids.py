@@ -15,3 +15,7 @@ def new_id(prefix: str) -> str:
 
 def looks_like_response_id(value: str) -> bool:
     return value.startswith("resp_") and _ID.match(value) is not None
+
+
+def looks_like_conversation_id(value: str) -> bool:
+    return value.startswith("conv_") and _ID.fullmatch(value) is not None

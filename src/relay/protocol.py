@@ -87,6 +87,25 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
+def nul_field(value: Any, path: str = "") -> str | None:
+    """The path (`models[1]`) of the first string in `value` holding a NUL character, or
+    None. For bodies whose every string may become a column (PostgreSQL text cannot hold
+    NUL); `value` nests at most MAX_DEPTH levels (json_object)."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        steps = [(f"{path}.{key}" if path else key, child) for key, child in value.items()]
+    elif isinstance(value, list):
+        steps = [(f"{path}[{index}]", child) for index, child in enumerate(value)]
+    else:
+        return None
+    for step, child in steps:
+        found = nul_field(child, step)
+        if found is not None:
+            return found
+    return None
+
+
 def invalid_request(error: ValidationError, data: Any, prefix: str = "") -> InvalidRequest:
     """A pydantic error as the 400 clients get: the most specific message, the client's path."""
     detail = deepest_error(error)

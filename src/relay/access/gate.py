@@ -148,13 +148,9 @@ class Accounting:
     def _free(self, admission: Admission, tokens: int) -> None:
         # In memory nothing here waits, so it runs now, without a task; with Redis the
         # rest runs as a task of the gate's once it has to wait.
-        rest = until_suspended(self._release_and_record(admission, tokens))
+        rest = until_suspended(self.access.limiter.settle(admission, tokens))
         if isinstance(rest, Suspended):
             self.access.track(rest)
-
-    async def _release_and_record(self, admission: Admission, tokens: int) -> None:
-        await self.access.limiter.release(admission)
-        await self.access.limiter.record(admission, tokens)
 
 
 class Access:

@@ -1,113 +1,46 @@
 """Rate limits: requests and tokens per minute, and requests at once, per key and per project.
 
-The per-minute windows are the `limits` library's sliding window counters, in this process's
-memory or, with `redis_url`, in Redis, so that every instance counts against one window.
-Concurrency is not a window but a count of leases, which `limits` does not offer: in memory a
-counter, in Redis a sorted set of leases scored by their deadline, so that the leases of a
-process that died lapse instead of holding their slots forever.
+Admission is all or nothing: every limit of every scope a request falls under is read first,
+and the request is counted (a unit of each requests window, a lease in each concurrency set)
+only when none of them refuses. A refused request counts against nothing, so a refusal by one
+limit never uses up another's window, and the `x-ratelimit-remaining-*` headers say what was
+counted.
+
+The windows are sliding window counters: a fixed minute's count plus the previous minute's,
+weighted by how much of it the sliding window still covers. Requests at once are a set of
+leases with deadlines, so that the leases of a process that died lapse instead of holding
+their slots forever. Both live in this process's memory or, with `redis_url`, in Redis, where
+one Lua script reads, decides and counts (docs/design.md, "Rate limits"). Tokens: the input
+is estimated from the body's size and only tested at admission; the real usage is added when
+the response settles, up to what the window has left.
 
 Redis being unreachable does not stop traffic: the check is skipped (and logged once a minute).
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Protocol
-
-from limits import RateLimitItem, RateLimitItemPerMinute, WindowStats
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, NamedTuple, Protocol
 
 from relay.access.policy import Policy
 from relay.errors import RateLimited
 
 log = logging.getLogger("relay.limits")
+WINDOW_S = 60
 # A lease outlives its request by at most this long when its process dies holding it.
 LEASE_S = 15 * 60
-_REDIS_PREFIX = "relay:concurrent:"
 _QUIET_S = 60.0
-
-
 _PROCESS = secrets.token_hex(8)  # lease ids: unique across instances sharing a Redis
 _LEASES = itertools.count()
 
-
-@lru_cache(maxsize=1024)
-def _per_minute(amount: int) -> RateLimitItemPerMinute:
-    return RateLimitItemPerMinute(amount)
-
-
-class Windows(Protocol):
-    """The part of a `limits` limiter Relay uses (the async API)."""
-
-    async def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool: ...
-
-    async def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats: ...
-
-
-class InMemoryWindows:
-    """Sliding window counters in this process: `limits`' algorithm (a fixed window's count
-    plus the previous window's, weighted by how much of it the sliding window still covers),
-    written here because `limits`' in-memory storages expire keys with a task per hit (async)
-    or a timer thread every 10 ms (sync): 68 us a request for the requests-per-minute check,
-    where these counters take a few (docs/design.md). Redis goes through `limits`."""
-
-    _SWEEP_AT = 10_000  # entries; older windows are dropped when there are more
-
-    def __init__(self) -> None:
-        # key -> [index of the current window, its count, the previous window's count]
-        self._counts: dict[str, list[int]] = {}
-
-    def _window(
-        self, item: RateLimitItem, identifiers: tuple[str, ...], now: float
-    ) -> tuple[list[int], float]:
-        """The key's counts, moved on to the window `now` falls in, and the previous
-        window's weight."""
-        length = item.get_expiry()
-        index, into = divmod(now, length)
-        key = item.key_for(*identifiers)
-        counts = self._counts.get(key)
-        if counts is None:
-            if len(self._counts) >= self._SWEEP_AT:
-                self._sweep(int(index))
-            counts = self._counts[key] = [int(index), 0, 0]
-        elif counts[0] != index:
-            previous = counts[1] if counts[0] == index - 1 else 0
-            counts[:] = [int(index), 0, previous]
-        return counts, 1 - into / length
-
-    def _sweep(self, index: int) -> None:
-        for key, counts in list(self._counts.items()):
-            if counts[0] < index - 1:
-                del self._counts[key]
-
-    async def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
-        counts, weight = self._window(item, identifiers, time.time())
-        if math.floor(counts[2] * weight + counts[1]) + cost > item.amount:
-            return False
-        counts[1] += cost
-        return True
-
-    async def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
-        now = time.time()
-        counts, weight = self._window(item, identifiers, now)
-        current, previous = counts[1], counts[2]
-        remaining = max(0, item.amount - math.floor(previous * weight + current))
-        length = item.get_expiry()
-        window_ends_in = length * weight
-        # The next unit to free up: one of the previous window's, as its weight falls, or
-        # the current window's, when it ends.
-        reset_in = window_ends_in % (length / previous) if previous else window_ends_in
-        if not (current or previous):
-            reset_in = 0.0
-        return WindowStats(now + reset_in, remaining)
+Limit = Literal["requests", "tokens", "concurrent"]
+_CHECKS: tuple[Limit, ...] = ("requests", "tokens", "concurrent")
 
 
 @dataclass(slots=True)
@@ -122,14 +55,319 @@ class Scope:
     def name(self) -> str:
         return f"{self.kind} '{self.owner}'"
 
+    def key(self, limit: Limit) -> str:
+        """Where `limit` of this owner is counted (a Redis key, or a dict's in memory)."""
+        return f"relay:{limit}:{self.kind}:{self.owner}"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A per-minute limit as read at one moment: the current minute's count, the previous
+    minute's, and how much of the current minute has passed (0 to 1)."""
+
+    limit: int
+    current: int
+    previous: int
+    elapsed: float
+
+    def left(self) -> int:
+        return max(0, self.limit - math.floor(self.previous * (1 - self.elapsed) + self.current))
+
+    def admits(self, cost: int) -> bool:
+        # A request larger than the whole window could never pass: it passes when the
+        # window is empty. (The Redis script decides the same way.)
+        left = self.left()
+        return left > 0 and left >= min(cost, self.limit)
+
+    def reset_in(self) -> float:
+        """Seconds until a unit frees up: one of the previous minute's, as its weight falls,
+        or, with none, the current minute's, when it ends."""
+        ends_in = WINDOW_S * (1 - self.elapsed)
+        if self.previous:
+            return ends_in % (WINDOW_S / self.previous)
+        return ends_in if self.current else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One scope's limits as admission found them, before anything was counted; None where
+    the scope has no such limit."""
+
+    requests: Window | None
+    tokens: Window | None
+    running: tuple[int, int] | None  # (leases held, the most allowed)
+
+
+class Refusal(NamedTuple):
+    scope: int  # its index among the request's scopes
+    limit: Limit
+
+
+def first_refusal(readings: Sequence[Reading], estimated: int) -> Refusal | None:
+    """The first limit that refuses the request, in scope order, or None."""
+    for index, reading in enumerate(readings):
+        if reading.requests is not None and not reading.requests.admits(1):
+            return Refusal(index, "requests")
+        if reading.tokens is not None and not reading.tokens.admits(estimated):
+            return Refusal(index, "tokens")
+        if reading.running is not None and reading.running[0] >= reading.running[1]:
+            return Refusal(index, "concurrent")
+    return None
+
+
+class Counters(Protocol):
+    """Where the windows and leases are kept."""
+
+    async def admit(
+        self, scopes: Sequence[Scope], estimated: int, lease: str
+    ) -> tuple[list[Reading], Refusal | None]:
+        """Read every limit of `scopes`; when none refuses, count the request and hold
+        `lease` in every concurrency set, in the same step."""
+
+    async def settle(self, scopes: Sequence[Scope], lease: str | None, tokens: int) -> None:
+        """Free `lease` and add `tokens` to the token windows, up to what each has left."""
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryCounters:
+    """The counters of this process: dicts, read and changed without waiting, so that no
+    other request's admission interleaves."""
+
+    _SWEEP_AT = 10_000  # windows; older ones are dropped when there are more
+
+    def __init__(self) -> None:
+        # key -> [the current minute, its count, the previous minute's count]
+        self._windows: dict[str, list[int]] = {}
+        # key -> lease -> its deadline (monotonic)
+        self._leases: dict[str, dict[str, float]] = {}
+
+    async def admit(
+        self, scopes: Sequence[Scope], estimated: int, lease: str
+    ) -> tuple[list[Reading], Refusal | None]:
+        now, clock = time.time(), time.monotonic()
+        readings: list[Reading] = []
+        counted: list[list[int]] = []
+        holders: list[dict[str, float]] = []
+        for scope in scopes:
+            policy = scope.policy
+            requests = tokens = running = None
+            if policy.rpm is not None:
+                counts, requests = self._window(scope.key("requests"), policy.rpm, now)
+                counted.append(counts)
+            if policy.tpm is not None:
+                _, tokens = self._window(scope.key("tokens"), policy.tpm, now)
+            if policy.max_concurrent is not None:
+                held = self._held(scope.key("concurrent"), policy.max_concurrent, clock)
+                running = (len(held), policy.max_concurrent)
+                holders.append(held)
+            readings.append(Reading(requests, tokens, running))
+        refusal = first_refusal(readings, estimated)
+        if refusal is None:
+            for counts in counted:
+                counts[1] += 1
+            for held in holders:
+                held[lease] = clock + LEASE_S
+        return readings, refusal
+
+    async def settle(self, scopes: Sequence[Scope], lease: str | None, tokens: int) -> None:
+        now = time.time()
+        for scope in scopes:
+            if lease is not None:
+                self._leases.get(scope.key("concurrent"), {}).pop(lease, None)
+            tpm = scope.policy.tpm
+            if tpm is not None and tokens > 0:
+                counts, window = self._window(scope.key("tokens"), tpm, now)
+                counts[1] += min(tokens, window.left())
+
+    async def aclose(self) -> None:
+        pass
+
+    def _window(self, key: str, limit: int, now: float) -> tuple[list[int], Window]:
+        """The key's counts, moved on to the minute `now` falls in, and what they say."""
+        minute, into = divmod(now, WINDOW_S)
+        counts = self._windows.get(key)
+        if counts is None:
+            if len(self._windows) >= self._SWEEP_AT:
+                self._sweep(int(minute))
+            counts = self._windows[key] = [int(minute), 0, 0]
+        elif counts[0] != minute:
+            previous = counts[1] if counts[0] == minute - 1 else 0
+            counts[:] = [int(minute), 0, previous]
+        return counts, Window(limit, counts[1], counts[2], into / WINDOW_S)
+
+    def _sweep(self, minute: int) -> None:
+        for key, counts in list(self._windows.items()):
+            if counts[0] < minute - 1:
+                del self._windows[key]
+
+    def _held(self, key: str, most: int, clock: float) -> dict[str, float]:
+        """The key's leases; those whose deadline passed are dropped when they could
+        matter (the set is full)."""
+        leases = self._leases.setdefault(key, {})
+        if len(leases) >= most:
+            for lease, deadline in list(leases.items()):
+                if deadline < clock:
+                    del leases[lease]
+        return leases
+
+
+# The windows are hashes {m: minute, c: its count, p: the previous minute's count}; the
+# leases sorted sets scored by deadline (ms). Times are Redis's own (TIME), so that every
+# instance reads the same minute. Replies are integers: Lua numbers reach Redis truncated.
+_SCRIPT = """
+local time = redis.call('TIME')
+local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now_ms = math.floor(now_us / 1000)
+local length_us = tonumber(ARGV[2]) * 1000000
+local minute = math.floor(now_us / length_us)
+local weight = 1 - (now_us % length_us) / length_us
+
+local function read(key)
+  local state = redis.call('HMGET', key, 'm', 'c', 'p')
+  local at = tonumber(state[1])
+  if at == minute then return tonumber(state[2]), tonumber(state[3]) end
+  if at == minute - 1 then return 0, tonumber(state[2]) end
+  return 0, 0
+end
+
+local function left(limit, current, previous)
+  return math.max(0, limit - math.floor(previous * weight + current))
+end
+
+local function write(key, current, previous)
+  redis.call('HSET', key, 'm', minute, 'c', current, 'p', previous)
+  redis.call('PEXPIRE', key, 2 * length_us / 1000)
+end
+
+if ARGV[1] == 'admit' then
+  -- KEYS: per scope, its requests window, tokens window and leases. ARGV: 'admit', the
+  -- window's seconds, the lease, its seconds, the estimated tokens, then per scope rpm,
+  -- tpm and max_concurrent (0: none). Returns the time (us), the refused check (0: none;
+  -- else 3 * scope + 1, 2 or 3), then per scope the requests window's counts, the tokens
+  -- window's and the leases held.
+  local lease, lease_ms, cost = ARGV[3], tonumber(ARGV[4]) * 1000, tonumber(ARGV[5])
+  local found, refused = {}, 0
+  for scope = 0, #KEYS / 3 - 1 do
+    local rpm, tpm, most = tonumber(ARGV[6 + 3 * scope]), tonumber(ARGV[7 + 3 * scope]),
+      tonumber(ARGV[8 + 3 * scope])
+    local rc, rp, tc, tp, held = 0, 0, 0, 0, 0
+    if rpm > 0 then rc, rp = read(KEYS[1 + 3 * scope]) end
+    if tpm > 0 then tc, tp = read(KEYS[2 + 3 * scope]) end
+    if most > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[3 + 3 * scope], '-inf', now_ms)
+      held = redis.call('ZCARD', KEYS[3 + 3 * scope])
+    end
+    if refused == 0 then
+      local tokens_left = left(tpm, tc, tp)
+      if rpm > 0 and left(rpm, rc, rp) < 1 then
+        refused = 3 * scope + 1
+      elseif tpm > 0 and (tokens_left <= 0 or tokens_left < math.min(cost, tpm)) then
+        refused = 3 * scope + 2
+      elseif most > 0 and held >= most then
+        refused = 3 * scope + 3
+      end
+    end
+    for _, value in ipairs({rc, rp, tc, tp, held}) do table.insert(found, value) end
+  end
+  if refused == 0 then
+    for scope = 0, #KEYS / 3 - 1 do
+      if tonumber(ARGV[6 + 3 * scope]) > 0 then
+        write(KEYS[1 + 3 * scope], found[1 + 5 * scope] + 1, found[2 + 5 * scope])
+      end
+      if tonumber(ARGV[8 + 3 * scope]) > 0 then
+        redis.call('ZADD', KEYS[3 + 3 * scope], now_ms + lease_ms, lease)
+        redis.call('PEXPIRE', KEYS[3 + 3 * scope], lease_ms)
+      end
+    end
+  end
+  return {now_us, refused, unpack(found)}
+end
+
+-- 'settle' -- KEYS: per scope, its tokens window and leases. ARGV: 'settle', the window's
+-- seconds, the lease, the tokens, then per scope tpm (0: none).
+local lease, tokens = ARGV[3], tonumber(ARGV[4])
+for scope = 0, #KEYS / 2 - 1 do
+  redis.call('ZREM', KEYS[2 + 2 * scope], lease)
+  local tpm = tonumber(ARGV[5 + scope])
+  if tpm > 0 and tokens > 0 then
+    local current, previous = read(KEYS[1 + 2 * scope])
+    local added = math.min(tokens, left(tpm, current, previous))
+    if added > 0 then write(KEYS[1 + 2 * scope], current + added, previous) end
+  end
+end
+return 0
+"""
+
+
+class RedisCounters:
+    """The counters in Redis, shared by every instance. The script reads every limit of a
+    request, decides and counts as one atomic step and one round trip (a test then a hit per
+    window, from two instances, could both pass; docs/design.md); settling frees the lease
+    and adds the tokens in one more."""
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio
+
+        self._redis: Any = redis.asyncio.Redis.from_url(url)
+        self._script = self._redis.register_script(_SCRIPT)
+
+    async def admit(
+        self, scopes: Sequence[Scope], estimated: int, lease: str
+    ) -> tuple[list[Reading], Refusal | None]:
+        keys: list[str] = []
+        args: list[str | int] = ["admit", WINDOW_S, lease, LEASE_S, estimated]
+        for scope in scopes:
+            keys += [scope.key(limit) for limit in _CHECKS]
+            policy = scope.policy
+            args += [policy.rpm or 0, policy.tpm or 0, policy.max_concurrent or 0]
+        now_us, refused, *counts = await self._script(keys, args)
+        window_us = WINDOW_S * 1_000_000
+        elapsed = now_us % window_us / window_us
+        readings = []
+        for index, scope in enumerate(scopes):
+            rc, rp, tc, tp, held = counts[5 * index : 5 * index + 5]
+            policy = scope.policy
+            readings.append(
+                Reading(
+                    None if policy.rpm is None else Window(policy.rpm, rc, rp, elapsed),
+                    None if policy.tpm is None else Window(policy.tpm, tc, tp, elapsed),
+                    None if policy.max_concurrent is None else (held, policy.max_concurrent),
+                )
+            )
+        if not refused:
+            return readings, None
+        index, check = divmod(refused - 1, 3)
+        return readings, Refusal(index, _CHECKS[check])
+
+    async def settle(self, scopes: Sequence[Scope], lease: str | None, tokens: int) -> None:
+        concerned = [
+            scope
+            for scope in scopes
+            if (lease is not None and scope.policy.max_concurrent is not None)
+            or (tokens > 0 and scope.policy.tpm is not None)
+        ]
+        if not concerned:
+            return
+        keys: list[str] = []
+        args: list[str | int] = ["settle", WINDOW_S, lease or "", tokens]
+        for scope in concerned:
+            keys += [scope.key("tokens"), scope.key("concurrent")]
+            args.append(scope.policy.tpm or 0)
+        await self._script(keys, args)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
 
 @dataclass(slots=True)
 class Admission:
-    """What one admitted request holds: its concurrency leases, and the headers to send."""
+    """What one admitted request holds: its lease (in every concurrency set of its scopes),
+    and the headers to send."""
 
     scopes: list[Scope]
+    lease: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    leases: list[tuple[Scope, str]] = field(default_factory=list)
 
 
 def duration(seconds: float) -> str:
@@ -143,184 +381,85 @@ def duration(seconds: float) -> str:
 
 class RateLimiter:
     def __init__(self, redis_url: str | None = None) -> None:
-        self._redis: Any = None
-        self._windows: Windows
-        if redis_url:
-            import redis.asyncio
-
-            storage = RedisStorage(
-                "async+" + redis_url, implementation="redispy", wrap_exceptions=True
-            )
-            self._windows = SlidingWindowCounterRateLimiter(storage)
-            self._redis = redis.asyncio.Redis.from_url(redis_url)
-        else:
-            self._windows = InMemoryWindows()
-        # In memory as in Redis: the leases of each owner, with their deadlines, so that a
-        # slot whose request never settled (a stream whose client left before it began)
-        # lapses instead of leaking.
-        self._running: dict[str, dict[str, float]] = {}
+        self._counters: Counters = RedisCounters(redis_url) if redis_url else MemoryCounters()
         self._warned = -_QUIET_S
 
     async def admit(self, scopes: list[Scope], estimated_tokens: int) -> Admission:
         """Count one request against every scope, or raise RateLimited (429) naming the
-        limit it is over. Tokens are only tested here (the estimate of the input); the real
-        count is added by `record` when the response is settled."""
-        admission = Admission(scopes)
-        checks = []
-        for scope in scopes:
-            checks += [
-                self._requests(scope, admission),
-                self._tokens(scope, estimated_tokens, admission),
-                self._acquire(scope, admission),
-            ]
-        if self._redis is None:
-            # In memory a check takes microseconds: one after the other, no tasks.
-            outcomes: list[BaseException | None] = []
-            for check in checks:
-                try:
-                    await check
-                    outcomes.append(None)
-                except Exception as error:
-                    outcomes.append(error)
-        else:
-            # Each check is a round trip to Redis: all at once, so a request waits for
-            # about two (a window's hit, then its numbers), not for six.
-            outcomes = await asyncio.gather(*checks, return_exceptions=True)
-        refusals = [outcome for outcome in outcomes if isinstance(outcome, RateLimited)]
-        if refusals:
-            await self.release(admission)
-            raise refusals[0]
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):  # the shared store is down: let it through
-                self._warn(outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-        return admission
-
-    async def record(self, admission: Admission, tokens: int) -> None:
-        """Add a settled response's tokens to its scopes' windows (up to what is left: the
-        window is then full until it slides)."""
+        limit it is over, having counted nothing. Tokens are only tested here (the estimate
+        of the input); the real count is added by `settle`."""
+        lease = f"{_PROCESS}:{next(_LEASES)}"
         try:
-            for scope in admission.scopes:
-                tpm = scope.policy.tpm
-                if tpm is None or tokens <= 0:
-                    continue
-                item = _per_minute(tpm)
-                if not await self._windows.hit(
-                    item, scope.kind, scope.owner, "tokens", cost=tokens
-                ):
-                    stats = await self._windows.get_window_stats(
-                        item, scope.kind, scope.owner, "tokens"
-                    )
-                    if stats.remaining > 0:
-                        await self._windows.hit(
-                            item, scope.kind, scope.owner, "tokens", cost=stats.remaining
-                        )
+            readings, refusal = await self._counters.admit(scopes, estimated_tokens, lease)
+        except Exception as error:  # the shared store is down: let it through
+            self._warn(error)
+            return Admission(scopes)
+        if refusal is None:
+            return Admission(scopes, lease, _headers(readings, counted=True))
+        raise _refused(scopes[refusal.scope], readings[refusal.scope], refusal.limit, readings)
+
+    async def settle(self, admission: Admission, tokens: int) -> None:
+        """Free what an admitted request held and add its tokens (its settled usage; 0 for
+        one that never started) to its scopes' windows, up to what each has left: a window
+        is then full until it slides."""
+        lease, admission.lease = admission.lease, None
+        try:
+            await self._counters.settle(admission.scopes, lease, tokens)
         except Exception as error:
             self._warn(error)
 
-    async def release(self, admission: Admission) -> None:
-        leases, admission.leases = admission.leases, []
-        for scope, lease in leases:
-            key = _REDIS_PREFIX + scope.kind + ":" + scope.owner
-            try:
-                if self._redis is None:
-                    self._running.get(key, {}).pop(lease, None)
-                else:
-                    await self._redis.zrem(key, lease)
-            except Exception as error:
-                self._warn(error)
-
     async def aclose(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-
-    async def _requests(self, scope: Scope, admission: Admission) -> None:
-        rpm = scope.policy.rpm
-        if rpm is None:
-            return
-        item = _per_minute(rpm)
-        allowed = await self._windows.hit(item, scope.kind, scope.owner, "requests")
-        stats = await self._windows.get_window_stats(item, scope.kind, scope.owner, "requests")
-        reset_in = max(0.0, stats.reset_time - time.time())
-        self._header(admission, "requests", rpm, stats.remaining, reset_in)
-        if not allowed:
-            raise self._refusal(scope, f"{rpm} requests per minute", reset_in, admission)
-
-    async def _tokens(self, scope: Scope, estimated: int, admission: Admission) -> None:
-        tpm = scope.policy.tpm
-        if tpm is None:
-            return
-        item = _per_minute(tpm)
-        stats = await self._windows.get_window_stats(item, scope.kind, scope.owner, "tokens")
-        reset_in = max(0.0, stats.reset_time - time.time())
-        self._header(admission, "tokens", tpm, stats.remaining, reset_in)
-        # A request larger than the whole window could never pass: it passes when the
-        # window is empty.
-        if stats.remaining < min(estimated, tpm) or stats.remaining <= 0:
-            raise self._refusal(scope, f"{tpm} tokens per minute", reset_in, admission)
-
-    async def _acquire(self, scope: Scope, admission: Admission) -> None:
-        limit = scope.policy.max_concurrent
-        if limit is None:
-            return
-        key = _REDIS_PREFIX + scope.kind + ":" + scope.owner
-        lease = f"{_PROCESS}:{next(_LEASES)}"
-        if self._redis is None:
-            now = time.monotonic()
-            leases = self._running.setdefault(key, {})
-            if len(leases) >= limit:
-                for held, deadline in list(leases.items()):
-                    if deadline < now:
-                        del leases[held]
-            if len(leases) >= limit:
-                raise self._refusal(
-                    scope, f"{limit} request{'s' if limit > 1 else ''} at once", 1.0, admission
-                )
-            leases[lease] = now + LEASE_S
-        else:
-            now = time.time()
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zremrangebyscore(key, "-inf", now)
-                pipe.zadd(key, {lease: now + LEASE_S})
-                pipe.zcard(key)
-                pipe.expire(key, LEASE_S)
-                _, _, running, _ = await pipe.execute()
-            if running > limit:
-                await self._redis.zrem(key, lease)
-                raise self._refusal(
-                    scope, f"{limit} request{'s' if limit > 1 else ''} at once", 1.0, admission
-                )
-        admission.leases.append((scope, lease))
-
-    @staticmethod
-    def _header(
-        admission: Admission, kind: str, limit: int, remaining: int, reset_in: float
-    ) -> None:
-        """The headers OpenAI clients read; with a key and a project limited, the tighter."""
-        name = f"x-ratelimit-remaining-{kind}"
-        current = admission.headers.get(name)
-        if current is not None and int(current) <= remaining:
-            return
-        admission.headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-        admission.headers[name] = str(remaining)
-        admission.headers[f"x-ratelimit-reset-{kind}"] = duration(reset_in)
-
-    @staticmethod
-    def _refusal(scope: Scope, what: str, reset_in: float, admission: Admission) -> RateLimited:
-        wait = max(reset_in, 0.05)
-        headers = {
-            **admission.headers,
-            "retry-after": str(math.ceil(wait)),
-            "retry-after-ms": str(math.ceil(wait * 1000)),
-        }
-        return RateLimited(
-            f"Rate limit reached for {scope.name}: {what}. Try again in {duration(wait)}.",
-            headers=headers,
-        )
+        await self._counters.aclose()
 
     def _warn(self, error: Exception) -> None:
         now = time.monotonic()
         if now - self._warned >= _QUIET_S:
             self._warned = now
             log.warning("rate limits not checked: the limits store failed (%s)", error)
+
+
+def _headers(readings: Sequence[Reading], counted: bool) -> dict[str, str]:
+    """The headers OpenAI clients read, after the request was counted (or not); with a key
+    and a project limited, the tighter of each."""
+    headers: dict[str, str] = {}
+    for reading in readings:
+        if reading.requests is not None:
+            requests = reading.requests
+            if counted:
+                requests = replace(requests, current=requests.current + 1)
+            _header(headers, "requests", requests)
+        if reading.tokens is not None:
+            _header(headers, "tokens", reading.tokens)
+    return headers
+
+
+def _header(headers: dict[str, str], kind: str, window: Window) -> None:
+    name = f"x-ratelimit-remaining-{kind}"
+    remaining = window.left()
+    current = headers.get(name)
+    if current is not None and int(current) <= remaining:
+        return
+    headers[f"x-ratelimit-limit-{kind}"] = str(window.limit)
+    headers[name] = str(remaining)
+    headers[f"x-ratelimit-reset-{kind}"] = duration(window.reset_in())
+
+
+def _refused(
+    scope: Scope, reading: Reading, limit: Limit, readings: Sequence[Reading]
+) -> RateLimited:
+    window = {"requests": reading.requests, "tokens": reading.tokens}.get(limit)
+    if window is not None:
+        what, reset_in = f"{window.limit} {limit} per minute", window.reset_in()
+    else:
+        most = scope.policy.max_concurrent or 0
+        what, reset_in = f"{most} request{'s' if most > 1 else ''} at once", 1.0
+    wait = max(reset_in, 0.05)
+    headers = {
+        **_headers(readings, counted=False),
+        "retry-after": str(math.ceil(wait)),
+        "retry-after-ms": str(math.ceil(wait * 1000)),
+    }
+    return RateLimited(
+        f"Rate limit reached for {scope.name}: {what}. Try again in {duration(wait)}.",
+        headers=headers,
+    )

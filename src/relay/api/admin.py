@@ -16,6 +16,7 @@ from relay.access.usage import GROUPS
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
 from relay.api.paging import int_or_none, read_body
 from relay.errors import InvalidRequest
+from relay.protocol import json_object, nul_field
 
 PREFIX = "/admin/v1"
 DEFAULT_PAGE = 20
@@ -30,12 +31,14 @@ def _admin(request: Request) -> Admin:
     return admin
 
 
-async def _body(request: Request) -> Any:
-    raw = await read_body(request)
-    try:
-        return orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
+async def _body(request: Request) -> dict[str, Any]:
+    """The JSON body. Admin bodies hold names, ids and model names, any of which may become
+    a column: a NUL character anywhere in one is a 400 naming the field."""
+    body = json_object(await read_body(request) or b"{}")
+    field = nul_field(body)
+    if field is not None:
+        raise InvalidRequest(f"Invalid '{field}': it contains a NUL character.", param=field)
+    return body
 
 
 def _limit(request: Request) -> int:

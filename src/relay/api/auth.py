@@ -1,7 +1,8 @@
 """Authentication by construction: `routes()` wraps every data-plane endpoint in
 `client_endpoint` and every admin endpoint in `admin_endpoint`, so no handler runs without
 its caller resolved, and handlers receive the caller instead of reading headers. The rules
-themselves live in relay.access.gate.Access."""
+themselves live in relay.access.gate.Access. The wrappers also refuse NUL characters in
+path and query parameters, which every handler would otherwise have to remember."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from starlette.websockets import WebSocket
 
 from relay.access.gate import Access, Principal
 from relay.api.errors import error_response
+from relay.api.paging import refuse_nul
 from relay.errors import RelayError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -28,14 +30,18 @@ def access(request: Request | WebSocket) -> Access:
 
 def client_endpoint(handler: ClientHandler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
-        return await handler(request, await access(request).principal(request))
+        principal = await access(request).principal(request)
+        refuse_nul(request)
+        return await handler(request, principal)
 
     return endpoint
 
 
 def admin_endpoint(handler: AdminHandler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
-        return await handler(request, access(request).admin(request))
+        actor = access(request).admin(request)
+        refuse_nul(request)
+        return await handler(request, actor)
 
     return endpoint
 
@@ -44,6 +50,7 @@ def client_socket(handler: SocketHandler) -> Callable[[WebSocket], Awaitable[Non
     async def endpoint(websocket: WebSocket) -> None:
         try:
             principal = await access(websocket).principal(websocket)
+            refuse_nul(websocket)
         except RelayError as error:
             # Refused before the upgrade, with the status and envelope HTTP would get.
             await websocket.send_denial_response(error_response(error))

@@ -11,10 +11,10 @@ from starlette.responses import Response
 
 from relay.access.gate import Principal
 from relay.api.paging import cursor, limit, order, read_body
-from relay.engine.context import parse_input
+from relay.engine.context import parse_items
 from relay.errors import InvalidRequest
-from relay.ids import new_id
-from relay.protocol import create_request, json_object
+from relay.ids import looks_like_conversation_id, new_id
+from relay.protocol import json_object
 from relay.storage.conversations import ConversationStore
 
 MAX_METADATA_KEYS = 16
@@ -66,7 +66,7 @@ def _items(body: dict[str, Any], required: bool) -> list[dict[str, Any]]:
             f"Invalid 'items': expected a list of 1 to {MAX_ITEMS} input items.", param="items"
         )
     # The same items a response's input takes, normalised the same way (ids given).
-    items = parse_input(create_request({"input": given}))
+    items = parse_items(given, "items")
     if any(item["type"] == "item_reference" for item in items):
         raise InvalidRequest("Item references cannot be added to a conversation.", param="items")
     return items
@@ -74,7 +74,7 @@ def _items(body: dict[str, Any], required: bool) -> list[dict[str, Any]]:
 
 def _conversation_id(request: Request) -> str:
     found: str = request.path_params["conversation_id"]
-    if not found.startswith("conv_") or len(found) > 200:
+    if not looks_like_conversation_id(found):
         raise InvalidRequest(
             f"Invalid 'conversation_id': '{found[:80]}'. Expected an ID that begins with 'conv_'.",
             param="conversation_id",

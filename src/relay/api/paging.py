@@ -1,11 +1,12 @@
-"""What requests carry, read once for every endpoint: bodies within their size limit, and
-the query parameters of list endpoints (cursors, page sizes, order)."""
+"""What requests carry, read once for every endpoint: bodies within their size limit, path
+and query parameters without NUL characters, and the query parameters of list endpoints
+(cursors, page sizes, order)."""
 
 from __future__ import annotations
 
 import re
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from relay.errors import InvalidRequest, PayloadTooLarge
 from relay.protocol import ID_PATTERN
@@ -24,6 +25,19 @@ def int_or_none(text: str | None) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def refuse_nul(connection: HTTPConnection) -> None:
+    """A 400 naming the path or query parameter that holds a NUL character: PostgreSQL text
+    cannot hold one, and any of them may reach SQL (an id, a cursor, a filter). Looked for
+    in the raw path and query first, so a request without one pays two searches. (Headers
+    cannot carry one: the HTTP parser refuses the request.)"""
+    scope = connection.scope
+    if "\x00" not in scope["path"] and b"%00" not in scope["query_string"]:
+        return
+    for name, value in [*connection.path_params.items(), *connection.query_params.multi_items()]:
+        if "\x00" in value:
+            raise InvalidRequest(f"Invalid '{name[:40]}': it contains a NUL character.", param=name)
 
 
 def cursor(request: Request, name: str) -> str | None:

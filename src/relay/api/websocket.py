@@ -1,8 +1,11 @@
 """WebSocket mode: `GET /v1/responses` upgraded; each `response.create` message is a turn.
 
 The events of a turn are those of the SSE stream, from the same producer (`Run.events`), one
-JSON object per text message. Turns run one at a time, in the order they were sent; messages
-that arrive meanwhile wait. Each socket keeps the latest response it produced, so a
+JSON object per text message. Turns run one at a time, in the order they were sent; up to
+`websocket_max_queued_turns` messages that arrive meanwhile wait, and more are refused at once
+with an error event (they are not kept: the memory a socket holds is bounded by that and by
+uvicorn's `ws_max_size`, `max_body_bytes` a message, over which the socket is closed with
+1009 "message too big"). Each socket keeps the latest response it produced, so a
 `store: false` chain can continue on the same socket; a continuation that fails evicts the
 response it named. Errors that end a turn before it streams are sent as
 `{"type": "error", "status", "error": {...}}` and the socket stays open. A socket serves new
@@ -22,7 +25,7 @@ from relay.access.gate import Access, Principal
 from relay.api.auth import access
 from relay.api.errors import error_response
 from relay.engine.run import Engine, Run
-from relay.errors import InvalidRequest, PermissionDenied, RelayError
+from relay.errors import InvalidRequest, PermissionDenied, RateLimited, RelayError
 from relay.protocol import CreateResponse, create_request, json_object
 from relay.providers.base import History
 
@@ -44,6 +47,7 @@ async def responses_socket(websocket: WebSocket, principal: Principal) -> None:
         access(websocket),
         principal,
         settings.websocket_max_age_s,
+        settings.websocket_max_queued_turns,
     ).serve()
 
 
@@ -66,12 +70,14 @@ class _Socket:
         gate: Access,
         principal: Principal,
         max_age_s: float,
+        max_queued: int,
     ) -> None:
         self.websocket = websocket
         self.engine = engine
         self.gate = gate
         self.principal = principal
         self.deadline = time.monotonic() + max_age_s
+        self.max_queued = max_queued
         # The latest response of this socket: its id, the chain it ends, whether it is stored.
         self.latest: tuple[str, History, bool] | None = None
         self.gone = False
@@ -105,13 +111,22 @@ class _Socket:
             reader.cancel()
 
     async def _read(self, inbox: asyncio.Queue[str | None]) -> None:
-        """Every message, in order, to `inbox`; at the client's departure, None, and the turn
-        in flight is cancelled."""
+        """Every message, in order, to `inbox`, or refused when `max_queued` already wait
+        there; at the client's departure, None, and the turn in flight is cancelled."""
         try:
             while True:
                 message = await self.websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
+                if inbox.qsize() >= self.max_queued:
+                    await self._error(
+                        RateLimited(
+                            f"This WebSocket already has {self.max_queued} turns waiting; this "
+                            "one was not queued. Send it again when a turn has finished.",
+                            code="websocket_queue_full",
+                        )
+                    )
+                    continue
                 text = message.get("text")
                 if text is None:  # a binary frame: taken as UTF-8 JSON all the same
                     text = (message.get("bytes") or b"").decode("utf-8", "replace")

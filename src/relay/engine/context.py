@@ -49,14 +49,20 @@ def parse_input(request: CreateResponse) -> list[dict[str, Any]]:
         return []
     if isinstance(raw, str):
         raw = [{"type": "message", "role": "user", "content": raw}]
+    return parse_items(raw, "input")
+
+
+def parse_items(raw: list[Any], field: str) -> list[dict[str, Any]]:
+    """Input items as normalised items; errors name them as the client's `field` does
+    (`input[0]` of a response, `items[0]` of a conversation)."""
     items = []
     for index, entry in enumerate(raw):
         try:
             model = parse_item(entry)
         except ValidationError as error:
-            raise invalid_request(error, entry, f"input[{index}]") from None
+            raise invalid_request(error, entry, f"{field}[{index}]") from None
         except ValueError as error:
-            raise InvalidRequest(str(error), param=f"input[{index}]") from None
+            raise InvalidRequest(str(error), param=f"{field}[{index}]") from None
         dumped = model.model_dump(mode="json", exclude_none=True, by_alias=True)
         items.append(dumped if dumped["type"] == "item_reference" else _normalise(dumped))
     return items

@@ -15,7 +15,7 @@ from typing import Any
 
 from relay.engine.history import HistoryCache
 from relay.errors import InvalidRequest
-from relay.ids import new_id
+from relay.ids import looks_like_conversation_id, new_id
 from relay.protocol import CreateResponse
 from relay.providers.base import History
 from relay.storage.conversations import ConversationStore
@@ -31,7 +31,7 @@ def conversation_id(request: CreateResponse) -> str | None:
     if given is None:
         return None
     found = given if isinstance(given, str) else given.get("id")
-    if not isinstance(found, str) or not found.startswith("conv_") or len(found) > 200:
+    if not isinstance(found, str) or not looks_like_conversation_id(found):
         raise InvalidRequest(
             "Invalid 'conversation': expected a conversation id ('conv_...') or "
             '{"id": "conv_..."}.',
