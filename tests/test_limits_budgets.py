@@ -4,9 +4,11 @@ on one Relay with in-process limits. (Across two instances: test_two_instances.p
 from __future__ import annotations
 
 import secrets
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -387,3 +389,24 @@ def test_each_websocket_turn_is_a_request(team_url: str, admin: AdminClient) -> 
         refused = orjson.loads(ws.recv())
     assert refused["type"] == "error" and refused["status"] == 429
     assert refused["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_redis_that_never_answers_lets_requests_pass_at_once(tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (the kernel completes the
+    handshake, nobody reads): every keyed request passes unlimited, after at most one short
+    wait, as the README promises; nothing waits for Redis's retries."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(128)
+        redis_url = f"redis://127.0.0.1:{hole.getsockname()[1]}/0"
+        with (
+            team_relay(f"sqlite:///{tmp_path / 'relay.db'}", redis_url=redis_url) as url,
+            AdminClient(url) as admin,
+        ):
+            _, value = admin.key(admin.project(policy={"rpm": 3, "max_concurrent": 1}))
+            with client(url, value) as http:
+                started = time.monotonic()
+                codes = [ask(http).status_code for _ in range(10)]
+                elapsed = time.monotonic() - started
+    assert codes == [200] * 10
+    assert elapsed < 1.5, elapsed

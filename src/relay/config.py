@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     # Rate limits shared by every instance (redis://host:port/db); None: each process counts
     # its own.
     redis_url: SecretStr | None = None
+    # The longest a Redis call may take (connecting included) before the request passes
+    # unlimited: a Redis that accepts connections and never answers must not stall traffic.
+    redis_timeout_s: float = Field(default=0.05, gt=0, le=10)
     # How long a process trusts what it read of a database key (revocation, expiry, limits
     # take effect within this time on every instance).
     key_cache_s: float = Field(default=5.0, ge=0)

@@ -19,6 +19,7 @@ Redis being unreachable does not stop traffic: the check is skipped (and logged 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -36,6 +37,7 @@ WINDOW_S = 60
 # A lease outlives its request by at most this long when its process dies holding it.
 LEASE_S = 15 * 60
 _QUIET_S = 60.0
+_RESTING_S = 1.0  # after a failure of the limits store, how long requests skip it
 _PROCESS = secrets.token_hex(8)  # lease ids: unique across instances sharing a Redis
 _LEASES = itertools.count()
 
@@ -306,10 +308,22 @@ class RedisCounters:
     window, from two instances, could both pass; docs/design.md); settling frees the lease
     and adds the tokens in one more."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout_s: float) -> None:
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        self._redis: Any = redis.asyncio.Redis.from_url(url)
+        # No retries (redis-py's default is 10, with backoff: a Redis that never answers
+        # held each request for seconds); the limiter lets a request through instead.
+        self._redis: Any = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        # The socket timeouts bound each read; this, each whole call (a connection from the
+        # pool, the script's load after a Redis restart).
+        self._bound_s = 2 * timeout_s
         self._script = self._redis.register_script(_SCRIPT)
 
     async def admit(
@@ -321,7 +335,8 @@ class RedisCounters:
             keys += [scope.key(limit) for limit in _CHECKS]
             policy = scope.policy
             args += [policy.rpm or 0, policy.tpm or 0, policy.max_concurrent or 0]
-        now_us, refused, *counts = await self._script(keys, args)
+        async with asyncio.timeout(self._bound_s):
+            now_us, refused, *counts = await self._script(keys, args)
         window_us = WINDOW_S * 1_000_000
         elapsed = now_us % window_us / window_us
         readings = []
@@ -354,7 +369,8 @@ class RedisCounters:
         for scope in concerned:
             keys += [scope.key("tokens"), scope.key("concurrent")]
             args.append(scope.policy.tpm or 0)
-        await self._script(keys, args)
+        async with asyncio.timeout(self._bound_s):
+            await self._script(keys, args)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -380,8 +396,13 @@ def duration(seconds: float) -> str:
 
 
 class RateLimiter:
-    def __init__(self, redis_url: str | None = None) -> None:
-        self._counters: Counters = RedisCounters(redis_url) if redis_url else MemoryCounters()
+    def __init__(self, redis_url: str | None = None, *, timeout_s: float = 0.05) -> None:
+        self._counters: Counters = (
+            RedisCounters(redis_url, timeout_s) if redis_url else MemoryCounters()
+        )
+        # After a failure the store is left alone for _RESTING_S: requests pass at once
+        # rather than each waiting out the bound.
+        self._resting_until = 0.0
         self._warned = -_QUIET_S
 
     async def admit(self, scopes: list[Scope], estimated_tokens: int) -> Admission:
@@ -389,11 +410,14 @@ class RateLimiter:
         limit it is over, having counted nothing. Tokens are only tested here (the estimate
         of the input); the real count is added by `settle`."""
         lease = f"{_PROCESS}:{next(_LEASES)}"
+        if self._resting_until and time.monotonic() < self._resting_until:
+            return Admission(scopes)
         try:
             readings, refusal = await self._counters.admit(scopes, estimated_tokens, lease)
         except Exception as error:  # the shared store is down: let it through
-            self._warn(error)
+            self._failed(error)
             return Admission(scopes)
+        self._resting_until = 0.0
         if refusal is None:
             return Admission(scopes, lease, _headers(readings, counted=True))
         raise _refused(scopes[refusal.scope], readings[refusal.scope], refusal.limit, readings)
@@ -406,16 +430,21 @@ class RateLimiter:
         try:
             await self._counters.settle(admission.scopes, lease, tokens)
         except Exception as error:
-            self._warn(error)
+            self._failed(error)
 
     async def aclose(self) -> None:
         await self._counters.aclose()
 
-    def _warn(self, error: Exception) -> None:
+    def _failed(self, error: Exception) -> None:
         now = time.monotonic()
+        self._resting_until = now + _RESTING_S
         if now - self._warned >= _QUIET_S:
             self._warned = now
-            log.warning("rate limits not checked: the limits store failed (%s)", error)
+            log.warning(
+                "rate limits not checked: the limits store failed (%s); requests pass "
+                "unlimited until it answers again",
+                type(error).__name__ if isinstance(error, TimeoutError) else error,
+            )
 
 
 def _headers(readings: Sequence[Reading], counted: bool) -> dict[str, str]:
