@@ -133,6 +133,13 @@ def scope(kind: str, **policy: int) -> Scope:
     return Scope(kind, secrets.token_hex(6), Policy(**policy))
 
 
+async def settle(limiter: RateLimiter, admission: Admission, tokens: int) -> None:
+    """Settle `admission` and wait until it is (at once in memory)."""
+    waiting = limiter.settle(admission, tokens)
+    if waiting is not None:
+        await waiting
+
+
 async def refused(limiter: RateLimiter, scopes: list[Scope], tokens: int = 1) -> RateLimited:
     with pytest.raises(RateLimited) as raised:
         await limiter.admit(scopes, tokens)
@@ -147,16 +154,16 @@ async def test_a_refusal_by_one_scope_counts_in_no_other(limiter: RateLimiter) -
         refusal = await refused(limiter, [key, project])
         assert "at once" in refusal.message
         assert refusal.headers["x-ratelimit-remaining-requests"] == "4"
-    await limiter.settle(held, 0)
+    await settle(limiter, held, 0)
     admitted = await limiter.admit([key, project], 1)
     assert admitted.headers["x-ratelimit-remaining-requests"] == "3"
-    await limiter.settle(admitted, 0)
+    await settle(limiter, admitted, 0)
 
 
 async def test_a_tokens_refusal_counts_no_request(limiter: RateLimiter) -> None:
     key, project = scope("key", rpm=3, max_concurrent=5), scope("project", tpm=10)
     first = await limiter.admit([key, project], 4)
-    await limiter.settle(first, 8)  # 2 tokens left
+    await settle(limiter, first, 8)  # 2 tokens left
     for _ in range(4):
         refusal = await refused(limiter, [key, project], tokens=4)
         assert "10 tokens per minute" in refusal.message
@@ -166,13 +173,13 @@ async def test_a_tokens_refusal_counts_no_request(limiter: RateLimiter) -> None:
     held = [await limiter.admit([key], 1) for _ in range(2)]
     assert held[-1].headers["x-ratelimit-remaining-requests"] == "0"
     for admission in held:
-        await limiter.settle(admission, 0)
+        await settle(limiter, admission, 0)
 
 
 async def test_requests_over_the_window_hold_no_slot(limiter: RateLimiter) -> None:
     key = scope("key", rpm=1, max_concurrent=1)
     first = await limiter.admit([key], 1)
-    await limiter.settle(first, 0)
+    await settle(limiter, first, 0)
     for _ in range(3):
         refusal = await refused(limiter, [key])
         assert "1 requests per minute" in refusal.message
@@ -181,7 +188,7 @@ async def test_requests_over_the_window_hold_no_slot(limiter: RateLimiter) -> No
     # Admission with both: the key's window refuses; the other's slot stays free.
     await refused(limiter, [key, other])
     admitted: Admission = await limiter.admit([other], 1)
-    await limiter.settle(admitted, 0)
+    await settle(limiter, admitted, 0)
 
 
 def test_the_openai_sdk_sees_a_rate_limit_error(team_url: str, admin: AdminClient) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -76,17 +78,21 @@ def deltas(first: int, count: int, text: str = "word") -> list[Batch]:
     ]
 
 
-async def test_deltas_ready_at_once_share_one_write() -> None:
+async def test_each_batch_is_written_as_it_comes_and_the_end_with_done() -> None:
+    """The run's steps are not looked ahead of (they run in the request's task): each batch
+    is written as it comes, the terminal one in the closing write with [DONE]."""
+
     async def events() -> AsyncIterator[Batch]:
         yield START
         yield FIRST
-        for batch in deltas(4, 5):
+        for batch in deltas(4, 3):
             yield batch
-        yield [event("response.completed", 9)]
+        yield [event("response.completed", 7)]
 
     client = Client()
     await stream(events(), client)
-    assert client.writes[1:] == [["response.output_text.delta"] * 5 + ["response.completed"]]
+    assert client.writes[1:] == [["response.output_text.delta"]] * 3 + [["response.completed"]]
+    assert client.done
 
 
 async def test_what_is_ready_goes_out_before_waiting_for_the_upstream() -> None:
@@ -104,8 +110,37 @@ async def test_what_is_ready_goes_out_before_waiting_for_the_upstream() -> None:
     await stream(events(), client)
     assert client.writes[1:] == [
         ["response.output_text.delta"],
-        ["response.output_text.delta", "response.completed"],
+        ["response.output_text.delta"],
+        ["response.completed"],
     ]
+
+
+async def test_a_step_runs_in_the_request_task_with_its_context() -> None:
+    """What the run does inside a step sees the request's task and context vars, and a
+    timeout it sets cancels its own work, never another task's."""
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker")
+    seen: list[object] = []
+    caller = None
+
+    async def events() -> AsyncIterator[Batch]:
+        token = marker.set("in the run")
+        yield START
+        seen.append(asyncio.current_task())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(1)  # an upstream wait that times out
+        yield FIRST
+        marker.reset(token)  # the token was made in this same context
+        seen.append(asyncio.current_task())
+        yield END
+
+    async def request() -> None:
+        nonlocal caller
+        caller = asyncio.current_task()
+        await stream(events(), Client())
+
+    await asyncio.wait_for(request(), 5)
+    assert seen == [caller, caller]
 
 
 async def test_no_write_grows_far_past_the_flush_size() -> None:
@@ -204,7 +239,8 @@ async def test_a_disconnect_during_a_blocked_write_still_finalises_the_events() 
             yield deltas(4, 1)[0]
             await asyncio.sleep(60)  # the upstream is slow: the delta is written meanwhile
             yield END
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Where it stood (a step, or between steps): Run.events handles both alike.
             await asyncio.sleep(0)  # e.g. storing where the run stopped
             finalised.set()
             raise
@@ -249,10 +285,15 @@ async def test_an_event_that_cannot_be_framed_ends_the_stream_with_the_next_numb
 
 async def test_a_cancel_during_the_cleanup_after_a_disconnect_waits_for_it() -> None:
     """The client leaves, the run starts recording where it stopped, and then the request
-    itself is cancelled (a server shutting down): the run's cleanup still runs to its end, and
-    the request's cancel is raised after it, not swallowed."""
+    itself is cancelled (a server shutting down): the run's cleanup, shielded as Run.events
+    shields its save, still runs to its end, and the request's cancel is raised, not
+    swallowed."""
     finalised = asyncio.Event()
     cleaning = asyncio.Event()
+
+    async def store() -> None:
+        await asyncio.sleep(0.05)  # storing where the run stopped
+        finalised.set()
 
     async def events() -> AsyncIterator[Batch]:
         try:
@@ -261,8 +302,8 @@ async def test_a_cancel_during_the_cleanup_after_a_disconnect_waits_for_it() -> 
             yield FIRST
         except asyncio.CancelledError:
             cleaning.set()
-            await asyncio.sleep(0.05)  # storing where the run stopped
-            finalised.set()
+            saving = asyncio.ensure_future(store())
+            await asyncio.shield(saving)
             raise
 
     client = Client()
@@ -273,4 +314,4 @@ async def test_a_cancel_during_the_cleanup_after_a_disconnect_waits_for_it() -> 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
-    assert finalised.is_set()
+    await asyncio.wait_for(finalised.wait(), 5)

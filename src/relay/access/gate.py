@@ -25,7 +25,6 @@ from relay.access.limits import Admission, RateLimiter, Scope
 from relay.access.policy import NO_POLICY, Served, Settle
 from relay.access.usage import Ledger, UsageRow, periods
 from relay.config import Settings
-from relay.eager import Suspended, until_suspended
 from relay.errors import AuthenticationError, PermissionDenied
 from relay.loopback import is_loopback
 from relay.protocol import CreateResponse
@@ -146,11 +145,10 @@ class Accounting:
             self._free(self.admission, 0)
 
     def _free(self, admission: Admission, tokens: int) -> None:
-        # In memory nothing here waits, so it runs now, without a task; with Redis the
-        # rest runs as a task of the gate's once it has to wait.
-        rest = until_suspended(self.access.limiter.settle(admission, tokens))
-        if isinstance(rest, Suspended):
-            self.access.track(rest)
+        # In memory it is done now, without a task; with Redis, by a task of the gate's.
+        waiting = self.access.limiter.settle(admission, tokens)
+        if waiting is not None:
+            self.access.track(waiting)
 
 
 class Access:

@@ -25,7 +25,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -126,8 +126,11 @@ class Counters(Protocol):
         """Read every limit of `scopes`; when none refuses, count the request and hold
         `lease` in every concurrency set, in the same step."""
 
-    async def settle(self, scopes: Sequence[Scope], lease: str | None, tokens: int) -> None:
-        """Free `lease` and add `tokens` to the token windows, up to what each has left."""
+    def settle(
+        self, scopes: Sequence[Scope], lease: str | None, tokens: int
+    ) -> Awaitable[None] | None:
+        """Free `lease` and add `tokens` to the token windows, up to what each has left:
+        at once (None), or what to await for it."""
 
     async def aclose(self) -> None: ...
 
@@ -172,7 +175,7 @@ class MemoryCounters:
                 held[lease] = clock + LEASE_S
         return readings, refusal
 
-    async def settle(self, scopes: Sequence[Scope], lease: str | None, tokens: int) -> None:
+    def settle(self, scopes: Sequence[Scope], lease: str | None, tokens: int) -> None:
         now = time.time()
         for scope in scopes:
             if lease is not None:
@@ -355,7 +358,9 @@ class RedisCounters:
         index, check = divmod(refused - 1, 3)
         return readings, Refusal(index, _CHECKS[check])
 
-    async def settle(self, scopes: Sequence[Scope], lease: str | None, tokens: int) -> None:
+    def settle(
+        self, scopes: Sequence[Scope], lease: str | None, tokens: int
+    ) -> Awaitable[None] | None:
         concerned = [
             scope
             for scope in scopes
@@ -363,12 +368,15 @@ class RedisCounters:
             or (tokens > 0 and scope.policy.tpm is not None)
         ]
         if not concerned:
-            return
+            return None
         keys: list[str] = []
         args: list[str | int] = ["settle", WINDOW_S, lease or "", tokens]
         for scope in concerned:
             keys += [scope.key("tokens"), scope.key("concurrent")]
             args.append(scope.policy.tpm or 0)
+        return self._call(keys, args)
+
+    async def _call(self, keys: list[str], args: list[str | int]) -> None:
         async with asyncio.timeout(self._bound_s):
             await self._script(keys, args)
 
@@ -422,13 +430,18 @@ class RateLimiter:
             return Admission(scopes, lease, _headers(readings, counted=True))
         raise _refused(scopes[refusal.scope], readings[refusal.scope], refusal.limit, readings)
 
-    async def settle(self, admission: Admission, tokens: int) -> None:
+    def settle(self, admission: Admission, tokens: int) -> Awaitable[None] | None:
         """Free what an admitted request held and add its tokens (its settled usage; 0 for
         one that never started) to its scopes' windows, up to what each has left: a window
-        is then full until it slides."""
+        is then full until it slides. Done at once in memory (None); with Redis, what to
+        await for it (it never raises: a failure lets the next requests pass)."""
         lease, admission.lease = admission.lease, None
+        waiting = self._counters.settle(admission.scopes, lease, tokens)
+        return None if waiting is None else self._guarded(waiting)
+
+    async def _guarded(self, waiting: Awaitable[None]) -> None:
         try:
-            await self._counters.settle(admission.scopes, lease, tokens)
+            await waiting
         except Exception as error:
             self._failed(error)
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from relay.api.disconnect import wait_for_disconnect
-from relay.eager import Suspended, until_suspended
+from relay.api.disconnect import CancelOnDisconnect
 from relay.engine.builder import error_event
 
 log = logging.getLogger("relay.sse")
@@ -27,6 +27,7 @@ log = logging.getLogger("relay.sse")
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 FLUSH_BYTES = 64 * 1024
+TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def frame(event: dict[str, Any]) -> bytes:
@@ -50,6 +51,8 @@ class EventStreamResponse(Response):
         self.background = None
         self.status_code = 200
         self._last_write = 0.0
+        self._keepalive: asyncio.Task[None] | None = None
+        self._early: asyncio.Task[None] | None = None  # the start, written while waiting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_headers = [
@@ -59,78 +62,60 @@ class EventStreamResponse(Response):
             *self.extra_headers,
         ]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
-        self._last_write = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._last_write = loop.time()
+        # The keep-alive is a timer until a stream goes quiet for keepalive_s (most end
+        # sooner): then a task of its own, which writes beside the pump.
+        timer = loop.call_later(self.keepalive_s, self._start_keepalive, send)
+        tail: bytes | None = None
         try:
-            # The pump runs in this task until it first has to wait: an answer that is all
-            # there already (a fast upstream) goes out without starting a task.
-            started = until_suspended(self._pump(send))
-            tail = (
-                await self._watched(started, receive, send)
-                if isinstance(started, Suspended)
-                else started
-            )
+            # The pump runs in this task; a client that leaves cancels it where it waits,
+            # and the run records where it stopped.
+            with CancelOnDisconnect(receive):
+                tail = await self._pump(send)
+        except ClientDisconnect:
+            pass  # nobody to answer
         finally:
+            timer.cancel()
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+                await _settle(self._keepalive)
             # Finalises the run: after a disconnect it stores where the run stopped.
             await self.events.aclose()  # type: ignore[attr-defined]
         if tail is not None:
             await send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
 
-    async def _watched(
-        self, pump_rest: Suspended[bytes], receive: Receive, send: Send
-    ) -> bytes | None:
-        """The rest of the pump, beside a keep-alive timer and a listener for the client's
-        disconnect: three tasks, however long the stream. None when the client left."""
-        pump = asyncio.ensure_future(pump_rest)
-        keepalive = asyncio.ensure_future(self._keepalive(send))
-        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
-        try:
-            await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pump, keepalive, watcher):
-                task.cancel()
-            await _settle(pump, keepalive, watcher)
-        if pump.cancelled() or pump.exception() is not None:
-            return None
-        return pump.result()
-
     async def _pump(self, send: Send) -> bytes:
         """Stream the events; returns the last ones, unsent, for the closing write.
 
-        Batches that are ready at once (an upstream's deltas that came in one read) share a
-        write: fewer writes, and fewer wake-ups of the client. Whatever is ready goes out before
-        the pump waits for more, so a slow upstream never holds an event back; the start and the
-        first output go out as soon as both are ready (time to first token); no write grows
-        past FLUSH_BYTES."""
+        Each batch (one step of the run: the start, an upstream delta, the end) is written as
+        it comes, but for two: the start goes out with the first output when that is ready at
+        once (one write, time to first token), and the batch that ends the run with `[DONE]`
+        in the closing write. No write grows past FLUSH_BYTES."""
         pending: list[bytes] = []
         size = 0
         sequence = -1  # the last event framed
-        batches = 0
+        events = aiter(self.events)
         try:
-            while True:
-                step = cast(Coroutine[Any, Any, list[dict[str, Any]]], self.events.__anext__())
-                try:
-                    batch = until_suspended(step)
-                    if isinstance(batch, Suspended):
-                        if pending:
-                            try:
-                                await self._write(send, pending)
-                            except BaseException:
-                                # The step has begun: end it, or the events cannot close.
-                                await batch.cancel()
-                                raise
-                            pending, size = [], 0
-                        batch = await batch
-                except StopAsyncIteration:
-                    return b"".join(pending)
-                batches += 1
+            batch = await anext(events, None)
+            if batch is not None:
+                sequence = batch[-1]["sequence_number"]
+                pending = [frame(event) for event in batch]
+                batch = await self._first_output(send, events, pending)
+                if self._early is not None:
+                    await self._early  # the start went out while the run waited
+                    pending = []
+            while batch is not None:
                 for event in batch:
                     data = frame(event)
                     pending.append(data)
                     size += len(data)
                     sequence = event["sequence_number"]
-                if batches == 2 or size >= FLUSH_BYTES:
+                if batch[-1]["type"] not in TERMINAL or size >= FLUSH_BYTES:
                     await self._write(send, pending)
                     pending, size = [], 0
+                batch = await anext(events, None)
+            return b"".join(pending)
         except Exception:
             # Run.events ends every run with a terminal event; this is the last resort for a
             # bug below it, so that the client at least learns the stream broke.
@@ -143,11 +128,30 @@ class EventStreamResponse(Response):
             )
             return b"".join(pending) + frame(event)
 
+    async def _first_output(
+        self, send: Send, events: AsyncIterator[list[dict[str, Any]]], start: list[bytes]
+    ) -> list[dict[str, Any]] | None:
+        """The run's next batch. Should this task wait for it (the upstream's first token
+        is not there yet), the event loop runs the callback scheduled here, which writes the
+        start meanwhile, from a task that only writes: the run's own steps stay in this
+        task, whose context and timeouts they were started with."""
+        writing = asyncio.get_running_loop().call_soon(self._write_early, send, start)
+        try:
+            return await anext(events, None)
+        finally:
+            writing.cancel()
+
+    def _write_early(self, send: Send, frames: list[bytes]) -> None:
+        self._early = asyncio.ensure_future(self._write(send, frames))
+
+    def _start_keepalive(self, send: Send) -> None:
+        self._keepalive = asyncio.ensure_future(self._keep_alive(send))
+
     async def _write(self, send: Send, frames: list[bytes]) -> None:
         await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
         self._last_write = asyncio.get_running_loop().time()
 
-    async def _keepalive(self, send: Send) -> None:
+    async def _keep_alive(self, send: Send) -> None:
         loop = asyncio.get_running_loop()
         while True:
             idle = loop.time() - self._last_write

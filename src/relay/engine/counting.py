@@ -24,6 +24,12 @@ log = logging.getLogger("relay.engine")
 COUNT_TIMEOUT_S = 2.0
 
 
+def needed(response: dict[str, Any]) -> bool:
+    """Whether the upstream left some of the response's usage at 0."""
+    usage = response["usage"]
+    return not usage["input_tokens"] or not usage["output_tokens"]
+
+
 async def complete_usage(
     provider: Provider, request: ProviderRequest, response: dict[str, Any]
 ) -> bool:

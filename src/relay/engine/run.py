@@ -193,9 +193,19 @@ class Run:
         return self.response
 
     async def _persist(self) -> bool:
-        """Store the settled response (when store is true) and end its conversation turn;
-        False when storage failed."""
+        """Charge the settled response, store it (when store is true) and end its
+        conversation turn; False when storage failed. Where any of it waits, all of it is
+        one task of the engine's, awaited shielded: a client leaving now, or the server
+        shutting down, must neither lose its charge nor roll back a finished response nor
+        leave its conversation held. (A response to charge as reported and not to store
+        waits for nothing, and costs no task.)"""
         self._finished = True
+        response = self.response
+        if response["store"] or self.turn is not None or counting.needed(response):
+            return await asyncio.shield(self.engine.track(self._settle()))
+        return await self._settle()
+
+    async def _settle(self) -> bool:
         response = self.response
         deployment = self.deployment
         counted = False
@@ -207,13 +217,11 @@ class Run:
                 Served(deployment.name, deployment.config.price, counted) if deployment else None
             )
             charged = self.on_settled(response, served)
-        # One task of the engine's for all of it, awaited shielded: a client leaving now
-        # must neither roll back a finished response nor leave its conversation held.
         stored = True
         if response["store"] or self.turn is not None:
-            stored = await asyncio.shield(self.engine.track(self._store(response)))
+            stored = await self._store(response)
         if charged is not None:
-            await asyncio.shield(charged)
+            await charged
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
