@@ -20,6 +20,7 @@ from relay.providers.http_client import (
     MAX_BUFFER,
     ConnectFailed,
     ConnectionLost,
+    ConnectTimeout,
     HTTPClient,
     ReadTimeout,
 )
@@ -161,6 +162,72 @@ def test_an_idle_connection_the_server_closed_is_replaced(
     run(body())
     assert server.connections == 3
     assert len(server.requests) == 3
+
+
+def test_a_request_the_server_may_have_read_is_never_sent_twice(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    """The second request on a kept connection is read by the server, which then closes
+    without answering: it may have acted on it (a generation begun), so the client reports
+    the loss instead of sending it again; the router decides on retries."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer(b"ok"))
+        await writer.drain()
+        await server.read_request(reader)  # and close without answering
+
+    server = Server(handler)
+
+    async def body() -> None:
+        async with server:
+            http = client(server.origin)
+            assert await fetch(http) == b"ok"
+            with pytest.raises(ConnectionLost):
+                await http.post("/", b"{}")
+            await http.aclose()
+
+    run(body())
+    assert len(server.requests) == 2
+
+
+def test_connections_are_capped_and_a_request_waits_for_one(
+    run: Callable[[Awaitable[None]], None],
+) -> None:
+    """Two connections at most: a third request waits until one is given back, and one that
+    finds none free within the connect timeout is a ConnectTimeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(answer(b"ok"))
+            await writer.drain()
+
+    server = Server(handler)
+
+    async def body() -> None:
+        async with server:
+            http = HTTPClient(
+                server.origin,
+                headers={},
+                connect_timeout_s=0.3,
+                read_timeout_s=2.0,
+                max_connections=2,
+            )
+            held = [await http.post("/", b"{}") for _ in range(2)]
+            with pytest.raises(ConnectTimeout, match="all 2 connections"):
+                await http.post("/", b"{}")
+            third = asyncio.ensure_future(fetch(http))
+            await asyncio.sleep(0.05)
+            assert not third.done()  # waiting for a connection
+            await held[0].read()
+            held[0].release()
+            assert await asyncio.wait_for(third, 1) == b"ok"
+            held[1].release()
+            await http.aclose()
+
+    run(body())
+    assert server.connections == 2
 
 
 def test_connection_close_is_not_reused(run: Callable[[Awaitable[None]], None]) -> None:

@@ -98,6 +98,7 @@ class AnthropicProvider:
             key_header="x-api-key",
             extra_headers=headers,
             timeout_s=config.timeout_s,
+            max_connections=config.max_connections,
         )
 
     async def aclose(self) -> None:

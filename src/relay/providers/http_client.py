@@ -9,9 +9,12 @@ POST with a body we already hold as bytes, an answer read once, in order), so th
 small:
 
 - one request at a time per connection, one `transport.write` per request;
-- idle connections are reused, newest first, for `idle_timeout_s`; a reused connection that
-  dies before any byte of the answer (the server closed it while idle, a race every pooled
-  client meets) is retried once on a fresh connection;
+- idle connections are reused, newest first, for `idle_timeout_s` (4 s: below the 5 s that
+  uvicorn, and so vLLM, keeps an idle connection open, the shortest common default), so a
+  server rarely closes one as it is reused; a request is never sent twice: a POST that may
+  have reached the server is not the client's to repeat (the router's retries decide);
+- at most `max_connections` at once (busy ones: a stream holds its connection to its end);
+  beyond, a request waits for one up to the connect timeout;
 - a connect timeout, and a read timeout that bounds each wait for bytes, not the whole
   answer (a model may stream for minutes);
 - reading pauses while `MAX_BUFFER` bytes wait for the consumer (a slow downstream client);
@@ -123,7 +126,8 @@ class HTTPClient:
         headers: Mapping[str, str],
         connect_timeout_s: float,
         read_timeout_s: float,
-        idle_timeout_s: float = 15.0,
+        idle_timeout_s: float = 4.0,
+        max_connections: int = 512,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(origin)
@@ -149,6 +153,8 @@ class HTTPClient:
         self._idle_timeout_s = idle_timeout_s
         self._idle: deque[tuple[float, _Connection]] = deque()
         self._busy: set[_Connection] = set()
+        self._max_connections = max_connections
+        self._waiting: deque[asyncio.Future[None]] = deque()  # for a connection to be free
 
     async def post(self, target: str, body: bytes) -> Response:
         """Send `body` to `target` (a path, with its query) and wait for the status line and
@@ -161,15 +167,36 @@ class HTTPClient:
                 body,
             ]
         )
-        connection = self._reusable()
-        if connection is not None:
+        if len(self._busy) >= self._max_connections:
+            await self._wait_for_a_connection()
+        connection = self._reusable() or await self._connect()
+        return await connection.exchange(request)
+
+    async def _wait_for_a_connection(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout_s
+        while len(self._busy) >= self._max_connections:
+            waiter = loop.create_future()
+            self._waiting.append(waiter)
             try:
-                return await connection.exchange(request)
-            except ConnectionLost:
-                if connection.received_any:
-                    raise
-                # The server closed the idle connection as we sent: try a fresh one, once.
-        return await (await self._connect()).exchange(request)
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise ConnectTimeout(
+                    f"all {self._max_connections} connections to {self._host}:{self._port} "
+                    f"stayed busy for {self.connect_timeout_s} s"
+                ) from None
+            finally:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+
+    def _freed(self) -> None:
+        """A busy connection was given back or closed: the longest waiter may go."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _reusable(self) -> _Connection | None:
         now = time.monotonic()
@@ -206,9 +233,12 @@ class HTTPClient:
             self._idle.append((time.monotonic(), connection))
         else:
             connection.close()
+        self._freed()
 
     def _forget(self, connection: _Connection) -> None:
-        self._busy.discard(connection)
+        if connection in self._busy:
+            self._busy.discard(connection)
+            self._freed()
 
     async def aclose(self) -> None:
         while self._idle:

@@ -71,6 +71,7 @@ def build(config: OpenAIChatConfig) -> OpenAIChatProvider:
         config.base_url,
         config.api_key(),
         timeout_s=config.timeout_s,
+        max_connections=config.max_connections,
         max_tokens_param=config.max_tokens_param,
         extra_headers=config.headers,
         forward_fields=frozenset(config.forward_fields),
@@ -88,6 +89,7 @@ class OpenAIChatProvider:
         api_key: str | None,
         *,
         timeout_s: float = 600.0,
+        max_connections: int = 512,
         max_tokens_param: str = "max_tokens",
         extra_headers: dict[str, str] | None = None,
         forward_fields: frozenset[str] = frozenset(),
@@ -95,7 +97,11 @@ class OpenAIChatProvider:
         count_tokens: str = "estimate",
     ) -> None:
         self._upstream = Upstream(
-            base_url, api_key=api_key, extra_headers=extra_headers, timeout_s=timeout_s
+            base_url,
+            api_key=api_key,
+            extra_headers=extra_headers,
+            timeout_s=timeout_s,
+            max_connections=max_connections,
         )
         self._target = self._upstream.target("/chat/completions")
         # vLLM and llama.cpp's server count tokens at the server's root, beside /v1.

@@ -78,6 +78,7 @@ class OpenAIResponsesProvider:
             api_key=config.api_key(),
             extra_headers=config.headers,
             timeout_s=config.timeout_s,
+            max_connections=config.max_connections,
         )
 
     async def aclose(self) -> None:

@@ -60,6 +60,9 @@ class _HTTPDeployment(DeploymentBase):
     base_url: str | None = None
     api_key_env: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    # Connections to the upstream at once, per process (a stream holds its own to its end);
+    # beyond, a request waits for one up to 10 s, then the next deployment is tried.
+    max_connections: int = Field(default=512, ge=1, le=100_000)
 
     def api_key(self) -> str | None:
         if self.api_key_env is None:

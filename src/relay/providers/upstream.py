@@ -59,6 +59,7 @@ class Upstream:
         key_header: str = "Authorization",
         extra_headers: Mapping[str, str] | None = None,
         timeout_s: float = 600.0,
+        max_connections: int = 512,
     ) -> None:
         url = urlsplit(base_url.rstrip("/"))
         self.base_path = url.path
@@ -84,6 +85,7 @@ class Upstream:
             headers=headers,
             connect_timeout_s=min(timeout_s, 10.0),
             read_timeout_s=timeout_s,
+            max_connections=max_connections,
         )
 
     def target(self, path: str) -> str:
