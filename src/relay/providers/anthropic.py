@@ -51,6 +51,10 @@ from relay.providers.upstream import Upstream
 KIND = "anthropic"
 JSON_TOOL = "json_output"
 REFUSAL_TEXT = "The model declined to continue this response."
+# Messages wants its first message from the user; a history that opens with the assistant (a
+# replayed transcript, an answer's commentary given back before the question) gets this turn
+# before it. Neutral text: it is not an instruction, only the place where the user's turn was.
+OPENING_TURN = {"role": "user", "content": [{"type": "text", "text": "(continued)"}]}
 DEFAULT_BUDGET = 8192  # thinking tokens for an effort the deployment's thinking_budgets lacks
 _STOP: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -367,7 +371,8 @@ def _messages(request: ProviderRequest) -> tuple[list[str], list[dict[str, Any]]
     else:
         system, messages = _extend(_EMPTY, request.items, request)
     # The messages are shared with the stored chain's translation: never changed in place.
-    return list(system), list(messages)
+    opening = [OPENING_TURN] if messages and messages[0]["role"] == "assistant" else []
+    return list(system), [*opening, *messages]
 
 
 _Translated = tuple[tuple[str, ...], tuple[dict[str, Any], ...]]
