@@ -23,7 +23,7 @@ from relay.access.policy import Served, Settle
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine import compaction, conversation, counting, reasoning, routing
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
-from relay.engine.checks import check_request, plan_tools, reasoning_settings
+from relay.engine.checks import check_request, plan_tools, reasoning_settings, searched_tools
 from relay.engine.context import (
     check_tool_outputs,
     drop_oldest_turn,
@@ -505,15 +505,21 @@ class Engine:
         routes = self.registry.candidates(request.model, request.models)
         check_request(request)
         prefs = routing.preferences(request)
-        tools = plan_tools(
-            request, omit_hosted=self.hosted_tools == "omit", upstream_runs=routes[0].hosted_tools
-        )
-        choices = routing.choices(routes, request, prefs, tools.hosted)
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
         history = continuing or await self._context(request, tenant)
         items = await resolve_references(self.store, tenant, items)
         check_tool_outputs(history, items)
+        # After the context: the tools that tool search loaded in it can be called too.
+        none: _Loaded = ()
+        earlier = none if history is None else history.derive("searched", _searched, none)
+        tools = plan_tools(
+            request,
+            omit_hosted=self.hosted_tools == "omit",
+            upstream_runs=routes[0].hosted_tools,
+            loaded=[*earlier, *searched_tools(items)],
+        )
+        choices = routing.choices(routes, request, prefs, tools.hosted)
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
         return Prepared(
@@ -550,9 +556,7 @@ class Engine:
             raise InvalidRequest("Conversations are not available here.", param="conversation")
         return self.conversations
 
-    async def _open(
-        self, prepared: Prepared, *, truncate: bool
-    ) -> tuple[Deployment, Opened]:
+    async def _open(self, prepared: Prepared, *, truncate: bool) -> tuple[Deployment, Opened]:
         """Open the first deployment that accepts the request (routing.ordered, each with its
         retries), route after route; move on only for retryable failures that happened before
         the first byte, so a client never sees two half-answers."""
@@ -578,9 +582,7 @@ class Engine:
         raise provider_error_to_http(last)
 
     @staticmethod
-    async def _open_on(
-        deployment: Deployment, prepared: Prepared, truncate: bool
-    ) -> Opened:
+    async def _open_on(deployment: Deployment, prepared: Prepared, truncate: bool) -> Opened:
         """One try on `deployment`. With truncation "auto", a context the upstream finds too
         long loses its oldest turns, until it fits or nothing is left to drop."""
         shortened: list[dict[str, Any]] | None = None
@@ -596,3 +598,11 @@ class Engine:
                 shortened = drop_oldest_turn(whole)
                 if shortened is None:
                     raise
+
+
+_Loaded = tuple[tuple[dict[str, Any], str], ...]  # tools tool search loaded, where each is
+
+
+def _searched(done: _Loaded, items: list[dict[str, Any]]) -> _Loaded:
+    """The tools tool search loaded in a stored chain, gathered once per history."""
+    return (*done, *searched_tools(items, "previous context"))

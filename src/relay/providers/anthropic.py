@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from relay.protocol import HOSTED_ITEM_TYPES
+from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
 from relay.providers.base import (
     Delta,
     FinishDelta,
@@ -434,6 +434,10 @@ def _blocks(
         return "user", [{"type": "tool_result", "tool_use_id": item["call_id"], "content": content}]
     if kind in HOSTED_ITEM_TYPES:
         return "assistant", []  # an upstream's hosted call: its results are in the text
+    if kind in TOOL_SEARCH_ITEM_TYPES:
+        # The tools a search loaded are offered in full (plan_tools), as if there all along;
+        # the search itself is no tool this upstream was offered (chat_messages does the same).
+        return "assistant", []
     if kind == "reasoning":
         state = request.state_of(item)
         if state is None or state.get("kind") != KIND:
