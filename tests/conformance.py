@@ -24,12 +24,20 @@ from openai.types.responses import (
     ResponseFunctionWebSearch,
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
+    ResponseToolSearchCall,
+    ResponseToolSearchOutputItem,
     ResponseWebSearchCallCompletedEvent,
     ResponseWebSearchCallInProgressEvent,
     ResponseWebSearchCallSearchingEvent,
     ToolChoiceCustom,
+    ToolSearchTool,
     WebSearchTool,
 )
+from openai.types.responses.response_input_item_param import ToolSearchCall
+from openai.types.responses.response_tool_search_output_item_param_param import (
+    ResponseToolSearchOutputItemParamParam,
+)
+from pydantic import TypeAdapter
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -90,7 +98,9 @@ def _response_view(response: dict[str, Any]) -> dict[str, Any]:
         flat = []
         for tool in tools:
             if tool.get("type") == "namespace":
-                assert set(tool) <= {"type", "name", "description", "tools"}, tool
+                # defer_loading: the SDK types it on the namespace's functions; Relay takes it
+                # on the namespace too.
+                assert set(tool) <= {"type", "name", "description", "tools", "defer_loading"}
                 flat += tool["tools"]
             else:
                 flat.append(tool)
@@ -122,6 +132,9 @@ def assert_valid_item(item: dict[str, Any]) -> None:
     if item.get("type") == "custom_tool_call_output":
         ResponseCustomToolCallOutput.model_validate(item)
         return
+    if item.get("type") in _HOSTED_ITEMS:
+        _HOSTED_ITEMS[item["type"]].model_validate(item)
+        return
     _fail_on_errors("item", _contract_view(item), "ItemField")
 
 
@@ -135,12 +148,26 @@ _OPENAI_EVENTS: dict[str, Any] = {
     "response.web_search_call.searching": ResponseWebSearchCallSearchingEvent,
     "response.web_search_call.completed": ResponseWebSearchCallCompletedEvent,
 }
-_HOSTED_ITEMS: dict[str, Any] = {"web_search_call": ResponseFunctionWebSearch}
+_HOSTED_ITEMS: dict[str, Any] = {
+    "web_search_call": ResponseFunctionWebSearch,
+    # Tool search (Codex): items the upstream made, or the client gave as input.
+    "tool_search_call": ResponseToolSearchCall,
+    "tool_search_output": ResponseToolSearchOutputItem,
+}
 _ITEM_EVENTS: dict[str, Any] = {
     "response.output_item.added": ResponseOutputItemAddedEvent,
     "response.output_item.done": ResponseOutputItemDoneEvent,
 }
-_HOSTED_TOOLS: dict[str, Any] = {"web_search": WebSearchTool, "web_search_preview": WebSearchTool}
+_HOSTED_TOOLS: dict[str, Any] = {
+    "web_search": WebSearchTool,
+    "web_search_preview": WebSearchTool,
+    "tool_search": ToolSearchTool,
+}
+# What clients send (the SDK's input types): tool search items as Codex gives them back.
+INPUT_ITEMS: dict[str, Any] = {
+    "tool_search_call": TypeAdapter(ToolSearchCall),
+    "tool_search_output": TypeAdapter(ResponseToolSearchOutputItemParamParam),
+}
 
 
 def _contract_view(item: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,10 @@ Models (scripts):
   http_NNN        HTTP status NNN with an OpenAI error body (429 adds Retry-After: 7)
   compliance      "tools" when the request offers function tools, else "echo": what the official
                   Open Responses compliance suite needs from one model (docs/compliance.md)
+  tool_search     Codex's tool search (execution "client"): a tool_search_call searching the
+                  last user words; after a tool_search_output, a call to the first function it
+                  loaded; after a function_call_output, as `tools`. Tool search items and
+                  functions with defer_loading need a tool_search tool in `tools` (400)
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ MODELS = [
     "tools",
     "reasoning",
     "web_search",
+    "tool_search",
     "length",
     "fail_mid",
     "error_event",
@@ -150,6 +155,10 @@ class ResponsesUpstream(LoopbackServer):
         model = body["model"]
         if model == "web_search" and not _web_search_tool(body):
             return _error(400, "web_search tool required", param="tools")
+        if _needs_tool_search(body) and not any(
+            tool.get("type") == "tool_search" for tool in body.get("tools") or []
+        ):
+            return _error(400, "deferred tools and tool search items need tool_search")
         if model == "slow_headers":
             await asyncio.sleep(1.0)
         stream = bool(body.get("stream"))
@@ -360,7 +369,13 @@ class _Run:
                 "title": CITATION_TITLE,
             }
             self.message(text, annotations=[citation])
-        elif model == "tools":
+        elif model == "tool_search" and self._last_item_type() != "function_call_output":
+            if self._last_item_type() == "tool_search_output":
+                loaded = self.body["input"][-1]["tools"]
+                self.function_call(loaded[0]["name"], ['{"title": ', '"standup"}'])
+            else:
+                self.tool_search(words or "nothing")
+        elif model in ("tools", "tool_search"):
             items = self.body["input"] if isinstance(self.body["input"], list) else []
             if items and items[-1].get("type") == "function_call_output":
                 self.message(f"The tool said: {_text(items[-1].get('output')).strip()}")
@@ -476,6 +491,23 @@ class _Run:
             item["encrypted_content"] = self.upstream.seal(part["text"])
         self.emit("response.output_item.done", output_index=index, item=item)
 
+    def _last_item_type(self) -> str | None:
+        items = self.body["input"]
+        return items[-1].get("type") if isinstance(items, list) and items else None
+
+    def tool_search(self, query: str) -> None:
+        item: dict[str, Any] = {
+            "id": _id("tsc"),
+            "type": "tool_search_call",
+            "status": "in_progress",
+            "execution": "client",
+            "call_id": _id("call"),
+            "arguments": {"query": query, "limit": 8},
+        }
+        index = self.add(item)
+        item["status"] = "completed"
+        self.emit("response.output_item.done", output_index=index, item=item)
+
     def web_search(self, query: str) -> None:
         item_id = _id("ws")
         item: dict[str, Any] = {
@@ -574,6 +606,12 @@ def _web_search_tool(body: dict[str, Any]) -> bool:
         isinstance(t, dict) and t.get("type") in ("web_search", "web_search_preview")
         for t in body.get("tools") or []
     )
+
+
+def _needs_tool_search(body: dict[str, Any]) -> bool:
+    items = body.get("input") if isinstance(body.get("input"), list) else []
+    deferred = any(t.get("defer_loading") for t in body.get("tools") or [])
+    return deferred or any(item.get("type", "").startswith("tool_search") for item in items)
 
 
 def _function_tool(body: dict[str, Any]) -> bool:

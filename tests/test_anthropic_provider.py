@@ -500,6 +500,32 @@ def test_tool_results_open_the_user_turn(sdk: openai.OpenAI, upstream: Anthropic
     assert [block["type"] for block in last] == ["tool_result", "text"]
 
 
+def test_a_history_that_opens_with_the_assistant(
+    sdk: openai.OpenAI, upstream: AnthropicUpstream
+) -> None:
+    # The official suite's assistant-phase test, and any client replaying a transcript: the
+    # mock refuses a first message that is not the user's, as Messages does.
+    response = sdk.responses.create(
+        model="claude-echo",
+        instructions="Be brief.",
+        input=[
+            {"role": "developer", "content": "Answer in English."},
+            {"role": "assistant", "content": "Looking into it.", "phase": "commentary"},
+            {"role": "user", "content": "and now?"},
+        ],
+    )
+    assert response.status == "completed" and response.output_text == "and now?"
+    messages = sent(upstream)["messages"]
+    assert [message["role"] for message in messages] == ["user", "assistant", "user"]
+    assert messages[1]["content"] == [{"type": "text", "text": "Looking into it."}]
+    # Streamed and chained the same way: the stored chain opens with the assistant too.
+    with sdk.responses.stream(
+        model="claude-echo", previous_response_id=response.id, input="again"
+    ) as stream:
+        assert stream.get_final_response().output_text == "again"
+    assert sent(upstream)["messages"][0]["role"] == "user"
+
+
 def test_a_refused_key_never_reaches_the_client(
     http: httpx.Client, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -63,8 +63,15 @@ class PayloadTooLarge(RelayError):
     type = "invalid_request_error"
     code = "request_too_large"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"The request body is larger than {limit} bytes.")
+    def __init__(self, limit: int, *, decompressed: bool = False) -> None:
+        once = " once decompressed" if decompressed else ""
+        super().__init__(f"The request body is larger than {limit} bytes{once}.")
+
+
+class UnsupportedMediaType(RelayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class PermissionDenied(RelayError):

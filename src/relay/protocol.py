@@ -36,6 +36,12 @@ HOSTED_TOOL_TYPES = {
     "apply_patch",
 }
 
+# Tool search (Codex's, OpenAI's): where the upstream searches for deferred tools itself (a
+# Responses deployment whose hosted_tools lists "tool_search"), these items pass through;
+# elsewhere every deferred tool is offered in full, so neither the search nor its items reach
+# the upstream (relay.engine.checks.plan_tools).
+TOOL_SEARCH_ITEM_TYPES = frozenset({"tool_search_call", "tool_search_output"})
+
 # Items of hosted tools an upstream ran (a Responses upstream's web search): given back as
 # context, kept as they are; only a Responses upstream reads them (the others have their
 # results in the answer's text).
@@ -274,6 +280,29 @@ class Compaction(_Open):
     encrypted_content: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
 
 
+class ToolSearchCall(_Open):
+    """A search for deferred tools (`tool_search`), by the upstream or by the client (Codex
+    runs its own): given back as context."""
+
+    type: Literal["tool_search_call"]
+    arguments: Any
+    call_id: str | None = Field(default=None, min_length=1, max_length=64)
+    execution: Literal["server", "client"] | None = None
+    id: ItemId | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class ToolSearchOutput(_Open):
+    """The tools a search loaded: from then on the model may call them."""
+
+    type: Literal["tool_search_output"]
+    tools: list[dict[str, Any]] = Field(max_length=128)
+    call_id: str | None = Field(default=None, min_length=1, max_length=64)
+    execution: Literal["server", "client"] | None = None
+    id: ItemId | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
 class HostedCall(_Open):
     type: str
     id: ItemId
@@ -292,6 +321,8 @@ _ITEM_MODELS: dict[str, type[BaseModel]] = {
     "custom_tool_call": CustomToolCall,
     "custom_tool_call_output": CustomToolCallOutput,
     "item_reference": ItemReference,
+    "tool_search_call": ToolSearchCall,
+    "tool_search_output": ToolSearchOutput,
     **dict.fromkeys(HOSTED_ITEM_TYPES, HostedCall),
 }
 
@@ -325,6 +356,7 @@ class FunctionTool(_Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    defer_loading: bool | None = None  # found by tool search (see TOOL_SEARCH_ITEM_TYPES)
 
 
 class CustomTool(_Strict):
@@ -334,6 +366,7 @@ class CustomTool(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     format: dict[str, Any] | None = None
+    defer_loading: bool | None = None
 
     @field_validator("format")
     @classmethod
@@ -356,6 +389,17 @@ class NamespaceTool(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     tools: list[dict[str, Any]] = Field(min_length=1, max_length=128)
+    defer_loading: bool | None = None  # of all its functions
+
+
+class ToolSearchTool(_Strict):
+    """Search among deferred tools: run by the upstream (`server`) or by the client, which
+    answers the model's tool_search_call with a tool_search_output (`client`, Codex)."""
+
+    type: Literal["tool_search"]
+    description: str | None = None
+    execution: Literal["server", "client"] | None = None
+    parameters: dict[str, Any] | None = None
 
 
 class FunctionChoice(_Strict):

@@ -8,6 +8,7 @@ import re
 
 from starlette.requests import HTTPConnection, Request
 
+from relay.api.encoding import codings, decode
 from relay.errors import InvalidRequest, PayloadTooLarge
 from relay.protocol import ID_PATTERN
 
@@ -75,9 +76,11 @@ def order(request: Request) -> str:
 
 async def read_body(request: Request, limit: int | None = None) -> bytes:
     """The body, refused with a 413 past `limit` bytes (default: max_body_bytes) before it
-    is all in memory."""
+    is all in memory; decompressed when it came with a Content-Encoding, within the same
+    limit (relay.api.encoding)."""
     if limit is None:
         limit = int(request.app.state.settings.max_body_bytes)
+    applied = codings(request.headers.get("content-encoding"))  # a 415 before any reading
     declared = int_or_none(request.headers.get("content-length"))
     if declared is not None and declared > limit:
         raise PayloadTooLarge(limit)
@@ -87,4 +90,5 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
         if size > limit:
             raise PayloadTooLarge(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    return decode(body, applied, limit) if applied else body

@@ -3,6 +3,7 @@ applied, translated, or refused with a 400 naming it, never dropped."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +21,10 @@ from relay.protocol import (
     FunctionTool,
     NamespaceTool,
     TextFormatJsonSchema,
+    ToolSearchTool,
     invalid_request,
 )
-from relay.providers.tool_names import wire_name
+from relay.providers.tool_names import CUSTOM_INPUT, wire_name
 
 KNOWN_INCLUDES = {
     "reasoning.encrypted_content",
@@ -55,15 +57,13 @@ class ToolPlan:
     hosted: list[dict[str, Any]] = field(default_factory=list)
     # Every function tool, whatever tool_choice lets the model call (`offered`).
     functions: list[dict[str, Any]] = field(default_factory=list)
-
-
-# How a custom tool's free-text input travels as a function call's arguments.
-CUSTOM_INPUT = {
-    "type": "object",
-    "properties": {"input": {"type": "string"}},
-    "required": ["input"],
-    "additionalProperties": False,
-}
+    # The request's tool_search tool, sent only where the upstream searches itself
+    # (Prepared.provider_request); elsewhere the deferred tools are offered in full.
+    search: dict[str, Any] | None = None
+    # Functions that tool search loaded (the context's tool_search_output items), by their
+    # upstream names: offered like the others except where the upstream searches itself,
+    # which reads them from those items.
+    loaded: frozenset[str] = frozenset()
 
 
 def _tool(raw: Any, param: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,6 +100,8 @@ def _tool(raw: Any, param: str) -> tuple[dict[str, Any], dict[str, Any]]:
             pattern = {"type": "string", "pattern": f"^({grammar['definition']})$"}
             offered["parameters"] = {**CUSTOM_INPUT, "properties": {"input": pattern}}
     offered["description"] = description.strip() or f"The input for {tool.name}, as free text."
+    if tool.defer_loading is not None:
+        offered["defer_loading"] = tool.defer_loading
     return echoed, offered
 
 
@@ -111,8 +113,71 @@ def _namespace(raw: Any, param: str) -> tuple[dict[str, Any], list[dict[str, Any
         raise invalid_request(error, raw, param) from None
     pairs = [_tool(tool, f"{param}.tools[{i}]") for i, tool in enumerate(group.tools)]
     echoed = {**group.model_dump(exclude_none=True), "tools": [pair[0] for pair in pairs]}
-    offered = [{**pair[1], "name": wire_name(group.name, pair[1]["name"])} for pair in pairs]
+    deferred = {"defer_loading": True} if group.defer_loading else {}
+    offered = [
+        {**pair[1], "name": wire_name(group.name, pair[1]["name"]), **deferred} for pair in pairs
+    ]
     return echoed, offered
+
+
+def _tool_search(raw: Any, param: str) -> dict[str, Any]:
+    try:
+        return ToolSearchTool.model_validate(raw).model_dump(exclude_none=True)
+    except ValidationError as error:
+        raise invalid_request(error, raw, param) from None
+
+
+class _Functions:
+    """The functions offered upstream, gathered tool by tool, with what calls to them need
+    to come back as the client declared them (namespace, custom)."""
+
+    def __init__(self) -> None:
+        self.offered: list[dict[str, Any]] = []
+        self.namespaced: dict[str, tuple[str, str]] = {}
+        self.custom: set[str] = set()
+        self.loaded: set[str] = set()
+
+    def add(self, raw: Any, param: str, *, loaded: bool = False) -> dict[str, Any]:
+        """A function, custom or namespace tool; returns it as echoed. `loaded`: a tool that
+        tool search loaded, left out when a tool of its name is known already (declared, or
+        loaded by an earlier search)."""
+        if isinstance(raw, dict) and raw.get("type") == "namespace":
+            echoed, offered = _namespace(raw, param)
+            members = [(tool["name"], tool["type"]) for tool in echoed["tools"]]
+            namespace: str | None = echoed["name"]
+        else:
+            echoed, single = _tool(raw, param)
+            offered, members, namespace = [single], [(echoed["name"], echoed["type"])], None
+        known = {tool["name"] for tool in self.offered} if loaded else set()
+        for tool, (name, kind) in zip(offered, members, strict=True):
+            if loaded and tool["name"] in known:
+                continue
+            self.offered.append(tool)
+            if namespace is not None:
+                self.namespaced[tool["name"]] = (namespace, name)
+            if kind == "custom":
+                self.custom.add(tool["name"])
+            if loaded:
+                self.loaded.add(tool["name"])
+        return echoed
+
+
+LOADABLE = ("function", "custom", "namespace")
+
+
+def searched_tools(
+    items: Iterable[dict[str, Any]], prefix: str = "input"
+) -> list[tuple[dict[str, Any], str]]:
+    """The tools that the tool_search_output items among `items` loaded, with where each is
+    (`<prefix>[i].tools[j]`), in order: functions, custom tools and namespaces (a hosted tool
+    found by a search is not Relay's to run)."""
+    return [
+        (tool, f"{prefix}[{i}].tools[{j}]")
+        for i, item in enumerate(items)
+        if item["type"] == "tool_search_output"
+        for j, tool in enumerate(item["tools"])
+        if tool.get("type") in LOADABLE
+    ]
 
 
 def _upstream_name(namespace: str | None, name: str) -> str:
@@ -124,44 +189,47 @@ def plan_tools(
     *,
     omit_hosted: bool = False,
     upstream_runs: frozenset[str] = frozenset(),
+    loaded: Iterable[tuple[dict[str, Any], str]] = (),
 ) -> ToolPlan:
     """`omit_hosted`: hosted tools (web_search, ...), which Relay cannot run, are left out
     instead of refused; the answer names them (`x-relay-omitted-tools`). `upstream_runs`:
-    hosted tool types a deployment of the model runs itself: those pass through."""
+    hosted tool types a deployment of the model runs itself: those pass through. `loaded`:
+    the tools tool search loaded earlier in the context (`searched_tools`), callable as if
+    declared.
+
+    Tools with `defer_loading` are offered in full: an upstream without tool search could
+    never find them otherwise, and one with it gets them marked as deferred."""
     parallel = request.parallel_tool_calls is not False
     declared: list[dict[str, Any]] = []
-    functions: list[dict[str, Any]] = []
-    namespaced: dict[str, tuple[str, str]] = {}
-    custom: set[str] = set()
+    gathered = _Functions()
     omitted: list[str] = []
     hosted: list[dict[str, Any]] = []
+    search: dict[str, Any] | None = None
     for index, raw in enumerate(request.tools or []):
         kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind in upstream_runs:
+        if kind == "tool_search":
+            # Not a hosted tool: an upstream without it loses nothing (the deferred tools
+            # are offered), so it neither narrows the deployments nor is left out or refused.
+            search = _tool_search(raw, f"tools[{index}]")
+            declared.append(search)
+        elif kind in upstream_runs:
             declared.append(raw)
             hosted.append(raw)
         elif omit_hosted and kind in HOSTED_TOOL_TYPES:
             omitted.append(str(kind))
-        elif kind == "namespace":
-            group, members = _namespace(raw, f"tools[{index}]")
-            declared.append(group)
-            functions += members
-            for member, tool in zip(members, group["tools"], strict=True):
-                namespaced[member["name"]] = (group["name"], tool["name"])
-                if tool["type"] == "custom":
-                    custom.add(member["name"])
         else:
-            echoed, offered = _tool(raw, f"tools[{index}]")
-            declared.append(echoed)
-            functions.append(offered)
-            if echoed["type"] == "custom":
-                custom.add(offered["name"])
+            declared.append(gathered.add(raw, f"tools[{index}]"))
+    functions = gathered.offered
     names = [tool["name"] for tool in functions]
     if len(set(names)) != len(names):
         raise InvalidRequest(
             "Tool names must be unique (a namespace's function goes by <namespace>__<name>).",
             param="tools",
         )
+    for raw, param in loaded:
+        gathered.add(raw, param, loaded=True)
+    names = [tool["name"] for tool in functions]
+    custom = gathered.custom
 
     def plan(offered: list[dict[str, Any]], choice: str | dict[str, str], must: bool) -> ToolPlan:
         return ToolPlan(
@@ -170,11 +238,13 @@ def plan_tools(
             choice,
             must,
             parallel,
-            namespaced,
+            gathered.namespaced,
             frozenset(custom),
             tuple(omitted),
             hosted,
             functions,
+            search,
+            frozenset(gathered.loaded),
         )
 
     choice = request.tool_choice

@@ -47,6 +47,15 @@ class Prepared:
     ) -> ProviderRequest:
         """The request for `deployment`; `shortened`: a context truncation made shorter."""
         runs = deployment.hosted_tools
+        plan = self.tools
+        hosted = [tool for tool in plan.hosted if tool["type"] in runs]
+        offered, functions = plan.offered, plan.functions
+        if plan.search is not None and "tool_search" in runs:
+            # The upstream searches: it gets the search tool, and the tools searches loaded
+            # come to it with the tool_search_output items that loaded them.
+            hosted.append(plan.search)
+            offered = [tool for tool in offered if tool["name"] not in plan.loaded]
+            functions = [tool for tool in functions if tool["name"] not in plan.loaded]
         return ProviderRequest(
             upstream_model=deployment.upstream_model,
             request=self.request,
@@ -54,12 +63,12 @@ class Prepared:
             # A shortened context no longer begins with the history.
             items=self.upstream_items if shortened is None else shortened,
             history=self.upstream_history if shortened is None else None,
-            tools=self.tools.offered,
-            tool_choice=self.tools.choice,
-            parallel_tool_calls=self.tools.parallel,
+            tools=offered,
+            tool_choice=plan.choice,
+            parallel_tool_calls=plan.parallel,
             want_logprobs=self.want_logprobs,
             reasoning_effort=self.effort,
-            all_tools=self.tools.functions,
-            hosted_tools=[tool for tool in self.tools.hosted if tool["type"] in runs],
+            all_tools=functions,
+            hosted_tools=hosted,
             reasoning_state=self.reasoning_state,
         )

@@ -18,13 +18,14 @@ def echo_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {**tool, "tools": echo_tools(tool["tools"])}
         if tool["type"] == "namespace"
         else tool
-        if tool["type"] != "function"  # custom, and hosted tools an upstream runs: as sent
+        if tool["type"] != "function"  # custom, tool_search, hosted tools an upstream runs: as sent
         else {
             "type": "function",
             "name": tool["name"],
             "description": tool.get("description"),
             "parameters": tool.get("parameters"),
             "strict": tool.get("strict"),
+            **({"defer_loading": tool["defer_loading"]} if "defer_loading" in tool else {}),
         }
         for tool in tools
     ]

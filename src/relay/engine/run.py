@@ -23,7 +23,7 @@ from relay.access.policy import Served, Settle
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine import compaction, conversation, counting, reasoning, routing
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
-from relay.engine.checks import check_request, plan_tools, reasoning_settings
+from relay.engine.checks import check_request, plan_tools, reasoning_settings, searched_tools
 from relay.engine.context import (
     check_tool_outputs,
     drop_oldest_turn,
@@ -513,15 +513,21 @@ class Engine:
         routes = self.registry.candidates(request.model, request.models)
         check_request(request)
         prefs = routing.preferences(request)
-        tools = plan_tools(
-            request, omit_hosted=self.hosted_tools == "omit", upstream_runs=routes[0].hosted_tools
-        )
-        choices = routing.choices(routes, request, prefs, tools.hosted)
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
         history = continuing or await self._context(request, tenant)
         items = await resolve_references(self.store, tenant, items)
         check_tool_outputs(history, items)
+        # After the context: the tools that tool search loaded in it can be called too.
+        none: _Loaded = ()
+        earlier = none if history is None else history.derive("searched", _searched, none)
+        tools = plan_tools(
+            request,
+            omit_hosted=self.hosted_tools == "omit",
+            upstream_runs=routes[0].hosted_tools,
+            loaded=[*earlier, *searched_tools(items)],
+        )
+        choices = routing.choices(routes, request, prefs, tools.hosted)
         include = set(request.include or [])
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
         return Prepared(
@@ -600,3 +606,11 @@ class Engine:
                 shortened = drop_oldest_turn(whole)
                 if shortened is None:
                     raise
+
+
+_Loaded = tuple[tuple[dict[str, Any], str], ...]  # tools tool search loaded, where each is
+
+
+def _searched(done: _Loaded, items: list[dict[str, Any]]) -> _Loaded:
+    """The tools tool search loaded in a stored chain, gathered once per history."""
+    return (*done, *searched_tools(items, "previous context"))

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from relay.protocol import HOSTED_ITEM_TYPES
+from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
 from relay.providers.base import (
     Delta,
     FinishDelta,
@@ -51,6 +51,10 @@ from relay.providers.upstream import Upstream
 KIND = "anthropic"
 JSON_TOOL = "json_output"
 REFUSAL_TEXT = "The model declined to continue this response."
+# Messages wants its first message from the user; a history that opens with the assistant (a
+# replayed transcript, an answer's commentary given back before the question) gets this turn
+# before it. Neutral text: it is not an instruction, only the place where the user's turn was.
+OPENING_TURN = {"role": "user", "content": [{"type": "text", "text": "(continued)"}]}
 DEFAULT_BUDGET = 8192  # thinking tokens for an effort the deployment's thinking_budgets lacks
 _STOP: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -368,7 +372,8 @@ def _messages(request: ProviderRequest) -> tuple[list[str], list[dict[str, Any]]
     else:
         system, messages = _extend(_EMPTY, request.items, request)
     # The messages are shared with the stored chain's translation: never changed in place.
-    return list(system), list(messages)
+    opening = [OPENING_TURN] if messages and messages[0]["role"] == "assistant" else []
+    return list(system), [*opening, *messages]
 
 
 _Translated = tuple[tuple[str, ...], tuple[dict[str, Any], ...]]
@@ -430,6 +435,10 @@ def _blocks(
         return "user", [{"type": "tool_result", "tool_use_id": item["call_id"], "content": content}]
     if kind in HOSTED_ITEM_TYPES:
         return "assistant", []  # an upstream's hosted call: its results are in the text
+    if kind in TOOL_SEARCH_ITEM_TYPES:
+        # The tools a search loaded are offered in full (plan_tools), as if there all along;
+        # the search itself is no tool this upstream was offered (chat_messages does the same).
+        return "assistant", []
     if kind == "reasoning":
         state = request.state_of(item)
         if state is None or state.get("kind") != KIND:

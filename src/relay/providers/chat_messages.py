@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from relay.protocol import HOSTED_ITEM_TYPES
+from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
 from relay.providers.base import ProviderError, ProviderRequest
 from relay.providers.tool_names import wire_name
 
@@ -103,6 +103,11 @@ class ChatTranscript:
         kind = item.get("type", "message")
         if kind in HOSTED_ITEM_TYPES:
             return  # an upstream's hosted call: its results are in the answer's text
+        if kind in TOOL_SEARCH_ITEM_TYPES:
+            # A search's result is the tools it loaded, and those are offered in full here
+            # (plan_tools): to the model they were there all along. Sent as a call, the
+            # transcript would show a tool the model was never offered (the search).
+            return
         if kind == "reasoning":
             parts = item.get("content") or item.get("summary") or ()
             text = "".join(part.get("text") or "" for part in parts)

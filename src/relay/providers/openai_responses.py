@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from relay.protocol import HOSTED_ITEM_TYPES
+from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
 from relay.providers.base import (
     AnnotationDelta,
     Delta,
@@ -39,7 +39,7 @@ from relay.providers.base import (
 )
 from relay.providers.http_client import HTTPClientError, Response
 from relay.providers.settings import OpenAIResponsesConfig
-from relay.providers.tool_names import wire_name
+from relay.providers.tool_names import CUSTOM_INPUT, wire_name
 from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 
 KIND = "openai_responses"
@@ -118,7 +118,8 @@ class OpenAIResponsesProvider:
         }
         if request.instructions:
             body["instructions"] = request.instructions
-        tools: list[dict[str, Any]] = [_function(tool) for tool in request.tools]
+        searching = _searches(request)
+        tools: list[dict[str, Any]] = [_function(tool, searching) for tool in request.tools]
         tools += request.hosted_tools
         if tools:
             body["tools"] = tools
@@ -143,20 +144,25 @@ class OpenAIResponsesProvider:
         """The whole context as this upstream takes it back. A stored chain's part is
         translated once and kept with the chain (per deployment: what reasoning goes back
         depends on it), so a long conversation costs each turn its new items."""
-        translate = self._item(request)
+        searching = _searches(request)
+        translate = self._item(request, searching)
 
         def extend(done: tuple[Any, ...], items: list[dict[str, Any]]) -> tuple[Any, ...]:
             return (*done, *(out for out in map(translate, items) if out is not None))
 
         history = request.history
-        before = () if history is None else history.derive(f"{KIND}:{self._name}", extend, ())
+        key = f"{KIND}:{self._name}" + (":search" if searching else "")
+        before = () if history is None else history.derive(key, extend, ())
         return [*before, *extend((), request.items)]
 
-    def _item(self, request: ProviderRequest) -> Any:
+    def _item(self, request: ProviderRequest, searching: bool) -> Any:
         origin = self._name
 
         def upstream_item(item: dict[str, Any]) -> dict[str, Any] | None:
             kind = item.get("type", "message")
+            if kind in TOOL_SEARCH_ITEM_TYPES:
+                # Without its own search, the upstream was offered the loaded tools in full.
+                return _searched_item(item) if searching else None
             if kind == "reasoning":
                 state = request.state_of(item)
                 if state is None or state.get("kind") != KIND or state.get("origin") != origin:
@@ -357,13 +363,48 @@ class _StreamState:
         return out + self._closing(answer)
 
 
-def _function(tool: dict[str, Any]) -> dict[str, Any]:
+def _function(tool: dict[str, Any], searching: bool) -> dict[str, Any]:
     # The engine offers function tools only (custom tools as functions of one string).
+    # `defer_loading` only beside the upstream's tool search, which alone can load them.
+    keys = ("description", "parameters", "strict") + (("defer_loading",) if searching else ())
     out = {"type": "function", "name": tool["name"]}
-    for key in ("description", "parameters", "strict"):
+    for key in keys:
         if tool.get(key) is not None:
             out[key] = tool[key]
     return out
+
+
+def _searches(request: ProviderRequest) -> bool:
+    """Whether the upstream runs the request's tool search (the engine sent the tool)."""
+    return any(tool["type"] == "tool_search" for tool in request.hosted_tools)
+
+
+def _searched_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A tool search item as the upstream takes it back: the tools an output loaded under the
+    names they were offered by (a namespace's functions as `<namespace>__<name>`)."""
+    out = {key: value for key, value in item.items() if key not in _CLIENT_ITEM_FIELDS}
+    if item["type"] == "tool_search_output":
+        out["tools"] = [flat for tool in item["tools"] for flat in _flattened(tool)]
+    return out
+
+
+def _flattened(tool: dict[str, Any]) -> list[dict[str, Any]]:
+    if tool.get("type") != "namespace":
+        return [_function_shape(tool)]
+    return [
+        _function_shape({**member, "name": wire_name(tool["name"], member["name"])})
+        for member in tool.get("tools") or ()
+    ]
+
+
+def _function_shape(tool: dict[str, Any]) -> dict[str, Any]:
+    """A loaded tool as the engine offers tools: a custom tool as a function of one string."""
+    if tool.get("type") != "custom":
+        return tool
+    out: dict[str, Any] = {
+        key: tool[key] for key in ("name", "description", "defer_loading") if key in tool
+    }
+    return {"type": "function", **out, "parameters": CUSTOM_INPUT}
 
 
 def _tool_choice(choice: str | dict[str, str]) -> str | dict[str, str]:

@@ -1,4 +1,4 @@
-"""The names namespaced tools go by upstream.
+"""The names namespaced tools go by upstream, and the function a custom tool travels as.
 
 A `namespace` tool groups function tools (`crm` holding `get_customer`); upstreams know only
 flat function names, so each is offered as `<namespace>__<name>`, and the model's calls come
@@ -11,6 +11,13 @@ from __future__ import annotations
 
 import hashlib
 
+# How a custom tool's free-text input travels upstream: as a function call's arguments.
+CUSTOM_INPUT = {
+    "type": "object",
+    "properties": {"input": {"type": "string"}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
 SEPARATOR = "__"
 MAX_NAME = 64  # chat-completions function names: ^[a-zA-Z0-9_-]{1,64}$
 
