@@ -99,10 +99,8 @@ class Run:
     sent: ProviderRequest | None = None
     asked_at: float = 0.0
     on_settled: Settle | None = None
-    # A stored stream's record of its start (relay.runs), written beside the first steps:
-    # the final save waits for it, then says it is done.
-    recorded: asyncio.Future[None] | None = None
-    on_stored: Callable[[bool], None] | None = None  # told whether the save succeeded
+    # Told whether the save succeeded (relay.runs: a recorded stream's record then goes).
+    on_stored: Callable[[bool], None] | None = None
     turn: conversation.Turn | None = None  # the conversation it continues, held
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
@@ -192,6 +190,13 @@ class Run:
             pass
         return self.response
 
+    async def discard(self) -> None:
+        """A run whose events will never be read: its upstream closed, its conversation
+        released."""
+        await _close(self.deltas)
+        if self.turn is not None:
+            await self.turn.abandon()
+
     async def _persist(self) -> bool:
         """Store the settled response (when store is true) and end its conversation turn;
         False when storage failed."""
@@ -247,11 +252,6 @@ class Run:
         inputs = self.input_items
         if self.history is not None and not self.history_stored:
             inputs = [*self.history.items, *inputs]
-        if self.recorded is not None:
-            try:
-                await self.recorded
-            except Exception:
-                log.exception("could not record the start of response %s", response["id"])
         try:
             nbytes = await self.engine.store.save_response(self.tenant, response, inputs)
         except Exception:

@@ -6,8 +6,8 @@ accounted for.
   that: 503 with retry-after). Its events go to a Feed (followers in this process) and to the
   event log (followers anywhere, and later resumptions). The client's connection has no say:
   a disconnect ends only the client's view.
-- `record_stream` stores a foreground stored stream as in_progress as it starts (its id is in
-  the client's response.created), beside the run's first steps rather than before them.
+- `record_stream` stores a foreground stored stream as in_progress before its first event
+  goes out (its id is in the client's response.created).
 - One loop renews the leases of this process's runs, picks up cancels asked for on another
   instance, and sweeps runs whose lease lapsed anywhere (their process died): those end as
   failed with a clear error, so that no id a client was given stays in_progress or 404s.
@@ -309,13 +309,18 @@ class Runner:
 
     # foreground stored streams ----------------------------------------------------------------
 
-    def record_stream(self, tenant: str, run: Run) -> None:
-        response = dict(run.response)
-        response_id = response["id"]
+    async def record_stream(self, tenant: str, run: Run) -> None:
+        """Store a stored stream as in_progress before its first event goes out (its id is
+        in response.created: it must never 404), and renew its lease until its end is
+        stored. When it cannot be recorded the run is dropped, and the error raised."""
+        response_id = run.response["id"]
+        try:
+            # The response alone (its input items come with the final save).
+            await self.log.begin(tenant, dict(run.response), [], background=False)
+        except BaseException:
+            await run.discard()
+            raise
         self._streams.add(response_id)
-        # The response alone (its input items come with the final save): two one-row
-        # inserts, which the first token barely notices.
-        run.recorded = asyncio.ensure_future(self.log.begin(tenant, response, [], background=False))
 
         def ended(stored: bool) -> None:
             self._streams.discard(response_id)
