@@ -95,6 +95,7 @@ def create_app(settings: Settings) -> ASGIApp:
             max_queued=settings.background_max_queued,
             poll_s=settings.run_poll_s,
             accounting_for=access.accounting_for,
+            claims=access.idempotency,
         )
         queue = None
         if isinstance(store.db, AsyncDatabase):

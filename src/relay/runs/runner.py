@@ -8,9 +8,10 @@ accounted for.
   a disconnect ends only the client's view.
 - `record_stream` stores a foreground stored stream as in_progress before its first event
   goes out (its id is in the client's response.created).
-- One loop renews the leases of this process's runs, picks up cancels asked for on another
-  instance, and sweeps runs whose lease lapsed anywhere (their process died): those end as
-  failed with a clear error, so that no id a client was given stays in_progress or 404s.
+- One loop renews the leases of this process's runs (and of its Idempotency-Key claims),
+  picks up cancels asked for on another instance, and sweeps runs whose lease lapsed anywhere
+  (their process died): those end as failed with a clear error, so that no id a client was
+  given stays in_progress or 404s.
 - While the database is unavailable, a run's end waits to be stored (its lease renewed
   meanwhile), its events wait to be logged and its followers to read them: nothing a client
   was promised is dropped. A process that stops meanwhile gives its runs up to the sweep.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
+from relay.access.idempotency import Idempotency
 from relay.access.policy import Settle
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
@@ -54,11 +56,14 @@ class Runner:
         max_queued: int,
         poll_s: float,
         accounting_for: AccountingFor,
+        claims: Idempotency,
     ) -> None:
         """`accounting_for`: how a worker opens the books of a run that another instance
-        admitted (a job from the queue)."""
+        admitted (a job from the queue). `claims`: the Idempotency-Key claims whose lease
+        is renewed with the runs'."""
         self.engine = engine
         self.accounting_for = accounting_for
+        self.claims = claims
         self.log = run_log
         self.max_queued = max_queued
         self.poll_s = poll_s
@@ -419,6 +424,7 @@ class Runner:
             # records how it really ended.
             log.warning("response %s lost its lease while running", response_id)
         self._lost |= lost
+        await self.claims.renew()
 
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")
