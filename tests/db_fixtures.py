@@ -31,7 +31,7 @@ import pytest
 
 from relay.storage.sql import SqlStore, open_store
 
-__all__ = ["PgServer", "pg_server", "postgres_url", "store", "store_url"]
+__all__ = ["PgCluster", "PgServer", "pg_cluster", "pg_server", "postgres_url", "store", "store_url"]
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -119,7 +119,7 @@ def _free_port() -> int:
         return port
 
 
-class _Cluster:
+class PgCluster:
     """A throwaway cluster in a temporary directory."""
 
     def __init__(self) -> None:
@@ -150,6 +150,10 @@ class _Cluster:
             "UTF8",
             "--no-sync",
         )
+        self.start()
+        self.server = PgServer(self.port, "postgres", "postgres")
+
+    def start(self) -> None:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses={HOST} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -168,7 +172,11 @@ class _Cluster:
             "60",
             "start",
         )
-        self.server = PgServer(self.port, "postgres", "postgres")
+
+    def halt(self) -> None:
+        """Stop the server as an administrator would (its sessions terminated), keeping its
+        data: `start` brings it back."""
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def _run(self, *command: str) -> None:
         try:
@@ -202,7 +210,7 @@ def pg_server() -> Iterator[PgServer]:
         yield running
         return
     try:
-        cluster = _Cluster()
+        cluster = PgCluster()
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
         pytest.skip(
             f"POSTGRESQL TESTS SKIPPED: no PostgreSQL answers on {HOST}:{PORT} and no "
@@ -210,6 +218,20 @@ def pg_server() -> Iterator[PgServer]:
         )
     try:
         yield cluster.server
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL server of the module's own, which its tests may stop and start
+    (an outage); never the shared one."""
+    try:
+        cluster = PgCluster()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        pytest.skip(f"POSTGRESQL OUTAGE TESTS SKIPPED: no throwaway cluster: {error}")
+    try:
+        yield cluster
     finally:
         cluster.stop()
 

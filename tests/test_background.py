@@ -3,8 +3,10 @@ SQLite and PostgreSQL; and what a stored stream leaves behind when its server di
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +166,31 @@ def test_runs_cut_by_a_crash_end_failed_never_404(tmp_path: Path) -> None:
         log = httpx.get(f"{second.url}/v1/responses/{background['id']}?stream=true").text
         kinds = [line[7:] for line in log.splitlines() if line.startswith("event: ")]
         assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"]
+
+
+def test_a_stored_stream_is_recorded_before_its_id_is_sent(tmp_path: Path) -> None:
+    """Write first, then send: killed right after response.created (the record's write held
+    up until then by another writer's lock), the id answers, failed, never 404."""
+    env = {
+        "RELAY_DATABASE_URL": f"sqlite:///{tmp_path}/relay.db",
+        "RELAY_ROUTES": '[{"model": "slow", "provider": "fake", "upstream_model": "slow"}]',
+        "RELAY_RUN_LEASE_S": "1",
+        "RELAY_RUN_POLL_S": "0.2",
+    }
+    body = {"model": "slow", "input": "x", "stream": True}
+    with relay_serve(env) as first, httpx.Client(base_url=first.url, timeout=30) as http:
+        lock = os.open(f"{tmp_path}/relay.db.write-lock", os.O_RDWR)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # Relay's writers queue behind it
+        release = threading.Timer(0.5, fcntl.flock, (lock, fcntl.LOCK_UN))
+        release.start()
+        with http.stream("POST", "/v1/responses", json=body) as stream:
+            created = next(line for line in stream.iter_lines() if line.startswith("data:"))
+            os.kill(first.process.pid, signal.SIGKILL)
+        release.join()
+        os.close(lock)
+    response_id = httpx.Response(200, content=created[5:]).json()["response"]["id"]
+    with relay_serve(env) as second, sdk_client(second.url) as sdk:
+        assert _wait(sdk, response_id).status == "failed"
 
 
 def test_a_lease_must_be_renewed_in_time() -> None:

@@ -1,13 +1,21 @@
-"""Idempotency-Key on POST /v1/responses, on one Relay (across two: test_two_instances.py)."""
+"""Idempotency-Key on POST /v1/responses, on one Relay (across two: test_two_instances.py), and
+after a crash."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
+from live_server import relay_serve
 from relay_fixtures import sse_events
 from team import AdminClient, client, team_relay, team_routes
 
@@ -125,3 +133,41 @@ async def test_ten_at_once_make_one_upstream_call(
         replay = await http.post("/v1/responses", json=body)
     assert replay.json()["id"] == winner["id"]
     assert len(chat_upstream.requests) == 1
+
+
+def _killed(http: httpx.Client, body: dict[str, object], key: str) -> None:
+    """A request whose server is killed while it runs."""
+    with contextlib.suppress(httpx.TransportError):
+        _post(http, body, key)
+
+
+def test_a_claim_lives_and_dies_with_its_process(tmp_path: Path) -> None:
+    """A claim's lease is renewed with its process's runs: a request that outlasts the lease
+    still holds its key; killed with SIGKILL, its claims lapse with its runs, and retries
+    run again (they used to get 409 for 15 minutes)."""
+    env = {
+        "RELAY_DATABASE_URL": f"sqlite:///{tmp_path}/relay.db",
+        "RELAY_ROUTES": '[{"model": "slow", "provider": "fake", "upstream_model": "slow"}]',
+        "RELAY_RUN_LEASE_S": "1",
+        "RELAY_RUN_POLL_S": "0.2",
+    }
+    answer = {"model": "slow", "input": "x"}
+    stream = {**answer, "stream": True}
+    with relay_serve(env) as first, httpx.Client(base_url=first.url, timeout=30) as http:
+        running = threading.Thread(target=_killed, args=(http, answer, "json-1"), daemon=True)
+        running.start()
+        time.sleep(1.5)  # past the lease: renewed, still held
+        assert _post(http, answer, "json-1").status_code == 409
+        with http.stream(
+            "POST", "/v1/responses", json=stream, headers={"idempotency-key": "stream-1"}
+        ) as streamed:
+            next(line for line in streamed.iter_lines() if line.startswith("data:"))
+            os.kill(first.process.pid, signal.SIGKILL)
+    with relay_serve(env) as second, httpx.Client(base_url=second.url, timeout=30) as http:
+        deadline = time.monotonic() + 5
+        for body, key in ((answer, "json-1"), (stream, "stream-1")):
+            while (again := _post(http, body, key)).status_code == 409:
+                assert time.monotonic() < deadline, again.text
+                time.sleep(0.2)
+            assert again.status_code == 200 and "idempotent-replayed" not in again.headers
+            assert "completed" in again.text

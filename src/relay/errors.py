@@ -140,3 +140,18 @@ class ServerError(RelayError):
     status = 500
     type = "server_error"
     code = "server_error"
+
+
+class DatabaseUnavailable(RelayError):
+    """The database cannot be reached (stopped, restarting, failing over): a 503 that clients
+    retry (relay.storage.outage tells these errors apart)."""
+
+    status = 503
+    type = "server_error"
+    code = "database_unavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "The server's database is unavailable; retry shortly.", headers={"retry-after": "2"}
+        )
+        self.reason = reason  # the driver's words, for the log (no statement, no parameters)

@@ -161,7 +161,7 @@ class Access:
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         self.limiter = RateLimiter(redis_url, timeout_s=settings.redis_timeout_s)
         self.ledger = Ledger(db)
-        self.idempotency = Idempotency(db, settings.idempotency_ttl_s)
+        self.idempotency = Idempotency(db, settings.idempotency_ttl_s, settings.run_lease_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def track(self, work: Awaitable[None]) -> None:

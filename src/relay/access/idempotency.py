@@ -6,9 +6,10 @@ their retry then gets the replay).
 
 Records are per project, apart from stored responses (store:false answers replay too), and in
 the database, so that every instance sees them. A claim is one transaction: insert the key, or
-read who holds it. A running claim lapses after LEASE_S (its process died), and an answer after
-`ttl_s`. Only answers that hold a response are kept: an error before the response existed, or
-a client that left, releases the key, so that a retry runs again.
+read who holds it. A running claim holds a lease like a run's (`lease_s`, renewed with the runs'
+by relay.runs.runner): when its process dies it lapses with its runs, and a retry runs again.
+An answer lapses after `ttl_s`. Only answers that hold a response are kept: an error before the
+response existed, or a client that left, releases the key, so that a retry runs again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from relay.storage.database import Database
 from relay.storage.tables import idempotency_keys as records
 
 MAX_KEY_LENGTH = 255
-LEASE_S = 15 * 60
 _SWEEP_EVERY_S = 60.0
 
 _THIS = and_(records.c.project_id == bindparam("pid"), records.c.key == bindparam("k"))
@@ -57,6 +57,11 @@ _COMPLETE = (
     )
 )
 _RELEASE = delete(records).where(_THIS, records.c.state == "running")
+_RENEW = (
+    update(records)
+    .where(_THIS, records.c.state == "running")
+    .values(lease_until=bindparam("until"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +87,11 @@ def checked_key(value: str) -> str:
 
 
 class Idempotency:
-    def __init__(self, db: Database, ttl_s: float) -> None:
+    def __init__(self, db: Database, ttl_s: float, lease_s: float) -> None:
         self.db = db
         self.ttl_s = ttl_s
+        self.lease_s = lease_s
+        self._held: set[tuple[str, str]] = set()  # this process's running claims
         dialect = db.sync_engine.dialect.name
         insert = postgresql.insert(records) if dialect == "postgresql" else sqlite.insert(records)
         self._claim = insert.on_conflict_do_nothing(
@@ -99,9 +106,12 @@ class Idempotency:
         sweep = now - self._swept >= _SWEEP_EVERY_S
         if sweep:
             self._swept = now
-        return await self.db.write(
+        replay = await self.db.write(
             lambda conn: self._claim_in(conn, project, key, digest, int(now), sweep)
         )
+        if replay is None:
+            self._held.add((project, key))
+        return replay
 
     def _claim_in(
         self, conn: Connection, project: str, key: str, digest: str, now: int, sweep: bool
@@ -117,7 +127,7 @@ class Idempotency:
                 "key": key,
                 "request_digest": digest,
                 "state": "running",
-                "lease_until": now + LEASE_S,
+                "lease_until": now + int(self.lease_s),
                 "expires_at": now + int(self.ttl_s),
             },
         ).first()
@@ -151,6 +161,7 @@ class Idempotency:
     async def complete(
         self, project: str, key: str, status_code: int, media_type: str, body: bytes
     ) -> None:
+        self._held.discard((project, key))
         expires = int(time.time() + self.ttl_s)
         params = {
             "pid": project,
@@ -163,4 +174,13 @@ class Idempotency:
         await self.db.write(lambda conn: conn.execute(_COMPLETE, params))
 
     async def release(self, project: str, key: str) -> None:
+        self._held.discard((project, key))
         await self.db.write(lambda conn: conn.execute(_RELEASE, {"pid": project, "k": key}))
+
+    async def renew(self) -> None:
+        """Extend the leases of this process's running claims (none: no statement)."""
+        if not self._held:
+            return
+        until = int(time.time() + self.lease_s)
+        params = [{"pid": project, "k": key, "until": until} for project, key in self._held]
+        await self.db.write(lambda conn: conn.execute(_RENEW, params))

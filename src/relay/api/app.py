@@ -90,11 +90,12 @@ def create_app(settings: Settings) -> ASGIApp:
         app.state.engine = engine
         runner = Runner(
             engine,
-            RunLog(store, settings.run_lease_s),
+            RunLog(store, settings.run_lease_s, stopping=engine.stopping),
             max_running=settings.background_max_running,
             max_queued=settings.background_max_queued,
             poll_s=settings.run_poll_s,
             accounting_for=access.accounting_for,
+            claims=access.idempotency,
         )
         queue = None
         if isinstance(store.db, AsyncDatabase):
@@ -124,6 +125,8 @@ def create_app(settings: Settings) -> ASGIApp:
         try:
             yield
         finally:
+            # What still waits for the database gives up now: the sweep ends those runs.
+            engine.stopping.set()
             if listener is not None:
                 await listener.close()
             if queue is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.responses import Response
@@ -10,6 +11,9 @@ from relay.access.gate import Access
 from relay.access.idempotency import Replay
 from relay.api.sse import DONE, frame
 from relay.engine.builder import Event
+from relay.errors import DatabaseUnavailable
+
+log = logging.getLogger("relay.api")
 
 REPLAYED = "idempotent-replayed"
 _KEPT = ("response.completed", "response.incomplete", "response.failed")
@@ -36,9 +40,14 @@ async def recorded(
             frames.extend(frame(event) for event in batch)
             if batch and batch[-1]["type"] in _KEPT:
                 body = b"".join(frames) + DONE
-                await gate.idempotency.complete(
-                    project, key, 200, "text/event-stream; charset=utf-8", body
-                )
+                try:
+                    await gate.idempotency.complete(
+                        project, key, 200, "text/event-stream; charset=utf-8", body
+                    )
+                except DatabaseUnavailable as error:
+                    # The stream still ends on its terminal event; the claim, no longer
+                    # renewed, lapses, and a retry runs again.
+                    log.warning("could not keep the answer of an Idempotency-Key: %s", error.reason)
                 kept = True
             yield batch
     finally:

@@ -138,8 +138,8 @@ async def _respond(
                 headers[DEPLOYMENT] = run.deployment.name
             if body.stream:
                 if run.response["store"]:
-                    # Its id is in response.created: recorded now, so it never 404s.
-                    background.runner(request).record_stream(principal.project, run)
+                    # Its id is in response.created: recorded first, so it never 404s.
+                    await background.runner(request).record_stream(principal.project, run)
                 events = run.events()
                 if idempotency_key is not None:
                     events = recorded(events, gate, principal.project, idempotency_key)

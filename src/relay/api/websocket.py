@@ -24,10 +24,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from relay.access.gate import Access, Principal
 from relay.api.auth import access
 from relay.api.errors import error_response
-from relay.engine.run import Engine, Run
+from relay.engine.run import Run
 from relay.errors import InvalidRequest, PermissionDenied, RateLimited, RelayError
 from relay.protocol import CreateResponse, create_request, json_object
 from relay.providers.base import History
+from relay.runs.runner import Runner
 
 CLOSE_NORMAL = 1000  # RFC 6455
 
@@ -43,7 +44,7 @@ async def responses_socket(websocket: WebSocket, principal: Principal) -> None:
     settings = websocket.app.state.settings
     await _Socket(
         websocket,
-        websocket.app.state.engine,
+        websocket.app.state.runner,
         access(websocket),
         principal,
         settings.websocket_max_age_s,
@@ -66,14 +67,15 @@ class _Socket:
     def __init__(
         self,
         websocket: WebSocket,
-        engine: Engine,
+        runner: Runner,
         gate: Access,
         principal: Principal,
         max_age_s: float,
         max_queued: int,
     ) -> None:
         self.websocket = websocket
-        self.engine = engine
+        self.runner = runner
+        self.engine = runner.engine
         self.gate = gate
         self.principal = principal
         self.deadline = time.monotonic() + max_age_s
@@ -158,6 +160,9 @@ class _Socket:
                 generate=generate,
                 on_settled=accounting.settle,
             )
+            if run.response["store"]:
+                # Its id is in response.created: recorded first, as a stored SSE stream is.
+                await self.runner.record_stream(self.principal.project, run)
         except RelayError as error:
             if accounting is not None:
                 accounting.abandon()

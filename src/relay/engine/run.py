@@ -34,7 +34,14 @@ from relay.engine.context import (
 from relay.engine.history import HistoryCache
 from relay.engine.prepared import Prepared
 from relay.engine.response import new_response
-from relay.errors import InvalidRequest, RateLimited, RelayError, RequestTimeout, UpstreamError
+from relay.errors import (
+    DatabaseUnavailable,
+    InvalidRequest,
+    RateLimited,
+    RelayError,
+    RequestTimeout,
+    UpstreamError,
+)
 from relay.ids import new_id
 from relay.protocol import CreateResponse
 from relay.providers.base import (
@@ -50,6 +57,7 @@ from relay.providers.upstream import TRUNCATED
 from relay.sealing import Sealer
 from relay.storage.base import Store
 from relay.storage.conversations import ConversationStore
+from relay.storage.outage import retried
 
 log = logging.getLogger("relay.engine")
 T = TypeVar("T")
@@ -99,11 +107,13 @@ class Run:
     sent: ProviderRequest | None = None
     asked_at: float = 0.0
     on_settled: Settle | None = None
-    # A stored stream's record of its start (relay.runs), written beside the first steps:
-    # the final save waits for it, then says it is done.
-    recorded: asyncio.Future[None] | None = None
-    on_stored: Callable[[bool], None] | None = None  # told whether the save succeeded
+    # A run whose id a client holds (a background response, a recorded stream: relay.runs):
+    # its end must be stored, so the save waits out a database outage (until the engine
+    # stops), its lease renewed meanwhile; `on_stored` is told whether it was.
+    durable: bool = False
+    on_stored: Callable[[bool], None] | None = None
     turn: conversation.Turn | None = None  # the conversation it continues, held
+    _unsaved: Exception | None = field(default=None)  # why the save failed
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
 
@@ -187,10 +197,21 @@ class Run:
             self.deployment.health.measured_throughput(usage.get("output_tokens") or 0, seconds)
 
     async def final(self) -> dict[str, Any]:
-        """Drain the events: the JSON answer is the stream, folded."""
+        """Drain the events: the JSON answer is the stream, folded. A response that could not
+        be stored is no answer (its id would 404): the storage error is raised instead (a 503
+        while the database is unavailable)."""
         async for _ in self.events():
             pass
+        if self._unsaved is not None:
+            raise self._unsaved
         return self.response
+
+    async def discard(self) -> None:
+        """A run whose events will never be read: its upstream closed, its conversation
+        released."""
+        await _close(self.deltas)
+        if self.turn is not None:
+            await self.turn.abandon()
 
     async def _persist(self) -> bool:
         """Charge the settled response, store it (when store is true) and end its
@@ -255,15 +276,19 @@ class Run:
         inputs = self.input_items
         if self.history is not None and not self.history_stored:
             inputs = [*self.history.items, *inputs]
-        if self.recorded is not None:
-            try:
-                await self.recorded
-            except Exception:
-                log.exception("could not record the start of response %s", response["id"])
+        save = functools.partial(self.engine.store.save_response, self.tenant, response, inputs)
         try:
-            nbytes = await self.engine.store.save_response(self.tenant, response, inputs)
-        except Exception:
-            log.exception("could not store response %s", response["id"])
+            if self.durable:
+                what = f"the save of response {response['id']}"
+                nbytes = await retried(save, what=what, until=self.engine.stopping)
+            else:
+                nbytes = await save()
+        except Exception as error:
+            self._unsaved = error
+            if isinstance(error, DatabaseUnavailable):
+                log.error("could not store response %s: %s", response["id"], error.reason)
+            else:
+                log.exception("could not store response %s", response["id"])
             return False
         # (What was saved measures what the history holds only when it added to a stored
         # chain; else the history measures itself.)
@@ -329,6 +354,8 @@ class Engine:
         self.echo_json_schema = echo_json_schema
         self.histories = HistoryCache(history_cache_items, history_cache_bytes)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Set as the process stops: work waiting for the database then gives up.
+        self.stopping = asyncio.Event()
 
     def track(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `work` as a task the engine owns: it outlives a cancelled request, and

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.engine.builder import error_event
 from relay.runs.notify import CANCEL, CHANNEL, EVENT
+from relay.storage.outage import retried
 from relay.storage.sql import SqlStore, json_text
 from relay.storage.tables import response_events, responses, runs
 
@@ -68,10 +69,13 @@ class QueuedRun:
 
 
 class RunLog:
-    def __init__(self, store: SqlStore, lease_s: float) -> None:
+    def __init__(self, store: SqlStore, lease_s: float, *, stopping: asyncio.Event) -> None:
+        """`stopping`: set as the process stops; events that wait for the database are then
+        dropped (the sweep closes their runs' logs)."""
         self.store = store
         self.db = store.db
         self.lease_s = lease_s
+        self.stopping = stopping
         self._pending: list[dict[str, Any]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -206,8 +210,10 @@ class RunLog:
             while self._pending:
                 await asyncio.sleep(FLUSH_S)
                 batch, self._pending = self._pending, []
+                write = partial(self.db.write, partial(_insert_events, batch=batch))
                 try:
-                    await self.db.write(partial(_insert_events, batch=batch))
+                    # Waits out an outage (later events gather meanwhile, in order).
+                    await retried(write, what=f"{len(batch)} stream events", until=self.stopping)
                 except Exception:
                     log.exception("could not write %d stream events", len(batch))
         finally:

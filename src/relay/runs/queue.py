@@ -17,9 +17,15 @@ import psycopg
 from procrastinate.schema import SchemaManager
 from sqlalchemy.engine import make_url
 
+from relay.storage.outage import reachable
+
 log = logging.getLogger("relay.queue")
 QUEUE = "relay-background"
 _SCHEMA_LOCK = 7_366_100_261_625_119_077
+# How long a statement of the queue's waits for a connection (psycopg_pool's default: 30 s).
+# The worker records how each job ended before it stops: during an outage, a shutdown would
+# wait that long for it.
+_POOL_WAIT_S = 5.0
 
 
 def conninfo(database_url: str) -> str:
@@ -39,7 +45,7 @@ class JobQueue:
     ) -> None:
         self._conninfo = conninfo(database_url)
         self.app = procrastinate.App(
-            connector=procrastinate.PsycopgConnector(conninfo=self._conninfo)
+            connector=procrastinate.PsycopgConnector(conninfo=self._conninfo, timeout=_POOL_WAIT_S)
         )
         self._concurrency = concurrency
         self._work = work
@@ -68,7 +74,8 @@ class JobQueue:
             )
 
     async def defer(self, response_id: str) -> None:
-        await self._task.defer_async(response_id=response_id)
+        with reachable():  # its database is Relay's: the same outage, the same 503
+            await self._task.defer_async(response_id=response_id)
 
     async def close(self) -> None:
         if self._worker is not None:

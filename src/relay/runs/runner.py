@@ -6,36 +6,44 @@ accounted for.
   that: 503 with retry-after). Its events go to a Feed (followers in this process) and to the
   event log (followers anywhere, and later resumptions). The client's connection has no say:
   a disconnect ends only the client's view.
-- `record_stream` stores a foreground stored stream as in_progress as it starts (its id is in
-  the client's response.created), beside the run's first steps rather than before them.
-- One loop renews the leases of this process's runs, picks up cancels asked for on another
-  instance, and sweeps runs whose lease lapsed anywhere (their process died): those end as
-  failed with a clear error, so that no id a client was given stays in_progress or 404s.
+- `record_stream` stores a foreground stored stream as in_progress before its first event
+  goes out (its id is in the client's response.created).
+- One loop renews the leases of this process's runs (and of its Idempotency-Key claims),
+  picks up cancels asked for on another instance, and sweeps runs whose lease lapsed anywhere
+  (their process died): those end as failed with a clear error, so that no id a client was
+  given stays in_progress or 404s.
+- While the database is unavailable, a run's end waits to be stored (its lease renewed
+  meanwhile), its events wait to be logged and its followers to read them: nothing a client
+  was promised is dropped. A process that stops meanwhile gives its runs up to the sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
+from relay.access.idempotency import Idempotency
 from relay.access.policy import Settle
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
-from relay.errors import RelayError, ServerError, UpstreamError
+from relay.errors import DatabaseUnavailable, RelayError, ServerError, UpstreamError
 from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
 from relay.runs.log import QueuedRun, RunLog
 from relay.runs.notify import CANCEL, EVENT
+from relay.storage.outage import retried
 
 if TYPE_CHECKING:
     from relay.runs.queue import JobQueue
 
 log = logging.getLogger("relay.runs")
+T = TypeVar("T")
 
 
 class Runner:
@@ -48,11 +56,14 @@ class Runner:
         max_queued: int,
         poll_s: float,
         accounting_for: AccountingFor,
+        claims: Idempotency,
     ) -> None:
         """`accounting_for`: how a worker opens the books of a run that another instance
-        admitted (a job from the queue)."""
+        admitted (a job from the queue). `claims`: the Idempotency-Key claims whose lease
+        is renewed with the runs'."""
         self.engine = engine
         self.accounting_for = accounting_for
+        self.claims = claims
         self.log = run_log
         self.max_queued = max_queued
         self.poll_s = poll_s
@@ -125,7 +136,10 @@ class Runner:
     async def run_queued(self, response_id: str) -> None:
         """A job from the queue: the background run it names, here, unless it was
         cancelled (or swept) while it waited."""
-        taken = await self.log.take(response_id)
+        what = f"the start of queued response {response_id}"
+        taken = await retried(
+            functools.partial(self.log.take, response_id), what=what, until=self.engine.stopping
+        )
         if taken is None:
             return
         queued, tenant, snapshot = taken
@@ -158,6 +172,12 @@ class Runner:
         response_id = queued["id"]
         run: Run | None = None
         waiting = True
+        ended = False  # its end is stored: its run record can go
+
+        def stored(done: bool) -> None:
+            nonlocal ended
+            ended = done
+
         try:
             async with self._slots:
                 self._waiting -= 1
@@ -173,8 +193,10 @@ class Runner:
                     )
                 except RelayError as error:
                     failed = await self._failed_before_start(tenant, queued, feed, error)
+                    ended = True
                     on_settled(failed, None)
                     return
+                run.durable, run.on_stored = True, stored
                 # As it starts (its output fills in later, in the final save).
                 self.engine.track(self.log.mark_running({**run.response, "output": []}))
                 await self._stream(run, feed)
@@ -183,15 +205,20 @@ class Runner:
                 self._waiting -= 1
             if run is None:  # cancelled before the run existed: waiting, or opening it
                 on_settled(await self._cancelled_while_queued(tenant, queued, feed), None)
+                ended = True
             raise
+        except DatabaseUnavailable as error:
+            # Its end could not be stored before the process stopped: the sweep ends it.
+            log.error("background response %s left to the sweep: %s", response_id, error.reason)
         except Exception:
             log.exception("background response %s failed", response_id)
             if run is None:
                 fault = ServerError("The server had an error starting the response.")
                 on_settled(await self._failed_before_start(tenant, queued, feed, fault), None)
+                ended = True
         finally:
             feed.close()
-            self.engine.track(self._forget(response_id))
+            self.engine.track(self._forget(response_id, ended))
 
     async def _stream(self, run: Run, feed: Feed) -> None:
         first = True
@@ -214,7 +241,7 @@ class Runner:
             "status": "failed",
             "error": {"code": error.code, "message": error.message},
         }
-        await self.log.store.save_response(tenant, failed, [])
+        await self._save_end(tenant, failed)
         events: list[Event] = [
             {"type": "response.created", "sequence_number": 0, "response": queued},
             error_event(1, error.type, error.code, error.message),
@@ -228,19 +255,37 @@ class Runner:
         self, tenant: str, queued: dict[str, Any], feed: Feed
     ) -> dict[str, Any]:
         cancelled = {**queued, "status": "cancelled"}
-        await asyncio.shield(self.log.store.save_response(tenant, cancelled, []))
+        await asyncio.shield(self._save_end(tenant, cancelled))
         event = {"type": "response.created", "sequence_number": 0, "response": queued}
         feed.publish([event])
         self.log.append(queued["id"], [event])
         return cancelled
 
-    async def _forget(self, response_id: str) -> None:
-        await self.log.flush()
-        await self.log.end(response_id)
+    async def _save_end(self, tenant: str, response: dict[str, Any]) -> None:
+        """A run's end without output, stored whatever it takes (as Run stores the others)."""
+        save = functools.partial(self.log.store.save_response, tenant, response, [])
+        what = f"the save of response {response['id']}"
+        await retried(save, what=what, until=self.engine.stopping)
+
+    async def _forget(self, response_id: str, ended: bool) -> None:
+        """Done with a background run here: its lease is no longer renewed. Its record goes
+        once its end is stored; else it stays, and the sweep ends the run as failed."""
         self._tasks.pop(response_id, None)
         self._feeds.pop(response_id, None)
         self._lost.discard(response_id)
         self._cancelled.discard(response_id)
+        if ended:
+            await self._end(response_id)
+
+    async def _end(self, response_id: str) -> None:
+        """The record of a run whose end is stored, deleted once its events are logged (a
+        follower elsewhere reads the log until the record is gone)."""
+        try:
+            await self.log.flush()
+            await self.log.end(response_id)
+        except DatabaseUnavailable:
+            # Its lease lapses instead: the sweep finds it ended and only deletes the record.
+            log.warning("could not delete the run record of response %s", response_id)
 
     async def cancel(self, tenant: str, response_id: str) -> bool:
         """Cancel a background run wherever it runs: here, at once; elsewhere, through its
@@ -267,15 +312,15 @@ class Runner:
         followers.add(wake)
         try:
             while True:
-                events = await self.log.events_after(response_id, after)
+                events = await self._read(self.log.events_after, response_id, after)
                 if events:
                     yield events
                     after = events[-1]["sequence_number"]
                     if events[-1]["type"] in _TERMINAL:
                         return
-                elif not await self.log.in_flight(response_id):
+                elif not await self._read(self.log.in_flight, response_id):
                     # Ended without a terminal event (cancelled): one more read, then stop.
-                    last = await self.log.events_after(response_id, after)
+                    last = await self._read(self.log.events_after, response_id, after)
                     if last:
                         yield last
                     return
@@ -285,6 +330,13 @@ class Runner:
             followers.discard(wake)
             if not followers:
                 self._followers.pop(response_id, None)
+
+    async def _read(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A follower's read of the log, which waits out a database outage: the stream
+        goes on (with keep-alives) instead of breaking."""
+        return await retried(
+            functools.partial(read, *args), what="a follower's read", until=self.engine.stopping
+        )
 
     async def _grown(self, wake: asyncio.Event) -> None:
         """Until the log may have grown: a signal (relay.runs.notify), or the poll interval
@@ -309,52 +361,70 @@ class Runner:
 
     # foreground stored streams ----------------------------------------------------------------
 
-    def record_stream(self, tenant: str, run: Run) -> None:
-        response = dict(run.response)
-        response_id = response["id"]
+    async def record_stream(self, tenant: str, run: Run) -> None:
+        """Store a stored stream as in_progress before its first event goes out (its id is
+        in response.created: it must never 404), and renew its lease until its end is
+        stored. When it cannot be recorded (DatabaseUnavailable: a 503) the run is dropped."""
+        response_id = run.response["id"]
+        try:
+            # The response alone (its input items come with the final save).
+            await self.log.begin(tenant, dict(run.response), [], background=False)
+        except BaseException:
+            await run.discard()
+            raise
         self._streams.add(response_id)
-        # The response alone (its input items come with the final save): two one-row
-        # inserts, which the first token barely notices.
-        run.recorded = asyncio.ensure_future(self.log.begin(tenant, response, [], background=False))
 
         def ended(stored: bool) -> None:
             self._streams.discard(response_id)
             self._lost.discard(response_id)
             if stored:
-                self.engine.track(self.log.end(response_id))
-            # Not stored: its run record stays, no longer renewed, and the sweep ends the
-            # in_progress record as failed.
+                self.engine.track(self._end(response_id))
+            # Not stored (the process stopped first): its run record stays, no longer
+            # renewed, and the sweep ends the in_progress record as failed.
 
-        run.on_stored = ended
+        run.durable, run.on_stored = True, ended
 
     # the loop ---------------------------------------------------------------------------------
 
     async def _keep(self) -> None:
-        sweep_every = max(1, round(self.log.lease_s / 2 / self.poll_s))
-        turns = 0
+        clock = asyncio.get_running_loop().time
+        next_sweep = clock() + self.log.lease_s / 2
+        unreachable = False
         while True:
             await asyncio.sleep(self.poll_s)
-            turns += 1
             try:
-                mine = [*self._tasks, *self._streams]
-                cancels, lost = await self.log.renew(mine)
-                for response_id in cancels:
-                    task = self._tasks.get(response_id)
-                    if task is not None:
-                        self._cancelled.add(response_id)
-                        task.cancel()
-                for response_id in lost - self._lost:
-                    # Swept as interrupted while it ran (this process stalled past its
-                    # lease): its log already ends there, so it writes no more events; its
-                    # final save still records how it really ended.
-                    log.warning("response %s lost its lease while running", response_id)
-                self._lost |= lost
-                if turns % sweep_every == 0:
+                await self._renew()
+                if clock() >= next_sweep:
+                    next_sweep = clock() + self.log.lease_s / 2
                     ended = await self.log.sweep()
                     if ended:
                         log.warning("ended %d interrupted responses: %s", len(ended), ended)
+            except DatabaseUnavailable as error:
+                if not unreachable:
+                    log.warning("run upkeep: the database is unavailable (%s)", error.reason)
+                unreachable = True
+                # Leases lapsed meanwhile: once it is back, a whole lease before this
+                # instance sweeps, so that every instance renews its own first.
+                next_sweep = clock() + self.log.lease_s
             except Exception:
                 log.exception("run upkeep failed")
+            else:
+                unreachable = False
+
+    async def _renew(self) -> None:
+        cancels, lost = await self.log.renew([*self._tasks, *self._streams])
+        for response_id in cancels:
+            task = self._tasks.get(response_id)
+            if task is not None:
+                self._cancelled.add(response_id)
+                task.cancel()
+        for response_id in lost - self._lost:
+            # Swept as interrupted while it ran (this process stalled past its lease): its
+            # log already ends there, so it writes no more events; its final save still
+            # records how it really ended.
+            log.warning("response %s lost its lease while running", response_id)
+        self._lost |= lost
+        await self.claims.renew()
 
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")

@@ -10,6 +10,9 @@ function of a SQLAlchemy `Connection`, so every query is written once for both d
 - PostgreSQL runs them on asyncpg through `AsyncConnection.run_sync`: no threads; each
   statement is awaited on the event loop.
 
+Errors that say the database cannot be reached leave both as `DatabaseUnavailable`
+(relay.storage.outage).
+
 `open_database` also migrates the schema (Alembic), with the locks that let processes starting
 together take turns.
 """
@@ -34,6 +37,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool, StaticPool
+
+from relay.storage.outage import reachable
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -120,11 +125,13 @@ class SqliteDatabase:
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._read, work)
+        with reachable():
+            return await loop.run_in_executor(self._readers, self._read, work)
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._write, work)
+        with reachable():
+            return await loop.run_in_executor(self._writer, self._write, work)
 
     async def glance(self, work: Callable[[Connection], T]) -> T:
         """A lookup by primary key costs SQLite tens of microseconds, and the hop to a reader
@@ -133,12 +140,13 @@ class SqliteDatabase:
         in rare moments (a checkpoint restarting the log): then it takes the thread path."""
         if self._inline is None:
             return await self.read(work)
-        try:
-            with self._inline.connect() as conn:
-                return work(conn)
-        except OperationalError as error:
-            if not _is_busy(error):
-                raise
+        with reachable():
+            try:
+                with self._inline.connect() as conn:
+                    return work(conn)
+            except OperationalError as error:
+                if not _is_busy(error):
+                    raise
         return await self.read(work)
 
     def _read(self, work: Callable[[Connection], T]) -> T:
@@ -226,12 +234,14 @@ class AsyncDatabase:
         return self._engine.sync_engine
 
     async def read(self, work: Callable[[Connection], T]) -> T:
-        async with self._reader.connect() as conn:
-            return await conn.run_sync(work)
+        with reachable():
+            async with self._reader.connect() as conn:
+                return await conn.run_sync(work)
 
     async def write(self, work: Callable[[Connection], T]) -> T:
-        async with self._engine.begin() as conn:
-            return await conn.run_sync(work)
+        with reachable():
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(work)
 
     async def glance(self, work: Callable[[Connection], T]) -> T:
         return await self.read(work)
