@@ -133,3 +133,8 @@ class ServerError(RelayError):
     status = 500
     type = "server_error"
     code = "server_error"
+
+
+class StartupError(Exception):
+    """Something a user can fix stops Relay from starting (the database cannot be reached, or
+    another instance seals with another key): said in one line, without a traceback."""

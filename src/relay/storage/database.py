@@ -35,6 +35,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool, StaticPool
 
+from relay.errors import StartupError
+
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Key of the PostgreSQL advisory lock that serialises migrations of processes starting together.
@@ -277,19 +279,59 @@ def _upgrade(connection: Connection) -> None:
 async def open_database(url: str) -> SqliteDatabase | AsyncDatabase:
     """The database at `url`, its schema migrated to the latest revision. SQLite URLs may name
     any driver (`sqlite://`, `sqlite+aiosqlite://`, `sqlite+pysqlite://`): Relay always uses the
-    standard library's sqlite3 on its own threads."""
+    standard library's sqlite3 on its own threads. A database that cannot be reached or opened
+    is a StartupError."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     database: SqliteDatabase | AsyncDatabase
     if backend == "sqlite":
-        database = SqliteDatabase(parsed.set(drivername="sqlite+pysqlite"))
+        try:
+            database = SqliteDatabase(parsed.set(drivername="sqlite+pysqlite"))
+        except OSError as error:  # its folder cannot be made, or its lock file written
+            raise StartupError(
+                f"cannot open the SQLite database {parsed.database}: {_reason(error)}"
+            ) from None
     elif backend == "postgresql":
         database = AsyncDatabase(parsed)
     else:
         raise ValueError(f"unsupported database {backend!r}: use SQLite or PostgreSQL")
     try:
         await database.migrate()
-    except BaseException:
+    except BaseException as error:
         await database.close()
+        failure = unreachable(parsed, error) if backend == "postgresql" else None
+        if failure is not None:
+            raise failure from None
         raise
     return database
+
+
+def unreachable(url: URL, error: BaseException) -> StartupError | None:
+    """A failure to connect to PostgreSQL as one line that says what to do (None for any other
+    failure): no server answering, no such database, a user refused."""
+    where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}"
+    if isinstance(error, OSError):  # refused, an unknown host, no answer in time
+        return StartupError(
+            f"{where} is not answering ({_reason(error)}): start it, or correct database_url"
+        )
+    # Imported here: only PostgreSQL URLs come this far.
+    from asyncpg import InvalidCatalogNameError, PostgresError  # type: ignore[import-untyped]
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, PostgresError):
+        cause = cause.__cause__  # SQLAlchemy wraps asyncpg's errors twice
+    if isinstance(cause, InvalidCatalogNameError):
+        return StartupError(
+            f'{where} has no database "{url.database}": create it '
+            f"(createdb {url.database}), or correct database_url"
+        )
+    # Connection exceptions (08) and refused authorizations (28): the server's own words.
+    if cause is not None and str(cause.sqlstate)[:2] in ("08", "28"):
+        return StartupError(f"{where} refused the connection: {cause}")
+    return None
+
+
+def _reason(error: OSError) -> str:
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)  # uvloop's strerror names the call, not the reason
+    return error.strerror or str(error) or type(error).__name__  # getaddrinfo's, a timeout
