@@ -1,6 +1,6 @@
 """`relay` as a new user meets it: what `relay serve` prints at start-up, and the mistakes of a
-first hour (a misconfigured route or database, a port in use), each refused in one line that
-says what to do, with no traceback."""
+first hour (a misconfigured route or database, a port in use, `relay admin` run from the wrong
+folder), each refused in one line that says what to do, with no traceback."""
 
 from __future__ import annotations
 
@@ -110,3 +110,21 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> None
     assert "--port" in line
     assert done.returncode == 1
     assert "loaded" not in done.stderr
+
+
+def test_admin_names_its_database_and_never_makes_the_default_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RELAY_DATABASE_URL", raising=False)  # none in the environment either
+    done = relay("admin", "project", "list", cwd=tmp_path)
+    assert "relay admin: database sqlite:///./data/relay.db" in done.stderr.splitlines()
+    line = refused_in_one_line(done, "no database at data/relay.db")
+    assert "--config" in line
+    assert not (tmp_path / "data").exists()
+    # A configured database is the user's choice (a team set up before the first start).
+    config = tmp_path / "relay.toml"
+    config.write_text(f'database_url = "sqlite:///{tmp_path}/team.db"\n')
+    listed = relay("admin", "--config", str(config), "project", "list")
+    assert listed.returncode == 0
+    assert listed.stderr == f"relay admin: database sqlite:///{tmp_path}/team.db\n"
+    assert orjson.loads(listed.stdout)["object"] == "list"

@@ -276,6 +276,14 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another database, or one in memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.query.get("uri"):
+        return None
+    return None if parsed.database in (None, "", ":memory:") else Path(parsed.database)
+
+
 async def open_database(url: str) -> SqliteDatabase | AsyncDatabase:
     """The database at `url`, its schema migrated to the latest revision. SQLite URLs may name
     any driver (`sqlite://`, `sqlite+aiosqlite://`, `sqlite+pysqlite://`): Relay always uses the
