@@ -143,6 +143,11 @@ class AdminKeyConfig(_SecretKey):
         return f"admin key '{self.name}'"
 
 
+# The one-liner that makes a sealing key, for messages that ask for one.
+MAKE_SEALING_KEY = (
+    "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+)
+
 DEFAULT_HISTORY_CACHE_ITEMS = 20_000
 # 64 MiB a process: small next to what a process serving many conversations needs anyway, and
 # ample for long chains (a 1,000-turn chat of short messages costs about 2 MB).
@@ -244,9 +249,7 @@ class Settings(BaseSettings):
                 Fernet(key.get_secret_value())
             except ValueError:
                 raise ValueError(
-                    "a sealing key must be 32 url-safe base64-encoded bytes "
-                    "(python -c 'from cryptography.fernet import Fernet; "
-                    "print(Fernet.generate_key().decode())')"
+                    f"a sealing key must be 32 url-safe base64-encoded bytes ({MAKE_SEALING_KEY})"
                 ) from None
         return keys
 

@@ -24,7 +24,7 @@ from relay.errors import StartupError
 from relay.providers.registry import Registry
 from relay.runs.log import RunLog
 from relay.runs.runner import Runner
-from relay.sealing import Sealer, load_keys
+from relay.sealing import Sealer, agree, fingerprint, load_keys
 from relay.storage.conversations import ConversationStore
 from relay.storage.database import AsyncDatabase
 from relay.storage.sql import open_store
@@ -77,8 +77,10 @@ def _briefly(send: Send) -> Send:
 
 
 def create_app(settings: Settings) -> ASGIApp:
-    configured = [key.get_secret_value() for key in settings.sealing_keys]
-    sealer = Sealer(load_keys(configured, settings.data_dir))
+    keys = load_keys([key.get_secret_value() for key in settings.sealing_keys], settings.data_dir)
+    sealer = Sealer(keys)
+    key_fingerprint = fingerprint(keys[0])
+    configured_keys = bool(settings.sealing_keys)
     credentials = Credentials.of(settings)
     # From here on the application holds only the client and admin keys' digests, and the
     # sealing keys inside the sealer.
@@ -87,6 +89,9 @@ def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await open_store(settings.database_url)
+        await agree(
+            store.db, key_fingerprint, configured=configured_keys, data_dir=settings.data_dir
+        )
         access = Access(settings, credentials, store.db)
         registry = Registry(
             settings.routes,
