@@ -98,6 +98,8 @@ class AnthropicProvider:
             key_header="x-api-key",
             extra_headers=headers,
             timeout_s=config.timeout_s,
+            deployment=config.label,
+            key_env=config.api_key_env,
         )
 
     async def aclose(self) -> None:

@@ -76,6 +76,8 @@ def build(config: OpenAIChatConfig) -> OpenAIChatProvider:
         forward_fields=frozenset(config.forward_fields),
         replay_reasoning=config.replay_reasoning,
         count_tokens=config.count_tokens,
+        deployment=config.label,
+        key_env=config.api_key_env,
     )
 
 
@@ -93,9 +95,16 @@ class OpenAIChatProvider:
         forward_fields: frozenset[str] = frozenset(),
         replay_reasoning: bool = False,
         count_tokens: str = "estimate",
+        deployment: str = "openai_chat",
+        key_env: str | None = None,
     ) -> None:
         self._upstream = Upstream(
-            base_url, api_key=api_key, extra_headers=extra_headers, timeout_s=timeout_s
+            base_url,
+            api_key=api_key,
+            extra_headers=extra_headers,
+            timeout_s=timeout_s,
+            deployment=deployment,
+            key_env=key_env,
         )
         self._target = self._upstream.target("/chat/completions")
         # vLLM and llama.cpp's server count tokens at the server's root, beside /v1.

@@ -78,6 +78,8 @@ class OpenAIResponsesProvider:
             api_key=config.api_key(),
             extra_headers=config.headers,
             timeout_s=config.timeout_s,
+            deployment=config.label,
+            key_env=config.api_key_env,
         )
 
     async def aclose(self) -> None:
