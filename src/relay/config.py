@@ -222,6 +222,10 @@ class Settings(BaseSettings):
     # answers a 400 naming the type. Nothing ever pretends a hosted tool ran. Omit is the
     # default because Codex CLI sends web_search on every request by default.
     hosted_tools: Literal["refuse", "omit"] = "omit"
+    # How a request whose body fails validation is answered: "openai", a 400 in OpenAI's error
+    # envelope; "fastapi", a 422 whose `detail` lists every failure (loc, msg, type, input,
+    # ctx), for clients written against platforms built on FastAPI that answer so.
+    error_format: Literal["openai", "fastapi"] = "openai"
     data_dir: Path = Path("data")
 
     @field_validator("database_url")
