@@ -49,6 +49,16 @@ def test_start_up_shows_relay_not_the_migration_tool(tmp_path: Path) -> None:
     assert "pw-4Kq9xZ" not in relay.output
 
 
+def test_help_and_version_on_stdout() -> None:
+    helped = relay("--help")
+    assert helped.returncode == 0 and helped.stderr == ""
+    for command in ("serve", "worker", "admin", "check"):
+        assert command in helped.stdout
+    version = relay("--version")
+    assert (version.returncode, version.stdout) == (0, f"relay {__version__}\n")
+    assert relay("serve", "--help").returncode == 0
+
+
 def test_config_mistakes_are_named_where_they_were_written(tmp_path: Path) -> None:
     routes = [
         {"model": "typo", "provider": "opeanai_chat", "base_url": "http://127.0.0.1:9/v1"},

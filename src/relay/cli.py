@@ -232,23 +232,38 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host_part}"))
 
 
+COMMANDS = {
+    "serve": "start the server",
+    "worker": "run background responses from the job queue (PostgreSQL), serving no HTTP",
+    "admin": "projects, keys, usage and the audit log, on the configured database",
+    "check": "check the configuration, the database, Redis and every upstream",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "worker":
-        return worker(argv[1:])
-    if argv and argv[0] == "admin":
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Relay: a server for the OpenAI Responses API in front of any model.",
+        epilog="relay COMMAND --help shows a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, what in COMMANDS.items():
+        # Each command parses its own options (and answers its own --help).
+        commands.add_parser(name, help=what, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "worker":
+        return worker(rest)
+    if args.command == "admin":
         from relay.admin_cli import main as admin
 
-        return admin(argv[1:])
-    if not argv or argv[0] != "serve":
-        print(
-            "usage: relay serve [--config relay.toml] [--host H] [--port P] [--workers N]\n"
-            "       relay worker [--config relay.toml]\n"
-            "       relay admin [--config relay.toml] {project,key,usage,audit} ...",
-            file=sys.stderr,
-        )
-        return 2
-    return serve(argv[1:])
+        return admin(rest)
+    if args.command == "check":
+        from relay.check import main as check
+
+        return check(rest)
+    return serve(rest)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,10 @@ class AnthropicProvider:
     async def aclose(self) -> None:
         await self._upstream.aclose()
 
+    async def list_models(self) -> Any:
+        """The upstream's models list (`/v1/models`), for `relay check`."""
+        return await self._upstream.ask(self._upstream.target("/v1/models"))
+
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """Messages' own count (`/v1/messages/count_tokens`): exact."""
         return await self._upstream.count_tokens(

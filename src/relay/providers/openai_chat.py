@@ -117,6 +117,10 @@ class OpenAIChatProvider:
     async def aclose(self) -> None:
         await self._upstream.aclose()
 
+    async def list_models(self) -> Any:
+        """The upstream's models list (`/models`), for `relay check`."""
+        return await self._upstream.ask(self._upstream.target("/models"))
+
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """Exact where the route says the upstream can count (`count_tokens`: vLLM's
         /tokenize takes the chat messages and tools; llama.cpp's server applies its template

@@ -85,6 +85,10 @@ class OpenAIResponsesProvider:
     async def aclose(self) -> None:
         await self._upstream.aclose()
 
+    async def list_models(self) -> Any:
+        """The upstream's models list (`/models`), for `relay check`."""
+        return await self._upstream.ask(self._upstream.target("/models"))
+
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """The upstream's own count (`/responses/input_tokens`): exact."""
         return await self._upstream.count_tokens(

@@ -108,8 +108,11 @@ class Upstream:
     async def post(self, target: str, body: bytes) -> Response:
         """POST `body`; the answer once the upstream accepted it (status < 300), else the
         failure as a ProviderError, its body read and quoted."""
+        return await self._send("POST", target, body)
+
+    async def _send(self, method: str, target: str, body: bytes) -> Response:
         try:
-            response = await self.http.post(target, body)
+            response = await self.http.send(method, target, body)
         except HTTPClientError as exc:
             raise self.transport_error(exc) from None
         if response.status >= 300:
@@ -122,9 +125,13 @@ class Upstream:
             raise self.status_error(response.status, response.headers, raw, target)
         return response
 
-    async def ask(self, target: str, question: dict[str, Any]) -> Any:
-        """A small JSON exchange (token counting)."""
-        response = await self.post(target, orjson.dumps(question))
+    async def ask(self, target: str, question: dict[str, Any] | None = None) -> Any:
+        """A small JSON exchange: a POST of `question` (token counting), or a GET without
+        one (the models list `relay check` reads)."""
+        if question is None:
+            response = await self._send("GET", target, b"")
+        else:
+            response = await self.post(target, orjson.dumps(question))
         try:
             raw = await response.read()
         except HTTPClientError as exc:

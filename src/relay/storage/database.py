@@ -29,6 +29,8 @@ from typing import Any, Protocol, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
@@ -312,6 +314,39 @@ async def open_database(url: str) -> SqliteDatabase | AsyncDatabase:
             raise failure from None
         raise
     return database
+
+
+async def schema_revision(url: str) -> str | None:
+    """The schema revision of the database at `url` (None: it has no schema yet), read without
+    changing anything: `relay check`. StartupError when PostgreSQL cannot be reached."""
+    parsed = make_url(url)
+
+    def read(conn: Connection) -> str | None:
+        return MigrationContext.configure(conn).get_current_revision()
+
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed.set(drivername="sqlite+pysqlite"))
+        try:
+            with engine.connect() as conn:
+                return read(conn)
+        finally:
+            engine.dispose()
+    async_engine = create_async_engine(parsed)
+    try:
+        async with async_engine.connect() as connection:
+            return await connection.run_sync(read)
+    except Exception as error:
+        failure = unreachable(parsed, error)
+        if failure is not None:
+            raise failure from None
+        raise
+    finally:
+        await async_engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The revision the migrations bring a schema to."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def unreachable(url: URL, error: BaseException) -> StartupError | None:
