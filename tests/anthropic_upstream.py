@@ -1,7 +1,8 @@
 """A loopback upstream that speaks Anthropic's Messages API, scripted by the requested model.
 
 `AnthropicUpstream` runs a Starlette app under uvicorn in a background thread on 127.0.0.1
-(`POST /v1/messages`, streamed or not, and `POST /v1/messages/count_tokens`) and records every
+(`POST /v1/messages`, streamed or not, `POST /v1/messages/count_tokens` and `GET /v1/models`,
+the scripted models) and records every
 JSON body it receives (`requests`, with the path of each in `paths`; `headers`: lower-cased
 headers), so a test can assert exactly what Relay sent upstream. The `anthropic_upstream`
 fixture (session scope) starts one with the API key `ANTHROPIC_KEY`, sent as `x-api-key`; tests
@@ -195,6 +196,7 @@ class AnthropicUpstream(LoopbackServer):
         routes = [
             Route("/v1/messages", self._messages, methods=["POST"]),
             Route("/v1/messages/count_tokens", self._count_tokens, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
         ]
         super().__init__(routes, api_key=api_key, port=port)
 
@@ -225,6 +227,23 @@ class AnthropicUpstream(LoopbackServer):
         if not request.headers.get("anthropic-version"):
             return _error(400, "anthropic-version: header is required")
         return body
+
+    async def _models(self, request: Request) -> Response:
+        given = request.headers.get("x-api-key", "")
+        if self.api_key is not None and given != self.api_key:
+            return _error(401, f"invalid x-api-key: {given}")
+        data = [
+            {
+                "type": "model",
+                "id": model,
+                "display_name": model,
+                "created_at": "2025-01-01T00:00:00Z",
+            }
+            for model in ANTHROPIC_MODELS
+        ]
+        return JSONResponse(
+            {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+        )
 
     async def _messages(self, request: Request) -> Response:
         body = await self._receive(request)

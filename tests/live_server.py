@@ -1,5 +1,6 @@
 """Real Relay servers for tests, on loopback and a free port: the app under uvicorn in a
-background thread (`relay_server`), or `relay serve` in a process of its own (`relay_serve`)."""
+background thread (`relay_server`), or `relay serve` in a process of its own (`relay_serve`);
+and any `relay` command run to its end (`relay`)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,31 @@ class ServeProcess:
         self._log.seek(0)
         self.output = self._log.read().decode(errors="replace")
         return self.output
+
+
+def relay(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`relay ...` run to its end in a process of its own, with `env` added to this
+    environment."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("relay")), *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def refused_in_one_line(done: subprocess.CompletedProcess[str], saying: str) -> str:
+    """The one line of stderr that says `saying`, from a command that failed without a
+    traceback."""
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if saying in line]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
 
 
 @contextmanager

@@ -215,6 +215,7 @@ def test_a_daily_budget_is_checked_before_the_upstream(team_url: str, admin: Adm
     assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
     assert f"project '{project}'" in error["message"]
     assert "daily budget of $0.02" in error["message"]
+    assert "wait for the next UTC day" in error["message"]
     usage = admin.call("GET", "/usage", group_by="key,model", key_id=key_id)["data"]
     assert usage == [
         {
@@ -248,7 +249,9 @@ def test_a_key_credit_and_a_stream_that_crosses_it(team_url: str, admin: AdminCl
         time.sleep(0.1)
         refused = ask(http, model="priced")
     assert refused.status_code == 402
-    assert "credit of $0.00" in refused.json()["error"]["message"]
+    message = refused.json()["error"]["message"]
+    assert "credit of $0.00" in message
+    assert "raise it to top up" in message and "wait" not in message  # a credit never renews
 
 
 def test_usage_is_recorded_for_every_outcome(team_url: str, admin: AdminClient) -> None:

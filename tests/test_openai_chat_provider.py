@@ -22,7 +22,8 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.openai_chat import OpenAIChatProvider
+from relay.providers.openai_chat import OpenAIChatProvider, build
+from relay.providers.settings import OpenAIChatConfig
 from relay.providers.upstream import SSEDecoder
 
 WEATHER = {
@@ -594,13 +595,59 @@ async def test_not_found_is_the_upstreams_problem(provider: OpenAIChatProvider) 
     assert "Scripted failure 404 for model http_404." in error.message
 
 
-async def test_wrong_base_url_is_not_found(chat_upstream: ChatUpstream) -> None:
-    provider = OpenAIChatProvider(chat_upstream.base_url + "/nowhere", UPSTREAM_KEY)
+@pytest.mark.parametrize(
+    ("mistake", "called"),
+    [
+        ("", "/chat/completions"),  # /v1 left out
+        ("/v1/chat/completions", "/v1/chat/completions/chat/completions"),  # the endpoint in it
+        ("/api", "/api/chat/completions"),  # another server's prefix
+    ],
+)
+async def test_a_wrong_base_url_is_named_with_the_url_it_made(
+    chat_upstream: ChatUpstream, monkeypatch: pytest.MonkeyPatch, mistake: str, called: str
+) -> None:
+    """The mistakes differ only in the URL the request went to: the message names it, the
+    deployment and how it was made, never the key's variable's value."""
+    root = chat_upstream.base_url.removesuffix("/v1")
+    monkeypatch.setenv("UPSTREAM_KEY_VAR", UPSTREAM_KEY)
+    config = OpenAIChatConfig(
+        name="vllm-1", base_url=f"{root}{mistake}?v=1", api_key_env="UPSTREAM_KEY_VAR"
+    )
+    provider = build(config)
     try:
         error = await failure(provider, make_request())
     finally:
         await provider.aclose()
     assert (error.status, error.code, error.retryable) == (502, "upstream_not_found", True)
+    assert error.message == (
+        f"the upstream has no such endpoint or model (HTTP 404 from {root}{called}, the "
+        "base_url of deployment 'vllm-1' followed by /chat/completions: check its base_url "
+        "and upstream_model): Not Found"
+    )
+
+
+async def test_a_refused_key_names_the_deployment_and_its_variable(
+    chat_upstream: ChatUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = "sk-wrong-key-that-must-stay-secret-42"
+    monkeypatch.setenv("VLLM_KEY", wrong)
+    configs = [
+        OpenAIChatConfig(name="vllm-1", base_url=chat_upstream.base_url, api_key_env="VLLM_KEY"),
+        OpenAIChatConfig(name="vllm-2", base_url=chat_upstream.base_url),
+    ]
+    messages = []
+    for config in configs:
+        provider = build(config)
+        try:
+            messages.append((await failure(provider, make_request())).message)
+        finally:
+            await provider.aclose()
+    assert messages == [
+        "the upstream refused the credentials of deployment 'vllm-1' (HTTP 401); it sent its "
+        "key, from the environment variable VLLM_KEY",
+        "the upstream refused the credentials of deployment 'vllm-2' (HTTP 401); it sent no "
+        "key: set its api_key_env to the variable that holds one",
+    ]
 
 
 async def test_unknown_upstream_model_quotes_the_upstream_without_secrets(

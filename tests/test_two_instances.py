@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import chat_upstream
@@ -21,8 +22,9 @@ import httpx
 import orjson
 import pytest
 from chat_upstream import ChatUpstream
+from cryptography.fernet import Fernet
 from db_fixtures import PgServer
-from live_server import ServeProcess, relay_serve
+from live_server import ServeProcess, refused_in_one_line, relay, relay_serve
 
 pytestmark = pytest.mark.postgres
 
@@ -393,3 +395,33 @@ def test_a_key_revoked_on_one_instance_stops_working_on_the_other(pair: Pair) ->
     assert answer.status_code == 401, answer.text
     assert error_code(answer) == "api_key_revoked"
     assert time.monotonic() - since <= SETTLE_S + 0.5
+
+
+def test_instances_that_would_seal_with_other_keys_do_not_start(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """Without sealing_keys each instance generates a key into its data_dir. Behind a load
+    balancer, instances with different keys refuse each other's compaction items (random
+    400s): the one that starts on a database knowing another key refuses to, in one line."""
+    database = pg_server.create_database()
+    try:
+        shared = {
+            "RELAY_DATABASE_URL": pg_server.url(database),
+            "RELAY_ROUTES": '[{"model": "m", "provider": "fake"}]',
+        }
+        first = {**shared, "RELAY_DATA_DIR": str(tmp_path / "first")}
+        other = {**shared, "RELAY_DATA_DIR": str(tmp_path / "other")}
+        with relay_serve(first), relay_serve(first):  # one data_dir, one key: both serve
+            done = relay("serve", "--port", "0", env=other)
+        line = refused_in_one_line(done, "another instance on this database seals with a key")
+        assert f"{tmp_path / 'other'}/sealing.key" in line and "RELAY_SEALING_KEYS" in line
+        # Configured keys are the operator's choice: they take over, and an instance left
+        # without them is told to set them.
+        key = Fernet.generate_key().decode()
+        with relay_serve({**other, "RELAY_SEALING_KEYS": orjson.dumps([key]).decode()}):
+            pass
+        done = relay("serve", "--port", "0", env=first)
+        line = refused_in_one_line(done, "seal with configured sealing_keys")
+        assert key not in done.stderr
+    finally:
+        pg_server.drop_database(database)

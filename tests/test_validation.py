@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+from relay_fixtures import fake_routes, relay_on_sqlite
 
 TOOL = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
 BAD_SCHEMAS: list[dict[str, Any]] = [
@@ -441,3 +442,46 @@ def test_a_fallback_must_honour_the_request_too(http: httpx.Client) -> None:
     assert answer.status_code == 400
     assert answer.json()["error"]["param"] == "plugins"
     assert "fake-text" in answer.json()["error"]["message"]
+
+
+def test_validation_errors_in_fastapis_shape_where_set(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """For clients written against a platform that answers as FastAPI does: a body that fails
+    validation is a 422 listing each failure from `body`; every other error keeps the
+    envelope."""
+    with (
+        relay_on_sqlite(
+            tmp_path_factory, "fastapi-errors", fake_routes(), error_format="fastapi"
+        ) as url,
+        httpx.Client(base_url=url) as http,
+    ):
+        answer = http.post(
+            "/v1/responses", json={"model": "fake-text", "input": "x", "temperature": 2.5}
+        )
+        assert answer.status_code == 422
+        assert answer.json() == {
+            "detail": [
+                {
+                    "type": "less_than_equal",
+                    "loc": ["body", "temperature"],
+                    "msg": "Input should be less than or equal to 2",
+                    "input": 2.5,
+                    "ctx": {"le": 2.0},
+                }
+            ]
+        }
+        item = {"type": "function_call_output", "output": "x"}  # validated on its own
+        user = {"role": "user", "content": "hi"}
+        answer = http.post("/v1/responses", json={"model": "fake-text", "input": [user, item]})
+        assert answer.status_code == 422
+        assert answer.json()["detail"] == [
+            {
+                "type": "missing",
+                "loc": ["body", "input", 1, "call_id"],
+                "msg": "Field required",
+                "input": item,
+            }
+        ]
+        unknown = http.post("/v1/responses", json={"model": "no-such-model", "input": "x"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"

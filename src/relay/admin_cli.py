@@ -1,5 +1,6 @@
 """`relay admin ...`: the admin API's operations from a shell, on the configured database
-(no server needed; changes reach running servers within `key_cache_s`). Prints JSON."""
+(no server needed; changes reach running servers within `key_cache_s`). Prints JSON; says on
+stderr which database it works on, and never makes the default one where none is."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import orjson
 
 from relay.access.admin import Admin
 from relay.access.usage import GROUPS, Ledger
-from relay.cli import report_config_error
+from relay.cli import report_config_error, without_password
 from relay.config import load_settings
-from relay.errors import RelayError
-from relay.storage.database import Database, open_database
+from relay.errors import RelayError, StartupError
+from relay.storage.database import Database, open_database, sqlite_file
 
 _POLICY_FLAGS = {
     "rpm": ("--rpm", int, "requests per minute"),
@@ -156,6 +157,15 @@ async def _run(args: argparse.Namespace, db: Database) -> Any:
 
 async def _main(args: argparse.Namespace) -> Any:
     settings = load_settings(args.config)
+    print(f"relay admin: database {without_password(settings.database_url)}", file=sys.stderr)
+    # A forgotten --config must not make an empty database wherever this runs: the default
+    # database is used only where it exists (a configured one is made, as relay serve would).
+    path = sqlite_file(settings.database_url)
+    if "database_url" not in settings.model_fields_set and path is not None and not path.exists():
+        raise StartupError(
+            f"no database at {path} (the default database_url, under this folder): pass the "
+            "--config of the server to administer, or set RELAY_DATABASE_URL"
+        )
     db = await open_database(settings.database_url)
     try:
         return await _run(args, db)
@@ -174,6 +184,9 @@ def main(argv: list[str]) -> int:
         result = asyncio.run(_main(args))
     except RelayError as error:
         print(f"relay admin: {error.message}", file=sys.stderr)
+        return 1
+    except StartupError as error:
+        print(f"relay admin: {error}", file=sys.stderr)
         return 1
     except ValueError as error:  # pydantic's ValidationError included
         report_config_error("relay admin", error)

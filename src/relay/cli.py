@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from starlette.types import ASGIApp
 
 from relay import __version__
 from relay.config import Settings, load_settings
+from relay.errors import StartupError
 from relay.loopback import is_loopback
 from relay.providers.settings import DeploymentConfig, FakeConfig, LlamaCppConfig
 
@@ -34,7 +37,18 @@ def app_factory() -> ASGIApp:
     # request, and importing the application there would cost it tens of MB for nothing.
     from relay.api.app import create_app
 
-    return create_app(settings_from_env())
+    settings = settings_from_env()
+    configure_logging(settings)  # a worker process of its own (--workers N) starts bare
+    return create_app(settings)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    if settings.log_level != "debug":
+        # The migration tool's plugin set-up and dialect notes are not for a user's eyes.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def serve(argv: list[str]) -> int:
@@ -62,12 +76,7 @@ def serve(argv: list[str]) -> int:
     except ValueError as error:  # pydantic's ValidationError included
         report_config_error("relay", error)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
-    if settings.log_level != "debug":
-        # The migration tool's plugin set-up and dialect notes are not for a user's eyes.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(settings)
     if not settings.api_keys and not settings.admin_keys and not is_loopback(settings.host):
         print(
             f"relay: refusing to serve on {settings.host} without API keys; "
@@ -75,6 +84,10 @@ def serve(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    taken = cannot_listen(settings.host, settings.port)
+    if taken is not None:
+        print(f"relay: {taken}", file=sys.stderr)
+        return 1
     describe(settings)
     uvicorn.run(
         "relay.cli:app_factory",
@@ -111,14 +124,15 @@ def worker(argv: list[str]) -> int:
     if not settings.database_url.startswith("postgresql") or settings.background_queue != "auto":
         print('relay worker: needs PostgreSQL and background_queue = "auto"', file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(settings)
     log.info("relay %s worker; storage: %s", __version__, without_password(settings.database_url))
     import uvloop
 
-    uvloop.run(_work(settings))
+    try:
+        uvloop.run(_work(settings))
+    except StartupError as error:
+        print(f"relay worker: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -139,6 +153,23 @@ async def _work(settings: Settings) -> None:
         await stop.wait()
 
 
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why Relay could not listen on host:port, or None. uvicorn binds only once the
+    application has started (the embedded model loaded, minutes for a large one), so the
+    address is tried first, as uvicorn will bind it, then let go."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            hint = ""
+            if error.errno == errno.EADDRINUSE:
+                hint = ": another process listens there; stop it, or choose another --port"
+            return f"cannot listen on {host}:{port} ({error.strerror or error}){hint}"
+    return None
+
+
 def report_config_error(program: str, error: ValueError) -> None:
     """A configuration error, one line per field, without the offending values: a
     misplaced secret must not reach the terminal."""
@@ -147,7 +178,8 @@ def report_config_error(program: str, error: ValueError) -> None:
         return
     for detail in error.errors(include_input=False, include_url=False):
         where = ".".join(str(step) for step in detail["loc"]) or "config"
-        print(f"{program}: invalid configuration: {where}: {detail['msg']}", file=sys.stderr)
+        message = detail["msg"].removeprefix("Value error, ")
+        print(f"{program}: invalid configuration: {where}: {message}", file=sys.stderr)
 
 
 def describe(settings: Settings) -> None:
@@ -202,23 +234,38 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host_part}"))
 
 
+COMMANDS = {
+    "serve": "start the server",
+    "worker": "run background responses from the job queue (PostgreSQL), serving no HTTP",
+    "admin": "projects, keys, usage and the audit log, on the configured database",
+    "check": "check the configuration, the database, Redis and every upstream",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "worker":
-        return worker(argv[1:])
-    if argv and argv[0] == "admin":
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Relay: a server for the OpenAI Responses API in front of any model.",
+        epilog="relay COMMAND --help shows a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, what in COMMANDS.items():
+        # Each command parses its own options (and answers its own --help).
+        commands.add_parser(name, help=what, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "worker":
+        return worker(rest)
+    if args.command == "admin":
         from relay.admin_cli import main as admin
 
-        return admin(argv[1:])
-    if not argv or argv[0] != "serve":
-        print(
-            "usage: relay serve [--config relay.toml] [--host H] [--port P] [--workers N]\n"
-            "       relay worker [--config relay.toml]\n"
-            "       relay admin [--config relay.toml] {project,key,usage,audit} ...",
-            file=sys.stderr,
-        )
-        return 2
-    return serve(argv[1:])
+        return admin(rest)
+    if args.command == "check":
+        from relay.check import main as check
+
+        return check(rest)
+    return serve(rest)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,17 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,7 +29,7 @@ from pydantic_settings import (
 )
 
 from relay.access.policy import NO_POLICY, Policy
-from relay.providers.settings import DeploymentConfig, LlamaCppConfig
+from relay.providers.settings import PROVIDER_KINDS, DeploymentConfig, LlamaCppConfig
 
 
 class RouteConfig(BaseModel):
@@ -33,16 +43,23 @@ class RouteConfig(BaseModel):
     fallbacks: list[str] = Field(default_factory=list)
     deployments: list[DeploymentConfig] = Field(min_length=1)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _inline_deployment(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "deployments" not in data:
+    def _inline_deployment(
+        cls, data: Any, handler: ModelWrapValidatorHandler[RouteConfig]
+    ) -> RouteConfig:
+        inline = isinstance(data, dict) and "deployments" not in data
+        if inline:
             route = {key: data[key] for key in ROUTE_FIELDS if key in data}
             route["deployments"] = [
                 {key: value for key, value in data.items() if key not in ROUTE_FIELDS}
             ]
-            return route
-        return data
+            data = route
+        try:
+            return handler(data)
+        except ValidationError as error:
+            located = [_as_written(detail, inline) for detail in error.errors()]
+            raise ValidationError.from_exception_data(error.title, located) from None
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> RouteConfig:
@@ -63,6 +80,25 @@ class RouteConfig(BaseModel):
 
 
 ROUTE_FIELDS = ("model", "fallbacks")
+
+
+def _as_written(detail: ErrorDetails, inline: bool) -> InitErrorDetails:
+    """A route's error located where the user wrote the field: without the provider kind
+    pydantic adds after a deployment's index (the union's tag), and, for a route written
+    inline, without the `deployments.0` it was moved into."""
+    loc = list(detail["loc"])
+    if loc[:1] == ["deployments"] and len(loc) > 2 and loc[2] in PROVIDER_KINDS:
+        del loc[2]
+    if detail["type"] == "unknown_provider":
+        loc.append("provider")
+    if inline and loc[:2] == ["deployments", 0]:
+        del loc[:2]
+    return {
+        # The message as pydantic wrote it (a custom error keeps it word for word).
+        "type": PydanticCustomError(detail["type"], detail["msg"]),
+        "loc": tuple(loc),
+        "input": detail["input"],
+    }
 
 
 class _SecretKey(BaseModel):
@@ -106,6 +142,11 @@ class AdminKeyConfig(_SecretKey):
     def describe(self) -> str:
         return f"admin key '{self.name}'"
 
+
+# The one-liner that makes a sealing key, for messages that ask for one.
+MAKE_SEALING_KEY = (
+    "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+)
 
 DEFAULT_HISTORY_CACHE_ITEMS = 20_000
 # 64 MiB a process: small next to what a process serving many conversations needs anyway, and
@@ -187,7 +228,25 @@ class Settings(BaseSettings):
     # answers a 400 naming the type. Nothing ever pretends a hosted tool ran. Omit is the
     # default because Codex CLI sends web_search on every request by default.
     hosted_tools: Literal["refuse", "omit"] = "omit"
+    # How a request whose body fails validation is answered: "openai", a 400 in OpenAI's error
+    # envelope; "fastapi", a 422 whose `detail` lists every failure (loc, msg, type, input,
+    # ctx), for clients written against platforms built on FastAPI that answer so.
+    error_format: Literal["openai", "fastapi"] = "openai"
     data_dir: Path = Path("data")
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, url: str) -> str:
+        # Read as text: the supervisor of `relay serve` does without SQLAlchemy. The URL is not
+        # repeated (it may hold a password).
+        backend, _, driver = url.partition("://")[0].lower().partition("+")
+        if backend == "postgresql" and driver != "asyncpg":
+            raise ValueError(
+                "PostgreSQL is reached through asyncpg: write postgresql+asyncpg://user@host/db"
+            )
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError("use sqlite:///path/to/relay.db or postgresql+asyncpg://user@host/db")
+        return url
 
     @field_validator("sealing_keys")
     @classmethod
@@ -200,9 +259,7 @@ class Settings(BaseSettings):
                 Fernet(key.get_secret_value())
             except ValueError:
                 raise ValueError(
-                    "a sealing key must be 32 url-safe base64-encoded bytes "
-                    "(python -c 'from cryptography.fernet import Fernet; "
-                    "print(Fernet.generate_key().decode())')"
+                    f"a sealing key must be 32 url-safe base64-encoded bytes ({MAKE_SEALING_KEY})"
                 ) from None
         return keys
 

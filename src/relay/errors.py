@@ -6,6 +6,8 @@ layer that detects a problem says what it is and the API layer only frames it.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RelayError(Exception):
     status: int = 500
@@ -50,6 +52,18 @@ class InvalidRequest(RelayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_value"
+
+
+class InvalidFields(InvalidRequest):
+    """A body that fails its schema: a 400 like any InvalidRequest, which also carries every
+    failure as FastAPI lists them (`details`: loc, msg, type, input, ctx), for servers set to
+    answer in that shape (`error_format = "fastapi"`)."""
+
+    def __init__(
+        self, message: str, *, param: str, code: str, details: list[dict[str, Any]]
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.details = details
 
 
 class AuthenticationError(RelayError):
@@ -155,3 +169,8 @@ class DatabaseUnavailable(RelayError):
             "The server's database is unavailable; retry shortly.", headers={"retry-after": "2"}
         )
         self.reason = reason  # the driver's words, for the log (no statement, no parameters)
+
+
+class StartupError(Exception):
+    """Something a user can fix stops Relay from starting (the database cannot be reached, or
+    another instance seals with another key): said in one line, without a traceback."""

@@ -7,6 +7,7 @@ itself ignores unknown top-level fields, as clients such as Codex send their own
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -20,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from relay.errors import InvalidRequest
+from relay.errors import InvalidFields, InvalidRequest
 
 MAX_INPUT_CHARS = 10_485_760
 HOSTED_TOOL_TYPES = {
@@ -112,13 +113,44 @@ def nul_field(value: Any, path: str = "") -> str | None:
     return None
 
 
-def invalid_request(error: ValidationError, data: Any, prefix: str = "") -> InvalidRequest:
-    """A pydantic error as the 400 clients get: the most specific message, the client's path."""
+def invalid_request(error: ValidationError, data: Any, prefix: str = "") -> InvalidFields:
+    """A pydantic error as the 400 clients get: the most specific message, the client's path;
+    with every failure in FastAPI's shape beside it."""
     detail = deepest_error(error)
     param = error_param(data, tuple(detail["loc"]), prefix)
     code = "missing_required_parameter" if detail["type"] == "missing" else "invalid_value"
     message = detail["msg"].removeprefix("Value error, ")
-    return InvalidRequest(f"Invalid '{param}': {message}", param=param, code=code)
+    return InvalidFields(
+        f"Invalid '{param}': {message}",
+        param=param,
+        code=code,
+        details=fastapi_details(error, prefix),
+    )
+
+
+def fastapi_details(error: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
+    """Each failure as FastAPI lists a request-validation error: pydantic's own, located from
+    `body` (`prefix` is where the validated part sits in the body, as `input[2]`)."""
+    head = ["body", *(int(index) if index else name for index, name in _STEPS.findall(prefix))]
+    details = []
+    for detail in error.errors(include_url=False):
+        entry: dict[str, Any] = {
+            "type": detail["type"],
+            "loc": [*head, *detail["loc"]],
+            "msg": detail["msg"],
+            "input": detail["input"],
+        }
+        if "ctx" in detail:  # a ValueError a validator raised is given as its text
+            entry["ctx"] = {key: _plain(value) for key, value in detail["ctx"].items()}
+        details.append(entry)
+    return details
+
+
+_STEPS = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | None) else str(value)
 
 
 def deepest_error(error: ValidationError) -> ErrorDetails:

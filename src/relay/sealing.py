@@ -5,20 +5,29 @@ alter it, and bound to the tenant it was made for.
 `cryptography`'s MultiFernet (AES-128-CBC with HMAC-SHA256): the first key seals, every key
 opens, which is key rotation. Keys come from `sealing_keys` (config or RELAY_SEALING_KEYS);
 with none, one is generated into `<data_dir>/sealing.key` on first start and read from there
-after (several instances on one database must share configured keys instead).
+after (several instances on one database must share configured keys instead: `agree` refuses to
+start one whose generated key differs from the one the database knows).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from sqlalchemy import Connection, select
+from sqlalchemy.dialects import postgresql, sqlite
 
-from relay.errors import InvalidRequest
+from relay.config import MAKE_SEALING_KEY
+from relay.errors import InvalidRequest, StartupError
+from relay.storage.database import Database
+from relay.storage.tables import sealing_key
 
 KEY_FILE = "sealing.key"
 
@@ -43,6 +52,54 @@ def load_keys(configured: list[str], data_dir: Path) -> list[bytes]:
         finally:
             draft.unlink()
     return [path.read_bytes().strip()]
+
+
+def fingerprint(key: bytes) -> str:
+    """A name for `key` that reveals nothing of it (an HMAC of a constant under the key): what
+    instances sharing a database compare. A reader of the database learns whether two
+    instances share a key, nothing that opens or forges a sealed item."""
+    return hmac.new(key, b"relay sealing key fingerprint", hashlib.sha256).hexdigest()[:32]
+
+
+async def agree(db: Database, key_fingerprint: str, *, configured: bool, data_dir: Path) -> None:
+    """Register the key this instance seals with in the database it shares with others, or
+    refuse to start (StartupError) when it would not open their sealed items: behind a load
+    balancer, each instance with its own generated key refuses the others' compaction items
+    and encrypted reasoning, which looks like random 400s. Configured keys are the operator's
+    choice and replace what was registered (a rotation, a move off generated keys)."""
+    dialect = db.sync_engine.dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    values = {
+        "id": 1,
+        "fingerprint": key_fingerprint,
+        "configured": configured,
+        "registered_at": int(time.time()),
+    }
+
+    def register(conn: Connection) -> bool | None:
+        """None: this instance may seal; else whether the other key was configured."""
+        statement = insert(sealing_key).values(values)
+        if configured:
+            conn.execute(statement.on_conflict_do_update(index_elements=["id"], set_=values))
+            return None
+        conn.execute(statement.on_conflict_do_nothing(index_elements=["id"]))
+        found = conn.execute(select(sealing_key.c.fingerprint, sealing_key.c.configured)).one()
+        return None if found.fingerprint == key_fingerprint else bool(found.configured)
+
+    other_configured = await db.write(register)
+    if other_configured is None:
+        return
+    whose = (
+        "the instances on this database seal with configured sealing_keys"
+        if other_configured
+        else "another instance on this database seals with a key it generated"
+    )
+    raise StartupError(
+        f"{whose}, not with this instance's generated {data_dir / KEY_FILE}, and each would "
+        "refuse the other's sealed items (compaction, encrypted reasoning): set the same "
+        "sealing_keys on every instance (RELAY_SEALING_KEYS='[\"<key>\"]'; make a key with "
+        f"{MAKE_SEALING_KEY})"
+    )
 
 
 class Sealer:

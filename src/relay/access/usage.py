@@ -67,6 +67,9 @@ class UsageRow(NamedTuple):
     estimated: bool  # tokens counted by Relay: the upstream reported none
 
 
+_RENEWED = "Raise the budget, or wait for the next UTC {}."
+
+
 def periods(now: float) -> tuple[str, str, str]:
     """The spend periods `now` falls in: its UTC day, its UTC month, all time."""
     return _periods(int(now))
@@ -237,10 +240,10 @@ class Ledger:
         day, month, total = periods(now)
         for scope in budgeted:
             policy = scope.policy
-            for period, cap, what in (
-                (day, policy.daily_budget_usd, "daily budget"),
-                (month, policy.monthly_budget_usd, "monthly budget"),
-                (total, policy.credit_usd, "credit"),
+            for period, cap, what, remedy in (
+                (day, policy.daily_budget_usd, "daily budget", _RENEWED.format("day")),
+                (month, policy.monthly_budget_usd, "monthly budget", _RENEWED.format("month")),
+                (total, policy.credit_usd, "credit", "A credit never renews: raise it to top up."),
             ):
                 if cap is None:
                     continue
@@ -248,7 +251,7 @@ class Ledger:
                 if used >= round(cap * NANOS_PER_USD):
                     raise QuotaExceeded(
                         f"The {scope.name} has used its {what} of ${cap:.2f} "
-                        f"(spent ${usd(used):.4f}). Raise the budget or wait for the next period."
+                        f"(spent ${usd(used):.4f}). {remedy}"
                     )
 
     async def report(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,10 +20,11 @@ from relay.api import errors
 from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
+from relay.errors import StartupError
 from relay.providers.registry import Registry
 from relay.runs.log import RunLog
 from relay.runs.runner import Runner
-from relay.sealing import Sealer, load_keys
+from relay.sealing import Sealer, agree, fingerprint, load_keys
 from relay.storage.conversations import ConversationStore
 from relay.storage.database import AsyncDatabase
 from relay.storage.sql import open_store
@@ -31,14 +33,15 @@ log = logging.getLogger("relay")
 
 
 class RequestIdMiddleware:
-    """Echo the client's X-Request-ID, or make one, on every answer (errors included)."""
+    """Echo the client's X-Request-ID, or make one, on every answer (errors included). Also
+    the outermost layer of the lifespan: see `_briefly`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _briefly(send) if scope["type"] == "lifespan" else send)
             return
         request_id = b""
         for name, value in scope["headers"]:
@@ -56,9 +59,28 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def _briefly(send: Send) -> Send:
+    """`send` for the lifespan, telling a start-up failure the user can fix (StartupError) in
+    one log line: Starlette hands uvicorn the traceback of whatever stopped the start-up, to
+    print."""
+
+    async def send_briefly(message: Message) -> None:
+        # Starlette sends the failure from inside its `except` clause: the exception being
+        # handled is the one that stopped the start-up.
+        error = sys.exception()
+        if message["type"] == "lifespan.startup.failed" and isinstance(error, StartupError):
+            log.error("%s", error)
+            message = {"type": "lifespan.startup.failed", "message": ""}
+        await send(message)
+
+    return send_briefly
+
+
 def create_app(settings: Settings) -> ASGIApp:
-    configured = [key.get_secret_value() for key in settings.sealing_keys]
-    sealer = Sealer(load_keys(configured, settings.data_dir))
+    keys = load_keys([key.get_secret_value() for key in settings.sealing_keys], settings.data_dir)
+    sealer = Sealer(keys)
+    key_fingerprint = fingerprint(keys[0])
+    configured_keys = bool(settings.sealing_keys)
     credentials = Credentials.of(settings)
     # From here on the application holds only the client and admin keys' digests, and the
     # sealing keys inside the sealer.
@@ -67,6 +89,9 @@ def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await open_store(settings.database_url)
+        await agree(
+            store.db, key_fingerprint, configured=configured_keys, data_dir=settings.data_dir
+        )
         access = Access(settings, credentials, store.db)
         registry = Registry(
             settings.routes,

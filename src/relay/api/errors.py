@@ -1,4 +1,6 @@
-"""The one table from errors to HTTP: every failure leaves as the OpenAI error envelope."""
+"""The one table from errors to HTTP: every failure leaves as the OpenAI error envelope, but
+for a body that fails validation on a server set to answer as FastAPI does (a 422 listing each
+failure: `error_format = "fastapi"`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
-from relay.errors import ClientError, InvalidRequest, NotFound, RelayError, ServerError
+from relay.errors import (
+    ClientError,
+    InvalidFields,
+    InvalidRequest,
+    NotFound,
+    RelayError,
+    ServerError,
+)
 
 log = logging.getLogger("relay.api")
 
@@ -30,8 +39,14 @@ def error_response(error: RelayError) -> Response:
     )
 
 
-async def _relay_error(_: Request, error: Exception) -> Response:
+async def _relay_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RelayError)
+    if isinstance(error, InvalidFields) and request.app.state.settings.error_format == "fastapi":
+        return Response(
+            orjson.dumps({"detail": error.details}, default=str),
+            status_code=422,
+            media_type="application/json",
+        )
     return error_response(error)
 
 

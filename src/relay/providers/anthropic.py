@@ -103,10 +103,16 @@ class AnthropicProvider:
             extra_headers=headers,
             timeout_s=config.timeout_s,
             max_connections=config.max_connections,
+            deployment=config.label,
+            key_env=config.api_key_env,
         )
 
     async def aclose(self) -> None:
         await self._upstream.aclose()
+
+    async def list_models(self) -> Any:
+        """The upstream's models list (`/v1/models`), for `relay check`."""
+        return await self._upstream.ask(self._upstream.target("/v1/models"))
 
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """Messages' own count (`/v1/messages/count_tokens`): exact."""

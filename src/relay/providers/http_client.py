@@ -117,7 +117,8 @@ class Response:
 
 
 class HTTPClient:
-    """POSTs to URLs of one origin (`scheme://host:port`) over pooled connections."""
+    """Requests (POSTs, but for `relay check`) to URLs of one origin (`scheme://host:port`)
+    over pooled connections."""
 
     def __init__(
         self,
@@ -159,9 +160,13 @@ class HTTPClient:
     async def post(self, target: str, body: bytes) -> Response:
         """Send `body` to `target` (a path, with its query) and wait for the status line and
         headers. Raises HTTPClientError (ConnectFailed, ConnectionLost, ReadTimeout)."""
+        return await self.send("POST", target, body)
+
+    async def send(self, method: str, target: str, body: bytes = b"") -> Response:
+        """`post`, by any method (`relay check` GETs a models list)."""
         request = b"".join(
             [
-                f"POST {target} HTTP/1.1\r\n".encode(),
+                f"{method} {target} HTTP/1.1\r\n".encode(),
                 self._headers,
                 b"Content-Length: %d\r\n\r\n" % len(body),
                 body,

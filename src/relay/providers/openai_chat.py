@@ -77,6 +77,8 @@ def build(config: OpenAIChatConfig) -> OpenAIChatProvider:
         forward_fields=frozenset(config.forward_fields),
         replay_reasoning=config.replay_reasoning,
         count_tokens=config.count_tokens,
+        deployment=config.label,
+        key_env=config.api_key_env,
     )
 
 
@@ -95,6 +97,8 @@ class OpenAIChatProvider:
         forward_fields: frozenset[str] = frozenset(),
         replay_reasoning: bool = False,
         count_tokens: str = "estimate",
+        deployment: str = "openai_chat",
+        key_env: str | None = None,
     ) -> None:
         self._upstream = Upstream(
             base_url,
@@ -102,6 +106,8 @@ class OpenAIChatProvider:
             extra_headers=extra_headers,
             timeout_s=timeout_s,
             max_connections=max_connections,
+            deployment=deployment,
+            key_env=key_env,
         )
         self._target = self._upstream.target("/chat/completions")
         # vLLM and llama.cpp's server count tokens at the server's root, beside /v1.
@@ -113,6 +119,10 @@ class OpenAIChatProvider:
 
     async def aclose(self) -> None:
         await self._upstream.aclose()
+
+    async def list_models(self) -> Any:
+        """The upstream's models list (`/models`), for `relay check`."""
+        return await self._upstream.ask(self._upstream.target("/models"))
 
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """Exact where the route says the upstream can count (`count_tokens`: vLLM's

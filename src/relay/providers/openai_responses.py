@@ -79,10 +79,16 @@ class OpenAIResponsesProvider:
             extra_headers=config.headers,
             timeout_s=config.timeout_s,
             max_connections=config.max_connections,
+            deployment=config.label,
+            key_env=config.api_key_env,
         )
 
     async def aclose(self) -> None:
         await self._upstream.aclose()
+
+    async def list_models(self) -> Any:
+        """The upstream's models list (`/models`), for `relay check`."""
+        return await self._upstream.ask(self._upstream.target("/models"))
 
     async def count_tokens(self, request: ProviderRequest) -> TokenCount:
         """The upstream's own count (`/responses/input_tokens`): exact."""

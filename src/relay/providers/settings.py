@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from relay.access.policy import Price
 
@@ -63,6 +63,21 @@ class _HTTPDeployment(DeploymentBase):
     # Connections to the upstream at once, per process (a stream holds its own to its end);
     # beyond, a request waits for one up to 10 s, then the next deployment is tried.
     max_connections: int = Field(default=512, ge=1, le=100_000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        # Checked here, not when the first request fails: a scheme Relay's client cannot
+        # speak is a configuration error. The URL itself is not repeated (it may hold a
+        # password).
+        if url is None:
+            return None
+        scheme, separator, rest = url.partition("://")
+        if scheme.lower() not in ("http", "https") or not separator:
+            raise ValueError("must begin with http:// or https://")
+        if not rest.partition("/")[0].rpartition("@")[2]:
+            raise ValueError("names no host")
+        return url
 
     def api_key(self) -> str | None:
         if self.api_key_env is None:
@@ -169,11 +184,18 @@ def _kind_of(value: Any) -> str:
     return str(getattr(value, "provider", DEFAULT_KIND))
 
 
+PROVIDER_KINDS = ("openai_chat", "openai_responses", "anthropic", "llama_cpp", "fake")
+
 DeploymentConfig = Annotated[
     Annotated[OpenAIChatConfig, Tag("openai_chat")]
     | Annotated[OpenAIResponsesConfig, Tag("openai_responses")]
     | Annotated[AnthropicConfig, Tag("anthropic")]
     | Annotated[LlamaCppConfig, Tag("llama_cpp")]
     | Annotated[FakeConfig, Tag("fake")],
-    Discriminator(_kind_of),
+    Discriminator(
+        _kind_of,
+        # pydantic's own message names the function that read the tag (`_kind_of()`).
+        custom_error_type="unknown_provider",
+        custom_error_message=f"must be one of {', '.join(PROVIDER_KINDS)}",
+    ),
 ]

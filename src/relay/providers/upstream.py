@@ -59,11 +59,23 @@ class Upstream:
         key_header: str = "Authorization",
         extra_headers: Mapping[str, str] | None = None,
         timeout_s: float = 600.0,
+        deployment: str,
+        key_env: str | None = None,
         max_connections: int = 512,
     ) -> None:
         url = urlsplit(base_url.rstrip("/"))
         self.base_path = url.path
         self.query = f"?{url.query}" if url.query else ""
+        origin = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+        # What failures name: the deployment, where its key comes from, the URL it calls.
+        self._deployment = deployment
+        self._origin = origin
+        if key_env is not None:
+            self._credentials = f"its key, from the environment variable {key_env}"
+        elif url.username is not None:
+            self._credentials = "the user and password in its base_url"
+        else:
+            self._credentials = "no key: set its api_key_env to the variable that holds one"
         headers = {"Content-Type": "application/json"}
         if url.username is not None:
             # Credentials in the base URL (a proxy in front of a self-hosted model) are Basic auth.
@@ -81,7 +93,7 @@ class Upstream:
         # A dead host should fail fast so the engine can fall back; a slow model may take minutes
         # between bytes, so only the connect phase gets the shorter bound.
         self.http = HTTPClient(
-            f"{url.scheme}://{url.netloc.rpartition('@')[2]}",
+            origin,
             headers=headers,
             connect_timeout_s=min(timeout_s, 10.0),
             read_timeout_s=timeout_s,
@@ -98,8 +110,11 @@ class Upstream:
     async def post(self, target: str, body: bytes) -> Response:
         """POST `body`; the answer once the upstream accepted it (status < 300), else the
         failure as a ProviderError, its body read and quoted."""
+        return await self._send("POST", target, body)
+
+    async def _send(self, method: str, target: str, body: bytes) -> Response:
         try:
-            response = await self.http.post(target, body)
+            response = await self.http.send(method, target, body)
         except HTTPClientError as exc:
             raise self.transport_error(exc) from None
         if response.status >= 300:
@@ -109,12 +124,16 @@ class Upstream:
                 raw = b""
             finally:
                 response.release()
-            raise self.status_error(response.status, response.headers, raw)
+            raise self.status_error(response.status, response.headers, raw, target)
         return response
 
-    async def ask(self, target: str, question: dict[str, Any]) -> Any:
-        """A small JSON exchange (token counting)."""
-        response = await self.post(target, orjson.dumps(question))
+    async def ask(self, target: str, question: dict[str, Any] | None = None) -> Any:
+        """A small JSON exchange: a POST of `question` (token counting), or a GET without
+        one (the models list `relay check` reads)."""
+        if question is None:
+            response = await self._send("GET", target, b"")
+        else:
+            response = await self.post(target, orjson.dumps(question))
         try:
             raw = await response.read()
         except HTTPClientError as exc:
@@ -160,12 +179,17 @@ class Upstream:
             )
         return ProviderError(f"the upstream connection failed: {detail}")
 
-    def status_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProviderError:
+    def status_error(
+        self, status: int, headers: Mapping[str, str], raw: bytes, target: str | None = None
+    ) -> ProviderError:
+        """The failure an upstream answered with (`target`: the request's, when it was an
+        HTTP status rather than an error event in a stream)."""
         retry_after = headers.get("retry-after")
         if status in (401, 403):
             # The upstream's text is not quoted: some echo the (masked or whole) key back.
             return ProviderError(
-                f"the upstream rejected Relay's credentials (HTTP {status})",
+                f"the upstream refused the credentials of deployment '{self._deployment}' "
+                f"(HTTP {status}); it sent {self._credentials}",
                 status=502,
                 code="upstream_auth_failed",
                 retryable=False,
@@ -196,7 +220,8 @@ class Upstream:
             # A wrong base URL, or the model missing upstream: Relay's configuration is at
             # fault, not the request, and another model in the fallback list may well serve it.
             return ProviderError(
-                f"the upstream has no such endpoint or model (HTTP 404): {message}",
+                f"the upstream has no such endpoint or model (HTTP 404{self._where(target)}): "
+                f"{message}",
                 status=502,
                 code="upstream_not_found",
             )
@@ -213,6 +238,19 @@ class Upstream:
             f"the upstream failed (HTTP {status}): {message}",
             status=503 if status == 503 else 502,
             retry_after=retry_after,
+        )
+
+    def _where(self, target: str | None) -> str:
+        """Where a request went and how that URL was made, for a 404: the mistakes in a
+        base_url (a missing /v1, an endpoint written into it) differ only there. The query
+        is left out (some upstreams take keys there)."""
+        if target is None:
+            return ""
+        path = target.removesuffix(self.query)
+        endpoint = path.removeprefix(self.base_path)
+        return (
+            f" from {self._origin}{path}, the base_url of deployment '{self._deployment}' "
+            f"followed by {endpoint}: check its base_url and upstream_model"
         )
 
     async def stream(

@@ -32,12 +32,15 @@ from typing import Any, Protocol, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool, StaticPool
 
+from relay.errors import StartupError
 from relay.storage.outage import reachable
 
 T = TypeVar("T")
@@ -284,22 +287,103 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another database, or one in memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.query.get("uri"):
+        return None
+    return None if parsed.database in (None, "", ":memory:") else Path(parsed.database)
+
+
 async def open_database(url: str) -> SqliteDatabase | AsyncDatabase:
     """The database at `url`, its schema migrated to the latest revision. SQLite URLs may name
     any driver (`sqlite://`, `sqlite+aiosqlite://`, `sqlite+pysqlite://`): Relay always uses the
-    standard library's sqlite3 on its own threads."""
+    standard library's sqlite3 on its own threads. A database that cannot be reached or opened
+    is a StartupError."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     database: SqliteDatabase | AsyncDatabase
     if backend == "sqlite":
-        database = SqliteDatabase(parsed.set(drivername="sqlite+pysqlite"))
+        try:
+            database = SqliteDatabase(parsed.set(drivername="sqlite+pysqlite"))
+        except OSError as error:  # its folder cannot be made, or its lock file written
+            raise StartupError(
+                f"cannot open the SQLite database {parsed.database}: {_reason(error)}"
+            ) from None
     elif backend == "postgresql":
         database = AsyncDatabase(parsed)
     else:
         raise ValueError(f"unsupported database {backend!r}: use SQLite or PostgreSQL")
     try:
         await database.migrate()
-    except BaseException:
+    except BaseException as error:
         await database.close()
+        failure = unreachable(parsed, error) if backend == "postgresql" else None
+        if failure is not None:
+            raise failure from None
         raise
     return database
+
+
+async def schema_revision(url: str) -> str | None:
+    """The schema revision of the database at `url` (None: it has no schema yet), read without
+    changing anything: `relay check`. StartupError when PostgreSQL cannot be reached."""
+    parsed = make_url(url)
+
+    def read(conn: Connection) -> str | None:
+        return MigrationContext.configure(conn).get_current_revision()
+
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed.set(drivername="sqlite+pysqlite"))
+        try:
+            with engine.connect() as conn:
+                return read(conn)
+        finally:
+            engine.dispose()
+    async_engine = create_async_engine(parsed)
+    try:
+        async with async_engine.connect() as connection:
+            return await connection.run_sync(read)
+    except Exception as error:
+        failure = unreachable(parsed, error)
+        if failure is not None:
+            raise failure from None
+        raise
+    finally:
+        await async_engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The revision the migrations bring a schema to."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def unreachable(url: URL, error: BaseException) -> StartupError | None:
+    """A failure to connect to PostgreSQL as one line that says what to do (None for any other
+    failure): no server answering, no such database, a user refused."""
+    where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}"
+    if isinstance(error, OSError):  # refused, an unknown host, no answer in time
+        return StartupError(
+            f"{where} is not answering ({_reason(error)}): start it, or correct database_url"
+        )
+    # Imported here: only PostgreSQL URLs come this far.
+    from asyncpg import InvalidCatalogNameError, PostgresError  # type: ignore[import-untyped]
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, PostgresError):
+        cause = cause.__cause__  # SQLAlchemy wraps asyncpg's errors twice
+    if isinstance(cause, InvalidCatalogNameError):
+        return StartupError(
+            f'{where} has no database "{url.database}": create it '
+            f"(createdb {url.database}), or correct database_url"
+        )
+    # Connection exceptions (08) and refused authorizations (28): the server's own words.
+    if cause is not None and str(cause.sqlstate)[:2] in ("08", "28"):
+        return StartupError(f"{where} refused the connection: {cause}")
+    return None
+
+
+def _reason(error: OSError) -> str:
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)  # uvloop's strerror names the call, not the reason
+    return error.strerror or str(error) or type(error).__name__  # getaddrinfo's, a timeout

@@ -233,3 +233,16 @@ conversation_items = Table(
     PrimaryKeyConstraint("conversation_id", "position"),
     Index(None, "conversation_id", "item_id"),
 )
+
+# --- Sealing ---------------------------------------------------------------------------------
+# The key that seals on this database, by its fingerprint (never the key): instances sharing the
+# database learn at start-up whether they would open each other's sealed items (relay.sealing).
+
+sealing_key = Table(
+    "sealing_key",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # 1: the one row
+    Column("fingerprint", String, nullable=False),
+    Column("configured", Boolean, nullable=False),  # from sealing_keys, or generated
+    Column("registered_at", BigInteger, nullable=False),
+)
