@@ -6,7 +6,9 @@ and run with `PYTHONPATH=<worktree>/src`, the same virtual environment), on one 
 with the same routes, and alternates between them: the sequential overhead over direct nginx
 (JSON and first delta, store=false and store=true, interleaved rounds) and the server CPU per
 request under wrk (alternating 5-second runs at C=16 and C=64). `BENCH_AB_BASE` names the
-revision (default HEAD, i.e. the uncommitted change).
+revision (default HEAD, i.e. the uncommitted change). `BENCH_AB_LOG_LEVEL` sets both Relays'
+log level (default info): trees before 2026-12-06 logged nothing in `--workers N` processes,
+so `warning` compares them without the per-response log line.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ def main(quick: bool) -> None:
         stack.callback(nginx.stop)
         upstream = f"http://127.0.0.1:{port}"
         trees = {"base": str(before / "src"), "change": str(peers.ROOT / "src")}
+        log_level = os.environ.get("BENCH_AB_LOG_LEVEL", "info")
         relays, stored, plain = {}, [], []
         for name, src in trees.items():
             relay_port = peers.free_port()
             relay = peers.start_relay(
                 workdir / name, upstream, relay_port, WORKERS, anthropic=False,
-                env={"PYTHONPATH": src},
+                env={"PYTHONPATH": src, "RELAY_LOG_LEVEL": log_level},
             )  # fmt: skip
             stack.callback(relay.stop)
             url = f"http://127.0.0.1:{relay_port}"

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 from relay import __version__
 from relay.config import Settings, load_settings
 from relay.errors import StartupError
+from relay.log_lines import BatchedStderr
 from relay.loopback import is_loopback
 from relay.providers.settings import DeploymentConfig, FakeConfig, LlamaCppConfig
 
@@ -43,9 +44,19 @@ def app_factory() -> ASGIApp:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    root = logging.getLogger()
+    if any(isinstance(handler, BatchedStderr) for handler in root.handlers):
+        return  # configured already (serve, then its own app in the same process)
+    # What the format does not show is not gathered for each line (the logging docs'
+    # "Optimization"): the caller's frame, thread, process names.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
+    handler = BatchedStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
     if settings.log_level != "debug":
         # The migration tool's plugin set-up and dialect notes are not for a user's eyes.
         logging.getLogger("alembic").setLevel(logging.WARNING)
