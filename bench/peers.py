@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / "bench" / ".venvs"
 RELAY_BIN = ROOT / ".venv" / "bin" / "relay"
+SEALING_KEY = Fernet.generate_key().decode()
 PYENV = Path("/root/.pyenv/versions")
 
 
@@ -185,7 +187,14 @@ def start_relay(
     `settings` are extra lines of its TOML file, `env` extra environment variables."""
     workdir.mkdir(parents=True, exist_ok=True)
     database = database or workdir / "relay.db"
-    lines = [f'database_url = "sqlite:///{database}"', 'log_level = "info"', *settings]
+    # One sealing key for every Relay of a run: those that share a database must seal alike
+    # (Relay refuses to start beside an instance that generated another key).
+    lines = [
+        f'database_url = "sqlite:///{database}"',
+        'log_level = "info"',
+        f'sealing_keys = ["{SEALING_KEY}"]',
+        *settings,
+    ]
     for kind in ("json", "sse", "hold", "long"):
         lines += ["", "[[routes]]", f'model = "bench-{kind}"', 'provider = "openai_chat"']
         lines += [f'base_url = "{upstream}/{kind}/v1"', 'upstream_model = "mock-model"']

@@ -14,8 +14,8 @@ from live_server import relay_server
 from pydantic import SecretStr
 from relay_fixtures import checked_client, fake_routes
 
-from relay.access.policy import Price
 from relay.config import AdminKeyConfig, ApiKeyConfig, RouteConfig, Settings
+from relay.models.policy import Price
 
 ADMIN_KEY = "adm-" + secrets.token_urlsafe(24)
 CONFIG_KEY = "sk-config-" + secrets.token_urlsafe(24)

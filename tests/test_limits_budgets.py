@@ -18,8 +18,8 @@ from relay_fixtures import sdk_client, sse_events
 from team import PRICE, AdminClient, ask, client, team_relay
 
 from relay.access.limits import Admission, RateLimiter, Scope
-from relay.access.policy import Policy
 from relay.errors import RateLimited
+from relay.models.policy import Policy
 
 
 def test_requests_per_minute_per_key(team_url: str, admin: AdminClient) -> None:

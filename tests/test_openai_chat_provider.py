@@ -10,6 +10,7 @@ import httpx
 import pytest
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
 
+from relay.models.deployments import OpenAIChatConfig
 from relay.protocol import CreateResponse
 from relay.providers.base import (
     Delta,
@@ -23,7 +24,6 @@ from relay.providers.base import (
     UsageDelta,
 )
 from relay.providers.openai_chat import OpenAIChatProvider, build
-from relay.providers.settings import OpenAIChatConfig
 from relay.providers.upstream import SSEDecoder
 
 WEATHER = {

@@ -17,8 +17,8 @@ import orjson
 
 from relay.access.admin import Admin
 from relay.access.usage import GROUPS, Ledger
-from relay.cli import report_config_error, without_password
 from relay.config import load_settings
+from relay.console import report_config_error, without_password
 from relay.errors import RelayError, StartupError
 from relay.storage.database import Database, open_database, sqlite_file
 

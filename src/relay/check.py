@@ -14,12 +14,12 @@ from typing import Any, Literal, Protocol, cast
 
 from pydantic import SecretStr
 
-from relay.cli import report_config_error, without_password
 from relay.config import RouteConfig, Settings, load_settings
+from relay.console import report_config_error, without_password
 from relay.errors import StartupError
+from relay.models.deployments import DeploymentConfig
 from relay.providers.base import ProviderError
 from relay.providers.registry import build_provider
-from relay.providers.settings import DeploymentConfig
 
 Status = Literal["ok", "warn", "error", "skipped"]
 

@@ -10,18 +10,17 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
-from pydantic import ValidationError
 from starlette.types import ASGIApp
 
 from relay import __version__
 from relay.config import Settings, load_settings
+from relay.console import report_config_error, without_password
 from relay.errors import StartupError
 from relay.log_lines import BatchedStderr
 from relay.loopback import is_loopback
-from relay.providers.settings import DeploymentConfig, FakeConfig, LlamaCppConfig
+from relay.models.deployments import DeploymentConfig, FakeConfig, LlamaCppConfig
 
 CONFIG_ENV = "RELAY_CONFIG"
 log = logging.getLogger("relay")
@@ -181,18 +180,6 @@ def cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
-def report_config_error(program: str, error: ValueError) -> None:
-    """A configuration error, one line per field, without the offending values: a
-    misplaced secret must not reach the terminal."""
-    if not isinstance(error, ValidationError):
-        print(f"{program}: invalid configuration: {error}", file=sys.stderr)
-        return
-    for detail in error.errors(include_input=False, include_url=False):
-        where = ".".join(str(step) for step in detail["loc"]) or "config"
-        message = detail["msg"].removeprefix("Value error, ")
-        print(f"{program}: invalid configuration: {where}: {message}", file=sys.stderr)
-
-
 def describe(settings: Settings) -> None:
     """What a user needs to see at start-up: where Relay listens, its storage, its
     authentication and its routes (no credential among them)."""
@@ -231,18 +218,6 @@ def _target(model: str, deployment: DeploymentConfig) -> str:
     if isinstance(deployment, FakeConfig):
         return f"the fake provider's script '{upstream}'"
     return f"'{upstream}' at {without_password(deployment.base_url)}"
-
-
-def without_password(url: str) -> str:
-    """`url` with the password of its user part masked, and its query left out (drivers
-    take passwords there too: ?password=...)."""
-    url = url.split("?", 1)[0]
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user_part, _, host_part = parts.netloc.rpartition("@")
-    user = user_part.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host_part}"))
 
 
 COMMANDS = {

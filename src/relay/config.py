@@ -28,8 +28,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from relay.access.policy import NO_POLICY, Policy
-from relay.providers.settings import PROVIDER_KINDS, DeploymentConfig, LlamaCppConfig
+from relay.models.deployments import PROVIDER_KINDS, DeploymentConfig, LlamaCppConfig
+from relay.models.policy import NO_POLICY, Policy
 
 
 class RouteConfig(BaseModel):

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Connection, insert, select, update
 
 from relay.access.keys import KEY_PREFIX, digest, new_key
-from relay.access.policy import NO_POLICY, Policy
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import new_id
+from relay.models.policy import NO_POLICY, Policy
 from relay.storage.database import Database
 from relay.storage.tables import api_keys, audit_log, projects
 

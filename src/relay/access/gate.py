@@ -22,11 +22,11 @@ from starlette.requests import HTTPConnection
 from relay.access.idempotency import Idempotency
 from relay.access.keys import CONFIG_PROJECT, KeyRecord, KeyStore, digest
 from relay.access.limits import Admission, RateLimiter, Scope
-from relay.access.policy import NO_POLICY, Served, Settle
 from relay.access.usage import Ledger, UsageRow, periods
 from relay.config import Settings
 from relay.errors import AuthenticationError, PermissionDenied
 from relay.loopback import is_loopback
+from relay.models.policy import NO_POLICY, Served, Settle
 from relay.protocol import CreateResponse
 from relay.storage.database import Database
 

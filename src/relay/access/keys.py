@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, bindparam, select, update
 
-from relay.access.policy import NO_POLICY, Policy
+from relay.models.policy import NO_POLICY, Policy
 from relay.storage.tables import api_keys, projects
 
 KEY_PREFIX = "sk-relay-"

@@ -29,8 +29,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple, Protocol
 
-from relay.access.policy import Policy
 from relay.errors import RateLimited
+from relay.models.policy import Policy
 
 log = logging.getLogger("relay.limits")
 WINDOW_S = 60

@@ -24,8 +24,8 @@ from sqlalchemy import Connection, bindparam, func, insert, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.access.limits import Scope
-from relay.access.policy import NANOS_PER_USD
 from relay.errors import QuotaExceeded
+from relay.models.policy import NANOS_PER_USD
 from relay.storage.database import Database
 from relay.storage.tables import spend, usage_ledger
 

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
-from relay.access.policy import Served, Settle
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine import compaction, conversation, counting, reasoning, routing
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
@@ -43,6 +42,7 @@ from relay.errors import (
     UpstreamError,
 )
 from relay.ids import new_id
+from relay.models.policy import Served, Settle
 from relay.protocol import CreateResponse
 from relay.providers.base import (
     Delta,

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from relay.models.deployments import AnthropicConfig
 from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
 from relay.providers.base import (
     Delta,
@@ -44,7 +45,6 @@ from relay.providers.base import (
     UsageDelta,
     estimated_tokens,
 )
-from relay.providers.settings import AnthropicConfig
 from relay.providers.tool_names import wire_name
 from relay.providers.upstream import Upstream
 

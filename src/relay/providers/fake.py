@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from relay.models.deployments import FakeConfig
 from relay.providers.base import (
     Delta,
     FinishDelta,
@@ -27,7 +28,6 @@ from relay.providers.base import (
     ToolCallDelta,
     UsageDelta,
 )
-from relay.providers.settings import FakeConfig
 
 SCRIPTS = frozenset(
     {

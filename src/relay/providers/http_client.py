@@ -128,7 +128,7 @@ class HTTPClient:
         connect_timeout_s: float,
         read_timeout_s: float,
         idle_timeout_s: float = 4.0,
-        max_connections: int = 512,
+        max_connections: int = 2048,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(origin)

@@ -29,6 +29,7 @@ from llama_cpp import Llama, StoppingCriteriaList
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
+from relay.models.deployments import LlamaCppConfig
 from relay.providers.base import (
     Delta,
     FinishDelta,
@@ -41,7 +42,6 @@ from relay.providers.base import (
 )
 from relay.providers.chat_messages import build_messages
 from relay.providers.local_grammar import DecodingPlan, UnsupportedSchema, parse_calls, plan
-from relay.providers.settings import LlamaCppConfig
 
 log = logging.getLogger("relay.local")
 

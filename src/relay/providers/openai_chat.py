@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from relay.models.deployments import OpenAIChatConfig
 from relay.providers.base import (
     Delta,
     FinishDelta,
@@ -30,7 +31,6 @@ from relay.providers.base import (
 )
 from relay.providers.chat_messages import chat_messages_json
 from relay.providers.http_client import HTTPClientError, Response
-from relay.providers.settings import OpenAIChatConfig
 from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 
 __all__ = ["OpenAIChatProvider", "build"]
@@ -91,7 +91,7 @@ class OpenAIChatProvider:
         api_key: str | None,
         *,
         timeout_s: float = 600.0,
-        max_connections: int = 512,
+        max_connections: int = 2048,
         max_tokens_param: str = "max_tokens",
         extra_headers: dict[str, str] | None = None,
         forward_fields: frozenset[str] = frozenset(),

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from relay.models.deployments import OpenAIResponsesConfig
 from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
 from relay.providers.base import (
     AnnotationDelta,
@@ -38,7 +39,6 @@ from relay.providers.base import (
     estimated_tokens,
 )
 from relay.providers.http_client import HTTPClientError, Response
-from relay.providers.settings import OpenAIResponsesConfig
 from relay.providers.tool_names import CUSTOM_INPUT, wire_name
 from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 

@@ -3,7 +3,7 @@ health.
 
 Provider kinds are a table (`KINDS`), not a chain of ifs: each kind's module has a
 `build(config)` that makes its provider from its own config model
-(`relay.providers.settings`), imported when a route first uses it, so that a provider's
+(`relay.models.deployments`), imported when a route first uses it, so that a provider's
 dependencies load only where they are needed.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from relay.config import RouteConfig
 from relay.errors import NotFound
+from relay.models.deployments import DeploymentConfig
 from relay.providers.base import Provider
 from relay.providers.health import Health
-from relay.providers.settings import DeploymentConfig
 
 KINDS: dict[str, str] = {
     "openai_chat": "relay.providers.openai_chat",

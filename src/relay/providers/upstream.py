@@ -61,7 +61,7 @@ class Upstream:
         timeout_s: float = 600.0,
         deployment: str,
         key_env: str | None = None,
-        max_connections: int = 512,
+        max_connections: int = 2048,
     ) -> None:
         url = urlsplit(base_url.rstrip("/"))
         self.base_path = url.path

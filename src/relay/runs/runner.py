@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from relay.access.idempotency import Idempotency
-from relay.access.policy import Settle
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
 from relay.errors import DatabaseUnavailable, RelayError, ServerError, UpstreamError
+from relay.models.policy import Settle
 from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
 from relay.runs.log import QueuedRun, RunLog

@@ -71,7 +71,7 @@ response_items = Table(
 
 # --- Projects, keys, usage and idempotency (relay.access) ------------------------------------
 # A project is a tenant: `responses.tenant` holds its id. Limits and budgets are JSON
-# (relay.access.policy.Policy), read whole and never queried into.
+# (relay.models.policy.Policy), read whole and never queried into.
 
 projects = Table(
     "projects",

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from relay.access.policy import Price
+from relay.models.policy import Price
 
 DEFAULT_KIND = "openai_chat"
 
@@ -62,7 +62,7 @@ class _HTTPDeployment(DeploymentBase):
     headers: dict[str, str] = Field(default_factory=dict)
     # Connections to the upstream at once, per process (a stream holds its own to its end);
     # beyond, a request waits for one up to 10 s, then the next deployment is tried.
-    max_connections: int = Field(default=512, ge=1, le=100_000)
+    max_connections: int = Field(default=2048, ge=1, le=100_000)
 
     @field_validator("base_url")
     @classmethod
