@@ -13,6 +13,8 @@ from relay_fixtures import fake_routes, sdk_client
 from sqlalchemy import update
 
 from relay.config import Settings
+from relay.engine.conversation import begin as begin_turn
+from relay.engine.history import HistoryCache
 from relay.errors import Conflict
 from relay.providers import fake
 from relay.storage.conversations import ConversationStore, HoldLost
@@ -179,6 +181,30 @@ async def test_a_stale_holder_changes_nothing(store: SqlStore) -> None:
         await stale.hold("t", "conv_a", "hold_other")
     assert await fresh.release("conv_a", "hold_new", [{**item, "id": "msg_new"}]) == 2
     assert [found["id"] for found in await fresh.items("conv_a")] == ["msg_new"]
+
+
+async def test_a_turn_that_lost_its_hold_says_so(
+    store: SqlStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The response of a turn whose hold was taken stays as it ended; its items are not
+    appended, and a warning names it and its conversation."""
+    stale, fresh = ConversationStore(store.db, 30), ConversationStore(store.db, 30)
+    await stale.create("t", "conv_c", {}, [])
+    turn = await begin_turn(stale, HistoryCache(100, 1 << 20), "t", "conv_c")
+    await _lapse(store, "conv_c")
+    await fresh.hold("t", "conv_c", "hold_new")
+    response = {"id": "resp_1", "status": "completed", "output": []}
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}
+    await turn.end(response, [{**item, "id": "msg_1"}], None)
+    await turn.abandon()  # as quiet
+    assert await fresh.items("conv_c") == []
+    assert any(
+        "resp_1" in record.getMessage()
+        and "conv_c" in record.getMessage()
+        and record.levelname == "WARNING"
+        for record in caplog.records
+    )
+    assert response["status"] == "completed"
 
 
 async def test_a_renewed_hold_outlives_its_expiry(store: SqlStore) -> None:
