@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> ASGIApp:
             cooldown_failures=settings.cooldown_failures,
             cooldown_s=settings.cooldown_s,
         )
-        conversations = ConversationStore(store.db)
+        conversations = ConversationStore(store.db, settings.run_lease_s)
         app.state.conversations = conversations
         app.state.settings = settings
         app.state.store = store
@@ -120,7 +120,7 @@ def create_app(settings: Settings) -> ASGIApp:
             max_queued=settings.background_max_queued,
             poll_s=settings.run_poll_s,
             accounting_for=access.accounting_for,
-            claims=access.idempotency,
+            leases=(access.idempotency, conversations),
         )
         queue = None
         if isinstance(store.db, AsyncDatabase):

@@ -1,6 +1,9 @@
 """A response's turn in a conversation: the conversation held while the response runs (a
 second response on it meanwhile is a 409), its items as the context, and, when the response
 ends completed or incomplete, its input and output items appended in one transaction.
+A hold that lapsed (its process stalled past the run lease) and was taken by another response
+is not this turn's any more: the response stays as it ended (stored, answered), its items are
+not appended, and a warning says so.
 
 The context comes from memory when this process saw the conversation at its current version
 (a history per (conversation, version), extended by each turn it ran), else from storage in one
@@ -10,6 +13,8 @@ query: a turn costs its new items, not the whole conversation, in storage and in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +23,9 @@ from relay.errors import InvalidRequest
 from relay.ids import looks_like_conversation_id, new_id
 from relay.protocol import CreateResponse
 from relay.providers.base import History
-from relay.storage.conversations import ConversationStore
+from relay.storage.conversations import ConversationStore, HoldLost
 
-# A hold outlives a process that died holding it by at most this long.
-HOLD_S = 15 * 60
+log = logging.getLogger("relay.conversations")
 _APPENDED = ("completed", "incomplete")
 
 
@@ -73,20 +77,31 @@ class Turn:
         """Release the conversation, appending the turn's items if the response completed
         (or ended incomplete); `after`: the history it then ends with."""
         added = [*inputs, *response["output"]] if response["status"] in _APPENDED else None
-        version = await asyncio.shield(self.store.release(self.conversation, self.token, added))
+        try:
+            version = await asyncio.shield(self.store.release(self.conversation, self.token, added))
+        except HoldLost:
+            log.warning(
+                "response %s (%s) not added to conversation %s: its hold lapsed and "
+                "another response took the conversation",
+                response["id"],
+                response["status"],
+                self.conversation,
+            )
+            return
         # Kept when nobody else changed the conversation meanwhile (then it is current).
         if added is not None and after is not None and version == self.version + 1:
             self.cache.put(self.tenant, _key(self.conversation, version), after)
 
     async def abandon(self) -> None:
-        await asyncio.shield(self.store.release(self.conversation, self.token, None))
+        with contextlib.suppress(HoldLost):  # nothing to add: another response holds it
+            await asyncio.shield(self.store.release(self.conversation, self.token, None))
 
 
 async def begin(
     store: ConversationStore, cache: HistoryCache, tenant: str, conversation: str
 ) -> Turn:
     token = new_id("hold")
-    version = await store.hold(tenant, conversation, token, HOLD_S)
+    version = await store.hold(tenant, conversation, token)
     history = cache.get(tenant, _key(conversation, version))
     if history is None:
         try:

@@ -8,7 +8,8 @@ accounted for.
   a disconnect ends only the client's view.
 - `record_stream` stores a foreground stored stream as in_progress before its first event
   goes out (its id is in the client's response.created).
-- One loop renews the leases of this process's runs (and of its Idempotency-Key claims),
+- One loop renews the leases of this process's runs (and of its Idempotency-Key claims and
+  conversation holds),
   picks up cancels asked for on another instance, and sweeps runs whose lease lapsed anywhere
   (their process died): those end as failed with a clear error, so that no id a client was
   given stays in_progress or 404s.
@@ -23,12 +24,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
-from relay.access.idempotency import Idempotency
 from relay.engine.builder import error_event
 from relay.engine.run import Engine, Run
 from relay.errors import DatabaseUnavailable, RelayError, ServerError, UpstreamError
@@ -46,6 +46,13 @@ log = logging.getLogger("relay.runs")
 T = TypeVar("T")
 
 
+class Leased(Protocol):
+    """What else this process holds for as long as it lives (Idempotency-Key claims,
+    conversation holds): renewed with the runs' leases."""
+
+    async def renew(self) -> None: ...
+
+
 class Runner:
     def __init__(
         self,
@@ -56,14 +63,13 @@ class Runner:
         max_queued: int,
         poll_s: float,
         accounting_for: AccountingFor,
-        claims: Idempotency,
+        leases: Sequence[Leased],
     ) -> None:
         """`accounting_for`: how a worker opens the books of a run that another instance
-        admitted (a job from the queue). `claims`: the Idempotency-Key claims whose lease
-        is renewed with the runs'."""
+        admitted (a job from the queue). `leases`: what is renewed with the runs' leases."""
         self.engine = engine
         self.accounting_for = accounting_for
-        self.claims = claims
+        self.leases = leases
         self.log = run_log
         self.max_queued = max_queued
         self.poll_s = poll_s
@@ -424,7 +430,8 @@ class Runner:
             # records how it really ended.
             log.warning("response %s lost its lease while running", response_id)
         self._lost |= lost
-        await self.claims.renew()
+        for leased in self.leases:
+            await leased.renew()
 
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")

@@ -1,6 +1,11 @@
 """Conversations in storage: their items in order, and the hold a response takes on one while
 it continues it. Every call is scoped to a tenant, as responses are: another tenant's
-conversation is indistinguishable from a missing one."""
+conversation is indistinguishable from a missing one.
+
+A hold lasts `hold_s` (the run lease) and is renewed with this process's run leases
+(relay.runs.runner), so it lasts as long as its turn while its process lives, and lapses
+soon after the process dies. Its release is conditioned on its token: a turn whose hold
+lapsed (its process stalled past the lease) and was taken by another changes nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import time
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Connection, delete, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, insert, or_, select, update
 
 from relay.errors import Conflict, NotFound
 from relay.storage.base import ItemPage
@@ -18,6 +23,15 @@ from relay.storage.tables import conversation_items as items
 from relay.storage.tables import conversations
 
 _BUSY = "Another response is in progress for this conversation; retry when it has completed."
+_HELD = and_(
+    conversations.c.id == bindparam("cid"), conversations.c.active_token == bindparam("token")
+)
+_RENEW = update(conversations).where(_HELD).values(active_until=bindparam("until"))
+_RELEASE = update(conversations).where(_HELD).values(active_token=None, active_until=None)
+
+
+class HoldLost(Exception):
+    """The hold lapsed and another response took it: the release changed nothing."""
 
 
 def view(row: Any) -> dict[str, Any]:
@@ -72,8 +86,10 @@ def _append(conn: Connection, row: Any, new_items: list[dict[str, Any]]) -> None
 
 
 class ConversationStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, hold_s: float) -> None:
         self.db = db
+        self.hold_s = hold_s
+        self._held: set[tuple[str, str]] = set()  # this process's holds: (conversation, token)
 
     async def create(
         self,
@@ -218,9 +234,10 @@ class ConversationStore:
 
     # a response's turn ----------------------------------------------------------------------
 
-    async def hold(self, tenant: str, conversation_id: str, token: str, hold_s: float) -> int:
+    async def hold(self, tenant: str, conversation_id: str, token: str) -> int:
         """Take the conversation for one response: its version, or 404 / 409 (another
-        response holds it; a hold whose process died lapses after `hold_s`)."""
+        response holds it; a hold whose process died lapses `hold_s` after its last
+        renewal)."""
         now = int(time.time())
 
         def work(conn: Connection) -> int:
@@ -233,7 +250,7 @@ class ConversationStore:
                     conversations.c.id == conversation_id,
                     or_(conversations.c.active_token.is_(None), conversations.c.active_until < now),
                 )
-                .values(active_token=token, active_until=now + int(hold_s))
+                .values(active_token=token, active_until=now + int(self.hold_s))
             )
             if not taken.rowcount:
                 raise Conflict(_BUSY, param="conversation", code="conversation_locked")
@@ -244,7 +261,18 @@ class ConversationStore:
             ).scalar()
             return int(version or 0)
 
-        return await self.db.write(work)
+        version = await self.db.write(work)
+        self._held.add((conversation_id, token))
+        return version
+
+    async def renew(self) -> None:
+        """Extend this process's holds by `hold_s` (none: no statement). A hold another
+        response took meanwhile is left to it."""
+        if not self._held:
+            return
+        until = int(time.time() + self.hold_s)
+        params = [{"cid": held, "token": token, "until": until} for held, token in self._held]
+        await self.db.write(lambda conn: conn.execute(_RENEW, params))
 
     async def items(self, conversation_id: str) -> list[dict[str, Any]]:
         """Every item, in order (under a hold: the tenant was checked as it was taken)."""
@@ -260,24 +288,23 @@ class ConversationStore:
         self, conversation_id: str, token: str, new_items: list[dict[str, Any]] | None
     ) -> int | None:
         """End a response's hold, appending its items (when it completed) in the same
-        transaction; the conversation's new version (None when it was deleted meanwhile)."""
+        transaction: the conversation's new version, None when it was deleted meanwhile.
+        Raises HoldLost, changing nothing, when the hold is no longer this token's."""
+        self._held.discard((conversation_id, token))
 
         def work(conn: Connection) -> int | None:
+            # Conditioned on the token, and first: on PostgreSQL the row stays locked until
+            # the items are appended, so another turn cannot take the hold in between.
+            if not conn.execute(_RELEASE, {"cid": conversation_id, "token": token}).rowcount:
+                raise HoldLost(conversation_id)
             row = conn.execute(
                 select(conversations).where(conversations.c.id == conversation_id)
-            ).first()
-            if row is None or row.active_token != token:
+            ).one()
+            if row.deleted_at is not None:
                 return None
-            if new_items is not None and row.deleted_at is None:
-                _append(conn, row, new_items)
-            conn.execute(
-                update(conversations)
-                .where(conversations.c.id == conversation_id)
-                .values(active_token=None, active_until=None)
-            )
-            version = conn.execute(
-                select(conversations.c.version).where(conversations.c.id == conversation_id)
-            ).scalar()
-            return None if row.deleted_at is not None else int(version or 0)
+            if new_items is None:
+                return int(row.version)
+            _append(conn, row, new_items)
+            return int(row.version) + 1
 
         return await self.db.write(work)
