@@ -73,6 +73,12 @@ class ServeProcess:
         self._log = log  # a file, not a pipe: a pipe nobody reads would block the server
         self.output = ""  # everything it printed (stdout and stderr), once it stopped
 
+    def log_so_far(self) -> str:
+        """What it has printed until now (a read at offset 0 that leaves the file's position,
+        which the process writes at, alone)."""
+        size = os.fstat(self._log.fileno()).st_size
+        return os.pread(self._log.fileno(), size, 0).decode(errors="replace")
+
     def stop(self) -> str:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,20 +32,27 @@ def agent_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProce
         env = {
             "RELAY_DATABASE_URL": f"sqlite:///{workdir}/relay.db",
             "RELAY_ROUTES": orjson.dumps([route]).decode(),
+            "RELAY_LOG_LEVEL": "debug",  # what the tests below look for in its log
         }
         with relay_serve(env) as relay:
             yield relay
 
 
-@pytest.mark.skipif(not CODEX.exists(), reason="Codex CLI not installed: run `make clients`")
-def test_codex_exec_runs_a_tool_through_relay(agent_relay: ServeProcess, tmp_path: Path) -> None:
-    # Codex's default configuration apart from the provider entry (so web_search included,
-    # which Relay leaves out by default).
+needs_codex = pytest.mark.skipif(
+    not CODEX.exists(), reason="Codex CLI not installed: run `make clients`"
+)
+
+
+def codex_exec(relay: ServeProcess, tmp_path: Path, *, provider: str = "") -> str:
+    """`codex exec` told to run `echo relay-ok`, with Relay as its model provider (`provider`
+    adds lines to that entry) and Codex's defaults otherwise (so web_search included, which
+    Relay leaves out by default); asserts that Codex ran the shell tool Relay relayed, sent its
+    output back and printed the answer; returns what it printed."""
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(
         'model = "m"\nmodel_provider = "relay"\n\n[model_providers.relay]\nname = "Relay"\n'
-        f'base_url = "{agent_relay.url}/v1"\nwire_api = "responses"\nenv_key = "RELAY_KEY"\n'
+        f'base_url = "{relay.url}/v1"\nwire_api = "responses"\nenv_key = "RELAY_KEY"\n{provider}'
     )
     work = tmp_path / "work"
     work.mkdir()
@@ -58,8 +66,28 @@ def test_codex_exec_runs_a_tool_through_relay(agent_relay: ServeProcess, tmp_pat
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    # Codex ran the shell tool Relay relayed, sent its output back, and printed the answer.
     assert "The tool said:" in done.stdout and "relay-ok" in done.stdout, done.stdout
+    return done.stdout
+
+
+def logged(relay: ServeProcess, line: str) -> int:
+    """How many times Relay has logged `line` so far (its lines are written every 0.1 s)."""
+    time.sleep(0.3)
+    return relay.log_so_far().count(line)
+
+
+@needs_codex
+def test_codex_exec_runs_a_tool_through_relay(agent_relay: ServeProcess, tmp_path: Path) -> None:
+    codex_exec(agent_relay, tmp_path)
+
+
+@needs_codex
+def test_codex_exec_over_a_websocket(agent_relay: ServeProcess, tmp_path: Path) -> None:
+    # Codex's WebSocket transport for a provider: `supports_websockets` on its entry.
+    accepted = '"WebSocket /v1/responses" [accepted]'
+    before = logged(agent_relay, accepted)
+    codex_exec(agent_relay, tmp_path, provider="supports_websockets = true\n")
+    assert logged(agent_relay, accepted) > before
 
 
 def test_the_agents_sdk_runs_a_function_tool_through_relay(agent_relay: ServeProcess) -> None:

@@ -4,6 +4,7 @@ and query parameters without NUL characters, and the query parameters of list en
 
 from __future__ import annotations
 
+import logging
 import re
 
 from starlette.requests import HTTPConnection, Request
@@ -11,6 +12,8 @@ from starlette.requests import HTTPConnection, Request
 from relay.api.encoding import codings, decode
 from relay.errors import InvalidRequest, PayloadTooLarge
 from relay.protocol import ID_PATTERN
+
+log = logging.getLogger("relay.api")
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
@@ -91,4 +94,10 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
             raise PayloadTooLarge(limit)
         chunks.append(chunk)
     body = b"".join(chunks)
-    return decode(body, applied, limit) if applied else body
+    if not applied:
+        return body
+    decoded = decode(body, applied, limit)
+    log.debug(
+        "request body: %d bytes %s-encoded, %d decoded", size, "+".join(applied), len(decoded)
+    )
+    return decoded
