@@ -56,9 +56,9 @@ class Prepared:
             # tools searches loaded come to it with the tool_search_output items that loaded
             # them.
             hosted.append(plan.search)
-            kept = {*plan.loaded, search_function}
-            offered = [tool for tool in offered if tool["name"] not in kept]
-            functions = [tool for tool in functions if tool["name"] not in kept]
+            left_out = {*plan.loaded, search_function}
+            offered = [tool for tool in offered if tool["name"] not in left_out]
+            functions = [tool for tool in functions if tool["name"] not in left_out]
             search_function = None
         return ProviderRequest(
             upstream_model=deployment.upstream_model,
