@@ -35,6 +35,9 @@ the last breakpoint) is seen by this instance, read afterwards. Models (scripts)
   thinking        needs thinking enabled; a signed thinking block "Let me think about <last
                   user words>." (two thinking_delta pieces, one signature_delta), then tools
   redacted        thinking, with a redacted_thinking block before the thinking block
+  searcher        a client-run tool search's model (offered first, as the search): a tool_use
+                  of it; given its tool_result, a tool_use of the last tool (one the search
+                  loaded); given that one's, "The tool said: <results>" (inputs as in tools)
   length          "partial answer", stop_reason "max_tokens"
   refusal         "I can't help with that.", stop_reason "refusal"
   error_mid       some text, then an `error` event (overloaded_error) and the end of the
@@ -81,6 +84,7 @@ ANTHROPIC_MODELS = [
     "parallel",
     "thinking",
     "redacted",
+    "searcher",
     "length",
     "refusal",
     "error_mid",
@@ -662,22 +666,46 @@ def _tool_turn(model: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], 
         chosen = tools[:2]
     else:
         chosen = tools[:1]
-    calls = [
-        {
-            "type": "tool_use",
-            "id": f"toolu_lb{secrets.token_hex(10)}",
-            "name": tool["name"],
-            "input": _tool_input(tool),
-        }
-        for tool in chosen
-    ]
-    return calls, "tool_use"
+    return [_tool_use(tool) for tool in chosen], "tool_use"
+
+
+def _tool_use(tool: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "tool_use",
+        "id": f"toolu_lb{secrets.token_hex(10)}",
+        "name": tool["name"],
+        "input": _tool_input(tool),
+    }
+
+
+def _searcher_turn(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """Search (the first tool), call what the search loaded (the last tool), then say what it
+    gave."""
+    tools = body.get("tools") or []
+    messages = body["messages"]
+    results = _blocks(messages[-1], "tool_result")
+    if not results:
+        tool = tools[0]
+    elif _used(messages[-2], results[0]["tool_use_id"]) == tools[0]["name"]:
+        tool = tools[-1]
+    else:
+        return _tool_turn("tools", body)
+    return [_tool_use(tool)], "tool_use"
+
+
+def _used(message: dict[str, Any], tool_use_id: str) -> str:
+    """The name of the tool an assistant message's tool_use of `tool_use_id` called."""
+    return next(
+        block["name"] for block in _blocks(message, "tool_use") if block["id"] == tool_use_id
+    )
 
 
 def _script(model: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """The answer's content blocks and stop reason."""
     if model in ("tools", "parallel"):
         return _tool_turn(model, body)
+    if model == "searcher":
+        return _searcher_turn(body)
     if model in ("thinking", "redacted"):
         words = _last_user_text(body) or "the question"
         thought = f"Let me think about {words}."

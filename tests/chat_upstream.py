@@ -36,6 +36,10 @@ context manager. Models (scripts):
                   (finished, or cut by the client after N words) is kept in `slow_streams`
   agent           an agent's two steps: call exec_command with {"cmd": "echo relay-ok"} (else
                   the first tool, with {"city": "Paris"}), then say "The tool said: <output>"
+  searcher        a client-run tool search's model (offered first, as the search): calls it
+                  with {"query": "calendar"}; given the search's result, calls the last tool
+                  offered (one the search loaded) with {"title": "standup"}; given that
+                  tool's output, says "The tool said: <output>"
   compliance      "tools" when the request offers tools, else "echo": what the official Open
                   Responses compliance suite needs from one model (docs/compliance.md)
   echo_credentials
@@ -93,6 +97,7 @@ MODELS = [
     "echo_credentials_stream",
     "compliance",
     "agent",
+    "searcher",
     "retry_after_once",
 ]
 SLOW_WORDS = 200
@@ -235,6 +240,8 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
         model = "tools" if body.get("tools") else "echo"
     if model == "agent":
         return _agent_turn(body)
+    if model == "searcher":
+        return _searcher_turn(body)
     if model in ("tools", "parallel", "tools_stop", "tools_repeat", "rogue_tool"):
         tools = body.get("tools") or [{"function": {"name": "get_weather"}}]
         name = "not_offered" if model == "rogue_tool" else tools[0]["function"]["name"]
@@ -282,6 +289,33 @@ def _agent_turn(body: dict[str, Any]) -> dict[str, Any]:
         name, arguments = names[0], {"city": "Paris"}
     call = _call(0, "call_agent_0", name, orjson.dumps(arguments).decode())
     return {"deltas": [call], "finish": "tool_calls"}
+
+
+def _searcher_turn(body: dict[str, Any]) -> dict[str, Any]:
+    """Search (the first tool), call what the search loaded (the last tool), then say what it
+    gave."""
+    messages = body.get("messages") or []
+    names = [tool["function"]["name"] for tool in body.get("tools") or []]
+    last = messages[-1] if messages else {}
+    if last.get("role") != "tool":
+        name, arguments = names[0], {"query": "calendar"}
+    elif _called(messages, last["tool_call_id"]) == names[0]:
+        name, arguments = names[-1], {"title": "standup"}
+    else:
+        said = f"The tool said: {_text(last.get('content')).strip()}"
+        return {"deltas": [{"content": piece} for piece in _WORD.findall(said)], "finish": "stop"}
+    call = _call(0, f"call_searcher_{len(messages)}", name, orjson.dumps(arguments).decode())
+    return {"deltas": [call], "finish": "tool_calls"}
+
+
+def _called(messages: list[dict[str, Any]], call_id: str) -> str:
+    """The name of the function an assistant message called by `call_id`."""
+    return next(
+        call["function"]["name"]
+        for message in messages
+        for call in message.get("tool_calls") or ()
+        if call["id"] == call_id
+    )
 
 
 def _call(index: int | None, call_id: str, name: str, arguments: str) -> dict[str, Any]:

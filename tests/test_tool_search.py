@@ -1,12 +1,15 @@
 """Tool search as Codex uses it: a `tool_search` tool (run by the client), functions and
 namespaces with `defer_loading`, and `tool_search_call` / `tool_search_output` items given
 back. Upstreams without tool search (chat, Anthropic, a Responses upstream that does not list
-it) are offered every deferred tool and every tool a search loaded, in full, and never see the
-search; a Responses upstream that runs it gets all of it as sent. Shapes are checked against
-the openai SDK's types (conformance.py)."""
+it) are offered every deferred tool and every tool a search loaded, in full; a search the
+client runs as a function (its calls come back as tool_search_call items, its items go back
+as that function's call and output), a search the server runs never. A Responses upstream
+that runs it gets all of it as sent. Shapes are checked against the openai SDK's types
+(conformance.py)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +18,7 @@ import openai
 import pytest
 from anthropic_upstream import ANTHROPIC_KEY, AnthropicUpstream
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
-from conformance import INPUT_ITEMS
+from conformance import INPUT_ITEMS, assert_valid_item
 from relay_fixtures import checked_client, relay_on_sqlite, sdk_client, sse_events
 from responses_upstream import RESPONSES_KEY, ResponsesUpstream
 
@@ -103,6 +106,15 @@ TRANSCRIPT = [
     EVENT_CALL,
     {"type": "function_call_output", "call_id": "call_event_1", "output": "created"},
 ]
+# The same with a search the server ran: upstreams without tool search never see it.
+SERVER_TOOLS = [EXEC, DOCS, {"type": "tool_search"}]
+SERVER_TRANSCRIPT = [
+    {**item, "execution": "server"} if item.get("type") in SEARCH_TYPES else item
+    for item in TRANSCRIPT
+    for SEARCH_TYPES in [("tool_search_call", "tool_search_output")]
+]
+# What a model that called the search as a function reads as its result.
+LISTING = "Tools loaded, callable from now on:\n- mcp__calendar____create_event: Creates an event."
 
 
 def test_the_items_are_the_sdks_input_shapes() -> None:
@@ -133,17 +145,19 @@ def search_url(
         }
 
     chat = {"base_url": chat_upstream.base_url, "api_key_env": CHAT_KEY_ENV, "retries": 0}
+    claude = {
+        "provider": "anthropic",
+        "base_url": anthropic_upstream.base_url,
+        "api_key_env": CLAUDE_KEY_ENV,
+        "retries": 0,
+    }
     routes = [
         {"model": "chat-tools", **chat, "upstream_model": "tools"},
         {"model": "chat-echo", **chat, "upstream_model": "echo"},
-        {
-            "model": "claude-tools",
-            "provider": "anthropic",
-            "base_url": anthropic_upstream.base_url,
-            "api_key_env": CLAUDE_KEY_ENV,
-            "upstream_model": "tools",
-            "retries": 0,
-        },
+        {"model": "chat-searcher", **chat, "upstream_model": "searcher"},
+        {"model": "chat-parallel", **chat, "upstream_model": "parallel"},
+        {"model": "claude-tools", **claude, "upstream_model": "tools"},
+        {"model": "claude-searcher", **claude, "upstream_model": "searcher"},
         {"model": "rsp-search", **responses("tool_search", hosted_tools=["tool_search"])},
         {"model": "rsp-plain", **responses("tools")},
     ]
@@ -163,12 +177,15 @@ def http(search_url: str) -> Iterator[httpx.Client]:
         yield client
 
 
-def test_a_chat_upstream_gets_every_deferred_and_loaded_tool(
+def test_a_chat_upstream_gets_every_deferred_and_loaded_tool_and_no_server_search(
     http: httpx.Client, chat_upstream: ChatUpstream
 ) -> None:
     chat_upstream.reset()
-    body = {"model": "chat-echo", "tools": TOOLS, "input": [*TRANSCRIPT, "and another"]}
-    body["input"][-1] = {"role": "user", "content": "and another"}
+    body = {
+        "model": "chat-echo",
+        "tools": SERVER_TOOLS,
+        "input": [*SERVER_TRANSCRIPT, {"role": "user", "content": "and another"}],
+    }
     answer = http.post("/v1/responses", json=body)
     assert answer.status_code == 200, answer.text
     sent = chat_upstream.requests[-1]
@@ -183,32 +200,164 @@ def test_a_chat_upstream_gets_every_deferred_and_loaded_tool(
     # The echo keeps what the client declared, and the items are stored as sent.
     response = answer.json()
     assert [tool["type"] for tool in response["tools"]] == ["function", "namespace", "tool_search"]
-    assert response["tools"][2] == SEARCH
     assert response["tools"][1]["tools"][0]["defer_loading"] is True
+    items = http.get(f"/v1/responses/{response['id']}/input_items", params={"order": "asc"})
+    stored = items.json()["data"]
+    assert stored[1:3] == SERVER_TRANSCRIPT[1:3]
+
+
+def test_a_chat_upstream_is_offered_a_client_search_as_a_function(
+    http: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    chat_upstream.reset()
+    body = {
+        "model": "chat-echo",
+        "tools": TOOLS,
+        "input": [*TRANSCRIPT, {"role": "user", "content": "and another"}],
+    }
+    answer = http.post("/v1/responses", json=body)
+    assert answer.status_code == 200, answer.text
+    sent = chat_upstream.requests[-1]
+    offered = {tool["function"]["name"]: tool["function"] for tool in sent["tools"]}
+    assert list(offered) == [
+        "exec_command",
+        "mcp__docs____lookup",
+        "tool_search",
+        "mcp__calendar____create_event",
+    ]
+    assert offered["tool_search"]["description"] == SEARCH["description"]
+    assert offered["tool_search"]["parameters"] == SEARCH["parameters"]
+    # The search is the model's call of that function, its output the tools it loaded.
+    messages = sent["messages"]
+    assert [message["role"] for message in messages] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "tool",
+        "user",
+    ]
+    search = messages[1]["tool_calls"][0]
+    assert search["id"] == "call_search_1" and search["function"]["name"] == "tool_search"
+    assert json.loads(search["function"]["arguments"]) == SEARCH_CALL["arguments"]
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_search_1", "content": LISTING}
+    response = answer.json()
+    assert response["tools"][2] == SEARCH
     items = http.get(f"/v1/responses/{response['id']}/input_items", params={"order": "asc"})
     stored = items.json()["data"]
     assert stored[1] == SEARCH_CALL and stored[2] == SEARCH_OUTPUT
 
 
-def test_the_model_calls_a_loaded_tool_as_the_client_named_it(
+def test_the_search_function_takes_no_name_of_the_clients(
     sdk: openai.OpenAI, chat_upstream: ChatUpstream
 ) -> None:
-    # The chat mock calls the first tool it is offered: here only the loaded one.
+    chat_upstream.reset()
+    own = {"type": "function", "name": "tool_search", "parameters": {"type": "object"}}
     response = sdk.responses.create(
-        model="chat-tools",
-        tools=[SEARCH],  # type: ignore[list-item]
-        input=[
-            {"role": "user", "content": "add a standup"},
-            SEARCH_CALL,  # type: ignore[list-item]
-            SEARCH_OUTPUT,  # type: ignore[list-item]
-        ],
+        model="chat-searcher",
+        tools=[{"type": "tool_search", "execution": "client"}, own],  # type: ignore[list-item]
+        input="add a standup",
     )
+    offered = chat_upstream.requests[-1]["tools"]
+    assert [tool["function"]["name"] for tool in offered] == ["tool_search_2", "tool_search"]
+    assert offered[0]["function"]["parameters"]["required"] == ["query"]  # the default schema
     call = response.output[-1].model_dump()
-    assert call["type"] == "function_call"
-    assert (call["namespace"], call["name"]) == ("mcp__calendar__", "create_event")
+    assert call["type"] == "tool_search_call" and call["arguments"] == {"query": "calendar"}
 
 
-def test_anthropic_gets_the_transcript_without_the_search(
+def test_tool_choice_treats_a_client_search_as_a_function(
+    sdk: openai.OpenAI, chat_upstream: ChatUpstream
+) -> None:
+    chat_upstream.reset()
+    required = sdk.responses.create(
+        model="chat-searcher",
+        tools=[SEARCH],  # type: ignore[list-item]
+        tool_choice="required",
+        input="add a standup",
+    )
+    assert required.output[-1].type == "tool_search_call"
+    forced = sdk.responses.create(
+        model="chat-tools",
+        tools=[SEARCH, EXEC],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "exec_command"},
+        input="run it",
+    )
+    assert [tool["function"]["name"] for tool in chat_upstream.requests[-1]["tools"]] == [
+        "exec_command"
+    ]
+    assert forced.output[-1].type == "function_call"
+    # Two calls of the search, cut to one by either setting.
+    for limit in ({"max_tool_calls": 1}, {"parallel_tool_calls": False}):
+        one = sdk.responses.create(
+            model="chat-parallel",
+            tools=[SEARCH],  # type: ignore[list-item]
+            input="add a standup",
+            **limit,  # type: ignore[arg-type]
+        )
+        assert [item.type for item in one.output] == ["tool_search_call"]
+
+
+@pytest.mark.parametrize("model", ["chat-searcher", "claude-searcher"])
+@pytest.mark.parametrize("stored", [True, False], ids=["chained", "replayed"])
+def test_codexs_loop_with_a_client_search_on_an_upstream_without_tool_search(
+    sdk: openai.OpenAI, http: httpx.Client, model: str, stored: bool
+) -> None:
+    # 1. Only the search is declared: the model calls it, and the response ends there.
+    question = {"role": "user", "content": "add a standup to my calendar"}
+    body = {"model": model, "tools": [SEARCH], "input": [question], "store": stored}
+    events = sse_events(http, body)
+    first = events[-1]["response"]
+    searched = first["output"][-1]
+    assert searched["type"] == "tool_search_call"
+    assert searched["execution"] == "client" and searched["status"] == "completed"
+    assert list(searched["arguments"]) == ["query"]  # the object the model's JSON held
+    assert first["status"] == "completed"
+    # OpenAI streams nothing of a search's own between its added and done events.
+    item_events = [event["type"] for event in events if event.get("item_id") == searched["id"]]
+    assert item_events == []
+    assert [
+        event["type"] for event in events if event.get("item", {}).get("id") == searched["id"]
+    ] == ["response.output_item.added", "response.output_item.done"]
+    # 2. The client ran the search: the tools it loaded are offered, and the model calls one,
+    # which comes back as the client named it.
+    loaded = {
+        "type": "tool_search_output",
+        "call_id": searched["call_id"],
+        "execution": "client",
+        "status": "completed",
+        "tools": [CALENDAR],
+    }
+    context: list[Any] = [question, searched] if not stored else []
+    more = {"previous_response_id": first["id"]} if stored else {"store": False}
+    second = sdk.responses.create(
+        model=model,
+        tools=[SEARCH],  # type: ignore[list-item]
+        input=[*context, loaded],
+        **more,  # type: ignore[arg-type]
+    )
+    call = second.output[-1].model_dump(exclude_none=True)
+    assert_valid_item(call)
+    assert (call["type"], call["namespace"], call["name"]) == (
+        "function_call",
+        "mcp__calendar__",
+        "create_event",
+    )
+    # 3. The tool's output: the model says what it gave.
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "created"}
+    if stored:
+        context, more = [], {"previous_response_id": second.id}
+    else:
+        context = [*context, loaded, call]
+    third = sdk.responses.create(
+        model=model,
+        tools=[SEARCH],  # type: ignore[list-item]
+        input=[*context, output],
+        **more,  # type: ignore[arg-type]
+    )
+    assert third.output_text == "The tool said: created"
+
+
+def test_anthropic_gets_a_client_search_as_tool_use_and_tool_result(
     sdk: openai.OpenAI, anthropic_upstream: AnthropicUpstream
 ) -> None:
     anthropic_upstream.reset()
@@ -220,32 +369,82 @@ def test_anthropic_gets_the_transcript_without_the_search(
     assert response.status == "completed"
     sent = anthropic_upstream.requests[-1]
     names = [tool["name"] for tool in sent["tools"]]
+    assert names == [
+        "exec_command",
+        "mcp__docs____lookup",
+        "tool_search",
+        "mcp__calendar____create_event",
+    ]
+    messages = sent["messages"]
+    blocks = [[block["type"] for block in message["content"]] for message in messages]
+    assert blocks == [["text"], ["tool_use"], ["tool_result"], ["tool_use"], ["tool_result"]]
+    assert messages[1]["content"][0] == {
+        "type": "tool_use",
+        "id": "call_search_1",
+        "name": "tool_search",
+        "input": SEARCH_CALL["arguments"],
+    }
+    assert messages[2]["content"][0]["content"] == LISTING
+
+
+def test_anthropic_gets_the_transcript_without_a_server_search(
+    sdk: openai.OpenAI, anthropic_upstream: AnthropicUpstream
+) -> None:
+    anthropic_upstream.reset()
+    response = sdk.responses.create(
+        model="claude-tools",
+        tools=SERVER_TOOLS,  # type: ignore[arg-type]
+        input=SERVER_TRANSCRIPT,  # type: ignore[arg-type]
+    )
+    assert response.status == "completed"
+    sent = anthropic_upstream.requests[-1]
+    names = [tool["name"] for tool in sent["tools"]]
     assert names == ["exec_command", "mcp__docs____lookup", "mcp__calendar____create_event"]
     blocks = [[block["type"] for block in message["content"]] for message in sent["messages"]]
     assert blocks == [["text"], ["tool_use"], ["tool_result"]]
 
 
-def test_a_responses_upstream_without_tool_search_never_sees_it(
-    http: httpx.Client, responses_upstream: ResponsesUpstream
+@pytest.mark.parametrize(
+    ("tools", "transcript", "offered", "sent_items"),
+    [
+        (
+            SERVER_TOOLS,
+            SERVER_TRANSCRIPT,
+            ["exec_command", "mcp__docs____lookup", "mcp__calendar____create_event"],
+            ["message", "function_call", "function_call_output"],
+        ),
+        (
+            TOOLS,
+            TRANSCRIPT,
+            [
+                "exec_command",
+                "mcp__docs____lookup",
+                "tool_search",
+                "mcp__calendar____create_event",
+            ],
+            ["message", *["function_call", "function_call_output"] * 2],
+        ),
+    ],
+    ids=["server", "client"],
+)
+def test_a_responses_upstream_without_tool_search_gets_a_client_search_as_a_function(
+    http: httpx.Client,
+    responses_upstream: ResponsesUpstream,
+    tools: list[dict[str, Any]],
+    transcript: list[dict[str, Any]],
+    offered: list[str],
+    sent_items: list[str],
 ) -> None:
     # The mock refuses deferred tools and search items without the search tool, as their
     # meaning depends on it.
     responses_upstream.reset()
     answer = http.post(
-        "/v1/responses", json={"model": "rsp-plain", "tools": TOOLS, "input": TRANSCRIPT}
+        "/v1/responses", json={"model": "rsp-plain", "tools": tools, "input": transcript}
     )
     assert answer.status_code == 200, answer.text
     sent = responses_upstream.requests[-1]
-    assert [tool["name"] for tool in sent["tools"]] == [
-        "exec_command",
-        "mcp__docs____lookup",
-        "mcp__calendar____create_event",
-    ]
-    assert [item["type"] for item in sent["input"]] == [
-        "message",
-        "function_call",
-        "function_call_output",
-    ]
+    assert [tool["name"] for tool in sent["tools"]] == offered
+    assert [item["type"] for item in sent["input"]] == sent_items
 
 
 def test_a_responses_upstream_with_tool_search_runs_codexs_loop(

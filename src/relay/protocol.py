@@ -39,8 +39,9 @@ HOSTED_TOOL_TYPES = {
 
 # Tool search (Codex's, OpenAI's): where the upstream searches for deferred tools itself (a
 # Responses deployment whose hosted_tools lists "tool_search"), these items pass through;
-# elsewhere every deferred tool is offered in full, so neither the search nor its items reach
-# the upstream (relay.engine.checks.plan_tools).
+# elsewhere every deferred tool is offered in full, a search the client runs is offered as a
+# function whose call and output these items become, and one the server runs reaches the
+# upstream not at all (relay.engine.checks.plan_tools, relay.providers.tool_names).
 TOOL_SEARCH_ITEM_TYPES = frozenset({"tool_search_call", "tool_search_output"})
 
 # Items of hosted tools an upstream ran (a Responses upstream's web search): given back as

@@ -58,6 +58,7 @@ class ResponseBuilder:
         include_encrypted_reasoning: bool = False,
         namespaced: dict[str, tuple[str, str]] | None = None,
         custom_tools: frozenset[str] = frozenset(),
+        search_function: str | None = None,
     ) -> None:
         self.response = response
         self._seq = 0
@@ -79,7 +80,11 @@ class ResponseBuilder:
         # Custom tools by their upstream names: their calls are custom_tool_call items, whose
         # input arrives as the arguments {"input": ...} and is sent whole when the call ends.
         self._custom = custom_tools
-        self._custom_arguments: dict[int, str] = {}
+        # The function a client-run tool search is offered as: its calls are tool_search_call
+        # items, whose arguments are an object, known when the call ends.
+        self._search = search_function
+        # The arguments of custom and search calls, held until the call ends, by upstream index.
+        self._held_arguments: dict[int, str] = {}
         # One random filler a response, sliced per delta: the padding hides lengths by its
         # length, so its characters need not be fresh (a urandom call per delta was 3% of a
         # stream's CPU).
@@ -355,24 +360,13 @@ class ResponseBuilder:
             if self._open is not None:
                 events += self._close_open("completed")
             self._calls_made += 1
-            custom = delta.name in self._custom
-            item = {
-                "id": new_id("ctc" if custom else "fc"),
-                "type": "custom_tool_call" if custom else "function_call",
-                "status": "in_progress",
-                "call_id": delta.call_id or new_id("call"),
-                "name": delta.name,
-                "input" if custom else "arguments": "",
-            }
-            if custom:
-                self._custom_arguments[delta.index] = ""
-            if delta.name in self._namespaced:
-                # Back under the names the client gave: the namespace and the function's own.
-                item["namespace"], item["name"] = self._namespaced[delta.name]
+            item = self._call_item(delta.name, delta.call_id or new_id("call"))
+            if item["type"] != "function_call":
+                self._held_arguments[delta.index] = ""
             self._calls[delta.index] = item
             events.append(self._add_item(item))
-        if delta.index in self._custom_arguments:
-            self._custom_arguments[delta.index] += delta.arguments
+        if delta.index in self._held_arguments:
+            self._held_arguments[delta.index] += delta.arguments
         elif delta.arguments:
             item["arguments"] += delta.arguments
             events.append(
@@ -385,6 +379,32 @@ class ResponseBuilder:
                 )
             )
         return events
+
+    def _call_item(self, name: str, call_id: str) -> dict[str, Any]:
+        """A new call's item, in the shape of the tool the client declared."""
+        if name == self._search:
+            # OpenAI streams no events of a tool search's own: added, then done.
+            return {
+                "id": new_id("tsc"),
+                "type": "tool_search_call",
+                "status": "in_progress",
+                "call_id": call_id,
+                "execution": "client",
+                "arguments": {},
+            }
+        custom = name in self._custom
+        item = {
+            "id": new_id("ctc" if custom else "fc"),
+            "type": "custom_tool_call" if custom else "function_call",
+            "status": "in_progress",
+            "call_id": call_id,
+            "name": name,
+            "input" if custom else "arguments": "",
+        }
+        if name in self._namespaced:
+            # Back under the names the client gave: the namespace and the function's own.
+            item["namespace"], item["name"] = self._namespaced[name]
+        return item
 
     # Closing --------------------------------------------------------------------------------
 
@@ -462,8 +482,10 @@ class ResponseBuilder:
             item = self._calls[index]
             output_index = self._index_of(item)
             item["status"] = status
-            if index in self._custom_arguments:
-                events += self._custom_input(item, output_index, self._custom_arguments.pop(index))
+            if item["type"] == "tool_search_call":
+                item["arguments"] = _search_arguments(self._held_arguments.pop(index))
+            elif item["type"] == "custom_tool_call":
+                events += self._custom_input(item, output_index, self._held_arguments.pop(index))
             else:
                 events.append(
                     self._event(
@@ -585,6 +607,15 @@ def error_event(sequence_number: int, error_type: str, code: str | None, message
         "message": message,
         "param": None,
     }
+
+
+def _search_arguments(arguments: str) -> Any:
+    """A tool search's arguments as the object the client reads; as sent when they are not
+    JSON (the client's search says what it makes of them)."""
+    try:
+        return json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
 
 
 def _copy_part(part: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,9 @@ class ToolPlan:
     # upstream names: offered like the others except where the upstream searches itself,
     # which reads them from those items.
     loaded: frozenset[str] = frozenset()
+    # A client-run search's upstream name: it is one of the functions (so that upstreams
+    # without tool search can call it), and calls to it come back as tool_search_call items.
+    search_function: str | None = None
 
 
 def _tool(raw: Any, param: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -120,11 +123,40 @@ def _namespace(raw: Any, param: str) -> tuple[dict[str, Any], list[dict[str, Any
     return echoed, offered
 
 
+# What a client-run search takes when the client gives no schema (Codex gives one).
+SEARCH_PARAMETERS = {
+    "type": "object",
+    "properties": {"query": {"type": "string", "description": "What the tools are for."}},
+    "required": ["query"],
+}
+SEARCH_DESCRIPTION = (
+    "Searches for more tools by what they do; the tools found can be called from then on."
+)
+
+
 def _tool_search(raw: Any, param: str) -> dict[str, Any]:
     try:
-        return ToolSearchTool.model_validate(raw).model_dump(exclude_none=True)
+        tool = ToolSearchTool.model_validate(raw)
     except ValidationError as error:
         raise invalid_request(error, raw, param) from None
+    if tool.parameters is not None:
+        check_json_schema(tool.parameters, f"{param}.parameters")
+    return tool.model_dump(exclude_none=True)
+
+
+def _search_function(search: dict[str, Any], taken: set[str]) -> dict[str, Any]:
+    """A client-run search as the function upstreams without tool search are offered: named
+    `tool_search` unless a tool of the client's goes by that (the name picks the item a
+    call becomes, so it must be the search's alone)."""
+    name, suffix = "tool_search", 1
+    while name in taken:
+        suffix += 1
+        name = f"tool_search_{suffix}"
+    return {
+        "name": name,
+        "description": search.get("description") or SEARCH_DESCRIPTION,
+        "parameters": search.get("parameters") or SEARCH_PARAMETERS,
+    }
 
 
 class _Functions:
@@ -198,19 +230,25 @@ def plan_tools(
     declared.
 
     Tools with `defer_loading` are offered in full: an upstream without tool search could
-    never find them otherwise, and one with it gets them marked as deferred."""
+    never find them otherwise, and one with it gets them marked as deferred. A client-run
+    tool search is also offered as a function, where it was declared (Prepared leaves it out
+    for an upstream that searches itself), so that a model without tool search can ask the
+    client for the tools it left out of the request."""
     parallel = request.parallel_tool_calls is not False
     declared: list[dict[str, Any]] = []
     gathered = _Functions()
     omitted: list[str] = []
     hosted: list[dict[str, Any]] = []
     search: dict[str, Any] | None = None
+    search_at = 0  # where among the functions a client-run search is offered
     for index, raw in enumerate(request.tools or []):
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind == "tool_search":
             # Not a hosted tool: an upstream without it loses nothing (the deferred tools
-            # are offered), so it neither narrows the deployments nor is left out or refused.
+            # are offered, a client-run search as a function), so it neither narrows the
+            # deployments nor is left out or refused.
             search = _tool_search(raw, f"tools[{index}]")
+            search_at = len(gathered.offered)
             declared.append(search)
         elif kind in upstream_runs:
             declared.append(raw)
@@ -228,8 +266,14 @@ def plan_tools(
         )
     for raw, param in loaded:
         gathered.add(raw, param, loaded=True)
+    # tool_choice names the client's functions: the search is not one of them.
     names = [tool["name"] for tool in functions]
     custom = gathered.custom
+    search_name = None
+    if search is not None and search.get("execution") == "client":
+        offered_search = _search_function(search, set(names))
+        search_name = offered_search["name"]
+        functions.insert(search_at, offered_search)
 
     def plan(offered: list[dict[str, Any]], choice: str | dict[str, str], must: bool) -> ToolPlan:
         return ToolPlan(
@@ -245,6 +289,7 @@ def plan_tools(
             functions,
             search,
             frozenset(gathered.loaded),
+            search_name,
         )
 
     choice = request.tool_choice

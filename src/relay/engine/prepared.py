@@ -50,12 +50,16 @@ class Prepared:
         plan = self.tools
         hosted = [tool for tool in plan.hosted if tool["type"] in runs]
         offered, functions = plan.offered, plan.functions
+        search_function = plan.search_function
         if plan.search is not None and "tool_search" in runs:
-            # The upstream searches: it gets the search tool, and the tools searches loaded
-            # come to it with the tool_search_output items that loaded them.
+            # The upstream searches: it gets the search tool (not as a function), and the
+            # tools searches loaded come to it with the tool_search_output items that loaded
+            # them.
             hosted.append(plan.search)
-            offered = [tool for tool in offered if tool["name"] not in plan.loaded]
-            functions = [tool for tool in functions if tool["name"] not in plan.loaded]
+            left_out = {*plan.loaded, search_function}
+            offered = [tool for tool in offered if tool["name"] not in left_out]
+            functions = [tool for tool in functions if tool["name"] not in left_out]
+            search_function = None
         return ProviderRequest(
             upstream_model=deployment.upstream_model,
             request=self.request,
@@ -70,5 +74,6 @@ class Prepared:
             reasoning_effort=self.effort,
             all_tools=functions,
             hosted_tools=hosted,
+            search_function=search_function,
             reasoning_state=self.reasoning_state,
         )

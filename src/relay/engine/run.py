@@ -424,6 +424,7 @@ class Engine:
             offered_tools={tool["name"] for tool in tools.offered},
             namespaced=tools.namespaced,
             custom_tools=tools.custom,
+            search_function=tools.search_function,
             must_call=tools.must_call and generate,
             parallel_tool_calls=tools.parallel,
             max_tool_calls=request.max_tool_calls,

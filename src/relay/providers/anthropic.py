@@ -45,7 +45,7 @@ from relay.providers.base import (
     UsageDelta,
     estimated_tokens,
 )
-from relay.providers.tool_names import wire_name
+from relay.providers.tool_names import search_as_function, wire_name
 from relay.providers.upstream import Upstream
 
 KIND = "anthropic"
@@ -373,7 +373,9 @@ def _messages(request: ProviderRequest) -> tuple[list[str], list[dict[str, Any]]
     if history is not None:
         # A stored chain's translation is kept with it: a long conversation costs each turn
         # its new items.
-        translated = history.derive(KIND, lambda done, items: _extend(done, items, request), _EMPTY)
+        # Kept per search function: the search items' blocks depend on it.
+        key = KIND if request.search_function is None else f"{KIND}:{request.search_function}"
+        translated = history.derive(key, lambda done, items: _extend(done, items, request), _EMPTY)
         system, messages = _extend(translated, request.items, request)
     else:
         system, messages = _extend(_EMPTY, request.items, request)
@@ -442,9 +444,13 @@ def _blocks(
     if kind in HOSTED_ITEM_TYPES:
         return "assistant", []  # an upstream's hosted call: its results are in the text
     if kind in TOOL_SEARCH_ITEM_TYPES:
-        # The tools a search loaded are offered in full (plan_tools), as if there all along;
-        # the search itself is no tool this upstream was offered (chat_messages does the same).
-        return "assistant", []
+        # A search the model was offered (the client runs it): its tool_use and tool_result.
+        # Any other never reached the model: the tools it loaded are offered in full
+        # (plan_tools), as if there all along (chat_messages does the same).
+        as_function = search_as_function(item, request.search_function)
+        if as_function is None:
+            return "assistant", []
+        return _blocks(as_function, as_function["type"], role, request)
     if kind == "reasoning":
         state = request.state_of(item)
         if state is None or state.get("kind") != KIND:

@@ -175,6 +175,9 @@ class ProviderRequest:
     all_tools: list[dict[str, Any]] = field(default_factory=list)
     # Hosted tools (web_search, ...) the upstream is to run itself, as the request gave them.
     hosted_tools: list[dict[str, Any]] = field(default_factory=list)
+    # The function a client-run tool search is offered as (one of `all_tools`), by which its
+    # tool_search_call and tool_search_output items go back (tool_names.search_as_function).
+    search_function: str | None = None
     # A reasoning item's encrypted_content -> the upstream state Relay sealed in it (see
     # relay.providers.base.ReasoningState), or None.
     reasoning_state: Callable[[str], dict[str, Any] | None] = field(default=lambda token: None)

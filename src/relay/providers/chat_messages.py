@@ -14,12 +14,15 @@ import orjson
 
 from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
 from relay.providers.base import ProviderError, ProviderRequest
-from relay.providers.tool_names import wire_name
+from relay.providers.tool_names import search_as_function, wire_name
 
 
-def build_messages(instructions: str | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Responses items to chat messages."""
-    transcript = ChatTranscript()._continued(items)
+def build_messages(
+    instructions: str | None, items: list[dict[str, Any]], search: str | None = None
+) -> list[dict[str, Any]]:
+    """Responses items to chat messages; `search`: the function a client-run tool search is
+    offered as (ProviderRequest.search_function)."""
+    transcript = ChatTranscript(search=search)._continued(items)
     transcript._flush()
     system = [{"role": "system", "content": instructions}] if instructions else []
     return system + transcript._fresh  # nothing was encoded: it started empty
@@ -35,8 +38,9 @@ def chat_messages_json(
     go back as `reasoning_content` on the assistant message they precede (upstreams that take
     it); else they are left out."""
     history = request.history
-    empty = ChatTranscript(replay_reasoning=replay_reasoning)
-    key = "chat+reasoning" if replay_reasoning else "chat"
+    search = request.search_function
+    empty = ChatTranscript(replay_reasoning=replay_reasoning, search=search)
+    key = ("chat+reasoning" if replay_reasoning else "chat") + (f":{search}" if search else "")
     transcript = empty if history is None else history.derive(key, ChatTranscript.extended, empty)
     return transcript.json(instructions, request.items)
 
@@ -54,15 +58,24 @@ class ChatTranscript:
     A transcript is never changed once built: `extended` returns a new one.
     """
 
-    __slots__ = ("_calls", "_encoded", "_fresh", "_reasoning", "_replay_reasoning", "_texts")
+    __slots__ = (
+        "_calls",
+        "_encoded",
+        "_fresh",
+        "_reasoning",
+        "_replay_reasoning",
+        "_search",
+        "_texts",
+    )
 
-    def __init__(self, *, replay_reasoning: bool = False) -> None:
+    def __init__(self, *, replay_reasoning: bool = False, search: str | None = None) -> None:
         self._encoded = b""
         self._fresh: list[dict[str, Any]] = []  # closed while continuing, not yet encoded
         self._texts: list[str] = []
         self._calls: list[dict[str, Any]] = []
         self._replay_reasoning = replay_reasoning
         self._reasoning: list[str] = []  # of the pending assistant message
+        self._search = search  # the function a client-run tool search is offered as
 
     def extended(self, items: list[dict[str, Any]]) -> ChatTranscript:
         out = self._continued(items)
@@ -80,7 +93,7 @@ class ChatTranscript:
         return b"[" + body.removesuffix(b",") + b"]"
 
     def _continued(self, items: Sequence[dict[str, Any]]) -> ChatTranscript:
-        out = ChatTranscript(replay_reasoning=self._replay_reasoning)
+        out = ChatTranscript(replay_reasoning=self._replay_reasoning, search=self._search)
         out._encoded = self._encoded
         out._texts = list(self._texts)
         out._calls = list(self._calls)
@@ -104,10 +117,13 @@ class ChatTranscript:
         if kind in HOSTED_ITEM_TYPES:
             return  # an upstream's hosted call: its results are in the answer's text
         if kind in TOOL_SEARCH_ITEM_TYPES:
-            # A search's result is the tools it loaded, and those are offered in full here
-            # (plan_tools): to the model they were there all along. Sent as a call, the
-            # transcript would show a tool the model was never offered (the search).
-            return
+            # A search the model was offered (the client runs it) is its call of that
+            # function; any other never reached the model, and the tools it loaded are
+            # offered in full (plan_tools): to the model they were there all along.
+            as_function = search_as_function(item, self._search)
+            if as_function is None:
+                return
+            item, kind = as_function, as_function["type"]
         if kind == "reasoning":
             parts = item.get("content") or item.get("summary") or ()
             text = "".join(part.get("text") or "" for part in parts)

@@ -363,7 +363,7 @@ def _local_messages(request: ProviderRequest, decoding: DecodingPlan) -> list[di
             f"{instructions}\n\n{decoding.tool_prompt}" if instructions else decoding.tool_prompt
         )
     messages = []
-    for message in build_messages(instructions, request.context()):
+    for message in build_messages(instructions, request.context(), request.search_function):
         content: Any = message.get("content") or ""
         if isinstance(content, list):
             if any(part.get("type") != "text" for part in content):

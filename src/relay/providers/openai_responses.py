@@ -39,7 +39,7 @@ from relay.providers.base import (
     estimated_tokens,
 )
 from relay.providers.http_client import HTTPClientError, Response
-from relay.providers.tool_names import CUSTOM_INPUT, wire_name
+from relay.providers.tool_names import CUSTOM_INPUT, search_as_function, wire_name
 from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 
 KIND = "openai_responses"
@@ -157,7 +157,9 @@ class OpenAIResponsesProvider:
             return (*done, *(out for out in map(translate, items) if out is not None))
 
         history = request.history
-        key = f"{KIND}:{self._name}" + (":search" if searching else "")
+        # Search items translate by who searches and, where the client does, its function.
+        variant = "search" if searching else request.search_function or ""
+        key = f"{KIND}:{self._name}:{variant}"
         before = () if history is None else history.derive(key, extend, ())
         return [*before, *extend((), request.items)]
 
@@ -166,9 +168,15 @@ class OpenAIResponsesProvider:
 
         def upstream_item(item: dict[str, Any]) -> dict[str, Any] | None:
             kind = item.get("type", "message")
+            if kind in TOOL_SEARCH_ITEM_TYPES and searching:
+                return _searched_item(item)
             if kind in TOOL_SEARCH_ITEM_TYPES:
-                # Without its own search, the upstream was offered the loaded tools in full.
-                return _searched_item(item) if searching else None
+                # Without its own search, the upstream was offered the loaded tools in full,
+                # and a client-run search as a function: its items are that call and output.
+                as_function = search_as_function(item, request.search_function)
+                if as_function is None:
+                    return None
+                item, kind = as_function, as_function["type"]
             if kind == "reasoning":
                 state = request.state_of(item)
                 if state is None or state.get("kind") != KIND or state.get("origin") != origin:
