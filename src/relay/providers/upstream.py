@@ -203,7 +203,9 @@ class Upstream:
         HTTP status rather than an error event in a stream)."""
         retry_after = headers.get("retry-after")
         if status == 407 and self.proxy is not None:  # only a proxy asks for credentials so
-            return self._proxy_refused(f"the proxy {self.proxy.url} refused the request", 407)
+            return self._proxy_refused(
+                f"the proxy {self.proxy.url} refused the request (HTTP 407)", 407
+            )
         if status in (401, 403):
             # The upstream's text is not quoted: some echo the (masked or whole) key back.
             return ProviderError(
