@@ -289,7 +289,9 @@ def _worth_retrying(error: ProviderError) -> bool:
 # it (another provider takes the parameter, another model has a larger context window,
 # another key is valid). When every deployment refuses, the client hears the refusal.
 REFUSALS = ("unsupported_parameter", "unsupported_input", "context_length_exceeded")
-_NEXT_DEPLOYMENT = (*REFUSALS, "upstream_auth_failed")
+# A deployment's own faults: its key refused, or its proxy refusing it.
+_MISCONFIGURED = ("upstream_auth_failed", "proxy_refused")
+_NEXT_DEPLOYMENT = (*REFUSALS, *_MISCONFIGURED)
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -316,7 +318,7 @@ async def attempt(
         try:
             result = await call()
         except ProviderError as error:
-            if error.retryable or error.code == "upstream_auth_failed":
+            if error.retryable or error.code in _MISCONFIGURED:
                 health.failed()
             else:
                 health.probing = False

@@ -54,6 +54,14 @@ def _encodings(secret: str) -> set[str]:
     return {secret, quote(secret, safe=""), escaped, escaped.replace("/", "\\/")}
 
 
+def _login_forms(username: str | None, password: str | None) -> list[str]:
+    """A URL's password as it is sent (in a Basic token) and may come back."""
+    if not password:
+        return []
+    pair = f"{unquote(username or '')}:{unquote(password)}"
+    return [password, unquote(password), basic_token(username or "", password), pair]
+
+
 class Scrubber:
     """Removes one upstream's credentials, in every form and in fragments, from text."""
 
@@ -81,13 +89,13 @@ class Scrubber:
         username: str | None = None,
         password: str | None = None,
         headers: Mapping[str, str] | None = None,
+        proxy_username: str | None = None,
+        proxy_password: str | None = None,
     ) -> Scrubber:
         """The scrubber for what one upstream is sent: a bearer key, URL credentials (sent as
-        Basic auth) and custom headers."""
-        secrets = [api_key or ""]
-        if password:
-            secrets += [password, unquote(password), basic_token(username or "", password)]
-            secrets.append(f"{unquote(username or '')}:{unquote(password)}")
+        Basic auth), custom headers, and the proxy's URL credentials (Proxy-Authorization)."""
+        secrets = [api_key or "", *_login_forms(username, password)]
+        secrets += _login_forms(proxy_username, proxy_password)
         secrets += [
             value for name, value in (headers or {}).items() if name.lower() not in PUBLIC_HEADERS
         ]

@@ -19,7 +19,12 @@ small:
   answer (a model may stream for minutes);
 - reading pauses while `MAX_BUFFER` bytes wait for the consumer (a slow downstream client);
 - answers are asked for uncompressed; gzip and deflate are still decoded should a server
-  compress anyway.
+  compress anyway;
+- through a forward proxy (`relay.providers.proxy`, decided once per client): an https
+  upstream through a CONNECT tunnel, TLS to the upstream inside it (`loop.start_tls`, which
+  asyncio and uvloop both have), each tunnel a pooled connection like a direct one; an http
+  upstream with absolute-form targets (`POST http://host/path`), which every proxy must take
+  (RFC 9112, 3.2.2) while many refuse CONNECT to ports other than 443 (Squid's default).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from relay import __version__
+from relay.providers.proxy import Proxy
 
 MAX_BUFFER = 1 << 20  # bytes received and not yet read before the socket stops being read
 MAX_IDLE = 256  # idle connections kept per origin; more are closed when released
@@ -62,6 +68,14 @@ class ReadTimeout(HTTPClientError, TimeoutError):
 
 class ConnectTimeout(ConnectFailed, TimeoutError):
     """The connection was not established within `connect_timeout_s`."""
+
+
+class ProxyRefused(ConnectFailed):
+    """The proxy answered a CONNECT with something other than 2xx (`status`)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _header_block(*layers: Mapping[str, str]) -> bytes:
@@ -130,6 +144,7 @@ class HTTPClient:
         idle_timeout_s: float = 4.0,
         max_connections: int = 2048,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -144,10 +159,32 @@ class HTTPClient:
         default_port = self._port == (443 if self._ssl else 80)
         host = f"[{self._host}]" if ":" in self._host else self._host
         authority = host if default_port else f"{host}:{self._port}"
+        self._proxy = proxy
+        # Where connections go (the upstream or its proxy), and how they are opened.
+        self._address = (proxy.host, proxy.port) if proxy else (self._host, self._port)
+        self._open = self._tunnel if proxy and self._ssl else self._dial
+        self._where = f"{self._host}:{self._port}" + (f" through {proxy.url}" if proxy else "")
+        proxy_auth = {}
+        if proxy is not None and proxy.authorization is not None:
+            proxy_auth = {"Proxy-Authorization": proxy.authorization}
+        # Without a tunnel, requests go to the proxy, with the upstream in their target.
+        self._target_prefix = f"http://{authority}" if proxy and not self._ssl else ""
         self._headers = _header_block(
             {"Host": authority, "User-Agent": f"relay/{__version__}"},
             headers,
             {"Accept-Encoding": "identity"},
+            {} if self._target_prefix == "" else proxy_auth,
+        )
+        # The tunnel's request: the proxy's credentials go there, never inside the tunnel.
+        tunnel_to = f"{host}:{self._port}"  # CONNECT names the port always (RFC 9110, 9.3.6)
+        self._connect_request = b"".join(
+            [
+                f"CONNECT {tunnel_to} HTTP/1.1\r\n".encode(),
+                _header_block(
+                    {"Host": tunnel_to, "User-Agent": f"relay/{__version__}"}, proxy_auth
+                ),
+                b"\r\n",
+            ]
         )
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
@@ -166,7 +203,7 @@ class HTTPClient:
         """`post`, by any method (`relay check` GETs a models list)."""
         request = b"".join(
             [
-                f"{method} {target} HTTP/1.1\r\n".encode(),
+                f"{method} {self._target_prefix}{target} HTTP/1.1\r\n".encode(),
                 self._headers,
                 b"Content-Length: %d\r\n\r\n" % len(body),
                 body,
@@ -214,22 +251,51 @@ class HTTPClient:
         return None
 
     async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                )
+                connection = await self._open()
         except TimeoutError:
             raise ConnectTimeout(
-                f"no connection to {self._host}:{self._port} within {self.connect_timeout_s} s"
+                f"no connection to {self._where} within {self.connect_timeout_s} s"
             ) from None
         except (OSError, ssl.SSLError) as error:
-            raise ConnectFailed(f"{self._host}:{self._port}: {error}") from None
+            raise ConnectFailed(f"{self._where}: {error}") from None
         self._busy.add(connection)
+        return connection
+
+    async def _dial(self) -> _Connection:
+        """A connection to the upstream, or to the proxy that takes absolute-form targets."""
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(
+            lambda: _Connection(self), *self._address, ssl=self._ssl
+        )
+        return connection
+
+    async def _tunnel(self) -> _Connection:
+        """A connection through the proxy's CONNECT tunnel, with TLS to the upstream inside
+        it: its certificate and name verified as on a direct connection."""
+        assert self._proxy is not None and self._ssl is not None
+        loop = asyncio.get_running_loop()
+        transport, handshake = await loop.create_connection(
+            lambda: _TunnelRequest(self._connect_request), *self._address
+        )
+        try:
+            status, reason = await handshake.answer
+            if not 200 <= status < 300:
+                raise ProxyRefused(
+                    f"the proxy {self._proxy.url} refused a tunnel to {self._host}:{self._port} "
+                    f"(HTTP {status} {reason})",
+                    status,
+                )
+            connection = _Connection(self)
+            tls = await loop.start_tls(transport, connection, self._ssl, server_hostname=self._host)
+        except BaseException:
+            handshake.answer.cancel()  # a late answer or loss has no one to hear it
+            transport.abort()
+            raise
+        if tls is None:  # the proxy closed the tunnel during the handshake
+            raise ConnectionResetError("the proxy closed the tunnel")
+        connection.connection_made(tls)
         return connection
 
     def _put_back(self, connection: _Connection) -> None:
@@ -250,6 +316,48 @@ class HTTPClient:
             self._idle.pop()[1].close()
         for connection in list(self._busy):
             connection.close()
+
+
+class _TunnelRequest(asyncio.Protocol):
+    """Sends a CONNECT and reads the head of the proxy's answer; `answer` is its status and
+    reason. On a 2xx the connection is handed to TLS (`loop.start_tls` takes it over)."""
+
+    def __init__(self, request: bytes) -> None:
+        self._request = request
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self.answer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            return  # a refusal's body: the connection is closed anyway
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._settle(ConnectionError(f"the proxy sent a malformed answer ({error})"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._settle(exc or ConnectionResetError("the proxy closed the connection"))
+
+    # httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_headers_complete(self) -> None:
+        reason = self._reason.decode("latin-1")
+        self._settle((self._parser.get_status_code(), reason))
+
+    def _settle(self, outcome: tuple[int, str] | Exception) -> None:
+        if self.answer.done():
+            return
+        if isinstance(outcome, Exception):
+            self.answer.set_exception(outcome)
+        else:
+            self.answer.set_result(outcome)
 
 
 class _Connection(asyncio.Protocol):

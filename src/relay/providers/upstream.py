@@ -19,7 +19,14 @@ import orjson
 
 from relay.providers.base import Delta, ProviderError, TokenCount
 from relay.providers.credentials import Scrubber, basic_token
-from relay.providers.http_client import ConnectFailed, HTTPClient, HTTPClientError, Response
+from relay.providers.http_client import (
+    ConnectFailed,
+    HTTPClient,
+    HTTPClientError,
+    ProxyRefused,
+    Response,
+)
+from relay.providers.proxy import proxy_for
 
 MAX_MESSAGE = 500  # upstream error text we quote, so a huge HTML error page stays out of logs
 MAX_SCANNED = 4 * MAX_MESSAGE  # scrubbed before the cut, however much the scrubbing shortens
@@ -83,12 +90,18 @@ class Upstream:
         if api_key:
             headers[key_header] = f"Bearer {api_key}" if key_header == "Authorization" else api_key
         headers.update(extra_headers or {})
-        # Every credential sent, in every form, is scrubbed from the upstream text we quote.
+        # Decided once, here: the environment is read at start-up, not per request.
+        default_port = 443 if url.scheme == "https" else 80
+        self.proxy = proxy_for(url.scheme, url.hostname or "", url.port or default_port)
+        # Every credential sent, in every form, is scrubbed from the upstream text we quote
+        # (the proxy's, which a proxy's error page or a broken upstream may echo, among them).
         self._scrub = Scrubber.for_upstream(
             api_key=api_key,
             username=url.username,
             password=url.password,
             headers=extra_headers,
+            proxy_username=self.proxy.username if self.proxy else None,
+            proxy_password=self.proxy.password if self.proxy else None,
         )
         # A dead host should fail fast so the engine can fall back; a slow model may take minutes
         # between bytes, so only the connect phase gets the shorter bound.
@@ -98,6 +111,7 @@ class Upstream:
             connect_timeout_s=min(timeout_s, 10.0),
             read_timeout_s=timeout_s,
             max_connections=max_connections,
+            proxy=self.proxy,
         )
 
     def target(self, path: str) -> str:
@@ -173,7 +187,10 @@ class Upstream:
                 status=408,
                 code="request_timeout",
             )
+        if isinstance(exc, ProxyRefused) and exc.status < 500:
+            return self._proxy_refused(detail, exc.status)
         if isinstance(exc, ConnectFailed):
+            # A proxy's 5xx to a CONNECT (it could not reach the upstream) lands here too.
             return ProviderError(
                 f"could not connect to the upstream: {detail}", code="upstream_unreachable"
             )
@@ -185,6 +202,10 @@ class Upstream:
         """The failure an upstream answered with (`target`: the request's, when it was an
         HTTP status rather than an error event in a stream)."""
         retry_after = headers.get("retry-after")
+        if status == 407 and self.proxy is not None:  # only a proxy asks for credentials so
+            return self._proxy_refused(
+                f"the proxy {self.proxy.url} refused the request (HTTP 407)", 407
+            )
         if status in (401, 403):
             # The upstream's text is not quoted: some echo the (masked or whole) key back.
             return ProviderError(
@@ -239,6 +260,12 @@ class Upstream:
             status=503 if status == 503 else 502,
             retry_after=retry_after,
         )
+
+    def _proxy_refused(self, detail: str, status: int) -> ProviderError:
+        """A proxy that will not carry this deployment's requests (its credentials, its
+        rules): no use retrying it, but another deployment may not go through it."""
+        hint = ": check the user and password in the proxy's URL" if status == 407 else ""
+        return ProviderError(f"{detail}{hint}", status=502, code="proxy_refused", retryable=False)
 
     def _where(self, target: str | None) -> str:
         """Where a request went and how that URL was made, for a 404: the mistakes in a
