@@ -72,24 +72,18 @@ class Runner:
         self._feeds: dict[str, Feed] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: set[str] = set()  # foreground stored streams in flight here
-        self._lost: set[str] = set()  # runs here whose lease lapsed (see _keep)
+        self._lost: set[str] = set()  # runs here whose lease lapsed (see _renew)
         self._cancelled: set[str] = set()  # runs a client cancelled
         # With PostgreSQL, signals from other instances (relay.runs.notify) wake followers
         # of logs written elsewhere at once; else they poll.
         self.signalled = False
         self._followers: dict[str, set[asyncio.Event]] = {}
-        self._loop: asyncio.Task[None] | None = None
         # With PostgreSQL: the job queue that hands background runs out (relay.api.app sets
         # it: the queue needs this runner to run its jobs).
         self.queue: JobQueue | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.ensure_future(self._keep())
-
     async def aclose(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+        """Stop the background runs here (the supervisor stopped `keep` first)."""
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()  # each stores where it stopped (cancelled)
@@ -386,7 +380,8 @@ class Runner:
 
     # the loop ---------------------------------------------------------------------------------
 
-    async def _keep(self) -> None:
+    async def keep(self) -> None:
+        """The upkeep loop, a task of the process's supervisor (relay.supervisor)."""
         clock = asyncio.get_running_loop().time
         next_sweep = clock() + self.log.lease_s / 2
         unreachable = False
