@@ -111,21 +111,31 @@ class Runner:
                 code="background_queue_full",
                 headers={"retry-after": "1"},
             )
-        response, items = await self.engine.queued(request, tenant=tenant, session_id=session_id)
-        if self.queue is not None:
-            # Handed out: a worker (here or elsewhere) runs it, and settles its accounting.
-            body = request.model_dump_json(exclude_unset=True, by_alias=True)
-            queued = QueuedRun(body, session_id, key_id)
-            await self.log.begin(tenant, response, items, background=True, queued=queued)
-            await self.queue.defer(response["id"])
-            return response, False
-        await self.log.begin(tenant, response, items, background=True)
-        feed = self._feeds[response["id"]] = Feed()
+        # Its place is taken before the first wait, so that submits at once cannot all pass
+        # the check above; given back if it never starts here (then `_run` does).
         self._waiting += 1
-        self._tasks[response["id"]] = asyncio.ensure_future(
-            self._run(request, tenant, session_id, dict(response), feed, on_settled)
-        )
-        return response, True
+        started = False
+        try:
+            response, items = await self.engine.queued(
+                request, tenant=tenant, session_id=session_id
+            )
+            if self.queue is not None:
+                # Handed out: a worker (here or elsewhere) runs it, and settles its accounting.
+                body = request.model_dump_json(exclude_unset=True, by_alias=True)
+                queued = QueuedRun(body, session_id, key_id)
+                await self.log.begin(tenant, response, items, background=True, queued=queued)
+                await self.queue.defer(response["id"])
+                return response, False
+            await self.log.begin(tenant, response, items, background=True)
+            feed = self._feeds[response["id"]] = Feed()
+            self._tasks[response["id"]] = asyncio.ensure_future(
+                self._run(request, tenant, session_id, dict(response), feed, on_settled)
+            )
+            started = True
+            return response, True
+        finally:
+            if not started:
+                self._waiting -= 1
 
     async def run_queued(self, response_id: str) -> None:
         """A job from the queue: the background run it names, here, unless it was
