@@ -23,7 +23,6 @@ import asyncio
 import itertools
 import logging
 import math
-import secrets
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 from relay.errors import RateLimited
 from relay.models.policy import Policy
+from relay.supervisor import process_id
 
 log = logging.getLogger("relay.limits")
 WINDOW_S = 60
@@ -38,8 +38,6 @@ WINDOW_S = 60
 LEASE_S = 15 * 60
 _QUIET_S = 60.0
 _RESTING_S = 1.0  # after a failure of the limits store, how long requests skip it
-_PROCESS = secrets.token_hex(8)  # lease ids: unique across instances sharing a Redis
-_LEASES = itertools.count()
 
 Limit = Literal["requests", "tokens", "concurrent"]
 _CHECKS: tuple[Limit, ...] = ("requests", "tokens", "concurrent")
@@ -412,12 +410,15 @@ class RateLimiter:
         # rather than each waiting out the bound.
         self._resting_until = 0.0
         self._warned = -_QUIET_S
+        # Lease ids, unique across the processes sharing a Redis: made in this process.
+        self._process = process_id()
+        self._leases = itertools.count()
 
     async def admit(self, scopes: list[Scope], estimated_tokens: int) -> Admission:
         """Count one request against every scope, or raise RateLimited (429) naming the
         limit it is over, having counted nothing. Tokens are only tested here (the estimate
         of the input); the real count is added by `settle`."""
-        lease = f"{_PROCESS}:{next(_LEASES)}"
+        lease = f"{self._process}:{next(self._leases)}"
         if self._resting_until and time.monotonic() < self._resting_until:
             return Admission(scopes)
         try:

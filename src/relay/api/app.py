@@ -7,6 +7,7 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -28,6 +29,7 @@ from relay.sealing import Sealer, agree, fingerprint, load_keys
 from relay.storage.conversations import ConversationStore
 from relay.storage.database import AsyncDatabase
 from relay.storage.sql import open_store
+from relay.supervisor import Supervisor
 
 log = logging.getLogger("relay")
 
@@ -78,89 +80,21 @@ def _briefly(send: Send) -> Send:
 
 def create_app(settings: Settings) -> ASGIApp:
     keys = load_keys([key.get_secret_value() for key in settings.sealing_keys], settings.data_dir)
-    sealer = Sealer(keys)
-    key_fingerprint = fingerprint(keys[0])
-    configured_keys = bool(settings.sealing_keys)
-    credentials = Credentials.of(settings)
+    kept = _Secrets(
+        Credentials.of(settings), Sealer(keys), fingerprint(keys[0]), bool(settings.sealing_keys)
+    )
     # From here on the application holds only the client and admin keys' digests, and the
     # sealing keys inside the sealer.
     settings = settings.model_copy(update={"api_keys": [], "admin_keys": [], "sealing_keys": []})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = await open_store(settings.database_url)
-        await agree(
-            store.db, key_fingerprint, configured=configured_keys, data_dir=settings.data_dir
-        )
-        access = Access(settings, credentials, store.db)
-        registry = Registry(
-            settings.routes,
-            cooldown_failures=settings.cooldown_failures,
-            cooldown_s=settings.cooldown_s,
-        )
-        conversations = ConversationStore(store.db, settings.run_lease_s)
-        app.state.conversations = conversations
-        app.state.settings = settings
-        app.state.store = store
-        engine = Engine(
-            registry,
-            store,
-            echo_json_schema=settings.echo_json_schema,
-            history_cache_items=settings.history_cache_items,
-            history_cache_bytes=settings.history_cache_bytes,
-            sealer=sealer,
-            hosted_tools=settings.hosted_tools,
-            conversations=conversations,
-        )
-        app.state.engine = engine
-        runner = Runner(
-            engine,
-            RunLog(store, settings.run_lease_s, stopping=engine.stopping),
-            max_running=settings.background_max_running,
-            max_queued=settings.background_max_queued,
-            poll_s=settings.run_poll_s,
-            accounting_for=access.accounting_for,
-            leases=(access.idempotency, conversations),
-        )
-        queue = None
-        if isinstance(store.db, AsyncDatabase):
-            # Imported here: the job queue and the signals need psycopg and procrastinate,
-            # which a SQLite process does without (about 10 MB a worker).
-            from relay.runs.notify import Listener
-            from relay.runs.queue import JobQueue, conninfo
-        if isinstance(store.db, AsyncDatabase) and settings.background_queue == "auto":
-            queue = JobQueue(
-                settings.database_url,
-                runner.run_queued,
-                concurrency=settings.background_max_running,
-                work=settings.background_worker,
-            )
-            await queue.open()
-            runner.queue = queue
-        listener = None
-        if isinstance(store.db, AsyncDatabase):
-            listener = Listener(conninfo(settings.database_url), runner.on_signal)
-            listener.start()
-            runner.signalled = True
-        runner.start()
-        app.state.runner = runner
-        app.state.access = access
-        app.state.admin = Admin(store.db)
-        log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
+        supervisor = Supervisor()
         try:
+            await _start(app, settings, kept, supervisor)
             yield
         finally:
-            # What still waits for the database gives up now: the sweep ends those runs.
-            engine.stopping.set()
-            if listener is not None:
-                await listener.close()
-            if queue is not None:
-                await queue.close()
-            await runner.aclose()
-            await engine.aclose()
-            await access.aclose()
-            await registry.aclose()
-            await store.close()
+            await supervisor.aclose()
 
     middleware = []
     if settings.cors_origins:
@@ -190,3 +124,99 @@ def create_app(settings: Settings) -> ASGIApp:
 
     # Outermost, so that even the answer to an unhandled error carries the request id.
     return RequestIdMiddleware(app)
+
+
+@dataclass(frozen=True, slots=True)
+class _Secrets:
+    """What the application keeps of the settings' keys."""
+
+    credentials: Credentials
+    sealer: Sealer
+    key_fingerprint: str
+    configured_keys: bool  # sealing keys configured, not generated
+
+
+async def _start(
+    app: Starlette, settings: Settings, kept: _Secrets, supervisor: Supervisor
+) -> None:
+    """Open what the application serves with, each handed to `supervisor` as it opens: a
+    start-up that fails half-way closes what it had opened, and a shutdown closes in the
+    reverse order (what depends on another stops before it)."""
+    store = await open_store(settings.database_url)
+    supervisor.closes("store", store.close)
+    await agree(
+        store.db,
+        kept.key_fingerprint,
+        configured=kept.configured_keys,
+        data_dir=settings.data_dir,
+    )
+    registry = Registry(
+        settings.routes,
+        cooldown_failures=settings.cooldown_failures,
+        cooldown_s=settings.cooldown_s,
+    )
+    supervisor.closes("providers", registry.aclose)
+    access = Access(settings, kept.credentials, store.db)
+    supervisor.closes("access", access.aclose)
+    conversations = ConversationStore(store.db, settings.run_lease_s)
+    engine = Engine(
+        registry,
+        store,
+        echo_json_schema=settings.echo_json_schema,
+        history_cache_items=settings.history_cache_items,
+        history_cache_bytes=settings.history_cache_bytes,
+        sealer=kept.sealer,
+        hosted_tools=settings.hosted_tools,
+        conversations=conversations,
+    )
+    supervisor.closes("engine", engine.aclose)
+    runner = Runner(
+        engine,
+        RunLog(store, settings.run_lease_s, stopping=engine.stopping),
+        max_running=settings.background_max_running,
+        max_queued=settings.background_max_queued,
+        poll_s=settings.run_poll_s,
+        accounting_for=access.accounting_for,
+        leases=(access.idempotency, conversations),
+    )
+    supervisor.closes("runs", runner.aclose)
+    if isinstance(store.db, AsyncDatabase):
+        await _share_runs(settings, supervisor, runner)
+    supervisor.start("run upkeep", runner.keep())
+
+    async def stop_waiting() -> None:
+        engine.stopping.set()
+
+    # Registered last, so done first: what still waits for the database gives up (the sweep
+    # ends those runs) rather than hold the shutdown.
+    supervisor.closes("waits for the database", stop_waiting)
+    app.state.conversations = conversations
+    app.state.settings = settings
+    app.state.store = store
+    app.state.engine = engine
+    app.state.runner = runner
+    app.state.access = access
+    app.state.admin = Admin(store.db)
+    log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
+
+
+async def _share_runs(settings: Settings, supervisor: Supervisor, runner: Runner) -> None:
+    """With PostgreSQL: the job queue that hands background runs out, and the signals
+    between instances."""
+    # Imported here: the job queue and the signals need psycopg and procrastinate, which a
+    # SQLite process does without (about 10 MB a worker).
+    from relay.runs.notify import Listener
+    from relay.runs.queue import JobQueue, conninfo
+
+    if settings.background_queue == "auto":
+        queue = JobQueue(
+            settings.database_url, runner.run_queued, concurrency=settings.background_max_running
+        )
+        await queue.open()
+        supervisor.closes("job queue", queue.close)
+        if settings.background_worker:
+            supervisor.start("job worker", queue.work())
+        runner.queue = queue
+    listener = Listener(conninfo(settings.database_url), runner.on_signal)
+    supervisor.start("run signals", listener.listen())
+    runner.signalled = True

@@ -47,6 +47,11 @@ _REQUEST_CANCEL = (
     .values(cancel_requested=1)
 )
 _END = delete(runs).where(runs.c.response_id == bindparam("rid"))
+# A queued run's request is in its record until a worker claims it: claiming clears it, so
+# that a cancel (which ends only unclaimed runs at once) and a claim never both succeed.
+_UNCLAIMED = (runs.c.response_id == bindparam("rid"), runs.c.request.is_not(None))
+_CLAIM = update(runs).where(*_UNCLAIMED).values(lease_until=bindparam("until"), request=None)
+_END_UNCLAIMED = delete(runs).where(*_UNCLAIMED)
 _EVENTS_AFTER = (
     select(response_events.c.event)
     .where(
@@ -124,7 +129,8 @@ class RunLog:
             ).scalar()
             if row is None or body is None or row.request is None:
                 return None
-            conn.execute(_RENEW, {"ids": [response_id], "until": self._until()})
+            if conn.execute(_CLAIM, {"rid": response_id, "until": self._until()}).rowcount != 1:
+                return None  # cancelled (or taken by another worker) since it was read
             queued = QueuedRun(row.request, row.session_id, row.key_id)
             return queued, row.tenant, orjson.loads(body)
 
@@ -161,8 +167,8 @@ class RunLog:
 
     async def request_cancel(self, tenant: str, response_id: str) -> bool:
         """Cancel a run not running here: one still waiting in the job queue at once (its
-        worker will find it gone), a running one by asking its instance. False when no such
-        run is in flight."""
+        worker will find it gone), a running (or just claimed) one by asking its instance.
+        False when no such run is in flight."""
 
         def work(conn: Connection) -> bool:
             body = conn.execute(
@@ -172,7 +178,7 @@ class RunLog:
                     responses.c.status == "queued",
                 )
             ).scalar()
-            if body is not None and conn.execute(_END, {"rid": response_id}).rowcount:
+            if body is not None and conn.execute(_END_UNCLAIMED, {"rid": response_id}).rowcount:
                 cancelled = {**orjson.loads(body), "status": "cancelled"}
                 conn.execute(
                     update(responses)

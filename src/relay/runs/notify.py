@@ -23,18 +23,10 @@ class Listener:
     def __init__(self, conninfo: str, on_signal: Callable[[str, str], None]) -> None:
         self._conninfo = conninfo
         self._on_signal = on_signal
-        self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._listen())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _listen(self) -> None:
+    async def listen(self) -> None:
+        """Until cancelled (a task of the process's supervisor), reconnecting as needed."""
         import psycopg  # only with PostgreSQL: SQLite processes do without it
 
         while True:

@@ -7,7 +7,6 @@ same database; they are created at start-up, once, under an advisory lock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,15 +40,12 @@ class JobQueue:
         run: Callable[[str], Awaitable[None]],
         *,
         concurrency: int,
-        work: bool,
     ) -> None:
         self._conninfo = conninfo(database_url)
         self.app = procrastinate.App(
             connector=procrastinate.PsycopgConnector(conninfo=self._conninfo, timeout=_POOL_WAIT_S)
         )
         self._concurrency = concurrency
-        self._work = work
-        self._worker: asyncio.Task[None] | None = None
 
         # No retries: a run that started is never run twice (its client may have seen its
         # first events); one whose worker died is ended by the run sweep instead.
@@ -62,25 +58,23 @@ class JobQueue:
     async def open(self) -> None:
         await self._ensure_schema()
         await self.app.open_async()
-        if self._work:
-            self._worker = asyncio.ensure_future(
-                self.app.run_worker_async(
-                    queues=[QUEUE],
-                    concurrency=self._concurrency,
-                    wait=True,
-                    install_signal_handlers=False,
-                    listen_notify=True,
-                )
-            )
+
+    async def work(self) -> None:
+        """Run jobs until cancelled (a task of the process's supervisor, cancelled before
+        `close`)."""
+        await self.app.run_worker_async(
+            queues=[QUEUE],
+            concurrency=self._concurrency,
+            wait=True,
+            install_signal_handlers=False,
+            listen_notify=True,
+        )
 
     async def defer(self, response_id: str) -> None:
         with reachable():  # its database is Relay's: the same outage, the same 503
             await self._task.defer_async(response_id=response_id)
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
         await self.app.close_async()
 
     async def _ensure_schema(self) -> None:

@@ -78,24 +78,18 @@ class Runner:
         self._feeds: dict[str, Feed] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: set[str] = set()  # foreground stored streams in flight here
-        self._lost: set[str] = set()  # runs here whose lease lapsed (see _keep)
+        self._lost: set[str] = set()  # runs here whose lease lapsed (see _renew)
         self._cancelled: set[str] = set()  # runs a client cancelled
         # With PostgreSQL, signals from other instances (relay.runs.notify) wake followers
         # of logs written elsewhere at once; else they poll.
         self.signalled = False
         self._followers: dict[str, set[asyncio.Event]] = {}
-        self._loop: asyncio.Task[None] | None = None
         # With PostgreSQL: the job queue that hands background runs out (relay.api.app sets
         # it: the queue needs this runner to run its jobs).
         self.queue: JobQueue | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.ensure_future(self._keep())
-
     async def aclose(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+        """Stop the background runs here (the supervisor stopped `keep` first)."""
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()  # each stores where it stopped (cancelled)
@@ -123,21 +117,31 @@ class Runner:
                 code="background_queue_full",
                 headers={"retry-after": "1"},
             )
-        response, items = await self.engine.queued(request, tenant=tenant, session_id=session_id)
-        if self.queue is not None:
-            # Handed out: a worker (here or elsewhere) runs it, and settles its accounting.
-            body = request.model_dump_json(exclude_unset=True, by_alias=True)
-            queued = QueuedRun(body, session_id, key_id)
-            await self.log.begin(tenant, response, items, background=True, queued=queued)
-            await self.queue.defer(response["id"])
-            return response, False
-        await self.log.begin(tenant, response, items, background=True)
-        feed = self._feeds[response["id"]] = Feed()
+        # Its place is taken before the first wait, so that submits at once cannot all pass
+        # the check above; given back if it never starts here (then `_run` does).
         self._waiting += 1
-        self._tasks[response["id"]] = asyncio.ensure_future(
-            self._run(request, tenant, session_id, dict(response), feed, on_settled)
-        )
-        return response, True
+        started = False
+        try:
+            response, items = await self.engine.queued(
+                request, tenant=tenant, session_id=session_id
+            )
+            if self.queue is not None:
+                # Handed out: a worker (here or elsewhere) runs it, and settles its accounting.
+                body = request.model_dump_json(exclude_unset=True, by_alias=True)
+                queued = QueuedRun(body, session_id, key_id)
+                await self.log.begin(tenant, response, items, background=True, queued=queued)
+                await self.queue.defer(response["id"])
+                return response, False
+            await self.log.begin(tenant, response, items, background=True)
+            feed = self._feeds[response["id"]] = Feed()
+            self._tasks[response["id"]] = asyncio.ensure_future(
+                self._run(request, tenant, session_id, dict(response), feed, on_settled)
+            )
+            started = True
+            return response, True
+        finally:
+            if not started:
+                self._waiting -= 1
 
     async def run_queued(self, response_id: str) -> None:
         """A job from the queue: the background run it names, here, unless it was
@@ -392,7 +396,8 @@ class Runner:
 
     # the loop ---------------------------------------------------------------------------------
 
-    async def _keep(self) -> None:
+    async def keep(self) -> None:
+        """The upkeep loop, a task of the process's supervisor (relay.supervisor)."""
         clock = asyncio.get_running_loop().time
         next_sweep = clock() + self.log.lease_s / 2
         unreachable = False
