@@ -44,8 +44,13 @@ def app_factory() -> ASGIApp:
 
 def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
-    if any(isinstance(handler, BatchedStderr) for handler in root.handlers):
-        return  # configured already (serve, then its own app in the same process)
+    for handler in [h for h in root.handlers if isinstance(h, BatchedStderr)]:
+        if handler.writing:
+            return  # configured already
+        # uvicorn's logging set-up (dictConfig) closes every handler there is, this one
+        # included (serve's, then its own app in the same process): its lines would stay
+        # in its buffer, so a fresh one takes over.
+        root.removeHandler(handler)
     # What the format does not show is not gathered for each line (the logging docs'
     # "Optimization"): the caller's frame, thread, process names.
     logging.logThreads = False
