@@ -1,5 +1,9 @@
 """Real agent clients against a real `relay serve` and the loopback chat upstream's `agent`
-script (call a tool, then say what it gave): Codex CLI and the OpenAI Agents SDK.
+script (call a tool, then say what it gave): Codex CLI and the OpenAI Agents SDK. Codex runs
+with its defaults, over its WebSocket transport, signed in with ChatGPT (when it compresses
+its requests), and with its tool search (in front of the Responses upstream's `tool_search`
+script, which searches, then calls what the search loaded: an MCP server's tool,
+tests/mcp_stdio_server.py).
 
 `make clients` installs the pinned clients (Codex CLI from npm into .clients/, openai-agents
 into the venv) and runs these; without them the tests are skipped, saying so (`make test`
@@ -9,33 +13,52 @@ does not download a 400 MB CLI).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from chat_upstream import ChatUpstream
 from live_server import ServeProcess, relay_serve
+from responses_upstream import ResponsesUpstream
 
-CODEX = Path(__file__).resolve().parent.parent / ".clients" / "node_modules" / ".bin" / "codex"
+TESTS = Path(__file__).resolve().parent
+CODEX = TESTS.parent / ".clients" / "node_modules" / ".bin" / "codex"
+
+
+@contextmanager
+def relay_for_m(workdir: Path, route: dict[str, Any], **env: str) -> Iterator[ServeProcess]:
+    """`relay serve` with one model, m, on `route`, logging at debug level (what the tests
+    below look for in its log), `env` added; defaults otherwise."""
+    settings = {
+        "RELAY_DATABASE_URL": f"sqlite:///{workdir}/relay.db",
+        "RELAY_ROUTES": orjson.dumps([{"model": "m", **route}]).decode(),
+        "RELAY_LOG_LEVEL": "debug",
+        **env,
+    }
+    with relay_serve(settings) as relay:
+        yield relay
+
+
+@contextmanager
+def relay_on_the_agent_script(workdir: Path, **env: str) -> Iterator[ServeProcess]:
+    with ChatUpstream() as upstream:
+        route = {"base_url": upstream.base_url, "upstream_model": "agent"}
+        with relay_for_m(workdir, route, **env) as relay:
+            yield relay
 
 
 @pytest.fixture(scope="module")
 def agent_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """`relay serve` with one model, m, on the upstream's agent script; defaults otherwise."""
-    workdir = tmp_path_factory.mktemp("clients")
-    with ChatUpstream() as upstream:
-        route = {"model": "m", "base_url": upstream.base_url, "upstream_model": "agent"}
-        env = {
-            "RELAY_DATABASE_URL": f"sqlite:///{workdir}/relay.db",
-            "RELAY_ROUTES": orjson.dumps([route]).decode(),
-            "RELAY_LOG_LEVEL": "debug",  # what the tests below look for in its log
-        }
-        with relay_serve(env) as relay:
-            yield relay
+    with relay_on_the_agent_script(tmp_path_factory.mktemp("clients")) as relay:
+        yield relay
 
 
 needs_codex = pytest.mark.skipif(
@@ -43,21 +66,37 @@ needs_codex = pytest.mark.skipif(
 )
 
 
-def codex_exec(relay: ServeProcess, tmp_path: Path, *, provider: str = "") -> str:
-    """`codex exec` told to run `echo relay-ok`, with Relay as its model provider (`provider`
-    adds lines to that entry) and Codex's defaults otherwise (so web_search included, which
-    Relay leaves out by default); asserts that Codex ran the shell tool Relay relayed, sent its
-    output back and printed the answer; returns what it printed."""
+def codex_exec(
+    relay: ServeProcess,
+    tmp_path: Path,
+    *,
+    provider: str | None = "",
+    settings: str = "",
+    tables: str = "",
+    prompt: str = "Run echo relay-ok",
+    said: str = "relay-ok",
+) -> subprocess.CompletedProcess[str]:
+    """`codex exec` told `prompt` (run `echo relay-ok`), with Relay as its model provider
+    (`provider` adds lines to that entry; None: Codex's built-in openai provider pointed at
+    Relay, `openai_base_url`), `settings` and `tables` added to its config (top-level keys,
+    and tables after the provider's), Codex's defaults otherwise (so web_search included,
+    which Relay leaves out by default); asserts that Codex ran the tool Relay relayed, sent
+    its output back and printed the answer, which has `said` in it."""
     home = tmp_path / "codex-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        'model = "m"\nmodel_provider = "relay"\n\n[model_providers.relay]\nname = "Relay"\n'
-        f'base_url = "{relay.url}/v1"\nwire_api = "responses"\nenv_key = "RELAY_KEY"\n{provider}'
-    )
+    home.mkdir(exist_ok=True)  # where a test may have put an auth.json
+    if provider is None:
+        where = f'openai_base_url = "{relay.url}/v1"\n'
+    else:
+        where = (
+            'model_provider = "relay"\n\n[model_providers.relay]\nname = "Relay"\n'
+            f'base_url = "{relay.url}/v1"\nwire_api = "responses"\nenv_key = "RELAY_KEY"\n'
+            f"{provider}"
+        )
+    (home / "config.toml").write_text(f'model = "m"\n{settings}{where}\n{tables}')
     work = tmp_path / "work"
     work.mkdir()
     done = subprocess.run(
-        [str(CODEX), "exec", "--skip-git-repo-check", "-s", "read-only", "Run echo relay-ok"],
+        [str(CODEX), "exec", "--skip-git-repo-check", "-s", "read-only", prompt],
         cwd=work,
         env={**os.environ, "CODEX_HOME": str(home), "RELAY_KEY": "unused"},
         stdin=subprocess.DEVNULL,
@@ -66,8 +105,8 @@ def codex_exec(relay: ServeProcess, tmp_path: Path, *, provider: str = "") -> st
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "The tool said:" in done.stdout and "relay-ok" in done.stdout, done.stdout
-    return done.stdout
+    assert "The tool said:" in done.stdout and said in done.stdout, done.stdout
+    return done
 
 
 def logged(relay: ServeProcess, line: str) -> int:
@@ -88,6 +127,94 @@ def test_codex_exec_over_a_websocket(agent_relay: ServeProcess, tmp_path: Path) 
     before = logged(agent_relay, accepted)
     codex_exec(agent_relay, tmp_path, provider="supports_websockets = true\n")
     assert logged(agent_relay, accepted) > before
+
+
+def fake_chatgpt_login(home: Path) -> None:
+    """A ChatGPT sign-in as Codex keeps it (`$CODEX_HOME/auth.json`), made up: unsigned tokens
+    of a fake account, which nothing checks (this Relay has no API keys)."""
+
+    def unsigned(claims: dict[str, Any]) -> str:
+        parts = [{"alg": "none", "typ": "JWT"}, claims]
+        encoded = [base64.urlsafe_b64encode(orjson.dumps(part)).rstrip(b"=") for part in parts]
+        return b".".join([*encoded, b"fake-signature"]).decode()
+
+    account = {"chatgpt_account_id": "acct-fake", "chatgpt_plan_type": "pro"}
+    claims = {"exp": int(time.time()) + 86400, "https://api.openai.com/auth": account}
+    tokens = {
+        "id_token": unsigned({**claims, "email": "codex@example.invalid"}),
+        "access_token": unsigned(claims),
+        "refresh_token": "fake-refresh-token",
+        "account_id": "acct-fake",
+    }
+    last_refresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    auth = {"auth_mode": "chatgpt", "tokens": tokens, "last_refresh": last_refresh}
+    home.mkdir()
+    (home / "auth.json").write_bytes(orjson.dumps(auth))
+
+
+@needs_codex
+def test_codex_exec_compresses_its_requests(tmp_path: Path) -> None:
+    # Codex compresses its request bodies (zstd) with its built-in openai provider, signed in
+    # with ChatGPT, over HTTP: its sockets are refused here (a WebSocket takes turns for 1 ns),
+    # so it falls back to HTTP. Apps off and the ChatGPT backend on loopback: the fake
+    # sign-in goes nowhere else.
+    fake_chatgpt_login(tmp_path / "codex-home")
+    with relay_on_the_agent_script(tmp_path, RELAY_WEBSOCKET_MAX_AGE_S="1e-9") as relay:
+        settings = f'chatgpt_base_url = "{relay.url}/backend-api/"\n'
+        tables = "[features]\napps = false\n"
+        done = codex_exec(relay, tmp_path, provider=None, settings=settings, tables=tables)
+        assert "Falling back from WebSockets to HTTPS transport" in done.stderr, done.stderr
+        assert logged(relay, "-encoded") == logged(relay, "zstd-encoded") >= 2  # both turns
+
+
+@needs_codex
+def test_codex_exec_finds_an_mcp_tool_by_tool_search(tmp_path: Path) -> None:
+    # Codex offers its MCP servers' tools through tool search when its model catalog says the
+    # model supports it (`supports_search_tool`); the upstream searches, then calls the tool
+    # the search loaded.
+    catalog = {
+        "slug": "m",
+        "display_name": "m",
+        "base_instructions": "You are a coding agent.",
+        "shell_type": "unified_exec",
+        "supports_search_tool": True,
+        "supported_reasoning_levels": [],
+        "visibility": "list",
+        "supported_in_api": True,
+        "priority": 1,
+        "support_verbosity": False,
+        "truncation_policy": {"mode": "bytes", "limit": 10000},
+        "experimental_supported_tools": [],
+    }
+    (tmp_path / "models.json").write_bytes(orjson.dumps({"models": [catalog]}))
+    settings = f'model_catalog_json = "{tmp_path / "models.json"}"\n'
+    server = TESTS / "mcp_stdio_server.py"
+    tables = f'[mcp_servers.standup]\ncommand = "{sys.executable}"\nargs = ["{server}"]\n'
+    route = {"provider": "openai_responses", "upstream_model": "tool_search", "retries": 0}
+    with ResponsesUpstream() as upstream:
+        route.update(base_url=upstream.base_url, hosted_tools=["tool_search"])
+        with relay_for_m(tmp_path, route) as relay:
+            codex_exec(
+                relay,
+                tmp_path,
+                settings=settings,
+                tables=tables,
+                prompt="Add a standup note",
+                said="noted: standup",
+            )
+    first, *_, last = upstream.requests
+    # Codex's search passed through; the MCP tool deferred, offered once the search loaded it,
+    # then called.
+    assert "tool_search" in [tool["type"] for tool in first["tools"]]
+    assert "mcp__standup__standup_note" not in [tool.get("name") for tool in first["tools"]]
+    search, loaded, call, output = last["input"][-4:]
+    assert (search["type"], search["execution"]) == ("tool_search_call", "client")
+    assert loaded["type"] == "tool_search_output"
+    assert [(tool["name"], tool["defer_loading"]) for tool in loaded["tools"]] == [
+        ("mcp__standup__standup_note", True)
+    ]
+    assert (call["type"], call["name"]) == ("function_call", "mcp__standup__standup_note")
+    assert output["type"] == "function_call_output" and "noted: standup" in str(output["output"])
 
 
 def test_the_agents_sdk_runs_a_function_tool_through_relay(agent_relay: ServeProcess) -> None:

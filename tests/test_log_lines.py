@@ -1,11 +1,17 @@
 """Log lines of `relay serve` processes: buffered, yet none lost on a normal exit, and
-warnings written at once."""
+warnings written at once; and written while it serves (uvicorn's logging set-up closes
+every handler it finds)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import httpx
+import orjson
+from live_server import relay_serve
 
 SCRIPT = """
 import logging, sys, time
@@ -44,3 +50,19 @@ def test_a_warning_is_written_at_once_with_the_lines_before_it() -> None:
         if process.stderr is not None:
             process.stderr.close()
     assert lines == ["INFO line 0", "INFO line 1", "INFO line 2", "WARNING a warning"]
+
+
+def test_relay_serve_writes_its_lines_while_it_serves(tmp_path: Path) -> None:
+    route = {"model": "fake-text", "provider": "fake", "upstream_model": "text"}
+    env = {
+        "RELAY_DATABASE_URL": f"sqlite:///{tmp_path}/relay.db",
+        "RELAY_ROUTES": orjson.dumps([route]).decode(),
+    }
+    with relay_serve(env) as relay:
+        answer = httpx.post(f"{relay.url}/v1/responses", json={"model": "fake-text", "input": "hi"})
+        line = f"INFO relay.engine: response {answer.json()['id']} "
+        deadline = time.monotonic() + 10
+        while line not in relay.log_so_far() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert " ready; models: fake-text" in relay.log_so_far() and line in relay.log_so_far()
+    assert relay.output.count(line) == 1

@@ -44,8 +44,15 @@ def app_factory() -> ASGIApp:
 
 def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, BatchedStderr)]:
+        if handler.writing:
+            return  # configured already
+        # uvicorn's logging set-up (dictConfig) closes every handler there is, this one
+        # included (serve's, then its own app in the same process): its lines would stay
+        # in its buffer, so a fresh one takes over.
+        root.removeHandler(handler)
     if root.handlers:
-        return  # configured already (serve, then its app in the same process; a test's capture)
+        return  # another's (a test's capture): as basicConfig, leave a configured root be
     # What the format does not show is not gathered for each line (the logging docs'
     # "Optimization"): the caller's frame, thread, process names.
     logging.logThreads = False

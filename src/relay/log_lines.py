@@ -25,6 +25,11 @@ class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]
         self._stop = threading.Event()
         threading.Thread(target=self._flush_now_and_then, name="relay-log", daemon=True).start()
 
+    @property
+    def writing(self) -> bool:
+        """Whether its thread still writes its lines out (until it is closed)."""
+        return not self._stop.is_set()
+
     def flush(self) -> None:
         """Called after each line: nothing (the thread writes them out)."""
 
