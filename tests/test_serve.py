@@ -86,13 +86,15 @@ def test_a_postgresql_url_without_asyncpg_is_a_configuration_error(tmp_path: Pat
     assert "postgresql+asyncpg://" in line
 
 
-def test_postgresql_not_answering_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_postgresql_not_answering_is_one_line(tmp_path: Path, workers: str) -> None:
+    """With --workers 2 too: uvicorn's supervisor exits 0 when its workers fail to start."""
     port = free_port()  # nothing listens there
     env = {
         "RELAY_DATABASE_URL": f"postgresql+asyncpg://relay:pw-9Xq@127.0.0.1:{port}/relay",
         "RELAY_ROUTES": '[{"model": "m", "provider": "fake"}]',
     }
-    done = relay("serve", "--port", str(free_port()), env=env)
+    done = relay("serve", "--port", str(free_port()), "--workers", workers, env=env)
     line = refused_in_one_line(done, f"PostgreSQL at 127.0.0.1:{port} is not answering")
     assert "Connection refused" in line and "database_url" in line
     assert "pw-9Xq" not in done.stderr

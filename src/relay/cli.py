@@ -105,6 +105,14 @@ def serve(argv: list[str]) -> int:
     if taken is not None:
         print(f"relay: {taken}", file=sys.stderr)
         return 1
+    if settings.workers > 1:
+        # Workers that cannot start each say why, but uvicorn's supervisor then exits 0:
+        # the database is opened (and migrated) here once, so that its failure is this
+        # command's, with its exit status.
+        unopened = database_fails(settings.database_url)
+        if unopened is not None:
+            print(f"relay: {unopened}", file=sys.stderr)
+            return 1
     describe(settings)
     uvicorn.run(
         "relay.cli:app_factory",
@@ -121,6 +129,23 @@ def serve(argv: list[str]) -> int:
         access_log=False,
     )
     return 0
+
+
+def database_fails(url: str) -> str | None:
+    """Why the database at `url` cannot be opened, in one line; None when it opens."""
+    import asyncio
+
+    from relay.storage.database import open_database
+
+    async def probe() -> None:
+        database = await open_database(url)
+        await database.close()
+
+    try:
+        asyncio.run(probe())
+    except StartupError as error:
+        return str(error)
+    return None
 
 
 def worker(argv: list[str]) -> int:
