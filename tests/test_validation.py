@@ -483,5 +483,22 @@ def test_validation_errors_in_fastapis_shape_where_set(
                 "input": item,
             }
         ]
+        # Faults found past the schema, located at the field they name, or at the body.
+        missing = http.post("/v1/responses", json={"input": "x"})
+        assert missing.status_code == 422
+        assert missing.json()["detail"] == [
+            {
+                "type": "missing_required_parameter",
+                "loc": ["body", "model"],
+                "msg": "Missing required parameter: 'model'.",
+                "input": None,
+            }
+        ]
+        broken = http.post(
+            "/v1/responses", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert broken.status_code == 422
+        [detail] = broken.json()["detail"]
+        assert (detail["type"], detail["loc"]) == ("json_invalid", ["body"])
         unknown = http.post("/v1/responses", json={"model": "no-such-model", "input": "x"})
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"

@@ -132,7 +132,7 @@ def invalid_request(error: ValidationError, data: Any, prefix: str = "") -> Inva
 def fastapi_details(error: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
     """Each failure as FastAPI lists a request-validation error: pydantic's own, located from
     `body` (`prefix` is where the validated part sits in the body, as `input[2]`)."""
-    head = ["body", *(int(index) if index else name for index, name in _STEPS.findall(prefix))]
+    head = body_location(prefix)
     details = []
     for detail in error.errors(include_url=False):
         entry: dict[str, Any] = {
@@ -148,6 +148,12 @@ def fastapi_details(error: ValidationError, prefix: str = "") -> list[dict[str, 
 
 
 _STEPS = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def body_location(path: str) -> list[str | int]:
+    """A field's path as the client names it (`input[2].call_id`) as FastAPI locates it:
+    ["body", "input", 2, "call_id"]."""
+    return ["body", *(int(index) if index else name for index, name in _STEPS.findall(path))]
 
 
 def _plain(value: Any) -> Any:

@@ -5,6 +5,7 @@ failure: `error_format = "fastapi"`)."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -20,10 +21,14 @@ from relay.errors import (
     RelayError,
     ServerError,
 )
+from relay.protocol import body_location
 
 log = logging.getLogger("relay.api")
 
 _BY_STATUS: dict[int, type[RelayError]] = {400: InvalidRequest, 404: NotFound}
+# 400s that are the upstream's refusal, not a fault of the request's fields: they keep the
+# envelope whatever the error format.
+_UPSTREAM_REFUSALS = frozenset({"upstream_invalid_request", "context_length_exceeded"})
 
 
 def error_response(error: RelayError) -> Response:
@@ -41,13 +46,33 @@ def error_response(error: RelayError) -> Response:
 
 async def _relay_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RelayError)
-    if isinstance(error, InvalidFields) and request.app.state.settings.error_format == "fastapi":
+    if (
+        isinstance(error, InvalidRequest)
+        and error.code not in _UPSTREAM_REFUSALS
+        and request.app.state.settings.error_format == "fastapi"
+    ):
         return Response(
-            orjson.dumps({"detail": error.details}, default=str),
+            orjson.dumps({"detail": fastapi_detail(error)}, default=str),
             status_code=422,
             media_type="application/json",
         )
     return error_response(error)
+
+
+def fastapi_detail(error: InvalidRequest) -> list[dict[str, Any]]:
+    """A request's fault as FastAPI lists it: a schema's failures as pydantic gave them;
+    another (a body that is not JSON, a missing model, a rule across fields) as one failure
+    located at the field it names, else at the body."""
+    if isinstance(error, InvalidFields):
+        return error.details
+    return [
+        {
+            "type": "json_invalid" if error.code == "invalid_json" else error.code or "value_error",
+            "loc": body_location(error.param or ""),
+            "msg": error.message,
+            "input": None,
+        }
+    ]
 
 
 async def _http_error(_: Request, error: Exception) -> Response:
