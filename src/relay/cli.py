@@ -132,7 +132,17 @@ def serve(argv: list[str]) -> int:
 
 
 def database_fails(url: str) -> str | None:
-    """Why the database at `url` cannot be opened, in one line; None when it opens."""
+    """Why the database at `url` cannot be opened, in one line; None when it opens. Asked of
+    a child process: the storage layer would cost this one (uvicorn's supervisor, which
+    serves nothing) tens of MB for as long as it runs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(_open_once, url).result()
+
+
+def _open_once(url: str) -> str | None:
     import asyncio
 
     from relay.storage.database import open_database
