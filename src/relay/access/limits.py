@@ -132,6 +132,9 @@ class Counters(Protocol):
 
     async def aclose(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Raise unless the store answers (readiness)."""
+
 
 class MemoryCounters:
     """The counters of this process: dicts, read and changed without waiting, so that no
@@ -185,6 +188,9 @@ class MemoryCounters:
 
     async def aclose(self) -> None:
         pass
+
+    async def ping(self) -> None:
+        pass  # memory always answers
 
     def _window(self, key: str, limit: int, now: float) -> tuple[list[int], Window]:
         """The key's counts, moved on to the minute `now` falls in, and what they say."""
@@ -381,6 +387,10 @@ class RedisCounters:
     async def aclose(self) -> None:
         await self._redis.aclose()
 
+    async def ping(self) -> None:
+        async with asyncio.timeout(self._bound_s):
+            await self._redis.ping()
+
 
 @dataclass(slots=True)
 class Admission:
@@ -448,6 +458,10 @@ class RateLimiter:
 
     async def aclose(self) -> None:
         await self._counters.aclose()
+
+    async def ping(self) -> None:
+        """Raise unless the limits' store answers (readiness; Redis when configured)."""
+        await self._counters.ping()
 
     def _failed(self, error: Exception) -> None:
         now = time.monotonic()

@@ -23,6 +23,7 @@ from relay.api.auth import ClientHandler, access, client_endpoint, client_socket
 from relay.api.disconnect import CancelOnDisconnect
 from relay.api.idempotent import REPLAYED, recorded, replayed
 from relay.api.paging import cursor, limit, order, read_body
+from relay.api.readiness import readyz
 from relay.api.sse import EventStreamResponse
 from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
@@ -308,7 +309,8 @@ def _route(path: str, endpoint: Endpoint, method: str) -> Route:
 
 def routes(prefixes: tuple[str, ...]) -> list[BaseRoute]:
     """The API under each prefix (every endpoint behind client authentication), WebSocket
-    mode on /responses, the admin API (behind admin authentication), and /healthz. POST
+    mode on /responses, the admin API (behind admin authentication), /healthz and /readyz
+    (no authentication: they tell only whether this instance lives and can serve). POST
     /responses comes first: it is matched on every request that matters for speed."""
     table: list[BaseRoute] = [
         _route(prefix + path, client_endpoint(handler), method)
@@ -319,4 +321,10 @@ def routes(prefixes: tuple[str, ...]) -> list[BaseRoute]:
         WebSocketRoute(prefix + "/responses", client_socket(responses_socket))
         for prefix in prefixes
     ]
-    return [*table, *sockets, *admin.routes(_route), _route("/healthz", healthz, "GET")]
+    return [
+        *table,
+        *sockets,
+        *admin.routes(_route),
+        _route("/healthz", healthz, "GET"),
+        _route("/readyz", readyz, "GET"),
+    ]
