@@ -4,6 +4,7 @@ every handler it finds)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -59,10 +60,20 @@ def test_relay_serve_writes_its_lines_while_it_serves(tmp_path: Path) -> None:
         "RELAY_ROUTES": orjson.dumps([route]).decode(),
     }
     with relay_serve(env) as relay:
-        answer = httpx.post(f"{relay.url}/v1/responses", json={"model": "fake-text", "input": "hi"})
-        line = f"INFO relay.engine: response {answer.json()['id']} "
+        answer = httpx.post(
+            f"{relay.url}/v1/responses",
+            json={"model": "fake-text", "input": "hi"},
+            headers={"x-request-id": "req-trace-42"},
+        )
+        # The time, and the request the line was written for: an operator follows a
+        # client's X-Request-ID through the log.
+        line = f"INFO relay.engine [req-trace-42]: response {answer.json()['id']} "
         deadline = time.monotonic() + 10
         while line not in relay.log_so_far() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert " ready; models: fake-text" in relay.log_so_far() and line in relay.log_so_far()
     assert relay.output.count(line) == 1
+    [written] = [found for found in relay.output.splitlines() if line in found]
+    assert re.match(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO relay.engine \[req-trace-42\]: ", written
+    )

@@ -18,7 +18,7 @@ from relay import __version__
 from relay.config import Settings, load_settings
 from relay.console import report_config_error, without_password
 from relay.errors import StartupError
-from relay.log_lines import BatchedStderr
+from relay.log_lines import FORMAT, BatchedStderr, WithRequestId
 from relay.loopback import is_loopback
 from relay.models.deployments import DeploymentConfig, FakeConfig, LlamaCppConfig
 
@@ -60,7 +60,8 @@ def configure_logging(settings: Settings) -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None
     handler = BatchedStderr()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(WithRequestId())
+    handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
     if settings.log_level != "debug":

@@ -6,6 +6,10 @@ own (QueueHandler) moves that off the path, but wakes a thread per line, which c
 under load than the writes it saved. Here lines are buffered and written every FLUSH_S by
 one daemon thread, and at once from WARNING up, so problems reach the log without delay; a
 process killed outright loses at most FLUSH_S of info lines.
+
+Each line carries its time and the id of the request it was written for (`REQUEST_ID`, set by
+the application's outermost layer; tasks a request starts inherit it), so that an operator
+can follow a client's X-Request-ID through the log.
 """
 
 from __future__ import annotations
@@ -14,9 +18,22 @@ import io
 import logging
 import sys
 import threading
+from contextvars import ContextVar
 from typing import TextIO
 
 FLUSH_S = 0.1
+FORMAT = "%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s"
+# The id of the request a line is written for ("": none, such as the start-up's lines).
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+
+
+class WithRequestId(logging.Filter):
+    """Adds the request id to each record, for FORMAT: ` [<id>]`, or nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        record.request = f" [{request_id}]" if request_id else ""
+        return True
 
 
 class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]

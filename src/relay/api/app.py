@@ -22,6 +22,7 @@ from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
 from relay.errors import StartupError
+from relay.log_lines import REQUEST_ID
 from relay.providers.registry import Registry
 from relay.runs.log import RunLog
 from relay.runs.runner import Runner
@@ -58,7 +59,12 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        # Every log line written for the request names it (relay.log_lines).
+        named = REQUEST_ID.set(request_id.decode("latin-1"))
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(named)
 
 
 def _briefly(send: Send) -> Send:
