@@ -15,12 +15,10 @@ import logging
 from collections.abc import Awaitable
 
 import orjson
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.storage.database import head_revision
+from relay.storage.database import current_revision, head_revision
 
 log = logging.getLogger("relay.api")
 CHECK_S = 2.0
@@ -30,7 +28,7 @@ _HEAD = head_revision()
 async def readyz(request: Request) -> Response:
     state = request.app.state
     checks = {
-        "database": _checked(state.store.db.glance(_revision)),
+        "database": _checked(state.store.db.glance(current_revision)),
         "redis": _checked(state.access.limiter.ping()),
     }
     outcomes = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
@@ -48,10 +46,6 @@ async def readyz(request: Request) -> Response:
         status_code=503 if failing else 200,
         media_type="application/json",
     )
-
-
-def _revision(conn: Connection) -> str | None:
-    return MigrationContext.configure(conn).get_current_revision()
 
 
 class _Ok:

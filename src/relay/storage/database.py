@@ -329,21 +329,17 @@ async def schema_revision(url: str) -> str | None:
     """The schema revision of the database at `url` (None: it has no schema yet), read without
     changing anything: `relay check`. StartupError when PostgreSQL cannot be reached."""
     parsed = make_url(url)
-
-    def read(conn: Connection) -> str | None:
-        return MigrationContext.configure(conn).get_current_revision()
-
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(parsed.set(drivername="sqlite+pysqlite"))
         try:
             with engine.connect() as conn:
-                return read(conn)
+                return current_revision(conn)
         finally:
             engine.dispose()
     async_engine = create_async_engine(parsed)
     try:
         async with async_engine.connect() as connection:
-            return await connection.run_sync(read)
+            return await connection.run_sync(current_revision)
     except Exception as error:
         failure = unreachable(parsed, error)
         if failure is not None:
@@ -351,6 +347,11 @@ async def schema_revision(url: str) -> str | None:
         raise
     finally:
         await async_engine.dispose()
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The schema revision `conn`'s database is at (None: no schema yet)."""
+    return MigrationContext.configure(conn).get_current_revision()
 
 
 def head_revision() -> str | None:
