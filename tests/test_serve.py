@@ -85,6 +85,25 @@ def test_config_mistakes_are_named_where_they_were_written(tmp_path: Path) -> No
     ]
 
 
+def test_a_redis_url_of_another_scheme_is_a_configuration_error(tmp_path: Path) -> None:
+    env = {**sqlite_env(tmp_path), "RELAY_REDIS_URL": "http://user:pw-7Zr@cache:6379/0"}
+    for command in ("serve", "check"):
+        done = relay(command, env=env)
+        line = refused_in_one_line(done, "redis_url")
+        assert "redis://" in line and "pw-7Zr" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, workers: str) -> None:
+    (tmp_path / "relay.db").write_bytes(b"not a database, " * 256)
+    env = {**sqlite_env(tmp_path), "RELAY_ROUTES": '[{"model": "m", "provider": "fake"}]'}
+    done = relay("serve", "--port", str(free_port()), "--workers", workers, env=env)
+    refused_in_one_line(done, f"cannot open the SQLite database {tmp_path}/relay.db")
+    checked = relay("check", env=env)
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr
+    assert "file is not a database" in checked.stdout
+
+
 def test_a_postgresql_url_without_asyncpg_is_a_configuration_error(tmp_path: Path) -> None:
     done = relay("serve", env={"RELAY_DATABASE_URL": "postgresql://relay@127.0.0.1/relay"})
     line = refused_in_one_line(done, "database_url")

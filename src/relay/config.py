@@ -248,6 +248,15 @@ class Settings(BaseSettings):
             raise ValueError("use sqlite:///path/to/relay.db or postgresql+asyncpg://user@host/db")
         return url
 
+    @field_validator("redis_url")
+    @classmethod
+    def _supported_redis(cls, url: SecretStr | None) -> SecretStr | None:
+        # The URL is not repeated (it may hold a password).
+        scheme = "" if url is None else url.get_secret_value().partition("://")[0].lower()
+        if url is not None and scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("use redis://host:6379/0 (or rediss://, unix://)")
+        return url
+
     @field_validator("sealing_keys")
     @classmethod
     def _fernet_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:

@@ -36,7 +36,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool, StaticPool
 
@@ -318,7 +318,7 @@ async def open_database(url: str) -> SqliteDatabase | AsyncDatabase:
         await database.migrate()
     except BaseException as error:
         await database.close()
-        failure = unreachable(parsed, error) if backend == "postgresql" else None
+        failure = unreachable(parsed, error)
         if failure is not None:
             raise failure from None
         raise
@@ -334,6 +334,8 @@ async def schema_revision(url: str) -> str | None:
         try:
             with engine.connect() as conn:
                 return current_revision(conn)
+        except DatabaseError as error:
+            raise unreachable(parsed, error) or error from None
         finally:
             engine.dispose()
     async_engine = create_async_engine(parsed)
@@ -360,8 +362,14 @@ def head_revision() -> str | None:
 
 
 def unreachable(url: URL, error: BaseException) -> StartupError | None:
-    """A failure to connect to PostgreSQL as one line that says what to do (None for any other
-    failure): no server answering, no such database, a user refused."""
+    """A failure to open the database as one line that says what to do (None for any other
+    failure): a SQLite file that is not a database (or cannot be read); no PostgreSQL server
+    answering, no such database, a user refused."""
+    if url.get_backend_name() == "sqlite":
+        if not isinstance(error, DatabaseError):
+            return None
+        detail = str(error.orig).splitlines()[0] if error.orig else type(error).__name__
+        return StartupError(f"cannot open the SQLite database {url.database}: {detail}")
     where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}"
     if isinstance(error, OSError):  # refused, an unknown host, no answer in time
         return StartupError(
