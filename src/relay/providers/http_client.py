@@ -192,7 +192,9 @@ class HTTPClient:
         self._idle: deque[tuple[float, _Connection]] = deque()
         self._busy: set[_Connection] = set()
         self._max_connections = max_connections
-        self._waiting: deque[asyncio.Future[None]] = deque()  # for a connection to be free
+        # A slot per busy connection, taken before a connection is (reused or opened, so a
+        # burst of opening ones counts too), given back when it leaves `_busy`.
+        self._slots = asyncio.Semaphore(max_connections)
 
     async def post(self, target: str, body: bytes) -> Response:
         """Send `body` to `target` (a path, with its query) and wait for the status line and
@@ -209,36 +211,26 @@ class HTTPClient:
                 body,
             ]
         )
-        if len(self._busy) >= self._max_connections:
-            await self._wait_for_a_connection()
-        connection = self._reusable() or await self._connect()
+        await self._take_slot()
+        try:
+            connection = self._reusable() or await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
         return await connection.exchange(request)
 
-    async def _wait_for_a_connection(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout_s
-        while len(self._busy) >= self._max_connections:
-            waiter = loop.create_future()
-            self._waiting.append(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except TimeoutError:
-                raise ConnectTimeout(
-                    f"all {self._max_connections} connections to {self._host}:{self._port} "
-                    f"stayed busy for {self.connect_timeout_s} s"
-                ) from None
-            finally:
-                if waiter in self._waiting:
-                    self._waiting.remove(waiter)
-
-    def _freed(self) -> None:
-        """A busy connection was given back or closed: the longest waiter may go."""
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    async def _take_slot(self) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: no wait
+            return
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ConnectTimeout(
+                f"all {self._max_connections} connections to {self._host}:{self._port} "
+                f"stayed busy for {self.connect_timeout_s} s"
+            ) from None
 
     def _reusable(self) -> _Connection | None:
         now = time.monotonic()
@@ -304,12 +296,12 @@ class HTTPClient:
             self._idle.append((time.monotonic(), connection))
         else:
             connection.close()
-        self._freed()
+        self._slots.release()
 
     def _forget(self, connection: _Connection) -> None:
         if connection in self._busy:
             self._busy.discard(connection)
-            self._freed()
+            self._slots.release()
 
     async def aclose(self) -> None:
         while self._idle:
