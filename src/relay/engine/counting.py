@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from relay.providers.base import Provider, ProviderError, ProviderRequest, estimated_tokens
+from relay.providers.base import Provider, ProviderRequest, estimated_tokens
 
 log = logging.getLogger("relay.engine")
 # An upstream count (Anthropic's count_tokens, ...) that takes longer is estimated instead:
@@ -40,7 +40,7 @@ async def complete_usage(
     if not usage["output_tokens"]:
         text = generated_text(response["output"])
         if text:
-            usage["output_tokens"] = (await provider.count_text(text)).tokens
+            usage["output_tokens"] = await _output_tokens(provider, text)
             counted = True
     if not usage["input_tokens"]:
         usage["input_tokens"] = await _input_tokens(provider, request)
@@ -53,10 +53,18 @@ async def complete_usage(
 async def _input_tokens(provider: Provider, request: ProviderRequest) -> int:
     try:
         return (await asyncio.wait_for(provider.count_tokens(request), COUNT_TIMEOUT_S)).tokens
-    except (ProviderError, TimeoutError) as error:
-        log.info("input tokens estimated: the count failed (%s)", error)
+    except Exception as error:  # a count that fails must not cost the response its charge
+        log.info("input tokens estimated: the count failed (%r)", error)
         context = orjson.dumps([request.instructions, request.context(), request.tools])
         return estimated_tokens(context).tokens
+
+
+async def _output_tokens(provider: Provider, text: str) -> int:
+    try:
+        return (await provider.count_text(text)).tokens
+    except Exception as error:  # as above
+        log.info("output tokens estimated: the count failed (%r)", error)
+        return estimated_tokens(text).tokens
 
 
 def generated_text(output: list[dict[str, Any]]) -> str:
