@@ -196,6 +196,17 @@ async def test_a_stream_with_nothing_after_the_start_still_sends_it() -> None:
     assert client.writes == [["response.created", "response.in_progress"]]
 
 
+async def test_a_bug_while_waiting_for_the_first_output_sends_the_start_once() -> None:
+    async def events() -> AsyncIterator[Batch]:
+        yield START
+        await asyncio.sleep(0.01)  # the start is written meanwhile
+        raise RuntimeError("a bug below the stream")
+
+    client = Client()
+    await stream(events(), client)
+    assert client.writes == [["response.created", "response.in_progress"], ["error"]]
+
+
 async def test_a_bug_after_the_start_still_sends_the_start_then_an_error() -> None:
     async def events() -> AsyncIterator[Batch]:
         yield START

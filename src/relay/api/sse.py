@@ -77,9 +77,10 @@ class EventStreamResponse(Response):
             pass  # nobody to answer
         finally:
             timer.cancel()
-            if self._keepalive is not None:
-                self._keepalive.cancel()
-                await _settle(self._keepalive)
+            for writer in (self._keepalive, self._early):
+                if writer is not None and not writer.done():
+                    writer.cancel()
+                    await _settle(writer)
             # Finalises the run: after a disconnect it stores where the run stopped.
             await self.events.aclose()  # type: ignore[attr-defined]
         if tail is not None:
@@ -104,7 +105,6 @@ class EventStreamResponse(Response):
                 batch = await self._first_output(send, events, pending)
                 if self._early is not None:
                     await self._early  # the start went out while the run waited
-                    pending = []
             while batch is not None:
                 for event in batch:
                     data = frame(event)
@@ -142,7 +142,9 @@ class EventStreamResponse(Response):
             writing.cancel()
 
     def _write_early(self, send: Send, frames: list[bytes]) -> None:
-        self._early = asyncio.ensure_future(self._write(send, frames))
+        # The frames leave `frames`: whatever ends the stream next must not send them again.
+        self._early = asyncio.ensure_future(self._write(send, frames[:]))
+        frames.clear()
 
     def _start_keepalive(self, send: Send) -> None:
         self._keepalive = asyncio.ensure_future(self._keep_alive(send))
