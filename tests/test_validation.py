@@ -452,7 +452,10 @@ def test_validation_errors_in_fastapis_shape_where_set(
     envelope."""
     with (
         relay_on_sqlite(
-            tmp_path_factory, "fastapi-errors", fake_routes(), error_format="fastapi"
+            tmp_path_factory,
+            "fastapi-errors",
+            [*fake_routes(), {"model": "refused", "provider": "fake", "upstream_model": "none"}],
+            error_format="fastapi",
         ) as url,
         httpx.Client(base_url=url) as http,
     ):
@@ -500,5 +503,9 @@ def test_validation_errors_in_fastapis_shape_where_set(
         assert broken.status_code == 422
         [detail] = broken.json()["detail"]
         assert (detail["type"], detail["loc"]) == ("json_invalid", ["body"])
+        # An upstream's refusal is not a fault of the request's fields: the envelope.
+        refused = http.post("/v1/responses", json={"model": "refused", "input": "x"})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "upstream_invalid_request"
         unknown = http.post("/v1/responses", json={"model": "no-such-model", "input": "x"})
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"

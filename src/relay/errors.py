@@ -54,6 +54,11 @@ class InvalidRequest(RelayError):
     code = "invalid_value"
 
 
+class UpstreamRejected(InvalidRequest):
+    """A 400 that is the upstream's refusal of the request (a parameter it does not take, a
+    context over its window), not a fault the request's own fields show."""
+
+
 class InvalidFields(InvalidRequest):
     """A body that fails its schema: a 400 like any InvalidRequest, which also carries every
     failure as FastAPI lists them (`details`: loc, msg, type, input, ctx), for servers set to

@@ -20,15 +20,13 @@ from relay.errors import (
     NotFound,
     RelayError,
     ServerError,
+    UpstreamRejected,
 )
 from relay.protocol import body_location
 
 log = logging.getLogger("relay.api")
 
 _BY_STATUS: dict[int, type[RelayError]] = {400: InvalidRequest, 404: NotFound}
-# 400s that are the upstream's refusal, not a fault of the request's fields: they keep the
-# envelope whatever the error format.
-_UPSTREAM_REFUSALS = frozenset({"upstream_invalid_request", "context_length_exceeded"})
 
 
 def error_response(error: RelayError) -> Response:
@@ -48,7 +46,7 @@ async def _relay_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RelayError)
     if (
         isinstance(error, InvalidRequest)
-        and error.code not in _UPSTREAM_REFUSALS
+        and not isinstance(error, UpstreamRejected)  # the upstream's word: the envelope
         and request.app.state.settings.error_format == "fastapi"
     ):
         return Response(

@@ -39,7 +39,9 @@ from relay.errors import (
     RateLimited,
     RelayError,
     RequestTimeout,
+    ServerError,
     UpstreamError,
+    UpstreamRejected,
 )
 from relay.ids import new_id
 from relay.models.policy import Served, Settle
@@ -72,7 +74,7 @@ def provider_error_to_http(error: ProviderError) -> RelayError:
     if error.status == 408:
         return RequestTimeout(error.message, code=error.code, headers=headers)
     if error.status == 400:
-        return InvalidRequest(error.message, code=error.code, param=error.param)
+        return UpstreamRejected(error.message, code=error.code, param=error.param)
     return UpstreamError(error.message, status=error.status, code=error.code, headers=headers)
 
 
@@ -202,8 +204,10 @@ class Run:
         while the database is unavailable)."""
         async for _ in self.events():
             pass
-        if self._unsaved is not None:
+        if isinstance(self._unsaved, DatabaseUnavailable):
             raise self._unsaved
+        if self._unsaved is not None:  # logged where it happened, with its traceback
+            raise ServerError("The response could not be stored.") from None
         return self.response
 
     async def discard(self) -> None:
@@ -241,8 +245,13 @@ class Run:
         stored = True
         if response["store"] or self.turn is not None:
             stored = await self._store(response)
+        self._log_line(response)
         if charged is not None:
             await charged
+        return stored
+
+    def _log_line(self, response: dict[str, Any]) -> None:
+        deployment = self.deployment
         usage = response["usage"] or {}
         # One line per response: what observability pipelines key on (session, trace ids).
         log.info(
@@ -258,7 +267,6 @@ class Run:
             response["session_id"],
             self.trace,
         )
-        return stored
 
     async def _store(self, response: dict[str, Any]) -> bool:
         stored = True
