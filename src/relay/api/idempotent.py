@@ -10,13 +10,12 @@ from starlette.responses import Response
 from relay.access.gate import Access
 from relay.access.idempotency import Replay
 from relay.api.sse import DONE, frame
-from relay.engine.builder import Event
+from relay.engine.builder import TERMINAL, Event
 from relay.errors import DatabaseUnavailable
 
 log = logging.getLogger("relay.api")
 
 REPLAYED = "idempotent-replayed"
-_KEPT = ("response.completed", "response.incomplete", "response.failed")
 
 
 def replayed(replay: Replay) -> Response:
@@ -38,7 +37,7 @@ async def recorded(
     try:
         async for batch in events:
             frames.extend(frame(event) for event in batch)
-            if batch and batch[-1]["type"] in _KEPT:
+            if batch and batch[-1]["type"] in TERMINAL:
                 body = b"".join(frames) + DONE
                 try:
                     await gate.idempotency.complete(

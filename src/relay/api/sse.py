@@ -20,14 +20,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from relay.api.disconnect import CancelOnDisconnect
-from relay.engine.builder import error_event
+from relay.engine.builder import TERMINAL, error_event
 
 log = logging.getLogger("relay.sse")
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 FLUSH_BYTES = 64 * 1024
-TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def frame(event: dict[str, Any]) -> bytes:

@@ -30,6 +30,8 @@ from relay.providers.base import (
 )
 
 Event = dict[str, Any]
+# The events that end a response's stream (after an `error` event, for a failed one).
+TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # Finish reasons that leave a response incomplete, and the reason it reports.
 _INCOMPLETE = {
     "length": "max_output_tokens",

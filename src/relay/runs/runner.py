@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
-from relay.engine.builder import error_event
+from relay.engine.builder import TERMINAL, error_event
 from relay.engine.run import Engine, Run
 from relay.errors import DatabaseUnavailable, RelayError, ServerError, UpstreamError
 from relay.models.policy import Settle
@@ -326,7 +326,7 @@ class Runner:
                 if events:
                     yield events
                     after = events[-1]["sequence_number"]
-                    if events[-1]["type"] in _TERMINAL:
+                    if events[-1]["type"] in TERMINAL:
                         return
                 elif not await self._read(self.log.in_flight, response_id):
                     # Ended without a terminal event (cancelled): one more read, then stop.
@@ -435,9 +435,14 @@ class Runner:
             # records how it really ended.
             log.warning("response %s lost its lease while running", response_id)
         self._lost |= lost
-        for leased in self.leases:
-            await leased.renew()
+        # Each on its own: one that fails (logged by the upkeep) must not leave the others
+        # unrenewed this turn.
+        renewed = await asyncio.gather(
+            *(leased.renew() for leased in self.leases), return_exceptions=True
+        )
+        for failure in renewed:
+            if isinstance(failure, BaseException):
+                raise failure
 
 
-_TERMINAL = ("response.completed", "response.failed", "response.incomplete")
 AccountingFor = Callable[[str, str | None, str], Settle]
