@@ -202,9 +202,8 @@ class Runner:
                         on_settled=on_settled,
                     )
                 except RelayError as error:
-                    failed = await self._failed_before_start(tenant, queued, feed, error)
+                    await self._failed_before_start(tenant, queued, feed, error, on_settled)
                     ended = True
-                    on_settled(failed, None)
                     return
                 run.durable, run.on_stored = True, stored
                 # As it starts (its output fills in later, in the final save).
@@ -214,7 +213,7 @@ class Runner:
             if waiting:
                 self._waiting -= 1
             if run is None:  # cancelled before the run existed: waiting, or opening it
-                on_settled(await self._cancelled_while_queued(tenant, queued, feed), None)
+                await self._cancelled_while_queued(tenant, queued, feed, on_settled)
                 ended = True
             raise
         except DatabaseUnavailable as error:
@@ -224,7 +223,7 @@ class Runner:
             log.exception("background response %s failed", response_id)
             if run is None:
                 fault = ServerError("The server had an error starting the response.")
-                on_settled(await self._failed_before_start(tenant, queued, feed, fault), None)
+                await self._failed_before_start(tenant, queued, feed, fault, on_settled)
                 ended = True
         finally:
             feed.close()
@@ -242,15 +241,22 @@ class Runner:
                 self.log.append(run.response["id"], batch)
 
     async def _failed_before_start(
-        self, tenant: str, queued: dict[str, Any], feed: Feed, error: RelayError
-    ) -> dict[str, Any]:
+        self,
+        tenant: str,
+        queued: dict[str, Any],
+        feed: Feed,
+        error: RelayError,
+        on_settled: Settle,
+    ) -> None:
         """The upstream refused before its first byte: the response fails, as a stream
-        that failed would, with its error."""
+        that failed would, with its error. Settled (its concurrency slot freed, its row in
+        the ledger) before its save, which may wait for the database or give up."""
         failed = {
             **queued,
             "status": "failed",
             "error": {"code": error.code, "message": error.message},
         }
+        on_settled(failed, None)
         await self._save_end(tenant, failed)
         events: list[Event] = [
             {"type": "response.created", "sequence_number": 0, "response": queued},
@@ -259,17 +265,16 @@ class Runner:
         ]
         feed.publish(events)
         self.log.append(queued["id"], events)
-        return failed
 
     async def _cancelled_while_queued(
-        self, tenant: str, queued: dict[str, Any], feed: Feed
-    ) -> dict[str, Any]:
+        self, tenant: str, queued: dict[str, Any], feed: Feed, on_settled: Settle
+    ) -> None:
         cancelled = {**queued, "status": "cancelled"}
+        on_settled(cancelled, None)  # settled first, as above
         await asyncio.shield(self._save_end(tenant, cancelled))
         event = {"type": "response.created", "sequence_number": 0, "response": queued}
         feed.publish([event])
         self.log.append(queued["id"], [event])
-        return cancelled
 
     async def _save_end(self, tenant: str, response: dict[str, Any]) -> None:
         """A run's end without output, stored whatever it takes (as Run stores the others)."""
