@@ -56,8 +56,10 @@ def test_processes_started_after_import_make_their_own_lease_ids(method: str) ->
     """Workers forked from a parent that imported Relay (and even limited requests there)
     must not share rate limit lease ids in one Redis."""
     parent = _lease(0)
-    with multiprocessing.get_context(method).Pool(2) as pool:
-        children = pool.map(_lease, range(2), chunksize=1)
+    children = []
+    for number in range(2):  # a pool of its own each: two processes, whatever the scheduling
+        with multiprocessing.get_context(method).Pool(1) as pool:
+            children.append(pool.apply(_lease, (number,)))
     prefixes = {lease.partition(":")[0] for lease in [parent, *children]}
     assert len(prefixes) == 3, [parent, *children]
 
