@@ -176,3 +176,14 @@ def sse_events(http: httpx.Client, body: dict[str, Any]) -> list[dict[str, Any]]
         events.append(event)
     check_stream(events)
     return events
+
+
+def logged_responses(records: Iterable[Any], status: str | None = None) -> list[dict[str, Any]]:
+    """The fields of the log lines that tell of a settled response (a request's access line,
+    or a response's own line), of the given status."""
+    return [
+        record.fields
+        for record in records
+        if getattr(record, "fields", {}).get("response_id")
+        and status in (None, record.fields["response_status"])
+    ]

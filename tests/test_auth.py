@@ -13,6 +13,7 @@ from relay_fixtures import checked_client, fake_routes, sdk_client
 
 from relay.api.app import create_app
 from relay.config import ApiKeyConfig, Settings
+from relay.observe.metrics import Metrics
 
 
 def test_missing_and_wrong_keys_are_401(keyed_url: str) -> None:
@@ -111,7 +112,7 @@ async def test_without_keys_only_loopback_clients_are_served() -> None:
     from relay.storage.database import open_database
 
     db = await open_database("sqlite://")
-    gate = Access(Settings(), Credentials({}, {}), db)
+    gate = Access(Settings(), Credentials({}, {}), db, Metrics())
 
     def request_from(host: str) -> Request:
         return Request({"type": "http", "headers": [], "client": (host, 5000)})

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from chat_upstream import SLOW_WORDS, ChatUpstream
 from live_server import relay_serve, relay_server
-from relay_fixtures import checked_client
+from relay_fixtures import checked_client, logged_responses
 from starlette.requests import ClientDisconnect
 
 from relay.api.disconnect import WATCH_AFTER_S, CancelOnDisconnect
@@ -60,7 +60,7 @@ def test_an_aborted_upload_ends_quietly(tmp_path: Path) -> None:
 def test_an_abandoned_json_request_stops_its_upstream(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="relay.engine")
+    caplog.set_level(logging.INFO, logger="relay")
     with ChatUpstream() as upstream:
         settings = Settings(
             database_url=f"sqlite:///{tmp_path}/relay.db",
@@ -82,10 +82,8 @@ def test_an_abandoned_json_request_stops_its_upstream(
             assert words is not None, ending
             assert int(words.group(1)) < SLOW_WORDS // 2
             # And the response was stored as cancelled, with what was generated so far.
-            [line] = [
-                r.getMessage() for r in caplog.records if "status=cancelled" in r.getMessage()
-            ]
-            response_id = line.split()[1]
+            [line] = logged_responses(caplog.records, "cancelled")
+            response_id = line["response_id"]
             stored = client.get(f"/v1/responses/{response_id}").json()
             assert stored["status"] == "cancelled"
             assert stored["output"][0]["status"] == "incomplete"
@@ -95,7 +93,7 @@ def test_an_abandoned_json_request_stops_its_upstream(
 def test_an_abandoned_json_request_on_the_fake_provider_is_cancelled(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="relay.engine")
+    caplog.set_level(logging.INFO, logger="relay")
     settings = Settings(
         database_url=f"sqlite:///{tmp_path}/relay.db",
         routes=[RouteConfig(model="fake-slow", provider="fake", upstream_model="slow")],
@@ -107,10 +105,10 @@ def test_an_abandoned_json_request_on_the_fake_provider_is_cancelled(
             )
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            if any("status=cancelled" in r.getMessage() for r in caplog.records):
+            if logged_responses(caplog.records, "cancelled"):
                 break
             time.sleep(0.05)
-        assert any("status=cancelled" in r.getMessage() for r in caplog.records)
+        assert logged_responses(caplog.records, "cancelled")
 
 
 def receive_disconnect_after(seconds: float) -> Any:

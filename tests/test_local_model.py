@@ -16,7 +16,7 @@ import openai
 import pydantic
 import pytest
 from live_server import relay_server
-from relay_fixtures import checked_client, sdk_client, sse_events
+from relay_fixtures import checked_client, logged_responses, sdk_client, sse_events
 
 from relay.config import DEFAULT_ROUTE, RouteConfig, Settings, load_settings
 from relay.providers.llama_local import bundled_model_path
@@ -413,7 +413,7 @@ def test_disconnect_stops_generation(local_url: str, local: httpx.Client) -> Non
 def test_an_abandoned_json_request_frees_the_worker(
     local_url: str, local: httpx.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="relay.engine")
+    caplog.set_level(logging.INFO, logger="relay")
     long = {"model": MODEL, "input": "Write a very long essay.", "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{local_url}/v1/responses", json={**long, "max_output_tokens": 4000}, timeout=1)
@@ -422,8 +422,8 @@ def test_an_abandoned_json_request_frees_the_worker(
         "/v1/responses", json={**long, "max_output_tokens": 16}, timeout=httpx.Timeout(10)
     )
     assert short.status_code == 200 and short.json()["status"] == "incomplete"
-    [line] = [r.getMessage() for r in caplog.records if "status=cancelled" in r.getMessage()]
-    stored = local.get(f"/v1/responses/{line.split()[1]}").json()
+    [line] = logged_responses(caplog.records, "cancelled")
+    stored = local.get(f"/v1/responses/{line['response_id']}").json()
     assert stored["status"] == "cancelled"
     # Stopped about when the client left (a second of generation), not after 4,000 tokens.
     assert len(stored["output_text"].split()) < 400

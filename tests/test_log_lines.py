@@ -68,7 +68,7 @@ def test_relay_serve_writes_its_lines_while_it_serves(tmp_path: Path) -> None:
         )
         # The time, and the request the line was written for: an operator follows a
         # client's X-Request-ID through the log.
-        line = f"INFO relay.engine [req-trace-42]: response {answer.json()['id']} "
+        line = "INFO relay.access [req-trace-42]: POST /v1/responses 200 latency_ms="
         deadline = time.monotonic() + 10
         while line not in relay.log_so_far() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -76,5 +76,6 @@ def test_relay_serve_writes_its_lines_while_it_serves(tmp_path: Path) -> None:
     assert relay.output.count(line) == 1
     [written] = [found for found in relay.output.splitlines() if line in found]
     assert re.match(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO relay.engine \[req-trace-42\]: ", written
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO relay.access \[req-trace-42\]: ", written
     )
+    assert f" response_id={answer.json()['id']} " in written

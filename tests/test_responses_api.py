@@ -13,6 +13,8 @@ import pytest
 from conformance import assert_valid_response, check_stream
 from relay_fixtures import checked_client, sse_events
 
+from relay.log_lines import TextFormatter
+
 VOLATILE = {"id", "created_at", "completed_at"}
 
 
@@ -311,7 +313,7 @@ def test_stream_obfuscation_is_on_by_default_and_can_be_refused(http: httpx.Clie
 def test_trace_and_session_reach_the_log(
     http: httpx.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("INFO", logger="relay.engine"):
+    with caplog.at_level("INFO", logger="relay.access"):
         answer = http.post(
             "/v1/responses",
             headers={"x-session-id": "from-header"},
@@ -323,10 +325,12 @@ def test_trace_and_session_reach_the_log(
         ).json()
     body = answer.json()
     assert body["session_id"] == "from-header"
-    line = next(r.getMessage() for r in caplog.records if body["id"] in r.getMessage())
-    assert "session='from-header'" in line and "t-123" in line
-    record = next(r.getMessage() for r in caplog.records if forged["id"] in r.getMessage())
-    assert "\n" not in record, "client text must not start a new log line"
+    fields = next(r.fields for r in caplog.records if r.fields["response_id"] == body["id"])
+    assert fields["session_id"] == "from-header" and fields["trace_id"] == "t-123"
+    record = next(r for r in caplog.records if r.fields["response_id"] == forged["id"])
+    line = TextFormatter().format(record)
+    assert "\n" not in line, "client text must not start a new log line"
+    assert 'session_id="a\\nERROR forged line"' in line
     won = http.post(
         "/v1/responses",
         headers={"x-session-id": "from-header"},

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
 from pydantic import ValidationError
-from relay_fixtures import checked_client, relay_on_sqlite
+from relay_fixtures import checked_client, logged_responses, relay_on_sqlite
 
 from relay.config import RouteConfig, load_settings
 from relay.providers.health import Health
@@ -237,7 +237,8 @@ def test_failover_to_the_next_deployment_after_retries(
         assert answered_by(client, "failover", provider={"order": ["broken"]}) == "spare"
     # One try and one retry on the broken deployment, then the spare.
     assert [body["model"] for body in routing_upstream.requests] == ["http_503", "http_503"]
-    assert any("deployment='spare'" in record.getMessage() for record in caplog.records)
+    [line] = logged_responses(caplog.records)
+    assert line["deployment"] == "spare" and line["response_status"] == "completed"
 
 
 def test_backoff_between_retries(client: httpx.Client, routing_upstream: ChatUpstream) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,10 @@ from relay import __version__
 from relay.config import Settings, load_settings
 from relay.console import report_config_error, without_password
 from relay.errors import StartupError
-from relay.log_lines import FORMAT, BatchedStderr, WithRequestId
+from relay.log_lines import BatchedStderr, JsonFormatter, TextFormatter
 from relay.loopback import is_loopback
 from relay.models.deployments import DeploymentConfig, FakeConfig, LlamaCppConfig
+from relay.observe import MULTIPROCESS_DIR
 
 CONFIG_ENV = "RELAY_CONFIG"
 log = logging.getLogger("relay")
@@ -60,8 +65,7 @@ def configure_logging(settings: Settings) -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None
     handler = BatchedStderr()
-    handler.addFilter(WithRequestId())
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
     if settings.log_level != "debug":
@@ -114,7 +118,38 @@ def serve(argv: list[str]) -> int:
         if unopened is not None:
             print(f"relay: {unopened}", file=sys.stderr)
             return 1
+    if settings.metrics_port is not None:
+        taken = cannot_listen(settings.metrics_host, settings.metrics_port)
+        if taken is not None:
+            print(f"relay: metrics_port: {taken}", file=sys.stderr)
+            return 1
     describe(settings)
+    if settings.workers == 1:
+        _run(settings)
+        return 0
+    with _summed_metrics(settings):
+        _run(settings)
+    return 0
+
+
+@contextlib.contextmanager
+def _summed_metrics(settings: Settings) -> Iterator[None]:
+    """Several workers: each writes its metrics to files in a folder of this run's
+    (prometheus_client's multiprocess mode, chosen by the variable when a worker imports the
+    library), which any worker's /metrics, and this process on metrics_port, sum."""
+    folder = tempfile.mkdtemp(prefix="relay-metrics-")
+    os.environ[MULTIPROCESS_DIR] = folder
+    try:
+        if settings.metrics_port is not None:
+            from relay.observe.metrics import serve_summed
+
+            serve_summed(settings.metrics_host, settings.metrics_port)
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(settings: Settings) -> None:
     uvicorn.run(
         "relay.cli:app_factory",
         factory=True,
@@ -127,9 +162,9 @@ def serve(argv: list[str]) -> int:
         # A larger WebSocket message closes its socket with 1009 and the limit as reason,
         # refused by the protocol library before it is all in memory.
         ws_max_size=settings.max_body_bytes,
+        # Relay writes its own access lines (relay.observe.access).
         access_log=False,
     )
-    return 0
 
 
 def database_fails(url: str) -> str | None:

@@ -201,6 +201,17 @@ class Settings(BaseSettings):
     # clients do not time the connection out while a model thinks.
     keepalive_s: float = Field(default=15.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "json": one JSON object a line (time, level, logger, request_id, message, fields).
+    log_format: Literal["text", "json"] = "text"
+    # One line per request (relay.access, info level): status, caller, model, latency, tokens.
+    access_log: bool = True
+    # Prometheus metrics are served at /metrics (an admin key; without keys, loopback only),
+    # and, when `metrics_port` is set, without authentication on metrics_host:metrics_port
+    # (with --workers N, by the supervisor process, summing every worker).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Labels the token and cost counters may add: one series per project, or per key.
+    metrics_labels: list[Literal["project", "key_id"]] = Field(default_factory=list)
     # OpenAI echoes a json_schema text format's schema; the Open Responses contract types it
     # as null. True follows OpenAI; False gives the contract's shape.
     echo_json_schema: bool = True

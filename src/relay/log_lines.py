@@ -9,7 +9,9 @@ process killed outright loses at most FLUSH_S of info lines.
 
 Each line carries its time and the id of the request it was written for (`REQUEST_ID`, set by
 the application's outermost layer; tasks a request starts inherit it), so that an operator
-can follow a client's X-Request-ID through the log.
+can follow a client's X-Request-ID through the log. A line may carry `fields` (an access
+line's, relay.observe.access): as `name=value` after the message in text, as keys in JSON
+(`log_format = "json"`, one object a line, for log pipelines).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import logging
 import sys
 import threading
 from contextvars import ContextVar
-from typing import TextIO
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
 
 FLUSH_S = 0.1
 FORMAT = "%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s"
@@ -27,13 +32,58 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s"
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 
 
-class WithRequestId(logging.Filter):
-    """Adds the request id to each record, for FORMAT: ` [<id>]`, or nothing."""
+# Fields an access line's message says already ("POST /v1/responses 200"): JSON keeps them as
+# keys, text does not repeat them.
+IN_MESSAGE = frozenset(["method", "path", "status"])
 
-    def filter(self, record: logging.LogRecord) -> bool:
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Formatted as the line is written, in the thread and context that wrote it.
         request_id = REQUEST_ID.get()
         record.request = f" [{request_id}]" if request_id else ""
-        return True
+        line = super().format(record)
+        fields: dict[str, Any] | None = getattr(record, "fields", None)
+        if fields is None:
+            return line
+        shown = " ".join(
+            f"{name}={plain(value)}"
+            for name, value in fields.items()
+            if value is not None and name not in IN_MESSAGE
+        )
+        return f"{line} {shown}"
+
+
+def plain(value: Any) -> str:
+    """A field's value in a text line: as it is, or quoted where a client's text could
+    otherwise pass for another field or start a line of its own."""
+    text = str(value)
+    if text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+        return text
+    return orjson.dumps(text).decode()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, logger, request_id, message, the
+    line's fields, and the exception's traceback where there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": REQUEST_ID.get() or None,
+            "message": record.getMessage(),
+        }
+        fields: dict[str, Any] | None = getattr(record, "fields", None)
+        if fields is not None:
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
 
 
 class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]

@@ -24,9 +24,10 @@ from relay.access.keys import CONFIG_PROJECT, KeyRecord, KeyStore, digest
 from relay.access.limits import Admission, RateLimiter, Scope
 from relay.access.usage import Ledger, UsageRow, periods
 from relay.config import Settings
-from relay.errors import AuthenticationError, PermissionDenied
+from relay.errors import AuthenticationError, PermissionDenied, RelayError
 from relay.loopback import is_loopback
 from relay.models.policy import NO_POLICY, Served, Settle
+from relay.observe.metrics import Metrics
 from relay.protocol import CreateResponse
 from relay.storage.database import Database
 
@@ -152,8 +153,11 @@ class Accounting:
 
 
 class Access:
-    def __init__(self, settings: Settings, credentials: Credentials, db: Database) -> None:
+    def __init__(
+        self, settings: Settings, credentials: Credentials, db: Database, metrics: Metrics
+    ) -> None:
         self.db = db
+        self._refusals = metrics.refusals
         # No key configured at all: an open, loopback-only Relay (a developer's machine).
         self.open = not credentials.client_keys and not credentials.admin_keys
         self.keys = KeyStore(db, credentials.client_keys, settings.key_cache_s)
@@ -278,7 +282,11 @@ class Access:
         scopes = list(principal.scopes)
         if not scopes:
             return Accounting(self, principal, model, None)
-        await self.ledger.check_budgets(scopes)
-        # Input tokens, estimated from the body's size (about 4 bytes a token).
-        admission = await self.limiter.admit(scopes, body_size // 4)
+        try:
+            await self.ledger.check_budgets(scopes)
+            # Input tokens, estimated from the body's size (about 4 bytes a token).
+            admission = await self.limiter.admit(scopes, body_size // 4)
+        except RelayError as refusal:
+            self._refusals.labels(refusal.code or refusal.type).inc()
+            raise
         return Accounting(self, principal, model, admission)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import secrets
-import sys
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from relay import __version__
 from relay.access.admin import Admin
@@ -21,8 +20,9 @@ from relay.api import errors
 from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
-from relay.errors import StartupError
-from relay.log_lines import REQUEST_ID
+from relay.observe import MULTIPROCESS_DIR
+from relay.observe.access import ObservedRequests
+from relay.observe.metrics import Metrics
 from relay.providers.registry import Registry
 from relay.runs.log import RunLog
 from relay.runs.runner import Runner
@@ -33,55 +33,7 @@ from relay.storage.sql import open_store
 from relay.supervisor import Supervisor
 
 log = logging.getLogger("relay")
-
-
-class RequestIdMiddleware:
-    """Echo the client's X-Request-ID, or make one, on every answer (errors included). Also
-    the outermost layer of the lifespan: see `_briefly`."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, _briefly(send) if scope["type"] == "lifespan" else send)
-            return
-        request_id = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value[:128]
-                break
-        if not request_id:
-            request_id = b"req_" + secrets.token_hex(16).encode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
-            await send(message)
-
-        # Every log line written for the request names it (relay.log_lines).
-        named = REQUEST_ID.set(request_id.decode("latin-1"))
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            REQUEST_ID.reset(named)
-
-
-def _briefly(send: Send) -> Send:
-    """`send` for the lifespan, telling a start-up failure the user can fix (StartupError) in
-    one log line: Starlette hands uvicorn the traceback of whatever stopped the start-up, to
-    print."""
-
-    async def send_briefly(message: Message) -> None:
-        # Starlette sends the failure from inside its `except` clause: the exception being
-        # handled is the one that stopped the start-up.
-        error = sys.exception()
-        if message["type"] == "lifespan.startup.failed" and isinstance(error, StartupError):
-            log.error("%s", error)
-            message = {"type": "lifespan.startup.failed", "message": ""}
-        await send(message)
-
-    return send_briefly
+SAMPLE_S = 1.0  # how often the metrics' gauges are read (relay.observe.metrics)
 
 
 def create_app(settings: Settings) -> ASGIApp:
@@ -92,12 +44,13 @@ def create_app(settings: Settings) -> ASGIApp:
     # From here on the application holds only the client and admin keys' digests, and the
     # sealing keys inside the sealer.
     settings = settings.model_copy(update={"api_keys": [], "admin_keys": [], "sealing_keys": []})
+    metrics = Metrics(settings.metrics_labels)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         supervisor = Supervisor()
         try:
-            await _start(app, settings, kept, supervisor)
+            await _start(app, settings, kept, metrics, supervisor)
             yield
         finally:
             await supervisor.aclose()
@@ -128,8 +81,7 @@ def create_app(settings: Settings) -> ASGIApp:
         lifespan=lifespan,
     )
 
-    # Outermost, so that even the answer to an unhandled error carries the request id.
-    return RequestIdMiddleware(app)
+    return ObservedRequests(app, metrics, log_access=settings.access_log)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +95,7 @@ class _Secrets:
 
 
 async def _start(
-    app: Starlette, settings: Settings, kept: _Secrets, supervisor: Supervisor
+    app: Starlette, settings: Settings, kept: _Secrets, metrics: Metrics, supervisor: Supervisor
 ) -> None:
     """Open what the application serves with, each handed to `supervisor` as it opens: a
     start-up that fails half-way closes what it had opened, and a shutdown closes in the
@@ -160,9 +112,10 @@ async def _start(
         settings.routes,
         cooldown_failures=settings.cooldown_failures,
         cooldown_s=settings.cooldown_s,
+        metrics=metrics,
     )
     supervisor.closes("providers", registry.aclose)
-    access = Access(settings, kept.credentials, store.db)
+    access = Access(settings, kept.credentials, store.db, metrics)
     supervisor.closes("access", access.aclose)
     conversations = ConversationStore(store.db, settings.run_lease_s)
     engine = Engine(
@@ -189,6 +142,12 @@ async def _start(
     if isinstance(store.db, AsyncDatabase):
         await _share_runs(settings, supervisor, runner)
     supervisor.start("run upkeep", runner.keep())
+    supervisor.closes("metrics", metrics.aclose)
+    if settings.metrics_port is not None and MULTIPROCESS_DIR not in os.environ:
+        supervisor.closes(
+            "metrics port", metrics.serve(settings.metrics_host, settings.metrics_port)
+        )
+    supervisor.start("metrics sampling", metrics.sample(engine, runner, store.db, SAMPLE_S))
 
     async def stop_waiting() -> None:
         engine.stopping.set()
@@ -203,6 +162,7 @@ async def _start(
     app.state.runner = runner
     app.state.access = access
     app.state.admin = Admin(store.db)
+    app.state.metrics = metrics
     log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
 
 

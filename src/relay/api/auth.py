@@ -16,6 +16,7 @@ from relay.access.gate import Access, Principal
 from relay.api.errors import error_response
 from relay.api.paging import refuse_nul
 from relay.errors import RelayError
+from relay.observe.access import note_caller
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 ClientHandler = Callable[[Request, Principal], Awaitable[Response]]
@@ -31,6 +32,7 @@ def access(request: Request | WebSocket) -> Access:
 def client_endpoint(handler: ClientHandler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         principal = await access(request).principal(request)
+        note_caller(principal.project, principal.key_id)
         refuse_nul(request)
         return await handler(request, principal)
 
@@ -40,8 +42,24 @@ def client_endpoint(handler: ClientHandler) -> Endpoint:
 def admin_endpoint(handler: AdminHandler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         actor = access(request).admin(request)
+        note_caller(None, f"admin:{actor}")
         refuse_nul(request)
         return await handler(request, actor)
+
+    return endpoint
+
+
+def operator_endpoint(handler: AdminHandler) -> Endpoint:
+    """An admin endpoint that a Relay without any key (loopback only) serves to its loopback
+    clients, as it serves them everything else (/metrics)."""
+    admin = admin_endpoint(handler)
+
+    async def endpoint(request: Request) -> Response:
+        gate = access(request)
+        if not gate.open:
+            return await admin(request)
+        await gate.principal(request)  # refuses any but a loopback client
+        return await handler(request, "loopback")
 
     return endpoint
 
@@ -50,6 +68,7 @@ def client_socket(handler: SocketHandler) -> Callable[[WebSocket], Awaitable[Non
     async def endpoint(websocket: WebSocket) -> None:
         try:
             principal = await access(websocket).principal(websocket)
+            note_caller(principal.project, principal.key_id)
             refuse_nul(websocket)
         except RelayError as error:
             # Refused before the upgrade, with the status and envelope HTTP would get.

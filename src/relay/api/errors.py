@@ -22,6 +22,7 @@ from relay.errors import (
     ServerError,
     UpstreamRejected,
 )
+from relay.observe.access import note_error
 from relay.protocol import body_location
 
 log = logging.getLogger("relay.api")
@@ -30,6 +31,7 @@ _BY_STATUS: dict[int, type[RelayError]] = {400: InvalidRequest, 404: NotFound}
 
 
 def error_response(error: RelayError) -> Response:
+    note_error(error.code or error.type)
     headers = dict(error.headers)
     if error.status >= 500:
         # Deterministic server faults should not be hammered by SDK retries.
@@ -49,6 +51,7 @@ async def _relay_error(request: Request, error: Exception) -> Response:
         and not isinstance(error, UpstreamRejected)  # the upstream's word: the envelope
         and request.app.state.settings.error_format == "fastapi"
     ):
+        note_error(error.code or error.type)
         return Response(
             orjson.dumps({"detail": fastapi_detail(error)}, default=str),
             status_code=422,

@@ -19,7 +19,13 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from relay.access.gate import Principal
 from relay.access.idempotency import checked_key, request_digest
 from relay.api import admin, background, conversations
-from relay.api.auth import ClientHandler, access, client_endpoint, client_socket
+from relay.api.auth import (
+    ClientHandler,
+    access,
+    client_endpoint,
+    client_socket,
+    operator_endpoint,
+)
 from relay.api.disconnect import CancelOnDisconnect
 from relay.api.idempotent import REPLAYED, recorded, replayed
 from relay.api.paging import cursor, limit, order, read_body
@@ -29,6 +35,7 @@ from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
+from relay.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.protocol import CreateResponse, create_request, json_object
 from relay.storage.base import Store
 
@@ -131,6 +138,7 @@ async def _respond(
                 tenant=principal.project,
                 session_id=session,
                 on_settled=accounting.settle,
+                key_id=principal.key_id,
             )
             headers = accounting.headers.copy()
             if run.omitted_tools:
@@ -181,7 +189,7 @@ async def compact_response(request: Request, principal: Principal) -> Response:
     accounting = await access(request).admit(principal, body, len(raw))
     try:
         compacted = await _engine(request).compact(
-            body, tenant=principal.project, on_settled=accounting.settle
+            body, tenant=principal.project, on_settled=accounting.settle, key_id=principal.key_id
         )
     finally:
         accounting.abandon()  # a no-op once the summary settled
@@ -277,6 +285,11 @@ async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
+async def metrics(request: Request, _: str) -> Response:
+    """Prometheus' text format (relay.observe.metrics)."""
+    return Response(request.app.state.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 _API: list[tuple[str, ClientHandler, str]] = [
     ("/responses", create_response, "POST"),
@@ -327,4 +340,5 @@ def routes(prefixes: tuple[str, ...]) -> list[BaseRoute]:
         *admin.routes(_route),
         _route("/healthz", healthz, "GET"),
         _route("/readyz", readyz, "GET"),
+        _route("/metrics", operator_endpoint(metrics), "GET"),
     ]

@@ -159,6 +159,7 @@ class _Socket:
                 continuing_is_stored=stored,
                 generate=generate,
                 on_settled=accounting.settle,
+                key_id=self.principal.key_id,
             )
             if run.response["store"]:
                 # Its id is in response.created: recorded first, as a stored SSE stream is.

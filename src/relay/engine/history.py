@@ -37,12 +37,18 @@ class HistoryCache:
         self._entries: OrderedDict[tuple[str, str], History] = OrderedDict()
         self._items = 0
         self._bytes = 0
+        # Lookups so far, for the metrics (read now and then: relay.observe.metrics).
+        self.hits = 0
+        self.misses = 0
 
     def get(self, tenant: str, response_id: str) -> History | None:
         key = (tenant, response_id)
         history = self._entries.get(key)
-        if history is not None:
-            self._entries.move_to_end(key)
+        if history is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
         return history
 
     def put(self, tenant: str, response_id: str, history: History) -> None:

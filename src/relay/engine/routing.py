@@ -318,6 +318,7 @@ async def attempt(
         try:
             result = await call()
         except ProviderError as error:
+            deployment.meter.attempted(error.code)
             if error.retryable or error.code in _MISCONFIGURED:
                 health.failed()
             else:
@@ -350,5 +351,6 @@ async def attempt(
             health.probing = False  # a cancelled probe settles nothing
             raise
         health.succeeded(time.monotonic() - started)
+        deployment.meter.attempted("ok")
         return result, None
     return None, last

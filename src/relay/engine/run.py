@@ -45,6 +45,8 @@ from relay.errors import (
 )
 from relay.ids import new_id
 from relay.models.policy import Served, Settle
+from relay.observe.access import CURRENT, Exchange, response_fields
+from relay.observe.metrics import Timings
 from relay.protocol import CreateResponse
 from relay.providers.base import (
     Delta,
@@ -109,6 +111,12 @@ class Run:
     sent: ProviderRequest | None = None
     asked_at: float = 0.0
     on_settled: Settle | None = None
+    key_id: str | None = None  # the key it was asked with (None: none, or not known here)
+    # When its request arrived (time.monotonic()), and the request, when this response is its
+    # answer (relay.observe.access).
+    started: float = 0.0
+    exchange: Exchange | None = None
+    first_at: float = 0.0  # when the upstream's first delta came
     # A run whose id a client holds (a background response, a recorded stream: relay.runs):
     # its end must be stored, so the save waits out a database outage (until the engine
     # stops), its lease renewed meanwhile; `on_stored` is told whether it was.
@@ -152,6 +160,8 @@ class Run:
             yield builder.start()
             try:
                 async for delta in self.deltas:
+                    if not self.first_at:
+                        self.first_at = time.monotonic()
                     batch = builder.feed(delta)
                     if batch:
                         yield batch
@@ -231,6 +241,7 @@ class Run:
         return await self._settle()
 
     async def _settle(self) -> bool:
+        ended = time.monotonic()
         response = self.response
         deployment = self.deployment
         counted = False
@@ -245,27 +256,33 @@ class Run:
         stored = True
         if response["store"] or self.turn is not None:
             stored = await self._store(response)
-        self._log_line(response)
+        self._observe(response, ended)
         if charged is not None:
             await charged
         return stored
 
-    def _log_line(self, response: dict[str, Any]) -> None:
+    def _observe(self, response: dict[str, Any], ended: float) -> None:
+        """The settled response's metrics, and its line: on its request's access line when
+        it is that request's answer, else one of its own."""
         deployment = self.deployment
-        usage = response["usage"] or {}
-        # One line per response: what observability pipelines key on (session, trace ids).
+        cost = first_token_s = None
+        if deployment is not None:
+            if self.first_at:
+                first_token_s = self.first_at - self.started
+            timings = Timings(ended - self.started, ended - self.asked_at, first_token_s)
+            price = deployment.config.price
+            cost = deployment.meter.responded(response, timings, price, (self.tenant, self.key_id))
+        name = deployment.name if deployment is not None else None
+        exchange = self.exchange
+        if exchange is not None and exchange.awaits_response:
+            exchange.settled(response, name, first_token_s, cost, self.trace)
+            return
+        fields = response_fields(response, name, first_token_s, cost, self.trace)
         log.info(
-            "response %s tenant=%r model=%r deployment=%r status=%s input_tokens=%s "
-            "output_tokens=%s session=%r trace=%r",
+            "response %s %s",
             response["id"],
-            self.tenant,
-            response["model"],
-            deployment.name if deployment else None,
             response["status"],
-            usage.get("input_tokens"),
-            usage.get("output_tokens"),
-            response["session_id"],
-            self.trace,
+            extra={"fields": {"project": self.tenant, "key_id": self.key_id, **fields}},
         )
 
     async def _store(self, response: dict[str, Any]) -> bool:
@@ -388,6 +405,7 @@ class Engine:
         on_settled: Settle | None = None,
         response_id: str | None = None,
         created_at: int | None = None,
+        key_id: str | None = None,
     ) -> Run:
         """`response_id`, `created_at`: those of a background response queued earlier (see
         `queued`); a foreground response gets new ones.
@@ -395,7 +413,12 @@ class Engine:
         WebSocket's own latest response, stored or not: `continuing_is_stored`); else it is
         read from memory or the store.
         `generate=False`: a response that only takes the request in (a WebSocket warm-up):
-        no upstream call, no output, an id the next turn can continue."""
+        no upstream call, no output, an id the next turn can continue.
+        `key_id`: the key it is asked with, for metrics labelled by key."""
+        exchange = CURRENT.get()
+        if exchange is not None and not exchange.awaits_response:
+            exchange = None
+        started = time.monotonic() if exchange is None else exchange.started
         turn = await self._begin_turn(request, tenant)
         try:
             prepared = await self._prepare(
@@ -461,6 +484,9 @@ class Engine:
             sent=None if opened is None else opened.request,
             asked_at=0.0 if opened is None else opened.asked_at,
             on_settled=on_settled,
+            key_id=key_id,
+            started=started,
+            exchange=exchange,
             turn=turn,
         )
 
@@ -498,6 +524,7 @@ class Engine:
         *,
         tenant: str,
         on_settled: Settle | None = None,
+        key_id: str | None = None,
     ) -> dict[str, Any]:
         """POST /responses/compact: the context (input and/or previous_response_id) made into
         a shorter window by the route's model (see `relay.engine.compaction`)."""
@@ -515,7 +542,7 @@ class Engine:
             prompt_cache_key=request.prompt_cache_key,
             provider=request.provider,
         )
-        run = await self.start(summarising, tenant=tenant, on_settled=on_settled)
+        run = await self.start(summarising, tenant=tenant, on_settled=on_settled, key_id=key_id)
         summary = await run.final()
         if summary["status"] not in ("completed", "incomplete") or not summary["output_text"]:
             error = summary["error"] or {}

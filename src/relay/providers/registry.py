@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from relay.config import RouteConfig
 from relay.errors import NotFound
 from relay.models.deployments import DeploymentConfig
+from relay.observe.metrics import DeploymentMeter, Metrics
 from relay.providers.base import Provider
 from relay.providers.health import Health
 
@@ -44,6 +45,7 @@ class Deployment:
     upstream_model: str
     provider: Provider
     config: DeploymentConfig
+    meter: DeploymentMeter  # what it records (relay.observe.metrics)
     health: Health = field(default_factory=Health)
     # Read once from the config (only some kinds have them): what routing asks per request.
     kind: str = ""
@@ -67,8 +69,15 @@ class Route:
 
 class Registry:
     def __init__(
-        self, routes: list[RouteConfig], *, cooldown_failures: int = 3, cooldown_s: float = 30.0
+        self,
+        routes: list[RouteConfig],
+        *,
+        cooldown_failures: int = 3,
+        cooldown_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        """`metrics`: the application's (each deployment records there); else its own."""
+        self.metrics = metrics = metrics or Metrics()
         self._routes: dict[str, Route] = {}
         for config in routes:
             deployments = tuple(
@@ -78,6 +87,7 @@ class Registry:
                     upstream_model=deployment.upstream_model or config.model,
                     provider=build_provider(deployment),
                     config=deployment,
+                    meter=metrics.meter(config.model, deployment.label, deployment.provider),
                     health=Health(cooldown_failures, cooldown_s),
                 )
                 for deployment in config.deployments
@@ -87,6 +97,9 @@ class Registry:
 
     def names(self) -> list[str]:
         return list(self._routes)
+
+    def deployments(self) -> list[Deployment]:
+        return [deployment for route in self._routes.values() for deployment in route.deployments]
 
     def resolve(self, model: str, param: str = "model") -> Route:
         route = self._routes.get(model)

@@ -88,6 +88,16 @@ class Runner:
         # it: the queue needs this runner to run its jobs).
         self.queue: JobQueue | None = None
 
+    @property
+    def waiting(self) -> int:
+        """Background runs here waiting for a slot."""
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Background runs here generating."""
+        return len(self._tasks) - self._waiting
+
     async def aclose(self) -> None:
         """Stop the background runs here (the supervisor stopped `keep` first)."""
         tasks = list(self._tasks.values())
@@ -135,7 +145,7 @@ class Runner:
             await self.log.begin(tenant, response, items, background=True)
             feed = self._feeds[response["id"]] = Feed()
             self._tasks[response["id"]] = asyncio.ensure_future(
-                self._run(request, tenant, session_id, dict(response), feed, on_settled)
+                self._run(request, tenant, session_id, key_id, dict(response), feed, on_settled)
             )
             started = True
             return response, True
@@ -161,7 +171,9 @@ class Runner:
         self._waiting += 1
         on_settled = self.accounting_for(tenant, queued.key_id, request.model or "")
         try:
-            await self._run(request, tenant, queued.session_id, snapshot, feed, on_settled)
+            await self._run(
+                request, tenant, queued.session_id, queued.key_id, snapshot, feed, on_settled
+            )
         except asyncio.CancelledError:
             if response_id not in self._cancelled:
                 raise  # the worker is stopping
@@ -175,6 +187,7 @@ class Runner:
         request: CreateResponse,
         tenant: str,
         session_id: str | None,
+        key_id: str | None,
         queued: dict[str, Any],
         feed: Feed,
         on_settled: Settle,
@@ -200,6 +213,7 @@ class Runner:
                         response_id=response_id,
                         created_at=queued["created_at"],
                         on_settled=on_settled,
+                        key_id=key_id,
                     )
                 except RelayError as error:
                     await self._failed_before_start(tenant, queued, feed, error, on_settled)
@@ -414,6 +428,7 @@ class Runner:
                     next_sweep = clock() + self.log.lease_s / 2
                     ended = await self.log.sweep()
                     if ended:
+                        self.engine.registry.metrics.swept.inc(len(ended))
                         log.warning("ended %d interrupted responses: %s", len(ended), ended)
             except DatabaseUnavailable as error:
                 if not unreachable:
