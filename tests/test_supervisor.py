@@ -73,7 +73,8 @@ async def test_the_application_names_its_tasks_and_closes_in_order(
     shared = ["run signals", "job worker", "job queue"] if "postgresql" in store_url else []
     async with app.router.lifespan_context(app):
         names = {task.get_name() for task in asyncio.all_tasks()}
-        assert {"relay:run upkeep", *(f"relay:{name}" for name in shared[:2])} <= names
+        expected = {"relay:run upkeep", "relay:metrics sampling"}
+        assert {*expected, *(f"relay:{name}" for name in shared[:2])} <= names
     closing = [
         record.args[0]  # type: ignore[index]
         for record in caplog.records
@@ -81,6 +82,8 @@ async def test_the_application_names_its_tasks_and_closes_in_order(
     ]
     assert closing == [
         "waits for the database",
+        "metrics sampling",
+        "metrics",
         "run upkeep",
         *shared,
         "runs",

@@ -61,14 +61,6 @@ class EventStreamResponse(Response):
             *self.extra_headers,
         ]
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
-        streams = scope["app"].state.metrics.active_streams
-        streams.inc()
-        try:
-            await self._stream(receive, send)
-        finally:
-            streams.dec()
-
-    async def _stream(self, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         self._last_write = loop.time()
         # The keep-alive is a timer until a stream goes quiet for keepalive_s (most end

@@ -33,6 +33,7 @@ access_log = logging.getLogger("relay.access")
 MAX_PATH = 200
 # A request whose answer never started: the client left first (nginx's code for it).
 CLIENT_CLOSED = 499
+EVENT_STREAM = b"text/event-stream; charset=utf-8"  # relay.api.sse's content type
 METHODS = frozenset(["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"])
 
 
@@ -44,6 +45,7 @@ class Exchange:
     path: str
     started: float  # time.monotonic() at its arrival
     websocket: bool = False
+    streaming: bool = False  # its answer is a stream of server-sent events
     status: int = 0
     error_code: str = ""
     project: str | None = None
@@ -161,7 +163,11 @@ class ObservedRequests:
             sent = message["type"]
             if sent == "http.response.start" or sent == "websocket.http.response.start":
                 exchange.status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                headers = message.get("headers", [])
+                if (b"content-type", EVENT_STREAM) in headers:
+                    exchange.streaming = True
+                    self.metrics.active_streams.inc()
+                message["headers"] = [*headers, (b"x-request-id", request_id)]
             elif sent == "websocket.accept":
                 exchange.status = 101
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
@@ -185,6 +191,8 @@ class ObservedRequests:
             exchange.status = CLIENT_CLOSED
         elif exchange.status == 101:
             self.metrics.active_websockets.dec()
+        elif exchange.streaming:
+            self.metrics.active_streams.dec()
         route = scope.get("route")
         endpoint = route.path if route is not None else "unmatched"
         key = (exchange.method, endpoint, exchange.status, exchange.error_code)
