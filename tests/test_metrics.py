@@ -1,0 +1,205 @@
+"""Prometheus metrics from a real `relay serve --workers 2`, after a scripted mix of requests:
+every counter and histogram checked against what was sent and answered, parsed with
+prometheus_client's own parser, from the API port (an admin key) and from metrics_port (the
+supervisor's sum of both workers)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from live_server import free_port, relay_serve
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
+
+ADMIN, LIMITED, BROKE, PLAIN = "admin-key-m", "limited-key-m", "broke-key-m", "plain-key-m"
+PRICE = {"input": 1.0, "output": 2.0}  # US dollars a million tokens
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    folder: Path = tmp_path_factory.mktemp("metrics")
+    metrics_port = free_port()
+    routes = [
+        {
+            "model": "priced",
+            "provider": "fake",
+            "name": "priced-1",
+            "upstream_model": "text",
+            "price": PRICE,
+        },
+        {"model": "breaks", "provider": "fake", "upstream_model": "error_after"},
+        {
+            "model": "unreachable",
+            "base_url": f"http://127.0.0.1:{free_port()}/v1",
+            "upstream_model": "m",
+            "name": "nowhere",
+            "retries": 0,
+        },
+    ]
+    keys = [
+        {"key_env": "M_PLAIN", "tenant": "p-plain"},
+        {"key_env": "M_LIMITED", "tenant": "p-limited", "policy": {"rpm": 1}},
+        {"key_env": "M_BROKE", "tenant": "p-broke", "policy": {"credit_usd": 0}},
+    ]
+    env = {
+        "RELAY_DATABASE_URL": f"sqlite:///{folder}/relay.db",
+        "RELAY_ROUTES": orjson.dumps(routes).decode(),
+        "RELAY_API_KEYS": orjson.dumps(keys).decode(),
+        "RELAY_ADMIN_KEYS": orjson.dumps([{"key_env": "M_ADMIN", "name": "ops"}]).decode(),
+        "RELAY_METRICS_PORT": str(metrics_port),
+        "RELAY_METRICS_LABELS": '["project"]',
+        "M_PLAIN": PLAIN,
+        "M_LIMITED": LIMITED,
+        "M_BROKE": BROKE,
+        "M_ADMIN": ADMIN,
+    }
+    with relay_serve(env, "--workers", "2") as relay:
+        yield relay, metrics_port
+
+
+def test_the_metrics_count_what_was_served(served: Any) -> None:
+    relay, metrics_port = served
+    base = relay.url
+    plain = {"authorization": f"Bearer {PLAIN}"}
+    answers: list[dict[str, Any]] = []
+    with httpx.Client(base_url=base, timeout=30) as http:
+        # Completed (3), streamed (2), background (1): every one by the priced route.
+        for _ in range(3):
+            answer = http.post(
+                "/v1/responses", headers=plain, json={"model": "priced", "input": "a b c"}
+            )
+            assert answer.status_code == 200
+            answers.append(answer.json())
+        for _ in range(2):
+            with http.stream(
+                "POST", "/v1/responses", headers=plain,
+                json={"model": "priced", "input": "d e", "stream": True},
+            ) as stream:  # fmt: skip
+                for line in stream.iter_lines():
+                    if line.startswith("data: {") and '"response.completed"' in line:
+                        answers.append(orjson.loads(line[6:])["response"])
+        queued = http.post(
+            "/v1/responses", headers=plain,
+            json={"model": "priced", "input": "f", "background": True},
+        ).json()  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done = http.get(f"/v1/responses/{queued['id']}", headers=plain).json()
+            if done["status"] == "completed":
+                answers.append(done)
+                break
+            time.sleep(0.05)
+        # A WebSocket with one turn.
+        socket_url = base.replace("http://", "ws://") + "/v1/responses"
+        with connect(socket_url, additional_headers=plain) as socket:
+            socket.send(orjson.dumps({"type": "response.create", "model": "priced", "input": "g"}))
+            while True:
+                event = orjson.loads(socket.recv(timeout=10))
+                if event["type"] == "response.completed":
+                    answers.append(event["response"])
+                    break
+        # A stream that fails after its first output; an upstream that cannot be reached.
+        failed = http.post("/v1/responses", headers=plain, json={"model": "breaks", "input": "x"})
+        assert failed.json()["status"] == "failed"
+        unreachable = http.post(
+            "/v1/responses", headers=plain, json={"model": "unreachable", "input": "x"}
+        )
+        assert unreachable.status_code == 502
+        # Refused: a rate limit (the second request in a minute), a used-up credit.
+        limited = {"authorization": f"Bearer {LIMITED}"}
+        for expected in (200, 429):
+            answer = http.post(
+                "/v1/responses", headers=limited, json={"model": "priced", "input": "h"}
+            )
+            assert answer.status_code == expected
+        broke = http.post(
+            "/v1/responses", headers={"authorization": f"Bearer {BROKE}"},
+            json={"model": "priced", "input": "i"},
+        )  # fmt: skip
+        assert broke.status_code == 402
+        assert http.get("/metrics").status_code == 401  # an admin key's
+        time.sleep(1.5)  # the gauges are read every second
+        from_api = http.get("/metrics", headers={"x-admin-key": ADMIN})
+    assert from_api.status_code == 200
+    assert from_api.headers["content-type"].startswith("text/plain")
+    from_port = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert len(answers) == 7
+    for samples in (scrape(from_api.text), scrape(from_port)):
+        check(samples, answers)
+
+
+def check(samples: Samples, answers: list[dict[str, Any]]) -> None:
+    priced = {"model": "priced", "deployment": "priced-1"}
+    gen_ai = {"gen_ai_request_model": "priced", "deployment": "priced-1"}
+    requests = "relay_http_requests_total"
+    # HTTP: every POST by its status; the WebSocket's upgrade (101); the refusals' codes.
+    assert value(samples, requests, endpoint="/v1/responses", method="POST", status="200") == 8
+    assert value(samples, requests, endpoint="/v1/responses", method="GET", status="101") == 1
+    assert value(samples, requests, status="429", error_code="rate_limit_exceeded") == 1
+    assert value(samples, requests, status="402", error_code="insufficient_quota") == 1
+    assert value(samples, requests, status="502") == 1
+    # The stream that failed after its first output: a 200, and the failure its response tells.
+    assert value(samples, requests, status="200", error_code="server_error") == 1
+    assert value(samples, "relay_refusals_total", reason="rate_limit_exceeded") == 1
+    assert value(samples, "relay_refusals_total", reason="insufficient_quota") == 1
+    assert (
+        value(samples, "relay_http_request_duration_seconds_count", endpoint="/v1/responses") == 12
+    )
+    # Responses: the seven completed on the priced route (the limited key's one among them
+    # makes eight), the failed one, and the one the unreachable upstream never began.
+    assert value(samples, "relay_responses_total", status="completed", **priced) == 8
+    assert value(samples, "relay_responses_total", model="breaks", status="failed") == 1
+    assert value(samples, "relay_upstream_attempts_total", deployment="nowhere") == 1
+    assert value(samples, "relay_upstream_attempts_total", deployment="nowhere", outcome="ok") == 0
+    assert value(samples, "relay_upstream_attempts_total", deployment="priced-1", outcome="ok") == 8
+    # Tokens and cost, by project (metrics_labels = ["project"]): what the answers reported.
+    input_tokens = sum(answer["usage"]["input_tokens"] for answer in answers)
+    output_tokens = sum(answer["usage"]["output_tokens"] for answer in answers)
+    mine = {**priced, "project": "p-plain"}
+    assert value(samples, "relay_tokens_total", type="input", **mine) == input_tokens
+    assert value(samples, "relay_tokens_total", type="output", **mine) == output_tokens
+    cost = (input_tokens * PRICE["input"] + output_tokens * PRICE["output"]) / 1e6
+    assert value(samples, "relay_cost_usd_total", **mine) == pytest.approx(cost)
+    usage = "gen_ai_client_token_usage"
+    assert value(samples, f"{usage}_count", gen_ai_token_type="input", **gen_ai) == 8
+    assert value(samples, f"{usage}_sum", gen_ai_token_type="output", **gen_ai) == (
+        output_tokens + value(samples, "relay_tokens_total", type="output", project="p-limited")
+    )
+    # Latency histograms: one observation per response; each within its bounds.
+    for name in (
+        "gen_ai_server_request_duration_seconds",
+        "gen_ai_server_time_to_first_token_seconds",
+        "gen_ai_client_operation_duration_seconds",
+    ):
+        assert value(samples, f"{name}_count", **gen_ai) == 8, name
+        assert 0 < value(samples, f"{name}_sum", **gen_ai) < 8 * 10, name
+        assert value(samples, f"{name}_bucket", le="+Inf", **gen_ai) == 8, name
+    first = value(samples, "gen_ai_server_time_to_first_token_seconds_sum", **gen_ai)
+    total = value(samples, "gen_ai_server_request_duration_seconds_sum", **gen_ai)
+    assert first <= total
+    # Gauges: nothing in flight now; the cooling state of the deployment that failed once
+    # (three failures in a row make it cool).
+    assert value(samples, "relay_active_streams") == 0
+    assert value(samples, "relay_active_websockets") == 0
+    assert value(samples, "relay_background_runs", state="running") == 0
+    assert value(samples, "relay_deployment_cooling", deployment="nowhere") == 0
