@@ -8,13 +8,19 @@ update, items, an item, the `conversation` parameter, DELETE).
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 from team import ADMIN_KEY, CONFIG_KEY, AdminClient, client, team_relay
+
+from relay.log_lines import JsonFormatter
 
 
 @dataclass
@@ -124,15 +130,26 @@ def _call(http: httpx.Client, endpoint: str, world: World, unknown: bool = False
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("caller", [*SEES, *NOT_FOUND, *UNAUTHENTICATED])
-def test_only_the_owning_project_sees_a_response(world: World, caller: str, endpoint: str) -> None:
+def test_only_the_owning_project_sees_a_response(
+    world: World, caller: str, endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
     if endpoint.endswith("DELETE") and caller in SEES:
         pytest.skip("the owner's deletes are tested last, below")
     from relay_fixtures import checked_client
 
-    with checked_client(world.url) as http:
-        http.headers.update(world.callers[caller])
+    request_id = f"iso-{uuid.uuid4().hex}"
+    with caplog.at_level(logging.INFO, logger="relay.access"), checked_client(world.url) as http:
+        http.headers.update({**world.callers[caller], "x-request-id": request_id})
         answer = _call(http, endpoint, world)
-    error = answer.json().get("error") if answer.status_code >= 400 else None
+        error = answer.json().get("error") if answer.status_code >= 400 else None
+        # Exactly one access line for the request, refused or not, naming it; in JSON too.
+        line = _access_line(caplog, request_id)
+    assert (line["status"], line["error_code"]) == (
+        answer.status_code,
+        error["code"] if error is not None else None,
+    )
+    if caller in SEES:
+        assert line["project"] == world.home
     if caller in SEES:
         assert answer.status_code == 200, answer.text
     elif caller in NOT_FOUND:
@@ -151,6 +168,25 @@ def test_only_the_owning_project_sees_a_response(world: World, caller: str, endp
     else:
         assert answer.status_code == 401, answer.text
         assert error is not None and error["code"] == UNAUTHENTICATED[caller]
+
+
+def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str, Any]:
+    """The request's access line, as JSON; written once its answer's last byte is sent, so
+    it may come just after the client read the answer."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [
+            record
+            for record in caplog.records
+            if getattr(record, "fields", {}).get("request_id") == request_id
+        ]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    [record] = lines
+    line: dict[str, Any] = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == request_id and line["logger"] == "relay.access"
+    return line
 
 
 def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:

@@ -68,6 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
         "RELAY_ADMIN_KEYS": orjson.dumps([{"key_env": "M_ADMIN", "name": "ops"}]).decode(),
         "RELAY_METRICS_PORT": str(metrics_port),
         "RELAY_METRICS_LABELS": '["project"]',
+        "RELAY_LOG_FORMAT": "json",
         "M_PLAIN": PLAIN,
         "M_LIMITED": LIMITED,
         "M_BROKE": BROKE,
@@ -82,7 +83,13 @@ def test_the_metrics_count_what_was_served(served: Any) -> None:
     base = relay.url
     plain = {"authorization": f"Bearer {PLAIN}"}
     answers: list[dict[str, Any]] = []
-    with httpx.Client(base_url=base, timeout=30) as http:
+    sent: list[str] = []  # the request ids, one per request
+
+    def name(request: httpx.Request) -> None:
+        sent.append(f"mix-{len(sent)}")
+        request.headers["x-request-id"] = sent[-1]
+
+    with httpx.Client(base_url=base, timeout=30, event_hooks={"request": [name]}) as http:
         # Completed (3), streamed (2), background (1): every one by the priced route.
         for _ in range(3):
             answer = http.post(
@@ -111,7 +118,8 @@ def test_the_metrics_count_what_was_served(served: Any) -> None:
             time.sleep(0.05)
         # A WebSocket with one turn.
         socket_url = base.replace("http://", "ws://") + "/v1/responses"
-        with connect(socket_url, additional_headers=plain) as socket:
+        sent.append("mix-socket")
+        with connect(socket_url, additional_headers={**plain, "x-request-id": sent[-1]}) as socket:
             socket.send(orjson.dumps({"type": "response.create", "model": "priced", "input": "g"}))
             while True:
                 event = orjson.loads(socket.recv(timeout=10))
@@ -146,6 +154,25 @@ def test_the_metrics_count_what_was_served(served: Any) -> None:
     assert len(answers) == 7
     for samples in (scrape(from_api.text), scrape(from_port)):
         check(samples, answers)
+    check_log(relay, sent)
+
+
+def check_log(relay: Any, sent: list[str]) -> None:
+    """log_format = "json": every line an object; one access line per request, refused ones
+    included, naming its request id."""
+    time.sleep(0.3)  # info lines are written out every 0.1 s
+    lines = [orjson.loads(line) for line in relay.log_so_far().splitlines()]
+    access = [line for line in lines if line["logger"] == "relay.access"]
+    for request_id in sent:
+        [line] = [line for line in access if line["request_id"] == request_id]
+        assert line["status"] in (101, 200, 401, 402, 429, 502), line
+        assert line["latency_ms"] > 0
+    refused = {line["status"]: line for line in access if line["status"] in (402, 429)}
+    assert refused[429]["error_code"] == "rate_limit_exceeded"
+    assert refused[402]["project"] == "p-broke" and refused[402]["key_id"]
+    served = [line for line in access if line.get("response_status") == "completed"]
+    assert all(line["model"] == "priced" and line["deployment"] == "priced-1" for line in served)
+    assert all(line["cost_usd"] > 0 and line["input_tokens"] > 0 for line in served)
 
 
 def check(samples: Samples, answers: list[dict[str, Any]]) -> None:

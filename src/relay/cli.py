@@ -49,13 +49,6 @@ def app_factory() -> ASGIApp:
 
 def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, BatchedStderr)]:
-        if handler.writing:
-            return  # configured already
-        # uvicorn's logging set-up (dictConfig) closes every handler there is, this one
-        # included (serve's, then its own app in the same process): its lines would stay
-        # in its buffer, so a fresh one takes over.
-        root.removeHandler(handler)
     if root.handlers:
         return  # another's (a test's capture): as basicConfig, leave a configured root be
     # What the format does not show is not gathered for each line (the logging docs'
@@ -157,6 +150,8 @@ def _run(settings: Settings) -> None:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        # uvicorn's lines go through Relay's handler (configure_logging), in its format.
+        log_config=None,
         loop="uvloop",
         http="httptools",
         # A larger WebSocket message closes its socket with 1009 and the limit as reason,

@@ -32,9 +32,9 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s"
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 
 
-# Fields an access line's message says already ("POST /v1/responses 200"): JSON keeps them as
-# keys, text does not repeat them.
-IN_MESSAGE = frozenset(["method", "path", "status"])
+# Fields a text line shows already (the request id in its prefix, the access line's message
+# "POST /v1/responses 200"): JSON keeps them as keys, text does not repeat them.
+SHOWN = frozenset(["request_id", "method", "path", "status"])
 
 
 class TextFormatter(logging.Formatter):
@@ -52,7 +52,7 @@ class TextFormatter(logging.Formatter):
         shown = " ".join(
             f"{name}={plain(value)}"
             for name, value in fields.items()
-            if value is not None and name not in IN_MESSAGE
+            if value is not None and name not in SHOWN
         )
         return f"{line} {shown}"
 
@@ -91,11 +91,6 @@ class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(_buffered_stderr())
         self._stop = threading.Event()
         threading.Thread(target=self._flush_now_and_then, name="relay-log", daemon=True).start()
-
-    @property
-    def writing(self) -> bool:
-        """Whether its thread still writes its lines out (until it is closed)."""
-        return not self._stop.is_set()
 
     def flush(self) -> None:
         """Called after each line: nothing (the thread writes them out)."""

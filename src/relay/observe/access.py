@@ -41,6 +41,7 @@ METHODS = frozenset(["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
 class Exchange:
     """What one request became, noted as it is served."""
 
+    request_id: str
     method: str
     path: str
     started: float  # time.monotonic() at its arrival
@@ -74,6 +75,7 @@ class Exchange:
     def fields(self, latency_s: float) -> dict[str, Any]:
         """The access line's fields (None: not known, or not this request's business)."""
         fields = {
+            "request_id": self.request_id,
             "method": self.method,
             "path": self.path[:MAX_PATH],
             "status": self.status,
@@ -157,7 +159,8 @@ class ObservedRequests:
         method = "GET" if websocket else scope["method"]
         if method not in METHODS:
             method = "other"  # a metric label: bounded
-        exchange = Exchange(method, scope["path"], time.monotonic(), websocket)
+        named = request_id.decode("latin-1")
+        exchange = Exchange(named, method, scope["path"], time.monotonic(), websocket)
 
         async def send_observed(message: Message) -> None:
             sent = message["type"]
@@ -175,7 +178,7 @@ class ObservedRequests:
             await send(message)
 
         # Every log line written for the request names it (relay.log_lines).
-        named = REQUEST_ID.set(request_id.decode("latin-1"))
+        naming = REQUEST_ID.set(named)
         current = CURRENT.set(exchange)
         try:
             await self.app(scope, receive, send_observed)
@@ -183,7 +186,7 @@ class ObservedRequests:
             exchange.ended = True
             self._write(scope, exchange)
             CURRENT.reset(current)
-            REQUEST_ID.reset(named)
+            REQUEST_ID.reset(naming)
 
     def _write(self, scope: Scope, exchange: Exchange) -> None:
         latency_s = time.monotonic() - exchange.started
