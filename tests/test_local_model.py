@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,18 @@ def create(local: httpx.Client, **body: Any) -> dict[str, Any]:
 
 
 def test_default_route_is_the_bundled_model(
-    caplog_module: list[logging.LogRecord], local: httpx.Client
+    caplog_module: list[logging.LogRecord], local: httpx.Client, local_url: str
 ) -> None:
     assert load_settings().routes == [DEFAULT_ROUTE]
     assert bundled_model_path().stat().st_size > 50_000_000
     assert MODEL in {m["id"] for m in local.get("/v1/models").json()["data"]}
+    # Loaded at start-up, beside the server: ready once it has.
+    deadline = time.monotonic() + 30
+    while (ready := httpx.get(f"{local_url}/readyz")).status_code != 200:
+        assert ready.json()["checks"][f"model {MODEL}"] == "loading"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert ready.json()["checks"][f"model {MODEL}"] == "ok"
     assert any("loaded SmolLM2" in r.getMessage() for r in caplog_module)
 
 

@@ -1,8 +1,10 @@
 """`GET /readyz`: 200 when this instance can serve; 503 naming the part that fails (the
-database, its schema's revision, Redis when configured), and 200 again once it is back."""
+database, its schema's revision, Redis when configured, an embedded model), and 200 again
+once it is back."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sqlite3
 import time
@@ -15,7 +17,7 @@ from db_fixtures import PgCluster
 from live_server import relay_server
 from relay_fixtures import fake_routes
 
-from relay.config import Settings
+from relay.config import RouteConfig, Settings
 from relay.storage.database import head_revision
 
 
@@ -83,3 +85,28 @@ def test_redis_that_does_not_answer_is_named(tmp_path: Path, redis_url: str) -> 
                 code, body = ready(url)
             assert code == status, body
             assert (body["checks"]["redis"] == "ok") is (status == 200)
+
+
+def test_an_embedded_model_that_cannot_load_is_named(tmp_path: Path) -> None:
+    """A model loaded at start-up loads while the server listens: /readyz names it until it
+    has loaded; one that failed (a file that is no GGUF) stays named until a request loads
+    it, once the file is fixed."""
+    from relay.providers.llama_local import bundled_model_path
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not a model")
+    route = RouteConfig(model="local", provider="llama_cpp", model_path=str(model))
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'relay.db'}", routes=[route])
+    with relay_server(settings) as url:
+        body = until(url, 503, within_s=30)
+        assert body["checks"]["model local"].startswith("failed to load"), body
+        assert body["checks"]["database"] == "ok"
+        assert httpx.get(f"{url}/healthz").status_code == 200  # alive, not ready
+        shutil.copyfile(bundled_model_path(), model)
+        answer = httpx.post(
+            f"{url}/v1/responses",
+            json={"model": "local", "input": "hi", "max_output_tokens": 16},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        assert until(url, 200, within_s=5)["checks"]["model local"] == "ok"

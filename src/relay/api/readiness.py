@@ -2,8 +2,9 @@
 
 `/healthz` says the process lives; this asks what serving needs: the database answers, its
 schema is at the revision this code migrates to (an instance started against a database that
-a newer instance migrated, or never migrated, is not ready), and Redis answers when rate
-limits are shared through it. Each check is bounded, so a database that hangs is reported
+a newer instance migrated, or never migrated, is not ready), Redis answers when rate limits
+are shared through it, and the in-process models loaded at start-up have loaded. Each check
+is bounded, so a database that hangs is reported
 within CHECK_S rather than holding the probe; a failing part is named in the answer (its
 reason for the log, never a credential: the drivers' messages name hosts, not passwords).
 """
@@ -13,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from typing import Protocol, cast
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.models.deployments import LlamaCppConfig
+from relay.providers.registry import Registry
 from relay.storage.database import current_revision, head_revision
 
 log = logging.getLogger("relay.api")
@@ -37,6 +41,7 @@ async def readyz(request: Request) -> Response:
         "database": "ok" if isinstance(revision, _Ok) else str(revision),
         "migrations": _migrations(revision),
         "redis": "ok" if isinstance(outcomes["redis"], _Ok) else str(outcomes["redis"]),
+        **_models(state.engine.registry),
     }
     failing = [part for part, result in results.items() if result != "ok"]
     if failing:
@@ -63,6 +68,19 @@ async def _checked(check: Awaitable[object]) -> _Ok | str:
         return f"no answer within {CHECK_S:g} s"
     except Exception as error:  # any failure of the part is its answer
         return f"unavailable ({type(error).__name__})"
+
+
+def _models(registry: Registry) -> dict[str, str]:
+    """The in-process models loaded at start-up: "ok" once loaded (`model <route>`)."""
+    return {
+        f"model {deployment.route}": cast(Loading, deployment.provider).readiness()
+        for deployment in registry.deployments()
+        if isinstance(deployment.config, LlamaCppConfig) and deployment.config.load == "startup"
+    }
+
+
+class Loading(Protocol):
+    def readiness(self) -> str: ...
 
 
 def _migrations(revision: _Ok | str) -> str:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -141,8 +141,27 @@ class LlamaLocalProvider:
         self._load_lock = threading.Lock()
         if not model_path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {model_path}")
+        # Loaded at start-up by the worker thread, first of its jobs (requests queue behind
+        # it): the server listens meanwhile, and /readyz says "loading" (a large model takes
+        # minutes; a load balancer sends nothing until it is ready).
+        self._loading: Future[Llama] | None = None
         if self._options.load_at_startup:
-            self._load()
+            self._loading = self._worker.submit(self._load_at_startup)
+
+    def readiness(self) -> str:
+        """"ok", "loading" or "failed to load" (why: in the log; /readyz answers anyone)."""
+        loading = self._loading
+        if loading is None or self._llama is not None:
+            return "ok"
+        return "failed to load" if loading.done() else "loading"
+
+    def _load_at_startup(self) -> Llama:
+        try:
+            return self._load()
+        except Exception as error:
+            # Each request tries again (and fails, saying why) until the file is fixed.
+            log.error("could not load %s: %s", self._path.name, error)
+            raise
 
     def _load(self) -> Llama:
         with self._load_lock:
