@@ -8,7 +8,9 @@ with the same routes, and alternates between them: the sequential overhead over 
 request under wrk (alternating 5-second runs at C=16 and C=64). `BENCH_AB_BASE` names the
 revision (default HEAD, i.e. the uncommitted change). `BENCH_AB_LOG_LEVEL` sets both Relays'
 log level (default info): trees before 2026-12-06 logged nothing in `--workers N` processes,
-so `warning` compares them without the per-response log line.
+so `warning` compares them without the per-response log line. `BENCH_AB_CHANGE_ENV` adds
+settings to the working tree's Relay only (`NAME=value` pairs, space-separated), such as
+`RELAY_LOG_FORMAT=json`.
 """
 
 from __future__ import annotations
@@ -53,12 +55,18 @@ def main(quick: bool) -> None:
         upstream = f"http://127.0.0.1:{port}"
         trees = {"base": str(before / "src"), "change": str(peers.ROOT / "src")}
         log_level = os.environ.get("BENCH_AB_LOG_LEVEL", "info")
+        change_env = dict(
+            pair.split("=", 1) for pair in os.environ.get("BENCH_AB_CHANGE_ENV", "").split()
+        )
+        if change_env:
+            print(f"# the working tree's Relay with {change_env}")
         relays, stored, plain = {}, [], []
         for name, src in trees.items():
             relay_port = peers.free_port()
+            env = {"PYTHONPATH": src, "RELAY_LOG_LEVEL": log_level}
             relay = peers.start_relay(
                 workdir / name, upstream, relay_port, WORKERS, anthropic=False,
-                env={"PYTHONPATH": src, "RELAY_LOG_LEVEL": log_level},
+                env={**env, **change_env} if name == "change" else env,
             )  # fmt: skip
             stack.callback(relay.stop)
             url = f"http://127.0.0.1:{relay_port}"
