@@ -75,53 +75,53 @@ class Metrics:
         self.labels = tuple(name for name in OPTIONAL_LABELS if name in labels)
         self.registry = registry = CollectorRegistry()
         model = ("gen_ai_request_model", "deployment")
+
+        def histogram(
+            name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+        ) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
         self.http_requests = Counter(
             "relay_http_requests",
             "HTTP requests (WebSocket connections included, status 101), by how they ended.",
             ("method", "endpoint", "status", "error_code"),
             registry=registry,
         )
-        self.http_duration = Histogram(
+        self.http_duration = histogram(
             "relay_http_request_duration_seconds",
             "HTTP requests, from their arrival to their last byte.",
             ("endpoint",),
-            buckets=DURATION_BUCKETS,
-            registry=registry,
+            DURATION_BUCKETS,
         )
-        self.request_duration = Histogram(
+        self.request_duration = histogram(
             "gen_ai_server_request_duration_seconds",
             "Responses, from their request's arrival to their end.",
             model,
-            buckets=DURATION_BUCKETS,
-            registry=registry,
+            DURATION_BUCKETS,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = histogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Responses, from their request's arrival to the upstream's first output.",
             model,
-            buckets=TTFT_BUCKETS,
-            registry=registry,
+            TTFT_BUCKETS,
         )
-        self.time_per_output_token = Histogram(
+        self.time_per_output_token = histogram(
             "gen_ai_server_time_per_output_token_seconds",
             "Responses of two or more output tokens: the time each token after the first took.",
             model,
-            buckets=PER_TOKEN_BUCKETS,
-            registry=registry,
+            PER_TOKEN_BUCKETS,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = histogram(
             "gen_ai_client_operation_duration_seconds",
             "The upstream's part of a response: from asking it to the end of its answer.",
             (*model, "gen_ai_provider_name"),
-            buckets=DURATION_BUCKETS,
-            registry=registry,
+            DURATION_BUCKETS,
         )
-        self.token_usage = Histogram(
+        self.token_usage = histogram(
             "gen_ai_client_token_usage",
             "Tokens per response, by gen_ai_token_type (input, output).",
             (*model, "gen_ai_token_type"),
-            buckets=TOKEN_BUCKETS,
-            registry=registry,
+            TOKEN_BUCKETS,
         )
         self.responses = Counter(
             "relay_responses",
