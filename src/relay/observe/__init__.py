@@ -1,0 +1,1 @@
+"""What operators see of Relay: metrics, traces, access logs."""
