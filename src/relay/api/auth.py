@@ -16,6 +16,7 @@ from relay.access.gate import Access, Principal
 from relay.api.errors import error_response
 from relay.api.paging import refuse_nul
 from relay.errors import RelayError
+from relay.observe import tracing
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 ClientHandler = Callable[[Request, Principal], Awaitable[Response]]
@@ -31,6 +32,7 @@ def access(request: Request | WebSocket) -> Access:
 def client_endpoint(handler: ClientHandler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         principal = await access(request).principal(request)
+        tracing.caller(principal)
         refuse_nul(request)
         return await handler(request, principal)
 
