@@ -93,16 +93,11 @@ def upstream(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[ChatUpstream]:
 def traced_relay(
     upstream: ChatUpstream, exporter: InMemorySpanExporter, tmp_path: Path, **settings: Any
 ) -> Iterator[httpx.Client]:
-    """A Relay with tracing on, in this process, and a client of it; no spans kept from before."""
+    """A Relay with tracing on, in this process (on SQLite in `tmp_path` unless `settings` name
+    a database), and a client of it; no spans kept from before."""
     configs = [RouteConfig.model_validate(route) for route in routes(upstream)]
-    with relay_server(
-        Settings(
-            database_url=f"sqlite:///{tmp_path}/relay.db",
-            routes=configs,
-            tracing=True,
-            **settings,
-        )
-    ) as url:
+    settings = {"database_url": f"sqlite:///{tmp_path}/relay.db", **settings}
+    with relay_server(Settings(routes=configs, tracing=True, **settings)) as url:
         exporter.clear()
         upstream.reset()
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -374,9 +369,11 @@ def test_a_chain_is_loaded_and_the_response_stored_under_the_request(
 
 
 def test_a_background_run_waits_and_runs_under_its_request(
-    upstream: ChatUpstream, exporter: InMemorySpanExporter, tmp_path: Path
+    upstream: ChatUpstream, exporter: InMemorySpanExporter, tmp_path: Path, store_url: str
 ) -> None:
-    with traced_relay(upstream, exporter, tmp_path) as client:
+    # On PostgreSQL the run goes through the job queue (taken by a worker task of this process,
+    # which inherits nothing from the request): the job carries the request's trace.
+    with traced_relay(upstream, exporter, tmp_path, database_url=store_url) as client:
         queued = ask(client, background=True, provider=FAILOVER)
         run = request_span(exporter, "relay.background.run")
         request = request_span(exporter)
@@ -384,8 +381,10 @@ def test_a_background_run_waits_and_runs_under_its_request(
         assert {"relay.store.begin_run", "relay.background.queued", "relay.background.run"} <= set(
             under_request
         )
+        assert hex_ids(run)[0] == hex_ids(request)[0]
         waited = under_request["relay.background.queued"]
-        assert waited.end_time == run.start_time
+        assert waited.start_time is not None and request.start_time is not None
+        assert request.start_time < waited.start_time < waited.end_time == run.start_time
         assert run.attributes["relay.response_id"] == queued["id"]  # type: ignore[index]
         assert run.attributes["gen_ai.response.id"] == queued["id"]  # type: ignore[index]
         assert run.attributes["relay.response.status"] == "completed"  # type: ignore[index]

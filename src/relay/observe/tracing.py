@@ -20,8 +20,8 @@ An upstream try that answers is the generation: its span stays open for as long 
 and ends when the response settles, with the usage, finish reason and response id (which the
 request's span gets too). A try that fails ends at once, with `error.type`, so retries and
 failovers are one span each. A background run gets a span for its wait and one for its run,
-children of the request that created it: inherited in this process, carried in the job's
-arguments through the PostgreSQL job queue (`carried`).
+children of the request that queued it, whose trace context it carries (`carried`: with the
+run's task here, in the job's arguments through the PostgreSQL job queue).
 
 Never a credential: no header but `traceparent`/`tracestate` is read, an upstream is named by
 its host alone. Prompt and output text only with `trace_content = true`.
