@@ -63,6 +63,8 @@ def routes(upstream: ChatUpstream) -> list[dict[str, Any]]:
             ],
         },
         {"model": "fake-text", "provider": "fake", "upstream_model": "text"},
+        # Some text, then an error chunk: a failure after the stream began.
+        {"model": "breaks", "deployments": [chat(upstream, "midway", "error_chunk")]},
     ]
 
 
@@ -346,6 +348,42 @@ def test_trace_content_puts_the_prompt_and_output_on_the_generation(
         assert orjson.loads(str(attributes["gen_ai.system_instructions"])) == [
             {"type": "text", "content": "Be terse."}
         ]
+
+
+@pytest.mark.parametrize(("model", "status"), [("traced", "completed"), ("breaks", "failed")])
+def test_a_stream_s_try_lasts_as_long_as_the_stream(
+    upstream: ChatUpstream,
+    exporter: InMemorySpanExporter,
+    tmp_path: Path,
+    model: str,
+    status: str,
+) -> None:
+    with traced_relay(upstream, exporter, tmp_path) as client:
+        body = {"model": model, "input": PROMPT, "stream": True, "provider": FAILOVER}
+        with client.stream("POST", "/v1/responses", json=body) as answer:
+            events = [line for line in answer.iter_lines() if line.startswith("data: {")]
+        last = orjson.loads(events[-1].removeprefix("data: "))
+        assert last["response"]["status"] == status
+        request = request_span(exporter)
+        spans = {span.name: span for span in children(exporter, request)}
+        generation = spans.get("chat echo") or spans["chat error_chunk"]
+        # Recorded once the upstream answered, before the first event; stored once the stream
+        # ended, before the last: the try's span covers the stream in between.
+        recorded, stored = spans["relay.store.begin_run"], spans["relay.store.save_response"]
+        assert generation.start_time is not None and generation.end_time is not None
+        assert recorded.start_time is not None and stored.start_time is not None
+        assert generation.start_time < recorded.start_time < generation.end_time
+        assert generation.end_time <= stored.start_time
+        attributes = dict(generation.attributes or {})
+        assert attributes["relay.response.status"] == status
+        assert attributes["gen_ai.response.id"] == last["response"]["id"]
+        if status == "failed":
+            assert generation.status.status_code is StatusCode.ERROR
+            assert attributes["error.type"] == "server_error"
+            assert attributes["gen_ai.response.finish_reasons"] == ("error",)
+        else:
+            assert generation.status.status_code is StatusCode.UNSET
+            assert attributes["gen_ai.usage.output_tokens"] > 0  # type: ignore[operator]
 
 
 def test_a_chain_is_loaded_and_the_response_stored_under_the_request(
