@@ -209,7 +209,8 @@ class HTTPClient:
         headers: Mapping[str, str] | None = None,
     ) -> Response:
         """`post`, by any method (`relay check` GETs a models list); `headers`: this
-        request's own, beside the client's (a trace's `traceparent`)."""
+        request's own, beside those every request of this client carries (a trace's
+        `traceparent`)."""
         request = b"".join(
             [
                 f"{method} {self._target_prefix}{target} HTTP/1.1\r\n".encode(),
