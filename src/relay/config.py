@@ -245,6 +245,17 @@ class Settings(BaseSettings):
     error_format: Literal["openai", "fastapi"] = "openai"
     data_dir: Path = Path("data")
 
+    # Tracing (OpenTelemetry, relay.observe.tracing): a span per request, with its upstream
+    # tries, storage and background runs, exported over OTLP/HTTP. Off by default, and then
+    # free. On with `tracing = true`, or as the OpenTelemetry SDK would be: an
+    # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT or OTEL_TRACES_EXPORTER set, unless OTEL_SDK_DISABLED
+    # is true. The standard OTEL_* variables configure the rest (endpoint, headers, sampler,
+    # service name: "relay" unless named).
+    tracing: bool = False
+    # Prompt and output text on the generation's span (gen_ai.input.messages and
+    # gen_ai.output.messages). Off: traces often go where prompts must not.
+    trace_content: bool = False
+
     @field_validator("database_url")
     @classmethod
     def _supported_database(cls, url: str) -> str:

@@ -20,7 +20,7 @@ from relay.api import errors
 from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
-from relay.observe import MULTIPROCESS_DIR
+from relay.observe import MULTIPROCESS_DIR, tracing
 from relay.observe.access import ObservedRequests
 from relay.observe.metrics import Metrics
 from relay.providers.registry import Registry
@@ -70,10 +70,16 @@ def create_app(settings: Settings) -> ASGIApp:
                     "x-session-id",
                     "idempotency-key",
                     "x-project-id",
+                    "traceparent",
+                    "tracestate",
                 ],
                 expose_headers=["x-request-id", "x-relay-omitted-tools", "x-relay-deployment"],
             )
         )
+    if tracing.wanted(settings):
+        # Each request's span: outside the others, inside the request id's (the span carries
+        # the id). Not installed at all when tracing is off.
+        middleware.insert(0, Middleware(tracing.TracingMiddleware))
     app = Starlette(
         routes=routes(("/v1", "/api/v1")),
         middleware=middleware,
@@ -100,6 +106,10 @@ async def _start(
     """Open what the application serves with, each handed to `supervisor` as it opens: a
     start-up that fails half-way closes what it had opened, and a shutdown closes in the
     reverse order (what depends on another stops before it)."""
+    stop_tracing = tracing.start(settings)
+    if stop_tracing is not None:
+        # First in, so last out: the spans of everything else's shutdown are exported too.
+        supervisor.closes("tracing", stop_tracing)
     store = await open_store(settings.database_url)
     supervisor.closes("store", store.close)
     await agree(

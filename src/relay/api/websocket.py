@@ -26,6 +26,7 @@ from relay.api.auth import access
 from relay.api.errors import error_response
 from relay.engine.run import Run
 from relay.errors import InvalidRequest, PermissionDenied, RateLimited, RelayError
+from relay.observe import tracing
 from relay.protocol import CreateResponse, create_request, json_object
 from relay.providers.base import History
 from relay.runs.runner import Runner
@@ -140,6 +141,11 @@ class _Socket:
                 self.turn.cancel()
 
     async def _turn(self, text: str) -> None:
+        # Each turn is traced as a request would be (a task of its own: its span is its own).
+        with tracing.turn(self.websocket.scope):
+            await self._traced_turn(text)
+
+    async def _traced_turn(self, text: str) -> None:
         previous: str | None = None
         accounting = None
         try:
@@ -151,6 +157,7 @@ class _Socket:
             # Each turn is a request as far as keys, limits and budgets go: a key revoked or
             # expired meanwhile (or its project archived) ends there.
             self.principal = await self.gate.principal(self.websocket)
+            tracing.caller(self.principal)
             accounting = await self.gate.admit(self.principal, body, len(text))
             run = await self.engine.start(
                 body,

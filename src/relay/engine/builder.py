@@ -542,6 +542,12 @@ class ResponseBuilder:
             "total_tokens": usage.input_tokens + usage.output_tokens,
         }
 
+    @property
+    def finish_reason(self) -> str:
+        """The upstream's finish reason ("stop", "length", "tool_calls"...), "stop" until it
+        says."""
+        return self._finish
+
     def finish(self) -> list[Event]:
         """Close what is open and settle the outcome from the upstream's finish reason. The
         terminal events come from `terminal()`, once the response is stored."""

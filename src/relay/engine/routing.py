@@ -304,11 +304,11 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 async def attempt(
-    deployment: Deployment, call: Callable[[], Awaitable[T]]
+    deployment: Deployment, call: Callable[[int], Awaitable[T]]
 ) -> tuple[T | None, ProviderError | None]:
-    """`call` on `deployment`, retried as its config says: (result, None), or (None, the last
-    failure). Failures that are the request's (a 400) are raised at once; the health record
-    hears of each try."""
+    """`call` on `deployment`, retried as its config says (`call(n)` makes the nth try): (result,
+    None), or (None, the last failure). Failures that are the request's (a 400) are raised at
+    once; the health record hears of each try."""
     config = deployment.config
     health = deployment.health
     last: ProviderError | None = None
@@ -316,7 +316,7 @@ async def attempt(
         health.attempt()
         started = time.monotonic()
         try:
-            result = await call()
+            result = await call(number + 1)
         except ProviderError as error:
             deployment.meter.attempted(error.code)
             if error.retryable or error.code in _MISCONFIGURED:

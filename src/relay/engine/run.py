@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -45,6 +45,7 @@ from relay.errors import (
 )
 from relay.ids import new_id
 from relay.models.policy import Served, Settle
+from relay.observe import tracing
 from relay.observe.access import CURRENT, Exchange, response_fields
 from relay.observe.metrics import Timings
 from relay.protocol import CreateResponse
@@ -62,6 +63,9 @@ from relay.sealing import Sealer
 from relay.storage.base import Store
 from relay.storage.conversations import ConversationStore
 from relay.storage.outage import retried
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("relay.engine")
 T = TypeVar("T")
@@ -83,11 +87,13 @@ def provider_error_to_http(error: ProviderError) -> RelayError:
 class Opened(NamedTuple):
     """A deployment's answer to a request, once it began: what it was sent, its deltas, and
     when it was asked (its throughput counts from there: streams whose opening events are
-    read before the answer is the client's have their first delta by then)."""
+    read before the answer is the client's have their first delta by then); the try's span
+    when tracing, open until the response settles."""
 
     request: ProviderRequest
     deltas: AsyncIterator[Delta]
     asked_at: float
+    span: Span | None = None
 
 
 @dataclass(slots=True)
@@ -110,6 +116,7 @@ class Run:
     deployment: Deployment | None = None
     sent: ProviderRequest | None = None
     asked_at: float = 0.0
+    span: Span | None = None  # the answering try's, when tracing (relay.observe.tracing)
     on_settled: Settle | None = None
     key_id: str | None = None  # the key it was asked with (None: none, or not known here)
     # When its request arrived (time.monotonic()), and the request, when this response is its
@@ -187,6 +194,7 @@ class Run:
                 await self._persist()
             raise
         finally:
+            tracing.ended(self.span)
             await _close(self.deltas)
 
     def _mid_stream_failure(self, error: ProviderError) -> str:
@@ -223,6 +231,7 @@ class Run:
     async def discard(self) -> None:
         """A run whose events will never be read: its upstream closed, its conversation
         released."""
+        tracing.ended(self.span)
         await _close(self.deltas)
         if self.turn is not None:
             await self.turn.abandon()
@@ -244,9 +253,17 @@ class Run:
         ended = time.monotonic()
         response = self.response
         deployment = self.deployment
+        span, self.span = self.span, None  # taken at once: ended here, and only here
         counted = False
         if deployment is not None and self.sent is not None:
             counted = await counting.complete_usage(deployment.provider, self.sent, response)
+        tracing.settled(
+            span,
+            response,
+            self.builder.finish_reason,
+            self.input_items,
+            deployment.upstream_model if deployment else None,
+        )
         charged = None
         if self.on_settled is not None:
             served = (
@@ -415,6 +432,7 @@ class Engine:
         `generate=False`: a response that only takes the request in (a WebSocket warm-up):
         no upstream call, no output, an id the next turn can continue.
         `key_id`: the key it is asked with, for metrics labelled by key."""
+        tracing.asked(request, session_id)
         exchange = CURRENT.get()
         if exchange is not None and not exchange.awaits_response:
             exchange = None
@@ -483,6 +501,7 @@ class Engine:
             deployment=deployment,
             sent=None if opened is None else opened.request,
             asked_at=0.0 if opened is None else opened.asked_at,
+            span=None if opened is None else opened.span,
             on_settled=on_settled,
             key_id=key_id,
             started=started,
@@ -495,6 +514,7 @@ class Engine:
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """A background response as it is answered at once: everything refusable refused
         (400s come now, not later), status `queued`; and its input items, as stored."""
+        tracing.asked(request, session_id)
         prepared = await self._prepare(request, tenant, None)
         response = new_response(
             request,
@@ -511,6 +531,7 @@ class Engine:
 
     async def count_input_tokens(self, request: CreateResponse, *, tenant: str) -> TokenCount:
         """The input tokens the request would send to its model's first deployment."""
+        tracing.asked(request)
         prepared = await self._prepare(request, tenant, None)
         first = routing.ordered(prepared.routes[0][1], prepared.preferences)[0]
         try:
@@ -528,6 +549,7 @@ class Engine:
     ) -> dict[str, Any]:
         """POST /responses/compact: the context (input and/or previous_response_id) made into
         a shorter window by the route's model (see `relay.engine.compaction`)."""
+        tracing.asked(request)
         prepared = await self._prepare(request, tenant, None)
         instructions = compaction.PROMPT
         if request.instructions:
@@ -653,22 +675,25 @@ class Engine:
         raise provider_error_to_http(last)
 
     @staticmethod
-    async def _open_on(deployment: Deployment, prepared: Prepared, truncate: bool) -> Opened:
-        """One try on `deployment`. With truncation "auto", a context the upstream finds too
-        long loses its oldest turns, until it fits or nothing is left to drop."""
+    async def _open_on(
+        deployment: Deployment, prepared: Prepared, truncate: bool, number: int
+    ) -> Opened:
+        """The `number`th try on `deployment`. With truncation "auto", a context the upstream
+        finds too long loses its oldest turns, until it fits or nothing is left to drop."""
         shortened: list[dict[str, Any]] | None = None
-        while True:
-            try:
-                request = prepared.provider_request(deployment, shortened)
-                asked_at = time.monotonic()
-                return Opened(request, await deployment.provider.open(request), asked_at)
-            except ProviderError as error:
-                if error.code != "context_length_exceeded" or not truncate:
-                    raise
-                whole = prepared.context() if shortened is None else shortened
-                shortened = drop_oldest_turn(whole)
-                if shortened is None:
-                    raise
+        with tracing.attempt(deployment, number) as span:
+            while True:
+                try:
+                    request = prepared.provider_request(deployment, shortened)
+                    asked_at = time.monotonic()
+                    return Opened(request, await deployment.provider.open(request), asked_at, span)
+                except ProviderError as error:
+                    if error.code != "context_length_exceeded" or not truncate:
+                        raise
+                    whole = prepared.context() if shortened is None else shortened
+                    shortened = drop_oldest_turn(whole)
+                    if shortened is None:
+                        raise
 
 
 _Loaded = tuple[tuple[dict[str, Any], str], ...]  # tools tool search loaded, where each is

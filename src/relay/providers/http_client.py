@@ -201,12 +201,21 @@ class HTTPClient:
         headers. Raises HTTPClientError (ConnectFailed, ConnectionLost, ReadTimeout)."""
         return await self.send("POST", target, body)
 
-    async def send(self, method: str, target: str, body: bytes = b"") -> Response:
-        """`post`, by any method (`relay check` GETs a models list)."""
+    async def send(
+        self,
+        method: str,
+        target: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """`post`, by any method (`relay check` GETs a models list); `headers`: this
+        request's own, beside those every request of this client carries (a trace's
+        `traceparent`)."""
         request = b"".join(
             [
                 f"{method} {self._target_prefix}{target} HTTP/1.1\r\n".encode(),
                 self._headers,
+                b"" if headers is None else _header_block(headers),
                 b"Content-Length: %d\r\n\r\n" % len(body),
                 body,
             ]

@@ -149,7 +149,8 @@ class LlamaLocalProvider:
             self._loading = self._worker.submit(self._load_at_startup)
 
     def readiness(self) -> str:
-        """"ok", "loading" or "failed to load" (why: in the log; /readyz answers anyone)."""
+        """The model's state: "ok", "loading" or "failed to load" (why: in the log, since
+        /readyz answers anyone)."""
         loading = self._loading
         if loading is None or self._llama is not None:
             return "ok"

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from relay.observe import tracing
 from relay.providers.base import Delta, ProviderError, TokenCount
 from relay.providers.credentials import Scrubber, basic_token
 from relay.providers.http_client import (
@@ -128,7 +129,8 @@ class Upstream:
 
     async def _send(self, method: str, target: str, body: bytes) -> Response:
         try:
-            response = await self.http.send(method, target, body)
+            # With tracing on, the upstream is told the trace (W3C traceparent) of this try.
+            response = await self.http.send(method, target, body, tracing.outgoing())
         except HTTPClientError as exc:
             raise self.transport_error(exc) from None
         if response.status >= 300:

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.engine.builder import error_event
+from relay.observe import tracing
 from relay.runs.notify import CANCEL, CHANNEL, EVENT
 from relay.storage.outage import retried
 from relay.storage.sql import SqlStore, json_text
@@ -114,7 +115,8 @@ class RunLog:
             self.store.save_in(conn, tenant, response, input_items)
             conn.execute(insert(runs), row)
 
-        await self.db.write(work)
+        with tracing.storage(self.store.dialect, "begin_run", response["id"]):
+            await self.db.write(work)
 
     async def take(self, response_id: str) -> tuple[QueuedRun, str, dict[str, Any]] | None:
         """A worker's claim on a queued run: its lease starts now. (What it needs, its tenant,

@@ -37,7 +37,7 @@ class JobQueue:
     def __init__(
         self,
         database_url: str,
-        run: Callable[[str], Awaitable[None]],
+        run: Callable[[str, dict[str, str] | None], Awaitable[None]],
         *,
         concurrency: int,
     ) -> None:
@@ -50,8 +50,8 @@ class JobQueue:
         # No retries: a run that started is never run twice (its client may have seen its
         # first events); one whose worker died is ended by the run sweep instead.
         @self.app.task(name="relay.background_run", queue=QUEUE, retry=False)
-        async def background_run(response_id: str) -> None:
-            await run(response_id)
+        async def background_run(response_id: str, trace: dict[str, str] | None = None) -> None:
+            await run(response_id, trace)
 
         self._task: Any = background_run
 
@@ -70,9 +70,14 @@ class JobQueue:
             listen_notify=True,
         )
 
-    async def defer(self, response_id: str) -> None:
+    async def defer(self, response_id: str, trace: dict[str, str] | None = None) -> None:
+        """`trace`: the trace context of the request that queued it (relay.observe.tracing),
+        for the worker's spans; a job's argument only when there is one (tracing on)."""
+        arguments: dict[str, Any] = {"response_id": response_id}
+        if trace is not None:
+            arguments["trace"] = trace
         with reachable():  # its database is Relay's: the same outage, the same 503
-            await self._task.defer_async(response_id=response_id)
+            await self._task.defer_async(**arguments)
 
     async def close(self) -> None:
         await self.app.close_async()

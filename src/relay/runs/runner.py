@@ -33,6 +33,7 @@ from relay.engine.builder import TERMINAL, error_event
 from relay.engine.run import Engine, Run
 from relay.errors import DatabaseUnavailable, RelayError, ServerError, UpstreamError
 from relay.models.policy import Settle
+from relay.observe import tracing
 from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
 from relay.runs.log import QueuedRun, RunLog
@@ -140,12 +141,21 @@ class Runner:
                 body = request.model_dump_json(exclude_unset=True, by_alias=True)
                 queued = QueuedRun(body, session_id, key_id)
                 await self.log.begin(tenant, response, items, background=True, queued=queued)
-                await self.queue.defer(response["id"])
+                await self.queue.defer(response["id"], tracing.carried())
                 return response, False
             await self.log.begin(tenant, response, items, background=True)
             feed = self._feeds[response["id"]] = Feed()
             self._tasks[response["id"]] = asyncio.ensure_future(
-                self._run(request, tenant, session_id, key_id, dict(response), feed, on_settled)
+                self._run(
+                    request,
+                    tenant,
+                    session_id,
+                    key_id,
+                    dict(response),
+                    feed,
+                    on_settled,
+                    tracing.carried(),
+                )
             )
             started = True
             return response, True
@@ -153,9 +163,10 @@ class Runner:
             if not started:
                 self._waiting -= 1
 
-    async def run_queued(self, response_id: str) -> None:
+    async def run_queued(self, response_id: str, trace: dict[str, str] | None = None) -> None:
         """A job from the queue: the background run it names, here, unless it was
-        cancelled (or swept) while it waited."""
+        cancelled (or swept) while it waited. `trace`: what the job carries of the request
+        that queued it (relay.observe.tracing.carried)."""
         what = f"the start of queued response {response_id}"
         taken = await retried(
             functools.partial(self.log.take, response_id), what=what, until=self.engine.stopping
@@ -172,7 +183,14 @@ class Runner:
         on_settled = self.accounting_for(tenant, queued.key_id, request.model or "")
         try:
             await self._run(
-                request, tenant, queued.session_id, queued.key_id, snapshot, feed, on_settled
+                request,
+                tenant,
+                queued.session_id,
+                queued.key_id,
+                snapshot,
+                feed,
+                on_settled,
+                trace,
             )
         except asyncio.CancelledError:
             if response_id not in self._cancelled:
@@ -191,6 +209,7 @@ class Runner:
         queued: dict[str, Any],
         feed: Feed,
         on_settled: Settle,
+        trace: dict[str, str] | None,
     ) -> None:
         response_id = queued["id"]
         run: Run | None = None
@@ -205,24 +224,25 @@ class Runner:
             async with self._slots:
                 self._waiting -= 1
                 waiting = False
-                try:
-                    run = await self.engine.start(
-                        request,
-                        tenant=tenant,
-                        session_id=session_id,
-                        response_id=response_id,
-                        created_at=queued["created_at"],
-                        on_settled=on_settled,
-                        key_id=key_id,
-                    )
-                except RelayError as error:
-                    await self._failed_before_start(tenant, queued, feed, error, on_settled)
-                    ended = True
-                    return
-                run.durable, run.on_stored = True, stored
-                # As it starts (its output fills in later, in the final save).
-                self.engine.track(self.log.mark_running({**run.response, "output": []}))
-                await self._stream(run, feed)
+                with tracing.background(response_id, trace):
+                    try:
+                        run = await self.engine.start(
+                            request,
+                            tenant=tenant,
+                            session_id=session_id,
+                            response_id=response_id,
+                            created_at=queued["created_at"],
+                            on_settled=on_settled,
+                            key_id=key_id,
+                        )
+                    except RelayError as error:
+                        await self._failed_before_start(tenant, queued, feed, error, on_settled)
+                        ended = True
+                        return
+                    run.durable, run.on_stored = True, stored
+                    # As it starts (its output fills in later, in the final save).
+                    self.engine.track(self.log.mark_running({**run.response, "output": []}))
+                    await self._stream(run, feed)
         except asyncio.CancelledError:
             if waiting:
                 self._waiting -= 1

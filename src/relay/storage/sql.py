@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.errors import InvalidRequest, ServerError
+from relay.observe import tracing
 from relay.storage.base import ItemPage, Store
 from relay.storage.database import AsyncDatabase, SqliteDatabase, alembic_config, open_database
 from relay.storage.tables import response_items as items
@@ -267,7 +268,7 @@ class SqlStore:
 
     def __init__(self, db: SqliteDatabase | AsyncDatabase) -> None:
         self.db = db
-        dialect = db.sync_engine.dialect.name
+        self.dialect = dialect = db.sync_engine.dialect.name
         insert_response = (
             postgresql.insert(responses) if dialect == "postgresql" else sqlite.insert(responses)
         )
@@ -282,7 +283,10 @@ class SqlStore:
         input_items: list[dict[str, Any]],
     ) -> int:
         insert = self._insert_response
-        return await self.db.write(lambda conn: _save(conn, insert, tenant, response, input_items))
+        with tracing.storage(self.dialect, "save_response", response["id"]):
+            return await self.db.write(
+                lambda conn: _save(conn, insert, tenant, response, input_items)
+            )
 
     def save_in(
         self,
@@ -304,7 +308,8 @@ class SqlStore:
         return await self.db.write(lambda conn: _soft_delete(conn, tenant, response_id))
 
     async def load_context(self, tenant: str, response_id: str) -> list[dict[str, Any]] | None:
-        return await self.db.read(lambda conn: _context(conn, tenant, response_id))
+        with tracing.storage(self.dialect, "load_context", response_id):
+            return await self.db.read(lambda conn: _context(conn, tenant, response_id))
 
     async def list_input_items(
         self,
