@@ -32,7 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from relay.observe import MULTIPROCESS_DIR
+from relay.observe import MULTIPROCESS_DIR, PROVIDER_NAMES
 
 if TYPE_CHECKING:
     from relay.engine.run import Engine
@@ -57,14 +57,6 @@ PER_TOKEN_BUCKETS = (
 TOKEN_BUCKETS = (
     1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
 )  # fmt: skip
-# The GenAI conventions' provider names, by deployment kind.
-PROVIDER_NAMES = {
-    "openai_chat": "openai",
-    "openai_responses": "openai",
-    "anthropic": "anthropic",
-    "llama_cpp": "llama_cpp",
-    "fake": "fake",
-}
 
 
 class Metrics:

@@ -47,6 +47,7 @@ from relay import __version__
 from relay.console import without_password
 from relay.errors import StartupError
 from relay.log_lines import REQUEST_ID
+from relay.observe import PROVIDER_NAMES
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -75,16 +76,6 @@ _INT64 = 2**63
 _TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
 _SPAN_ID = re.compile(r"[0-9a-fA-F]{16}")
 _QUEUED_AT = "relay-queued-at"  # beside traceparent in a background job's carrier
-
-# gen_ai.provider.name by deployment kind: OpenAI-compatible servers are "openai", as the
-# GenAI conventions name what an OpenAI client calls.
-PROVIDER_NAMES = {
-    "openai_chat": "openai",
-    "openai_responses": "openai",
-    "anthropic": "anthropic",
-    "llama_cpp": "llama_cpp",
-    "fake": "relay.fake",
-}
 
 
 def wanted(settings: Settings) -> bool:
@@ -736,16 +727,8 @@ def _background(tracer: Tracer, response_id: str, carrier: dict[str, str]) -> It
         )
         waited.end(traced.started_ns)
     traced.started()
-    current = _TRACED.set(traced)
-    error: BaseException | None = None
-    try:
+    with _current(traced):
         yield
-    except BaseException as raised:
-        error = raised
-        raise
-    finally:
-        _TRACED.reset(current)
-        traced.end(error)
 
 
 def turn(scope: Scope) -> AbstractContextManager[Any]:
@@ -769,6 +752,14 @@ def _turn(tracer: Tracer, scope: Scope) -> Iterator[None]:
         _header_context(scope["headers"]),
         attributes,
     )
+    with _current(traced):
+        yield
+
+
+@contextmanager
+def _current(traced: Traced) -> Iterator[None]:
+    """`traced` as the span what runs inside is under, ended (failed, by what was raised)
+    on the way out."""
     current = _TRACED.set(traced)
     error: BaseException | None = None
     try:
