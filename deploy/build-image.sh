@@ -111,7 +111,7 @@ fi
 say "building $TAG (the first build compiles llama.cpp: several minutes)"
 start=$(date +%s)
 # chroot isolation and the host's network: RUN steps need no OCI runtime, cgroups or network
-# set-up (which sandboxed build machines often lack), and reach the Debian mirror and PyPI.
+# set-up (which locked-down build machines often lack), and reach the Debian mirror and PyPI.
 # The docker format keeps the HEALTHCHECK (OCI image configs have none).
 build_args=()
 if [ -n "${LLAMA_CMAKE_ARGS:-}" ]; then
