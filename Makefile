@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clients clean
+.PHONY: run test lint format bench clients image image-test clean
 
 # Real clients, pinned, for `make clients` (not part of `make test`: Codex CLI is ~400 MB).
 CODEX_VERSION := 0.171.0
@@ -14,6 +14,11 @@ CODEX_STAMP := .clients/codex-$(CODEX_VERSION)
 # build machine (-march=native): on machines whose CPU lists AMX but whose hypervisor does not
 # enable it, a native build dies with SIGILL on its first AMX tile instruction.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
+# The container image (Dockerfile), built with podman where no registry answers
+# (deploy/build-image.sh); `make image-test` then serves a request from it (not part of
+# `make test`: the build compiles llama.cpp, many minutes).
+IMAGE ?= relay:latest
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -52,6 +57,12 @@ $(CODEX_STAMP):
 clients: $(STAMP) $(CODEX_STAMP)
 	$(BIN)/pip install --quiet 'openai-agents==$(AGENTS_VERSION)'
 	$(BIN)/pytest -ra tests/test_clients.py
+
+image:
+	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" deploy/build-image.sh $(IMAGE)
+
+image-test: $(STAMP) image
+	RELAY_IMAGE=$(IMAGE) $(BIN)/pytest -ra tests/test_image.py
 
 clean:
 	rm -rf $(VENV) data .clients .pytest_cache .mypy_cache .ruff_cache
