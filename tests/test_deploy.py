@@ -11,42 +11,34 @@ from typing import Any
 
 import yaml  # installed with uvicorn[standard]
 
+from relay.observe.metrics import OPTIONAL_LABELS, Metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 
-# The metrics Relay exports (counters with their _total), the dashboard's vocabulary.
-COUNTERS = {
-    "relay_http_requests_total",
-    "relay_responses_total",
-    "relay_tokens_total",
-    "relay_cost_usd_total",
-    "relay_upstream_attempts_total",
-    "relay_refusals_total",
-    "relay_background_runs_swept_total",
-    "relay_history_cache_lookups_total",
-}
-HISTOGRAMS = {
-    "relay_http_request_duration_seconds",
-    "gen_ai_server_request_duration_seconds",
-    "gen_ai_server_time_to_first_token_seconds",
-    "gen_ai_server_time_per_output_token_seconds",
-    "gen_ai_client_operation_duration_seconds",
-    "gen_ai_client_token_usage",
-}
-GAUGES = {
-    "relay_active_streams",
-    "relay_active_websockets",
-    "relay_background_runs",
-    "relay_deployment_cooling",
-    "relay_database_connections",
-}
+
+def exported() -> dict[str, str]:
+    """Each metric Relay exports, as Prometheus names it (counters with their _total), and its
+    type: read off the application's own registry, so that the dashboard follows the code."""
+    families = Metrics(OPTIONAL_LABELS).registry.collect()
+    return {
+        family.name + ("_total" if family.type == "counter" else ""): family.type
+        for family in families
+    }
+
+
+EXPORTED = exported()
 # Series Prometheus makes itself for every target.
 PROMETHEUS = {"up"}
 KNOWN = (
-    COUNTERS
-    | GAUGES
+    {name for name, kind in EXPORTED.items() if kind != "histogram"}
     | PROMETHEUS
-    | {name + suffix for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+    | {
+        name + suffix
+        for name, kind in EXPORTED.items()
+        if kind == "histogram"
+        for suffix in ("_bucket", "_sum", "_count")
+    }
 )
 
 # What in PromQL is a name but not a metric's.
@@ -128,7 +120,7 @@ def test_every_dashboard_query_names_only_metrics_relay_exports() -> None:
     assert not unknown, f"metrics Relay does not export: {unknown}"
     # Every metric has a panel.
     shown = {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
-    assert shown >= COUNTERS | HISTOGRAMS | GAUGES, (COUNTERS | HISTOGRAMS | GAUGES) - shown
+    assert shown >= set(EXPORTED), set(EXPORTED) - shown
 
 
 def test_the_dashboard_is_grafana_json_on_the_provisioned_datasource() -> None:
