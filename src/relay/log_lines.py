@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import sys
 import threading
 from contextvars import ContextVar
@@ -49,19 +50,23 @@ class TextFormatter(logging.Formatter):
         fields: dict[str, Any] | None = getattr(record, "fields", None)
         if fields is None:
             return line
-        shown = " ".join(
-            f"{name}={plain(value)}"
+        shown = [
+            f"{name}={plain(value) if type(value) is str else value}"
             for name, value in fields.items()
             if value is not None and name not in SHOWN
-        )
-        return f"{line} {shown}"
+        ]
+        return f"{line} {' '.join(shown)}"
 
 
-def plain(value: Any) -> str:
-    """A field's value in a text line: as it is, or quoted where a client's text could
+# Text shown as it is in a line: printable ASCII but for the space, '"' and '=' (numbers are
+# shown as they are).
+_BARE = re.compile(r"[!#-<>-~]*")
+
+
+def plain(text: str) -> str:
+    """A field's text in a text line: as it is, or quoted where a client's text could
     otherwise pass for another field or start a line of its own."""
-    text = str(value)
-    if text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+    if _BARE.fullmatch(text):
         return text
     return orjson.dumps(text).decode()
 

@@ -320,9 +320,11 @@ class DeploymentMeter:
         reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0
         tokens = self._tokens or self._labelled_tokens(who)
         tokens["input"].inc(input_tokens)
-        tokens["cached"].inc(cached)
         tokens["output"].inc(output_tokens)
-        tokens["reasoning"].inc(reasoning)
+        if cached:  # (each inc takes a lock: none for nothing)
+            tokens["cached"].inc(cached)
+        if reasoning:
+            tokens["reasoning"].inc(reasoning)
         self.input_usage.observe(input_tokens)
         self.output_usage.observe(output_tokens)
         self.request_duration.observe(timings.total_s)
