@@ -13,8 +13,11 @@ import httpx
 import orjson
 import pytest
 from live_server import free_port, relay_serve
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
+
+from relay.observe.tally import Tallies
 
 ADMIN, LIMITED, BROKE, PLAIN = "admin-key-m", "limited-key-m", "broke-key-m", "plain-key-m"
 PRICE = {"input": 1.0, "output": 2.0}  # US dollars a million tokens
@@ -230,3 +233,27 @@ def check(samples: Samples, answers: list[dict[str, Any]]) -> None:
     assert value(samples, "relay_active_websockets") == 0
     assert value(samples, "relay_background_runs", state="running") == 0
     assert value(samples, "relay_deployment_cooling", deployment="nowhere") == 0
+
+
+def test_a_tally_counts_as_prometheus_client_does() -> None:
+    """Observations added up in a tally and flushed land in the buckets, sum and count that
+    prometheus_client's own observe gives them (bounds included: `le` is "at most")."""
+    registry = CollectorRegistry()
+    direct = Histogram("direct", "d", buckets=(0.1, 1.0, 10.0), registry=registry)
+    tallied = Histogram("tallied", "t", buckets=(0.1, 1.0, 10.0), registry=registry)
+    counted = Counter("counted", "c", registry=registry)
+    tallies = Tallies()
+    histogram, counter = tallies.histogram(tallied), tallies.counter(counted)
+    values = [0.0, 0.1, 0.5, 1.0, 3.0, 10.0, 11.0, 1e9]
+    for number in values:
+        direct.observe(number)
+        histogram.observe(number)
+        counter.inc(number)
+    assert registry.get_sample_value("tallied_sum") == 0  # until flushed
+    tallies.flush()
+    tallies.flush()  # nothing twice
+    for bound in ("0.1", "1.0", "10.0", "+Inf"):
+        expected = registry.get_sample_value("direct_bucket", {"le": bound})
+        assert registry.get_sample_value("tallied_bucket", {"le": bound}) == expected
+    assert registry.get_sample_value("tallied_sum") == pytest.approx(sum(values))
+    assert registry.get_sample_value("counted_total") == pytest.approx(sum(values))

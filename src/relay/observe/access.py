@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from relay.errors import StartupError
 from relay.log_lines import REQUEST_ID, plain
 from relay.observe.metrics import Metrics
+from relay.observe.tally import CounterTally, HistogramTally
 
 log = logging.getLogger("relay")
 access_log = logging.getLogger("relay.access")
@@ -140,8 +141,8 @@ class ObservedRequests:
         self.app = app
         self.metrics = metrics
         self.log_access = log_access
-        self._requests: dict[tuple[str, str, int, str], Any] = {}
-        self._durations: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, int, str], CounterTally] = {}
+        self._durations: dict[str, HistogramTally] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -198,17 +199,19 @@ class ObservedRequests:
             self.metrics.active_streams.dec()
         route = scope.get("route")
         endpoint = route.path if route is not None else "unmatched"
+        metrics = self.metrics
         key = (exchange.method, endpoint, exchange.status, exchange.error_code)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self.metrics.http_requests.labels(
+        requests = self._requests.get(key)
+        if requests is None:
+            labelled = metrics.http_requests.labels(
                 exchange.method, endpoint, str(exchange.status), exchange.error_code
             )
-            self._requests[key] = counter
-        counter.inc()
+            requests = self._requests[key] = metrics.tallies.counter(labelled)
+        requests.inc()
         duration = self._durations.get(endpoint)
         if duration is None:
-            duration = self._durations[endpoint] = self.metrics.http_duration.labels(endpoint)
+            series = metrics.http_duration.labels(endpoint)
+            duration = self._durations[endpoint] = metrics.tallies.histogram(series)
         duration.observe(latency_s)
         if self.log_access:
             fields = exchange.fields(latency_s)

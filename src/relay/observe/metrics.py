@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 
 from relay.observe import MULTIPROCESS_DIR, PROVIDER_NAMES
+from relay.observe.tally import CounterTally, Tallies
 
 if TYPE_CHECKING:
     from relay.engine.run import Engine
@@ -66,6 +67,8 @@ class Metrics:
     def __init__(self, labels: Sequence[str] = ()) -> None:
         self.labels = tuple(name for name in OPTIONAL_LABELS if name in labels)
         self.registry = registry = CollectorRegistry()
+        # What requests add, added up apart from the series (relay.observe.tally).
+        self.tallies = Tallies()
         model = ("gen_ai_request_model", "deployment")
 
         def histogram(
@@ -196,7 +199,9 @@ class Metrics:
         return DeploymentMeter(self, model, deployment, kind)
 
     async def aclose(self) -> None:
-        """This process's live gauges leave the sums (multiprocess mode)."""
+        """What is tallied, flushed; this process's live gauges leave the sums
+        (multiprocess mode)."""
+        self.tallies.flush()
         if MULTIPROCESS_DIR in os.environ:
             from prometheus_client import multiprocess
 
@@ -216,7 +221,9 @@ class Metrics:
         return stop
 
     def exposition(self) -> bytes:
-        """The text format of every metric, summed over the workers in multiprocess mode."""
+        """The text format of every metric, summed over the workers in multiprocess mode
+        (this process's tallies flushed first; the others' are at most a second old)."""
+        self.tallies.flush()
         if MULTIPROCESS_DIR not in os.environ:
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
@@ -244,11 +251,12 @@ class Metrics:
             hits.inc(histories.hits - counted[0])
             misses.inc(histories.misses - counted[1])
             counted = (histories.hits, histories.misses)
+            self.tallies.flush()
             await asyncio.sleep(every_s)
 
 
 class DeploymentMeter:
-    """What one deployment records, its labels bound once."""
+    """What one deployment records, its series' tallies bound once."""
 
     __slots__ = (
         "_by_outcome",
@@ -271,30 +279,28 @@ class DeploymentMeter:
         self.model = model
         self.deployment = name
         provider = PROVIDER_NAMES.get(kind, kind)
-        self.request_duration = metrics.request_duration.labels(model, name)
-        self.time_to_first_token = metrics.time_to_first_token.labels(model, name)
-        self.time_per_output_token = metrics.time_per_output_token.labels(model, name)
-        self.upstream_duration = metrics.upstream_duration.labels(model, name, provider)
-        self.input_usage = metrics.token_usage.labels(model, name, "input")
-        self.output_usage = metrics.token_usage.labels(model, name, "output")
-        self._tokens: dict[str, Any] = {}
-        self.cost: Any = None
+        histogram = metrics.tallies.histogram
+        self.request_duration = histogram(metrics.request_duration.labels(model, name))
+        self.time_to_first_token = histogram(metrics.time_to_first_token.labels(model, name))
+        self.time_per_output_token = histogram(metrics.time_per_output_token.labels(model, name))
+        self.upstream_duration = histogram(metrics.upstream_duration.labels(model, name, provider))
+        self.input_usage = histogram(metrics.token_usage.labels(model, name, "input"))
+        self.output_usage = histogram(metrics.token_usage.labels(model, name, "output"))
+        self._tokens: dict[str, CounterTally] = {}
+        self.cost: CounterTally | None = None
         if not metrics.labels:
-            self._tokens = {
-                kind: metrics.tokens.labels(model, name, kind)
-                for kind in ("input", "cached", "output", "reasoning")
-            }
-            self.cost = metrics.cost.labels(model, name)
-        self._by_status: dict[tuple[str, str], Any] = {}
-        self._by_outcome: dict[str, Any] = {}
+            self._tokens = self._token_tallies(())
+            self.cost = metrics.tallies.counter(metrics.cost.labels(model, name))
+        self._by_status: dict[tuple[str, str], CounterTally] = {}
+        self._by_outcome: dict[str, CounterTally] = {}
 
     def attempted(self, outcome: str) -> None:
         """One try before the first byte: "ok", or the failure's code."""
-        counter = self._by_outcome.get(outcome)
-        if counter is None:
-            counter = self._metrics.attempts.labels(self.deployment, outcome)
-            self._by_outcome[outcome] = counter
-        counter.inc()
+        tally = self._by_outcome.get(outcome)
+        if tally is None:
+            series = self._metrics.attempts.labels(self.deployment, outcome)
+            tally = self._by_outcome[outcome] = self._metrics.tallies.counter(series)
+        tally.inc()
 
     def responded(
         self,
@@ -308,23 +314,21 @@ class DeploymentMeter:
         status = response["status"]
         error = response.get("error")
         code = str(error.get("code") or "") if error else ""
-        counter = self._by_status.get((status, code))
-        if counter is None:
-            counter = self._metrics.responses.labels(self.model, self.deployment, status, code)
-            self._by_status[(status, code)] = counter
-        counter.inc()
+        tally = self._by_status.get((status, code))
+        if tally is None:
+            series = self._metrics.responses.labels(self.model, self.deployment, status, code)
+            tally = self._by_status[(status, code)] = self._metrics.tallies.counter(series)
+        tally.inc()
         usage = response.get("usage") or {}
         input_tokens = usage.get("input_tokens") or 0
         output_tokens = usage.get("output_tokens") or 0
         cached = (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
         reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0
-        tokens = self._tokens or self._labelled_tokens(who)
+        tokens = self._tokens or self._token_tallies(self._extra(who))
         tokens["input"].inc(input_tokens)
         tokens["output"].inc(output_tokens)
-        if cached:  # (each inc takes a lock: none for nothing)
-            tokens["cached"].inc(cached)
-        if reasoning:
-            tokens["reasoning"].inc(reasoning)
+        tokens["cached"].inc(cached)
+        tokens["reasoning"].inc(reasoning)
         self.input_usage.observe(input_tokens)
         self.output_usage.observe(output_tokens)
         self.request_duration.observe(timings.total_s)
@@ -337,19 +341,25 @@ class DeploymentMeter:
         if price is None:
             return None
         cost = price.cost_nanos(input_tokens, cached, output_tokens) / 1e9
-        (self.cost or self._metrics.cost.labels(*self._labels(who))).inc(cost)
+        metrics = self._metrics
+        tally = self.cost or metrics.tallies.counter(
+            metrics.cost.labels(self.model, self.deployment, *self._extra(who))
+        )
+        tally.inc(cost)
         return cost
 
-    def _labels(self, who: tuple[str, str | None]) -> tuple[str, ...]:
+    def _extra(self, who: tuple[str, str | None]) -> tuple[str, ...]:
+        """The values of the operator's optional labels (`metrics_labels`)."""
         project, key_id = who
         chosen = {"project": project, "key_id": key_id or ""}
-        return (self.model, self.deployment, *(chosen[name] for name in self._metrics.labels))
+        return tuple(chosen[name] for name in self._metrics.labels)
 
-    def _labelled_tokens(self, who: tuple[str, str | None]) -> dict[str, Any]:
-        model, deployment, *extra = self._labels(who)
-        tokens = self._metrics.tokens
+    def _token_tallies(self, extra: tuple[str, ...]) -> dict[str, CounterTally]:
+        metrics = self._metrics
         return {
-            kind: tokens.labels(model, deployment, kind, *extra)
+            kind: metrics.tallies.counter(
+                metrics.tokens.labels(self.model, self.deployment, kind, *extra)
+            )
             for kind in ("input", "cached", "output", "reasoning")
         }
 
