@@ -118,6 +118,8 @@ def serve(argv: list[str]) -> int:
             return 1
     describe(settings)
     if settings.workers == 1:
+        # One process counts in memory, and serves metrics_port itself.
+        os.environ.pop(MULTIPROCESS_DIR, None)
         _run(settings)
         return 0
     with _summed_metrics(settings):
