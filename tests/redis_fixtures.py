@@ -61,7 +61,7 @@ def _free_port() -> int:
         return port
 
 
-class _Throwaway:
+class Throwaway:
     """A `redis-server` of this session's own: a free port, nothing written to disk."""
 
     def __init__(self, binary: str) -> None:
@@ -137,7 +137,7 @@ def redis_url() -> Iterator[str]:
             f"(database {db}) and there is no redis-server on PATH to start one"
         )
     try:
-        server = _Throwaway(binary)
+        server = Throwaway(binary)
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
         pytest.skip(
             f"REDIS TESTS SKIPPED: no Redis answers on {HOST}:{PORT} (database {db}) and "

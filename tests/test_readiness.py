@@ -5,6 +5,7 @@ once it is back."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import sqlite3
 import time
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from db_fixtures import PgCluster
 from live_server import relay_server
+from redis_fixtures import Throwaway
 from relay_fixtures import fake_routes
 
 from relay.config import RouteConfig, Settings
@@ -110,3 +112,30 @@ def test_an_embedded_model_that_cannot_load_is_named(tmp_path: Path) -> None:
         )
         assert answer.status_code == 200, answer.text
         assert until(url, 200, within_s=5)["checks"]["model local"] == "ok"
+
+
+def test_redis_that_stops_answering_and_comes_back(tmp_path: Path) -> None:
+    """A Redis that stops answering under a running instance (its process paused: the port
+    still takes connections) turns /readyz to 503 naming Redis, and back to 200 once it
+    answers again."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("REDIS TEST SKIPPED: no redis-server on PATH to start a throwaway one")
+    server = Throwaway(binary)
+    try:
+        settings = Settings(
+            database_url=f"sqlite:///{tmp_path / 'relay.db'}",
+            routes=fake_routes(),
+            redis_url=server.url,
+        )
+        with relay_server(settings) as url:
+            assert until(url, 200, within_s=5)["checks"]["redis"] == "ok"
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                body = until(url, 503, within_s=10)
+                assert body["checks"]["redis"] != "ok" and body["checks"]["database"] == "ok"
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert until(url, 200, within_s=10)["checks"]["redis"] == "ok"
+    finally:
+        server.stop()
