@@ -16,7 +16,6 @@ from relay.access.gate import Access, Principal
 from relay.api.errors import error_response
 from relay.api.paging import refuse_nul
 from relay.errors import RelayError
-from relay.observe import tracing
 from relay.observe.access import note_caller
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -34,7 +33,6 @@ def client_endpoint(handler: ClientHandler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         principal = await access(request).principal(request)
         note_caller(principal.project, principal.key_id)
-        tracing.caller(principal)
         refuse_nul(request)
         return await handler(request, principal)
 

@@ -157,7 +157,7 @@ class _Socket:
             # Each turn is a request as far as keys, limits and budgets go: a key revoked or
             # expired meanwhile (or its project archived) ends there.
             self.principal = await self.gate.principal(self.websocket)
-            tracing.caller(self.principal)
+            tracing.caller(self.principal.project, self.principal.key_id)
             accounting = await self.gate.admit(self.principal, body, len(text))
             run = await self.engine.start(
                 body,

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.errors import StartupError
 from relay.log_lines import REQUEST_ID, plain
+from relay.observe import tracing
 from relay.observe.metrics import Metrics
 from relay.observe.tally import CounterTally, HistogramTally
 
@@ -127,7 +128,9 @@ def note_error(code: str) -> None:
 
 
 def note_caller(project: str | None, key_id: str | None) -> None:
-    """Who the request acts for, once authentication resolved it (relay.api.auth)."""
+    """Who the request acts for, once authentication resolved it (relay.api.auth): on its
+    access line and its span."""
+    tracing.caller(project, key_id)
     exchange = CURRENT.get()
     if exchange is not None:
         exchange.project, exchange.key_id = project, key_id

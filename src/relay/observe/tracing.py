@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from relay.access.gate import Principal
     from relay.config import Settings
     from relay.protocol import CreateResponse
     from relay.providers.registry import Deployment
@@ -480,11 +479,11 @@ def asked(request: CreateResponse, session_id: str | None = None) -> None:
     )
 
 
-def caller(principal: Principal) -> None:
+def caller(project: str | None, key_id: str | None) -> None:
     """Who the request acts for (never the key itself: its id)."""
     traced = _TRACED.get() if TRACER is not None else None
     if traced is not None:
-        traced.set(_present({"relay.project": principal.project, "relay.key_id": principal.key_id}))
+        traced.set(_present({"relay.project": project, "relay.key_id": key_id}))
 
 
 # Upstream tries ----------------------------------------------------------------------------------
