@@ -273,8 +273,12 @@ def test_it_answers_a_request_with_the_embedded_model(
     with runner.serve(KEYS) as relay:
         assert relay.uid() != 0
         assert httpx.get(f"{relay.url}/healthz", timeout=10).status_code == 200
-        ready = httpx.get(f"{relay.url}/readyz", timeout=10)
-        assert ready.status_code == 200, ready.text
+        # The embedded model loads beside the listening server: not ready until it has.
+        deadline = time.monotonic() + 60
+        while (ready := httpx.get(f"{relay.url}/readyz", timeout=10)).status_code != 200:
+            assert ready.json()["checks"]["model smollm2-135m-instruct"] == "loading", ready.text
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.1)
 
         # Structured output: the grammar ends the answer, so it completes in a few tokens.
         schema = {
