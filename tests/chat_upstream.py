@@ -135,6 +135,18 @@ class ChatUpstream(LoopbackServer):
         super().reset()
         self.slow_streams.clear()
 
+    def deployment(self, name: str, script: str, key_env: str, **more: Any) -> dict[str, Any]:
+        """A chat deployment of Relay's on this upstream, answering by `script` (the model
+        name this upstream reads as what to do), its key read from `key_env`."""
+        return {
+            "name": name,
+            "provider": "openai_chat",
+            "base_url": self.base_url,
+            "api_key_env": key_env,
+            "upstream_model": script,
+            **more,
+        }
+
     # Endpoints ---------------------------------------------------------------------------------
 
     async def _models(self, request: Request) -> Response:

@@ -29,14 +29,7 @@ def fake(name: str, **more: Any) -> dict[str, Any]:
 
 
 def chat(upstream: ChatUpstream, name: str, script: str, **more: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider": "openai_chat",
-        "base_url": upstream.base_url,
-        "api_key_env": KEY_ENV,
-        "upstream_model": script,
-        **more,
-    }
+    return upstream.deployment(name, script, KEY_ENV, **more)
 
 
 def routes(upstream: ChatUpstream) -> list[RouteConfig]:

@@ -39,17 +39,19 @@ T = TypeVar("T")
 # A client's W3C trace context, and the trace seed 000's `trace` object names.
 CLIENT_TRACE, CLIENT_SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 SEED_TRACE, SEED_PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+# Seed 000's `trace` object: its own keys, and one of the client's (metadata).
+SEED_OBJECT = {
+    "trace_id": SEED_TRACE,
+    "parent_span_id": SEED_PARENT,
+    "trace_name": "nightly eval",
+    "span_name": "grade essay",
+    "generation_name": "grader",
+    "customer_tier": "gold",
+}
 
 
 def chat(upstream: ChatUpstream, name: str, script: str, **more: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider": "openai_chat",
-        "base_url": upstream.base_url,
-        "api_key_env": KEY_ENV,
-        "upstream_model": script,
-        **more,
-    }
+    return upstream.deployment(name, script, KEY_ENV, **more)
 
 
 def routes(upstream: ChatUpstream) -> list[dict[str, Any]]:
@@ -255,12 +257,7 @@ def test_the_body_trace_is_the_parent_and_the_header_a_link(
     with traced_relay(upstream, exporter, tmp_path) as client:
         metadata = {f"key{number:02}": number for number in range(20)}
         seed = {
-            "trace_id": SEED_TRACE,
-            "parent_span_id": SEED_PARENT,
-            "trace_name": "nightly eval",
-            "span_name": "grade essay",
-            "generation_name": "grader",
-            "customer_tier": "gold",
+            **SEED_OBJECT,
             "long": "x" * 5000,
             "nested": {"not": "kept"},
             "huge": 2**63,  # beyond OTLP's 64-bit integers
@@ -514,14 +511,7 @@ def test_relay_serve_exports_the_span_tree_over_otlp(tmp_path: Path) -> None:
             "OTEL_BSP_SCHEDULE_DELAY": "50",  # ms: spans reach the receiver at once
         }
         with relay_serve(env) as relay:
-            seed = {
-                "trace_id": SEED_TRACE,
-                "parent_span_id": SEED_PARENT,
-                "trace_name": "nightly eval",
-                "span_name": "grade essay",
-                "generation_name": "grader",
-                "customer_tier": "gold",
-            }
+            seed = SEED_OBJECT
             answer = httpx.post(
                 f"{relay.url}/v1/responses",
                 json={"model": "traced", "input": PROMPT, "provider": FAILOVER, "trace": seed},
