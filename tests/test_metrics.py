@@ -136,6 +136,15 @@ def test_the_metrics_count_what_was_served(served: Any) -> None:
             "/v1/responses", headers=plain, json={"model": "unreachable", "input": "x"}
         )
         assert unreachable.status_code == 502
+        # A background run whose upstream cannot be reached: it fails before it starts.
+        never = http.post(
+            "/v1/responses", headers=plain,
+            json={"model": "unreachable", "input": "x", "background": True},
+        ).json()  # fmt: skip
+        deadline = time.monotonic() + 10
+        while http.get(f"/v1/responses/{never['id']}", headers=plain).json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         # Refused: a rate limit (the second request in a minute), a used-up credit.
         limited = {"authorization": f"Bearer {LIMITED}"}
         for expected in (200, 429):
@@ -157,12 +166,13 @@ def test_the_metrics_count_what_was_served(served: Any) -> None:
     assert len(answers) == 7
     for samples in (scrape(from_api.text), scrape(from_port)):
         check(samples, answers)
-    check_log(relay, sent)
+    check_log(relay, sent, {queued["id"]: "completed", never["id"]: "failed"})
 
 
-def check_log(relay: Any, sent: list[str]) -> None:
+def check_log(relay: Any, sent: list[str], background: dict[str, str]) -> None:
     """log_format = "json": every line an object; one access line per request, refused ones
-    included, naming its request id."""
+    included, naming its request id; and a line of its own for each background response,
+    however it ended."""
     time.sleep(0.3)  # info lines are written out every 0.1 s
     lines = [orjson.loads(line) for line in relay.log_so_far().splitlines()]
     access = [line for line in lines if line["logger"] == "relay.access"]
@@ -176,6 +186,10 @@ def check_log(relay: Any, sent: list[str]) -> None:
     served = [line for line in access if line.get("response_status") == "completed"]
     assert all(line["model"] == "priced" and line["deployment"] == "priced-1" for line in served)
     assert all(line["cost_usd"] > 0 and line["input_tokens"] > 0 for line in served)
+    for response_id, status in background.items():
+        [line] = [line for line in lines if line.get("response_id") == response_id]
+        assert line["logger"] == "relay.engine" and line["project"] == "p-plain"
+        assert line["response_status"] == status
 
 
 def check(samples: Samples, answers: list[dict[str, Any]]) -> None:
@@ -183,7 +197,7 @@ def check(samples: Samples, answers: list[dict[str, Any]]) -> None:
     gen_ai = {"gen_ai_request_model": "priced", "deployment": "priced-1"}
     requests = "relay_http_requests_total"
     # HTTP: every POST by its status; the WebSocket's upgrade (101); the refusals' codes.
-    assert value(samples, requests, endpoint="/v1/responses", method="POST", status="200") == 8
+    assert value(samples, requests, endpoint="/v1/responses", method="POST", status="200") == 9
     assert value(samples, requests, endpoint="/v1/responses", method="GET", status="101") == 1
     assert value(samples, requests, status="429", error_code="rate_limit_exceeded") == 1
     assert value(samples, requests, status="402", error_code="insufficient_quota") == 1
@@ -193,13 +207,16 @@ def check(samples: Samples, answers: list[dict[str, Any]]) -> None:
     assert value(samples, "relay_refusals_total", reason="rate_limit_exceeded") == 1
     assert value(samples, "relay_refusals_total", reason="insufficient_quota") == 1
     assert (
-        value(samples, "relay_http_request_duration_seconds_count", endpoint="/v1/responses") == 12
+        value(samples, "relay_http_request_duration_seconds_count", endpoint="/v1/responses") == 13
     )
     # Responses: the seven completed on the priced route (the limited key's one among them
-    # makes eight), the failed one, and the one the unreachable upstream never began.
+    # makes eight), the failed one, and the one the unreachable upstream never began (the
+    # background one, which has a response: no deployment answered it).
     assert value(samples, "relay_responses_total", status="completed", **priced) == 8
+    unserved = {"model": "unreachable", "deployment": "", "status": "failed"}
+    assert value(samples, "relay_responses_total", **unserved) == 1
     assert value(samples, "relay_responses_total", model="breaks", status="failed") == 1
-    assert value(samples, "relay_upstream_attempts_total", deployment="nowhere") == 1
+    assert value(samples, "relay_upstream_attempts_total", deployment="nowhere") == 2
     assert value(samples, "relay_upstream_attempts_total", deployment="nowhere", outcome="ok") == 0
     assert value(samples, "relay_upstream_attempts_total", deployment="priced-1", outcome="ok") == 8
     # Tokens and cost, by project (metrics_labels = ["project"]): what the answers reported.

@@ -46,7 +46,7 @@ from relay.errors import (
 from relay.ids import new_id
 from relay.models.policy import Served, Settle
 from relay.observe import tracing
-from relay.observe.access import CURRENT, Exchange, response_fields
+from relay.observe.access import CURRENT, Exchange, log_response
 from relay.observe.metrics import Timings
 from relay.protocol import CreateResponse
 from relay.providers.base import (
@@ -283,7 +283,9 @@ class Run:
         it is that request's answer, else one of its own."""
         deployment = self.deployment
         cost = first_token_s = None
-        if deployment is not None:
+        if deployment is None:  # nothing generated (a WebSocket's warm-up)
+            self.engine.registry.metrics.unserved(response)
+        else:
             if self.first_at:
                 first_token_s = self.first_at - self.started
             timings = Timings(ended - self.started, ended - self.asked_at, first_token_s)
@@ -294,13 +296,7 @@ class Run:
         if exchange is not None and exchange.awaits_response:
             exchange.settled(response, name, first_token_s, cost, self.trace)
             return
-        fields = response_fields(response, name, first_token_s, cost, self.trace)
-        log.info(
-            "response %s %s",
-            response["id"],
-            response["status"],
-            extra={"fields": {"project": self.tenant, "key_id": self.key_id, **fields}},
-        )
+        log_response(response, (self.tenant, self.key_id), name, first_token_s, cost, self.trace)
 
     async def _store(self, response: dict[str, Any]) -> bool:
         stored = True

@@ -32,6 +32,7 @@ from relay.observe.tally import CounterTally, HistogramTally
 
 log = logging.getLogger("relay")
 access_log = logging.getLogger("relay.access")
+response_log = logging.getLogger("relay.engine")
 MAX_PATH = 200
 # A request whose answer never started: the client left first (nginx's code for it).
 CLIENT_CLOSED = 499
@@ -89,6 +90,26 @@ class Exchange:
         if self.answer is not None:
             fields.update(self.answer)
         return fields
+
+
+def log_response(
+    response: dict[str, Any],
+    who: tuple[str, str | None],
+    deployment: str | None = None,
+    first_token_s: float | None = None,
+    cost_usd: float | None = None,
+    trace: dict[str, Any] | None = None,
+) -> None:
+    """The line of a response that is not its request's answer (a background run, a
+    WebSocket turn): the access line's response fields, with its project and key (`who`)."""
+    project, key_id = who
+    fields = response_fields(response, deployment, first_token_s, cost_usd, trace)
+    response_log.info(
+        "response %s %s",
+        response["id"],
+        response["status"],
+        extra={"fields": {"project": project, "key_id": key_id, **fields}},
+    )
 
 
 def response_fields(

@@ -198,6 +198,14 @@ class Metrics:
     def meter(self, model: str, deployment: str, kind: str) -> DeploymentMeter:
         return DeploymentMeter(self, model, deployment, kind)
 
+    def unserved(self, response: dict[str, Any]) -> None:
+        """A response settled without any deployment's answer (a background run that failed
+        or was cancelled before it started, a WebSocket's warm-up): counted, deployment "".
+        """
+        error = response.get("error")
+        code = str(error.get("code") or "") if error else ""
+        self.responses.labels(response["model"], "", response["status"], code).inc()
+
     async def aclose(self) -> None:
         """What is tallied, flushed; this process's live gauges leave the sums
         (multiprocess mode)."""

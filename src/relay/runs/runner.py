@@ -34,6 +34,7 @@ from relay.engine.run import Engine, Run
 from relay.errors import DatabaseUnavailable, RelayError, ServerError, UpstreamError
 from relay.models.policy import Settle
 from relay.observe import tracing
+from relay.observe.access import log_response
 from relay.protocol import CreateResponse, create_request
 from relay.runs.feed import Event, Feed
 from relay.runs.log import QueuedRun, RunLog
@@ -236,7 +237,9 @@ class Runner:
                             key_id=key_id,
                         )
                     except RelayError as error:
-                        await self._failed_before_start(tenant, queued, feed, error, on_settled)
+                        await self._failed_before_start(
+                            tenant, queued, feed, error, on_settled, key_id
+                        )
                         ended = True
                         return
                     run.durable, run.on_stored = True, stored
@@ -247,7 +250,7 @@ class Runner:
             if waiting:
                 self._waiting -= 1
             if run is None:  # cancelled before the run existed: waiting, or opening it
-                await self._cancelled_while_queued(tenant, queued, feed, on_settled)
+                await self._cancelled_while_queued(tenant, queued, feed, on_settled, key_id)
                 ended = True
             raise
         except DatabaseUnavailable as error:
@@ -257,7 +260,7 @@ class Runner:
             log.exception("background response %s failed", response_id)
             if run is None:
                 fault = ServerError("The server had an error starting the response.")
-                await self._failed_before_start(tenant, queued, feed, fault, on_settled)
+                await self._failed_before_start(tenant, queued, feed, fault, on_settled, key_id)
                 ended = True
         finally:
             feed.close()
@@ -281,6 +284,7 @@ class Runner:
         feed: Feed,
         error: RelayError,
         on_settled: Settle,
+        key_id: str | None,
     ) -> None:
         """The upstream refused before its first byte: the response fails, as a stream
         that failed would, with its error. Settled (its concurrency slot freed, its row in
@@ -291,6 +295,7 @@ class Runner:
             "error": {"code": error.code, "message": error.message},
         }
         on_settled(failed, None)
+        self._observe(failed, tenant, key_id)
         await self._save_end(tenant, failed)
         events: list[Event] = [
             {"type": "response.created", "sequence_number": 0, "response": queued},
@@ -301,14 +306,26 @@ class Runner:
         self.log.append(queued["id"], events)
 
     async def _cancelled_while_queued(
-        self, tenant: str, queued: dict[str, Any], feed: Feed, on_settled: Settle
+        self,
+        tenant: str,
+        queued: dict[str, Any],
+        feed: Feed,
+        on_settled: Settle,
+        key_id: str | None,
     ) -> None:
         cancelled = {**queued, "status": "cancelled"}
         on_settled(cancelled, None)  # settled first, as above
+        self._observe(cancelled, tenant, key_id)
         await asyncio.shield(self._save_end(tenant, cancelled))
         event = {"type": "response.created", "sequence_number": 0, "response": queued}
         feed.publish([event])
         self.log.append(queued["id"], [event])
+
+    def _observe(self, response: dict[str, Any], tenant: str, key_id: str | None) -> None:
+        """A run that ended before it started: counted and logged as a run that generated
+        would be (Run._observe)."""
+        self.engine.registry.metrics.unserved(response)
+        log_response(response, (tenant, key_id))
 
     async def _save_end(self, tenant: str, response: dict[str, Any]) -> None:
         """A run's end without output, stored whatever it takes (as Run stores the others)."""
