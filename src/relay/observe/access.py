@@ -54,7 +54,9 @@ class Exchange:
     error_code: str = ""
     project: str | None = None
     key_id: str | None = None
-    answer: dict[str, Any] | None = None  # the response it was answered with (response_fields)
+    # The response it was answered with, and what response_fields tells of it beside it:
+    # made into fields only when its access line is written.
+    answer: tuple[dict[str, Any], str | None, float | None, float | None, Any] | None = None
     ended: bool = False
 
     @property
@@ -71,9 +73,10 @@ class Exchange:
         cost_usd: float | None,
         trace: dict[str, Any] | None,
     ) -> None:
-        self.answer = response_fields(response, deployment, first_token_s, cost_usd, trace)
-        if not self.error_code and self.answer["error_code"]:
-            self.error_code = self.answer["error_code"]  # a failure after the stream began
+        self.answer = (response, deployment, first_token_s, cost_usd, trace)
+        error = response.get("error")
+        if not self.error_code and error and error.get("code"):
+            self.error_code = error["code"]  # a failure after the stream began
 
     def fields(self, latency_s: float) -> dict[str, Any]:
         """The access line's fields (None: not known, or not this request's business)."""
@@ -88,7 +91,7 @@ class Exchange:
             "key_id": self.key_id,
         }
         if self.answer is not None:
-            fields.update(self.answer)
+            fields.update(response_fields(*self.answer))
         return fields
 
 

@@ -19,7 +19,7 @@ after real traffic, so a change there fails loudly.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any
+from typing import Any, TypeVar
 
 
 class CounterTally:
@@ -67,6 +67,9 @@ class HistogramTally:
         self._observed = False
 
 
+T = TypeVar("T", CounterTally, HistogramTally)
+
+
 class Tallies:
     """The tallies of one application's series, one per series, flushed together."""
 
@@ -75,18 +78,17 @@ class Tallies:
 
     def counter(self, series: Any) -> CounterTally:
         """The tally of a counter's series (`Counter.labels(...)`)."""
-        tally = self._by_series.get(id(series))
-        if tally is None:
-            tally = self._by_series[id(series)] = CounterTally(series)
-        assert isinstance(tally, CounterTally)
-        return tally
+        return self._of(series, CounterTally)
 
     def histogram(self, series: Any) -> HistogramTally:
         """The tally of a histogram's series (`Histogram.labels(...)`)."""
+        return self._of(series, HistogramTally)
+
+    def _of(self, series: Any, kind: type[T]) -> T:
         tally = self._by_series.get(id(series))
         if tally is None:
-            tally = self._by_series[id(series)] = HistogramTally(series)
-        assert isinstance(tally, HistogramTally)
+            tally = self._by_series[id(series)] = kind(series)
+        assert isinstance(tally, kind)
         return tally
 
     def flush(self) -> None:
