@@ -21,6 +21,7 @@ from test_http_client import Server, answer, fetch, run  # noqa: F401  (run: a f
 from test_openai_chat_provider import failure, make_request
 
 from relay.config import RouteConfig, Settings
+from relay.providers.base import ProviderError
 from relay.providers.http_client import HTTPClient
 from relay.providers.openai_chat import OpenAIChatProvider
 from relay.providers.proxy import Proxy, proxy_for
@@ -72,6 +73,16 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
+
+
+async def failure_at(base_url: str) -> ProviderError:
+    """How a chat deployment at `base_url`, asked once through the environment's proxy,
+    fails."""
+    provider = OpenAIChatProvider(base_url, None)
+    try:
+        return await failure(provider, make_request())
+    finally:
+        await provider.aclose()
 
 
 def closed_port() -> int:
@@ -249,11 +260,7 @@ def test_a_proxy_refusing_the_credentials_is_a_clear_error(
     monkeypatch.setenv(f"{scheme.upper()}_PROXY", proxy.url("wrong-password-77"))
 
     async def body() -> None:
-        provider = OpenAIChatProvider(f"{scheme}://127.0.0.1:{closed_port()}/v1", None)
-        try:
-            error = await failure(provider, make_request())
-        finally:
-            await provider.aclose()
+        error = await failure_at(f"{scheme}://127.0.0.1:{closed_port()}/v1")
         assert (error.code, error.status, error.retryable) == ("proxy_refused", 502, False)
         assert f"the proxy http://127.0.0.1:{proxy.port} refused" in error.message
         assert "407" in error.message
@@ -274,11 +281,7 @@ def test_a_proxy_that_cannot_reach_the_upstream_is_retryable(
     monkeypatch.setenv("HTTPS_PROXY", proxy.url())
 
     async def body() -> None:
-        provider = OpenAIChatProvider(f"https://127.0.0.1:{closed_port()}/v1", None)
-        try:
-            error = await failure(provider, make_request())
-        finally:
-            await provider.aclose()
+        error = await failure_at(f"https://127.0.0.1:{closed_port()}/v1")
         assert (error.code, error.retryable) == ("upstream_unreachable", True)
         assert f"the proxy http://127.0.0.1:{proxy.port} refused" in error.message
         assert "HTTP 502" in error.message
