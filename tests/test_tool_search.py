@@ -177,18 +177,29 @@ def http(search_url: str) -> Iterator[httpx.Client]:
         yield client
 
 
-def test_a_chat_upstream_gets_every_deferred_and_loaded_tool_and_no_server_search(
-    http: httpx.Client, chat_upstream: ChatUpstream
-) -> None:
-    chat_upstream.reset()
+def ask_chat(
+    http: httpx.Client,
+    upstream: ChatUpstream,
+    tools: list[dict[str, Any]],
+    transcript: list[dict[str, Any]],
+) -> tuple[httpx.Response, dict[str, Any]]:
+    """The answer to one more turn after `transcript` on the chat route, and what the chat
+    upstream was sent for it."""
+    upstream.reset()
     body = {
         "model": "chat-echo",
-        "tools": SERVER_TOOLS,
-        "input": [*SERVER_TRANSCRIPT, {"role": "user", "content": "and another"}],
+        "tools": tools,
+        "input": [*transcript, {"role": "user", "content": "and another"}],
     }
     answer = http.post("/v1/responses", json=body)
     assert answer.status_code == 200, answer.text
-    sent = chat_upstream.requests[-1]
+    return answer, upstream.requests[-1]
+
+
+def test_a_chat_upstream_gets_every_deferred_and_loaded_tool_and_no_server_search(
+    http: httpx.Client, chat_upstream: ChatUpstream
+) -> None:
+    answer, sent = ask_chat(http, chat_upstream, SERVER_TOOLS, SERVER_TRANSCRIPT)
     offered = [tool["function"]["name"] for tool in sent["tools"]]
     # The deferred docs tool in full, the calendar tool the search loaded; no search.
     assert offered == ["exec_command", "mcp__docs____lookup", "mcp__calendar____create_event"]
@@ -209,15 +220,7 @@ def test_a_chat_upstream_gets_every_deferred_and_loaded_tool_and_no_server_searc
 def test_a_chat_upstream_is_offered_a_client_search_as_a_function(
     http: httpx.Client, chat_upstream: ChatUpstream
 ) -> None:
-    chat_upstream.reset()
-    body = {
-        "model": "chat-echo",
-        "tools": TOOLS,
-        "input": [*TRANSCRIPT, {"role": "user", "content": "and another"}],
-    }
-    answer = http.post("/v1/responses", json=body)
-    assert answer.status_code == 200, answer.text
-    sent = chat_upstream.requests[-1]
+    answer, sent = ask_chat(http, chat_upstream, TOOLS, TRANSCRIPT)
     offered = {tool["function"]["name"]: tool["function"] for tool in sent["tools"]}
     assert list(offered) == [
         "exec_command",
