@@ -5,6 +5,7 @@ supervisor's sum of both workers)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
+from relay.errors import StartupError
+from relay.observe.metrics import Metrics
 from relay.observe.tally import Tallies
 
 ADMIN, LIMITED, BROKE, PLAIN = "admin-key-m", "limited-key-m", "broke-key-m", "plain-key-m"
@@ -274,3 +277,12 @@ def test_a_tally_counts_as_prometheus_client_does() -> None:
         assert registry.get_sample_value("tallied_bucket", {"le": bound}) == expected
     assert registry.get_sample_value("tallied_sum") == pytest.approx(sum(values))
     assert registry.get_sample_value("counted_total") == pytest.approx(sum(values))
+
+
+def test_a_metrics_port_in_use_is_one_clear_start_up_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            Metrics().serve("127.0.0.1", port)

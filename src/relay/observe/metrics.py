@@ -32,6 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from relay.errors import StartupError
 from relay.observe import MULTIPROCESS_DIR, PROVIDER_NAMES
 from relay.observe.tally import CounterTally, Tallies
 
@@ -220,7 +221,12 @@ class Metrics:
         process; with several, the supervisor serves them: `serve_summed`); what stops it."""
         from prometheus_client import start_http_server
 
-        server, thread = start_http_server(port, host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, host, registry=self.registry)
+        except OSError as error:  # `relay worker`'s port taken: one line, not a traceback
+            raise StartupError(
+                f"cannot serve metrics on {host}:{port} ({error.strerror or error})"
+            ) from None
 
         async def stop() -> None:
             server.shutdown()
