@@ -40,6 +40,11 @@ context manager. Models (scripts):
                   with {"query": "calendar"}; given the search's result, calls the last tool
                   offered (one the search loaded) with {"title": "standup"}; given that
                   tool's output, says "The tool said: <output>"
+  directed        calls what the last user message asks, one call a line: `call <name> <JSON
+                  arguments>` (several lines: parallel calls); given tool outputs, says
+                  "Tools said: <output> ; <output>..." (for server-side tool loops)
+  insistent       calls the first tool offered with {"query": "again"}, turn after turn;
+                  offered none, says "Out of tools." (for the loop's bounds)
   compliance      "tools" when the request offers tools, else "echo": what the official Open
                   Responses compliance suite needs from one model (docs/compliance.md)
   echo_credentials
@@ -78,6 +83,8 @@ MODELS = [
     "reasoning_alt",
     "refusal",
     "length",
+    "directed",
+    "insistent",
     "json_body",
     "no_done",
     "truncated",
@@ -254,6 +261,10 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
         return _agent_turn(body)
     if model == "searcher":
         return _searcher_turn(body)
+    if model == "directed":
+        return _directed_turn(body)
+    if model == "insistent":
+        return _insistent_turn(body)
     if model in ("tools", "parallel", "tools_stop", "tools_repeat", "rogue_tool"):
         tools = body.get("tools") or [{"function": {"name": "get_weather"}}]
         name = "not_offered" if model == "rogue_tool" else tools[0]["function"]["name"]
@@ -318,6 +329,40 @@ def _searcher_turn(body: dict[str, Any]) -> dict[str, Any]:
         return {"deltas": [{"content": piece} for piece in _WORD.findall(said)], "finish": "stop"}
     call = _call(0, f"call_searcher_{len(messages)}", name, orjson.dumps(arguments).decode())
     return {"deltas": [call], "finish": "tool_calls"}
+
+
+def _directed_turn(body: dict[str, Any]) -> dict[str, Any]:
+    """Call what the user asked for (`call <name> <arguments>` lines); given the outputs,
+    say them."""
+    messages = body.get("messages") or []
+    outputs = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        outputs.insert(0, _text(message.get("content")).strip())
+    if outputs:
+        return _said("Tools said: " + " ; ".join(outputs))
+    asked = re.findall(r"^call (\S+) (.*)$", _last_text(body), re.MULTILINE)
+    if not asked or not body.get("tools"):
+        return _said(_last_text(body) or "Hello")
+    deltas = [
+        _call(index, f"call_directed_{len(messages)}_{index}", name, arguments)
+        for index, (name, arguments) in enumerate(asked)
+    ]
+    return {"deltas": deltas, "finish": "tool_calls"}
+
+
+def _insistent_turn(body: dict[str, Any]) -> dict[str, Any]:
+    tools = body.get("tools") or []
+    if not tools or body.get("tool_choice") == "none":
+        return _said("Out of tools.")
+    name = tools[0]["function"]["name"]
+    call_id = f"call_insistent_{len(body.get('messages') or [])}"
+    return {"deltas": [_call(0, call_id, name, '{"query": "again"}')], "finish": "tool_calls"}
+
+
+def _said(text: str) -> dict[str, Any]:
+    return {"deltas": [{"content": piece} for piece in _WORD.findall(text)], "finish": "stop"}
 
 
 def _called(messages: list[dict[str, Any]], call_id: str) -> str:

@@ -22,6 +22,14 @@ from openai.types.responses import (
     ResponseCustomToolCallInputDoneEvent,
     ResponseCustomToolCallOutput,
     ResponseFunctionWebSearch,
+    ResponseMcpCallArgumentsDeltaEvent,
+    ResponseMcpCallArgumentsDoneEvent,
+    ResponseMcpCallCompletedEvent,
+    ResponseMcpCallFailedEvent,
+    ResponseMcpCallInProgressEvent,
+    ResponseMcpListToolsCompletedEvent,
+    ResponseMcpListToolsFailedEvent,
+    ResponseMcpListToolsInProgressEvent,
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
     ResponseToolSearchCall,
@@ -31,12 +39,15 @@ from openai.types.responses import (
     ResponseWebSearchCallSearchingEvent,
     ToolChoiceCustom,
     ToolSearchTool,
+    WebSearchPreviewTool,
     WebSearchTool,
 )
-from openai.types.responses.response_input_item_param import ToolSearchCall
+from openai.types.responses.response_input_item_param import McpApprovalResponse, ToolSearchCall
+from openai.types.responses.response_output_item import McpApprovalRequest, McpCall, McpListTools
 from openai.types.responses.response_tool_search_output_item_param_param import (
     ResponseToolSearchOutputItemParamParam,
 )
+from openai.types.responses.tool import Mcp
 from pydantic import TypeAdapter
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -147,12 +158,24 @@ _OPENAI_EVENTS: dict[str, Any] = {
     "response.web_search_call.in_progress": ResponseWebSearchCallInProgressEvent,
     "response.web_search_call.searching": ResponseWebSearchCallSearchingEvent,
     "response.web_search_call.completed": ResponseWebSearchCallCompletedEvent,
+    # Remote MCP servers, run by Relay (relay.engine.server_tools).
+    "response.mcp_list_tools.in_progress": ResponseMcpListToolsInProgressEvent,
+    "response.mcp_list_tools.completed": ResponseMcpListToolsCompletedEvent,
+    "response.mcp_list_tools.failed": ResponseMcpListToolsFailedEvent,
+    "response.mcp_call.in_progress": ResponseMcpCallInProgressEvent,
+    "response.mcp_call.completed": ResponseMcpCallCompletedEvent,
+    "response.mcp_call.failed": ResponseMcpCallFailedEvent,
+    "response.mcp_call_arguments.delta": ResponseMcpCallArgumentsDeltaEvent,
+    "response.mcp_call_arguments.done": ResponseMcpCallArgumentsDoneEvent,
 }
 _HOSTED_ITEMS: dict[str, Any] = {
     "web_search_call": ResponseFunctionWebSearch,
     # Tool search (Codex): items the upstream made, or the client gave as input.
     "tool_search_call": ResponseToolSearchCall,
     "tool_search_output": ResponseToolSearchOutputItem,
+    "mcp_list_tools": McpListTools,
+    "mcp_call": McpCall,
+    "mcp_approval_request": McpApprovalRequest,
 }
 _ITEM_EVENTS: dict[str, Any] = {
     "response.output_item.added": ResponseOutputItemAddedEvent,
@@ -160,13 +183,17 @@ _ITEM_EVENTS: dict[str, Any] = {
 }
 _HOSTED_TOOLS: dict[str, Any] = {
     "web_search": WebSearchTool,
-    "web_search_preview": WebSearchTool,
+    "web_search_2025_08_26": WebSearchTool,
+    "web_search_preview": WebSearchPreviewTool,
+    "web_search_preview_2025_03_11": WebSearchPreviewTool,
     "tool_search": ToolSearchTool,
+    "mcp": Mcp,
 }
 # What clients send (the SDK's input types): tool search items as Codex gives them back.
 INPUT_ITEMS: dict[str, Any] = {
     "tool_search_call": TypeAdapter(ToolSearchCall),
     "tool_search_output": TypeAdapter(ResponseToolSearchOutputItemParamParam),
+    "mcp_approval_response": TypeAdapter(McpApprovalResponse),
 }
 
 
@@ -281,7 +308,7 @@ def _part(item: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
 
 def _apply_delta(item: dict[str, Any], event: dict[str, Any]) -> None:
     kind = event["type"]
-    if kind == "response.function_call_arguments.delta":
+    if kind in ("response.function_call_arguments.delta", "response.mcp_call_arguments.delta"):
         item["arguments"] += event["delta"]
         return
     if kind == "response.custom_tool_call_input.delta":
@@ -296,7 +323,7 @@ def _apply_delta(item: dict[str, Any], event: dict[str, Any]) -> None:
 
 def _check_done(item: dict[str, Any], event: dict[str, Any]) -> None:
     kind = event["type"]
-    if kind == "response.function_call_arguments.done":
+    if kind in ("response.function_call_arguments.done", "response.mcp_call_arguments.done"):
         assert item["arguments"] == event["arguments"], "arguments.done differs from deltas"
         return
     if kind == "response.custom_tool_call_input.done":

@@ -4,6 +4,15 @@ import tempfile
 from anthropic_upstream import anthropic_upstream  # noqa: F401
 from chat_upstream import *  # noqa: F403
 from db_fixtures import *  # noqa: F403
+from fake_search import *  # noqa: F403
+from mcp_servers import (  # noqa: F401
+    _mcp_legacy_server,
+    _mcp_sse_server,
+    _mcp_streamable_server,
+    mcp_legacy,
+    mcp_sse,
+    mcp_streamable,
+)
 from redis_fixtures import *  # noqa: F403
 from relay_fixtures import *  # noqa: F403
 from responses_upstream import responses_upstream  # noqa: F401

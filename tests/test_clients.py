@@ -3,7 +3,8 @@ script (call a tool, then say what it gave): Codex CLI and the OpenAI Agents SDK
 with its defaults, over its WebSocket transport, signed in with ChatGPT (when it compresses
 its requests), and with its tool search (in front of the Responses upstream's `tool_search`
 script, which searches, then calls what the search loaded: an MCP server's tool,
-tests/mcp_stdio_server.py).
+tests/mcp_stdio_server.py). The Agents SDK also gives Relay a `HostedMCPTool`, which Relay
+runs (a real MCP server on loopback, tests/mcp_servers.py), with and without approvals.
 
 `make clients` installs the pinned clients (Codex CLI from npm into .clients/, openai-agents
 into the venv) and runs these; without them the tests are skipped, saying so (`make test`
@@ -27,6 +28,7 @@ import orjson
 import pytest
 from chat_upstream import ChatUpstream
 from live_server import ServeProcess, relay_serve
+from mcp_servers import McpTestServer
 from responses_upstream import ResponsesUpstream
 
 TESTS = Path(__file__).resolve().parent
@@ -242,3 +244,53 @@ def test_the_agents_sdk_runs_a_function_tool_through_relay(agent_relay: ServePro
     final_output = asyncio.run(run())
     assert calls == ["Paris"]
     assert final_output == "The tool said: sunny in Paris"
+
+
+@pytest.fixture(scope="module")
+def mcp_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, str]]:
+    """`relay serve` whose model m calls what it is asked to (the chat upstream's `directed`
+    script), allowed to reach a real MCP server on loopback; yields it and the server's URL."""
+    workdir = tmp_path_factory.mktemp("hosted-mcp")
+    with McpTestServer("streamable") as server, ChatUpstream() as upstream:
+        route = {"base_url": upstream.base_url, "upstream_model": "directed"}
+        tools = {
+            "mcp": {"allowed_servers": [server.base_url + "/"], "private_networks": ["127.0.0.0/8"]}
+        }
+        with relay_for_m(workdir, route, RELAY_TOOLS=orjson.dumps(tools).decode()) as relay:
+            yield relay, server.url
+
+
+@pytest.mark.parametrize("approval", ["never", "always"])
+def test_the_agents_sdk_hosted_mcp_tool_runs_on_relay(
+    mcp_relay: tuple[ServeProcess, str], approval: str
+) -> None:
+    agents = pytest.importorskip("agents", reason="openai-agents not installed: `make clients`")
+    from openai import AsyncOpenAI
+
+    relay, server_url = mcp_relay
+    asked: list[str] = []
+
+    def approve(request: Any) -> Any:
+        asked.append(request.data.name)
+        return {"approve": True}
+
+    tool = agents.HostedMCPTool(
+        tool_config={
+            "type": "mcp",
+            "server_label": "demo",
+            "server_url": server_url,
+            "require_approval": approval,
+        },
+        on_approval_request=approve if approval == "always" else None,
+    )
+
+    async def run() -> str:
+        async with AsyncOpenAI(base_url=f"{relay.url}/v1", api_key="unused") as client:
+            model = agents.OpenAIResponsesModel(model="m", openai_client=client)
+            agent = agents.Agent(name="calculator", tools=[tool], model=model)
+            result = await agents.Runner.run(agent, 'call demo__add {"a": 19, "b": 23}')
+            return str(result.final_output)
+
+    agents.set_tracing_disabled(True)
+    assert asyncio.run(run()) == "Tools said: 42"
+    assert asked == (["add"] if approval == "always" else [])

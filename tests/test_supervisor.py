@@ -88,6 +88,7 @@ async def test_the_application_names_its_tasks_and_closes_in_order(
         *shared,
         "runs",
         "engine",
+        "tools",
         "access",
         "providers",
         "store",

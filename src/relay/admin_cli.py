@@ -22,13 +22,23 @@ from relay.console import report_config_error, without_password
 from relay.errors import RelayError, StartupError
 from relay.storage.database import Database, open_database, sqlite_file
 
-_POLICY_FLAGS = {
+
+def _listed(text: str) -> list[str]:
+    return [entry.strip() for entry in text.split(",") if entry.strip()]
+
+
+_POLICY_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "rpm": ("--rpm", int, "requests per minute"),
     "tpm": ("--tpm", int, "tokens per minute"),
     "max_concurrent": ("--max-concurrent", int, "requests at once"),
     "daily_budget_usd": ("--daily-budget", float, "US dollars per UTC day"),
     "monthly_budget_usd": ("--monthly-budget", float, "US dollars per UTC month"),
     "credit_usd": ("--credit", float, "US dollars over all time (prepaid credit)"),
+    "mcp_servers": (
+        "--mcp-servers",
+        _listed,
+        "the MCP servers it may reach, comma-separated (URL prefixes or hosts; '' for none)",
+    ),
 }
 
 

@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 from relay.models.deployments import PROVIDER_KINDS, DeploymentConfig, LlamaCppConfig
 from relay.models.policy import NO_POLICY, Policy
+from relay.models.tools import ToolSettings
 
 
 class RouteConfig(BaseModel):
@@ -239,6 +240,9 @@ class Settings(BaseSettings):
     # answers a 400 naming the type. Nothing ever pretends a hosted tool ran. Omit is the
     # default because Codex CLI sends web_search on every request by default.
     hosted_tools: Literal["refuse", "omit"] = "omit"
+    # Tools Relay runs for the model (relay.engine.tool_loop): the loop's bounds, which MCP
+    # servers projects may reach, the web search backend.
+    tools: ToolSettings = Field(default_factory=ToolSettings)
     # How a request whose body fails validation is answered: "openai", a 400 in OpenAI's error
     # envelope; "fastapi", a 422 whose `detail` lists every failure (loc, msg, type, input,
     # ctx), for clients written against platforms built on FastAPI that answer so.

@@ -26,7 +26,9 @@ from relay.errors import InvalidFields, InvalidRequest
 MAX_INPUT_CHARS = 10_485_760
 HOSTED_TOOL_TYPES = {
     "web_search",
+    "web_search_2025_08_26",
     "web_search_preview",
+    "web_search_preview_2025_03_11",
     "file_search",
     "code_interpreter",
     "computer_use_preview",
@@ -56,6 +58,8 @@ HOSTED_ITEM_TYPES = frozenset(
         "computer_call",
         "mcp_call",
         "mcp_list_tools",
+        "mcp_approval_request",
+        "mcp_approval_response",
     }
 )
 
@@ -347,6 +351,17 @@ class HostedCall(_Open):
     id: ItemId
 
 
+class McpApprovalResponse(_Open):
+    """The client's answer to an mcp_approval_request: the call runs (approve) or the model
+    hears it was declined."""
+
+    type: Literal["mcp_approval_response"]
+    approval_request_id: str = Field(pattern=ID_PATTERN)
+    approve: bool
+    reason: str | None = Field(default=None, max_length=10_000)
+    id: ItemId | None = None
+
+
 class ItemReference(_Open):
     type: Literal["item_reference"] = "item_reference"
     id: ItemId
@@ -363,6 +378,7 @@ _ITEM_MODELS: dict[str, type[BaseModel]] = {
     "tool_search_call": ToolSearchCall,
     "tool_search_output": ToolSearchOutput,
     **dict.fromkeys(HOSTED_ITEM_TYPES, HostedCall),
+    "mcp_approval_response": McpApprovalResponse,
 }
 
 
@@ -439,6 +455,68 @@ class ToolSearchTool(_Strict):
     description: str | None = None
     execution: Literal["server", "client"] | None = None
     parameters: dict[str, Any] | None = None
+
+
+class McpToolFilter(_Strict):
+    """Which of an MCP server's tools a rule covers: by name, or the read-only ones (those
+    whose annotations say readOnlyHint)."""
+
+    tool_names: list[str] | None = Field(default=None, max_length=1000)
+    read_only: bool | None = None
+
+
+class McpApprovalFilter(_Strict):
+    always: McpToolFilter | None = None
+    never: McpToolFilter | None = None
+
+
+class McpTool(_Strict):
+    """A remote MCP server Relay connects to and runs for the model (relay.engine.server_tools).
+    `authorization` and `headers` are secrets: used for this response's calls, never echoed
+    or stored."""
+
+    type: Literal["mcp"]
+    server_label: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    server_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    server_description: str | None = Field(default=None, max_length=10_000)
+    headers: dict[str, str] | None = None
+    authorization: str | None = Field(default=None, max_length=10_000)
+    allowed_tools: list[str] | McpToolFilter | None = None
+    require_approval: Literal["always", "never"] | McpApprovalFilter | None = None
+    # Accepted for the SDK's sake; tools are always listed, and called only by the model.
+    defer_loading: bool | None = None
+    allowed_callers: list[Literal["direct", "programmatic"]] | None = None
+    connector_id: str | None = None
+    tunnel_id: str | None = None
+
+
+class WebSearchLocation(_Open):
+    type: Literal["approximate"] | None = None
+    country: str | None = Field(default=None, max_length=64)
+    city: str | None = Field(default=None, max_length=256)
+    region: str | None = Field(default=None, max_length=256)
+    timezone: str | None = Field(default=None, max_length=256)
+
+
+class WebSearchFilters(_Strict):
+    allowed_domains: list[str] | None = Field(default=None, max_length=100)
+
+
+class WebSearchTool(_Strict):
+    """`web_search` and `web_search_preview` (and their dated names), run by Relay through the
+    configured search backend (relay.tools.web_search)."""
+
+    type: Literal[
+        "web_search",
+        "web_search_2025_08_26",
+        "web_search_preview",
+        "web_search_preview_2025_03_11",
+    ]
+    filters: WebSearchFilters | None = None
+    search_context_size: Literal["low", "medium", "high"] | None = None
+    user_location: WebSearchLocation | None = None
+    external_web_access: bool | None = None
+    search_content_types: list[Literal["text", "image"]] | None = None
 
 
 class FunctionChoice(_Strict):

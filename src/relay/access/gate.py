@@ -124,9 +124,10 @@ class Accounting:
                 input_tokens=input_tokens,
                 cached_tokens=cached,
                 output_tokens=output_tokens,
-                cost_nanos=0
-                if price is None
-                else price.cost_nanos(input_tokens, cached, output_tokens),
+                cost_nanos=(
+                    0 if price is None else price.cost_nanos(input_tokens, cached, output_tokens)
+                )
+                + (served.tools_nanos if served is not None else 0),
                 latency_ms=round((time.monotonic() - self.started) * 1000),
                 estimated=served is not None and served.estimated,
             ),

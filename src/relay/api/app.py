@@ -20,6 +20,7 @@ from relay.api import errors
 from relay.api.routes import routes
 from relay.config import Settings
 from relay.engine.run import Engine
+from relay.engine.tool_loop import ToolRuntime
 from relay.observe import MULTIPROCESS_DIR, tracing
 from relay.observe.access import ObservedRequests
 from relay.observe.metrics import Metrics
@@ -31,6 +32,9 @@ from relay.storage.conversations import ConversationStore
 from relay.storage.database import AsyncDatabase
 from relay.storage.sql import open_store
 from relay.supervisor import Supervisor
+from relay.tools import web_search
+from relay.tools.egress import EgressPolicy
+from relay.tools.mcp import McpClient, McpLimits
 
 log = logging.getLogger("relay")
 SAMPLE_S = 1.0  # how often the metrics' gauges are read (relay.observe.metrics)
@@ -100,6 +104,31 @@ class _Secrets:
     configured_keys: bool  # sealing keys configured, not generated
 
 
+def _tool_runtime(settings: Settings, access: Access, metrics: Metrics) -> ToolRuntime:
+    """What server-side tools run with: each project's egress policy is its own list of MCP
+    servers where its policy has one, else the server's."""
+    config = settings.tools
+    networks = tuple(config.mcp.private_networks)
+    default = EgressPolicy(tuple(config.mcp.allowed_servers), networks)
+    policies: dict[tuple[str, ...], EgressPolicy] = {}
+
+    async def policy_for(project: str) -> EgressPolicy:
+        record = await access.keys.project(project)
+        servers = None if record is None else record.policy.mcp_servers
+        if servers is None:
+            return default
+        policy = policies.get(servers)
+        if policy is None:
+            policy = policies[servers] = EgressPolicy(servers, networks)
+        return policy
+
+    limits = McpLimits(
+        config.mcp.list_timeout_s, config.mcp.call_timeout_s, config.mcp.max_output_bytes
+    )
+    search = None if config.web_search is None else web_search.build(config.web_search)
+    return ToolRuntime(config, McpClient(limits), search, policy_for, metrics)
+
+
 async def _start(
     app: Starlette, settings: Settings, kept: _Secrets, metrics: Metrics, supervisor: Supervisor
 ) -> None:
@@ -128,6 +157,8 @@ async def _start(
     access = Access(settings, kept.credentials, store.db, metrics)
     supervisor.closes("access", access.aclose)
     conversations = ConversationStore(store.db, settings.run_lease_s)
+    tools = _tool_runtime(settings, access, metrics)
+    supervisor.closes("tools", tools.aclose)
     engine = Engine(
         registry,
         store,
@@ -137,6 +168,7 @@ async def _start(
         sealer=kept.sealer,
         hosted_tools=settings.hosted_tools,
         conversations=conversations,
+        tools=tools,
     )
     supervisor.closes("engine", engine.aclose)
     runner = Runner(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from relay.engine import reasoning
 from relay.engine.response import output_text
@@ -44,6 +45,30 @@ class ToolPolicyViolation(Exception):
     """The upstream did something tool_choice forbids; the run fails with this message."""
 
 
+@dataclass(frozen=True, slots=True)
+class ServerFunction:
+    """What a function offered upstream stands for when Relay runs it: a tool of an MCP
+    server (`label`, its own `name`), or web search; `approval`: the client approves each
+    call first."""
+
+    kind: Literal["mcp", "web_search"]
+    label: str
+    name: str
+    approval: bool
+
+
+@dataclass(slots=True)
+class ServerCall:
+    """An item of a server-run tool: made from the model's call (or before the first turn:
+    a tool list, an approved call), run by the tool loop, finished here. `progress`: the
+    events between its output_item.added and .done when it comes whole; `for_model`: what
+    the model reads as its output where that is not the item's own (search results)."""
+
+    item: dict[str, Any]
+    progress: tuple[str, ...] = ()
+    for_model: str | None = None
+
+
 class ResponseBuilder:
     def __init__(
         self,
@@ -61,6 +86,7 @@ class ResponseBuilder:
         namespaced: dict[str, tuple[str, str]] | None = None,
         custom_tools: frozenset[str] = frozenset(),
         search_function: str | None = None,
+        server_functions: dict[str, ServerFunction] | None = None,
     ) -> None:
         self.response = response
         self._seq = 0
@@ -85,6 +111,17 @@ class ResponseBuilder:
         # The function a client-run tool search is offered as: its calls are tool_search_call
         # items, whose arguments are an object, known when the call ends.
         self._search = search_function
+        # Functions Relay runs (relay.engine.server_tools), by upstream name; their calls
+        # become server items, left open for the tool loop (`end_turn`).
+        self._server = server_functions or {}
+        self._server_calls: list[ServerCall] = []  # this turn's, closed, not yet run
+        self._running: list[dict[str, Any]] = []  # server items run by the loop, not done
+        self.client_calls = 0  # calls this turn the client must run
+        self.approvals = 0  # approval requests this turn
+        # What earlier turns of the tool loop used; and the URLs their searches found, with
+        # their titles, which the answer's text is cited against.
+        self._usage_before: UsageDelta | None = None
+        self.citable: dict[str, str] = {}
         # The arguments of custom and search calls, held until the call ends, by upstream index.
         self._held_arguments: dict[int, str] = {}
         # One random filler a response, sliced per delta: the padding hides lengths by its
@@ -264,15 +301,24 @@ class ResponseBuilder:
     def _hosted(self, delta: HostedItem) -> list[Event]:
         """A finished item the upstream ran (web_search_call, ...): added, its progress
         events, done."""
-        events = self._close_all("completed")
         item = dict(delta.item)
-        final_status = item.get("status", "completed")
-        item["status"] = "in_progress"
-        events.append(self._add_item(item))
+        return self._close_all("completed") + self._whole(
+            item, delta.progress, item.get("status", "completed")
+        )
+
+    def _whole(
+        self, item: dict[str, Any], progress: Sequence[str], status: str | None
+    ) -> list[Event]:
+        """A finished item: added (in progress, when it has a status), its progress events,
+        done."""
+        if status is not None:
+            item["status"] = "in_progress"
+        events = [self._add_item(item)]
         index = self._index_of(item)
-        for kind in delta.progress:
+        for kind in progress:
             events.append(self._event(kind, item_id=item["id"], output_index=index))
-        item["status"] = final_status
+        if status is not None:
+            item["status"] = status
         events.append(
             self._event("response.output_item.done", output_index=index, item=_copy(item))
         )
@@ -363,27 +409,48 @@ class ResponseBuilder:
                 events += self._close_open("completed")
             self._calls_made += 1
             item = self._call_item(delta.name, delta.call_id or new_id("call"))
-            if item["type"] != "function_call":
+            kind = item["type"]
+            if kind not in _STREAMED_ARGUMENTS:
                 self._held_arguments[delta.index] = ""
             self._calls[delta.index] = item
             events.append(self._add_item(item))
+            if kind in _IN_PROGRESS:
+                events.append(
+                    self._event(
+                        _IN_PROGRESS[kind], item_id=item["id"], output_index=self._index_of(item)
+                    )
+                )
+            if kind == "mcp_approval_request":
+                self.approvals += 1
+            elif kind in _CLIENT_CALLS:
+                self.client_calls += 1
         if delta.index in self._held_arguments:
             self._held_arguments[delta.index] += delta.arguments
         elif delta.arguments:
             item["arguments"] += delta.arguments
-            events.append(
-                self._event(
+            if item["type"] == "mcp_call":
+                event = self._event(
+                    "response.mcp_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=self._index_of(item),
+                    delta=delta.arguments,
+                )
+            else:
+                event = self._event(
                     "response.function_call_arguments.delta",
                     item_id=item["id"],
                     output_index=self._index_of(item),
                     delta=delta.arguments,
                     **self._pad(delta.arguments),
                 )
-            )
+            events.append(event)
         return events
 
     def _call_item(self, name: str, call_id: str) -> dict[str, Any]:
         """A new call's item, in the shape of the tool the client declared."""
+        server = self._server.get(name)
+        if server is not None:
+            return _server_item(server)
         if name == self._search:
             # OpenAI streams no events of a tool search's own: added, then done.
             return {
@@ -417,7 +484,9 @@ class ResponseBuilder:
         ids = {"item_id": item["id"], "output_index": index}
         if part["type"] == "output_text":
             ci = len(item["content"]) - 1
+            cited = self._cite(part, ids, ci) if self.citable else []
             return [
+                *cited,
                 self._event(
                     "response.output_text.done",
                     **ids,
@@ -461,6 +530,43 @@ class ResponseBuilder:
             ),
         ]
 
+    def _cite(self, part: dict[str, Any], ids: dict[str, Any], content_index: int) -> list[Event]:
+        """url_citation annotations where the text names a URL a web search of this response
+        found (a markdown link to it is cited whole)."""
+        text: str = part["text"]
+        found = []
+        for url, title in self.citable.items():
+            start = text.find(url)
+            while start != -1:
+                end = start + len(url)
+                link = text.rfind("](", 0, start + 1)
+                opening = text.rfind("[", 0, link) if link == start - 2 else -1
+                if opening != -1 and text.startswith(")", end):
+                    found.append((opening, end + 1, url, title))
+                else:
+                    found.append((start, end, url, title))
+                start = text.find(url, end)
+        events = []
+        for start, end, url, title in sorted(found):
+            annotation = {
+                "type": "url_citation",
+                "start_index": start,
+                "end_index": end,
+                "url": url,
+                "title": title,
+            }
+            part["annotations"].append(annotation)
+            events.append(
+                self._event(
+                    "response.output_text.annotation.added",
+                    **ids,
+                    content_index=content_index,
+                    annotation_index=len(part["annotations"]) - 1,
+                    annotation=dict(annotation),
+                )
+            )
+        return events
+
     def _close_open(self, status: str) -> list[Event]:
         item = self._open
         if item is None:
@@ -483,8 +589,13 @@ class ResponseBuilder:
         for index in sorted(self._calls):
             item = self._calls[index]
             output_index = self._index_of(item)
+            kind = item["type"]
+            if kind in _SERVER_ITEMS:
+                held = self._held_arguments.pop(index, None)
+                events += self._close_server_call(item, output_index, status, held)
+                continue
             item["status"] = status
-            if item["type"] == "tool_search_call":
+            if kind == "tool_search_call":
                 item["arguments"] = _search_arguments(self._held_arguments.pop(index))
             elif item["type"] == "custom_tool_call":
                 events += self._custom_input(item, output_index, self._held_arguments.pop(index))
@@ -502,6 +613,38 @@ class ResponseBuilder:
                 self._event("response.output_item.done", output_index=output_index, item=dict(item))
             )
         self._calls.clear()
+        return events
+
+    def _close_server_call(
+        self, item: dict[str, Any], output_index: int, status: str, held: str | None
+    ) -> list[Event]:
+        """A server-run tool's call, its arguments complete: an approval request is done; a
+        call to run waits for the tool loop (done in `server_call_done`), unless the turn
+        ended short of it."""
+        kind = item["type"]
+        events: list[Event] = []
+        if kind == "mcp_approval_request":
+            item["arguments"] = held or ""
+        elif kind == "web_search_call":
+            item["action"]["query"] = _search_query(held or "")
+        else:
+            events.append(
+                self._event(
+                    "response.mcp_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=output_index,
+                    arguments=item["arguments"],
+                )
+            )
+        if kind != "mcp_approval_request":
+            if status == "completed":
+                self._server_calls.append(ServerCall(item))
+                self._running.append(item)
+                return events
+            item["status"] = status
+        events.append(
+            self._event("response.output_item.done", output_index=output_index, item=_copy(item))
+        )
         return events
 
     def _custom_input(self, item: dict[str, Any], output_index: int, arguments: str) -> list[Event]:
@@ -530,7 +673,7 @@ class ResponseBuilder:
     # Terminal -------------------------------------------------------------------------------
 
     def _usage_dict(self) -> dict[str, Any]:
-        usage = self._usage or UsageDelta(0, 0)
+        usage = _added(self._usage_before, self._usage) or UsageDelta(0, 0)
         return {
             "input_tokens": usage.input_tokens,
             "input_tokens_details": {"cached_tokens": usage.cached_tokens}
@@ -547,6 +690,85 @@ class ResponseBuilder:
         """The upstream's finish reason ("stop", "length", "tool_calls"...), "stop" until it
         says."""
         return self._finish
+
+    # The tool loop ------------------------------------------------------------------------
+
+    def opening(self, calls: list[ServerCall]) -> list[Event]:
+        """Items made before the first turn (a server's tool list, an approved call), whole."""
+        events: list[Event] = []
+        for call in calls:
+            events += self._whole(call.item, call.progress, call.item.get("status"))
+        return events
+
+    def end_turn(self) -> tuple[list[Event], list[ServerCall]]:
+        """One model turn of the tool loop is over: what was open closes, its usage joins
+        the earlier turns', and the server calls it made are handed over to be run."""
+        events = self._close_all("completed")
+        self._usage_before, self._usage = _added(self._usage_before, self._usage), None
+        calls, self._server_calls = self._server_calls, []
+        return events, calls
+
+    def next_turn(self) -> None:
+        """Another model turn begins: its counts start from nothing."""
+        self.client_calls = self.approvals = 0
+        self._finish = "stop"
+
+    def server_call_started(self, call: ServerCall) -> list[Event]:
+        if call.item["type"] == "web_search_call":
+            return [
+                self._event(
+                    "response.web_search_call.searching",
+                    item_id=call.item["id"],
+                    output_index=self._index_of(call.item),
+                )
+            ]
+        return []
+
+    def server_call_done(self, call: ServerCall) -> list[Event]:
+        """A server call ran (its item's status, output or error set by the loop)."""
+        item = call.item
+        self._running.remove(item)
+        index = self._index_of(item)
+        kind = item["type"]
+        if kind == "mcp_call":
+            done = "completed" if item["status"] == "completed" else "failed"
+            progress = f"response.mcp_call.{done}"
+        else:
+            progress = "response.web_search_call.completed"
+        return [
+            self._event(progress, item_id=item["id"], output_index=index),
+            self._event("response.output_item.done", output_index=index, item=_copy(item)),
+        ]
+
+    def _stop_running(self, status: str) -> list[Event]:
+        """Server calls cut short (the response failed or was cancelled meanwhile)."""
+        events = []
+        for item in self._running:
+            item["status"] = status
+            events.append(
+                self._event(
+                    "response.output_item.done", output_index=self._index_of(item), item=_copy(item)
+                )
+            )
+        self._running.clear()
+        return events
+
+    @property
+    def calls_made(self) -> int:
+        return self._calls_made
+
+    @property
+    def max_calls(self) -> int | None:
+        return self._max_calls
+
+    def cut_short(self, reason: str) -> None:
+        """End the response as incomplete for `reason` (a finish reason, as an upstream's)."""
+        self._finish = reason
+
+    @property
+    def finish_incomplete(self) -> bool:
+        """The turn ended short (its output cut by a limit): the loop goes no further."""
+        return self._finish in _INCOMPLETE
 
     def finish(self) -> list[Event]:
         """Close what is open and settle the outcome from the upstream's finish reason. The
@@ -567,7 +789,7 @@ class ResponseBuilder:
 
     def fail(self, code: str, message: str) -> list[Event]:
         """Close what is open as incomplete and settle the response as failed."""
-        events = self._close_all("incomplete")
+        events = self._close_all("incomplete") + self._stop_running("failed")
         self.mark_failed(code, message)
         return events
 
@@ -580,6 +802,7 @@ class ResponseBuilder:
     def cancel(self) -> None:
         """The client went away mid-run: record where it stopped; there is nobody to tell."""
         self._close_all("incomplete")
+        self._stop_running("incomplete")
         self.response["status"] = "cancelled"
         self._settle()
 
@@ -637,3 +860,63 @@ def _copy(item: dict[str, Any]) -> dict[str, Any]:
         if key in copied:
             copied[key] = [_copy_part(part) for part in copied[key]]
     return copied
+
+
+# Call items whose arguments stream as they come (the others' are held until the call ends).
+_STREAMED_ARGUMENTS = frozenset({"function_call", "mcp_call"})
+_IN_PROGRESS = {
+    "mcp_call": "response.mcp_call.in_progress",
+    "web_search_call": "response.web_search_call.in_progress",
+}
+_CLIENT_CALLS = frozenset({"function_call", "custom_tool_call", "tool_search_call"})
+_SERVER_ITEMS = frozenset({"mcp_call", "mcp_approval_request", "web_search_call"})
+
+
+def _server_item(function: ServerFunction) -> dict[str, Any]:
+    if function.kind == "web_search":
+        return {
+            "id": new_id("ws"),
+            "type": "web_search_call",
+            "status": "in_progress",
+            "action": {"type": "search", "query": ""},
+        }
+    if function.approval:
+        return {
+            "id": new_id("mcpr"),
+            "type": "mcp_approval_request",
+            "server_label": function.label,
+            "name": function.name,
+            "arguments": "",
+        }
+    return {
+        "id": new_id("mcp"),
+        "type": "mcp_call",
+        "status": "in_progress",
+        "server_label": function.label,
+        "name": function.name,
+        "arguments": "",
+    }
+
+
+def _search_query(arguments: str) -> str:
+    """The query of a web search call's arguments ({"query": ...}); as sent when they are
+    not that shape (the search runs on what the model wrote)."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+    query = value.get("query") if isinstance(value, dict) else None
+    return query if isinstance(query, str) else arguments
+
+
+def _added(before: UsageDelta | None, now: UsageDelta | None) -> UsageDelta | None:
+    """Two turns' usage, summed."""
+    if before is None or now is None:
+        return now if before is None else before
+    return UsageDelta(
+        before.input_tokens + now.input_tokens,
+        before.output_tokens + now.output_tokens,
+        before.cached_tokens + now.cached_tokens,
+        before.reasoning_tokens + now.reasoning_tokens,
+        before.cache_write_tokens + now.cache_write_tokens,
+    )

@@ -9,7 +9,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from relay.engine import server_tools
 from relay.engine.schemas import check_json_schema
+from relay.engine.server_tools import ServerTools
 from relay.errors import InvalidRequest
 from relay.protocol import (
     HOSTED_TOOL_TYPES,
@@ -67,6 +69,8 @@ class ToolPlan:
     # A client-run search's upstream name: it is one of the functions (so that upstreams
     # without tool search can call it), and calls to it come back as tool_search_call items.
     search_function: str | None = None
+    # The tools Relay runs itself (MCP servers, web search), when the request has any.
+    server: ServerTools | None = None
 
 
 def _tool(raw: Any, param: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -221,13 +225,15 @@ def plan_tools(
     *,
     omit_hosted: bool = False,
     upstream_runs: frozenset[str] = frozenset(),
+    server_runs: frozenset[str] = frozenset(),
     loaded: Iterable[tuple[dict[str, Any], str]] = (),
 ) -> ToolPlan:
     """`omit_hosted`: hosted tools (web_search, ...), which Relay cannot run, are left out
     instead of refused; the answer names them (`x-relay-omitted-tools`). `upstream_runs`:
     hosted tool types a deployment of the model runs itself: those pass through. `loaded`:
     the tools tool search loaded earlier in the context (`searched_tools`), callable as if
-    declared.
+    declared. `server_runs`: hosted tool types Relay runs itself (relay.engine.server_tools),
+    given the upstream does not.
 
     Tools with `defer_loading` are offered in full: an upstream without tool search could
     never find them otherwise, and one with it gets them marked as deferred. A client-run
@@ -241,6 +247,7 @@ def plan_tools(
     hosted: list[dict[str, Any]] = []
     search: dict[str, Any] | None = None
     search_at = 0  # where among the functions a client-run search is offered
+    server: list[tuple[Any, str]] = []
     for index, raw in enumerate(request.tools or []):
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind == "tool_search":
@@ -253,6 +260,11 @@ def plan_tools(
         elif kind in upstream_runs:
             declared.append(raw)
             hosted.append(raw)
+        elif kind in server_runs:
+            param = f"tools[{index}]"
+            echoed, tool = server_tools.parse(raw, param)
+            declared.append(echoed)
+            server.append((tool, param))
         elif omit_hosted and kind in HOSTED_TOOL_TYPES:
             omitted.append(str(kind))
         else:
@@ -290,6 +302,7 @@ def plan_tools(
             search,
             frozenset(gathered.loaded),
             search_name,
+            server_tools.gather(server),
         )
 
     choice = request.tool_choice
@@ -299,7 +312,7 @@ def plan_tools(
         # Enforced by not offering the tools at all: no upstream can call what it never saw.
         return plan([], "none", False)
     if choice == "required":
-        if not functions:
+        if not functions and not server:  # server-side tools are offered later, once listed
             raise InvalidRequest(
                 "tool_choice 'required' needs at least one tool.", param="tool_choice"
             )

@@ -27,6 +27,7 @@ _ID_PREFIX = {
     "custom_tool_call_output": "ctco",
     "tool_search_call": "tsc",
     "tool_search_output": "tso",
+    "mcp_approval_response": "mcpa",
 }
 
 

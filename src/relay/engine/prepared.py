@@ -38,6 +38,11 @@ class Prepared:
         return items if history is None else history.items + items
 
     @property
+    def answers_approvals(self) -> bool:
+        """Whether the input answers MCP approval requests (relay.engine.server_tools)."""
+        return any(item["type"] == "mcp_approval_response" for item in self.items)
+
+    @property
     def route(self) -> Route:
         """The model's own route (the first choice)."""
         return self.routes[0][0]

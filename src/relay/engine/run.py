@@ -10,6 +10,7 @@ state that is stored when store is true.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import orjson
 
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
-from relay.engine import compaction, conversation, counting, reasoning, routing
+from relay.engine import compaction, conversation, counting, reasoning, routing, server_tools
 from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
 from relay.engine.checks import check_request, plan_tools, reasoning_settings, searched_tools
 from relay.engine.context import (
@@ -33,6 +34,7 @@ from relay.engine.context import (
 from relay.engine.history import HistoryCache
 from relay.engine.prepared import Prepared
 from relay.engine.response import new_response
+from relay.engine.tool_loop import ToolLoop, ToolRuntime, TurnFailed
 from relay.errors import (
     DatabaseUnavailable,
     InvalidRequest,
@@ -130,6 +132,7 @@ class Run:
     durable: bool = False
     on_stored: Callable[[bool], None] | None = None
     turn: conversation.Turn | None = None  # the conversation it continues, held
+    loop: ToolLoop | None = None  # with server-side tools: the loop of its model turns
     _unsaved: Exception | None = field(default=None)  # why the save failed
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
@@ -163,21 +166,34 @@ class Run:
         """The stream, in batches: the events one step produced (the start, one upstream
         delta, the end), which a stream can send in one write."""
         builder = self.builder
+        loop = self.loop
         try:
-            yield builder.start()
+            started = builder.start()
+            yield started if loop is None else started + builder.opening(loop.server.opening)
             try:
-                async for delta in self.deltas:
-                    if not self.first_at:
-                        self.first_at = time.monotonic()
-                    batch = builder.feed(delta)
-                    if batch:
+                while True:
+                    async for delta in self.deltas:
+                        if not self.first_at:
+                            self.first_at = time.monotonic()
+                        batch = builder.feed(delta)
+                        if batch:
+                            yield batch
+                    if loop is None:
+                        break
+                    self._measure(time.monotonic() - self.asked_at)
+                    async for batch in loop.step(self):
                         yield batch
+                    if loop.done:
+                        break
                 closing = builder.finish()
-                self._measure(time.monotonic() - self.asked_at)
+                if loop is None:
+                    self._measure(time.monotonic() - self.asked_at)
             except ProviderError as error:
                 closing = builder.fail(self._mid_stream_failure(error), error.message)
             except ToolPolicyViolation as error:
                 closing = builder.fail("invalid_tool_call", str(error))
+            except TurnFailed as error:
+                closing = builder.fail(error.code, error.message)
             except Exception:
                 # A bug of ours or a provider's: the response still ends, and is stored, as
                 # failed; the details go to the log, not to the client.
@@ -196,6 +212,13 @@ class Run:
         finally:
             tracing.ended(self.span)
             await _close(self.deltas)
+
+    def next_turn(self, deployment: Deployment, opened: Opened) -> None:
+        """The tool loop's next model turn, opened: its deltas are read next, and its
+        deployment is the one that answered."""
+        tracing.ended(self.span)
+        self.deployment = deployment
+        self.sent, self.deltas, self.asked_at, self.span = opened
 
     def _mid_stream_failure(self, error: ProviderError) -> str:
         """The error code of a failure after the stream began; the deployment's health
@@ -266,8 +289,11 @@ class Run:
         )
         charged = None
         if self.on_settled is not None:
+            tools_nanos = 0 if self.loop is None else self.loop.cost_nanos()
             served = (
-                Served(deployment.name, deployment.config.price, counted) if deployment else None
+                Served(deployment.name, deployment.config.price, counted, tools_nanos)
+                if deployment
+                else None
             )
             charged = self.on_settled(response, served)
         stored = True
@@ -290,7 +316,9 @@ class Run:
                 first_token_s = self.first_at - self.started
             timings = Timings(ended - self.started, ended - self.asked_at, first_token_s)
             price = deployment.config.price
-            cost = deployment.meter.responded(response, timings, price, (self.tenant, self.key_id))
+            who = (self.tenant, self.key_id)
+            tools_nanos = 0 if self.loop is None else self.loop.cost_nanos()
+            cost = deployment.meter.responded(response, timings, price, who, tools_nanos)
         name = deployment.name if deployment is not None else None
         exchange = self.exchange
         if exchange is not None and exchange.awaits_response:
@@ -383,8 +411,16 @@ class Engine:
         sealer: Sealer,
         hosted_tools: str = "omit",
         conversations: ConversationStore | None = None,
+        tools: ToolRuntime | None = None,
     ) -> None:
         self.registry = registry
+        # Server-side tools (None: none run here): which hosted tool types Relay runs.
+        self.tools = tools
+        self._server_runs: frozenset[str] = frozenset()
+        if tools is not None:
+            self._server_runs = (
+                server_tools.RUNNABLE if tools.search is not None else frozenset({"mcp"})
+            )
         self.conversations = conversations
         self.hosted_tools = hosted_tools
         self.store = store
@@ -440,8 +476,11 @@ class Engine:
             )
             deployment: Deployment | None = None
             opened: Opened | None = None
+            loop = None
+            if generate and (prepared.tools.server is not None or prepared.answers_approvals):
+                prepared, loop = await self._server_tools(prepared, tenant)
             if generate:
-                deployment, opened = await self._open(
+                deployment, opened = await self.open(
                     prepared, truncate=request.truncation == "auto"
                 )
                 model = deployment.route
@@ -467,6 +506,7 @@ class Engine:
         builder = ResponseBuilder(
             response,
             offered_tools={tool["name"] for tool in tools.offered},
+            server_functions=None if loop is None else loop.server.functions,
             namespaced=tools.namespaced,
             custom_tools=tools.custom,
             search_function=tools.search_function,
@@ -503,7 +543,62 @@ class Engine:
             started=started,
             exchange=exchange,
             turn=turn,
+            loop=loop,
         )
+
+    async def _server_tools(
+        self, prepared: Prepared, tenant: str
+    ) -> tuple[Prepared, ToolLoop | None]:
+        """The request's server-side tools made ready before its first turn: the project's
+        policy applied, approved calls run, each MCP server's tools listed (or found in the
+        chain), and the functions they stand for offered."""
+        server = prepared.tools.server
+        approved = server_tools.approvals(
+            server_tools.earlier_requests(prepared.history), prepared.items
+        )
+        runtime = self.tools
+        if server is None or runtime is None or (not server.mcp and approved):
+            if approved:
+                raise InvalidRequest(
+                    "An approved MCP call needs its server's mcp tool in tools.", param="tools"
+                )
+            return prepared, None
+        request = prepared.request
+        policy = await runtime.policy_for(tenant)
+        server_tools.check_policy(server, policy)
+        context = prepared.items if prepared.history is None else prepared.history.items
+        if prepared.history is not None:
+            context = [*context, *prepared.items]
+        await server_tools.list_tools(server, context, runtime.mcp, policy)
+        loop = ToolLoop(
+            runtime,
+            prepared,
+            server,
+            policy,
+            truncate=request.truncation == "auto",
+            include_sources="web_search_call.action.sources" in (request.include or ()),
+            deadline=time.monotonic() + runtime.settings.deadline_s,
+        )
+        upstream_items = prepared.upstream_items
+        if approved:
+            calls = [server_tools.approved_call(item) for item in approved]
+            await loop.run_before(calls)
+            # The first turn reads what they gave.
+            ran = server_tools.for_upstream([call.item for call in calls])
+            upstream_items = [*upstream_items, *ran]
+        plan = prepared.tools
+        server_tools.offer(server, {tool["name"] for tool in plan.functions})
+        offered = plan.offered
+        if plan.choice in ("auto", "required"):
+            offered = [*offered, *server.offered]
+        loop.prepared = dataclasses.replace(
+            prepared,
+            upstream_items=upstream_items,
+            tools=dataclasses.replace(
+                plan, offered=offered, functions=[*plan.functions, *server.offered]
+            ),
+        )
+        return loop.prepared, loop
 
     async def queued(
         self, request: CreateResponse, *, tenant: str, session_id: str | None
@@ -593,6 +688,14 @@ class Engine:
             )
         routes = self.registry.candidates(request.model, request.models)
         check_request(request)
+        plugin = None
+        if (
+            request.plugins
+            and self._server_runs >= server_tools.WEB_SEARCH_TYPES
+            and not any("plugins" in d.forward_fields for d in routes[0].deployments)
+        ):
+            # Relay runs the web plugin itself: the deployments never see it.
+            request, plugin = server_tools.take_web_plugin(request)
         prefs = routing.preferences(request)
         effort, summary = reasoning_settings(request)
         items = parse_input(request)
@@ -606,10 +709,17 @@ class Engine:
             request,
             omit_hosted=self.hosted_tools == "omit",
             upstream_runs=routes[0].hosted_tools,
+            server_runs=self._server_runs,
             loaded=[*earlier, *searched_tools(items)],
         )
+        if plugin is not None:
+            tools.server = server_tools.with_plugin(tools.server, plugin)
         choices = routing.choices(routes, request, prefs, tools.hosted)
         include = set(request.include or [])
+        # Where Relay searches, earlier searches read as calls of its search function.
+        searched_as = "web_search" if "web_search" in self._server_runs else None
+        if tools.server is not None and tools.server.web_search is not None:
+            searched_as = tools.server.search_name
         want_logprobs = "message.output_text.logprobs" in include or bool(request.top_logprobs)
         return Prepared(
             request,
@@ -621,10 +731,16 @@ class Engine:
             items,
             history,
             want_logprobs,
-            upstream_items=reasoning.expand(
-                compaction.expand(items, self.sealer, tenant, "input"), self.sealer, tenant
+            upstream_items=server_tools.for_upstream(
+                reasoning.expand(
+                    compaction.expand(items, self.sealer, tenant, "input"), self.sealer, tenant
+                ),
+                requests=server_tools.earlier_requests(history),
+                search_name=searched_as,
             ),
-            upstream_history=compaction.expand_history(history, self.sealer, tenant),
+            upstream_history=server_tools.expand_history(
+                compaction.expand_history(history, self.sealer, tenant), searched_as
+            ),
             reasoning_state=reasoning.opener_for(self.sealer, tenant),
         )
 
@@ -645,7 +761,7 @@ class Engine:
             raise InvalidRequest("Conversations are not available here.", param="conversation")
         return self.conversations
 
-    async def _open(self, prepared: Prepared, *, truncate: bool) -> tuple[Deployment, Opened]:
+    async def open(self, prepared: Prepared, *, truncate: bool) -> tuple[Deployment, Opened]:
         """Open the first deployment that accepts the request (routing.ordered, each with its
         retries), route after route; move on only for retryable failures that happened before
         the first byte, so a client never sees two half-answers."""

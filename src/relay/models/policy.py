@@ -27,6 +27,9 @@ class Policy(BaseModel):
     daily_budget_usd: float | None = Field(default=None, ge=0, le=MAX_USD)
     monthly_budget_usd: float | None = Field(default=None, ge=0, le=MAX_USD)
     credit_usd: float | None = Field(default=None, ge=0, le=MAX_USD)
+    # The MCP servers the project may reach (URL prefixes or hosts, as the server's
+    # `tools.mcp.allowed_servers`, which applies where this is None); [] reaches none.
+    mcp_servers: tuple[str, ...] | None = Field(default=None, max_length=1000)
 
     @property
     def has_rate_limits(self) -> bool:
@@ -88,6 +91,7 @@ class Served(NamedTuple):
     deployment: str
     price: Price | None
     estimated: bool = False
+    tools_nanos: int = 0  # what its server-side tool calls cost (priced per call)
 
 
 # Told a settled response once, whatever the outcome (usage, limits: relay.access), with the

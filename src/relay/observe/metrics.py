@@ -188,6 +188,18 @@ class Metrics:
             ("result",),
             registry=registry,
         )
+        self.tool_calls = Counter(
+            "relay_tool_calls",
+            "Server-side tool calls Relay ran (mcp_call, web_search_call), by outcome.",
+            ("kind", "outcome"),
+            registry=registry,
+        )
+        self.tool_duration = histogram(
+            "relay_tool_call_duration_seconds",
+            "Server-side tool calls, from their start to their end.",
+            ("kind",),
+            DURATION_BUCKETS,
+        )
         self.database_connections = Gauge(
             "relay_database_connections",
             "The database pool's connections, by state (in_use, idle).",
@@ -195,6 +207,11 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+
+    def tool_called(self, kind: str, outcome: str, seconds: float) -> None:
+        """A server-side tool call ended (rare next to responses: counted as it happens)."""
+        self.tool_calls.labels(kind, outcome).inc()
+        self.tool_duration.labels(kind).observe(seconds)
 
     def meter(self, model: str, deployment: str, kind: str) -> DeploymentMeter:
         return DeploymentMeter(self, model, deployment, kind)
@@ -322,9 +339,11 @@ class DeploymentMeter:
         timings: Timings,
         price: Price | None,
         who: tuple[str, str | None],
+        tools_nanos: int = 0,
     ) -> float | None:
         """A settled response this deployment answered (usage complete): its cost in US
-        dollars, when the deployment has a price."""
+        dollars (its tokens at the deployment's price, and its tool calls'), when it has
+        one."""
         status = response["status"]
         error = response.get("error")
         code = str(error.get("code") or "") if error else ""
@@ -352,9 +371,10 @@ class DeploymentMeter:
             if output_tokens > 1:
                 after_first = timings.total_s - timings.first_token_s
                 self.time_per_output_token.observe(after_first / (output_tokens - 1))
-        if price is None:
+        if price is None and not tools_nanos:
             return None
-        cost = price.cost_nanos(input_tokens, cached, output_tokens) / 1e9
+        tokens_nanos = 0 if price is None else price.cost_nanos(input_tokens, cached, output_tokens)
+        cost = (tokens_nanos + tools_nanos) / 1e9
         metrics = self._metrics
         tally = self.cost or metrics.tallies.counter(
             metrics.cost.labels(self.model, self.deployment, *self._extra(who))

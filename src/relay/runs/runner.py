@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
+from relay.engine import server_tools
 from relay.engine.builder import TERMINAL, error_event
 from relay.engine.run import Engine, Run
 from relay.errors import DatabaseUnavailable, RelayError, ServerError, UpstreamError
@@ -139,8 +140,13 @@ class Runner:
             )
             if self.queue is not None:
                 # Handed out: a worker (here or elsewhere) runs it, and settles its accounting.
-                body = request.model_dump_json(exclude_unset=True, by_alias=True)
-                queued = QueuedRun(body, session_id, key_id)
+                # What the worker reads back, MCP servers' secrets sealed.
+                body = server_tools.seal_secrets(
+                    request.model_dump(mode="json", exclude_unset=True, by_alias=True),
+                    self.engine.sealer,
+                    tenant,
+                )
+                queued = QueuedRun(orjson.dumps(body).decode(), session_id, key_id)
                 await self.log.begin(tenant, response, items, background=True, queued=queued)
                 await self.queue.defer(response["id"], tracing.carried())
                 return response, False
@@ -175,7 +181,8 @@ class Runner:
         if taken is None:
             return
         queued, tenant, snapshot = taken
-        request = create_request(orjson.loads(queued.request))
+        body = orjson.loads(queued.request)
+        request = create_request(server_tools.open_secrets(body, self.engine.sealer, tenant))
         feed = self._feeds[response_id] = Feed()
         task = asyncio.current_task()
         assert task is not None
