@@ -12,6 +12,7 @@ SUITES = {
     "memory": "bench.history_memory",
     "websocket": "bench.websocket_turns",
     "background": "bench.background_runs",
+    "tools": "bench.tool_loop",
     "ab": "bench.ab",  # on request only: the working tree against BENCH_AB_BASE
 }
 DEFAULT = [name for name in SUITES if name != "ab"]

@@ -14,12 +14,20 @@ import httpx
 import openai
 import orjson
 import pytest
+import sqlalchemy
 from anthropic_upstream import ANTHROPIC_KEY, AnthropicUpstream
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
 from conformance import INPUT_ITEMS, assert_valid_item
+from cryptography.fernet import Fernet
 from fake_search import FakeSearxng, Page
+from live_server import relay_server
 from mcp_servers import McpTestServer
 from relay_fixtures import checked_client, relay_on_sqlite, sdk_client, sse_events
+
+from relay.config import RouteConfig, Settings
+from relay.engine import server_tools
+from relay.sealing import Sealer
+from relay.storage import tables
 
 KEY_ENV = "RELAY_TEST_SERVER_TOOLS_KEY"
 CLAUDE_KEY_ENV = "RELAY_TEST_SERVER_TOOLS_CLAUDE_KEY"
@@ -63,6 +71,7 @@ def tools_url(
             ],
             "private_networks": ["127.0.0.0/8"],
             "call_timeout_s": 20,
+            "price_per_call_usd": 0.01,
         },
         "web_search": {"backend": "searxng", "url": searxng_server.base_url},
     }
@@ -510,3 +519,183 @@ def test_the_embedded_model_runs_the_loop(
     assert first["output"] == str(arguments["a"] + arguments["b"])
     assert body["status"] in ("completed", "incomplete")
     assert body["usage"]["output_tokens"] > 0
+
+
+def test_a_failed_search_is_told_to_the_model(
+    http: httpx.Client, fake_searxng: FakeSearxng
+) -> None:
+    fake_searxng.fail(500)
+    body = ask(http, 'call web_search {"query": "relay"}', [{"type": "web_search"}])
+    assert body["status"] == "completed"
+    assert body["output"][0]["status"] == "failed"
+    assert body["output_text"].startswith("Tools said: The search failed")
+
+
+def test_tool_calls_are_counted_and_priced(
+    http: httpx.Client, tools_url: str, mcp_streamable: McpTestServer
+) -> None:
+    def cost() -> float:
+        text = httpx.get(f"{tools_url}/metrics").text
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("relay_cost_usd_total{") and 'model="directed"' in line
+        )
+
+    before = cost()
+    ask(
+        http,
+        'call demo__add {"a": 1, "b": 1}\ncall demo__add {"a": 2, "b": 2}',
+        [mcp_tool(mcp_streamable)],
+    )
+    assert cost() - before == pytest.approx(0.02)  # two calls at 0.01, tokens unpriced
+    metrics = httpx.get(f"{tools_url}/metrics").text
+    assert 'relay_tool_calls_total{kind="mcp_call",outcome="completed"}' in metrics
+    assert 'relay_tool_call_duration_seconds_count{kind="mcp_call"}' in metrics
+
+
+def test_store_false_and_conversations_work_with_the_loop(
+    http: httpx.Client, mcp_streamable: McpTestServer
+) -> None:
+    tool = mcp_tool(mcp_streamable)
+    unstored = ask(http, 'call demo__add {"a": 5, "b": 5}', [tool], store=False)
+    assert unstored["output_text"] == "Tools said: 10"
+    assert http.get(f"/v1/responses/{unstored['id']}").status_code == 404
+    conversation = http.post("/v1/conversations", json={}).json()["id"]
+    first = ask(http, 'call demo__add {"a": 1, "b": 6}', [tool], conversation=conversation)
+    assert first["output_text"] == "Tools said: 7"
+    mcp_streamable.state.reset()
+    second = ask(http, 'call demo__echo {"text": "later"}', [tool], conversation=conversation)
+    assert types(second) == ["mcp_call", "message"]  # the tools listed in the first turn
+    items = http.get(f"/v1/conversations/{conversation}/items", params={"limit": 100}).json()
+    kinds = [item["type"] for item in items["data"]]
+    assert kinds.count("mcp_call") == 2 and kinds.count("mcp_list_tools") == 1
+
+
+def test_the_deadline_ends_the_response_incomplete(
+    tmp_path_factory: pytest.TempPathFactory,
+    chat_upstream: ChatUpstream,
+    mcp_streamable: McpTestServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
+    route = {
+        "model": "directed",
+        "base_url": chat_upstream.base_url,
+        "api_key_env": KEY_ENV,
+        "upstream_model": "directed",
+    }
+    tools = {
+        "deadline_s": 1,
+        "mcp": {
+            "allowed_servers": [mcp_streamable.base_url + "/"],
+            "private_networks": ["127.0.0.0/8"],
+        },
+    }
+    with (
+        relay_on_sqlite(tmp_path_factory, "deadline", [route], tools=tools) as url,
+        checked_client(url) as client,
+    ):
+        started = time.monotonic()
+        body = ask(client, 'call demo__slow {"seconds": 5}', [mcp_tool(mcp_streamable)])
+        assert time.monotonic() - started < 4
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_generation_time"}
+    call = body["output"][1]
+    assert call["status"] == "failed" and call["error"]["code"] == 504
+    mcp_streamable.state.wait_for(lambda: mcp_streamable.state.slow_cancelled == 1)
+
+
+# Background runs on PostgreSQL: the job queue stores the request, secrets sealed. ------------
+
+
+@pytest.fixture(scope="module")
+def queued_url(
+    postgres_url: str,
+    chat_upstream: ChatUpstream,
+    _mcp_streamable_server: McpTestServer,
+    monkeypatch_module: pytest.MonkeyPatch,
+) -> Iterator[str]:
+    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
+    route = {
+        "model": "directed",
+        "base_url": chat_upstream.base_url,
+        "api_key_env": KEY_ENV,
+        "upstream_model": "directed",
+    }
+    tools = {
+        "mcp": {
+            "allowed_servers": [_mcp_streamable_server.base_url + "/"],
+            "private_networks": ["127.0.0.0/8"],
+        }
+    }
+    settings = Settings(
+        database_url=postgres_url,
+        routes=[RouteConfig.model_validate(route)],
+        tools=tools,
+        run_poll_s=0.2,
+    )
+    with relay_server(settings) as url:
+        yield url
+
+
+def _sync_url(postgres_url: str) -> str:
+    return postgres_url.replace("postgresql+asyncpg://", "postgresql+psycopg://")
+
+
+def test_a_background_run_keeps_the_secrets_sealed_and_is_cancelled_mid_call(
+    queued_url: str, postgres_url: str, mcp_streamable: McpTestServer
+) -> None:
+    tool = mcp_tool(mcp_streamable, authorization=SECRET, headers={"X-Team-Key": HEADER_SECRET})
+    with checked_client(queued_url) as client:
+        body = {"model": "directed", "tools": [tool], "background": True}
+        done = client.post(
+            "/v1/responses", json={**body, "input": 'call demo__add {"a": 3, "b": 4}'}
+        ).json()
+        slow = client.post(
+            "/v1/responses", json={**body, "input": 'call demo__slow {"seconds": 30}'}
+        ).json()
+        mcp_streamable.state.wait_for(lambda: mcp_streamable.state.slow_started == 1, timeout=15)
+        cancelled = client.post(f"/v1/responses/{slow['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        mcp_streamable.state.wait_for(lambda: mcp_streamable.state.slow_cancelled == 1, timeout=15)
+        deadline = time.monotonic() + 15
+        while (finished := client.get(f"/v1/responses/{done['id']}").json())["status"] in (
+            "queued",
+            "in_progress",
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert finished["output_text"] == "Tools said: 7"
+    # The worker opened the sealed secrets: the server got them.
+    assert f"Bearer {SECRET}" in mcp_streamable.state.header_values("authorization")
+    # And no table holds them (the queued request, the responses, their items, the events).
+    engine = sqlalchemy.create_engine(_sync_url(postgres_url))
+    try:
+        with engine.connect() as connection:
+            for table in tables.metadata.sorted_tables:
+                rows = connection.execute(sqlalchemy.select(table)).all()
+                dumped = repr(rows)
+                assert SECRET not in dumped and HEADER_SECRET not in dumped, table.name
+    finally:
+        engine.dispose()
+
+
+def test_a_queued_request_holds_its_secrets_sealed() -> None:
+    sealer = Sealer([Fernet.generate_key()])
+    body = {
+        "model": "m",
+        "tools": [
+            {
+                "type": "mcp",
+                "server_label": "a",
+                "server_url": "https://x/",
+                "authorization": SECRET,
+            },
+            {"type": "mcp", "server_label": "b", "server_url": "https://y/"},
+        ],
+    }
+    sealed = server_tools.seal_secrets(body, sealer, "team")
+    assert SECRET not in orjson.dumps(sealed).decode()
+    assert sealed["tools"][1] == body["tools"][1]
+    assert server_tools.open_secrets(sealed, sealer, "team") == body

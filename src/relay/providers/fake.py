@@ -1,8 +1,11 @@
 """A deterministic provider for tests and demos: the upstream model name picks a script.
 
 Scripts: text, tool_call, parallel_tool_calls, reasoning, refusal, error_before, error_after,
-slow, length, json, unmetered (text without usage, as some servers answer). Each yields the
-same deltas for the same request, so engine tests can assert exact events without a network.
+slow, length, json, unmetered (text without usage, as some servers answer), tool_loop (calls
+the first offered tool, with `{}`, until the context holds as many function_call_output
+items as the number in the last user message, "steps 4" (1 without one), then answers: the
+server-side tool loop's benchmark). Each yields the same deltas for the same request, so
+engine tests can assert exact events without a network.
 Usage is countable by hand: input_tokens is the number of whitespace-separated words in the
 context, output_tokens the number of pieces yielded.
 """
@@ -42,12 +45,14 @@ SCRIPTS = frozenset(
         "length",
         "json",
         "unmetered",
+        "tool_loop",
     }
 )
 SLOW_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 LENGTH_TEXT = "This answer is far too long to fit in the budget it was given"
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 _WORD = re.compile(r"\S+\s*")
+_NUMBER = re.compile(r"\d+")
 
 
 def build(config: FakeConfig) -> FakeProvider:
@@ -109,6 +114,7 @@ class _Run:
             "length": self._length,
             "json": self._json,
             "unmetered": self._unmetered,
+            "tool_loop": self._tool_loop,
         }
         async for delta in steps[script](script):
             yield delta
@@ -154,6 +160,24 @@ class _Run:
                 yield ToolCallDelta(index=index, arguments=chunk)
         yield self._usage()
         yield FinishDelta("tool_calls")
+
+    async def _tool_loop(self, _: str) -> AsyncGenerator[Delta, None]:
+        context = self.request.context()
+        number = _NUMBER.search(last_user_text(context))
+        wanted = int(number.group()) if number else 1
+        done = sum(1 for item in context if item.get("type") == "function_call_output")
+        # A turn offered no tools (the loop's last step, tool_choice "none") answers instead.
+        if done < wanted and self.request.tools and self.request.tool_choice != "none":
+            yield ToolCallDelta(index=0, name=_tool_name(self.request))
+            self.pieces += 1
+            yield ToolCallDelta(index=0, arguments="{}")
+            yield self._usage()
+            yield FinishDelta("tool_calls")
+            return
+        for delta in self._words(f"Done after {done} tool calls."):
+            yield delta
+        yield self._usage()
+        yield FinishDelta("stop")
 
     async def _reasoning(self, _: str) -> AsyncGenerator[Delta, None]:
         for piece in ("Let me ", "think."):
