@@ -22,7 +22,13 @@ from cryptography.fernet import Fernet
 from fake_search import FakeSearxng, Page
 from live_server import relay_server
 from mcp_servers import McpTestServer
-from relay_fixtures import checked_client, relay_on_sqlite, sdk_client, sse_events
+from relay_fixtures import (
+    checked_client,
+    logged_responses,
+    relay_on_sqlite,
+    sdk_client,
+    sse_events,
+)
 
 from relay.config import RouteConfig, Settings
 from relay.engine import server_tools
@@ -532,7 +538,10 @@ def test_a_failed_search_is_told_to_the_model(
 
 
 def test_tool_calls_are_counted_and_priced(
-    http: httpx.Client, tools_url: str, mcp_streamable: McpTestServer
+    http: httpx.Client,
+    tools_url: str,
+    mcp_streamable: McpTestServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def cost() -> float:
         text = httpx.get(f"{tools_url}/metrics").text
@@ -543,15 +552,24 @@ def test_tool_calls_are_counted_and_priced(
         )
 
     before = cost()
-    ask(
-        http,
-        'call demo__add {"a": 1, "b": 1}\ncall demo__add {"a": 2, "b": 2}',
-        [mcp_tool(mcp_streamable)],
-    )
+    with caplog.at_level(logging.INFO, logger="relay.access"):
+        body = ask(
+            http,
+            'call demo__add {"a": 1, "b": 1}\ncall demo__add {"a": 2, "b": 2}',
+            [mcp_tool(mcp_streamable)],
+        )
     assert cost() - before == pytest.approx(0.02)  # two calls at 0.01, tokens unpriced
     metrics = httpx.get(f"{tools_url}/metrics").text
     assert 'relay_tool_calls_total{kind="mcp_call",outcome="completed"}' in metrics
     assert 'relay_tool_call_duration_seconds_count{kind="mcp_call"}' in metrics
+    # The request's access line tells of them (written once its last byte is sent).
+    deadline = time.monotonic() + 5
+    while not (
+        lines := [f for f in logged_responses(caplog.records) if f["response_id"] == body["id"]]
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert lines[0]["tool_calls"] == 2
 
 
 def test_store_false_and_conversations_work_with_the_loop(

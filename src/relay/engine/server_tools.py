@@ -121,9 +121,11 @@ def parse(raw: dict[str, Any], param: str) -> tuple[dict[str, Any], Any]:
     return search.model_dump(exclude_none=True), search
 
 
-def gather(tools: Iterable[tuple[Any, str]]) -> ServerTools | None:
+def gather(tools: Sequence[tuple[Any, str]]) -> ServerTools | None:
     """The validated server-run tools (with where each is in the request), as ServerTools;
     None when there is none."""
+    if not tools:
+        return None
     server = ServerTools()
     labels: set[str] = set()
     for tool, param in tools:

@@ -125,7 +125,7 @@ def response_fields(
     """What a log line tells of a settled response (`trace`: the request's, seed 000's)."""
     usage = response.get("usage") or {}
     error = response.get("error")
-    return {
+    fields = {
         "model": response["model"],
         "deployment": deployment,
         "response_id": response["id"],
@@ -139,6 +139,13 @@ def response_fields(
         "session_id": response.get("session_id"),
         "trace_id": str(trace.get("trace_id"))[:64] if trace and trace.get("trace_id") else None,
     }
+    calls = sum(1 for item in response["output"] if item["type"] in SERVER_CALLS)
+    if calls:  # server-side tool calls Relay ran (relay.engine.tool_loop)
+        fields["tool_calls"] = calls
+    return fields
+
+
+SERVER_CALLS = frozenset({"mcp_call", "web_search_call"})
 
 
 CURRENT: ContextVar[Exchange | None] = ContextVar("exchange", default=None)
