@@ -30,16 +30,14 @@ The fixtures `mcp_streamable`, `mcp_legacy` and `mcp_sse` give a running server 
 from __future__ import annotations
 
 import base64
-import socket
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import anyio
 import pytest
-import uvicorn
+from loopback_server import LoopbackApp
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -57,7 +55,6 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
-    "LoopbackApp",
     "McpServerState",
     "McpTestServer",
     "RecordedRequest",
@@ -201,59 +198,6 @@ class _Front:
                     pass
                 return
         await self.app(scope, receive, send)
-
-
-class LoopbackApp:
-    """An ASGI app under uvicorn in a daemon thread, on a loopback address (any 127.x.y.z: Linux
-    routes all of 127/8 to loopback). `uvicorn_options` go to uvicorn.Config (ssl_certfile...)."""
-
-    def __init__(
-        self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_options: Any
-    ) -> None:
-        self.host = host
-        self.port = port  # 0: any free one
-        self.scheme = "https" if "ssl_certfile" in uvicorn_options else "http"
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, ws="none", loop="asyncio", **uvicorn_options
-        )
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-    def start(self) -> Self:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # Accepted connections inherit it: without it a response written in two pieces (its
-        # head, then its body) waits for the client's delayed ACK, 40 ms a request.
-        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._socket.bind((self.host, self.port))
-        self.port = self._socket.getsockname()[1]
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"the loopback server on {self.host} did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _mcp_app(transport: Literal["streamable", "sse"], server: MCPServer) -> Starlette:

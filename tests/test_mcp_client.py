@@ -19,7 +19,8 @@ import traceback
 import httpx2
 import pytest
 import trustme
-from mcp_servers import LoopbackApp, McpTestServer
+from loopback_server import LoopbackApp
+from mcp_servers import McpTestServer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse

@@ -19,6 +19,7 @@ from anthropic_upstream import ANTHROPIC_KEY, AnthropicUpstream
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
 from conformance import INPUT_ITEMS, assert_valid_item
 from cryptography.fernet import Fernet
+from db_fixtures import PgServer
 from fake_search import FakeSearxng, Page
 from live_server import relay_server
 from mcp_servers import McpTestServer
@@ -95,6 +96,16 @@ def http(tools_url: str) -> Iterator[httpx.Client]:
 def sdk(tools_url: str) -> Iterator[openai.OpenAI]:
     with sdk_client(tools_url) as client:
         yield client
+
+
+def directed_route(upstream: ChatUpstream) -> dict[str, Any]:
+    """The model "directed" on the chat upstream (its key in KEY_ENV)."""
+    return {
+        "model": "directed",
+        "base_url": upstream.base_url,
+        "api_key_env": KEY_ENV,
+        "upstream_model": "directed",
+    }
 
 
 def mcp_tool(server: McpTestServer, **more: Any) -> dict[str, Any]:
@@ -597,12 +608,7 @@ def test_the_deadline_ends_the_response_incomplete(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
-    route = {
-        "model": "directed",
-        "base_url": chat_upstream.base_url,
-        "api_key_env": KEY_ENV,
-        "upstream_model": "directed",
-    }
+    route = directed_route(chat_upstream)
     tools = {
         "deadline_s": 1,
         "mcp": {
@@ -628,19 +634,24 @@ def test_the_deadline_ends_the_response_incomplete(
 
 
 @pytest.fixture(scope="module")
+def queued_db(pg_server: PgServer) -> Iterator[str]:
+    """A database of its own: on the session's, other Relays' job workers would take its
+    background runs (without this module's tool settings)."""
+    name = pg_server.create_database()
+    try:
+        yield pg_server.url(name)
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="module")
 def queued_url(
-    postgres_url: str,
+    queued_db: str,
     chat_upstream: ChatUpstream,
     _mcp_streamable_server: McpTestServer,
     monkeypatch_module: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
-    route = {
-        "model": "directed",
-        "base_url": chat_upstream.base_url,
-        "api_key_env": KEY_ENV,
-        "upstream_model": "directed",
-    }
     tools = {
         "mcp": {
             "allowed_servers": [_mcp_streamable_server.base_url + "/"],
@@ -648,8 +659,8 @@ def queued_url(
         }
     }
     settings = Settings(
-        database_url=postgres_url,
-        routes=[RouteConfig.model_validate(route)],
+        database_url=queued_db,
+        routes=[RouteConfig.model_validate(directed_route(chat_upstream))],
         tools=tools,
         run_poll_s=0.2,
     )
@@ -662,7 +673,7 @@ def _sync_url(postgres_url: str) -> str:
 
 
 def test_a_background_run_keeps_the_secrets_sealed_and_is_cancelled_mid_call(
-    queued_url: str, postgres_url: str, mcp_streamable: McpTestServer
+    queued_url: str, queued_db: str, mcp_streamable: McpTestServer
 ) -> None:
     tool = mcp_tool(mcp_streamable, authorization=SECRET, headers={"X-Team-Key": HEADER_SECRET})
     with checked_client(queued_url) as client:
@@ -688,7 +699,7 @@ def test_a_background_run_keeps_the_secrets_sealed_and_is_cancelled_mid_call(
     # The worker opened the sealed secrets: the server got them.
     assert f"Bearer {SECRET}" in mcp_streamable.state.header_values("authorization")
     # And no table holds them (the queued request, the responses, their items, the events).
-    engine = sqlalchemy.create_engine(_sync_url(postgres_url))
+    engine = sqlalchemy.create_engine(_sync_url(queued_db))
     try:
         with engine.connect() as connection:
             for table in tables.metadata.sorted_tables:

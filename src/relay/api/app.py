@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -159,6 +160,8 @@ async def _start(
     conversations = ConversationStore(store.db, settings.run_lease_s)
     tools = _tool_runtime(settings, access, metrics)
     supervisor.closes("tools", tools.aclose)
+    if settings.tools.mcp.allowed_servers:
+        await asyncio.to_thread(tools.mcp.warm)
     engine = Engine(
         registry,
         store,

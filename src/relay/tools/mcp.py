@@ -109,6 +109,15 @@ class McpClient:
         self._resolve = resolve  # the DNS answers the egress guard checks (tests give theirs)
         self._ssl_context: ssl.SSLContext | None = None
 
+    @staticmethod
+    def warm() -> None:
+        """Import the SDK now (about a second, blocking): a server that lets projects reach
+        MCP servers does it at start-up, on a thread, rather than in its first request."""
+        import httpx2  # noqa: F401
+        import mcp.client.client
+        import mcp.client.sse
+        import mcp.client.streamable_http  # noqa: F401
+
     async def list_tools(self, server: McpServer, policy: EgressPolicy) -> list[dict[str, Any]]:
         """The server's tools, each `{"name", "description"?, "input_schema", "annotations"?}`
         (the openai SDK's McpListToolsTool; annotations as the server wrote them, readOnlyHint
