@@ -45,6 +45,10 @@ context manager. Models (scripts):
                   "Tools said: <output> ; <output>..." (for server-side tool loops)
   insistent       calls the first tool offered with {"query": "again"}, turn after turn;
                   offered none, says "Out of tools." (for the loop's bounds)
+  coder           a coding agent's model: asked a "Question:", answers "Answered."; else,
+                  offered tools, calls the first with {"cmd": "next"}; asked to summarise
+                  (compaction's request), answers the lines of the context that hold "FACT-",
+                  once each (a summary that keeps what later turns ask about)
   compliance      "tools" when the request offers tools, else "echo": what the official Open
                   Responses compliance suite needs from one model (docs/compliance.md)
   echo_credentials
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import quote
@@ -85,6 +90,7 @@ MODELS = [
     "length",
     "directed",
     "insistent",
+    "coder",
     "json_body",
     "no_done",
     "truncated",
@@ -265,6 +271,8 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
         return _directed_turn(body)
     if model == "insistent":
         return _insistent_turn(body)
+    if model == "coder":
+        return _coder_turn(body)
     if model in ("tools", "parallel", "tools_stop", "tools_repeat", "rogue_tool"):
         tools = body.get("tools") or [{"function": {"name": "get_weather"}}]
         name = "not_offered" if model == "rogue_tool" else tools[0]["function"]["name"]
@@ -359,6 +367,28 @@ def _insistent_turn(body: dict[str, Any]) -> dict[str, Any]:
     name = tools[0]["function"]["name"]
     call_id = f"call_insistent_{len(body.get('messages') or [])}"
     return {"deltas": [_call(0, call_id, name, '{"query": "again"}')], "finish": "tool_calls"}
+
+
+# What compaction asks its summarising turn (relay.engine.compaction.REQUEST).
+SUMMARISE = "Summarise the conversation so far, as instructed."
+_FACT = re.compile(r"FACT-\d+: [^\n]*")
+
+
+def _coder_turn(body: dict[str, Any]) -> dict[str, Any]:
+    messages = body.get("messages") or []
+    last = _last_text(body)
+    if messages and messages[-1].get("role") == "user" and last == SUMMARISE:
+        context = "\n".join(_text(message.get("content")) for message in messages[:-1])
+        facts = dict.fromkeys(_FACT.findall(context))
+        return _said("\n".join(facts) or "Nothing to keep.")
+    if messages and messages[-1].get("role") == "user" and last.startswith("Question:"):
+        return _said("Answered.")
+    tools = body.get("tools") or []
+    if not tools:
+        return _said("Noted.")
+    call_id = f"call_coder_{uuid.uuid4().hex[:12]}"  # unique, as a model's are
+    call = _call(0, call_id, tools[0]["function"]["name"], '{"cmd": "next"}')
+    return {"deltas": [call], "finish": "tool_calls"}
 
 
 def _said(text: str) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from openai.types.responses import (
     CustomTool,
+    ResponseCompactionCompactingEvent,
+    ResponseCompactionItem,
     ResponseCustomToolCall,
     ResponseCustomToolCallInputDeltaEvent,
     ResponseCustomToolCallInputDoneEvent,
@@ -158,6 +160,8 @@ _OPENAI_EVENTS: dict[str, Any] = {
     "response.web_search_call.in_progress": ResponseWebSearchCallInProgressEvent,
     "response.web_search_call.searching": ResponseWebSearchCallSearchingEvent,
     "response.web_search_call.completed": ResponseWebSearchCallCompletedEvent,
+    # Compaction inside create (context_management).
+    "response.compaction.compacting": ResponseCompactionCompactingEvent,
     # Remote MCP servers, run by Relay (relay.engine.server_tools).
     "response.mcp_list_tools.in_progress": ResponseMcpListToolsInProgressEvent,
     "response.mcp_list_tools.completed": ResponseMcpListToolsCompletedEvent,
@@ -174,6 +178,7 @@ _HOSTED_ITEMS: dict[str, Any] = {
     "tool_search_call": ResponseToolSearchCall,
     "tool_search_output": ResponseToolSearchOutputItem,
     "mcp_list_tools": McpListTools,
+    "compaction": ResponseCompactionItem,
     "mcp_call": McpCall,
     "mcp_approval_request": McpApprovalRequest,
 }

@@ -294,3 +294,39 @@ def test_the_agents_sdk_hosted_mcp_tool_runs_on_relay(
     agents.set_tracing_disabled(True)
     assert asyncio.run(run()) == "Tools said: 42"
     assert asked == (["add"] if approval == "always" else [])
+
+
+def test_the_agents_sdk_context_management_setting_compacts_on_relay(
+    agent_relay: ServeProcess,
+) -> None:
+    agents = pytest.importorskip("agents", reason="openai-agents not installed: `make clients`")
+    from openai import AsyncOpenAI
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    settings = agents.ModelSettings(
+        context_management=[{"type": "compaction", "compact_threshold": 1000}]
+    )
+    # An earlier conversation of about 2,000 tokens: past the threshold, so Relay compacts it.
+    earlier: list[Any] = []
+    for number in range(8):
+        earlier.append({"role": "user", "content": f"Note {number}: " + "context " * 120})
+        earlier.append({"role": "assistant", "content": f"Noted {number}."})
+
+    async def run() -> Any:
+        async with AsyncOpenAI(base_url=f"{agent_relay.url}/v1", api_key="unused") as client:
+            model = agents.OpenAIResponsesModel(model="m", openai_client=client)
+            agent = agents.Agent(
+                name="weather", tools=[get_weather], model=model, model_settings=settings
+            )
+            return await agents.Runner.run(agent, [*earlier, {"role": "user", "content": "Paris?"}])
+
+    agents.set_tracing_disabled(True)
+    result = asyncio.run(run())
+    assert result.final_output == "The tool said: sunny in Paris"
+    kinds = [item.raw_item.type for item in result.new_items if hasattr(item.raw_item, "type")]
+    first = result.raw_responses[0].output[0]
+    assert first.type == "compaction", kinds

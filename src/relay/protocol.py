@@ -611,6 +611,14 @@ def _metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+class ContextManagement(_Strict):
+    """Compaction inside create (relay.engine.compaction): when the context the upstream would
+    read passes `compact_threshold` tokens, it is compacted before the model's turn."""
+
+    type: Literal["compaction"]
+    compact_threshold: int | None = Field(default=None, ge=1000, le=10_000_000)
+
+
 class CreateResponse(BaseModel):
     """POST /v1/responses. Unknown top-level fields are ignored, as OpenAI does."""
 
@@ -655,6 +663,7 @@ class CreateResponse(BaseModel):
     image_config: dict[str, str | float] | None = None
     prompt: dict[str, Any] | None = None
     background: bool | None = None
+    context_management: list[ContextManagement] | None = Field(default=None, max_length=1)
 
     @field_validator("metadata")
     @classmethod

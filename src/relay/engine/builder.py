@@ -708,6 +708,16 @@ class ResponseBuilder:
         calls, self._server_calls = self._server_calls, []
         return events, calls
 
+    def add_usage(self, usage: dict[str, Any]) -> None:
+        """What a turn made for this response before its first cost (compaction's summary)."""
+        turn = UsageDelta(
+            usage.get("input_tokens") or 0,
+            usage.get("output_tokens") or 0,
+            (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0,
+            (usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0,
+        )
+        self._usage_before = _added(self._usage_before, turn)
+
     def next_turn(self) -> None:
         """Another model turn begins: its counts start from nothing."""
         self.client_calls = self.approvals = 0

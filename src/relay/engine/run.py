@@ -22,7 +22,7 @@ import orjson
 
 from relay.config import DEFAULT_HISTORY_CACHE_BYTES, DEFAULT_HISTORY_CACHE_ITEMS
 from relay.engine import compaction, conversation, counting, reasoning, routing, server_tools
-from relay.engine.builder import Event, ResponseBuilder, ToolPolicyViolation
+from relay.engine.builder import Event, ResponseBuilder, ServerCall, ToolPolicyViolation
 from relay.engine.checks import check_request, plan_tools, reasoning_settings, searched_tools
 from relay.engine.context import (
     check_tool_outputs,
@@ -133,6 +133,12 @@ class Run:
     on_stored: Callable[[bool], None] | None = None
     turn: conversation.Turn | None = None  # the conversation it continues, held
     loop: ToolLoop | None = None  # with server-side tools: the loop of its model turns
+    # Items made before the first turn (a compaction, tool lists, approved calls): the stream
+    # opens with them.
+    opening: list[ServerCall] = field(default_factory=list)
+    # False for a turn inside another response (compaction's summary): its usage is that
+    # response's, so it has no metrics or log line of its own.
+    observed: bool = True
     _unsaved: Exception | None = field(default=None)  # why the save failed
     _finished: bool = field(default=False)
     _resulting: History | None = field(default=None)
@@ -169,7 +175,7 @@ class Run:
         loop = self.loop
         try:
             started = builder.start()
-            yield started if loop is None else started + builder.opening(loop.server.opening)
+            yield started + builder.opening(self.opening) if self.opening else started
             try:
                 while True:
                     async for delta in self.deltas:
@@ -307,6 +313,8 @@ class Run:
     def _observe(self, response: dict[str, Any], ended: float) -> None:
         """The settled response's metrics, and its line: on its request's access line when
         it is that request's answer, else one of its own."""
+        if not self.observed:
+            return
         deployment = self.deployment
         cost = first_token_s = None
         if deployment is None:  # nothing generated (a WebSocket's warm-up)
@@ -455,6 +463,7 @@ class Engine:
         response_id: str | None = None,
         created_at: int | None = None,
         key_id: str | None = None,
+        observed: bool = True,
     ) -> Run:
         """`response_id`, `created_at`: those of a background response queued earlier (see
         `queued`); a foreground response gets new ones.
@@ -463,9 +472,10 @@ class Engine:
         read from memory or the store.
         `generate=False`: a response that only takes the request in (a WebSocket warm-up):
         no upstream call, no output, an id the next turn can continue.
-        `key_id`: the key it is asked with, for metrics labelled by key."""
+        `key_id`: the key it is asked with, for metrics labelled by key.
+        `observed=False`: a turn inside another response (see Run.observed)."""
         tracing.asked(request, session_id)
-        exchange = CURRENT.get()
+        exchange = CURRENT.get() if observed else None
         if exchange is not None and not exchange.awaits_response:
             exchange = None
         started = time.monotonic() if exchange is None else exchange.started
@@ -477,8 +487,16 @@ class Engine:
             deployment: Deployment | None = None
             opened: Opened | None = None
             loop = None
+            opening: list[ServerCall] = []
+            compacted = None
+            if generate and request.context_management:
+                prepared, compacted = await self._compact_within(prepared, tenant, key_id)
+                if compacted is not None:
+                    opening.append(ServerCall(compacted.item, ("response.compaction.compacting",)))
             if generate and (prepared.tools.server is not None or prepared.answers_approvals):
                 prepared, loop = await self._server_tools(prepared, tenant)
+                if loop is not None:
+                    opening += loop.server.opening
             if generate:
                 deployment, opened = await self.open(
                     prepared, truncate=request.truncation == "auto"
@@ -524,6 +542,8 @@ class Engine:
                 or request.stream_options.include_obfuscation is not False
             ),
         )
+        if compacted is not None:
+            builder.add_usage(compacted.usage)
         return Run(
             self,
             tenant,
@@ -544,6 +564,8 @@ class Engine:
             exchange=exchange,
             turn=turn,
             loop=loop,
+            opening=opening,
+            observed=observed,
         )
 
     async def _server_tools(
@@ -642,26 +664,9 @@ class Engine:
         a shorter window by the route's model (see `relay.engine.compaction`)."""
         tracing.asked(request)
         prepared = await self._prepare(request, tenant, None)
-        instructions = compaction.PROMPT
-        if request.instructions:
-            instructions += f"\n\nThe conversation's own instructions:\n{request.instructions}"
-        ask = {"type": "message", "role": "user", "content": compaction.REQUEST}
-        summarising = CreateResponse(
-            model=request.model,
-            models=request.models,
-            input=[*prepared.context(), ask],
-            instructions=instructions,
-            store=False,
-            prompt_cache_key=request.prompt_cache_key,
-            provider=request.provider,
+        summary = await self._summarise(
+            request, tenant, prepared.context(), on_settled=on_settled, key_id=key_id
         )
-        run = await self.start(summarising, tenant=tenant, on_settled=on_settled, key_id=key_id)
-        summary = await run.final()
-        if summary["status"] not in ("completed", "incomplete") or not summary["output_text"]:
-            error = summary["error"] or {}
-            raise UpstreamError(
-                f"The model could not compact the context: {error.get('message', 'no summary')}"
-            )
         context = (
             prepared.items if prepared.history is None else prepared.history.items + prepared.items
         )
@@ -675,6 +680,69 @@ class Engine:
             ],
             "usage": summary["usage"],
         }
+
+    async def _summarise(
+        self,
+        request: CreateResponse,
+        tenant: str,
+        context: list[dict[str, Any]],
+        *,
+        on_settled: Settle | None = None,
+        key_id: str | None = None,
+        observed: bool = True,
+    ) -> dict[str, Any]:
+        """The route's model's summary of `context` (a response, its text the summary)."""
+        instructions = compaction.PROMPT
+        if request.instructions:
+            instructions += f"\n\nThe conversation's own instructions:\n{request.instructions}"
+        ask = {"type": "message", "role": "user", "content": compaction.REQUEST}
+        summarising = CreateResponse(
+            model=request.model,
+            models=request.models,
+            input=[*context, ask],
+            instructions=instructions,
+            store=False,
+            prompt_cache_key=request.prompt_cache_key,
+            provider=request.provider,
+        )
+        run = await self.start(
+            summarising, tenant=tenant, on_settled=on_settled, key_id=key_id, observed=observed
+        )
+        summary = await run.final()
+        if summary["status"] not in ("completed", "incomplete") or not summary["output_text"]:
+            error = summary["error"] or {}
+            raise UpstreamError(
+                f"The model could not compact the context: {error.get('message', 'no summary')}"
+            )
+        return summary
+
+    async def _compact_within(
+        self, prepared: Prepared, tenant: str, key_id: str | None
+    ) -> tuple[Prepared, Compacted | None]:
+        """context_management: a context the upstream would read past the entry's threshold
+        (counted as the route's first deployment counts text: its tokenizer, else an
+        estimate) is compacted now, before the model's turn; the response opens with the
+        compaction item, and its usage adds the summary's (relay.engine.compaction)."""
+        entries = prepared.request.context_management or []
+        threshold = entries[0].compact_threshold or compaction.DEFAULT_THRESHOLD
+        context = prepared.context()
+        first = routing.ordered(prepared.routes[0][1], prepared.preferences)[0]
+        tokens = (await first.provider.count_text(orjson.dumps(context).decode())).tokens
+        if tokens <= threshold:
+            return prepared, None
+        older, after = compaction.split(context)
+        if not older:
+            return prepared, None  # nothing but what the model must read as it is
+        summary = await self._summarise(
+            prepared.request, tenant, older, key_id=key_id, observed=False
+        )
+        # User messages kept as they are: about a quarter of the threshold (4 characters a
+        # token).
+        before = compaction.kept_user_messages(older, budget=threshold, at_least=0)
+        item = compaction.seal_window(self.sealer, tenant, summary["output_text"], before, after)
+        window = compaction.window(item, self.sealer, tenant)
+        shorter = dataclasses.replace(prepared, upstream_items=window, upstream_history=None)
+        return shorter, Compacted(item, summary["usage"])
 
     async def _prepare(
         self, request: CreateResponse, tenant: str, continuing: History | None
@@ -716,6 +784,7 @@ class Engine:
             tools.server = server_tools.with_plugin(tools.server, plugin)
         choices = routing.choices(routes, request, prefs, tools.hosted)
         include = set(request.include or [])
+        upstream_items, upstream_history = compaction.render(items, history, self.sealer, tenant)
         # Where Relay searches, earlier searches read as calls of its search function.
         searched_as = "web_search" if "web_search" in self._server_runs else None
         if tools.server is not None and tools.server.web_search is not None:
@@ -732,15 +801,11 @@ class Engine:
             history,
             want_logprobs,
             upstream_items=server_tools.for_upstream(
-                reasoning.expand(
-                    compaction.expand(items, self.sealer, tenant, "input"), self.sealer, tenant
-                ),
+                reasoning.expand(upstream_items, self.sealer, tenant),
                 requests=server_tools.earlier_requests(history),
                 search_name=searched_as,
             ),
-            upstream_history=server_tools.expand_history(
-                compaction.expand_history(history, self.sealer, tenant), searched_as
-            ),
+            upstream_history=server_tools.expand_history(upstream_history, searched_as),
             reasoning_state=reasoning.opener_for(self.sealer, tenant),
         )
 
@@ -806,6 +871,13 @@ class Engine:
                     shortened = drop_oldest_turn(whole)
                     if shortened is None:
                         raise
+
+
+class Compacted(NamedTuple):
+    """A compaction inside create: its item, and the usage of the turn that summarised."""
+
+    item: dict[str, Any]
+    usage: dict[str, Any]
 
 
 _Loaded = tuple[tuple[dict[str, Any], str], ...]  # tools tool search loaded, where each is
