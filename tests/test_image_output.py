@@ -1,0 +1,238 @@
+"""Image output, through each path: a chat upstream that draws (`image_output`, OpenRouter's
+`modalities` and `images`), a Responses upstream that runs `image_generation` itself (its
+partial images passed on as they come), and Relay's own images endpoint run as a server-side
+tool for any model. Every answer and stream is validated (the Open Responses contract, and the
+openai SDK's types for the image items, tools and events); chains continue without the image
+reaching the upstream again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from chat_upstream import UPSTREAM_KEY, ChatUpstream
+from conformance import assert_valid_item
+from fake_images import PARTIALS, PNG
+from relay_fixtures import checked_client, relay_on_sqlite, sse_events
+from responses_upstream import RESPONSES_KEY, ResponsesUpstream
+
+CHAT_KEY_ENV = "RELAY_TEST_IMAGES_CHAT_KEY"
+RESPONSES_KEY_ENV = "RELAY_TEST_IMAGES_RESPONSES_KEY"
+DRAW = {"modalities": ["image", "text"], "image_config": {"aspect_ratio": "1:1"}}
+
+
+@pytest.fixture(scope="module")
+def images_url(
+    chat_upstream: ChatUpstream,
+    responses_upstream: ResponsesUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch_module: pytest.MonkeyPatch,
+) -> Iterator[str]:
+    monkeypatch_module.setenv(CHAT_KEY_ENV, UPSTREAM_KEY)
+    monkeypatch_module.setenv(RESPONSES_KEY_ENV, RESPONSES_KEY)
+    chat = {"base_url": chat_upstream.base_url, "api_key_env": CHAT_KEY_ENV, "retries": 0}
+    responses = {
+        "provider": "openai_responses",
+        "base_url": responses_upstream.base_url,
+        "api_key_env": RESPONSES_KEY_ENV,
+        "retries": 0,
+    }
+    routes = [
+        {"model": "painter", **chat, "upstream_model": "painter", "image_output": True},
+        {"model": "painter-whole", **chat, "upstream_model": "painter_whole", "image_output": True},
+        {"model": "echo", **chat, "upstream_model": "echo"},
+        {
+            "model": "gpt-images",
+            **responses,
+            "upstream_model": "image_generation",
+            "hosted_tools": ["image_generation"],
+        },
+        {"model": "gpt-echo", **responses, "upstream_model": "echo"},
+    ]
+    with relay_on_sqlite(tmp_path_factory, "images", routes) as url:
+        yield url
+
+
+@pytest.fixture
+def http(images_url: str) -> Iterator[httpx.Client]:
+    with checked_client(images_url) as client:
+        yield client
+
+
+def create(http: httpx.Client, **body: Any) -> dict[str, Any]:
+    answer = http.post("/v1/responses", json=body)
+    assert answer.status_code == 200, answer.text
+    created: dict[str, Any] = answer.json()
+    for item in created["output"]:
+        assert_valid_item(item)
+    return created
+
+
+def types(response: dict[str, Any]) -> list[str]:
+    return [item["type"] for item in response["output"]]
+
+
+def image_of(response: dict[str, Any]) -> dict[str, Any]:
+    return next(item for item in response["output"] if item["type"] == "image_generation_call")
+
+
+# A chat upstream that draws ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["painter", "painter-whole"])
+def test_a_chat_image_model_answers_with_an_image_item(
+    http: httpx.Client, chat_upstream: ChatUpstream, model: str
+) -> None:
+    chat_upstream.reset()
+    body = create(http, model=model, input="Draw a red square", **DRAW)
+    assert body["status"] == "completed"
+    assert types(body) == ["message", "image_generation_call"]
+    assert body["output_text"] == "Here is your picture."
+    image = image_of(body)
+    assert image["id"].startswith("ig_")
+    assert image["status"] == "completed"
+    assert image["result"] == PNG
+    assert image["output_format"] == "png"
+    # The upstream was asked as OpenRouter is: modalities and image_config as sent.
+    assert chat_upstream.last["modalities"] == ["image", "text"]
+    assert chat_upstream.last["image_config"] == {"aspect_ratio": "1:1"}
+    # Stored once, as answered.
+    assert http.get(f"/v1/responses/{body['id']}").json()["output"] == body["output"]
+
+
+def test_the_stream_tells_of_the_image(http: httpx.Client) -> None:
+    events = sse_events(http, {"model": "painter", "input": "Draw a red square", **DRAW})
+    image_events = [event for event in events if "image_generation_call" in event["type"]]
+    assert [event["type"] for event in image_events] == [
+        "response.image_generation_call.in_progress",
+        "response.image_generation_call.generating",
+        "response.image_generation_call.completed",
+    ]
+    added, done = (
+        event
+        for event in events
+        if event["type"].startswith("response.output_item")
+        and event["item"]["type"] == "image_generation_call"
+    )
+    # The data comes once, with the item's end, as OpenAI sends it.
+    assert added["item"]["status"] == "in_progress" and "result" not in added["item"]
+    assert done["item"]["result"] == PNG and done["item"]["status"] == "completed"
+
+
+def test_a_route_that_cannot_draw_answers_400_naming_the_field(http: httpx.Client) -> None:
+    for field, value in (("modalities", ["image", "text"]), ("image_config", {"size": "1K"})):
+        answer = http.post("/v1/responses", json={"model": "echo", "input": "hi", field: value})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == field and error["code"] == "unsupported_parameter"
+    # Text alone is no image: any route serves it.
+    assert create(http, model="echo", input="hi", modalities=["text"])["output_text"] == "hi"
+
+
+# A Responses upstream that runs image_generation ---------------------------------------------
+
+
+def test_a_responses_upstream_streams_its_partial_images_as_they_come(
+    http: httpx.Client, responses_upstream: ResponsesUpstream
+) -> None:
+    tool = {"type": "image_generation", "partial_images": 2, "size": "1024x1536"}
+    events = sse_events(http, {"model": "gpt-images", "input": "a cat", "tools": [tool]})
+    assert responses_upstream.last["tools"] == [tool]
+    kinds = [event["type"] for event in events]
+    image_kinds = [kind for kind in kinds if "image_generation_call" in kind]
+    assert image_kinds == [
+        "response.image_generation_call.in_progress",
+        "response.image_generation_call.generating",
+        "response.image_generation_call.partial_image",
+        "response.image_generation_call.partial_image",
+        "response.image_generation_call.completed",
+    ]
+    partials = [event for event in events if event["type"].endswith("partial_image")]
+    for number, event in enumerate(partials):
+        assert set(event) == {
+            "type",
+            "sequence_number",
+            "item_id",
+            "output_index",
+            "partial_image_b64",
+            "partial_image_index",
+            "size",
+            "quality",
+            "background",
+            "output_format",
+        }
+        assert event["partial_image_b64"] == PARTIALS[number]
+        assert event["partial_image_index"] == number and event["size"] == "1024x1536"
+    # Live: the partial images come between the item's added and its done.
+    added = next(i for i, e in enumerate(events) if e["type"] == "response.output_item.added")
+    done = next(i for i, e in enumerate(events) if e["type"] == "response.output_item.done")
+    assert added < kinds.index("response.image_generation_call.partial_image") < done
+    final = events[-1]["response"]
+    assert types(final) == ["image_generation_call", "message"]
+    image = image_of(final)
+    assert image["result"] == PNG and image["revised_prompt"] == "A picture of a cat"
+    assert final["tools"] == [tool]
+
+
+def test_a_responses_upstream_draws_for_a_json_answer(
+    http: httpx.Client, responses_upstream: ResponsesUpstream
+) -> None:
+    body = create(http, model="gpt-images", input="a dog", tools=[{"type": "image_generation"}])
+    assert types(body) == ["image_generation_call", "message"]
+    assert image_of(body)["result"] == PNG
+    assert body["output_text"] == "Here is your image."
+
+
+# Chains: the image is stored once, and read as a reference ---------------------------------
+
+
+def test_a_chain_goes_on_without_the_image(
+    http: httpx.Client, chat_upstream: ChatUpstream, responses_upstream: ResponsesUpstream
+) -> None:
+    first = create(http, model="painter", input="Draw a red square", **DRAW)
+    image = image_of(first)
+    chat_upstream.reset()
+    second = create(
+        http, model="echo", input="What did you draw?", previous_response_id=first["id"]
+    )
+    assert second["status"] == "completed"
+    sent = orjson.dumps(chat_upstream.last).decode()
+    assert PNG not in sent
+    assistant = chat_upstream.last["messages"][-2]
+    assert assistant["role"] == "assistant"
+    assert f"[image generated: {image['id']}, png]" in assistant["content"]
+    # A Responses upstream reads it the same way; the stored chain still holds it, once.
+    responses_upstream.reset()
+    create(http, model="gpt-echo", input="And now?", previous_response_id=second["id"])
+    sent = orjson.dumps(responses_upstream.last).decode()
+    assert PNG not in sent and f"[image generated: {image['id']}, png]" in sent
+    stored = http.get(f"/v1/responses/{first['id']}").json()
+    assert image_of(stored)["result"] == PNG
+
+
+def test_an_upstream_that_draws_gets_the_latest_image_whole(
+    http: httpx.Client, responses_upstream: ResponsesUpstream
+) -> None:
+    tools = [{"type": "image_generation"}]
+    first = create(http, model="gpt-images", input="a cat", tools=tools)
+    second = create(
+        http, model="gpt-images", input="a dog", tools=tools, previous_response_id=first["id"]
+    )
+    # To edit, it needs the pixels: the latest image goes back whole.
+    assert second["output_text"] == "I edited your image."
+    responses_upstream.reset()
+    create(http, model="gpt-images", input="darker", tools=tools, previous_response_id=second["id"])
+    sent = responses_upstream.last["input"]
+    whole = [item for item in sent if item.get("type") == "image_generation_call"]
+    assert [item["id"] for item in whole] == [image_of(second)["id"]]
+    assert whole[0]["result"] == PNG
+    assert orjson.dumps(sent).decode().count(PNG) == 1
+    older = f"[image generated: {image_of(first)['id']}, 1024x1024 png: A picture of a cat]"
+    assert older in orjson.dumps(sent).decode()
+    # Without the tool it edits nothing: a reference only.
+    responses_upstream.reset()
+    create(http, model="gpt-echo", input="thanks", previous_response_id=second["id"])
+    assert PNG not in orjson.dumps(responses_upstream.last).decode()
