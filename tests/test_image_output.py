@@ -7,7 +7,8 @@ reaching the upstream again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -15,12 +16,17 @@ import orjson
 import pytest
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
 from conformance import assert_valid_item
-from fake_images import PARTIALS, PNG
+from fake_images import IMAGES_KEY, PARTIALS, PNG, FakeImages
+from pydantic import ValidationError
 from relay_fixtures import checked_client, relay_on_sqlite, sse_events
 from responses_upstream import RESPONSES_KEY, ResponsesUpstream
 
+from relay.models.tools import ImagesSettings
+from relay.tools.images import Image, ImageFailed, ImagesBackend
+
 CHAT_KEY_ENV = "RELAY_TEST_IMAGES_CHAT_KEY"
 RESPONSES_KEY_ENV = "RELAY_TEST_IMAGES_RESPONSES_KEY"
+IMAGES_KEY_ENV = "RELAY_TEST_IMAGES_ENDPOINT_KEY"
 DRAW = {"modalities": ["image", "text"], "image_config": {"aspect_ratio": "1:1"}}
 
 
@@ -236,3 +242,100 @@ def test_an_upstream_that_draws_gets_the_latest_image_whole(
     responses_upstream.reset()
     create(http, model="gpt-echo", input="thanks", previous_response_id=second["id"])
     assert PNG not in orjson.dumps(responses_upstream.last).decode()
+
+
+# Relay's images endpoint ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def endpoint(images: FakeImages, **more: Any) -> AsyncIterator[ImagesBackend]:
+    settings = {"url": images.base_url, "model": "gpt-image-1.5", "api_key_env": IMAGES_KEY_ENV}
+    backend = ImagesBackend(ImagesSettings.model_validate({**settings, **more}))
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+@pytest.fixture
+def _images_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(IMAGES_KEY_ENV, IMAGES_KEY)
+
+
+@pytest.mark.usefixtures("_images_key")
+async def test_the_images_endpoint_is_asked_for_one_image_in_base64(
+    fake_images: FakeImages,
+) -> None:
+    partials: list[dict[str, Any]] = []
+    async with endpoint(fake_images) as images:
+        image = await images.generate("a red cube", {"size": "1536x1024"}, partials.append)
+    assert image == Image(
+        PNG,
+        {
+            "size": "1536x1024",
+            "quality": "medium",
+            "background": "opaque",
+            "output_format": "png",
+            "revised_prompt": "a red cube (revised)",
+        },
+    )
+    assert partials == []
+    assert fake_images.last == {
+        "model": "gpt-image-1.5",
+        "prompt": "a red cube",
+        "n": 1,
+        "size": "1536x1024",
+        "response_format": "b64_json",
+    }
+    assert fake_images.headers[-1]["authorization"] == f"Bearer {IMAGES_KEY}"
+
+
+@pytest.mark.usefixtures("_images_key")
+async def test_partial_images_stream_as_they_come(fake_images: FakeImages) -> None:
+    partials: list[dict[str, Any]] = []
+    async with endpoint(fake_images, response_format=None) as images:
+        image = await images.generate("a cube", {"partial_images": 2}, partials.append)
+    assert image.result == PNG
+    assert fake_images.last["stream"] is True and "response_format" not in fake_images.last
+    assert [partial["partial_image_b64"] for partial in partials] == PARTIALS[:2]
+    assert partials[1] == {
+        "partial_image_b64": PARTIALS[1],
+        "partial_image_index": 1,
+        "size": "1024x1024",
+        "quality": "medium",
+        "background": "opaque",
+        "output_format": "png",
+    }
+
+
+@pytest.mark.usefixtures("_images_key")
+async def test_the_endpoints_failures_say_why_and_never_the_key(
+    fake_images: FakeImages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with endpoint(fake_images, response_format="b64_json") as images:
+        fake_images.fail(500)
+        with pytest.raises(ImageFailed, match=r"HTTP 500.*Scripted failure 500"):
+            await images.generate("a cube", {}, print)
+        fake_images.fail(400)
+        with pytest.raises(ImageFailed, match="rejected the request"):
+            await images.generate("a cube", {}, print)
+    fake_images.reset()
+    async with endpoint(fake_images, response_format=None) as images:
+        with pytest.raises(ImageFailed, match="URL, not the image's data"):
+            await images.generate("a cube", {"response_format": "url"}, print)
+    monkeypatch.setenv(IMAGES_KEY_ENV, "sk-wrong-Zq8Xv3Nm7Lk2Jh5Gf")
+    async with endpoint(fake_images) as images:
+        with pytest.raises(ImageFailed) as failed:
+            await images.generate("a cube", {}, print)
+    assert "refused the credentials" in str(failed.value)
+    assert "Zq8Xv3Nm" not in str(failed.value)
+
+
+def test_the_settings_refuse_what_would_fail_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ({"url": "ftp://images"}, {"url": "http://"}, {"model": ""}, {"colour": 1}):
+        with pytest.raises(ValidationError):
+            ImagesSettings.model_validate({"url": "http://images/v1", "model": "m", **bad})
+    monkeypatch.delenv(IMAGES_KEY_ENV, raising=False)
+    missing = ImagesSettings(url="http://images/v1", model="m", api_key_env=IMAGES_KEY_ENV)
+    with pytest.raises(ValueError, match=IMAGES_KEY_ENV):
+        ImagesBackend(missing)
