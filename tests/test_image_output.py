@@ -34,11 +34,13 @@ DRAW = {"modalities": ["image", "text"], "image_config": {"aspect_ratio": "1:1"}
 def images_url(
     chat_upstream: ChatUpstream,
     responses_upstream: ResponsesUpstream,
+    images_server: FakeImages,
     tmp_path_factory: pytest.TempPathFactory,
     monkeypatch_module: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     monkeypatch_module.setenv(CHAT_KEY_ENV, UPSTREAM_KEY)
     monkeypatch_module.setenv(RESPONSES_KEY_ENV, RESPONSES_KEY)
+    monkeypatch_module.setenv(IMAGES_KEY_ENV, IMAGES_KEY)
     chat = {"base_url": chat_upstream.base_url, "api_key_env": CHAT_KEY_ENV, "retries": 0}
     responses = {
         "provider": "openai_responses",
@@ -50,6 +52,7 @@ def images_url(
         {"model": "painter", **chat, "upstream_model": "painter", "image_output": True},
         {"model": "painter-whole", **chat, "upstream_model": "painter_whole", "image_output": True},
         {"model": "echo", **chat, "upstream_model": "echo"},
+        {"model": "directed", **chat, "upstream_model": "directed"},
         {
             "model": "gpt-images",
             **responses,
@@ -58,7 +61,13 @@ def images_url(
         },
         {"model": "gpt-echo", **responses, "upstream_model": "echo"},
     ]
-    with relay_on_sqlite(tmp_path_factory, "images", routes) as url:
+    images = {
+        "url": images_server.base_url,
+        "model": "gpt-image-1.5",
+        "api_key_env": IMAGES_KEY_ENV,
+        "price_per_image_usd": 0.04,
+    }
+    with relay_on_sqlite(tmp_path_factory, "images", routes, tools={"images": images}) as url:
         yield url
 
 
@@ -242,6 +251,119 @@ def test_an_upstream_that_draws_gets_the_latest_image_whole(
     responses_upstream.reset()
     create(http, model="gpt-echo", input="thanks", previous_response_id=second["id"])
     assert PNG not in orjson.dumps(responses_upstream.last).decode()
+
+
+# Relay's images endpoint, as a server-side tool of any model -------------------------------
+
+DRAW_CALL = 'call image_generation {"prompt": "a red cube"}'
+
+
+def cost(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("relay_cost_usd_total{") and 'model="directed"' in line
+    )
+
+
+def test_relay_draws_for_any_model_with_partial_images(
+    http: httpx.Client, chat_upstream: ChatUpstream, fake_images: FakeImages
+) -> None:
+    chat_upstream.reset()
+    tool = {"type": "image_generation", "size": "1024x1536", "quality": "low", "partial_images": 2}
+    events = sse_events(http, {"model": "directed", "input": DRAW_CALL, "tools": [tool]})
+    kinds = [event["type"] for event in events if "image_generation_call" in event["type"]]
+    assert kinds == [
+        "response.image_generation_call.in_progress",
+        "response.image_generation_call.generating",
+        "response.image_generation_call.partial_image",
+        "response.image_generation_call.partial_image",
+        "response.image_generation_call.completed",
+    ]
+    partials = [event for event in events if event["type"].endswith("partial_image")]
+    assert [event["partial_image_b64"] for event in partials] == PARTIALS[:2]
+    assert [event["partial_image_index"] for event in partials] == [0, 1]
+    assert all(event["size"] == "1024x1536" for event in partials)
+    final = events[-1]["response"]
+    assert types(final) == ["image_generation_call", "message"]
+    image = image_of(final)
+    assert image["status"] == "completed" and image["result"] == PNG
+    assert image["revised_prompt"] == "a red cube"
+    assert (image["size"], image["quality"], image["output_format"]) == ("1024x1536", "low", "png")
+    reference = f"[image generated: {image['id']}, 1024x1536 png: a red cube]"
+    assert final["output_text"] == f"Tools said: {reference}"
+    assert final["tools"] == [tool]
+    # The endpoint was asked for one image with the tool's fields, streamed for the partials.
+    assert fake_images.last == {
+        "model": "gpt-image-1.5",
+        "prompt": "a red cube",
+        "n": 1,
+        "size": "1024x1536",
+        "quality": "low",
+        "partial_images": 2,
+        "response_format": "b64_json",
+        "stream": True,
+    }
+    # The model was offered a function of a prompt, and read a reference, not the image.
+    first, second = chat_upstream.requests
+    offered = first["tools"][0]["function"]
+    assert offered["name"] == "image_generation"
+    assert offered["parameters"]["required"] == ["prompt"]
+    assert second["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": image["id"],
+        "content": reference,
+    }
+    assert PNG not in orjson.dumps(second).decode()
+
+
+def test_a_drawn_image_is_priced_stored_and_not_sent_again(
+    http: httpx.Client, images_url: str, chat_upstream: ChatUpstream, fake_images: FakeImages
+) -> None:
+    before = cost(images_url)
+    body = create(http, model="directed", input=DRAW_CALL, tools=[{"type": "image_generation"}])
+    image = image_of(body)
+    assert image["revised_prompt"] == "a red cube (revised)"  # the endpoint's own revision
+    assert "stream" not in fake_images.last and "partial_images" not in fake_images.last
+    assert cost(images_url) - before == pytest.approx(0.04)
+    assert image_of(http.get(f"/v1/responses/{body['id']}").json())["result"] == PNG
+    chat_upstream.reset()
+    later = create(http, model="directed", input="thanks", previous_response_id=body["id"])
+    assert later["status"] == "completed"
+    sent = orjson.dumps(chat_upstream.last).decode()
+    assert PNG not in sent
+    assert f"[image generated: {image['id']}, 1024x1024 png: a red cube (revised)]" in sent
+
+
+def test_an_image_that_fails_is_told_to_the_model_and_costs_nothing(
+    http: httpx.Client, images_url: str, fake_images: FakeImages
+) -> None:
+    fake_images.fail(500)
+    before = cost(images_url)
+    body = create(http, model="directed", input=DRAW_CALL, tools=[{"type": "image_generation"}])
+    image = image_of(body)
+    assert image["status"] == "failed" and "result" not in image
+    assert image["error"]["type"] == "image_generation_error"
+    assert "HTTP 500" in image["error"]["message"]
+    assert body["output_text"].startswith("Tools said: The image could not be drawn")
+    assert cost(images_url) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("action", "edit"), ("input_fidelity", "high"), ("model", "dall-e-2"), ("size", "big")],
+)
+def test_what_the_endpoint_cannot_do_is_a_400_naming_the_field(
+    http: httpx.Client, field: str, value: str
+) -> None:
+    tool = {"type": "image_generation", field: value}
+    weather = {"type": "function", "name": "get_weather"}
+    answer = http.post(
+        "/v1/responses", json={"model": "directed", "input": "hi", "tools": [weather, tool]}
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == f"tools[1].{field}"
 
 
 # Relay's images endpoint ---------------------------------------------------------------------

@@ -50,10 +50,10 @@ class ToolPolicyViolation(Exception):
 @dataclass(frozen=True, slots=True)
 class ServerFunction:
     """What a function offered upstream stands for when Relay runs it: a tool of an MCP
-    server (`label`, its own `name`), or web search; `approval`: the client approves each
-    call first."""
+    server (`label`, its own `name`), web search or image generation; `approval`: the client
+    approves each call first."""
 
-    kind: Literal["mcp", "web_search"]
+    kind: Literal["mcp", "web_search", "image_generation"]
     label: str
     name: str
     approval: bool
@@ -674,6 +674,10 @@ class ResponseBuilder:
             item["arguments"] = held or ""
         elif kind == "web_search_call":
             item["action"]["query"] = _search_query(held or "")
+        elif kind == "image_generation_call":
+            # What the model asked for is the prompt the image is drawn from: OpenAI's
+            # revised_prompt, the mainline model's rewrite of the user's request.
+            item["revised_prompt"] = _argument(held or "", "prompt")
         else:
             events.append(
                 self._event(
@@ -761,15 +765,22 @@ class ResponseBuilder:
         self._finish = "stop"
 
     def server_call_started(self, call: ServerCall) -> list[Event]:
-        if call.item["type"] == "web_search_call":
-            return [
-                self._event(
-                    "response.web_search_call.searching",
-                    item_id=call.item["id"],
-                    output_index=self._index_of(call.item),
-                )
-            ]
-        return []
+        kind = _STARTED.get(call.item["type"])
+        if kind is None:
+            return []
+        return [self._event(kind, item_id=call.item["id"], output_index=self._index_of(call.item))]
+
+    def server_call_progress(self, call: ServerCall, fields: dict[str, Any]) -> list[Event]:
+        """A partial image of a server-run image call, as it is drawn."""
+        item = call.item
+        return [
+            self._event(
+                "response.image_generation_call.partial_image",
+                item_id=item["id"],
+                output_index=self._index_of(item),
+                **fields,
+            )
+        ]
 
     def server_call_done(self, call: ServerCall) -> list[Event]:
         """A server call ran (its item's status, output or error set by the loop)."""
@@ -777,13 +788,16 @@ class ResponseBuilder:
         self._running.remove(item)
         index = self._index_of(item)
         kind = item["type"]
+        events = []
         if kind == "mcp_call":
             done = "completed" if item["status"] == "completed" else "failed"
-            progress = f"response.mcp_call.{done}"
-        else:
-            progress = "response.web_search_call.completed"
+            events.append(f"response.mcp_call.{done}")
+        elif kind == "web_search_call":
+            events.append("response.web_search_call.completed")
+        elif item["status"] == "completed":  # OpenAI has no event for an image that failed
+            events.append("response.image_generation_call.completed")
         return [
-            self._event(progress, item_id=item["id"], output_index=index),
+            *(self._event(event, item_id=item["id"], output_index=index) for event in events),
             self._event("response.output_item.done", output_index=index, item=_copy(item)),
         ]
 
@@ -917,14 +931,24 @@ _STREAMED_ARGUMENTS = frozenset({"function_call", "mcp_call"})
 _IN_PROGRESS = {
     "mcp_call": "response.mcp_call.in_progress",
     "web_search_call": "response.web_search_call.in_progress",
+    "image_generation_call": "response.image_generation_call.in_progress",
+}
+# What a server call's start tells, as the tool loop runs it.
+_STARTED = {
+    "web_search_call": "response.web_search_call.searching",
+    "image_generation_call": "response.image_generation_call.generating",
 }
 _IMAGE_STAGES = ("in_progress", "generating", "completed")
 _CLIENT_CALLS = frozenset({"function_call", "custom_tool_call", "tool_search_call"})
-_SERVER_ITEMS = frozenset({"mcp_call", "mcp_approval_request", "web_search_call"})
+_SERVER_ITEMS = frozenset(
+    {"mcp_call", "mcp_approval_request", "web_search_call", "image_generation_call"}
+)
 _NEVER_INCOMPLETE = frozenset({"web_search_call", "image_generation_call"})
 
 
 def _server_item(function: ServerFunction) -> dict[str, Any]:
+    if function.kind == "image_generation":
+        return {"id": new_id("ig"), "type": "image_generation_call", "status": "in_progress"}
     if function.kind == "web_search":
         return {
             "id": new_id("ws"),
@@ -953,12 +977,18 @@ def _server_item(function: ServerFunction) -> dict[str, Any]:
 def _search_query(arguments: str) -> str:
     """The query of a web search call's arguments ({"query": ...}); as sent when they are
     not that shape (the search runs on what the model wrote)."""
+    return _argument(arguments, "query")
+
+
+def _argument(arguments: str, name: str) -> str:
+    """The string argument `name` of a call's arguments; the arguments as sent when they are
+    not that shape (the tool runs on what the model wrote)."""
     try:
         value = json.loads(arguments or "{}")
     except ValueError:
         return arguments
-    query = value.get("query") if isinstance(value, dict) else None
-    return query if isinstance(query, str) else arguments
+    found = value.get(name) if isinstance(value, dict) else None
+    return found if isinstance(found, str) else arguments
 
 
 def _added(before: UsageDelta | None, now: UsageDelta | None) -> UsageDelta | None:
