@@ -415,7 +415,7 @@ async def test_the_images_endpoint_is_asked_for_one_image_in_base64(
 @pytest.mark.usefixtures("_images_key")
 async def test_partial_images_stream_as_they_come(fake_images: FakeImages) -> None:
     partials: list[dict[str, Any]] = []
-    async with endpoint(fake_images, response_format=None) as images:
+    async with endpoint(fake_images, response_format="omit") as images:
         image = await images.generate("a cube", {"partial_images": 2}, partials.append)
     assert image.result == PNG
     assert fake_images.last["stream"] is True and "response_format" not in fake_images.last
@@ -442,7 +442,7 @@ async def test_the_endpoints_failures_say_why_and_never_the_key(
         with pytest.raises(ImageFailed, match="rejected the request"):
             await images.generate("a cube", {}, print)
     fake_images.reset()
-    async with endpoint(fake_images, response_format=None) as images:
+    async with endpoint(fake_images, response_format="omit") as images:
         with pytest.raises(ImageFailed, match="URL, not the image's data"):
             await images.generate("a cube", {"response_format": "url"}, print)
     monkeypatch.setenv(IMAGES_KEY_ENV, "sk-wrong-Zq8Xv3Nm7Lk2Jh5Gf")

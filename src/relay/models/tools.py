@@ -53,9 +53,9 @@ class ImagesSettings(BaseModel):
     # The environment variable that holds the endpoint's key (never the key itself).
     api_key_env: str | None = None
     # Sent as the request's response_format, for servers that answer with URLs unless asked
-    # for base64; None: not sent, for OpenAI's GPT image models, which refuse the field and
+    # for base64; "omit": not sent, for OpenAI's GPT image models, which refuse the field and
     # always answer base64.
-    response_format: Literal["b64_json"] | None = "b64_json"
+    response_format: Literal["b64_json", "omit"] = "b64_json"
     # What one image costs, added to the response's cost (usage ledger, budgets); an image
     # that failed costs nothing.
     price_per_image_usd: float = Field(default=0.0, ge=0, le=MAX_USD)

@@ -69,7 +69,7 @@ class ImagesBackend:
         `on_partial` as it comes (the fields of a Responses partial_image event). Raises
         ImageFailed."""
         body = {"model": self._model, "prompt": prompt, "n": 1, **options}
-        if self._response_format is not None:
+        if self._response_format != "omit":
             body["response_format"] = self._response_format
         if options.get("partial_images"):
             body["stream"] = True
