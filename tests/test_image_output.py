@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from anthropic_upstream import ANTHROPIC_KEY, AnthropicUpstream
 from chat_upstream import UPSTREAM_KEY, ChatUpstream
 from conformance import assert_valid_item
 from fake_images import IMAGES_KEY, PARTIALS, PNG, FakeImages
@@ -26,6 +27,7 @@ from relay.tools.images import Image, ImageFailed, ImagesBackend
 
 CHAT_KEY_ENV = "RELAY_TEST_IMAGES_CHAT_KEY"
 RESPONSES_KEY_ENV = "RELAY_TEST_IMAGES_RESPONSES_KEY"
+CLAUDE_KEY_ENV = "RELAY_TEST_IMAGES_CLAUDE_KEY"
 IMAGES_KEY_ENV = "RELAY_TEST_IMAGES_ENDPOINT_KEY"
 DRAW = {"modalities": ["image", "text"], "image_config": {"aspect_ratio": "1:1"}}
 
@@ -34,11 +36,13 @@ DRAW = {"modalities": ["image", "text"], "image_config": {"aspect_ratio": "1:1"}
 def images_url(
     chat_upstream: ChatUpstream,
     responses_upstream: ResponsesUpstream,
+    anthropic_upstream: AnthropicUpstream,
     images_server: FakeImages,
     tmp_path_factory: pytest.TempPathFactory,
     monkeypatch_module: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     monkeypatch_module.setenv(CHAT_KEY_ENV, UPSTREAM_KEY)
+    monkeypatch_module.setenv(CLAUDE_KEY_ENV, ANTHROPIC_KEY)
     monkeypatch_module.setenv(RESPONSES_KEY_ENV, RESPONSES_KEY)
     monkeypatch_module.setenv(IMAGES_KEY_ENV, IMAGES_KEY)
     chat = {"base_url": chat_upstream.base_url, "api_key_env": CHAT_KEY_ENV, "retries": 0}
@@ -60,6 +64,13 @@ def images_url(
             "hosted_tools": ["image_generation"],
         },
         {"model": "gpt-echo", **responses, "upstream_model": "echo"},
+        {
+            "model": "claude",
+            "provider": "anthropic",
+            "base_url": anthropic_upstream.base_url,
+            "api_key_env": CLAUDE_KEY_ENV,
+            "upstream_model": "echo",
+        },
     ]
     images = {
         "url": images_server.base_url,
@@ -205,7 +216,10 @@ def test_a_responses_upstream_draws_for_a_json_answer(
 
 
 def test_a_chain_goes_on_without_the_image(
-    http: httpx.Client, chat_upstream: ChatUpstream, responses_upstream: ResponsesUpstream
+    http: httpx.Client,
+    chat_upstream: ChatUpstream,
+    responses_upstream: ResponsesUpstream,
+    anthropic_upstream: AnthropicUpstream,
 ) -> None:
     first = create(http, model="painter", input="Draw a red square", **DRAW)
     image = image_of(first)
@@ -219,11 +233,20 @@ def test_a_chain_goes_on_without_the_image(
     assistant = chat_upstream.last["messages"][-2]
     assert assistant["role"] == "assistant"
     assert f"[image generated: {image['id']}, png]" in assistant["content"]
-    # A Responses upstream reads it the same way; the stored chain still holds it, once.
+    # Responses and Anthropic upstreams read it the same way; the stored chain still holds
+    # it, once.
     responses_upstream.reset()
     create(http, model="gpt-echo", input="And now?", previous_response_id=second["id"])
     sent = orjson.dumps(responses_upstream.last).decode()
     assert PNG not in sent and f"[image generated: {image['id']}, png]" in sent
+    anthropic_upstream.reset()
+    create(http, model="claude", input="And now?", previous_response_id=second["id"])
+    first_answer = anthropic_upstream.last["messages"][1]
+    assert first_answer["role"] == "assistant"
+    assert {"type": "text", "text": f"[image generated: {image['id']}, png]"} in (
+        first_answer["content"]
+    )
+    assert PNG not in orjson.dumps(anthropic_upstream.last).decode()
     stored = http.get(f"/v1/responses/{first['id']}").json()
     assert image_of(stored)["result"] == PNG
 
