@@ -23,6 +23,8 @@ from relay_fixtures import checked_client, relay_on_sqlite, sse_events
 from responses_upstream import RESPONSES_KEY, ResponsesUpstream
 
 from relay.models.tools import ImagesSettings
+from relay.providers.base import FinishDelta, ImageDelta, ProviderError, TextDelta
+from relay.providers.openai_chat import OpenAIChatProvider
 from relay.tools.images import Image, ImageFailed, ImagesBackend
 
 CHAT_KEY_ENV = "RELAY_TEST_IMAGES_CHAT_KEY"
@@ -146,6 +148,23 @@ def test_the_stream_tells_of_the_image(http: httpx.Client) -> None:
     # The data comes once, with the item's end, as OpenAI sends it.
     assert added["item"]["status"] == "in_progress" and "result" not in added["item"]
     assert done["item"]["result"] == PNG and done["item"]["status"] == "completed"
+
+
+async def test_an_image_is_taken_inline_and_never_fetched() -> None:
+    provider = OpenAIChatProvider("http://127.0.0.1:9/v1", None)
+
+    def completion(url: str) -> dict[str, Any]:
+        image = {"type": "image_url", "image_url": {"url": url}}
+        message = {"role": "assistant", "content": "Here.", "images": [image]}
+        return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+    try:
+        deltas = provider._completion_deltas(completion(f"data:image/webp;base64,{PNG}"))
+        assert deltas == [TextDelta("Here."), ImageDelta(PNG, "webp"), FinishDelta("stop")]
+        with pytest.raises(ProviderError, match="not inline base64 data"):
+            provider._completion_deltas(completion("https://images.example/1.png"))
+    finally:
+        await provider.aclose()
 
 
 def test_a_route_that_cannot_draw_answers_400_naming_the_field(http: httpx.Client) -> None:
