@@ -49,6 +49,9 @@ context manager. Models (scripts):
                   offered tools, calls the first with {"cmd": "next"}; asked to summarise
                   (compaction's request), answers the lines of the context that hold "FACT-",
                   once each (a summary that keeps what later turns ask about)
+  painter         an image model, as OpenRouter streams one: "Here is your picture.", then the
+                  image (fake_images.PNG) in `delta.images`, as a data URL; painter_whole
+                  answers with one completion (`message.images`) although a stream was asked
   compliance      "tools" when the request offers tools, else "echo": what the official Open
                   Responses compliance suite needs from one model (docs/compliance.md)
   echo_credentials
@@ -68,6 +71,7 @@ from urllib.parse import quote
 
 import orjson
 import pytest
+from fake_images import PNG
 from loopback_server import LoopbackServer, serve_forever
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -112,6 +116,8 @@ MODELS = [
     "agent",
     "searcher",
     "retry_after_once",
+    "painter",
+    "painter_whole",
 ]
 SLOW_WORDS = 200
 SLOW_INTERVAL_S = 0.05
@@ -215,7 +221,7 @@ class ChatUpstream(LoopbackServer):
         # Like some hosted upstreams' load balancers: a session cookie on every answer, which a
         # gateway must not carry to later requests (they may be another tenant's).
         cookie = {"set-cookie": "upstream_session=abc123; Path=/"}
-        if not body.get("stream") or model == "json_body":
+        if not body.get("stream") or model in ("json_body", "painter_whole"):
             return JSONResponse(_completion(model, body, answer), headers=cookie)
         return StreamingResponse(
             _stream(model, body, answer), media_type="text/event-stream", headers=cookie
@@ -295,6 +301,10 @@ def _answer(model: str, body: dict[str, Any]) -> dict[str, Any]:
         deltas = [{field: "Let me "}, {field: "think."}, {"content": "Done."}]
     elif model == "refusal":
         deltas = [{"refusal": piece} for piece in _WORD.findall("I can't help with that.")]
+    elif model in ("painter", "painter_whole"):
+        image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+        deltas = [{"content": piece} for piece in _WORD.findall("Here is your picture.")]
+        deltas.append({"images": [{**image, "index": 0}]})
     elif model == "length":
         deltas = [{"content": piece} for piece in _WORD.findall("This is cut short")]
         finish = "length"
@@ -552,6 +562,7 @@ def _completion(model: str, body: dict[str, Any], answer: dict[str, Any]) -> dic
     content = [d["content"] for d in answer["deltas"] if "content" in d]
     reasoning = [d.get("reasoning_content") or d.get("reasoning") for d in answer["deltas"]]
     refusal = [d["refusal"] for d in answer["deltas"] if "refusal" in d]
+    images = [image for d in answer["deltas"] for image in d.get("images", [])]
     calls: dict[str, dict[str, Any]] = {}
     for delta in answer["deltas"]:
         for call in delta.get("tool_calls", []):
@@ -571,6 +582,8 @@ def _completion(model: str, body: dict[str, Any], answer: dict[str, Any]) -> dic
         message["refusal"] = "".join(refusal)
     if calls:
         message["tool_calls"] = list(calls.values())
+    if images:
+        message["images"] = images
     logprobs = None
     if body.get("logprobs"):
         entries = [_logprobs(body, d) for d in answer["deltas"]]

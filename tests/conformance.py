@@ -24,6 +24,10 @@ from openai.types.responses import (
     ResponseCustomToolCallInputDoneEvent,
     ResponseCustomToolCallOutput,
     ResponseFunctionWebSearch,
+    ResponseImageGenCallCompletedEvent,
+    ResponseImageGenCallGeneratingEvent,
+    ResponseImageGenCallInProgressEvent,
+    ResponseImageGenCallPartialImageEvent,
     ResponseMcpCallArgumentsDeltaEvent,
     ResponseMcpCallArgumentsDoneEvent,
     ResponseMcpCallCompletedEvent,
@@ -45,11 +49,16 @@ from openai.types.responses import (
     WebSearchTool,
 )
 from openai.types.responses.response_input_item_param import McpApprovalResponse, ToolSearchCall
-from openai.types.responses.response_output_item import McpApprovalRequest, McpCall, McpListTools
+from openai.types.responses.response_output_item import (
+    ImageGenerationCall,
+    McpApprovalRequest,
+    McpCall,
+    McpListTools,
+)
 from openai.types.responses.response_tool_search_output_item_param_param import (
     ResponseToolSearchOutputItemParamParam,
 )
-from openai.types.responses.tool import Mcp
+from openai.types.responses.tool import ImageGeneration, Mcp
 from pydantic import TypeAdapter
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -171,6 +180,12 @@ _OPENAI_EVENTS: dict[str, Any] = {
     "response.mcp_call.failed": ResponseMcpCallFailedEvent,
     "response.mcp_call_arguments.delta": ResponseMcpCallArgumentsDeltaEvent,
     "response.mcp_call_arguments.done": ResponseMcpCallArgumentsDoneEvent,
+    # Image output: a chat upstream's images, a Responses upstream's image_generation, or
+    # Relay's images endpoint.
+    "response.image_generation_call.in_progress": ResponseImageGenCallInProgressEvent,
+    "response.image_generation_call.generating": ResponseImageGenCallGeneratingEvent,
+    "response.image_generation_call.partial_image": ResponseImageGenCallPartialImageEvent,
+    "response.image_generation_call.completed": ResponseImageGenCallCompletedEvent,
 }
 _HOSTED_ITEMS: dict[str, Any] = {
     "web_search_call": ResponseFunctionWebSearch,
@@ -181,6 +196,7 @@ _HOSTED_ITEMS: dict[str, Any] = {
     "compaction": ResponseCompactionItem,
     "mcp_call": McpCall,
     "mcp_approval_request": McpApprovalRequest,
+    "image_generation_call": ImageGenerationCall,
 }
 _ITEM_EVENTS: dict[str, Any] = {
     "response.output_item.added": ResponseOutputItemAddedEvent,
@@ -193,6 +209,7 @@ _HOSTED_TOOLS: dict[str, Any] = {
     "web_search_preview_2025_03_11": WebSearchPreviewTool,
     "tool_search": ToolSearchTool,
     "mcp": Mcp,
+    "image_generation": ImageGeneration,
 }
 # What clients send (the SDK's input types): tool search items as Codex gives them back.
 INPUT_ITEMS: dict[str, Any] = {

@@ -4,6 +4,7 @@ import tempfile
 from anthropic_upstream import anthropic_upstream  # noqa: F401
 from chat_upstream import *  # noqa: F403
 from db_fixtures import *  # noqa: F403
+from fake_images import *  # noqa: F403
 from fake_search import *  # noqa: F403
 from mcp_servers import (  # noqa: F401
     _mcp_legacy_server,

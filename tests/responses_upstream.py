@@ -26,6 +26,12 @@ Models (scripts):
                   then as `tools`
   web_search      a web_search_call item searching the last user words, then a message with a
                   url_citation annotation; 400 unless a web_search(_preview) tool is offered
+  image_generation
+                  an image_generation_call drawing the last user words (in_progress, generating,
+                  the tool's `partial_images` partial images, completed; the image is
+                  fake_images.PNG), then "Here is your image." ("I edited your image." when the
+                  input holds an earlier image whole); 400 unless an image_generation tool is
+                  offered
   length          the text "partial", then status incomplete (max_output_tokens)
   fail_mid        some text, then response.failed (server_error "The model crashed.")
   error_event     response.created, response.in_progress, then a bare `error` event and the end
@@ -58,6 +64,7 @@ from typing import Any
 
 import orjson
 import pytest
+from fake_images import PARTIALS, PNG
 from loopback_server import LoopbackServer, serve_forever
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -80,6 +87,7 @@ MODELS = [
     "reasoning",
     "web_search",
     "tool_search",
+    "image_generation",
     "length",
     "fail_mid",
     "error_event",
@@ -155,6 +163,8 @@ class ResponsesUpstream(LoopbackServer):
         model = body["model"]
         if model == "web_search" and not _web_search_tool(body):
             return _error(400, "web_search tool required", param="tools")
+        if model == "image_generation" and _image_tool(body) is None:
+            return _error(400, "image_generation tool required", param="tools")
         if _needs_tool_search(body) and not any(
             tool.get("type") == "tool_search" for tool in body.get("tools") or []
         ):
@@ -356,7 +366,16 @@ class _Run:
         if model == "reasoning":
             self.reasoning(f"Thinking about {words or 'nothing'}.")
             model = "tools"
-        if model == "web_search":
+        if model == "image_generation":
+            tool = _image_tool(self.body) or {}
+            edits = any(
+                item.get("type") == "image_generation_call" and item.get("result")
+                for item in self.body["input"]
+                if isinstance(item, dict)
+            )
+            self.image_generation(f"A picture of {words or 'nothing'}", tool)
+            self.message("I edited your image." if edits else "Here is your image.")
+        elif model == "web_search":
             query = words or "nothing"
             self.web_search(query)
             text = f"Here is what I found about {query}: {CITATION_TITLE}."
@@ -522,6 +541,36 @@ class _Run:
         item["status"] = "completed"
         self.emit("response.output_item.done", output_index=index, item=item)
 
+    def image_generation(self, prompt: str, tool: dict[str, Any]) -> None:
+        item_id = _id("ig")
+        item: dict[str, Any] = {
+            "id": item_id,
+            "type": "image_generation_call",
+            "status": "in_progress",
+            "result": None,
+        }
+        index = self.add(item)
+        where = {"item_id": item_id, "output_index": index}
+        self.emit("response.image_generation_call.in_progress", **where)
+        self.emit("response.image_generation_call.generating", **where)
+        settings = {
+            "size": tool.get("size") or "1024x1024",
+            "quality": tool.get("quality") or "medium",
+            "background": tool.get("background") or "opaque",
+            "output_format": tool.get("output_format") or "png",
+        }
+        for number in range(int(tool.get("partial_images") or 0)):
+            self.emit(
+                "response.image_generation_call.partial_image",
+                **where,
+                partial_image_index=number,
+                partial_image_b64=PARTIALS[number],
+                **settings,
+            )
+        self.emit("response.image_generation_call.completed", **where)
+        item.update(status="completed", result=PNG, revised_prompt=prompt, **settings)
+        self.emit("response.output_item.done", output_index=index, item=item)
+
     def finish(
         self,
         status: str,
@@ -605,6 +654,17 @@ def _web_search_tool(body: dict[str, Any]) -> bool:
     return any(
         isinstance(t, dict) and t.get("type") in ("web_search", "web_search_preview")
         for t in body.get("tools") or []
+    )
+
+
+def _image_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    return next(
+        (
+            tool
+            for tool in body.get("tools") or []
+            if isinstance(tool, dict) and tool.get("type") == "image_generation"
+        ),
+        None,
     )
 
 

@@ -519,6 +519,30 @@ class WebSearchTool(_Strict):
     search_content_types: list[Literal["text", "image"]] | None = None
 
 
+class ImageGenerationTool(_Strict):
+    """`image_generation`, run by Relay through the configured images endpoint
+    (relay.tools.images) where no deployment of the model runs it itself. The fields OpenAI's
+    images API takes go to the endpoint; editing (action "edit", a mask, input fidelity) is
+    refused, since the endpoint only generates."""
+
+    type: Literal["image_generation"]
+    action: Literal["generate", "edit", "auto"] | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    complexity: Literal["low", "medium", "high"] | None = None
+    frame_count: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    frame_duration_ms: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    input_fidelity: Literal["high", "low"] | None = None
+    input_image_mask: dict[str, Any] | None = None
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    moderation: Literal["auto", "low"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    output_format: Literal["png", "webp", "jpeg", "gif", "svg"] | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    quality: Literal["low", "medium", "high", "xhigh", "max", "auto"] | None = None
+    size: str | None = Field(default=None, pattern=r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$")
+    svg: dict[str, Any] | None = None
+
+
 class FunctionChoice(_Strict):
     type: Literal["function"]
     name: str

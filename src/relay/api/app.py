@@ -35,6 +35,7 @@ from relay.storage.sql import open_store
 from relay.supervisor import Supervisor
 from relay.tools import web_search
 from relay.tools.egress import EgressPolicy
+from relay.tools.images import ImagesBackend
 from relay.tools.mcp import McpClient, McpLimits
 
 log = logging.getLogger("relay")
@@ -127,7 +128,8 @@ def _tool_runtime(settings: Settings, access: Access, metrics: Metrics) -> ToolR
         config.mcp.list_timeout_s, config.mcp.call_timeout_s, config.mcp.max_output_bytes
     )
     search = None if config.web_search is None else web_search.build(config.web_search)
-    return ToolRuntime(config, McpClient(limits), search, policy_for, metrics)
+    images = None if config.images is None else ImagesBackend(config.images)
+    return ToolRuntime(config, McpClient(limits), search, policy_for, metrics, images)
 
 
 async def _start(

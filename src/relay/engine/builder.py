@@ -22,6 +22,8 @@ from relay.providers.base import (
     Delta,
     FinishDelta,
     HostedItem,
+    HostedProgress,
+    ImageDelta,
     ReasoningDelta,
     ReasoningState,
     RefusalDelta,
@@ -48,10 +50,10 @@ class ToolPolicyViolation(Exception):
 @dataclass(frozen=True, slots=True)
 class ServerFunction:
     """What a function offered upstream stands for when Relay runs it: a tool of an MCP
-    server (`label`, its own `name`), or web search; `approval`: the client approves each
-    call first."""
+    server (`label`, its own `name`), web search or image generation; `approval`: the client
+    approves each call first."""
 
-    kind: Literal["mcp", "web_search"]
+    kind: Literal["mcp", "web_search", "image_generation"]
     label: str
     name: str
     approval: bool
@@ -115,7 +117,9 @@ class ResponseBuilder:
         # become server items, left open for the tool loop (`end_turn`).
         self._server = server_functions or {}
         self._server_calls: list[ServerCall] = []  # this turn's, closed, not yet run
-        self._running: list[dict[str, Any]] = []  # server items run by the loop, not done
+        # Server items run by the loop, and items the upstream runs (HostedItem), not done.
+        self._running: list[dict[str, Any]] = []
+        self._hosted_open: dict[str, dict[str, Any]] = {}  # by the upstream's id
         self.client_calls = 0  # calls this turn the client must run
         self.approvals = 0  # approval requests this turn
         # What earlier turns of the tool loop used; and the URLs their searches found, with
@@ -177,6 +181,10 @@ class ResponseBuilder:
             return self._annotation(delta.annotation)
         if isinstance(delta, HostedItem):
             return self._hosted(delta)
+        if isinstance(delta, HostedProgress):
+            return self._hosted_progress(delta)
+        if isinstance(delta, ImageDelta):
+            return self._image(delta)
         if isinstance(delta, ToolCallDelta):
             return self._tool_call(delta)
         if isinstance(delta, UsageDelta):
@@ -299,21 +307,60 @@ class ResponseBuilder:
         ]
 
     def _hosted(self, delta: HostedItem) -> list[Event]:
-        """A finished item the upstream ran (web_search_call, ...): added, its progress
-        events, done."""
+        """An item the upstream runs (web_search_call, image_generation_call, ...): added as
+        the upstream opens it, done as it ends; or whole, added then done, where it came so
+        (an answer that was not streamed)."""
+        opened = self._hosted_open.pop(delta.item.get("id", ""), None)
+        if opened is not None:
+            self._running.remove(opened)
+            opened.clear()
+            opened.update(delta.item)
+            index = self._index_of(opened)
+            return [
+                self._event("response.output_item.done", output_index=index, item=_copy(opened))
+            ]
         item = dict(delta.item)
-        return self._close_all("completed") + self._whole(
-            item, delta.progress, item.get("status", "completed")
-        )
+        events = self._close_all("completed")
+        if delta.done:
+            return events + self._whole(item, (), item.get("status", "completed"))
+        self._hosted_open[item.get("id", "")] = item
+        self._running.append(item)  # ended as cut short if the response ends before it does
+        return [*events, self._add_item(item)]
+
+    def _hosted_progress(self, delta: HostedProgress) -> list[Event]:
+        """An event of an item the upstream runs, as it sent it (a partial image with its
+        data), under Relay's numbering."""
+        item = self._hosted_open.get(delta.item_id)
+        if item is None:
+            return []  # of no item it opened: nothing to tell of
+        return [
+            self._event(
+                delta.kind, **delta.fields, item_id=item["id"], output_index=self._index_of(item)
+            )
+        ]
+
+    def _image(self, delta: ImageDelta) -> list[Event]:
+        """An image the upstream drew in its answer: an image_generation_call, whole, with
+        the events OpenAI streams for one."""
+        item = {"id": new_id("ig"), "type": "image_generation_call", "status": "completed"}
+        item["result"] = delta.result
+        if delta.output_format is not None:
+            item["output_format"] = delta.output_format
+        progress = [f"response.image_generation_call.{stage}" for stage in _IMAGE_STAGES]
+        return self._close_all("completed") + self._whole(item, progress, "completed")
 
     def _whole(
         self, item: dict[str, Any], progress: Sequence[str], status: str | None
     ) -> list[Event]:
-        """A finished item: added (in progress, when it has a status), its progress events,
+        """A finished item: added (in progress, when it has a status; an image without its
+        data, which comes once, with the item's end, as OpenAI sends it), its progress events,
         done."""
         if status is not None:
             item["status"] = "in_progress"
+        result = item.pop("result", None)
         events = [self._add_item(item)]
+        if result is not None:
+            item["result"] = result
         index = self._index_of(item)
         for kind in progress:
             events.append(self._event(kind, item_id=item["id"], output_index=index))
@@ -627,6 +674,10 @@ class ResponseBuilder:
             item["arguments"] = held or ""
         elif kind == "web_search_call":
             item["action"]["query"] = _search_query(held or "")
+        elif kind == "image_generation_call":
+            # What the model asked for is the prompt the image is drawn from: OpenAI's
+            # revised_prompt, the mainline model's rewrite of the user's request.
+            item["revised_prompt"] = _argument(held or "", "prompt")
         else:
             events.append(
                 self._event(
@@ -724,15 +775,22 @@ class ResponseBuilder:
         self._finish = "stop"
 
     def server_call_started(self, call: ServerCall) -> list[Event]:
-        if call.item["type"] == "web_search_call":
-            return [
-                self._event(
-                    "response.web_search_call.searching",
-                    item_id=call.item["id"],
-                    output_index=self._index_of(call.item),
-                )
-            ]
-        return []
+        kind = _STARTED.get(call.item["type"])
+        if kind is None:
+            return []
+        return [self._event(kind, item_id=call.item["id"], output_index=self._index_of(call.item))]
+
+    def server_call_progress(self, call: ServerCall, fields: dict[str, Any]) -> list[Event]:
+        """A partial image of a server-run image call, as it is drawn."""
+        item = call.item
+        return [
+            self._event(
+                "response.image_generation_call.partial_image",
+                item_id=item["id"],
+                output_index=self._index_of(item),
+                **fields,
+            )
+        ]
 
     def server_call_done(self, call: ServerCall) -> list[Event]:
         """A server call ran (its item's status, output or error set by the loop)."""
@@ -740,21 +798,27 @@ class ResponseBuilder:
         self._running.remove(item)
         index = self._index_of(item)
         kind = item["type"]
+        events = []
         if kind == "mcp_call":
             done = "completed" if item["status"] == "completed" else "failed"
-            progress = f"response.mcp_call.{done}"
-        else:
-            progress = "response.web_search_call.completed"
+            events.append(f"response.mcp_call.{done}")
+        elif kind == "web_search_call":
+            events.append("response.web_search_call.completed")
+        elif item["status"] == "completed":  # OpenAI has no event for an image that failed
+            events.append("response.image_generation_call.completed")
         return [
-            self._event(progress, item_id=item["id"], output_index=index),
+            *(self._event(event, item_id=item["id"], output_index=index) for event in events),
             self._event("response.output_item.done", output_index=index, item=_copy(item)),
         ]
 
     def _stop_running(self, status: str) -> list[Event]:
-        """Server calls cut short (the response failed or was cancelled meanwhile)."""
+        """Server calls, and items the upstream runs, cut short (the response failed or was
+        cancelled meanwhile, or the upstream ended without ending them)."""
         events = []
+        self._hosted_open.clear()
         for item in self._running:
-            item["status"] = status
+            # Web search and image calls have no "incomplete": theirs is "failed".
+            item["status"] = "failed" if item["type"] in _NEVER_INCOMPLETE else status
             events.append(
                 self._event(
                     "response.output_item.done", output_index=self._index_of(item), item=_copy(item)
@@ -785,13 +849,13 @@ class ResponseBuilder:
         terminal events come from `terminal()`, once the response is stored."""
         reason = _INCOMPLETE.get(self._finish)
         if reason is not None:
-            events = self._close_all("incomplete")
+            events = self._close_all("incomplete") + self._stop_running("incomplete")
             self.response["status"] = "incomplete"
             self.response["incomplete_details"] = {"reason": reason}
         else:
             if self._must_call and self._calls_made == 0:
                 raise ToolPolicyViolation("tool_choice requires a tool call; the model made none")
-            events = self._close_all("completed")
+            events = self._close_all("completed") + self._stop_running("incomplete")
             self.response["status"] = "completed"
             self.response["completed_at"] = int(time.time())
         self._settle()
@@ -877,12 +941,24 @@ _STREAMED_ARGUMENTS = frozenset({"function_call", "mcp_call"})
 _IN_PROGRESS = {
     "mcp_call": "response.mcp_call.in_progress",
     "web_search_call": "response.web_search_call.in_progress",
+    "image_generation_call": "response.image_generation_call.in_progress",
 }
+# What a server call's start tells, as the tool loop runs it.
+_STARTED = {
+    "web_search_call": "response.web_search_call.searching",
+    "image_generation_call": "response.image_generation_call.generating",
+}
+_IMAGE_STAGES = ("in_progress", "generating", "completed")
 _CLIENT_CALLS = frozenset({"function_call", "custom_tool_call", "tool_search_call"})
-_SERVER_ITEMS = frozenset({"mcp_call", "mcp_approval_request", "web_search_call"})
+_SERVER_ITEMS = frozenset(
+    {"mcp_call", "mcp_approval_request", "web_search_call", "image_generation_call"}
+)
+_NEVER_INCOMPLETE = frozenset({"web_search_call", "image_generation_call"})
 
 
 def _server_item(function: ServerFunction) -> dict[str, Any]:
+    if function.kind == "image_generation":
+        return {"id": new_id("ig"), "type": "image_generation_call", "status": "in_progress"}
     if function.kind == "web_search":
         return {
             "id": new_id("ws"),
@@ -911,12 +987,18 @@ def _server_item(function: ServerFunction) -> dict[str, Any]:
 def _search_query(arguments: str) -> str:
     """The query of a web search call's arguments ({"query": ...}); as sent when they are
     not that shape (the search runs on what the model wrote)."""
+    return _argument(arguments, "query")
+
+
+def _argument(arguments: str, name: str) -> str:
+    """The string argument `name` of a call's arguments; the arguments as sent when they are
+    not that shape (the tool runs on what the model wrote)."""
     try:
         value = json.loads(arguments or "{}")
     except ValueError:
         return arguments
-    query = value.get("query") if isinstance(value, dict) else None
-    return query if isinstance(query, str) else arguments
+    found = value.get(name) if isinstance(value, dict) else None
+    return found if isinstance(found, str) else arguments
 
 
 def _added(before: UsageDelta | None, now: UsageDelta | None) -> UsageDelta | None:

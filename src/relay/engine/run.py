@@ -424,11 +424,7 @@ class Engine:
         self.registry = registry
         # Server-side tools (None: none run here): which hosted tool types Relay runs.
         self.tools = tools
-        self._server_runs: frozenset[str] = frozenset()
-        if tools is not None:
-            self._server_runs = (
-                server_tools.RUNNABLE if tools.search is not None else frozenset({"mcp"})
-            )
+        self._server_runs: frozenset[str] = frozenset() if tools is None else tools.runs
         self.conversations = conversations
         self.hosted_tools = hosted_tools
         self.store = store
@@ -588,6 +584,7 @@ class Engine:
         request = prepared.request
         policy = await runtime.policy_for(tenant)
         server_tools.check_policy(server, policy)
+        server_tools.check_images(server, runtime.settings.images)
         context = prepared.items if prepared.history is None else prepared.history.items
         if prepared.history is not None:
             context = [*context, *prepared.items]

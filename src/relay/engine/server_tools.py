@@ -1,13 +1,14 @@
 """Server-side tools: the request's tools that Relay runs itself (remote MCP servers, web
-search), what the model is offered for them, the calls, and how their items read to an
-upstream.
+search, image generation), what the model is offered for them, the calls, and how their items
+read to an upstream.
 
 The model only ever sees functions: each MCP tool as `<server_label>__<tool>`, web search as
-one function of a query. The builder turns calls to them into `mcp_call`,
-`mcp_approval_request` and `web_search_call` items (`ServerFunction` says which), the tool loop
-(`relay.engine.tool_loop`) runs them, and `for_upstream` turns those items back into function
-calls and outputs for the next turn and for every later turn of the chain, whatever the
-provider.
+one function of a query, image generation as one function of a prompt. The builder turns calls
+to them into `mcp_call`, `mcp_approval_request`, `web_search_call` and `image_generation_call`
+items (`ServerFunction` says which), the tool loop (`relay.engine.tool_loop`) runs them, and
+`for_upstream` turns those items back into function calls and outputs for the next turn and
+for every later turn of the chain, whatever the provider; an image, past the response that
+drew it, reads as a reference (relay.providers.images).
 """
 
 from __future__ import annotations
@@ -24,19 +25,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from relay.engine.builder import ServerCall, ServerFunction
 from relay.errors import InvalidRequest, RelayError
 from relay.ids import new_id
-from relay.protocol import CreateResponse, McpTool, McpToolFilter, WebSearchTool, invalid_request
+from relay.models.tools import ImagesSettings
+from relay.protocol import (
+    CreateResponse,
+    ImageGenerationTool,
+    McpTool,
+    McpToolFilter,
+    WebSearchTool,
+    invalid_request,
+)
+from relay.providers import images
 from relay.providers.base import History
 from relay.providers.tool_names import wire_name
 from relay.sealing import Sealer
 from relay.tools.egress import EgressPolicy, EgressRefused
+from relay.tools.images import SETTINGS, ImageFailed, ImagesBackend, Partial
 from relay.tools.mcp import McpClient, McpError, McpServer
 from relay.tools.web_search import SearchBackend, SearchFailed, SearchResult
 
 WEB_SEARCH_TYPES = frozenset(
     {"web_search", "web_search_2025_08_26", "web_search_preview", "web_search_preview_2025_03_11"}
 )
-# Tool kinds Relay can run, given a search backend for the web search ones.
-RUNNABLE = frozenset({"mcp", *WEB_SEARCH_TYPES})
+IMAGE_TYPE = "image_generation"
 SEARCH_PARAMETERS = {
     "type": "object",
     "properties": {"query": {"type": "string", "description": "What to search the web for."}},
@@ -47,6 +57,33 @@ SEARCH_DESCRIPTION = (
 )
 # Results the model reads per search, by the tool's search_context_size.
 CONTEXT_RESULTS = {"low": 3, "medium": 5, "high": 10}
+IMAGE_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "prompt": {"type": "string", "description": "A detailed description of the image."}
+    },
+    "required": ["prompt"],
+}
+IMAGE_DESCRIPTION = (
+    "Draws an image from a description and shows it to the user. Describe everything the "
+    "image should show; you will not see it, only a note that it was drawn."
+)
+# The image_generation tool's fields the images endpoint takes (OpenAI's images API has
+# them too); the others are for editing, which it does not do.
+IMAGE_OPTIONS = (
+    "background",
+    "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "moderation",
+    "output_compression",
+    "output_format",
+    "partial_images",
+    "quality",
+    "size",
+    "svg",
+)
+_EDITING = ("input_image_mask", "input_fidelity")
 DECLINED = "The user declined this tool call."
 _UNSAFE_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 
@@ -76,6 +113,8 @@ class ServerTools:
 
     mcp: list[McpEntry] = field(default_factory=list)
     web_search: WebSearchTool | None = None
+    image: ImageGenerationTool | None = None
+    image_param: str = "tools"  # where the image tool is in the request
     # From a `web` plugin (seed 000's form): how many results, and what the model is told
     # before them.
     search_results: int | None = None
@@ -84,6 +123,7 @@ class ServerTools:
     functions: dict[str, ServerFunction] = field(default_factory=dict)
     offered: list[dict[str, Any]] = field(default_factory=list)
     search_name: str = "web_search"  # the function web search is offered as
+    image_name: str = IMAGE_TYPE  # the function image generation is offered as
     # Items made before the first turn (tool lists, approved calls), to open the stream with.
     opening: list[ServerCall] = field(default_factory=list)
 
@@ -114,11 +154,42 @@ def parse(raw: dict[str, Any], param: str) -> tuple[dict[str, Any], Any]:
             )
         echoed = tool.model_dump(exclude_none=True, exclude={"authorization", "headers"})
         return echoed, tool
+    if raw.get("type") == IMAGE_TYPE:
+        return _image_tool(raw, param)
     try:
         search = WebSearchTool.model_validate(raw)
     except ValidationError as error:
         raise invalid_request(error, raw, param) from None
     return search.model_dump(exclude_none=True), search
+
+
+def _image_tool(raw: dict[str, Any], param: str) -> tuple[dict[str, Any], ImageGenerationTool]:
+    try:
+        tool = ImageGenerationTool.model_validate(raw)
+    except ValidationError as error:
+        raise invalid_request(error, raw, param) from None
+    edits = [name for name in _EDITING if getattr(tool, name) is not None]
+    if tool.action == "edit" or edits:
+        field_name = edits[0] if edits else "action"
+        raise InvalidRequest(
+            "Relay's images endpoint generates images; it does not edit them.",
+            param=f"{param}.{field_name}",
+            code="unsupported_parameter",
+        )
+    return tool.model_dump(exclude_none=True), tool
+
+
+def check_images(server: ServerTools, settings: ImagesSettings | None) -> None:
+    """Refuse an image model other than the endpoint's (the operator chose it, and prices
+    its images): a 400 naming the tool's field."""
+    tool = server.image
+    if tool is None or settings is None or tool.model in (None, settings.model):
+        return
+    raise InvalidRequest(
+        f"Relay's images endpoint draws with '{settings.model}', not '{tool.model}'.",
+        param=f"{server.image_param}.model",
+        code="unsupported_parameter",
+    )
 
 
 def gather(tools: Sequence[tuple[Any, str]]) -> ServerTools | None:
@@ -134,6 +205,11 @@ def gather(tools: Sequence[tuple[Any, str]]) -> ServerTools | None:
                 raise InvalidRequest("Give at most one web search tool.", param=param)
             server.web_search = tool
             continue
+        if isinstance(tool, ImageGenerationTool):
+            if server.image is not None:
+                raise InvalidRequest("Give at most one image_generation tool.", param=param)
+            server.image, server.image_param = tool, param
+            continue
         assert isinstance(tool, McpTool) and tool.server_url is not None
         if tool.server_label in labels:
             raise InvalidRequest(
@@ -147,7 +223,7 @@ def gather(tools: Sequence[tuple[Any, str]]) -> ServerTools | None:
         server.mcp.append(
             McpEntry(tool, McpServer(tool.server_label, tool.server_url, headers), param)
         )
-    return server if server.mcp or server.web_search else None
+    return server if server.mcp or server.web_search or server.image else None
 
 
 class WebPlugin(BaseModel):
@@ -318,15 +394,28 @@ def offer(server: ServerTools, taken: set[str]) -> None:
                 }
             )
     if server.web_search is not None:
-        name, suffix = "web_search", 1
-        while name in taken or name in server.functions:
-            suffix += 1
-            name = f"web_search_{suffix}"
+        name = _free_name("web_search", taken, server.functions)
         server.functions[name] = ServerFunction("web_search", "", name, False)
         server.search_name = name
         server.offered.append(
             {"name": name, "description": SEARCH_DESCRIPTION, "parameters": SEARCH_PARAMETERS}
         )
+    if server.image is not None:
+        name = _free_name(IMAGE_TYPE, taken, server.functions)
+        server.functions[name] = ServerFunction("image_generation", "", name, False)
+        server.image_name = name
+        server.offered.append(
+            {"name": name, "description": IMAGE_DESCRIPTION, "parameters": IMAGE_PARAMETERS}
+        )
+
+
+def _free_name(name: str, taken: set[str], functions: dict[str, ServerFunction]) -> str:
+    """`name`, or `name_2`, `name_3`... where a function of the client's goes by it."""
+    free, suffix = name, 1
+    while free in taken or free in functions:
+        suffix += 1
+        free = f"{name}_{suffix}"
+    return free
 
 
 def upstream_name(label: str, tool: str) -> str:
@@ -456,6 +545,31 @@ async def run_search(
         call.for_model = f"{server.search_prompt}\n\n{call.for_model}"
 
 
+async def run_image(
+    call: ServerCall, server: ServerTools, backend: ImagesBackend, on_partial: Partial
+) -> None:
+    """Run an image_generation_call item: its image (and what the endpoint drew it with), or
+    its error; the model reads a reference to it either way, never the image."""
+    item = call.item
+    tool = server.image
+    assert tool is not None
+    options = {name: getattr(tool, name) for name in IMAGE_OPTIONS}
+    options = {name: value for name, value in options.items() if value is not None}
+    try:
+        image = await backend.generate(item["revised_prompt"], options, on_partial)
+    except ImageFailed as error:
+        item["status"] = "failed"
+        item["error"] = {"type": "image_generation_error", "code": None, "message": str(error)}
+        call.for_model = f"The image could not be drawn: {error}"
+        return
+    item.update({name: options[name] for name in SETTINGS if name in options})
+    item.update(image.settings)
+    item.update(status="completed", result=image.result)
+    if tool.action is not None:
+        item["action"] = tool.action
+    call.for_model = images.reference(item)
+
+
 def results_text(query: str, results: Sequence[SearchResult]) -> str:
     if not results:
         return f"No results for {query!r}."
@@ -516,6 +630,14 @@ SERVER_ITEM_TYPES = frozenset(
 )
 
 
+def _read_as_call(item: dict[str, Any], outputs: dict[str, str]) -> bool:
+    """Whether an upstream reads `item` as a function call and its output: a server call, or
+    an image this response's loop drew (later turns read an image as any other, a reference
+    in the assistant's turn: providers do that)."""
+    kind = item["type"]
+    return kind in SERVER_ITEM_TYPES or (kind == images.ITEM and item["id"] in outputs)
+
+
 def has_server_items(seen: bool, items: list[dict[str, Any]]) -> bool:
     return seen or any(item["type"] in SERVER_ITEM_TYPES for item in items)
 
@@ -533,15 +655,18 @@ def for_upstream(
     requests: dict[str, dict[str, Any]] | None = None,
     outputs: dict[str, str] | None = None,
     search_name: str | None = "web_search",
+    image_name: str = IMAGE_TYPE,
 ) -> list[dict[str, Any]]:
     """`items` as an upstream reads them: each server call as a function call and its output
     (a declined approval as a call the user declined), tool lists and answered approvals left
     out. `requests`: approval requests earlier in the context; `outputs`: what the model reads
-    of a call where the item does not hold it (this response's search results);
-    `search_name`: the function web search calls are read as, None where Relay runs no web
-    search (a web_search_call is then a Responses upstream's own, kept for it). The same
-    list when there is nothing to change."""
-    if not any(item["type"] in SERVER_ITEM_TYPES for item in items):
+    of a call where the item does not hold it (this response's search results, the
+    references to its images); `search_name`: the function web search calls are read as, None
+    where Relay runs no web search (a web_search_call is then a Responses upstream's own, kept
+    for it); `image_name`: the function image calls are read as. The same list when there is
+    nothing to change."""
+    outputs = outputs or {}
+    if not any(_read_as_call(item, outputs) for item in items):
         return items
     known = dict(requests or {})
     read: list[dict[str, Any]] = []
@@ -551,7 +676,7 @@ def for_upstream(
     for item in items:
         kind = item["type"]
         pair: tuple[dict[str, Any], dict[str, Any]] | None = None
-        if kind not in SERVER_ITEM_TYPES or (kind == "web_search_call" and search_name is None):
+        if not _read_as_call(item, outputs) or (kind == "web_search_call" and search_name is None):
             read += answers
             answers = []
             read.append(item)
@@ -562,9 +687,10 @@ def for_upstream(
             pair = _pair(item, name, item["arguments"], _call_output(item))
         elif kind == "web_search_call" and search_name is not None:
             query = orjson.dumps({"query": item["action"].get("query", "")}).decode()
-            pair = _pair(
-                item, search_name, query, (outputs or {}).get(item["id"]) or _searched(item)
-            )
+            pair = _pair(item, search_name, query, outputs.get(item["id"]) or _searched(item))
+        elif kind == images.ITEM:
+            prompt = orjson.dumps({"prompt": item.get("revised_prompt", "")}).decode()
+            pair = _pair(item, image_name, prompt, outputs[item["id"]])
         elif kind == "mcp_approval_response" and not item["approve"]:
             request = known.get(item["approval_request_id"])
             if request is not None:

@@ -27,6 +27,7 @@ from relay.models.policy import NANOS_PER_USD
 from relay.models.tools import ToolSettings
 from relay.observe.metrics import Metrics
 from relay.tools.egress import EgressPolicy
+from relay.tools.images import ImagesBackend, Partial
 from relay.tools.mcp import McpClient
 from relay.tools.web_search import SearchBackend
 
@@ -46,19 +47,32 @@ class TurnFailed(Exception):
 @dataclass(slots=True)
 class ToolRuntime:
     """What running server-side tools takes, one per application: the settings, the MCP
-    client, the search backend (None: web search is not run here), and each project's
-    egress policy."""
+    client, the search backend and the images endpoint (None: web search, image generation
+    are not run here), and each project's egress policy."""
 
     settings: ToolSettings
     mcp: McpClient
     search: SearchBackend | None
     policy_for: Callable[[str], Awaitable[EgressPolicy]]
     metrics: Metrics
+    images: ImagesBackend | None = None
+
+    @property
+    def runs(self) -> frozenset[str]:
+        """The hosted tool types run here: mcp, and the others whose backend is configured."""
+        kinds = {"mcp"}
+        if self.search is not None:
+            kinds |= server_tools.WEB_SEARCH_TYPES
+        if self.images is not None:
+            kinds.add(server_tools.IMAGE_TYPE)
+        return frozenset(kinds)
 
     async def aclose(self) -> None:
         await self.mcp.aclose()
         if self.search is not None:
             await self.search.aclose()
+        if self.images is not None:
+            await self.images.aclose()
 
 
 @dataclass(slots=True)
@@ -75,6 +89,7 @@ class ToolLoop:
     # What the model reads of this response's search calls, by item id.
     outputs: dict[str, str] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)  # calls run, by kind
+    images: int = 0  # images drawn (priced per image: one that failed costs nothing)
 
     async def step(self, run: Run) -> AsyncIterator[list[Event]]:
         """After a model turn: run its server calls, then open the next turn into
@@ -105,7 +120,8 @@ class ToolLoop:
     async def _run_all(
         self, builder: ResponseBuilder, calls: list[ServerCall]
     ) -> AsyncIterator[list[Event]]:
-        """Run `calls` at once (at most `max_parallel` at a time), each finished as it ends."""
+        """Run `calls` at once (at most `max_parallel` at a time), each finished as it ends,
+        and the partial images of image calls told as they come."""
         started: list[Event] = []
         for call in calls:
             started += builder.server_call_started(call)
@@ -113,39 +129,68 @@ class ToolLoop:
             yield started
         bound = asyncio.Semaphore(self.runtime.settings.max_parallel)
         citable = builder.citable
-        tasks = {asyncio.ensure_future(self._bounded(bound, call, citable)): call for call in calls}
+        # What the calls tell, in the order they tell it: a partial image (its fields), or
+        # their end (None). Events are made here, in this task, so that they are numbered
+        # in the order they go out.
+        news: asyncio.Queue[tuple[ServerCall, dict[str, Any] | None]] = asyncio.Queue()
+        tasks = {
+            id(call): asyncio.ensure_future(self._told(bound, call, citable, news))
+            for call in calls
+        }
         try:
             while tasks:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 batch: list[Event] = []
-                for task in done:
-                    call = tasks.pop(task)
-                    task.result()
+                told = [await news.get()]
+                while not news.empty():
+                    told.append(news.get_nowait())
+                for call, partial in told:
+                    if partial is not None:
+                        batch += builder.server_call_progress(call, partial)
+                        continue
+                    await tasks.pop(id(call))  # done, or about to be: its failure raised
                     batch += builder.server_call_done(call)
                 yield batch
         finally:
-            for task in tasks:
+            for task in tasks.values():
                 task.cancel()
             if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    async def _told(
+        self,
+        bound: asyncio.Semaphore,
+        call: ServerCall,
+        citable: dict[str, str],
+        news: asyncio.Queue[tuple[ServerCall, dict[str, Any] | None]],
+    ) -> None:
+        try:
+            await self._bounded(
+                bound, call, citable, lambda fields: news.put_nowait((call, fields))
+            )
+        finally:
+            news.put_nowait((call, None))
 
     async def run_before(self, calls: list[ServerCall]) -> None:
         """Approved calls, run before the first turn: they open the stream, whole."""
         bound = asyncio.Semaphore(self.runtime.settings.max_parallel)
-        await asyncio.gather(*(self._bounded(bound, call, {}) for call in calls))
+        await asyncio.gather(*(self._bounded(bound, call, {}, _unseen) for call in calls))
         for call in calls:
             done = "completed" if call.item["status"] == "completed" else "failed"
             call.progress = ("response.mcp_call.in_progress", f"response.mcp_call.{done}")
             self.server.opening.append(call)
 
     async def _bounded(
-        self, bound: asyncio.Semaphore, call: ServerCall, citable: dict[str, str]
+        self,
+        bound: asyncio.Semaphore,
+        call: ServerCall,
+        citable: dict[str, str],
+        on_partial: Partial,
     ) -> None:
         async with bound:
             started = time.monotonic()
             try:
                 async with asyncio.timeout(max(self.deadline - started, 0.001)):
-                    await self._run(call, citable)
+                    await self._run(call, citable, on_partial)
             except TimeoutError:
                 _timed_out(call)
             seconds = time.monotonic() - started
@@ -153,6 +198,8 @@ class ToolLoop:
             self.outputs[call.item["id"]] = call.for_model
         kind = call.item["type"]
         self.calls[kind] = self.calls.get(kind, 0) + 1
+        if kind == "image_generation_call" and call.item["status"] == "completed":
+            self.images += 1
         self.runtime.metrics.tool_called(kind, call.item["status"], seconds)
 
     def cost_nanos(self) -> int:
@@ -162,14 +209,21 @@ class ToolLoop:
         usd = self.calls.get("mcp_call", 0) * settings.mcp.price_per_call_usd
         if search is not None:
             usd += self.calls.get("web_search_call", 0) * search.price_per_search_usd
+        if settings.images is not None:
+            usd += self.images * settings.images.price_per_image_usd
         return round(usd * NANOS_PER_USD)
 
-    def _run(self, call: ServerCall, citable: dict[str, str]) -> Coroutine[Any, Any, None]:
+    def _run(
+        self, call: ServerCall, citable: dict[str, str], on_partial: Partial
+    ) -> Coroutine[Any, Any, None]:
         runtime = self.runtime
         item = call.item
         if item["type"] == "mcp_call":
             entry = self.server.entry(item["server_label"])
             return server_tools.run_mcp(call, entry, runtime.mcp, self.policy)
+        if item["type"] == "image_generation_call":
+            assert runtime.images is not None
+            return server_tools.run_image(call, self.server, runtime.images, on_partial)
         assert runtime.search is not None
         return server_tools.run_search(
             call, self.server, runtime.search, self.include_sources, citable
@@ -184,6 +238,7 @@ class ToolLoop:
             requests=server_tools.earlier_requests(self.prepared.upstream_history),
             outputs=self.outputs,
             search_name=self.server.search_name,
+            image_name=self.server.image_name,
         )
         plan = self.prepared.tools
         limit = builder.max_calls
@@ -216,5 +271,14 @@ def _timed_out(call: ServerCall) -> None:
             "code": 504,
             "message": "The MCP server did not answer before the response's deadline.",
         }
+    elif item["type"] == "image_generation_call":
+        message = "The image was not drawn before the response's deadline."
+        item["error"] = {"type": "image_generation_error", "code": "timeout", "message": message}
+        call.for_model = message
     else:
         call.for_model = "The search did not finish before the response's deadline."
+
+
+def _unseen(fields: dict[str, Any]) -> None:
+    """Partial images of calls run before the first turn: they open the stream whole, so
+    there is nobody to show them to (only approved MCP calls run then)."""

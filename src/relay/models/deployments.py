@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from relay.models.policy import Price
 
@@ -109,6 +117,18 @@ class OpenAIChatConfig(_HTTPDeployment):
     # How POST /responses/input_tokens counts: "vllm" or "llama_cpp" ask the upstream's own
     # tokenizer (their /tokenize beside /v1); "estimate" counts bytes.
     count_tokens: Literal["estimate", "vllm", "llama_cpp"] = "estimate"
+    # The upstream draws images (OpenRouter's image models): requests whose `modalities` ask
+    # for images, and `image_config`, may go to it and are forwarded (as if forward_fields
+    # listed them), and the images it answers with become image_generation_call items.
+    image_output: bool = False
+
+    @model_validator(mode="after")
+    def _image_fields(self) -> Self:
+        if self.image_output:
+            self.forward_fields += [
+                name for name in ("modalities", "image_config") if name not in self.forward_fields
+            ]
+        return self
 
 
 class OpenAIResponsesConfig(_HTTPDeployment):

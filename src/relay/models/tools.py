@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,8 +42,49 @@ class McpSettings(BaseModel):
         return networks
 
 
+class ImagesSettings(BaseModel):
+    """The images endpoint `image_generation` tools run on, for any model: an OpenAI-compatible
+    `POST <url>/images/generations` (OpenAI, Azure OpenAI, LocalAI, a gateway...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str  # up to /v1, before /images/generations
+    model: str = Field(min_length=1)  # the image model asked for
+    # The environment variable that holds the endpoint's key (never the key itself).
+    api_key_env: str | None = None
+    # Sent as the request's response_format, for servers that answer with URLs unless asked
+    # for base64; "omit": not sent, for OpenAI's GPT image models, which refuse the field and
+    # always answer base64.
+    response_format: Literal["b64_json", "omit"] = "b64_json"
+    # What one image costs, added to the response's cost (usage ledger, budgets); an image
+    # that failed costs nothing.
+    price_per_image_usd: float = Field(default=0.0, ge=0, le=MAX_USD)
+    # The longest the endpoint may stay silent (images take a while: tens of seconds).
+    timeout_s: float = Field(default=300.0, gt=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        # Refused here rather than at the first image; the URL is not repeated (it may hold
+        # a password).
+        scheme, separator, rest = url.partition("://")
+        if scheme.lower() not in ("http", "https") or not separator:
+            raise ValueError("must begin with http:// or https://")
+        if not rest.partition("/")[0].rpartition("@")[2]:
+            raise ValueError("names no host")
+        return url
+
+    def api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(f"environment variable {self.api_key_env} is not set")
+        return value
+
+
 class ToolSettings(BaseModel):
-    """The tool loop's bounds, MCP and web search."""
+    """The tool loop's bounds, MCP, web search and image generation."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -54,3 +97,6 @@ class ToolSettings(BaseModel):
     mcp: McpSettings = Field(default_factory=McpSettings)
     # The backend `web_search` tools run on. None: they are not run here (`hosted_tools`).
     web_search: WebSearchConfig | None = None
+    # The endpoint `image_generation` tools run on. None: they are not run here (unless a
+    # deployment runs them itself: `hosted_tools`).
+    images: ImagesSettings | None = None

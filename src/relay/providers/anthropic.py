@@ -30,6 +30,7 @@ import orjson
 
 from relay.models.deployments import AnthropicConfig
 from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
+from relay.providers import images
 from relay.providers.base import (
     Delta,
     FinishDelta,
@@ -441,6 +442,8 @@ def _blocks(
         output = item.get("output")
         content: Any = output if isinstance(output, str) else _user_blocks(output)
         return "user", [{"type": "tool_result", "tool_use_id": item["call_id"], "content": content}]
+    if kind == images.ITEM:  # not the image (relay.providers.images)
+        return "assistant", [{"type": "text", "text": images.reference(item)}]
     if kind in HOSTED_ITEM_TYPES:
         return "assistant", []  # an upstream's hosted call: its results are in the text
     if kind in TOOL_SEARCH_ITEM_TYPES:

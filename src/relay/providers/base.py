@@ -51,12 +51,33 @@ class ReasoningState:
 
 @dataclass(slots=True)
 class HostedItem:
-    """An item the upstream made and ran itself (a web_search_call of a Responses upstream),
-    complete, with the types of its progress events (`response.web_search_call.searching`,
-    ...), which are replayed for it in order."""
+    """An item the upstream made and runs itself (a web_search_call, an image_generation_call
+    of a Responses upstream). `done`: the item as it ended; else the upstream has only opened
+    it, and its progress (HostedProgress) and its end (the same item, done) follow, so that a
+    client sees them as they come (an image's partial images while it is drawn)."""
 
     item: dict[str, Any]
-    progress: list[str] = field(default_factory=list)
+    done: bool = True
+
+
+@dataclass(slots=True)
+class HostedProgress:
+    """An event of an item the upstream opened (`item_id`: the upstream's id of it): its type
+    (`response.web_search_call.searching`, `response.image_generation_call.partial_image`...)
+    and its own fields (a partial image's data), without the ids and numbers Relay makes."""
+
+    item_id: str
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ImageDelta:
+    """An image the upstream drew in its answer (a chat upstream's `images`), whole: its
+    base64 data and its format ("png", "jpeg", "webp"), when the upstream said."""
+
+    result: str
+    output_format: str | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +122,8 @@ Delta = (
     | ReasoningDelta
     | ReasoningState
     | HostedItem
+    | HostedProgress
+    | ImageDelta
     | AnnotationDelta
     | ToolCallDelta
     | UsageDelta

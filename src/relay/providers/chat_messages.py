@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
+from relay.providers import images
 from relay.providers.base import ProviderError, ProviderRequest
 from relay.providers.tool_names import search_as_function, wire_name
 
@@ -114,6 +115,9 @@ class ChatTranscript:
 
     def _add(self, item: dict[str, Any]) -> None:
         kind = item.get("type", "message")
+        if kind == images.ITEM:
+            self._texts.append(images.reference(item))  # not the image (providers.images)
+            return
         if kind in HOSTED_ITEM_TYPES:
             return  # an upstream's hosted call: its results are in the answer's text
         if kind in TOOL_SEARCH_ITEM_TYPES:

@@ -19,6 +19,7 @@ from relay.providers.base import (
     Delta,
     FinishDelta,
     FinishReason,
+    ImageDelta,
     ProviderError,
     ProviderRequest,
     ReasoningDelta,
@@ -31,6 +32,7 @@ from relay.providers.base import (
 )
 from relay.providers.chat_messages import chat_messages_json
 from relay.providers.http_client import HTTPClientError, Response
+from relay.providers.images import from_data_url
 from relay.providers.upstream import DeltaStream, Upstream, error_message, loads
 
 __all__ = ["OpenAIChatProvider", "build"]
@@ -63,6 +65,7 @@ _ANSWER_FIELDS = (
     "refusal",
     "tool_calls",
     "function_call",
+    "images",
 )
 
 
@@ -326,6 +329,8 @@ class _StreamState:
             refusal = delta.get("refusal")
             if isinstance(refusal, str) and refusal:
                 out.append(RefusalDelta(refusal))
+            # Images an image model drew (OpenRouter's `images`), each whole in one chunk.
+            out += [_image(entry) for entry in delta.get("images") or ()]
             calls = list(delta.get("tool_calls") or ())
             if isinstance(delta.get("function_call"), dict):  # the pre-tools wire shape
                 calls.append({"index": 0, "function": delta["function_call"]})
@@ -381,6 +386,21 @@ def _usage(usage: dict[str, Any]) -> UsageDelta:
         cached_tokens=int(prompt_details.get("cached_tokens") or 0),
         reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
     )
+
+
+def _image(entry: Any) -> ImageDelta:
+    """An entry of an answer's `images`: {"type": "image_url", "image_url": {"url":
+    "data:image/png;base64,..."}}."""
+    url = entry.get("image_url") if isinstance(entry, dict) else None
+    if isinstance(url, dict):
+        url = url.get("url")
+    try:
+        result, output_format = from_data_url(url if isinstance(url, str) else "")
+    except ValueError:
+        raise ProviderError(
+            "the upstream answered with an image that is not inline base64 data (a data: URL)"
+        ) from None
+    return ImageDelta(result, output_format)
 
 
 def _logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

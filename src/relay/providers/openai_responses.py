@@ -7,7 +7,9 @@ saw them). Reasoning comes back with the upstream's encrypted content, which Rel
 reasoning item with the deployment's name: it is given back to that deployment only; other
 upstreams get the turn without it (they would refuse it as invalid_encrypted_content).
 Hosted tools the deployment runs (`hosted_tools`) pass through, and their items and events
-come back.
+come back as they come (an image's partial images while it is drawn). Images generated earlier
+go back as short references, but for the latest, to a deployment that runs image_generation
+(relay.providers.images).
 
 The upstream's events become deltas; Relay's builder makes the events the client sees, with
 Relay's own ids and sequence numbers.
@@ -22,11 +24,13 @@ import orjson
 
 from relay.models.deployments import OpenAIResponsesConfig
 from relay.protocol import HOSTED_ITEM_TYPES, TOOL_SEARCH_ITEM_TYPES
+from relay.providers import images
 from relay.providers.base import (
     AnnotationDelta,
     Delta,
     FinishDelta,
     HostedItem,
+    HostedProgress,
     ProviderError,
     ProviderRequest,
     ReasoningDelta,
@@ -62,6 +66,8 @@ _PASSTHROUGH = (
 )
 _INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
 _CLIENT_ITEM_FIELDS = ("id", "status")  # Relay's, meaningless upstream
+# Fields of the upstream's events that Relay makes its own (its ids, its numbering).
+_RENUMBERED = ("type", "sequence_number", "item_id", "output_index")
 
 
 def build(config: OpenAIResponsesConfig) -> OpenAIResponsesProvider:
@@ -161,7 +167,10 @@ class OpenAIResponsesProvider:
         variant = "search" if searching else request.search_function or ""
         key = f"{KIND}:{self._name}:{variant}"
         before = () if history is None else history.derive(key, extend, ())
-        return [*before, *extend((), request.items)]
+        out = [*before, *extend((), request.items)]
+        if any(tool["type"] == "image_generation" for tool in request.hosted_tools):
+            _latest_image_whole(out, request.context())
+        return out
 
     def _item(self, request: ProviderRequest, searching: bool) -> Any:
         origin = self._name
@@ -187,6 +196,8 @@ class OpenAIResponsesProvider:
                     "summary": item.get("summary") or [],
                     "encrypted_content": state["encrypted_content"],
                 }
+            if kind == images.ITEM:
+                return _image_reference(item)
             if kind in HOSTED_ITEM_TYPES:
                 return item  # the upstream's own item, id and status as it made them
             out = {key: value for key, value in item.items() if key not in _CLIENT_ITEM_FIELDS}
@@ -251,13 +262,13 @@ class OpenAIResponsesProvider:
 
 
 class _StreamState:
-    """What one stream remembers between events: calls by output index, hosted items'
-    progress events, whether arguments streamed."""
+    """What one stream remembers between events: calls by output index, whether their
+    arguments streamed, the hosted items open."""
 
     def __init__(self, origin: str) -> None:
         self._origin = origin
         self._calls: dict[int, bool] = {}  # output index -> arguments streamed
-        self._progress: dict[str, list[str]] = {}
+        self._hosted: set[str] = set()  # the ids of the hosted items opened, not yet done
         self.finished = False
 
     def opening(self, event: dict[str, Any]) -> bool:
@@ -282,7 +293,10 @@ class _StreamState:
                 index = int(event["output_index"])
                 self._calls[index] = False
                 return [ToolCallDelta(index=index, name=item["name"], call_id=item.get("call_id"))]
-            return []
+            if item.get("type") in _OWN_ITEMS:
+                return []
+            self._hosted.add(item.get("id", ""))
+            return [HostedItem(item, done=False)]
         if kind == "response.function_call_arguments.delta":
             index = int(event["output_index"])
             self._calls[index] = True
@@ -292,10 +306,11 @@ class _StreamState:
         if kind in ("response.completed", "response.incomplete"):
             self.finished = True
             return self._closing(event["response"])
-        if kind.endswith(("_call.in_progress", "_call.searching", "_call.completed")) or (
-            kind.endswith(("_call.interpreting", "_call.generating"))
-        ):
-            self._progress.setdefault(event.get("item_id", ""), []).append(kind)
+        item_id = event.get("item_id")
+        if item_id in self._hosted:
+            # A hosted item's progress, its data included (partial images).
+            fields = {key: value for key, value in event.items() if key not in _RENUMBERED}
+            return [HostedProgress(item_id, kind, fields)]
         return []
 
     def closing(self) -> list[Delta]:
@@ -322,7 +337,8 @@ class _StreamState:
             return []
         if kind in ("message", None):
             return []
-        return [HostedItem(item, self._progress.pop(item.get("id", ""), []))]
+        self._hosted.discard(item.get("id", ""))
+        return [HostedItem(item)]
 
     def _closing(self, response: dict[str, Any]) -> list[Delta]:
         usage = response.get("usage") or {}
@@ -375,6 +391,34 @@ class _StreamState:
                 out += self._item_done(index, item)
         self.finished = True
         return out + self._closing(answer)
+
+
+# Items whose events become text, reasoning and call deltas; any other is a hosted item.
+_OWN_ITEMS = frozenset({"message", "reasoning", None})
+
+
+def _image_reference(item: dict[str, Any]) -> dict[str, Any]:
+    """An image generated earlier as the upstream reads it: the assistant's short note of
+    it, not the image."""
+    text = images.reference(item)
+    return {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+
+
+def _latest_image_whole(out: list[dict[str, Any]], context: list[dict[str, Any]]) -> None:
+    """The context's latest image whole, in place of its reference: the upstream runs
+    image_generation, and an edit ("make it darker") needs the pixels."""
+    latest = next((item for item in reversed(context) if item.get("type") == images.ITEM), None)
+    if latest is None or not latest.get("result"):
+        return
+    reference = _image_reference(latest)
+    for index in range(len(out) - 1, -1, -1):
+        if out[index] == reference:
+            out[index] = latest
+            return
 
 
 def _function(tool: dict[str, Any], searching: bool) -> dict[str, Any]:
