@@ -33,6 +33,7 @@ from relay.engine.context import (
 )
 from relay.engine.history import HistoryCache
 from relay.engine.prepared import Prepared
+from relay.engine.prompts import PromptTemplates, apply_prompt
 from relay.engine.response import new_response
 from relay.engine.tool_loop import ToolLoop, ToolRuntime, TurnFailed
 from relay.errors import (
@@ -412,6 +413,7 @@ class Engine:
         hosted_tools: str = "omit",
         conversations: ConversationStore | None = None,
         tools: ToolRuntime | None = None,
+        prompt_templates: PromptTemplates | None = None,
     ) -> None:
         self.registry = registry
         # Server-side tools (None: none run here): which hosted tool types Relay runs.
@@ -422,6 +424,7 @@ class Engine:
                 server_tools.RUNNABLE if tools.search is not None else frozenset({"mcp"})
             )
         self.conversations = conversations
+        self.prompt_templates = prompt_templates
         self.hosted_tools = hosted_tools
         self.store = store
         self.sealer = sealer
@@ -492,7 +495,7 @@ class Engine:
             raise
         tools, history, items = prepared.tools, prepared.history, prepared.items
         response = new_response(
-            request,
+            prepared.request,  # with its prompt template applied
             response_id=response_id or new_id("resp"),
             model=model,
             created_at=created_at or int(time.time()),
@@ -608,7 +611,7 @@ class Engine:
         tracing.asked(request, session_id)
         prepared = await self._prepare(request, tenant, None)
         response = new_response(
-            request,
+            prepared.request,  # with its prompt template applied
             response_id=new_id("resp"),
             model=prepared.route.model,
             created_at=int(time.time()),
@@ -643,8 +646,9 @@ class Engine:
         tracing.asked(request)
         prepared = await self._prepare(request, tenant, None)
         instructions = compaction.PROMPT
-        if request.instructions:
-            instructions += f"\n\nThe conversation's own instructions:\n{request.instructions}"
+        own = prepared.request.instructions  # with its prompt template's
+        if own:
+            instructions += f"\n\nThe conversation's own instructions:\n{own}"
         ask = {"type": "message", "role": "user", "content": compaction.REQUEST}
         summarising = CreateResponse(
             model=request.model,
@@ -702,6 +706,7 @@ class Engine:
         history = continuing or await self._context(request, tenant)
         items = await resolve_references(self.store, tenant, items)
         check_tool_outputs(history, items)
+        request, items = await apply_prompt(self.prompt_templates, request, tenant, items)
         # After the context: the tools that tool search loaded in it can be called too.
         none: _Loaded = ()
         earlier = none if history is None else history.derive("searched", _searched, none)
