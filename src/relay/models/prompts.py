@@ -1,11 +1,11 @@
-"""Prompt templates: what a version holds, its `{{variable}}` placeholders, and how a
+r"""Prompt templates: what a version holds, its `{{variable}}` placeholders, and how a
 request's variables fill them in (relay.engine.prompts applies the result to a request).
 
 A placeholder is `{{name}}`: a name of ASCII letters, digits and underscores, not starting
 with a digit, at most 64 characters, with spaces or tabs allowed inside the braces
 (`{{ name }}`). Names are case-sensitive. Any other `{{` is plain text (JSON, another
 template language's syntax), and a backslash before a placeholder makes it plain text too
-(`\\{{name}}` is sent as `{{name}}`). Placeholders are read in the instructions, in a
+(`\{{name}}` is sent as `{{name}}`). Placeholders are read in the instructions, in a
 message's string content and in the text of its `input_text` / `output_text` parts.
 
 A version's variables are exactly the names its placeholders use, so no template can hold a
