@@ -38,6 +38,7 @@ from openai.types.responses import (
     ResponseMcpListToolsInProgressEvent,
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
+    ResponsePrompt,
     ResponseToolSearchCall,
     ResponseToolSearchOutputItem,
     ResponseWebSearchCallCompletedEvent,
@@ -139,6 +140,9 @@ def _response_view(response: dict[str, Any]) -> dict[str, Any]:
         _HOSTED_TOOLS[tool["type"]].model_validate(tool)
     if hosted:
         response = {**response, "tools": [t for t in response["tools"] if t not in hosted]}
+    if response.get("prompt") is not None:
+        # OpenAI's field, which the contract does not have: checked as the SDK types it.
+        ResponsePrompt.model_validate(response["prompt"])
     output = [item for item in response["output"] if item.get("type") not in _HOSTED_ITEMS]
     for item in response["output"]:
         if item.get("type") in _HOSTED_ITEMS:

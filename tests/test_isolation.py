@@ -2,8 +2,9 @@
 Only the project that owns a row ever sees it (any of its keys); every other caller gets the
 404 an unknown id gets, and a caller whose key is not good gets 401 before anything is read.
 
-Responses (GET, DELETE, input_items, cancel, previous_response_id) and conversations (GET,
-update, items, an item, the `conversation` parameter, DELETE).
+Responses (GET, DELETE, input_items, cancel, previous_response_id), conversations (GET,
+update, items, an item, the `conversation` parameter, DELETE) and prompt templates (the
+`prompt` parameter; on the admin API, a template asked for under another project).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class World:
     response_id: str  # created by `owner` in project `home` (a background response)
     conversation_id: str  # likewise, with one item
     item_id: str
+    prompt_id: str  # a prompt template of `home`
     home: str
     elsewhere: str  # another project the owner's key may pick
     callers: dict[str, dict[str, str]]  # name -> headers
@@ -53,6 +55,8 @@ def world(database_url: str) -> Iterator[World]:
                 "id"
             ]
         admin.revoke(revoked_id)
+        template = {"name": "mine", "instructions": "Be {{mood}}."}
+        prompt_id = admin.call("POST", f"/projects/{home}/prompts", template)["id"]
         bearer = "authorization"
         callers = {
             "owner": {bearer: f"Bearer {owner}"},
@@ -67,10 +71,18 @@ def world(database_url: str) -> Iterator[World]:
             "no key": {},
         }
         yield World(
-            url, created.json()["id"], conversation["id"], item_id, home, elsewhere, callers
+            url,
+            created.json()["id"],
+            conversation["id"],
+            item_id,
+            prompt_id,
+            home,
+            elsewhere,
+            callers,
         )
 
 
+UNKNOWN_PROMPT = "pmpt_" + "0" * 48
 SEES = {"owner", "same project, another key"}
 NOT_FOUND = {"same key, another project", "another key's project", "a config file key"}
 UNAUTHENTICATED = {
@@ -93,6 +105,7 @@ ENDPOINTS = [
     "conversation parameter",
     "conversation item DELETE",
     "conversation DELETE",
+    "prompt parameter",
     "DELETE",
 ]
 
@@ -100,6 +113,7 @@ ENDPOINTS = [
 def _call(http: httpx.Client, endpoint: str, world: World, unknown: bool = False) -> httpx.Response:
     response_id = "resp_" + "0" * 48 if unknown else world.response_id
     conversation = "conv_" + "0" * 48 if unknown else world.conversation_id
+    prompt = {"id": UNKNOWN_PROMPT if unknown else world.prompt_id, "variables": {"mood": "kind"}}
     at = f"/v1/conversations/{conversation}"
     say = {"type": "message", "role": "user", "content": "hi"}
     calls = {
@@ -114,6 +128,9 @@ def _call(http: httpx.Client, endpoint: str, world: World, unknown: bool = False
         ),
         "conversation item DELETE": lambda: http.delete(f"{at}/items/{world.item_id}"),
         "conversation DELETE": lambda: http.delete(at),
+        "prompt parameter": lambda: http.post(
+            "/v1/responses", json={"model": "fake-text", "input": "x", "prompt": prompt}
+        ),
     }
     if endpoint in calls:
         return calls[endpoint]()
@@ -162,6 +179,7 @@ def test_only_the_owning_project_sees_a_response(
             expected["message"]
             .replace("resp_" + "0" * 48, world.response_id)
             .replace("conv_" + "0" * 48, world.conversation_id)
+            .replace(UNKNOWN_PROMPT, world.prompt_id)
         )
         assert (answer.status_code, error) == (unknown.status_code, expected)
         assert answer.status_code in (400, 404)
@@ -209,7 +227,17 @@ def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
     ],
 )
 @pytest.mark.parametrize(
-    "path", ["/projects", "/keys", "/usage", "/audit_log", "/projects/x", "/keys/key_x"]
+    "path",
+    [
+        "/projects",
+        "/keys",
+        "/usage",
+        "/audit_log",
+        "/projects/x",
+        "/keys/key_x",
+        "/projects/x/prompts",
+        "/projects/x/prompts/pmpt_x",
+    ],
 )
 def test_client_keys_never_open_the_admin_plane(
     world: World, headers: dict[str, str], code: str, path: str
@@ -217,6 +245,35 @@ def test_client_keys_never_open_the_admin_plane(
     answer = httpx.get(f"{world.url}/admin/v1{path}", headers=headers)
     assert answer.status_code == 401
     assert answer.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize("under", ["elsewhere", "proj_unknown"])
+def test_the_admin_api_finds_a_template_only_under_its_project(world: World, under: str) -> None:
+    """A template asked for under another project, or one that does not exist, is the 404
+    an unknown id gets there, whatever is asked; and nothing changes."""
+    project = world.elsewhere if under == "elsewhere" else under
+    with AdminClient(world.url) as admin:
+        for method, more, body in (
+            ("GET", "", None),
+            ("GET", "?version=1", None),
+            ("POST", "/versions", {"instructions": "Taken over."}),
+            ("DELETE", "", None),
+        ):
+            answers = [
+                admin.http.request(
+                    method, f"/admin/v1/projects/{project}/prompts/{prompt_id}{more}", json=body
+                )
+                for prompt_id in (world.prompt_id, UNKNOWN_PROMPT)
+            ]
+            errors = [answer.json()["error"] for answer in answers]
+            errors[1]["message"] = errors[1]["message"].replace(UNKNOWN_PROMPT, world.prompt_id)
+            assert [answer.status_code for answer in answers] == [404, 404]
+            assert errors[0] == errors[1] and errors[0]["code"] == "prompt_not_found"
+        if under == "elsewhere":
+            listed = admin.call("GET", f"/projects/{project}/prompts")["data"]
+            assert world.prompt_id not in [entry["id"] for entry in listed]
+        mine = admin.call("GET", f"/projects/{world.home}/prompts/{world.prompt_id}")
+    assert (mine["latest_version"], mine["status"]) == ("1", "active")
 
 
 def test_a_database_key_never_opens_the_admin_plane(world: World) -> None:

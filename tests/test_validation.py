@@ -175,10 +175,17 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str | None]] = [
     ),
     (
         {"model": "fake-text", "input": "x", "prompt": {"id": "pmpt_1"}},
-        400,
-        "prompt",
-        "unsupported_parameter",
+        404,
+        "prompt.id",
+        "prompt_not_found",
     ),
+    (
+        {"model": "fake-text", "input": "x", "prompt": {"id": "pmpt_1", "version": 1}},
+        400,
+        "prompt.version",
+        "invalid_value",
+    ),
+    ({"model": "fake-text", "input": "x", "prompt": "pmpt_1"}, 400, "prompt", "invalid_value"),
     (
         {"model": "fake-text", "input": "x", "provider": {"only": ["a"]}},
         400,

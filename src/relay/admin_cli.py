@@ -63,6 +63,41 @@ def _policy(args: argparse.Namespace) -> dict[str, Any]:
     return policy
 
 
+def _text_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error}") from None
+
+
+def _messages_file(path: str) -> list[Any]:
+    try:
+        messages = orjson.loads(_text_file(path))
+    except orjson.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{path} does not hold JSON") from None
+    if not isinstance(messages, list):
+        raise argparse.ArgumentTypeError(f"{path} must hold a JSON list of messages")
+    return messages
+
+
+def _content_flags(parser: argparse.ArgumentParser) -> None:
+    """A template version's content: its instructions, and its messages from a JSON file
+    (`[{"role": "user", "content": "..."}]`); `{{name}}` placeholders in either."""
+    instructions = parser.add_mutually_exclusive_group()
+    instructions.add_argument("--instructions", help="the instructions")
+    instructions.add_argument(
+        "--instructions-file", dest="instructions", type=_text_file, help="... read from a file"
+    )
+    parser.add_argument(
+        "--messages-file", dest="messages", type=_messages_file, help="a JSON list of messages"
+    )
+
+
+def _content(args: argparse.Namespace) -> dict[str, Any]:
+    content = {"instructions": args.instructions, "messages": args.messages}
+    return {field: value for field, value in content.items() if value is not None}
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="relay admin", description="Administer Relay.")
     root.add_argument("--config", type=Path, help="TOML config file (env vars override it)")
@@ -101,6 +136,28 @@ def parser() -> argparse.ArgumentParser:
     update.add_argument("--name")
     _policy_flags(update, unset=True)
     key.add_parser("revoke", help="revoke a key").add_argument("id")
+
+    prompt = nouns.add_parser("prompt", help="a project's prompt templates").add_subparsers(
+        dest="verb", required=True
+    )
+    create = prompt.add_parser("create", help="create a template (its version 1)")
+    create.add_argument("name")
+    create.add_argument("--project", required=True)
+    _content_flags(create)
+    prompt.add_parser("list", help="list a project's templates").add_argument(
+        "--project", required=True
+    )
+    show = prompt.add_parser("show", help="show a template's latest version, or --version")
+    show.add_argument("id")
+    show.add_argument("--project", required=True)
+    show.add_argument("--version")
+    version = prompt.add_parser("version", help="add a version (earlier ones never change)")
+    version.add_argument("id")
+    version.add_argument("--project", required=True)
+    _content_flags(version)
+    archive = prompt.add_parser("archive", help="archive a template (requests naming it fail)")
+    archive.add_argument("id")
+    archive.add_argument("--project", required=True)
 
     usage = nouns.add_parser("usage", help="usage and cost, summed")
     usage.add_argument("--group-by", default="day", help=f"comma-separated: {', '.join(GROUPS)}")
@@ -153,6 +210,15 @@ async def _run(args: argparse.Namespace, db: Database) -> Any:
             },
         ),
         ("key", "revoke"): lambda: admin.revoke_key(actor, args.id),
+        ("prompt", "create"): lambda: admin.create_prompt(
+            actor, args.project, {"name": args.name, **_content(args)}
+        ),
+        ("prompt", "list"): lambda: admin.list_prompts(args.project, None, 100),
+        ("prompt", "show"): lambda: admin.get_prompt(args.project, args.id, args.version),
+        ("prompt", "version"): lambda: admin.add_prompt_version(
+            actor, args.project, args.id, _content(args)
+        ),
+        ("prompt", "archive"): lambda: admin.archive_prompt(actor, args.project, args.id),
         ("usage", None): lambda: Ledger(db).report(
             [name for name in args.group_by.split(",") if name],
             project=args.project,

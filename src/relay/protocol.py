@@ -617,6 +617,15 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None
 
 
+class PromptReference(_Strict):
+    """A stored prompt template of the project, by id, and the values of its variables
+    (relay.engine.prompts); `version` None: the latest."""
+
+    id: str = Field(pattern=ID_PATTERN)
+    version: str | None = Field(default=None, max_length=64)
+    variables: dict[str, str | InputPart] | None = None
+
+
 # The request -----------------------------------------------------------------------------------
 
 
@@ -685,7 +694,7 @@ class CreateResponse(BaseModel):
     plugins: list[dict[str, Any]] | None = None
     modalities: list[Literal["text", "image"]] | None = None
     image_config: dict[str, str | float] | None = None
-    prompt: dict[str, Any] | None = None
+    prompt: PromptReference | None = None
     background: bool | None = None
     context_management: list[ContextManagement] | None = Field(default=None, max_length=1)
 

@@ -1,5 +1,6 @@
-"""Admin operations on projects and keys, shared by the admin API and `relay admin`. Each
-change writes its audit row in the same transaction (who, what, when; never a key)."""
+"""Admin operations on projects, keys and prompt templates, shared by the admin API and
+`relay admin`. Each change writes its audit row in the same transaction (who, what, when;
+never a key)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from relay.access.keys import KEY_PREFIX, digest, new_key
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import new_id
 from relay.models.policy import NO_POLICY, Policy
+from relay.models.prompts import MAX_TEMPLATE_BYTES, TemplateContent
+from relay.storage import prompts
 from relay.storage.database import Database
 from relay.storage.tables import api_keys, audit_log, projects
 
@@ -58,6 +61,10 @@ class KeyUpdate(BaseModel):
     models: list[str] | None = None
     policy: dict[str, Any] | None = None
     expires_at: int | None = Field(default=None, ge=0, le=MAX_TIME)
+
+
+class PromptCreate(TemplateContent):
+    name: str = Field(min_length=1, max_length=200)
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:
@@ -128,6 +135,20 @@ def _project_row(conn: Connection, project_id: str) -> Any:
     if row is None:
         raise NotFound(f"Project '{project_id[:100]}' not found.", code="project_not_found")
     return row
+
+
+def _template(spec: TemplateContent) -> dict[str, Any]:
+    """A version's content as stored, within its size bound."""
+    content = spec.stored()
+    if not content["instructions"] and not content["messages"]:
+        raise InvalidRequest(
+            "A prompt template needs instructions or messages.", param="instructions"
+        )
+    if len(orjson.dumps(content)) > MAX_TEMPLATE_BYTES:
+        raise InvalidRequest(
+            f"A prompt template may hold at most {MAX_TEMPLATE_BYTES} bytes of JSON."
+        )
+    return content
 
 
 def _key_row(conn: Connection, key_id: str) -> Any:
@@ -301,6 +322,62 @@ class Admin:
                 )
                 _audit(conn, actor, "key.revoked", key_id, {})
             return key_view(_key_row(conn, key_id))
+
+        return await self.db.write(work)
+
+    async def create_prompt(self, actor: str, project_id: str, body: Any) -> dict[str, Any]:
+        """A new template of the project, at version 1."""
+        spec: PromptCreate = parse(PromptCreate, body)
+        content = _template(spec)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            if _project_row(conn, project_id).archived_at is not None:
+                raise InvalidRequest(
+                    f"Project '{project_id}' is archived.", code="project_archived"
+                )
+            prompt_id = prompts.create(conn, project_id, spec.name, content)
+            view = prompts.view(conn, project_id, prompt_id)
+            detail = {"project_id": project_id, "name": spec.name, "version": "1"}
+            _audit(conn, actor, "prompt.created", prompt_id, detail)
+            return view
+
+        return await self.db.write(work)
+
+    async def list_prompts(self, project_id: str, after: str | None, limit: int) -> dict[str, Any]:
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            _project_row(conn, project_id)
+            return prompts.page(conn, project_id, after, limit)
+
+        return page(await self.db.read(work), limit)
+
+    async def get_prompt(
+        self, project_id: str, prompt_id: str, version: str | None
+    ) -> dict[str, Any]:
+        """A version of the project's template (the latest when `version` is None)."""
+        return await self.db.read(lambda conn: prompts.view(conn, project_id, prompt_id, version))
+
+    async def add_prompt_version(
+        self, actor: str, project_id: str, prompt_id: str, body: Any
+    ) -> dict[str, Any]:
+        """The template's next version: earlier ones never change."""
+        content = _template(parse(TemplateContent, body))
+
+        def work(conn: Connection) -> dict[str, Any]:
+            version = str(prompts.add_version(conn, project_id, prompt_id, content))
+            detail = {"project_id": project_id, "version": version}
+            _audit(conn, actor, "prompt.version_created", prompt_id, detail)
+            return prompts.view(conn, project_id, prompt_id, version)
+
+        return await self.db.write(work)
+
+    async def archive_prompt(self, actor: str, project_id: str, prompt_id: str) -> dict[str, Any]:
+        """Archived, not deleted: its versions stay readable here; requests naming it are
+        refused."""
+
+        def work(conn: Connection) -> dict[str, Any]:
+            if prompts.archive(conn, project_id, prompt_id):
+                _audit(conn, actor, "prompt.archived", prompt_id, {"project_id": project_id})
+            return prompts.view(conn, project_id, prompt_id)
 
         return await self.db.write(work)
 

@@ -1,5 +1,6 @@
 """The admin API under /admin/v1, behind X-Admin-Key (see relay.api.auth): projects, keys,
-limits and budgets (a project's or key's `policy`), usage, and the audit log."""
+limits and budgets (a project's or key's `policy`), a project's prompt templates, usage, and
+the audit log."""
 
 from __future__ import annotations
 
@@ -113,6 +114,45 @@ async def revoke_key(request: Request, actor: str) -> Response:
     return _changed(request, await _admin(request).revoke_key(actor, key_id))
 
 
+async def create_prompt(request: Request, actor: str) -> Response:
+    project_id = request.path_params["project_id"]
+    created = await _admin(request).create_prompt(actor, project_id, await _body(request))
+    return _json(created, 201)
+
+
+async def list_prompts(request: Request, actor: str) -> Response:
+    project_id = request.path_params["project_id"]
+    after = request.query_params.get("after")
+    return _json(await _admin(request).list_prompts(project_id, after, _limit(request)))
+
+
+async def get_prompt(request: Request, actor: str) -> Response:
+    """The latest version, or the one `version` names."""
+    project_id, prompt_id = request.path_params["project_id"], request.path_params["prompt_id"]
+    version = request.query_params.get("version")
+    return _json(await _admin(request).get_prompt(project_id, prompt_id, version))
+
+
+def _prompt_changed(request: Request, result: dict[str, Any], status: int = 200) -> Response:
+    """The answer to a change of a template's latest version or state: this process forgets
+    what it trusted of them at once (other instances within key_cache_s)."""
+    request.app.state.prompt_templates.forget()
+    return _json(result, status)
+
+
+async def add_prompt_version(request: Request, actor: str) -> Response:
+    project_id, prompt_id = request.path_params["project_id"], request.path_params["prompt_id"]
+    admin, body = _admin(request), await _body(request)
+    added = await admin.add_prompt_version(actor, project_id, prompt_id, body)
+    return _prompt_changed(request, added, 201)
+
+
+async def archive_prompt(request: Request, actor: str) -> Response:
+    project_id, prompt_id = request.path_params["project_id"], request.path_params["prompt_id"]
+    archived = await _admin(request).archive_prompt(actor, project_id, prompt_id)
+    return _prompt_changed(request, archived)
+
+
 async def usage(request: Request, actor: str) -> Response:
     """Usage summed by `group_by` (repeat it, or comma-separate: day, model, route,
     deployment, key, project), filtered by project_id, key_id, start and end (days,
@@ -157,6 +197,11 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/keys/{key_id}", get_key, "GET"),
     ("/keys/{key_id}", update_key, "POST"),
     ("/keys/{key_id}", revoke_key, "DELETE"),
+    ("/projects/{project_id}/prompts", create_prompt, "POST"),
+    ("/projects/{project_id}/prompts", list_prompts, "GET"),
+    ("/projects/{project_id}/prompts/{prompt_id}", get_prompt, "GET"),
+    ("/projects/{project_id}/prompts/{prompt_id}/versions", add_prompt_version, "POST"),
+    ("/projects/{project_id}/prompts/{prompt_id}", archive_prompt, "DELETE"),
     ("/usage", usage, "GET"),
     ("/audit_log", audit_log, "GET"),
 ]

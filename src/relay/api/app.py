@@ -20,6 +20,7 @@ from relay.access.gate import Access, Credentials
 from relay.api import errors
 from relay.api.routes import routes
 from relay.config import Settings
+from relay.engine.prompts import PromptTemplates
 from relay.engine.run import Engine
 from relay.engine.tool_loop import ToolRuntime
 from relay.observe import MULTIPROCESS_DIR, tracing
@@ -160,6 +161,7 @@ async def _start(
     access = Access(settings, kept.credentials, store.db, metrics)
     supervisor.closes("access", access.aclose)
     conversations = ConversationStore(store.db, settings.run_lease_s)
+    prompt_templates = PromptTemplates(store.db, settings.key_cache_s)
     tools = _tool_runtime(settings, access, metrics)
     supervisor.closes("tools", tools.aclose)
     if settings.tools.mcp.allowed_servers:
@@ -174,6 +176,7 @@ async def _start(
         hosted_tools=settings.hosted_tools,
         conversations=conversations,
         tools=tools,
+        prompt_templates=prompt_templates,
     )
     supervisor.closes("engine", engine.aclose)
     runner = Runner(
@@ -209,6 +212,7 @@ async def _start(
     app.state.runner = runner
     app.state.access = access
     app.state.admin = Admin(store.db)
+    app.state.prompt_templates = prompt_templates
     app.state.metrics = metrics
     log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
 

@@ -365,12 +365,6 @@ def check_request(request: CreateResponse) -> None:
             "background: true.",
             param="background",
         )
-    if request.prompt is not None:
-        raise InvalidRequest(
-            "Stored prompt templates are not supported; send instructions and input instead.",
-            param="prompt",
-            code="unsupported_parameter",
-        )
     fmt = request.text.format if request.text is not None else None
     if isinstance(fmt, TextFormatJsonSchema):
         check_json_schema(fmt.schema_, "text.format.schema")
@@ -384,7 +378,12 @@ def check_request(request: CreateResponse) -> None:
                 f"Unknown include value '{value}'. Supported: {sorted(KNOWN_INCLUDES)}",
                 param=f"include[{index}]",
             )
-    if request.input in (None, []) and request.previous_response_id is None:
+    # A prompt template's messages may be the input (relay.engine.prompts checks that).
+    if (
+        request.input in (None, [])
+        and request.previous_response_id is None
+        and request.prompt is None
+    ):
         raise InvalidRequest(
             "Missing required parameter: 'input'.",
             param="input",

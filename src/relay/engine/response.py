@@ -9,6 +9,7 @@ from relay.protocol import (
     CreateResponse,
     CustomChoice,
     FunctionChoice,
+    PromptReference,
     TextFormatJsonSchema,
 )
 
@@ -62,6 +63,16 @@ def echo_text(request: CreateResponse, *, echo_json_schema: bool = True) -> dict
     return {"format": fmt, "verbosity": verbosity}
 
 
+def echo_prompt(prompt: PromptReference) -> dict[str, Any]:
+    """The prompt as OpenAI echoes it: its variables as given (an image's `detail` "auto"
+    where none was), its version the one used."""
+    variables = prompt.model_dump(mode="json", exclude_none=True).get("variables")
+    for value in (variables or {}).values():
+        if isinstance(value, dict) and value["type"] == "input_image":
+            value.setdefault("detail", "auto")
+    return {"id": prompt.id, "variables": variables, "version": prompt.version}
+
+
 def new_response(
     request: CreateResponse,
     *,
@@ -75,7 +86,7 @@ def new_response(
 ) -> dict[str, Any]:
     """The in_progress snapshot that response.created carries; the run fills in the rest."""
     service_tier = request.service_tier
-    return {
+    response = {
         "id": response_id,
         "object": "response",
         "created_at": created_at,
@@ -112,6 +123,9 @@ def new_response(
         "session_id": session_id,
         "output_text": "",
     }
+    if request.prompt is not None:  # OpenAI's field; the Open Responses contract has none
+        response["prompt"] = echo_prompt(request.prompt)
+    return response
 
 
 def output_text(output: list[dict[str, Any]]) -> str:

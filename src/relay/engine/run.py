@@ -33,6 +33,7 @@ from relay.engine.context import (
 )
 from relay.engine.history import HistoryCache
 from relay.engine.prepared import Prepared
+from relay.engine.prompts import PromptTemplates, apply_prompt
 from relay.engine.response import new_response
 from relay.engine.tool_loop import ToolLoop, ToolRuntime, TurnFailed
 from relay.errors import (
@@ -420,12 +421,14 @@ class Engine:
         hosted_tools: str = "omit",
         conversations: ConversationStore | None = None,
         tools: ToolRuntime | None = None,
+        prompt_templates: PromptTemplates | None = None,
     ) -> None:
         self.registry = registry
         # Server-side tools (None: none run here): which hosted tool types Relay runs.
         self.tools = tools
         self._server_runs: frozenset[str] = frozenset() if tools is None else tools.runs
         self.conversations = conversations
+        self.prompt_templates = prompt_templates
         self.hosted_tools = hosted_tools
         self.store = store
         self.sealer = sealer
@@ -506,7 +509,7 @@ class Engine:
             raise
         tools, history, items = prepared.tools, prepared.history, prepared.items
         response = new_response(
-            request,
+            prepared.request,  # with its prompt template applied
             response_id=response_id or new_id("resp"),
             model=model,
             created_at=created_at or int(time.time()),
@@ -627,7 +630,7 @@ class Engine:
         tracing.asked(request, session_id)
         prepared = await self._prepare(request, tenant, None)
         response = new_response(
-            request,
+            prepared.request,  # with its prompt template applied
             response_id=new_id("resp"),
             model=prepared.route.model,
             created_at=int(time.time()),
@@ -661,8 +664,9 @@ class Engine:
         a shorter window by the route's model (see `relay.engine.compaction`)."""
         tracing.asked(request)
         prepared = await self._prepare(request, tenant, None)
+        # The request as prepared: with its prompt template's instructions.
         summary = await self._summarise(
-            request, tenant, prepared.context(), on_settled=on_settled, key_id=key_id
+            prepared.request, tenant, prepared.context(), on_settled=on_settled, key_id=key_id
         )
         context = (
             prepared.items if prepared.history is None else prepared.history.items + prepared.items
@@ -767,6 +771,7 @@ class Engine:
         history = continuing or await self._context(request, tenant)
         items = await resolve_references(self.store, tenant, items)
         check_tool_outputs(history, items)
+        request, items = await apply_prompt(self.prompt_templates, request, tenant, items)
         # After the context: the tools that tool search loaded in it can be called too.
         none: _Loaded = ()
         earlier = none if history is None else history.derive("searched", _searched, none)

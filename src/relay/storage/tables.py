@@ -246,3 +246,34 @@ sealing_key = Table(
     Column("configured", Boolean, nullable=False),  # from sealing_keys, or generated
     Column("registered_at", BigInteger, nullable=False),
 )
+
+# --- Prompt templates (relay.storage.prompts) ------------------------------------------------
+# A template belongs to a project; its versions (1, 2, ...) never change once written, so a
+# process may keep any version it read. `latest_version` and `archived_at` are what change.
+
+prompt_templates = Table(
+    "prompt_templates",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("project_id", String, ForeignKey("projects.id"), nullable=False),
+    Column("name", String, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("archived_at", BigInteger, nullable=True),
+    Column("latest_version", Integer, nullable=False),
+    Index(None, "project_id", "id"),
+)
+
+prompt_template_versions = Table(
+    "prompt_template_versions",
+    metadata,
+    Column(
+        "prompt_id",
+        String,
+        ForeignKey("prompt_templates.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("version", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("content", Text, nullable=False),  # JSON: instructions and messages
+    PrimaryKeyConstraint("prompt_id", "version"),
+)
