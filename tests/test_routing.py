@@ -103,6 +103,12 @@ def routes(upstream: ChatUpstream) -> list[RouteConfig]:
             "model": "kinds",
             "deployments": [chat(upstream, "echoing", "echo"), fake("scripted")],
         },
+        {
+            # A chat upstream that answers after a second: its throughput is measured (a
+            # stream over in under 5 ms is not, whichever deployment it is), and low.
+            "model": "speeds",
+            "deployments": [chat(upstream, "waiting", "slow_headers"), fake("instant")],
+        },
     ]
     return [RouteConfig.model_validate(route) for route in spec]
 
@@ -346,8 +352,7 @@ def test_a_deployment_whose_key_is_refused_gives_way(
 
 
 def test_sort_by_throughput_uses_what_was_measured(client: httpx.Client) -> None:
-    for _ in range(3):
-        answered_by(client, "kinds", provider={"order": ["echoing"]})
-        answered_by(client, "kinds", provider={"order": ["scripted"]})
-    # The fake yields its words at once; the chat upstream's come over HTTP.
-    assert answered_by(client, "kinds", provider={"sort": "throughput"}) == "scripted"
+    answered_by(client, "speeds", provider={"order": ["waiting"]})
+    answered_by(client, "speeds", provider={"order": ["instant"]})
+    # The fake yields its words at once; the chat upstream's come a second late.
+    assert answered_by(client, "speeds", provider={"sort": "throughput"}) == "instant"

@@ -9,7 +9,6 @@ Plain pydantic only: `relay serve`'s supervisor reads these without loading any 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from relay.models.endpoints import checked_url, key_from
 from relay.models.policy import Price
 
 DEFAULT_KIND = "openai_chat"
@@ -76,24 +76,11 @@ class _HTTPDeployment(DeploymentBase):
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
         # Checked here, not when the first request fails: a scheme Relay's client cannot
-        # speak is a configuration error. The URL itself is not repeated (it may hold a
-        # password).
-        if url is None:
-            return None
-        scheme, separator, rest = url.partition("://")
-        if scheme.lower() not in ("http", "https") or not separator:
-            raise ValueError("must begin with http:// or https://")
-        if not rest.partition("/")[0].rpartition("@")[2]:
-            raise ValueError("names no host")
-        return url
+        # speak is a configuration error.
+        return None if url is None else checked_url(url)
 
     def api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        value = os.environ.get(self.api_key_env)
-        if not value:
-            raise ValueError(f"environment variable {self.api_key_env} is not set")
-        return value
+        return None if self.api_key_env is None else key_from(self.api_key_env)
 
 
 class OpenAIChatConfig(_HTTPDeployment):

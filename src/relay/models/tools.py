@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from relay.models.endpoints import checked_url, key_from
 from relay.models.policy import MAX_USD
 from relay.models.web_search import WebSearchConfig
 
@@ -65,22 +65,10 @@ class ImagesSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        # Refused here rather than at the first image; the URL is not repeated (it may hold
-        # a password).
-        scheme, separator, rest = url.partition("://")
-        if scheme.lower() not in ("http", "https") or not separator:
-            raise ValueError("must begin with http:// or https://")
-        if not rest.partition("/")[0].rpartition("@")[2]:
-            raise ValueError("names no host")
-        return url
+        return checked_url(url)
 
     def api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        value = os.environ.get(self.api_key_env)
-        if not value:
-            raise ValueError(f"environment variable {self.api_key_env} is not set")
-        return value
+        return None if self.api_key_env is None else key_from(self.api_key_env)
 
 
 class ToolSettings(BaseModel):

@@ -8,12 +8,11 @@ holds one, read when the backend is built (as a deployment's is).
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from relay.models.endpoints import checked_url, key_from
 from relay.models.policy import MAX_USD
 
 BACKENDS = ("searxng", "brave", "tavily")
@@ -35,16 +34,7 @@ class _SearchBase(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        # Refused here rather than at the first search; the URL is not repeated (it may hold
-        # a password).
-        scheme, separator, rest = url.partition("://")
-        if scheme.lower() not in ("http", "https") or not separator:
-            raise ValueError("must begin with http:// or https://")
-        if not rest.partition("/")[0].rpartition("@")[2]:
-            raise ValueError("names no host")
-        if urlsplit(url).port == 0:  # reading it raises on a port that is no number, or > 65535
-            raise ValueError("names port 0")
-        return url
+        return checked_url(url)
 
     def api_key(self) -> str | None:
         return None
@@ -56,10 +46,7 @@ class _KeyedSearch(_SearchBase):
     api_key_env: str = Field(min_length=1)
 
     def api_key(self) -> str:
-        value = os.environ.get(self.api_key_env)
-        if not value:
-            raise ValueError(f"environment variable {self.api_key_env} is not set")
-        return value
+        return key_from(self.api_key_env)
 
 
 class SearxngConfig(_SearchBase):
