@@ -9,18 +9,19 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, and_, insert, or_, select, update
 
 from relay.access.keys import KEY_PREFIX, digest, new_key
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import new_id
 from relay.models.policy import NO_POLICY, Policy
 from relay.storage.database import Database
-from relay.storage.tables import api_keys, audit_log, projects
+from relay.storage.tables import api_keys, audit_log, projects, responses
 
 PROJECT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_TIME = 2**53  # unix seconds: far beyond any expiry, within every column type
 MAX_PAGE = 100
+RESPONSE_STATUSES = ("queued", "in_progress", "completed", "incomplete", "failed", "cancelled")
 
 
 class ProjectCreate(BaseModel):
@@ -108,6 +109,24 @@ def key_view(row: Any) -> dict[str, Any]:
         "revoked_at": row.revoked_at,
         "last_used_at": row.last_used_at,
         "status": "revoked" if row.revoked_at is not None else "active",
+    }
+
+
+def response_summary(row: Any) -> dict[str, Any]:
+    """A stored response as a list shows it: what it was and how it ended, not its items
+    (GET .../responses/{id} and its input_items have those)."""
+    body = orjson.loads(row.body)
+    return {
+        "object": "response.summary",
+        "id": row.id,
+        "created_at": row.created_at,
+        "status": row.status,
+        "model": row.model,
+        "previous_response_id": row.previous_response_id,
+        "background": bool(body.get("background")),
+        "usage": body.get("usage"),
+        "error": body.get("error"),
+        "metadata": body.get("metadata") or {},
     }
 
 
@@ -304,11 +323,73 @@ class Admin:
 
         return await self.db.write(work)
 
-    async def audit(self, after: int | None, limit: int) -> dict[str, Any]:
-        """Newest first; `after`: an entry id, to page on to older ones."""
+    async def list_responses(
+        self,
+        project_id: str,
+        after: str | None,
+        limit: int,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+    ) -> dict[str, Any]:
+        """A project's stored responses (deleted ones left out), newest first; `after`: a
+        response id of the list, to page on to older ones. Any tenant's, a config file's
+        included: no project row is needed."""
+        where = [responses.c.tenant == project_id, responses.c.deleted_at.is_(None)]
+        if status is not None:
+            where.append(responses.c.status == status)
+        if model is not None:
+            where.append(responses.c.model == model)
 
         def work(conn: Connection) -> list[Any]:
-            query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit + 1)
+            query = select(responses).where(*where)
+            if after is not None:
+                cursor = conn.execute(
+                    select(responses.c.created_at).where(
+                        responses.c.id == after, responses.c.tenant == project_id
+                    )
+                ).first()
+                if cursor is None:
+                    raise InvalidRequest(
+                        f"Invalid 'after': no response '{after[:100]}' in this project.",
+                        param="after",
+                    )
+                # Ties on the second are ordered by id, so the cursor is exact.
+                query = query.where(
+                    or_(
+                        responses.c.created_at < cursor.created_at,
+                        and_(responses.c.created_at == cursor.created_at, responses.c.id < after),
+                    )
+                )
+            query = query.order_by(responses.c.created_at.desc(), responses.c.id.desc())
+            return list(conn.execute(query.limit(limit + 1)).all())
+
+        rows = await self.db.read(work)
+        return page([response_summary(row) for row in rows], limit)
+
+    async def audit(
+        self,
+        after: int | None,
+        limit: int,
+        *,
+        action: str | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+    ) -> dict[str, Any]:
+        """Newest first; `after`: an entry id, to page on to older ones; each filter an exact
+        match."""
+        where = [
+            column == value
+            for column, value in (
+                (audit_log.c.action, action),
+                (audit_log.c.actor, actor),
+                (audit_log.c.target, target),
+            )
+            if value is not None
+        ]
+
+        def work(conn: Connection) -> list[Any]:
+            query = select(audit_log).where(*where).order_by(audit_log.c.id.desc()).limit(limit + 1)
             if after is not None:
                 query = query.where(audit_log.c.id < after)
             return list(conn.execute(query).all())

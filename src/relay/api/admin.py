@@ -1,5 +1,6 @@
 """The admin API under /admin/v1, behind X-Admin-Key (see relay.api.auth): projects, keys,
-limits and budgets (a project's or key's `policy`), usage, and the audit log."""
+limits and budgets (a project's or key's `policy`), usage, the audit log, and a project's
+stored responses (what the web console reads, relay.ui)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from relay.access.admin import MAX_PAGE, Admin
+from relay.access.admin import MAX_PAGE, RESPONSE_STATUSES, Admin
 from relay.access.usage import GROUPS
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
-from relay.api.paging import int_or_none, read_body
-from relay.errors import InvalidRequest
+from relay.api.paging import cursor, int_or_none, order, read_body
+from relay.api.paging import limit as item_limit
+from relay.errors import InvalidRequest, NotFound
+from relay.ids import looks_like_response_id
 from relay.protocol import json_object, nul_field
+from relay.storage.base import Store
 
 PREFIX = "/admin/v1"
 DEFAULT_PAGE = 20
@@ -143,7 +147,93 @@ async def audit_log(request: Request, actor: str) -> Response:
     after = int_or_none(raw)
     if raw is not None and (after is None or not 0 <= after < 2**62):
         raise InvalidRequest("Invalid 'after': expected an audit entry id.", param="after")
-    return _json(await _admin(request).audit(after, _limit(request)))
+    query = request.query_params
+    return _json(
+        await _admin(request).audit(
+            after,
+            _limit(request),
+            action=query.get("action"),
+            actor=query.get("actor"),
+            target=query.get("target"),
+        )
+    )
+
+
+def response_filters(request: Request) -> dict[str, str | None]:
+    """The filters of a list of responses: `status` (one of the response statuses) and
+    `model` (the route's name, as the response reports it)."""
+    status = request.query_params.get("status") or None
+    if status is not None and status not in RESPONSE_STATUSES:
+        raise InvalidRequest(
+            f"Invalid 'status': expected one of {', '.join(RESPONSE_STATUSES)}.", param="status"
+        )
+    return {"status": status, "model": request.query_params.get("model") or None}
+
+
+async def list_responses(request: Request, actor: str) -> Response:
+    project_id = request.path_params["project_id"]
+    after = request.query_params.get("after")
+    listed = await _admin(request).list_responses(
+        project_id, after, _limit(request), **response_filters(request)
+    )
+    return _json(listed)
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _response_id(request: Request) -> str:
+    response_id: str = request.path_params["response_id"]
+    if not looks_like_response_id(response_id):
+        raise InvalidRequest(
+            f"Invalid 'response_id': '{response_id[:80]}'.",
+            param="response_id",
+            code="invalid_response_id",
+        )
+    return response_id
+
+
+def response_not_found(response_id: str) -> NotFound:
+    return NotFound(
+        f"Response with id '{response_id[:100]}' not found.",
+        param="response_id",
+        code="response_not_found",
+    )
+
+
+async def get_response(request: Request, actor: str) -> Response:
+    """A project's stored response, as its project's keys read it (GET /v1/responses/{id})."""
+    response_id = _response_id(request)
+    stored = await _store(request).get_response(request.path_params["project_id"], response_id)
+    if stored is None:
+        raise response_not_found(response_id)
+    return _json(stored)
+
+
+async def list_input_items(request: Request, actor: str) -> Response:
+    """A project's stored response's input items, paged as GET /v1/responses/{id}/input_items."""
+    response_id = _response_id(request)
+    found = await _store(request).list_input_items(
+        request.path_params["project_id"],
+        response_id,
+        after=cursor(request, "after"),
+        before=cursor(request, "before"),
+        limit=item_limit(request),
+        order="asc" if order(request) == "asc" else "desc",
+    )
+    if found is None:
+        raise response_not_found(response_id)
+    return _json(
+        {
+            "object": "list",
+            "data": found.data,
+            "first_id": found.first_id,
+            "last_id": found.last_id,
+            "has_more": found.has_more,
+        }
+    )
 
 
 _ADMIN: list[tuple[str, AdminHandler, str]] = [
@@ -159,6 +249,9 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/keys/{key_id}", revoke_key, "DELETE"),
     ("/usage", usage, "GET"),
     ("/audit_log", audit_log, "GET"),
+    ("/projects/{project_id}/responses", list_responses, "GET"),
+    ("/projects/{project_id}/responses/{response_id}", get_response, "GET"),
+    ("/projects/{project_id}/responses/{response_id}/input_items", list_input_items, "GET"),
 ]
 
 
