@@ -1,0 +1,249 @@
+"""The console's pages. Each runs behind `guard.console_page` (relay.ui.routes), receives its
+viewer and form, and calls only the operations the admin API documents: the project and
+key operations and the lists of relay.access.admin, and the store's reads of a response.
+After a change the page redirects (POST, then GET), so a reload never repeats it; the one
+exception is a new key, shown on the answer to its POST and nowhere else."""
+
+from __future__ import annotations
+
+import calendar
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from relay.access.admin import RESPONSE_STATUSES, Admin
+from relay.api.admin import response_filters
+from relay.api.auth import access
+from relay.api.paging import int_or_none
+from relay.errors import InvalidRequest, NotFound
+from relay.ids import looks_like_response_id
+from relay.storage.base import Store
+from relay.ui import render
+from relay.ui.guard import ROOT, Form, Viewer
+from relay.ui.transcript import transcript
+
+PAGE = 50  # rows a list shows at once
+TRANSCRIPT_ITEMS = 1000  # input items a transcript shows at most
+_WHOLE_LIMITS = ("rpm", "tpm", "max_concurrent")
+_USD_LIMITS = ("daily_budget_usd", "monthly_budget_usd", "credit_usd")
+
+
+def _admin(request: Request) -> Admin:
+    admin: Admin = request.app.state.admin
+    return admin
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _see_other(path: str) -> Response:
+    return RedirectResponse(path, status_code=303)
+
+
+def _project_path(project_id: str, rest: str = "") -> str:
+    return f"{ROOT}/projects/{project_id}{rest}"
+
+
+async def home(request: Request, viewer: Viewer, form: Form) -> Response:
+    if viewer.principal is not None:
+        return _see_other(_project_path(viewer.principal.project, "/responses"))
+    return _see_other(ROOT + "/projects")
+
+
+async def projects(request: Request, viewer: Viewer, form: Form) -> Response:
+    after = request.query_params.get("after") or None
+    listed = await _admin(request).list_projects(after, PAGE)
+    older = f"?{urlencode({'after': listed['last_id']})}" if listed["has_more"] else None
+    return render.page(request, viewer, "projects.html", projects=listed["data"], more=older)
+
+
+async def create_project(request: Request, viewer: Viewer, form: Form) -> Response:
+    body = {"name": form.get("name", "").strip(), "id": form.get("id", "").strip() or None}
+    created = await _admin(request).create_project(viewer.actor, body)
+    return _see_other(_project_path(created["id"]))
+
+
+async def project(request: Request, viewer: Viewer, form: Form) -> Response:
+    return await _project_page(request, viewer)
+
+
+async def _project_page(
+    request: Request, viewer: Viewer, status: int = 200, problem: str | None = None
+) -> Response:
+    """A project: its policy (an admin edits it) and its keys (an admin makes and revokes
+    them); a client key's session sees the policy and its own key."""
+    project_id = request.path_params["project_id"]
+    admin = _admin(request)
+    try:
+        found: dict[str, Any] | None = await admin.get_project(project_id)
+    except NotFound:
+        if viewer.admin is not None:
+            raise
+        found = None  # a config file's tenant: its keys need no project row
+    if viewer.admin is not None:
+        keys = (await admin.list_keys(project_id, None, PAGE))["data"]
+    else:
+        assert viewer.principal is not None
+        key = viewer.principal.key
+        keys = [await admin.get_key(key.key_id)] if key.in_database else []
+    return render.page(
+        request,
+        viewer,
+        "project.html",
+        status,
+        project_id=project_id,
+        project=found,
+        keys=keys,
+        saved=request.query_params.get("saved"),
+        problem=problem,
+    )
+
+
+def _number(name: str, raw: str, whole: bool) -> int | float | None:
+    """A policy field as typed: empty lifts the limit."""
+    text = raw.strip()
+    if not text:
+        return None
+    if whole:
+        value = int_or_none(text)
+        if value is not None:
+            return value
+    else:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    kind = "a whole number" if whole else "an amount in US dollars"
+    raise InvalidRequest(f"Invalid '{name}': expected {kind}, or nothing for no limit.")
+
+
+async def update_policy(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    admin = _admin(request)
+    current = (await admin.get_project(project_id))["policy"]
+    try:
+        typed = {
+            name: _number(name, form.get(name, ""), name in _WHOLE_LIMITS)
+            for name in (*_WHOLE_LIMITS, *_USD_LIMITS)
+        }
+        # Only what the form changed, so that the audit log says what changed.
+        changes = {name: value for name, value in typed.items() if current.get(name) != value}
+        if changes:
+            await admin.update_project(viewer.actor, project_id, {"policy": changes})
+    except InvalidRequest as refused:
+        return await _project_page(request, viewer, 400, problem=refused.message)
+    access(request).keys.forget()  # this process applies the change at once
+    return _see_other(_project_path(project_id, "?saved=policy"))
+
+
+def _expiry(raw: str) -> int | None:
+    """A key's expiry from a date field (YYYY-MM-DD): the end of that day, UTC."""
+    if not raw.strip():
+        return None
+    try:
+        day = time.strptime(raw.strip(), "%Y-%m-%d")
+    except ValueError:
+        raise InvalidRequest("Invalid 'expires': expected a date (YYYY-MM-DD).") from None
+    return calendar.timegm(day) + 24 * 3600
+
+
+async def create_key(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    models = [name for name in form.get("models", "").replace(",", " ").split() if name]
+    try:
+        body = {
+            "project_id": project_id,
+            "name": form.get("name", "").strip(),
+            "models": models or None,
+            "expires_at": _expiry(form.get("expires", "")),
+        }
+        created = await _admin(request).create_key(viewer.actor, body)
+    except InvalidRequest as refused:
+        return await _project_page(request, viewer, 400, problem=refused.message)
+    return render.page(request, viewer, "key_created.html", 201, key=created)
+
+
+async def revoke_key(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    admin = _admin(request)
+    key = await admin.get_key(request.path_params["key_id"])
+    if key["project_id"] != project_id:
+        raise NotFound(f"API key '{key['id']}' not found.", code="api_key_not_found")
+    await admin.revoke_key(viewer.actor, key["id"])
+    access(request).keys.forget()
+    return _see_other(_project_path(project_id, "?saved=revoked"))
+
+
+async def responses(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    filters = response_filters(request)
+    after = request.query_params.get("after") or None
+    listed = await _admin(request).list_responses(project_id, after, PAGE, **filters)
+    older = None
+    if listed["has_more"]:
+        shown = {name: value for name, value in filters.items() if value}
+        older = "?" + urlencode({**shown, "after": listed["last_id"]})
+    return render.page(
+        request,
+        viewer,
+        "responses.html",
+        project_id=project_id,
+        responses=listed["data"],
+        filters=filters,
+        statuses=RESPONSE_STATUSES,
+        more=older,
+    )
+
+
+async def response(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    response_id = request.path_params["response_id"]
+    store = _store(request)
+    stored = None
+    if looks_like_response_id(response_id):
+        stored = await store.get_response(project_id, response_id)
+    if stored is None:
+        raise NotFound(f"Response '{response_id[:100]}' not found.", code="response_not_found")
+    items: list[dict[str, Any]] = []
+    after = None
+    while len(items) < TRANSCRIPT_ITEMS:
+        found = await store.list_input_items(
+            project_id, response_id, after=after, before=None, limit=100, order="asc"
+        )
+        if found is None:  # deleted meanwhile
+            raise NotFound(f"Response '{response_id}' not found.", code="response_not_found")
+        items.extend(found.data)
+        if not found.has_more:
+            break
+        after = found.last_id
+    return render.page(
+        request,
+        viewer,
+        "response.html",
+        project_id=project_id,
+        response=stored,
+        entries=transcript(items, stored.get("output") or []),
+        cut=len(items) >= TRANSCRIPT_ITEMS,
+    )
+
+
+async def audit(request: Request, viewer: Viewer, form: Form) -> Response:
+    query = request.query_params
+    filters = {name: query.get(name) or None for name in ("action", "actor", "target")}
+    raw = query.get("after")
+    after = int_or_none(raw)
+    if raw is not None and (after is None or not 0 <= after < 2**62):
+        raise InvalidRequest("Invalid 'after': expected an audit entry id.", param="after")
+    listed = await _admin(request).audit(after, PAGE, **filters)
+    older = None
+    if listed["has_more"]:
+        shown = {name: value for name, value in filters.items() if value}
+        older = "?" + urlencode({**shown, "after": listed["last_id"]})
+    return render.page(
+        request, viewer, "audit.html", entries=listed["data"], filters=filters, more=older
+    )
