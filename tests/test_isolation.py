@@ -3,7 +3,8 @@ Only the project that owns a row ever sees it (any of its keys); every other cal
 404 an unknown id gets, and a caller whose key is not good gets 401 before anything is read.
 
 Responses (GET, DELETE, input_items, cancel, previous_response_id) and conversations (GET,
-update, items, an item, the `conversation` parameter, DELETE).
+update, items, an item, the `conversation` parameter, DELETE); the web console's pages of a
+project, signed in with each kind of key.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from console_client import ConsoleClient, signed_in
 from team import ADMIN_KEY, CONFIG_KEY, AdminClient, client, team_relay
 
 from relay.log_lines import JsonFormatter
@@ -189,6 +191,72 @@ def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str,
     return line
 
 
+CONSOLE_SEES = {"owner", "same project, another key", "admin"}
+CONSOLE_NOT_FOUND = {"another key's project", "a config file key"}
+CONSOLE_PAGES = ["project", "responses", "response", "project's policy (POST)"]
+
+
+@pytest.fixture(scope="module")
+def consoles(world: World) -> Iterator[dict[str, ConsoleClient]]:
+    """A console session for each kind of caller that can sign in, and a browser without one."""
+    keys = {
+        name: world.callers[name]["authorization"].removeprefix("Bearer ")
+        for name in (*CONSOLE_SEES - {"admin"}, *CONSOLE_NOT_FOUND)
+    }
+    sessions = {
+        name: signed_in(world.url, key) for name, key in {**keys, "admin": ADMIN_KEY}.items()
+    }
+    sessions["no session"] = ConsoleClient(world.url)
+    yield sessions
+    for session in sessions.values():
+        session.close()
+
+
+@pytest.mark.parametrize("page", CONSOLE_PAGES)
+@pytest.mark.parametrize("caller", [*CONSOLE_SEES, *CONSOLE_NOT_FOUND, "no session"])
+def test_console_pages_show_only_the_owning_project(
+    world: World, consoles: dict[str, ConsoleClient], caller: str, page: str
+) -> None:
+    console = consoles[caller]
+    at = f"/console/projects/{world.home}"
+    if page.endswith("(POST)"):
+        # A form the owner's key may not send either (an admin's); its CSRF token is right.
+        console.get("/console")
+        answer = console.post(at + "/policy", {"rpm": "100000"})  # a limit nobody reaches
+        expected = {"admin": 303, "no session": 403}.get(
+            caller, 404 if caller in CONSOLE_NOT_FOUND else 403
+        )
+        assert answer.status_code == expected, answer.text
+        return
+    path = {"project": at, "responses": at + "/responses"}.get(
+        page, f"{at}/responses/{world.response_id}"
+    )
+    answer = console.get(path)
+    if caller in CONSOLE_SEES:
+        assert answer.status_code == 200, answer.text
+        if page != "project":
+            assert world.response_id in answer.text
+    elif caller in CONSOLE_NOT_FOUND:
+        # What a project that does not exist gets.
+        unknown = console.get(path.replace(world.home, "proj_unknown"))
+        assert (answer.status_code, unknown.status_code) == (404, 404)
+        assert answer.text.replace(world.home, "proj_unknown") == unknown.text
+        assert world.response_id not in answer.text
+    else:
+        assert (answer.status_code, answer.headers["location"]) == (303, "/console/sign-in")
+
+
+def test_keys_that_are_not_good_never_sign_in_to_the_console(world: World) -> None:
+    with ConsoleClient(world.url) as console:
+        for caller, says in (
+            ("revoked key", "This API key has been revoked."),
+            ("expired key", "This API key has expired."),
+        ):
+            refused = console.sign_in(world.callers[caller]["authorization"][7:])
+            assert refused.status_code == 401 and says in refused.text, caller
+        assert "relay_console" not in console.http.cookies
+
+
 def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
     with client(world.url, world.callers["owner"]["authorization"][7:]) as http:
         assert http.delete(f"/v1/responses/{world.response_id}").status_code == 200
@@ -209,7 +277,18 @@ def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
     ],
 )
 @pytest.mark.parametrize(
-    "path", ["/projects", "/keys", "/usage", "/audit_log", "/projects/x", "/keys/key_x"]
+    "path",
+    [
+        "/projects",
+        "/keys",
+        "/usage",
+        "/audit_log",
+        "/projects/x",
+        "/keys/key_x",
+        "/projects/x/responses",
+        "/projects/x/responses/resp_x",
+        "/projects/x/responses/resp_x/input_items",
+    ],
 )
 def test_client_keys_never_open_the_admin_plane(
     world: World, headers: dict[str, str], code: str, path: str

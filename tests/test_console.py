@@ -1,0 +1,472 @@
+"""The web console (/console), over HTTP: sign-in with an admin key and with a project's key,
+the session (its cookie, expiry, sign-out, a key revoked meanwhile), CSRF, the throttle on
+failed sign-ins, the headers every answer carries, each page, and the admin API operations
+the console reads."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from console_client import ConsoleClient, csrf_of, signed_in
+from team import ADMIN_KEY, CONFIG_KEY, CONFIG_TENANT, AdminClient, client, team_relay
+
+from relay.ui.routes import CSP
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+}
+
+
+@dataclass
+class Relay:
+    url: str
+    database: Path
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    database = tmp_path_factory.mktemp("console") / "relay.db"
+    with team_relay(f"sqlite:///{database}") as url:
+        yield Relay(url, database)
+
+
+@pytest.fixture
+def admin(relay: Relay) -> Iterator[AdminClient]:
+    with AdminClient(relay.url) as admin_client:
+        yield admin_client
+
+
+def _ask(base_url: str, key: str, **body: Any) -> dict[str, Any]:
+    with client(base_url, key) as http:
+        answer = http.post("/v1/responses", json={"model": "fake-text", "input": "hi", **body})
+    assert answer.status_code == 200, answer.text
+    created: dict[str, Any] = answer.json()
+    return created
+
+
+def _tool_chain(base_url: str, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tool call, then the turn that gives its output back."""
+    call = _ask(base_url, key, model="fake-tool_call", input="Weather in Paris?", tools=[WEATHER])
+    output = {"type": "function_call_output", "call_id": call["output"][0]["call_id"]}
+    answer = _ask(
+        base_url,
+        key,
+        previous_response_id=call["id"],
+        input=[{**output, "output": '{"celsius": 21}'}],
+    )
+    return call, answer
+
+
+def _newest_first(responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(responses, key=lambda response: (response["created_at"], response["id"]))[::-1]
+
+
+def _cookie_header(answer: httpx.Response, name: str) -> str:
+    [header] = [
+        value for value in answer.headers.get_list("set-cookie") if value.startswith(name + "=")
+    ]
+    return header
+
+
+def _error_code(page: httpx.Response) -> str:
+    found = re.search(r'<span class="muted">([^<]+)</span></h1>', page.text)
+    assert found is not None, page.text
+    return found.group(1)
+
+
+# --- signing in --------------------------------------------------------------------------------
+
+
+def test_an_admin_key_signs_in_to_the_whole_console(relay: Relay) -> None:
+    with ConsoleClient(relay.url) as console:
+        answer = console.sign_in(ADMIN_KEY)
+        assert answer.status_code == 303 and answer.headers["location"] == "/console"
+        cookie = _cookie_header(answer, "relay_console").lower()
+        assert {"httponly", "samesite=strict", "path=/console", "max-age=28800"} <= {
+            part.strip() for part in cookie.split(";")
+        }
+        assert "secure" not in cookie  # plain HTTP on loopback; HTTPS adds it
+        # The key is nowhere but in the form it was posted in.
+        assert ADMIN_KEY not in str(answer.headers)
+        assert ADMIN_KEY not in str(console.http.cookies.jar)
+        home = console.get("/console")
+        assert (home.status_code, home.headers["location"]) == (303, "/console/projects")
+        for path in ("/console/projects", "/console/audit"):
+            page = console.get(path)
+            assert page.status_code == 200, page.text
+            assert "admin <b>ops</b>" in page.text
+
+
+def test_a_project_key_sees_its_own_project_only(relay: Relay, admin: AdminClient) -> None:
+    home, other = admin.project("home"), admin.project("other")
+    _, key = admin.key(home)
+    _, other_key = admin.key(other)
+    mine, theirs = _ask(relay.url, key), _ask(relay.url, other_key)
+    with signed_in(relay.url, key) as console:
+        landing = console.get("/console")
+        assert landing.headers["location"] == f"/console/projects/{home}/responses"
+        listed = console.get(f"/console/projects/{home}/responses")
+        assert listed.status_code == 200
+        assert mine["id"] in listed.text and theirs["id"] not in listed.text
+        assert console.get(f"/console/projects/{home}/responses/{mine['id']}").status_code == 200
+        page = console.get(f"/console/projects/{home}")
+        assert page.status_code == 200 and "Your key" in page.text
+        # Another project's pages, and its response under this project's path: 404, as an
+        # unknown project or response gets.
+        for path in (
+            f"/console/projects/{other}",
+            f"/console/projects/{other}/responses",
+            f"/console/projects/{other}/responses/{theirs['id']}",
+            f"/console/projects/{home}/responses/{theirs['id']}",
+            "/console/projects/proj_unknown/responses",
+        ):
+            refused = console.get(path)
+            assert refused.status_code == 404, path
+        # An admin's pages and changes: 403 (another project's: 404).
+        for path in ("/console/projects", "/console/audit"):
+            refused = console.get(path)
+            assert (refused.status_code, _error_code(refused)) == (403, "admins_only")
+        console.get(f"/console/projects/{home}")
+        for path, form in (
+            (f"/console/projects/{home}/policy", {"rpm": "1"}),
+            (f"/console/projects/{home}/keys", {"name": "mine now"}),
+            ("/console/projects", {"name": "new"}),
+        ):
+            assert console.post(path, form).status_code == 403, path
+        assert console.post(f"/console/projects/{other}/policy", {"rpm": "1"}).status_code == 404
+    assert admin.call("GET", f"/projects/{home}")["policy"] == {}
+    assert admin.call("GET", "/keys", project_id=home)["data"][0]["id"].startswith("key_")
+
+
+def test_a_config_file_key_signs_in_to_its_tenant(relay: Relay) -> None:
+    _ask(relay.url, CONFIG_KEY)
+    with signed_in(relay.url, CONFIG_KEY) as console:
+        page = console.get(f"/console/projects/{CONFIG_TENANT}")
+        assert page.status_code == 200 and "from the config file" in page.text
+        assert console.get(f"/console/projects/{CONFIG_TENANT}/responses").status_code == 200
+
+
+def test_wrong_keys_are_refused_logged_and_then_throttled(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    # From an address of its own (127.0.0.2), so that the other tests' address is untouched.
+    with (
+        caplog.at_level(logging.INFO, logger="relay.console"),
+        ConsoleClient(relay.url, local_address="127.0.0.2") as console,
+    ):
+        for wrong in ("sk-relay-" + "x" * 44, ADMIN_KEY + "x", "", CONFIG_KEY[:-1]):
+            answer = console.sign_in(wrong)
+            assert answer.status_code == 401, answer.text
+            assert "Incorrect API key provided." in answer.text
+        assert console.sign_in("x").status_code == 401  # the fifth in the minute
+        throttled = console.sign_in(ADMIN_KEY)  # even the right key, until the minute passes
+        assert throttled.status_code == 429
+        assert 1 <= int(throttled.headers["retry-after"]) <= 60
+        assert "relay_console" not in console.http.cookies
+    lines = [record.getMessage() for record in caplog.records if record.name == "relay.console"]
+    refused = [line for line in lines if "127.0.0.2 refused: invalid_api_key" in line]
+    assert len(refused) == 5, lines
+    assert any("127.0.0.2 refused: too many failures" in line for line in lines), lines
+    assert not any(ADMIN_KEY in line or CONFIG_KEY[:-1] in line for line in lines)
+    # Another address is not held back.
+    signed_in(relay.url, ADMIN_KEY, local_address="127.0.0.3").close()
+
+
+def test_posts_without_the_csrf_token_are_refused(relay: Relay, admin: AdminClient) -> None:
+    project = admin.project("csrf")
+    key_id, _ = admin.key(project)
+    with signed_in(relay.url, ADMIN_KEY) as console, signed_in(relay.url, ADMIN_KEY) as other:
+        token = csrf_of(console.get("/console/projects"))
+        stranger = csrf_of(other.get("/console/projects"))
+        assert token != stranger
+        forms = [
+            ("/console/projects", {"name": "forged"}),
+            (f"/console/projects/{project}/policy", {"rpm": "5"}),
+            (f"/console/projects/{project}/keys", {"name": "forged"}),
+            (f"/console/projects/{project}/keys/{key_id}/revoke", {}),
+            ("/console/sign-out", {}),
+        ]
+        for path, form in forms:
+            for sent, headers in (
+                ({}, {}),
+                ({"csrf": ""}, {}),
+                ({"csrf": "x" * 64}, {}),
+                ({"csrf": stranger}, {}),  # another session's token
+                ({"csrf": token}, {"origin": "http://evil.example"}),  # another site's page
+            ):
+                answer = console.http.post(path, data={**form, **sent}, headers=headers)
+                assert answer.status_code == 403, (path, sent, headers)
+                assert _error_code(answer) == "csrf_failed"
+        # Nothing happened: no project, the same policy, the key active, still signed in.
+        names = [item["name"] for item in admin.call("GET", "/projects", limit=100)["data"]]
+        assert "forged" not in names
+        assert admin.call("GET", f"/projects/{project}")["policy"] == {}
+        assert admin.call("GET", f"/keys/{key_id}")["status"] == "active"
+        assert console.get("/console/projects").status_code == 200
+        # With its token (and this site's Origin), the same form goes through.
+        origin = {"origin": relay.url}
+        data = {"name": "real", "csrf": token}
+        answer = console.http.post("/console/projects", data=data, headers=origin)
+        assert answer.status_code == 303
+    # The sign-in form has a token of its own, doubled in a cookie.
+    with ConsoleClient(relay.url) as fresh:
+        form_token = csrf_of(fresh.http.get("/console/sign-in"))
+        fresh.http.cookies.clear()
+        data = {"csrf": form_token, "key": ADMIN_KEY}
+        assert fresh.http.post("/console/sign-in", data=data).status_code == 403
+        fresh.http.get("/console/sign-in")
+        assert fresh.http.post("/console/sign-in", data={"key": ADMIN_KEY}).status_code == 403
+
+
+def test_sign_out_ends_the_session(relay: Relay) -> None:
+    console = signed_in(relay.url, ADMIN_KEY)
+    token = console.http.cookies["relay_console"]
+    console.get("/console/projects")
+    answer = console.post("/console/sign-out")
+    assert answer.status_code == 200 and "Signed out." in answer.text
+    assert 'relay_console=""' in _cookie_header(answer, "relay_console")
+    # The old cookie, replayed, opens nothing.
+    with httpx.Client(base_url=relay.url, cookies={"relay_console": token}) as replay:
+        page = replay.get("/console/projects")
+        assert (page.status_code, page.headers["location"]) == (303, "/console/sign-in")
+        forged = replay.post("/console/projects", data={"csrf": console.csrf, "name": "x"})
+        assert (forged.status_code, _error_code(forged)) == (403, "not_signed_in")
+    console.close()
+
+
+def test_an_expired_session_signs_out(relay: Relay) -> None:
+    console = signed_in(relay.url, ADMIN_KEY)
+    token = console.http.cookies["relay_console"]
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    with sqlite3.connect(relay.database) as db:
+        # Only the token's digest is stored, never the token.
+        [(stored_kind, expires_at)] = db.execute(
+            "SELECT kind, expires_at FROM console_sessions WHERE id = ?", (digest,)
+        ).fetchall()
+        assert stored_kind == "admin" and expires_at > time.time() + 28700
+        assert not db.execute(
+            "SELECT 1 FROM console_sessions WHERE id = ? OR subject = ?", (token, ADMIN_KEY)
+        ).fetchall()
+        db.execute("UPDATE console_sessions SET expires_at = ? WHERE id = ?", (1, digest))
+    page = console.get("/console/projects")
+    assert (page.status_code, page.headers["location"]) == (303, "/console/sign-in")
+    # The next sign-in sweeps expired sessions.
+    signed_in(relay.url, ADMIN_KEY).close()
+    with sqlite3.connect(relay.database) as db:
+        assert not db.execute("SELECT 1 FROM console_sessions WHERE id = ?", (digest,)).fetchall()
+    console.close()
+
+
+def test_a_revoked_key_or_archived_project_ends_its_sessions(
+    relay: Relay, admin: AdminClient
+) -> None:
+    project = admin.project("revoked")
+    key_id, key = admin.key(project)
+    page = f"/console/projects/{project}/responses"
+    with signed_in(relay.url, key) as console:
+        assert console.get(page).status_code == 200
+        admin.revoke(key_id)  # this instance forgets its cache at once (others: key_cache_s)
+        ended = console.get(page)
+        assert ended.status_code == 401 and "This API key has been revoked." in ended.text
+        assert 'relay_console=""' in _cookie_header(ended, "relay_console")
+    _, key = admin.key(project)
+    with signed_in(relay.url, key) as console:
+        admin.call("DELETE", f"/projects/{project}")
+        ended = console.get(page)
+        assert ended.status_code == 403 and "is archived" in ended.text
+        assert console.sign_in(key).status_code == 403
+
+
+def test_every_answer_carries_the_console_headers(relay: Relay) -> None:
+    with signed_in(relay.url, ADMIN_KEY) as console, ConsoleClient(relay.url) as anonymous:
+        answers = {
+            "sign-in": anonymous.get("/console/sign-in"),
+            "redirect": anonymous.get("/console/projects"),
+            "page": console.get("/console/projects"),
+            "error": console.get("/console/projects/nope"),
+            "style": console.get("/console/static/console.css"),
+            "script": console.get("/console/static/console.js"),
+            "missing static": console.get("/console/static/nothing.js"),
+        }
+    for name, answer in answers.items():
+        headers = answer.headers
+        assert headers["content-security-policy"] == CSP, name
+        assert headers["x-frame-options"] == "DENY", name
+        assert headers["x-content-type-options"] == "nosniff", name
+        assert headers["referrer-policy"] == "same-origin", name
+        static = name in ("style", "script", "missing static")
+        assert (headers.get("cache-control") == "no-store") != static, name
+    assert "'unsafe-inline'" not in CSP and "'unsafe-eval'" not in CSP
+    assert "default-src 'self'" in CSP and "frame-ancestors 'none'" in CSP
+    for name in ("sign-in", "page", "error"):
+        html = answers[name].text
+        # No inline script, no inline style, nothing from another origin.
+        assert not re.search(r"<script(?![^>]*\ssrc=)", html), name
+        assert " style=" not in html and "<style" not in html, name
+        assert not re.search(r"""(src|href|action)=["'](?!/|\?|#)""", html), name
+
+
+def test_the_console_off_removes_its_routes(tmp_path: Path) -> None:
+    with team_relay(f"sqlite:///{tmp_path / 'off.db'}", console=False) as url:
+        for path in ("/console", "/console/sign-in", "/console/static/console.css"):
+            assert httpx.get(url + path).status_code == 404, path
+        assert httpx.post(url + "/console/sign-in", data={"key": ADMIN_KEY}).status_code == 404
+        with client(url, CONFIG_KEY) as http:
+            assert http.get("/v1/models").status_code == 200
+
+
+# --- pages -------------------------------------------------------------------------------------
+
+
+def test_projects_keys_and_policies(relay: Relay, admin: AdminClient) -> None:
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        console.get("/console/projects")
+        created = console.post("/console/projects", {"name": "Docs <team>"})
+        assert created.status_code == 303
+        path = created.headers["location"]
+        project = path.rsplit("/", 1)[1]
+        page = console.get(path)
+        assert "Docs &lt;team&gt;" in page.text and "Docs <team>" not in page.text
+        assert "Docs &lt;team&gt;" in console.get("/console/projects").text
+
+        policy = {"rpm": "600", "tpm": "", "max_concurrent": "4"}
+        policy |= {"daily_budget_usd": "", "monthly_budget_usd": "500", "credit_usd": "12.5"}
+        saved = console.post(f"{path}/policy", policy)
+        assert (saved.status_code, saved.headers["location"]) == (303, f"{path}?saved=policy")
+        assert "Policy saved." in console.get(saved.headers["location"]).text
+        expected = {"rpm": 600, "max_concurrent": 4, "monthly_budget_usd": 500.0}
+        assert admin.call("GET", f"/projects/{project}")["policy"] == {
+            **expected,
+            "credit_usd": 12.5,
+        }
+        console.post(f"{path}/policy", {**policy, "credit_usd": ""})  # empty lifts a limit
+        assert admin.call("GET", f"/projects/{project}")["policy"] == expected
+        for wrong, says in (("many", "expected a whole number"), ("0", "policy.rpm")):
+            refused = console.post(f"{path}/policy", {**policy, "rpm": wrong})
+            assert refused.status_code == 400 and says in refused.text, refused.text
+        assert admin.call("GET", f"/projects/{project}")["policy"] == expected
+
+        made = console.post(
+            f"{path}/keys",
+            {"name": "<b>alice</b>", "models": "fake-text, fake-json", "expires": "2999-01-01"},
+        )
+        assert made.status_code == 201
+        found = re.search(r'<code id="new-key">(sk-relay-[A-Za-z0-9]+)</code>', made.text)
+        assert found is not None and "&lt;b&gt;alice&lt;/b&gt;" in made.text
+        key = found.group(1)
+        [listed] = admin.call("GET", "/keys", project_id=project)["data"]
+        assert listed["models"] == ["fake-text", "fake-json"]
+        assert listed["expires_at"] == 32472230400  # the end of 2999-01-01, UTC
+        _ask(relay.url, key)
+        with client(relay.url, key) as http:
+            other_model = http.post("/v1/responses", json={"model": "fake-slow", "input": "x"})
+        assert other_model.json()["error"]["code"] == "model_not_allowed"
+        shown = console.get(path).text
+        assert key not in shown and listed["redacted_value"] in shown  # shown once only
+
+        elsewhere = admin.project("elsewhere")
+        wrong_path = f"/console/projects/{elsewhere}/keys/{listed['id']}/revoke"
+        assert console.post(wrong_path).status_code == 404
+        revoked = console.post(f"{path}/keys/{listed['id']}/revoke")
+        assert revoked.headers["location"] == f"{path}?saved=revoked"
+        with client(relay.url, key) as http:
+            answer = http.post("/v1/responses", json={"model": "fake-text", "input": "x"})
+        assert answer.json()["error"]["code"] == "api_key_revoked"
+
+        audit = console.get("/console/audit", target=project).text
+        for action in ("project.created", "project.updated"):
+            assert action in audit
+        assert "console:ops" in audit
+        # Each change says what the form changed, nothing else.
+        updates = admin.call("GET", "/audit_log", action="project.updated", target=project)
+        assert [entry["detail"] for entry in updates["data"]] == [
+            {"policy": {"credit_usd": None}},
+            {"policy": {**expected, "credit_usd": 12.5}},
+        ]
+        keys_only = console.get("/console/audit", action="key.revoked").text
+        assert listed["id"] in keys_only and "project.created" not in keys_only
+
+
+def test_responses_and_their_transcripts(relay: Relay, admin: AdminClient) -> None:
+    project = admin.project("agents")
+    _, key = admin.key(project)
+    call, answer = _tool_chain(relay.url, key)
+    thought = _ask(relay.url, key, model="fake-reasoning", reasoning={"summary": "auto"})
+    failed = _ask(relay.url, key, model="fake-error_after", metadata={"run": "nightly"})
+    assert failed["status"] == "failed"
+    base = f"/console/projects/{project}/responses"
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        listed = console.get(base).text
+        shown = re.findall(rf'class="rid" href="{base}/(resp_\w+)"', listed)
+        # Newest first (the second each began, then the id), as the admin API lists them.
+        newest = _newest_first([call, answer, thought, failed])
+        assert shown == [response["id"] for response in newest]
+        only_failed = console.get(base, status="failed").text
+        assert failed["id"] in only_failed and call["id"] not in only_failed
+        by_model = console.get(base, model="fake-tool_call").text
+        assert call["id"] in by_model and answer["id"] not in by_model
+        assert console.get(base, status="bogus").status_code == 400
+
+        first = console.get(f"{base}/{call['id']}").text
+        assert "Tool call: get_weather" in first
+        assert call["output"][0]["call_id"] in first
+        assert "&#34;location&#34;: &#34;Paris&#34;" in first  # the arguments, as JSON
+        assert "Weather in Paris?" in first
+        second = console.get(f"{base}/{answer['id']}").text
+        assert f'href="{base}/{call["id"]}"' in second  # its previous_response_id
+        assert "Tool output" in second and "celsius" in second
+        reasoning = console.get(f"{base}/{thought['id']}").text
+        assert "Reasoning summary" in reasoning and "Let me think." in reasoning
+        broken = console.get(f"{base}/{failed['id']}").text
+        assert 'id="error"' in broken and "nightly" in broken
+        for unknown in ("resp_" + "0" * 48, "nonsense"):
+            assert console.get(f"{base}/{unknown}").status_code == 404
+
+
+def test_the_admin_api_lists_a_projects_responses(relay: Relay, admin: AdminClient) -> None:
+    project, other = admin.project("listed"), admin.project("unlisted")
+    _, key = admin.key(project)
+    call, answer = _tool_chain(relay.url, key)
+    _ask(relay.url, admin.key(other)[1])
+    base = f"/projects/{project}/responses"
+    newer, older = _newest_first([call, answer])
+    page = admin.call("GET", base, limit=1)
+    assert [item["id"] for item in page["data"]] == [newer["id"]] and page["has_more"]
+    rest = admin.call("GET", base, after=page["last_id"])
+    assert [item["id"] for item in rest["data"]] == [older["id"]] and not rest["has_more"]
+    [summary] = [item for item in page["data"] + rest["data"] if item["id"] == answer["id"]]
+    assert summary["object"] == "response.summary"
+    assert summary["previous_response_id"] == call["id"] and summary["status"] == "completed"
+    assert summary["usage"] == answer["usage"]
+    assert admin.call("GET", base, model="fake-tool_call")["data"][0]["id"] == call["id"]
+    assert admin.call("GET", base, status="failed")["data"] == []
+    for params in ({"status": "done"}, {"after": "resp_unknown"}, {"limit": "0"}):
+        refused = admin.http.get(f"/admin/v1{base}", params=params)
+        assert refused.status_code == 400, params
+    # One response, and its input items, as the project's own keys read them.
+    with client(relay.url, key) as http:
+        own = http.get(f"/v1/responses/{call['id']}").json()
+        items = http.get(f"/v1/responses/{call['id']}/input_items").json()
+    assert admin.call("GET", f"{base}/{call['id']}") == own
+    assert admin.call("GET", f"{base}/{call['id']}/input_items") == items
+    for path in (f"/projects/{other}/responses/{call['id']}", f"{base}/resp_{'0' * 48}"):
+        missing = admin.http.get(f"/admin/v1{path}")
+        assert missing.json()["error"]["code"] == "response_not_found"
+    assert admin.http.get(f"/admin/v1{base}/nonsense").status_code == 400
+    # The audit log's filters.
+    entries = admin.call("GET", "/audit_log", action="project.created", target=project)["data"]
+    assert [(entry["action"], entry["target"]) for entry in entries] == [
+        ("project.created", project)
+    ]
