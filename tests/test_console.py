@@ -232,7 +232,12 @@ def test_posts_without_the_csrf_token_are_refused(relay: Relay, admin: AdminClie
 
 def test_sign_out_ends_the_session(relay: Relay) -> None:
     console = signed_in(relay.url, ADMIN_KEY)
+    replaced = console.http.cookies["relay_console"]
+    assert console.sign_in(ADMIN_KEY).status_code == 303  # a new session ends the old one
     token = console.http.cookies["relay_console"]
+    assert token != replaced
+    with httpx.Client(base_url=relay.url, cookies={"relay_console": replaced}) as old:
+        assert old.get("/console/projects").status_code == 303
     console.get("/console/projects")
     answer = console.post("/console/sign-out")
     assert answer.status_code == 200 and "Signed out." in answer.text

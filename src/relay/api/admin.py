@@ -195,7 +195,7 @@ def _response_id(request: Request) -> str:
     return response_id
 
 
-def response_not_found(response_id: str) -> NotFound:
+def _not_found(response_id: str) -> NotFound:
     return NotFound(
         f"Response with id '{response_id[:100]}' not found.",
         param="response_id",
@@ -208,7 +208,7 @@ async def get_response(request: Request, actor: str) -> Response:
     response_id = _response_id(request)
     stored = await _store(request).get_response(request.path_params["project_id"], response_id)
     if stored is None:
-        raise response_not_found(response_id)
+        raise _not_found(response_id)
     return _json(stored)
 
 
@@ -224,7 +224,7 @@ async def list_input_items(request: Request, actor: str) -> Response:
         order="asc" if order(request) == "asc" else "desc",
     )
     if found is None:
-        raise response_not_found(response_id)
+        raise _not_found(response_id)
     return _json(
         {
             "object": "list",

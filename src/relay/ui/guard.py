@@ -267,6 +267,9 @@ async def sign_in(request: Request) -> Response:
     except RelayError as error:
         return render.error(request, None, error)
     log.info("console sign-in from %s: %s", address, who)
+    previous = request.cookies.get(COOKIE)
+    if previous:  # the session this browser had, replaced: ended, not left to expire
+        await console.sessions.close(previous)
     answer = RedirectResponse(ROOT, status_code=303)
     answer.set_cookie(
         COOKIE,
