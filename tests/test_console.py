@@ -1,19 +1,23 @@
 """The web console (/console), over HTTP: sign-in with an admin key and with a project's key,
 the session (its cookie, expiry, sign-out, a key revoked meanwhile), CSRF, the throttle on
 failed sign-ins, the headers every answer carries, each page, and the admin API operations
-the console reads."""
+the console reads. Then a real browser (Playwright driving Debian's chromium, headless) goes
+through it as a person would, and nothing it loads leaves 127.0.0.1."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -475,3 +479,206 @@ def test_the_admin_api_lists_a_projects_responses(relay: Relay, admin: AdminClie
     assert [(entry["action"], entry["target"]) for entry in entries] == [
         ("project.created", project)
     ]
+
+
+# --- in a real browser -------------------------------------------------------------------------
+# Playwright drives Debian's chromium (Playwright cannot download its own browsers here):
+# `apt-get install -y chromium`, as .ci/run does. Screenshots go to a temporary folder, or to
+# the folder RELAY_CONSOLE_SCREENSHOTS names (`make console-screenshots`: docs/console).
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, BrowserContext, Page
+
+
+def _chromium() -> str | None:
+    return os.environ.get("RELAY_CHROMIUM") or shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(
+            "CONSOLE BROWSER TESTS SKIPPED: playwright is not installed "
+            "(pip install -e '.[dev]' installs it)"
+        )
+    executable = _chromium()
+    if executable is None:
+        pytest.skip(
+            "CONSOLE BROWSER TESTS SKIPPED: no chromium on PATH "
+            "(apt-get install -y chromium, as .ci/run does where apt is available)"
+        )
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("RELAY_CONSOLE_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class Tab:
+    """A browser context and its page, watched: every request it makes (only 127.0.0.1 is
+    let through; anything else is aborted and fails the test), and every error the page
+    reports (a Content-Security-Policy violation is one)."""
+
+    def __init__(self, browser: Browser, base_url: str) -> None:
+        self.base_url = base_url
+        self.context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
+        self.requested: list[str] = []
+        self.errors: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page: Page = self.context.new_page()
+        self.page.on(
+            "console", lambda message: message.type == "error" and self.errors.append(message.text)
+        )
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    def _route(self, route: Any) -> None:
+        url = route.request.url
+        self.requested.append(url)
+        if urlsplit(url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            route.abort()
+
+    def open(self, path: str) -> Page:
+        self.page.goto(self.base_url + path)
+        return self.page
+
+    def go(self, selector: str) -> None:
+        """Click what submits a form or follows a link, and wait for the page it leads to."""
+        with self.page.expect_navigation():
+            self.page.click(selector)
+
+    def shot(self, folder: Path, name: str, **options: Any) -> None:
+        self.page.screenshot(path=str(folder / f"{name}.png"), full_page=True, **options)
+
+    def check_and_close(self, secrets: list[str]) -> None:
+        """Nothing left 127.0.0.1, no page reported an error, and no key is in a URL, a
+        cookie or the browser's storage."""
+        assert self.requested, "the browser made no request"
+        outside = [url for url in self.requested if urlsplit(url).hostname != "127.0.0.1"]
+        assert outside == []
+        assert self.errors == []
+        stored = self.page.evaluate("[localStorage.length, sessionStorage.length]")
+        assert stored == [0, 0]
+        for secret in secrets:
+            assert not any(secret in url for url in self.requested)
+            assert not any(secret in cookie["value"] for cookie in self.context.cookies())
+        self.context.close()
+
+
+def test_a_person_runs_the_console_in_a_browser(
+    relay: Relay, browser: Browser, shots: Path
+) -> None:
+    tab = Tab(browser, relay.url)
+    page = tab.open("/console")
+    assert page.url.endswith("/console/sign-in")  # no session: to the sign-in form
+    tab.shot(shots, "sign-in")
+    page.fill("#key", ADMIN_KEY)
+    tab.go("button[type=submit]")
+    assert page.url.endswith("/console/projects")
+    [session] = tab.context.cookies()
+    assert session["name"] == "relay_console" and session["httpOnly"]
+    assert session["sameSite"] == "Strict" and session["path"] == "/console"
+
+    # A project, its policy, a key (shown once, copied with the button).
+    page.fill("input[name=name]", "Search team")
+    tab.go("text=Create project")
+    assert page.locator("h1").inner_text().startswith("Search team")
+    project = page.url.rsplit("/", 1)[1]
+    page.fill("#policy input[name=rpm]", "600")
+    page.fill("#policy input[name=max_concurrent]", "20")
+    page.fill("#policy input[name=monthly_budget_usd]", "500")
+    tab.go("text=Save policy")
+    assert page.locator("text=Policy saved.").is_visible()
+    page.fill("#new-key-form input[name=name]", "alice")
+    tab.go("text=Create key")
+    key = page.locator("#new-key").inner_text()
+    assert key.startswith("sk-relay-")
+    page.click("button[data-copy]")
+    assert page.locator("button[data-copy]").inner_text() == "Copied"
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    # The screenshot masks the key (a real one, of a server that is gone once the test ends).
+    tab.shot(shots, "key-created", mask=[page.locator("#new-key")])
+
+    # The key at work: a tool call, and the turn that gives its output back.
+    call, answer = _tool_chain(relay.url, key)
+    tab.go("text=Done")
+    tab.shot(shots, "project")
+    tab.go("text=Responses →")
+    rows = page.locator("#responses tbody tr")
+    assert rows.count() == 2
+    assert page.locator(f"#responses a.rid >> text={answer['id']}").is_visible()
+    tab.shot(shots, "responses")
+    tab.go(f"a.rid >> text={answer['id']}")
+    assert page.locator("#transcript").inner_text().count("Tool output") == 1
+    page.click("#previous")  # its previous_response_id: the tool call
+    assert page.url.endswith(f"/responses/{call['id']}")
+    transcript = page.locator("#transcript").inner_text()
+    assert "Tool call: get_weather" in transcript and '"location": "Paris"' in transcript
+    assert call["output"][0]["call_id"] in transcript
+    tab.shot(shots, "response")
+
+    # Revoke the key (after a confirmation), and the API refuses it.
+    page.goto(f"{relay.url}/console/projects/{project}")
+    page.once("dialog", lambda dialog: dialog.accept())
+    tab.go("button.danger")
+    assert page.locator("text=Key revoked.").is_visible()
+    assert page.locator("#keys .status").inner_text() == "revoked"
+    with client(relay.url, key) as http:
+        refused = http.post("/v1/responses", json={"model": "fake-text", "input": "x"})
+    assert refused.json()["error"]["code"] == "api_key_revoked"
+    tab.go("text=Audit log")
+    audit = page.locator("#audit").inner_text()
+    for action in ("project.created", "project.updated", "key.created", "key.revoked"):
+        assert action in audit
+    tab.shot(shots, "audit")
+
+    tab.go("#sign-out")
+    assert page.locator("text=Signed out.").is_visible()
+    assert [cookie["name"] for cookie in tab.context.cookies()] == ["relay_console_sign_in"]
+    page.goto(f"{relay.url}/console/projects")
+    assert page.url.endswith("/console/sign-in")
+    tab.check_and_close([ADMIN_KEY, key])
+
+
+def test_a_project_key_in_the_browser_sees_its_project_only(
+    relay: Relay, admin: AdminClient, browser: Browser, shots: Path
+) -> None:
+    project, other = admin.project("mobile app"), admin.project("billing")
+    _, key = admin.key(project, name="ci bot")
+    _tool_chain(relay.url, key)
+    theirs = _ask(relay.url, admin.key(other)[1])
+    tab = Tab(browser, relay.url)
+    page = tab.open("/console/sign-in")
+    page.fill("#key", key)
+    tab.go("button[type=submit]")
+    assert page.url.endswith(f"/console/projects/{project}/responses")
+    assert page.locator("#responses tbody tr").count() == 2
+    assert page.locator("nav").inner_text().split() == ["Responses", "Project"]
+    tab.shot(shots, "project-key")
+    for path, status in (
+        (f"/console/projects/{other}/responses", 404),
+        (f"/console/projects/{other}/responses/{theirs['id']}", 404),
+        ("/console/projects", 403),
+        ("/console/audit", 403),
+    ):
+        answer = page.goto(relay.url + path)
+        assert answer is not None and answer.status == status, path
+    # Each refusal is the one error those pages report (their status, as the console logs it).
+    assert len(tab.errors) == 4 and all("status of 40" in error for error in tab.errors)
+    tab.errors.clear()
+    page.goto(f"{relay.url}/console/projects/{project}")
+    assert "ci bot" in page.locator("#keys").inner_text()
+    assert page.locator("button.danger").count() == 0  # nothing to change here
+    tab.check_and_close([key])
