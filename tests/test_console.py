@@ -336,6 +336,17 @@ def test_the_console_off_removes_its_routes(tmp_path: Path) -> None:
             assert http.get("/v1/models").status_code == 200
 
 
+def test_a_relay_without_keys_opens_no_console(tmp_path: Path) -> None:
+    """Without keys Relay serves loopback clients unauthenticated; the console needs a key
+    to know who signs in, so it says so and lets nobody in."""
+    database = f"sqlite:///{tmp_path / 'open.db'}"
+    with team_relay(database, admin_keys=[], api_keys=[]) as url, ConsoleClient(url) as console:
+        assert "no keys configured" in console.get("/console/sign-in").text
+        refused = console.sign_in("anything")
+        assert refused.status_code == 403 and "no keys configured" in refused.text
+        assert console.get("/console/projects").status_code == 303
+
+
 # --- pages -------------------------------------------------------------------------------------
 
 
