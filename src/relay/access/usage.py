@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.access.limits import Scope
 from relay.errors import QuotaExceeded
-from relay.models.policy import NANOS_PER_USD
+from relay.models.policy import NANOS_PER_USD, Policy
 from relay.storage.database import Database
 from relay.storage.tables import spend, usage_ledger
 
@@ -151,6 +151,27 @@ class Ledger:
         )
         found = {(row[0], row[1], row[2]): int(row[3]) for row in rows}
         return {key: found.get(key, 0) + self._pending.get(key, 0) for key in keys}
+
+    async def standing(self, scope: str, owner: str, policy: Policy) -> dict[str, Any]:
+        """What a project or key (`scope`) has spent in each budget period now, against its
+        budgets (None: none), queued rows included: what its budget checks read."""
+        now = time.time()
+        spent = await self.spent([(scope, owner)], now)
+        budgets = (policy.daily_budget_usd, policy.monthly_budget_usd, policy.credit_usd)
+        return {
+            "object": "spend",
+            "scope": scope,
+            "owner": owner,
+            "periods": [
+                {
+                    "period": period.partition(":")[0],
+                    "name": period.partition(":")[2] or None,
+                    "spent_usd": usd(spent[(scope, owner, period)]),
+                    "budget_usd": budget,
+                }
+                for period, budget in zip(periods(now), budgets, strict=True)
+            ],
+        }
 
     async def _write_all(self) -> None:
         failures = 0

@@ -19,6 +19,7 @@ from relay.api.paging import cursor, int_or_none, order, read_body
 from relay.api.paging import limit as item_limit
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
+from relay.models.policy import Policy
 from relay.protocol import json_object, nul_field
 from relay.storage.base import Store
 
@@ -159,6 +160,20 @@ async def audit_log(request: Request, actor: str) -> Response:
     )
 
 
+async def project_spend(request: Request, actor: str) -> Response:
+    """What a project has spent in each budget period now, against its budgets."""
+    project = await _admin(request).get_project(request.path_params["project_id"])
+    policy = Policy.model_validate(project["policy"])
+    return _json(await access(request).ledger.standing("project", project["id"], policy))
+
+
+async def key_spend(request: Request, actor: str) -> Response:
+    """What a key has spent in each budget period now, against its budgets."""
+    key = await _admin(request).get_key(request.path_params["key_id"])
+    policy = Policy.model_validate(key["policy"])
+    return _json(await access(request).ledger.standing("key", key["id"], policy))
+
+
 def response_filters(request: Request) -> dict[str, str | None]:
     """The filters of a list of responses: `status` (one of the response statuses) and
     `model` (the route's name, as the response reports it)."""
@@ -247,6 +262,8 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/keys/{key_id}", get_key, "GET"),
     ("/keys/{key_id}", update_key, "POST"),
     ("/keys/{key_id}", revoke_key, "DELETE"),
+    ("/projects/{project_id}/spend", project_spend, "GET"),
+    ("/keys/{key_id}/spend", key_spend, "GET"),
     ("/usage", usage, "GET"),
     ("/audit_log", audit_log, "GET"),
     ("/projects/{project_id}/responses", list_responses, "GET"),
