@@ -419,6 +419,69 @@ def test_projects_keys_and_policies(relay: Relay, admin: AdminClient) -> None:
         assert listed["id"] in keys_only and "project.created" not in keys_only
 
 
+def test_spend_key_settings_and_archiving(relay: Relay, admin: AdminClient) -> None:
+    project = admin.project("spenders", {"daily_budget_usd": 5, "credit_usd": 100})
+    key_id, key = admin.key(project, name="bot", policy={"monthly_budget_usd": 2})
+    _ask(relay.url, key, model="priced")  # a few cents (tests/team.py's PRICE)
+    spent = admin.call("GET", f"/projects/{project}/spend")
+    assert spent["object"] == "spend" and spent["scope"] == "project"
+    day, month, total = spent["periods"]
+    assert (day["period"], month["period"], total["period"]) == ("day", "month", "total")
+    assert day["budget_usd"] == 5 and month["budget_usd"] is None and total["budget_usd"] == 100
+    assert 0 < day["spent_usd"] == month["spent_usd"] == total["spent_usd"] < 1
+    own = admin.call("GET", f"/keys/{key_id}/spend")
+    assert own["periods"][1] == {**month, "budget_usd": 2}
+    assert admin.http.get("/admin/v1/projects/proj_nope/spend").status_code == 404
+
+    path = f"/console/projects/{project}"
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        page = console.get(path).text
+        assert f"${day['spent_usd']:.4f}" in page and "<meter" in page and "$100.00" in page
+        key_page = console.get(f"{path}/keys/{key_id}")
+        assert key_page.status_code == 200 and "$2.00" in key_page.text
+        settings = {"name": "bot", "models": "", "expires": "", "monthly_budget_usd": "2"}
+        settings |= dict.fromkeys(("rpm", "tpm", "max_concurrent"), "")
+        settings |= {"daily_budget_usd": "", "credit_usd": ""}
+        assert console.post(f"{path}/keys/{key_id}", settings).status_code == 303  # no change
+        changed = {**settings, "models": "fake-text priced", "rpm": "50", "expires": "2999-12-31"}
+        saved = console.post(f"{path}/keys/{key_id}", changed)
+        assert saved.headers["location"] == f"{path}/keys/{key_id}?saved=key"
+        assert 'value="2999-12-31"' in console.get(saved.headers["location"]).text
+        assert console.post(f"{path}/keys/{key_id}", changed).status_code == 303  # the same
+        updated = admin.call("GET", f"/keys/{key_id}")
+        assert updated["models"] == ["fake-text", "priced"]
+        assert updated["policy"] == {"rpm": 50, "monthly_budget_usd": 2.0}
+        assert updated["expires_at"] == 32503680000  # the end of 2999-12-31, UTC
+        entries = admin.call("GET", "/audit_log", action="key.updated", target=key_id)["data"]
+        assert [entry["detail"] for entry in entries] == [
+            {
+                "models": ["fake-text", "priced"],
+                "expires_at": 32503680000,
+                "policy": {"rpm": 50},
+            }
+        ]
+        bad = console.post(f"{path}/keys/{key_id}", {**changed, "expires": "tomorrow"})
+        assert bad.status_code == 400 and "expected a date" in bad.text
+        elsewhere = admin.project("not the key's")
+        assert console.get(f"/console/projects/{elsewhere}/keys/{key_id}").status_code == 404
+
+        archived = console.post(f"{path}/archive")
+        assert archived.headers["location"] == f"{path}?saved=archived"
+        assert admin.call("GET", f"/projects/{project}")["status"] == "archived"
+        with client(relay.url, key) as http:
+            refused = http.post("/v1/responses", json={"model": "fake-text", "input": "x"})
+        assert refused.json()["error"]["code"] == "project_archived"
+        assert 'id="archive"' not in console.get(path).text
+    # A project key's session sees its project's spend and its own key's, and changes nothing.
+    other = admin.project("viewer", {"daily_budget_usd": 1})
+    other_key_id, other_key = admin.key(other, policy={"credit_usd": 3})
+    with signed_in(relay.url, other_key) as console:
+        page = console.get(f"/console/projects/{other}").text
+        assert 'id="spend-project"' in page and 'id="spend-key"' in page
+        assert console.get(f"/console/projects/{other}/keys/{other_key_id}").status_code == 403
+        assert console.post(f"/console/projects/{other}/archive").status_code == 403
+
+
 def test_responses_and_their_transcripts(relay: Relay, admin: AdminClient) -> None:
     project = admin.project("agents")
     _, key = admin.key(project)

@@ -20,6 +20,7 @@ from relay.api.auth import access
 from relay.api.paging import int_or_none
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
+from relay.models.policy import Policy
 from relay.storage.base import Store
 from relay.ui import render
 from relay.ui.guard import ROOT, Form, Viewer
@@ -72,11 +73,17 @@ async def project(request: Request, viewer: Viewer, form: Form) -> Response:
     return await _project_page(request, viewer)
 
 
+async def _standing(request: Request, scope: str, owner: str, policy: dict[str, Any]) -> Any:
+    """What GET /admin/v1/projects/{id}/spend (or /keys/{id}/spend) answers."""
+    return await access(request).ledger.standing(scope, owner, Policy.model_validate(policy))
+
+
 async def _project_page(
     request: Request, viewer: Viewer, status: int = 200, problem: str | None = None
 ) -> Response:
-    """A project: its policy (an admin edits it) and its keys (an admin makes and revokes
-    them); a client key's session sees the policy and its own key."""
+    """A project: its policy (an admin edits it), its spend against its budgets, and its
+    keys (an admin makes, edits and revokes them); a client key's session sees the policy,
+    the spend and its own key."""
     project_id = request.path_params["project_id"]
     admin = _admin(request)
     try:
@@ -91,6 +98,11 @@ async def _project_page(
         assert viewer.principal is not None
         key = viewer.principal.key
         keys = [await admin.get_key(key.key_id)] if key.in_database else []
+    standings = []
+    if found is not None:
+        standings.append(await _standing(request, "project", project_id, found["policy"]))
+    if viewer.admin is None and keys:
+        standings.append(await _standing(request, "key", keys[0]["id"], keys[0]["policy"]))
     return render.page(
         request,
         viewer,
@@ -99,6 +111,7 @@ async def _project_page(
         project_id=project_id,
         project=found,
         keys=keys,
+        standings=standings,
         saved=request.query_params.get("saved"),
         problem=problem,
     )
@@ -122,23 +135,36 @@ def _number(name: str, raw: str, whole: bool) -> int | float | None:
     raise InvalidRequest(f"Invalid '{name}': expected {kind}, or nothing for no limit.")
 
 
+def _policy_changes(form: Form, current: dict[str, Any]) -> dict[str, Any]:
+    """The policy form's fields that differ from `current` (so that the audit log says what
+    changed); an empty field lifts its limit."""
+    typed = {
+        name: _number(name, form.get(name, ""), name in _WHOLE_LIMITS)
+        for name in (*_WHOLE_LIMITS, *_USD_LIMITS)
+    }
+    return {name: value for name, value in typed.items() if current.get(name) != value}
+
+
 async def update_policy(request: Request, viewer: Viewer, form: Form) -> Response:
     project_id = request.path_params["project_id"]
     admin = _admin(request)
     current = (await admin.get_project(project_id))["policy"]
     try:
-        typed = {
-            name: _number(name, form.get(name, ""), name in _WHOLE_LIMITS)
-            for name in (*_WHOLE_LIMITS, *_USD_LIMITS)
-        }
-        # Only what the form changed, so that the audit log says what changed.
-        changes = {name: value for name, value in typed.items() if current.get(name) != value}
+        changes = _policy_changes(form, current)
         if changes:
             await admin.update_project(viewer.actor, project_id, {"policy": changes})
     except InvalidRequest as refused:
         return await _project_page(request, viewer, 400, problem=refused.message)
     access(request).keys.forget()  # this process applies the change at once
     return _see_other(_project_path(project_id, "?saved=policy"))
+
+
+async def archive_project(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Archived, not deleted: its responses and usage stay; its keys stop working."""
+    project_id = request.path_params["project_id"]
+    await _admin(request).archive_project(viewer.actor, project_id)
+    access(request).keys.forget()
+    return _see_other(_project_path(project_id, "?saved=archived"))
 
 
 def _expiry(raw: str) -> int | None:
@@ -152,14 +178,18 @@ def _expiry(raw: str) -> int | None:
     return calendar.timegm(day) + 24 * 3600
 
 
+def _models(raw: str) -> list[str] | None:
+    """A model allowlist as typed (commas or spaces between names); empty: every model."""
+    return [name for name in raw.replace(",", " ").split() if name] or None
+
+
 async def create_key(request: Request, viewer: Viewer, form: Form) -> Response:
     project_id = request.path_params["project_id"]
-    models = [name for name in form.get("models", "").replace(",", " ").split() if name]
     try:
         body = {
             "project_id": project_id,
             "name": form.get("name", "").strip(),
-            "models": models or None,
+            "models": _models(form.get("models", "")),
             "expires_at": _expiry(form.get("expires", "")),
         }
         created = await _admin(request).create_key(viewer.actor, body)
@@ -168,15 +198,65 @@ async def create_key(request: Request, viewer: Viewer, form: Form) -> Response:
     return render.page(request, viewer, "key_created.html", 201, key=created)
 
 
-async def revoke_key(request: Request, viewer: Viewer, form: Form) -> Response:
-    project_id = request.path_params["project_id"]
-    admin = _admin(request)
-    key = await admin.get_key(request.path_params["key_id"])
-    if key["project_id"] != project_id:
+async def _project_key(request: Request) -> dict[str, Any]:
+    """The key of the path, which must be the project's (else the 404 an unknown key gets)."""
+    key = await _admin(request).get_key(request.path_params["key_id"])
+    if key["project_id"] != request.path_params["project_id"]:
         raise NotFound(f"API key '{key['id']}' not found.", code="api_key_not_found")
-    await admin.revoke_key(viewer.actor, key["id"])
+    return key
+
+
+async def key(request: Request, viewer: Viewer, form: Form) -> Response:
+    return await _key_page(request, viewer)
+
+
+async def _key_page(
+    request: Request, viewer: Viewer, status: int = 200, problem: str | None = None
+) -> Response:
+    """A key: its name, models, expiry and policy (an admin edits them), and its spend."""
+    found = await _project_key(request)
+    return render.page(
+        request,
+        viewer,
+        "key.html",
+        status,
+        project_id=found["project_id"],
+        key=found,
+        standing=await _standing(request, "key", found["id"], found["policy"]),
+        saved=request.query_params.get("saved"),
+        problem=problem,
+    )
+
+
+async def update_key(request: Request, viewer: Viewer, form: Form) -> Response:
+    current = await _project_key(request)
+    try:
+        body: dict[str, Any] = {}
+        name = form.get("name", "").strip()
+        if name != current["name"]:
+            body["name"] = name
+        models = _models(form.get("models", ""))
+        if models != current["models"]:
+            body["models"] = models
+        expires = form.get("expires", "").strip()
+        if expires != render.expiry_day(current["expires_at"]):
+            body["expires_at"] = _expiry(expires)
+        policy = _policy_changes(form, current["policy"])
+        if policy:
+            body["policy"] = policy
+        if body:
+            await _admin(request).update_key(viewer.actor, current["id"], body)
+    except InvalidRequest as refused:
+        return await _key_page(request, viewer, 400, problem=refused.message)
     access(request).keys.forget()
-    return _see_other(_project_path(project_id, "?saved=revoked"))
+    return _see_other(_project_path(current["project_id"], f"/keys/{current['id']}?saved=key"))
+
+
+async def revoke_key(request: Request, viewer: Viewer, form: Form) -> Response:
+    found = await _project_key(request)
+    await _admin(request).revoke_key(viewer.actor, found["id"])
+    access(request).keys.forget()
+    return _see_other(_project_path(found["project_id"], "?saved=revoked"))
 
 
 async def responses(request: Request, viewer: Viewer, form: Form) -> Response:

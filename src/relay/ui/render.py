@@ -32,6 +32,12 @@ def _when(seconds: int | float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
+def expiry_day(seconds: int | None) -> str:
+    """The day a key's expiry ends (as a date field shows it, and pages.update_key reads it
+    back): an expiry at midnight UTC ends the day before."""
+    return "" if seconds is None else time.strftime("%Y-%m-%d", time.gmtime(seconds - 1))
+
+
 def _pretty(value: Any) -> str:
     """JSON indented for reading; a string that holds JSON (tool arguments) is read first."""
     if isinstance(value, str):
@@ -44,6 +50,7 @@ def _pretty(value: Any) -> str:
 
 _TEMPLATES.filters["when"] = _when
 _TEMPLATES.filters["pretty"] = _pretty
+_TEMPLATES.filters["expiry_day"] = expiry_day
 
 
 def page(
