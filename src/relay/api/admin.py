@@ -4,6 +4,7 @@ stored responses (what the web console reads, relay.ui)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
 from relay.models.policy import Policy
 from relay.protocol import json_object, nul_field
+from relay.providers.registry import Deployment, Registry
 from relay.storage.base import Store
 
 PREFIX = "/admin/v1"
@@ -174,6 +176,45 @@ async def key_spend(request: Request, actor: str) -> Response:
     return _json(await access(request).ledger.standing("key", key["id"], policy))
 
 
+def deployment_view(deployment: Deployment, now: float) -> dict[str, Any]:
+    """A deployment and its health as this process has seen it (relay.providers.health)."""
+    health = deployment.health
+    if health.cooling_until == 0.0:
+        state = "healthy"
+    elif health.probing:
+        state = "probing"
+    elif now < health.cooling_until:
+        state = "cooling"
+    else:
+        state = "probe_due"  # cooled down: the next request to it is the probe
+    return {
+        "object": "deployment",
+        "route": deployment.route,
+        "name": deployment.name,
+        "provider": deployment.kind,
+        "upstream_model": deployment.upstream_model,
+        "state": state,
+        "failures": health.failures,
+        "cooling_for_s": round(max(0.0, health.cooling_until - now), 1)
+        if state == "cooling"
+        else 0,
+        "latency_ms": None if health.latency_s is None else round(health.latency_s * 1000, 1),
+        "tokens_per_s": None if health.tokens_per_s is None else round(health.tokens_per_s, 1),
+    }
+
+
+def deployments(request: Request) -> list[dict[str, Any]]:
+    registry: Registry = request.app.state.engine.registry
+    now = time.monotonic()
+    return [deployment_view(deployment, now) for deployment in registry.deployments()]
+
+
+async def list_deployments(request: Request, actor: str) -> Response:
+    """Every deployment's health, as the process that answers has seen it (each process
+    keeps its own: with --workers N, one worker's)."""
+    return _json({"object": "list", "data": deployments(request)})
+
+
 def response_filters(request: Request) -> dict[str, str | None]:
     """The filters of a list of responses: `status` (one of the response statuses) and
     `model` (the route's name, as the response reports it)."""
@@ -264,6 +305,7 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/keys/{key_id}", revoke_key, "DELETE"),
     ("/projects/{project_id}/spend", project_spend, "GET"),
     ("/keys/{key_id}/spend", key_spend, "GET"),
+    ("/deployments", list_deployments, "GET"),
     ("/usage", usage, "GET"),
     ("/audit_log", audit_log, "GET"),
     ("/projects/{project_id}/responses", list_responses, "GET"),
