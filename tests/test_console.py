@@ -106,8 +106,8 @@ def test_an_admin_key_signs_in_to_the_whole_console(relay: Relay) -> None:
         assert ADMIN_KEY not in str(answer.headers)
         assert ADMIN_KEY not in str(console.http.cookies.jar)
         home = console.get("/console")
-        assert (home.status_code, home.headers["location"]) == (303, "/console/projects")
-        for path in ("/console/projects", "/console/audit"):
+        assert (home.status_code, home.headers["location"]) == (303, "/console/overview")
+        for path in ("/console/overview", "/console/projects", "/console/audit"):
             page = console.get(path)
             assert page.status_code == 200, page.text
             assert "admin <b>ops</b>" in page.text
@@ -120,7 +120,8 @@ def test_a_project_key_sees_its_own_project_only(relay: Relay, admin: AdminClien
     mine, theirs = _ask(relay.url, key), _ask(relay.url, other_key)
     with signed_in(relay.url, key) as console:
         landing = console.get("/console")
-        assert landing.headers["location"] == f"/console/projects/{home}/responses"
+        assert landing.headers["location"] == f"/console/projects/{home}/overview"
+        assert console.get(landing.headers["location"]).status_code == 200
         listed = console.get(f"/console/projects/{home}/responses")
         assert listed.status_code == 200
         assert mine["id"] in listed.text and theirs["id"] not in listed.text
@@ -131,6 +132,7 @@ def test_a_project_key_sees_its_own_project_only(relay: Relay, admin: AdminClien
         # unknown project or response gets.
         for path in (
             f"/console/projects/{other}",
+            f"/console/projects/{other}/overview",
             f"/console/projects/{other}/responses",
             f"/console/projects/{other}/responses/{theirs['id']}",
             f"/console/projects/{home}/responses/{theirs['id']}",
@@ -139,7 +141,7 @@ def test_a_project_key_sees_its_own_project_only(relay: Relay, admin: AdminClien
             refused = console.get(path)
             assert refused.status_code == 404, path
         # An admin's pages and changes: 403 (another project's: 404).
-        for path in ("/console/projects", "/console/audit"):
+        for path in ("/console/overview", "/console/projects", "/console/audit"):
             refused = console.get(path)
             assert (refused.status_code, _error_code(refused)) == (403, "admins_only")
         console.get(f"/console/projects/{home}")
@@ -482,6 +484,48 @@ def test_spend_key_settings_and_archiving(relay: Relay, admin: AdminClient) -> N
         assert console.post(f"/console/projects/{other}/archive").status_code == 403
 
 
+def test_the_overview_charts_usage_and_shows_deployments(relay: Relay, admin: AdminClient) -> None:
+    project, other = admin.project("charted"), admin.project("elsewhere")
+    _, key = admin.key(project)
+    for model in ("priced", "priced", "fake-error_after", "fake-flaky"):
+        _ask(relay.url, key, model=model)
+    _ask(relay.url, admin.key(other)[1], model="fake-json")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    # The documented operations the page reads.
+    hours = admin.call("GET", "/usage", group_by="hour,status", project_id=project)["data"]
+    assert {entry["status"] for entry in hours} == {"completed", "failed"}
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:00Z", entry["hour"]) for entry in hours)
+    assert sum(entry["requests"] for entry in hours) == 4
+    flaky = [
+        deployment
+        for deployment in admin.call("GET", "/deployments")["data"]
+        if deployment["route"] == "fake-flaky"
+    ]
+    assert [(entry["state"], entry["provider"]) for entry in flaky] == [("healthy", "fake")]
+    assert flaky[0]["failures"] >= 1 and flaky[0]["latency_ms"] is None
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        for by in ("day", "hour"):
+            page = console.get(f"/console/projects/{project}/overview", by=by).text
+            bars = re.findall(r'class="bar (\w+)"><title>([^<]+)</title>', page)
+            assert {series for series, _ in bars} == {
+                "completed",
+                "failed",
+                "input",
+                "output",
+                "cost",
+            }
+            assert all(title.startswith(today) for _, title in bars)
+            models = page[page.index('id="by-model"') :].split("</table>")[0]
+            assert "priced" in models and "fake-json" not in models  # this project's only
+        everything = console.get("/console/overview").text
+        assert "fake-json" in everything[everything.index('id="by-model"') :].split("</table>")[0]
+        assert project in everything[everything.index('id="by-project"') :]
+        assert 'id="deployments"' in everything and "fake-flaky" in everything
+    with signed_in(relay.url, key) as console:
+        own = console.get(f"/console/projects/{project}/overview").text
+        assert 'class="bar completed"' in own and 'id="by-project"' not in own
+
+
 def test_responses_and_their_transcripts(relay: Relay, admin: AdminClient) -> None:
     project = admin.project("agents")
     _, key = admin.key(project)
@@ -606,6 +650,7 @@ class Tab:
     def __init__(self, browser: Browser, base_url: str) -> None:
         self.base_url = base_url
         self.context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.context.set_default_timeout(10_000)
         self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
         self.requested: list[str] = []
         self.errors: list[str] = []
@@ -660,12 +705,13 @@ def test_a_person_runs_the_console_in_a_browser(
     tab.shot(shots, "sign-in")
     page.fill("#key", ADMIN_KEY)
     tab.go("button[type=submit]")
-    assert page.url.endswith("/console/projects")
+    assert page.url.endswith("/console/overview")
     [session] = tab.context.cookies()
     assert session["name"] == "relay_console" and session["httpOnly"]
     assert session["sameSite"] == "Strict" and session["path"] == "/console"
 
     # A project, its policy, a key (shown once, copied with the button).
+    tab.go("nav >> text=Projects")
     page.fill("input[name=name]", "Search team")
     tab.go("text=Create project")
     assert page.locator("h1").inner_text().startswith("Search team")
@@ -680,7 +726,7 @@ def test_a_person_runs_the_console_in_a_browser(
     key = page.locator("#new-key").inner_text()
     assert key.startswith("sk-relay-")
     page.click("button[data-copy]")
-    assert page.locator("button[data-copy]").inner_text() == "Copied"
+    page.locator("button[data-copy]", has_text="Copied").wait_for()  # once the copy is done
     assert page.evaluate("navigator.clipboard.readText()") == key
     # The screenshot masks the key (a real one, of a server that is gone once the test ends).
     tab.shot(shots, "key-created", mask=[page.locator("#new-key")])
@@ -702,6 +748,23 @@ def test_a_person_runs_the_console_in_a_browser(
     assert "Tool call: get_weather" in transcript and '"location": "Paris"' in transcript
     assert call["output"][0]["call_id"] in transcript
     tab.shot(shots, "response")
+
+    # Its usage on the charts (today's bar: two requests, their tokens and cost).
+    page.goto(f"{relay.url}/console/projects/{project}")
+    tab.go("text=Overview →")
+    requests = page.locator("#chart-requests rect.bar.completed")
+    assert requests.count() == 1
+    title = requests.locator("title").text_content() or ""
+    assert title == f"{time.strftime('%Y-%m-%d', time.gmtime())}: 2 completed"
+    assert page.locator("#chart-tokens rect.bar.output").count() == 1
+    assert "fake-tool_call" in page.locator("#by-model").inner_text()
+    assert page.locator("#deployments").count() == 0  # every project's page has them
+    tab.shot(shots, "overview")
+    tab.go("nav >> text=Overview")
+    assert project in page.locator("#by-project").inner_text()
+    assert "get_weather" not in page.content()  # usage, not content
+    assert page.locator("#deployments .status.healthy").count() > 0
+    tab.shot(shots, "overview-all")
 
     # Revoke the key (after a confirmation), and the API refuses it.
     page.goto(f"{relay.url}/console/projects/{project}")
@@ -737,9 +800,10 @@ def test_a_project_key_in_the_browser_sees_its_project_only(
     page = tab.open("/console/sign-in")
     page.fill("#key", key)
     tab.go("button[type=submit]")
-    assert page.url.endswith(f"/console/projects/{project}/responses")
+    assert page.url.endswith(f"/console/projects/{project}/overview")
+    assert page.locator("nav").inner_text().split() == ["Overview", "Responses", "Project"]
+    tab.go("nav >> text=Responses")
     assert page.locator("#responses tbody tr").count() == 2
-    assert page.locator("nav").inner_text().split() == ["Responses", "Project"]
     tab.shot(shots, "project-key")
     for path, status in (
         (f"/console/projects/{other}/responses", 404),

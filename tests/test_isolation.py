@@ -193,7 +193,7 @@ def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str,
 
 CONSOLE_SEES = {"owner", "same project, another key", "admin"}
 CONSOLE_NOT_FOUND = {"another key's project", "a config file key"}
-CONSOLE_PAGES = ["project", "responses", "response", "project's policy (POST)"]
+CONSOLE_PAGES = ["project", "overview", "responses", "response", "project's policy (POST)"]
 
 
 @pytest.fixture(scope="module")
@@ -228,13 +228,13 @@ def test_console_pages_show_only_the_owning_project(
         )
         assert answer.status_code == expected, answer.text
         return
-    path = {"project": at, "responses": at + "/responses"}.get(
+    path = {"project": at, "overview": at + "/overview", "responses": at + "/responses"}.get(
         page, f"{at}/responses/{world.response_id}"
     )
     answer = console.get(path)
     if caller in CONSOLE_SEES:
         assert answer.status_code == 200, answer.text
-        if page != "project":
+        if page.startswith("response"):
             assert world.response_id in answer.text
     elif caller in CONSOLE_NOT_FOUND:
         # What a project that does not exist gets.

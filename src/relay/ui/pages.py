@@ -15,14 +15,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from relay.access.admin import RESPONSE_STATUSES, Admin
-from relay.api.admin import response_filters
+from relay.api.admin import deployments, response_filters
 from relay.api.auth import access
 from relay.api.paging import int_or_none
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
 from relay.models.policy import Policy
 from relay.storage.base import Store
-from relay.ui import render
+from relay.ui import charts, render
 from relay.ui.guard import ROOT, Form, Viewer
 from relay.ui.transcript import transcript
 
@@ -52,8 +52,65 @@ def _project_path(project_id: str, rest: str = "") -> str:
 
 async def home(request: Request, viewer: Viewer, form: Form) -> Response:
     if viewer.principal is not None:
-        return _see_other(_project_path(viewer.principal.project, "/responses"))
-    return _see_other(ROOT + "/projects")
+        return _see_other(_project_path(viewer.principal.project, "/overview"))
+    return _see_other(ROOT + "/overview")
+
+
+def _count(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _dollars(value: float) -> str:
+    return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Requests (by status), tokens and cost over the last days or hours, the same window
+    by model, deployment and project, and each deployment's health: the usage report of GET
+    /admin/v1/usage and GET /admin/v1/deployments. Every project's (an admin's page), or the
+    one of the path."""
+    project_id = request.path_params.get("project_id")
+    by: charts.Bucket = "hour" if request.query_params.get("by") == "hour" else "day"
+    now = time.time()
+    names = charts.buckets(by, now)
+    ledger = access(request).ledger
+
+    start = names[0][:10]  # the first bucket's day
+
+    async def report(*group_by: str) -> list[dict[str, Any]]:
+        return await ledger.report(
+            list(group_by), project=project_id, key=None, start=start, end=None
+        )
+
+    over_time = [entry for entry in await report(by, "status") if entry[by] in names]
+    statuses = charts.by_bucket(over_time, by, "status", "requests")
+    tokens = {
+        "input": charts.by_bucket(over_time, by, None, "input_tokens").get("input_tokens", {}),
+        "output": charts.by_bucket(over_time, by, None, "output_tokens").get("output_tokens", {}),
+    }
+    cost = charts.by_bucket(over_time, by, None, "cost_usd").get("cost_usd", {})
+    ordered = {name: statuses[name] for name in RESPONSE_STATUSES if name in statuses}
+    ordered |= statuses  # a status Relay does not write today, last
+    shown = [
+        charts.stacked("Requests", names, ordered, _count),
+        charts.stacked("Tokens", names, tokens, _count),
+        charts.stacked("Cost", names, {"cost": cost}, _dollars),
+    ]
+    breakdowns = [("Model", await report("model")), ("Deployment", await report("deployment"))]
+    if project_id is None:
+        breakdowns.append(("Project", await report("project")))
+    return render.page(
+        request,
+        viewer,
+        "overview.html",
+        project_id=project_id,
+        by=by,
+        start=start,
+        charts=shown,
+        breakdowns=breakdowns,
+        # Routes serve every project: their health is shown where every project's usage is.
+        deployments=deployments(request) if project_id is None else [],
+    )
 
 
 async def projects(request: Request, viewer: Viewer, form: Form) -> Response:

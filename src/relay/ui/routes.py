@@ -43,6 +43,8 @@ STATIC = "/static"
 # (path, handler, method, for admins only)
 _PAGES: list[tuple[str, Page, str, bool]] = [
     ("", pages.home, "GET", False),
+    ("/overview", pages.overview, "GET", True),
+    ("/projects/{project_id}/overview", pages.overview, "GET", False),
     ("/sign-out", sign_out, "POST", False),
     ("/projects", pages.projects, "GET", True),
     ("/projects", pages.create_project, "POST", True),
