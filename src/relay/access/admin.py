@@ -15,8 +15,9 @@ from relay.access.keys import KEY_PREFIX, digest, new_key
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import new_id
 from relay.models.policy import NO_POLICY, Policy
+from relay.storage.conversations import view as conversation_view
 from relay.storage.database import Database
-from relay.storage.tables import api_keys, audit_log, projects, responses
+from relay.storage.tables import api_keys, audit_log, conversations, projects, responses
 
 PROJECT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_TIME = 2**53  # unix seconds: far beyond any expiry, within every column type
@@ -128,6 +129,30 @@ def response_summary(row: Any) -> dict[str, Any]:
         "error": body.get("error"),
         "metadata": body.get("metadata") or {},
     }
+
+
+def _newest_first(
+    conn: Connection, table: Any, tenant: str, where: list[Any], after: str | None, limit: int
+) -> list[Any]:
+    """A page of a tenant's visible rows of `table` (responses, conversations), newest first:
+    by the second each was made, then by id, so that `after` (an id of the list) is exact."""
+    query = select(table).where(table.c.tenant == tenant, table.c.deleted_at.is_(None), *where)
+    if after is not None:
+        cursor = conn.execute(
+            select(table.c.created_at).where(table.c.id == after, table.c.tenant == tenant)
+        ).first()
+        if cursor is None:
+            raise InvalidRequest(
+                f"Invalid 'after': no '{after[:100]}' in this project's list.", param="after"
+            )
+        query = query.where(
+            or_(
+                table.c.created_at < cursor.created_at,
+                and_(table.c.created_at == cursor.created_at, table.c.id < after),
+            )
+        )
+    query = query.order_by(table.c.created_at.desc(), table.c.id.desc())
+    return list(conn.execute(query.limit(limit + 1)).all())
 
 
 def _audit(conn: Connection, actor: str, action: str, target: str, detail: Any) -> None:
@@ -335,37 +360,25 @@ class Admin:
         """A project's stored responses (deleted ones left out), newest first; `after`: a
         response id of the list, to page on to older ones. Any tenant's, a config file's
         included: no project row is needed."""
-        where = [responses.c.tenant == project_id, responses.c.deleted_at.is_(None)]
+        where = []
         if status is not None:
             where.append(responses.c.status == status)
         if model is not None:
             where.append(responses.c.model == model)
-
-        def work(conn: Connection) -> list[Any]:
-            query = select(responses).where(*where)
-            if after is not None:
-                cursor = conn.execute(
-                    select(responses.c.created_at).where(
-                        responses.c.id == after, responses.c.tenant == project_id
-                    )
-                ).first()
-                if cursor is None:
-                    raise InvalidRequest(
-                        f"Invalid 'after': no response '{after[:100]}' in this project.",
-                        param="after",
-                    )
-                # Ties on the second are ordered by id, so the cursor is exact.
-                query = query.where(
-                    or_(
-                        responses.c.created_at < cursor.created_at,
-                        and_(responses.c.created_at == cursor.created_at, responses.c.id < after),
-                    )
-                )
-            query = query.order_by(responses.c.created_at.desc(), responses.c.id.desc())
-            return list(conn.execute(query.limit(limit + 1)).all())
-
-        rows = await self.db.read(work)
+        rows = await self.db.read(
+            lambda conn: _newest_first(conn, responses, project_id, where, after, limit)
+        )
         return page([response_summary(row) for row in rows], limit)
+
+    async def list_conversations(
+        self, project_id: str, after: str | None, limit: int
+    ) -> dict[str, Any]:
+        """A project's conversations (deleted ones left out), newest first, as GET
+        /v1/conversations/{id} shows each."""
+        rows = await self.db.read(
+            lambda conn: _newest_first(conn, conversations, project_id, [], after, limit)
+        )
+        return page([conversation_view(row) for row in rows], limit)
 
     async def audit(
         self,

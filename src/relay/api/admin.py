@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute
 
 from relay.access.admin import MAX_PAGE, RESPONSE_STATUSES, Admin
 from relay.access.usage import GROUPS
+from relay.api import background
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
 from relay.api.paging import cursor, int_or_none, order, read_body
 from relay.api.paging import limit as item_limit
@@ -24,6 +25,7 @@ from relay.models.policy import Policy
 from relay.protocol import json_object, nul_field
 from relay.providers.registry import Deployment, Registry
 from relay.storage.base import Store
+from relay.storage.conversations import ConversationStore
 
 PREFIX = "/admin/v1"
 DEFAULT_PAGE = 20
@@ -235,6 +237,44 @@ async def list_responses(request: Request, actor: str) -> Response:
     return _json(listed)
 
 
+async def list_conversations(request: Request, actor: str) -> Response:
+    project_id = request.path_params["project_id"]
+    after = request.query_params.get("after")
+    return _json(await _admin(request).list_conversations(project_id, after, _limit(request)))
+
+
+def _conversations(request: Request) -> ConversationStore:
+    conversations: ConversationStore = request.app.state.conversations
+    return conversations
+
+
+async def get_conversation(request: Request, actor: str) -> Response:
+    """A project's conversation, as its keys read it (GET /v1/conversations/{id})."""
+    project_id = request.path_params["project_id"]
+    conversation_id = request.path_params["conversation_id"]
+    return _json(await _conversations(request).get(project_id, conversation_id))
+
+
+async def list_conversation_items(request: Request, actor: str) -> Response:
+    """A project's conversation's items, paged as GET /v1/conversations/{id}/items."""
+    found = await _conversations(request).page(
+        request.path_params["project_id"],
+        request.path_params["conversation_id"],
+        after=cursor(request, "after"),
+        limit=item_limit(request),
+        order="asc" if order(request) == "asc" else "desc",
+    )
+    return _json(
+        {
+            "object": "list",
+            "data": found.data,
+            "first_id": found.first_id,
+            "last_id": found.last_id,
+            "has_more": found.has_more,
+        }
+    )
+
+
 def _store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
@@ -260,11 +300,15 @@ def _not_found(response_id: str) -> NotFound:
 
 
 async def get_response(request: Request, actor: str) -> Response:
-    """A project's stored response, as its project's keys read it (GET /v1/responses/{id})."""
+    """A project's stored response, as its project's keys read it (GET /v1/responses/{id});
+    with stream=true, a background response's events (after `starting_after`), followed
+    live until it ends."""
     response_id = _response_id(request)
     stored = await _store(request).get_response(request.path_params["project_id"], response_id)
     if stored is None:
         raise _not_found(response_id)
+    if request.query_params.get("stream") == "true":
+        return background.resume(request, stored)
     return _json(stored)
 
 
@@ -311,6 +355,13 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/projects/{project_id}/responses", list_responses, "GET"),
     ("/projects/{project_id}/responses/{response_id}", get_response, "GET"),
     ("/projects/{project_id}/responses/{response_id}/input_items", list_input_items, "GET"),
+    ("/projects/{project_id}/conversations", list_conversations, "GET"),
+    ("/projects/{project_id}/conversations/{conversation_id}", get_conversation, "GET"),
+    (
+        "/projects/{project_id}/conversations/{conversation_id}/items",
+        list_conversation_items,
+        "GET",
+    ),
 ]
 
 

@@ -266,5 +266,6 @@ console_sessions = Table(
     Index(None, "expires_at"),
 )
 
-# The console (and the admin API) list a project's responses newest first.
+# The console (and the admin API) list a project's responses and conversations newest first.
 Index("ix_responses_tenant_created_at", responses.c.tenant, responses.c.created_at)
+Index("ix_conversations_tenant_created_at", conversations.c.tenant, conversations.c.created_at)

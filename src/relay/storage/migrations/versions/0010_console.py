@@ -1,4 +1,5 @@
-"""The web console's sessions, and an index to list a project's responses newest first.
+"""The web console's sessions, and indexes to list a project's responses and conversations
+newest first.
 
 Numbered 0010, after 0008: 0009 is left to another line of work (stored prompt templates)
 written at the same time; whichever lands second makes its down_revision the other's.
@@ -32,8 +33,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_console_sessions_expires_at", "console_sessions", ["expires_at"])
     op.create_index("ix_responses_tenant_created_at", "responses", ["tenant", "created_at"])
+    op.create_index("ix_conversations_tenant_created_at", "conversations", ["tenant", "created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_conversations_tenant_created_at", "conversations")
     op.drop_index("ix_responses_tenant_created_at", "responses")
     op.drop_table("console_sessions")
