@@ -562,6 +562,75 @@ def test_responses_and_their_transcripts(relay: Relay, admin: AdminClient) -> No
             assert console.get(f"{base}/{unknown}").status_code == 404
 
 
+def test_conversations_and_their_items(relay: Relay, admin: AdminClient) -> None:
+    project, other = admin.project("chatty"), admin.project("quiet")
+    _, key = admin.key(project)
+    with client(relay.url, key) as http:
+        said = [{"type": "message", "role": "user", "content": "Remember: blue."}]
+        body = {"items": said, "metadata": {"topic": "colours"}}
+        first = http.post("/v1/conversations", json=body).json()
+        second = http.post("/v1/conversations", json={}).json()
+        turn = http.post(
+            "/v1/responses",
+            json={"model": "fake-text", "input": "Which colour?", "conversation": first["id"]},
+        ).json()
+        items = http.get(f"/v1/conversations/{first['id']}/items", params={"order": "asc"}).json()
+    with client(relay.url, admin.key(other)[1]) as http:
+        theirs = http.post("/v1/conversations", json={}).json()
+    # The admin API, as the console reads it.
+    base = f"/projects/{project}/conversations"
+    listed = admin.call("GET", base)["data"]
+    newer, older = _newest_first([first, second])
+    assert [entry["id"] for entry in listed] == [newer["id"], older["id"]]
+    assert admin.call("GET", f"{base}/{first['id']}") == {**first, "object": "conversation"}
+    assert admin.call("GET", f"{base}/{first['id']}/items", order="asc") == items
+    missing = admin.http.get(f"/admin/v1{base}/{theirs['id']}")
+    assert missing.json()["error"]["code"] == "conversation_not_found"
+    with signed_in(relay.url, key) as console:
+        page = console.get(f"/console{base}").text
+        assert first["id"] in page and second["id"] in page and theirs["id"] not in page
+        assert "topic: colours" in page
+        shown = console.get(f"/console{base}/{first['id']}").text
+        for text in ("Remember: blue.", "Which colour?", "You said: Which colour?"):
+            assert text in shown
+        assert shown.index("Remember: blue.") < shown.index("Which colour?")
+        answer_page = console.get(f"/console/projects/{project}/responses/{turn['id']}").text
+        assert f'href="/console{base}/{first["id"]}"' in answer_page
+        assert console.get(f"/console/projects/{other}/conversations").status_code == 404
+        assert console.get(f"/console{base}/{theirs['id']}").status_code == 404
+
+
+def test_a_running_background_response_is_followed_live(relay: Relay, admin: AdminClient) -> None:
+    project = admin.project("background")
+    _, key = admin.key(project)
+    started = _ask(relay.url, key, model="fake-slow", background=True)
+    path = f"/console/projects/{project}/responses/{started['id']}"
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        running = console.get(path).text
+        assert 'id="live"' in running and f'data-events="{path}/events"' in running
+        with console.http.stream("GET", f"{path}/events") as events:
+            assert events.headers["content-type"].startswith("text/event-stream")
+            assert events.headers["content-security-policy"] == CSP
+            kinds = [
+                line.removeprefix("event: ")
+                for line in events.iter_lines()
+                if line.startswith("event: ")
+            ]
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert kinds.count("response.output_text.delta") == 10
+        assert 'id="live"' not in console.get(path).text  # ended: shown as stored
+        done = console.get(f"{path}/events")  # an ended response's events: all, replayed
+        assert done.text.count("event: response.output_text.delta") == 10
+    streamed = admin.http.get(
+        f"/admin/v1/projects/{project}/responses/{started['id']}", params={"stream": "true"}
+    )
+    assert streamed.text.count("event: response.output_text.delta") == 10
+    plain = _ask(relay.url, key)
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        refused = console.get(f"/console/projects/{project}/responses/{plain['id']}/events")
+        assert refused.status_code == 400  # only background responses keep their events
+
+
 def test_the_admin_api_lists_a_projects_responses(relay: Relay, admin: AdminClient) -> None:
     project, other = admin.project("listed"), admin.project("unlisted")
     _, key = admin.key(project)
@@ -795,16 +864,31 @@ def test_a_project_key_in_the_browser_sees_its_project_only(
     project, other = admin.project("mobile app"), admin.project("billing")
     _, key = admin.key(project, name="ci bot")
     _tool_chain(relay.url, key)
+    with client(relay.url, key) as http:
+        said = [{"type": "message", "role": "user", "content": "My order number is 4411."}]
+        chat = http.post("/v1/conversations", json={"items": said, "metadata": {"app": "ios"}})
+        conversation = chat.json()["id"]
+    _ask(relay.url, key, input="Where is my order?", conversation=conversation)
     theirs = _ask(relay.url, admin.key(other)[1])
     tab = Tab(browser, relay.url)
     page = tab.open("/console/sign-in")
     page.fill("#key", key)
     tab.go("button[type=submit]")
     assert page.url.endswith(f"/console/projects/{project}/overview")
-    assert page.locator("nav").inner_text().split() == ["Overview", "Responses", "Project"]
+    assert page.locator("nav").inner_text().split() == [
+        "Overview",
+        "Responses",
+        "Conversations",
+        "Project",
+    ]
     tab.go("nav >> text=Responses")
-    assert page.locator("#responses tbody tr").count() == 2
+    assert page.locator("#responses tbody tr").count() == 3
     tab.shot(shots, "project-key")
+    tab.go("nav >> text=Conversations")
+    tab.go(f"a.cid >> text={conversation}")
+    items = page.locator("#transcript").inner_text()
+    assert items.index("My order number is 4411.") < items.index("Where is my order?")
+    tab.shot(shots, "conversation")
     for path, status in (
         (f"/console/projects/{other}/responses", 404),
         (f"/console/projects/{other}/responses/{theirs['id']}", 404),
@@ -820,3 +904,26 @@ def test_a_project_key_in_the_browser_sees_its_project_only(
     assert "ci bot" in page.locator("#keys").inner_text()
     assert page.locator("button.danger").count() == 0  # nothing to change here
     tab.check_and_close([key])
+
+
+def test_a_running_background_response_in_the_browser(
+    relay: Relay, admin: AdminClient, browser: Browser, shots: Path
+) -> None:
+    project = admin.project("nightly jobs")
+    _, key = admin.key(project)
+    tab = Tab(browser, relay.url)
+    page = tab.open("/console/sign-in")
+    page.fill("#key", ADMIN_KEY)
+    tab.go("button[type=submit]")
+    # Ten words, one every 0.2 s: the page opens while it runs.
+    started = _ask(relay.url, key, model="fake-slow", background=True)
+    page.goto(f"{relay.url}/console/projects/{project}/responses/{started['id']}")
+    page.locator("#live-text", has_text="one two").wait_for()
+    tab.shot(shots, "live")
+    page.locator("h1 .status.completed").wait_for()  # reloaded once it ended
+    assert page.locator("#live").count() == 0
+    opened = [url for url in tab.requested if url.endswith(started["id"])]
+    assert len(opened) == 2  # the page, then its one reload
+    words = "one two three four five six seven eight nine ten"
+    assert words in page.locator("#transcript").inner_text()
+    tab.check_and_close([ADMIN_KEY, key])

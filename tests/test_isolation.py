@@ -193,7 +193,16 @@ def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str,
 
 CONSOLE_SEES = {"owner", "same project, another key", "admin"}
 CONSOLE_NOT_FOUND = {"another key's project", "a config file key"}
-CONSOLE_PAGES = ["project", "overview", "responses", "response", "project's policy (POST)"]
+CONSOLE_PAGES = [
+    "project",
+    "overview",
+    "responses",
+    "response",
+    "response events",
+    "conversations",
+    "conversation",
+    "project's policy (POST)",
+]
 
 
 @pytest.fixture(scope="module")
@@ -228,20 +237,29 @@ def test_console_pages_show_only_the_owning_project(
         )
         assert answer.status_code == expected, answer.text
         return
-    path = {"project": at, "overview": at + "/overview", "responses": at + "/responses"}.get(
-        page, f"{at}/responses/{world.response_id}"
-    )
+    path = {
+        "project": at,
+        "overview": at + "/overview",
+        "responses": at + "/responses",
+        "response": f"{at}/responses/{world.response_id}",
+        "response events": f"{at}/responses/{world.response_id}/events",
+        "conversations": at + "/conversations",
+        "conversation": f"{at}/conversations/{world.conversation_id}",
+    }[page]
     answer = console.get(path)
     if caller in CONSOLE_SEES:
         assert answer.status_code == 200, answer.text
         if page.startswith("response"):
             assert world.response_id in answer.text
+        if page.startswith("conversation"):
+            assert world.conversation_id in answer.text
     elif caller in CONSOLE_NOT_FOUND:
         # What a project that does not exist gets.
         unknown = console.get(path.replace(world.home, "proj_unknown"))
         assert (answer.status_code, unknown.status_code) == (404, 404)
         assert answer.text.replace(world.home, "proj_unknown") == unknown.text
         assert world.response_id not in answer.text
+        assert world.conversation_id not in answer.text
     else:
         assert (answer.status_code, answer.headers["location"]) == (303, "/console/sign-in")
 
@@ -288,6 +306,12 @@ def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
         "/projects/x/responses",
         "/projects/x/responses/resp_x",
         "/projects/x/responses/resp_x/input_items",
+        "/projects/x/conversations",
+        "/projects/x/conversations/conv_x",
+        "/projects/x/conversations/conv_x/items",
+        "/projects/x/spend",
+        "/keys/key_x/spend",
+        "/deployments",
     ],
 )
 def test_client_keys_never_open_the_admin_plane(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -15,16 +16,17 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from relay.access.admin import RESPONSE_STATUSES, Admin
+from relay.api import background
 from relay.api.admin import deployments, response_filters
 from relay.api.auth import access
 from relay.api.paging import int_or_none
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import looks_like_response_id
 from relay.models.policy import Policy
-from relay.storage.base import Store
-from relay.ui import charts, render
+from relay.storage.base import ItemPage, Store
+from relay.storage.conversations import ConversationStore
+from relay.ui import charts, render, transcript
 from relay.ui.guard import ROOT, Form, Viewer
-from relay.ui.transcript import transcript
 
 PAGE = 50  # rows a list shows at once
 TRANSCRIPT_ITEMS = 1000  # input items a transcript shows at most
@@ -346,26 +348,90 @@ async def response(request: Request, viewer: Viewer, form: Form) -> Response:
         stored = await store.get_response(project_id, response_id)
     if stored is None:
         raise NotFound(f"Response '{response_id[:100]}' not found.", code="response_not_found")
-    items: list[dict[str, Any]] = []
-    after = None
-    while len(items) < TRANSCRIPT_ITEMS:
+
+    async def input_items(after: str | None) -> ItemPage:
         found = await store.list_input_items(
             project_id, response_id, after=after, before=None, limit=100, order="asc"
         )
         if found is None:  # deleted meanwhile
             raise NotFound(f"Response '{response_id}' not found.", code="response_not_found")
-        items.extend(found.data)
-        if not found.has_more:
-            break
-        after = found.last_id
+        return found
+
+    items, cut = await _all_items(input_items)
     return render.page(
         request,
         viewer,
         "response.html",
         project_id=project_id,
         response=stored,
-        entries=transcript(items, stored.get("output") or []),
-        cut=len(items) >= TRANSCRIPT_ITEMS,
+        entries=transcript.transcript(items, stored.get("output") or []),
+        cut=cut,
+        live=stored.get("background") and stored["status"] in ("queued", "in_progress"),
+    )
+
+
+async def _all_items(
+    pages: Callable[[str | None], Awaitable[ItemPage]],
+) -> tuple[list[dict[str, Any]], bool]:
+    """Items page after page, up to TRANSCRIPT_ITEMS; and whether some were left out."""
+    items: list[dict[str, Any]] = []
+    after = None
+    while len(items) < TRANSCRIPT_ITEMS:
+        found = await pages(after)
+        items.extend(found.data)
+        if not found.has_more:
+            return items, False
+        after = found.last_id
+    return items, True
+
+
+async def response_events(request: Request, viewer: Viewer, form: Form) -> Response:
+    """A background response's events, replayed then followed live until it ends: what GET
+    /admin/v1/projects/{id}/responses/{id}?stream=true answers (and the project's keys get
+    from GET /v1/responses/{id}?stream=true). The response page's script reads it."""
+    project_id = request.path_params["project_id"]
+    response_id = request.path_params["response_id"]
+    stored = None
+    if looks_like_response_id(response_id):
+        stored = await _store(request).get_response(project_id, response_id)
+    if stored is None:
+        raise NotFound(f"Response '{response_id[:100]}' not found.", code="response_not_found")
+    return background.resume(request, stored)
+
+
+async def conversations(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    after = request.query_params.get("after") or None
+    listed = await _admin(request).list_conversations(project_id, after, PAGE)
+    older = "?" + urlencode({"after": listed["last_id"]}) if listed["has_more"] else None
+    return render.page(
+        request,
+        viewer,
+        "conversations.html",
+        project_id=project_id,
+        conversations=listed["data"],
+        more=older,
+    )
+
+
+async def conversation(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    conversation_id = request.path_params["conversation_id"]
+    store: ConversationStore = request.app.state.conversations
+    found = await store.get(project_id, conversation_id)
+
+    async def pages(after: str | None) -> ItemPage:
+        return await store.page(project_id, conversation_id, after=after, limit=100, order="asc")
+
+    items, cut = await _all_items(pages)
+    return render.page(
+        request,
+        viewer,
+        "conversation.html",
+        project_id=project_id,
+        conversation=found,
+        entries=transcript.conversation(items),
+        cut=cut,
     )
 
 

@@ -57,6 +57,9 @@ _PAGES: list[tuple[str, Page, str, bool]] = [
     ("/projects/{project_id}/keys/{key_id}/revoke", pages.revoke_key, "POST", True),
     ("/projects/{project_id}/responses", pages.responses, "GET", False),
     ("/projects/{project_id}/responses/{response_id}", pages.response, "GET", False),
+    ("/projects/{project_id}/responses/{response_id}/events", pages.response_events, "GET", False),
+    ("/projects/{project_id}/conversations", pages.conversations, "GET", False),
+    ("/projects/{project_id}/conversations/{conversation_id}", pages.conversation, "GET", False),
     ("/audit", pages.audit, "GET", True),
 ]
 
@@ -74,7 +77,7 @@ class _Guarded:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", []), *_HEADERS]
-                if not static:
+                if not static and not any(name == b"cache-control" for name, _ in headers):
                     headers.append(_NO_STORE)
                 message = {**message, "headers": headers}
             await send(message)

@@ -93,3 +93,23 @@ def transcript(input_items: list[dict[str, Any]], output: list[dict[str, Any]]) 
     return [entry("input", item) for item in input_items] + [
         entry("output", item) for item in output
     ]
+
+
+# What a conversation's client gave (the rest came from the model, or from tools Relay ran).
+_GIVEN_ROLES = frozenset({"user", "system", "developer"})
+_GIVEN_TYPES = frozenset(
+    {"function_call_output", "custom_tool_call_output", "mcp_approval_response"}
+)
+
+
+def conversation(items: list[dict[str, Any]]) -> list[Entry]:
+    """A conversation's items in order, each on the side of who wrote it."""
+    return [
+        entry(
+            "input"
+            if item.get("role") in _GIVEN_ROLES or item.get("type") in _GIVEN_TYPES
+            else "output",
+            item,
+        )
+        for item in items
+    ]
