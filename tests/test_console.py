@@ -544,6 +544,7 @@ def test_responses_and_their_transcripts(relay: Relay, admin: AdminClient) -> No
         assert failed["id"] in only_failed and call["id"] not in only_failed
         by_model = console.get(base, model="fake-tool_call").text
         assert call["id"] in by_model and answer["id"] not in by_model
+        assert "No stored responses match." in console.get(base, start="2999-01-01").text
         assert console.get(base, status="bogus").status_code == 400
 
         first = console.get(f"{base}/{call['id']}").text
@@ -648,7 +649,17 @@ def test_the_admin_api_lists_a_projects_responses(relay: Relay, admin: AdminClie
     assert summary["usage"] == answer["usage"]
     assert admin.call("GET", base, model="fake-tool_call")["data"][0]["id"] == call["id"]
     assert admin.call("GET", base, status="failed")["data"] == []
-    for params in ({"status": "done"}, {"after": "resp_unknown"}, {"limit": "0"}):
+    today = time.strftime("%Y-%m-%d", time.gmtime(call["created_at"]))
+    assert len(admin.call("GET", base, start=today, end=today)["data"]) == 2
+    assert admin.call("GET", base, start="2999-01-01")["data"] == []
+    assert admin.call("GET", base, end="2000-01-01")["data"] == []
+    for params in (
+        {"status": "done"},
+        {"after": "resp_unknown"},
+        {"limit": "0"},
+        {"start": "2026-13-01"},
+        {"end": "today"},
+    ):
         refused = admin.http.get(f"/admin/v1{base}", params=params)
         assert refused.status_code == 400, params
     # One response, and its input items, as the project's own keys read them.

@@ -3,6 +3,7 @@ change writes its audit row in the same transaction (who, what, when; never a ke
 
 from __future__ import annotations
 
+import calendar
 import re
 import time
 from typing import Any
@@ -129,6 +130,16 @@ def response_summary(row: Any) -> dict[str, Any]:
         "error": body.get("error"),
         "metadata": body.get("metadata") or {},
     }
+
+
+def _day_start(name: str, day: str) -> int:
+    """The first second of a UTC day written YYYY-MM-DD, or a 400 naming the parameter."""
+    try:
+        return calendar.timegm(time.strptime(day, "%Y-%m-%d"))
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid '{name}': expected a day as YYYY-MM-DD.", param=name
+        ) from None
 
 
 def _newest_first(
@@ -356,15 +367,22 @@ class Admin:
         *,
         status: str | None = None,
         model: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
     ) -> dict[str, Any]:
         """A project's stored responses (deleted ones left out), newest first; `after`: a
-        response id of the list, to page on to older ones. Any tenant's, a config file's
-        included: no project row is needed."""
+        response id of the list, to page on to older ones; `start` and `end`: the UTC days
+        they were made in (inclusive, YYYY-MM-DD). Any tenant's, a config file's included:
+        no project row is needed."""
         where = []
         if status is not None:
             where.append(responses.c.status == status)
         if model is not None:
             where.append(responses.c.model == model)
+        if start is not None:
+            where.append(responses.c.created_at >= _day_start("start", start))
+        if end is not None:
+            where.append(responses.c.created_at < _day_start("end", end) + 86400)
         rows = await self.db.read(
             lambda conn: _newest_first(conn, responses, project_id, where, after, limit)
         )

@@ -218,14 +218,19 @@ async def list_deployments(request: Request, actor: str) -> Response:
 
 
 def response_filters(request: Request) -> dict[str, str | None]:
-    """The filters of a list of responses: `status` (one of the response statuses) and
-    `model` (the route's name, as the response reports it)."""
-    status = request.query_params.get("status") or None
+    """The filters of a list of responses: `status` (one of the response statuses), `model`
+    (the route's name, as the response reports it), `start` and `end` (UTC days, inclusive,
+    YYYY-MM-DD, read by Admin.list_responses)."""
+    query = request.query_params
+    status = query.get("status") or None
     if status is not None and status not in RESPONSE_STATUSES:
         raise InvalidRequest(
             f"Invalid 'status': expected one of {', '.join(RESPONSE_STATUSES)}.", param="status"
         )
-    return {"status": status, "model": request.query_params.get("model") or None}
+    return {
+        "status": status,
+        **{name: query.get(name) or None for name in ("model", "start", "end")},
+    }
 
 
 async def list_responses(request: Request, actor: str) -> Response:
