@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import orjson
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from relay.errors import RelayError
 
@@ -65,3 +65,12 @@ def error(request: Request, viewer: Viewer | None, failure: RelayError) -> Respo
     answer = page(request, viewer, "error.html", failure.status, error=failure)
     answer.headers.update(failure.headers)
     return answer
+
+
+def see_other(path: str) -> Response:
+    """The answer to a change: the page to see it on (a reload of that never repeats it)."""
+    return RedirectResponse(path, status_code=303)
+
+
+def project_path(project_id: str, rest: str = "") -> str:
+    return f"/console/projects/{project_id}{rest}"

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay.ui import pages
+from relay.ui import pages, projects
 from relay.ui.guard import (
     ROOT,
     Endpoint,
@@ -46,15 +46,15 @@ _PAGES: list[tuple[str, Page, str, bool]] = [
     ("/overview", pages.overview, "GET", True),
     ("/projects/{project_id}/overview", pages.overview, "GET", False),
     ("/sign-out", sign_out, "POST", False),
-    ("/projects", pages.projects, "GET", True),
-    ("/projects", pages.create_project, "POST", True),
-    ("/projects/{project_id}", pages.project, "GET", False),
-    ("/projects/{project_id}/policy", pages.update_policy, "POST", True),
-    ("/projects/{project_id}/keys", pages.create_key, "POST", True),
-    ("/projects/{project_id}/archive", pages.archive_project, "POST", True),
-    ("/projects/{project_id}/keys/{key_id}", pages.key, "GET", True),
-    ("/projects/{project_id}/keys/{key_id}", pages.update_key, "POST", True),
-    ("/projects/{project_id}/keys/{key_id}/revoke", pages.revoke_key, "POST", True),
+    ("/projects", projects.projects, "GET", True),
+    ("/projects", projects.create_project, "POST", True),
+    ("/projects/{project_id}", projects.project, "GET", False),
+    ("/projects/{project_id}/policy", projects.update_policy, "POST", True),
+    ("/projects/{project_id}/keys", projects.create_key, "POST", True),
+    ("/projects/{project_id}/archive", projects.archive_project, "POST", True),
+    ("/projects/{project_id}/keys/{key_id}", projects.key, "GET", True),
+    ("/projects/{project_id}/keys/{key_id}", projects.update_key, "POST", True),
+    ("/projects/{project_id}/keys/{key_id}/revoke", projects.revoke_key, "POST", True),
     ("/projects/{project_id}/responses", pages.responses, "GET", False),
     ("/projects/{project_id}/responses/{response_id}", pages.response, "GET", False),
     ("/projects/{project_id}/responses/{response_id}/events", pages.response_events, "GET", False),
