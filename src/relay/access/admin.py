@@ -398,6 +398,11 @@ class Admin:
         )
         return page([conversation_view(row) for row in rows], limit)
 
+    async def note(self, actor: str, action: str, target: str) -> None:
+        """An admin's action elsewhere than on projects and keys (cancelling a project's
+        response), in the audit log."""
+        await self.db.write(lambda conn: _audit(conn, actor, action, target, {}))
+
     async def audit(
         self,
         after: int | None,

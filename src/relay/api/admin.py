@@ -317,6 +317,19 @@ async def get_response(request: Request, actor: str) -> Response:
     return _json(stored)
 
 
+async def cancel_response(request: Request, actor: str) -> Response:
+    """A project's queued or running background response cancelled, as POST
+    /v1/responses/{id}/cancel does for its keys; in the audit log (response.cancel)."""
+    project_id = request.path_params["project_id"]
+    response_id = _response_id(request)
+    stored = await _store(request).get_response(project_id, response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    answer = await background.cancel(request, project_id, stored)
+    await _admin(request).note(actor, "response.cancel", response_id)
+    return answer
+
+
 async def list_input_items(request: Request, actor: str) -> Response:
     """A project's stored response's input items, paged as GET /v1/responses/{id}/input_items."""
     response_id = _response_id(request)
@@ -360,6 +373,7 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/projects/{project_id}/responses", list_responses, "GET"),
     ("/projects/{project_id}/responses/{response_id}", get_response, "GET"),
     ("/projects/{project_id}/responses/{response_id}/input_items", list_input_items, "GET"),
+    ("/projects/{project_id}/responses/{response_id}/cancel", cancel_response, "POST"),
     ("/projects/{project_id}/conversations", list_conversations, "GET"),
     ("/projects/{project_id}/conversations/{conversation_id}", get_conversation, "GET"),
     (
