@@ -630,6 +630,22 @@ def test_a_running_background_response_is_followed_live(relay: Relay, admin: Adm
     with signed_in(relay.url, ADMIN_KEY) as console:
         refused = console.get(f"/console/projects/{project}/responses/{plain['id']}/events")
         assert refused.status_code == 400  # only background responses keep their events
+        # An admin cancels one (the console's form, then the admin API's), in the audit log.
+        running = _ask(relay.url, key, model="fake-slow", background=True)
+        at = f"/console/projects/{project}/responses/{running['id']}"
+        console.get(at)
+        assert console.post(f"{at}/cancel").headers["location"] == at
+        assert 'class="status cancelled"' in console.get(at).text
+        again = _ask(relay.url, key, model="fake-slow", background=True)
+        cancel = f"/projects/{project}/responses/{again['id']}/cancel"
+        assert admin.call("POST", cancel)["status"] == "cancelled"
+        assert console.post(f"{path}/cancel").status_code == 303  # ended: answered as it is
+    entries = admin.call("GET", "/audit_log", action="response.cancel")["data"]
+    assert [(entry["actor"], entry["target"]) for entry in entries[:3]] == [
+        ("console:ops", started["id"]),
+        ("ops", again["id"]),
+        ("console:ops", running["id"]),
+    ]
 
 
 def test_the_admin_api_lists_a_projects_responses(relay: Relay, admin: AdminClient) -> None:
@@ -938,3 +954,25 @@ def test_a_running_background_response_in_the_browser(
     words = "one two three four five six seven eight nine ten"
     assert words in page.locator("#transcript").inner_text()
     tab.check_and_close([ADMIN_KEY, key])
+
+
+def test_cancelling_a_running_response_in_the_browser(
+    relay: Relay, admin: AdminClient, browser: Browser
+) -> None:
+    project = admin.project("cancelled jobs")
+    _, key = admin.key(project)
+    tab = Tab(browser, relay.url)
+    page = tab.open("/console/sign-in")
+    page.fill("#key", key)  # a project key may cancel its project's responses, as the API lets it
+    tab.go("button[type=submit]")
+    started = _ask(relay.url, key, model="fake-slow", background=True)
+    page.goto(f"{relay.url}/console/projects/{project}/responses/{started['id']}")
+    page.locator("#live-text", has_text="one").wait_for()
+    page.once("dialog", lambda dialog: dialog.accept())
+    tab.go("#cancel")
+    page.locator("h1 .status.cancelled").wait_for()
+    assert page.locator("#live").count() == 0
+    with client(relay.url, key) as http:
+        stored = http.get(f"/v1/responses/{started['id']}").json()
+    assert stored["status"] == "cancelled"
+    tab.check_and_close([key])

@@ -202,6 +202,7 @@ CONSOLE_PAGES = [
     "conversations",
     "conversation",
     "project's policy (POST)",
+    "response cancel (POST)",
 ]
 
 
@@ -229,12 +230,16 @@ def test_console_pages_show_only_the_owning_project(
     console = consoles[caller]
     at = f"/console/projects/{world.home}"
     if page.endswith("(POST)"):
-        # A form the owner's key may not send either (an admin's); its CSRF token is right.
-        console.get("/console")
-        answer = console.post(at + "/policy", {"rpm": "100000"})  # a limit nobody reaches
-        expected = {"admin": 303, "no session": 403}.get(
-            caller, 404 if caller in CONSOLE_NOT_FOUND else 403
-        )
+        console.get("/console")  # its CSRF token is right
+        if page.startswith("response cancel"):
+            # Any of the project's keys may cancel its responses (this one has ended).
+            answer = console.post(f"{at}/responses/{world.response_id}/cancel")
+            allowed = CONSOLE_SEES
+        else:
+            # A form the owner's key may not send either (an admin's).
+            answer = console.post(at + "/policy", {"rpm": "100000"})  # a limit nobody reaches
+            allowed = {"admin"}
+        expected = 303 if caller in allowed else 404 if caller in CONSOLE_NOT_FOUND else 403
         assert answer.status_code == expected, answer.text
         return
     path = {

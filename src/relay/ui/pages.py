@@ -128,11 +128,7 @@ async def response(request: Request, viewer: Viewer, form: Form) -> Response:
     project_id = request.path_params["project_id"]
     response_id = request.path_params["response_id"]
     store = _store(request)
-    stored = None
-    if looks_like_response_id(response_id):
-        stored = await store.get_response(project_id, response_id)
-    if stored is None:
-        raise NotFound(f"Response '{response_id[:100]}' not found.", code="response_not_found")
+    stored = await _stored(request, project_id, response_id)
 
     async def input_items(after: str | None) -> ItemPage:
         found = await store.list_input_items(
@@ -170,17 +166,33 @@ async def _all_items(
     return items, True
 
 
-async def response_events(request: Request, viewer: Viewer, form: Form) -> Response:
-    """A background response's events, replayed then followed live until it ends: what GET
-    /admin/v1/projects/{id}/responses/{id}?stream=true answers (and the project's keys get
-    from GET /v1/responses/{id}?stream=true). The response page's script reads it."""
+async def cancel_response(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Cancel a queued or running background response: what POST /v1/responses/{id}/cancel
+    does for the project's keys (a project key's session may too), and POST
+    /admin/v1/projects/{id}/responses/{id}/cancel for an admin (in the audit log)."""
     project_id = request.path_params["project_id"]
-    response_id = request.path_params["response_id"]
+    stored = await _stored(request, project_id, request.path_params["response_id"])
+    await background.cancel(request, project_id, stored)
+    if viewer.admin is not None:
+        await _admin(request).note(viewer.actor, "response.cancel", stored["id"])
+    return render.see_other(render.project_path(project_id, f"/responses/{stored['id']}"))
+
+
+async def _stored(request: Request, project_id: str, response_id: str) -> dict[str, Any]:
     stored = None
     if looks_like_response_id(response_id):
         stored = await _store(request).get_response(project_id, response_id)
     if stored is None:
         raise NotFound(f"Response '{response_id[:100]}' not found.", code="response_not_found")
+    return stored
+
+
+async def response_events(request: Request, viewer: Viewer, form: Form) -> Response:
+    """A background response's events, replayed then followed live until it ends: what GET
+    /admin/v1/projects/{id}/responses/{id}?stream=true answers (and the project's keys get
+    from GET /v1/responses/{id}?stream=true). The response page's script reads it."""
+    project_id = request.path_params["project_id"]
+    stored = await _stored(request, project_id, request.path_params["response_id"])
     return background.resume(request, stored)
 
 

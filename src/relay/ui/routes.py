@@ -58,6 +58,7 @@ _PAGES: list[tuple[str, Page, str, bool]] = [
     ("/projects/{project_id}/responses", pages.responses, "GET", False),
     ("/projects/{project_id}/responses/{response_id}", pages.response, "GET", False),
     ("/projects/{project_id}/responses/{response_id}/events", pages.response_events, "GET", False),
+    ("/projects/{project_id}/responses/{response_id}/cancel", pages.cancel_response, "POST", False),
     ("/projects/{project_id}/conversations", pages.conversations, "GET", False),
     ("/projects/{project_id}/conversations/{conversation_id}", pages.conversation, "GET", False),
     ("/audit", pages.audit, "GET", True),

@@ -19,14 +19,19 @@ document.addEventListener("click", async (event) => {
 
 document.addEventListener("submit", (event) => {
   const question = event.target.dataset.confirm;
-  if (question && !window.confirm(question)) event.preventDefault();
+  if (question && !window.confirm(question)) {
+    event.preventDefault();
+    return;
+  }
+  // The page is left for the form's answer: a live section must not reload it meanwhile.
+  const live = document.getElementById("live");
+  if (live) live.dataset.leaving = "true";
 });
 
 // The resume stream (server-sent events, read with fetch so that every event type arrives
 // the same way): text deltas are shown as they come, the last event's type is the state,
-// and the page reloads once the response has ended (its terminal event, or the stream's
-// end), to show it as stored.
-const TERMINAL = ["response.completed", "response.incomplete", "response.failed", "response.cancelled"];
+// and the page reloads when the stream ends (the response has ended, cancelled ones
+// included, which have no terminal event), to show it as stored.
 
 async function follow(live) {
   const state = live.querySelector("#live-state");
@@ -36,28 +41,25 @@ async function follow(live) {
     state.textContent = `the events could not be read (${answer.status})`;
     return;
   }
-  const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
+  const reader = answer.body.getReader();
+  const decoder = new TextDecoder();
   let buffered = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
-    buffered += value;
+    buffered += decoder.decode(value, { stream: true });
     const frames = buffered.split("\n\n");
     buffered = frames.pop();
     for (const frame of frames) {
       const data = frame.split("\n").find((line) => line.startsWith("data: "));
-      if (!data) continue; // a keep-alive comment
+      // A keep-alive comment has no data; the stream's last frame is "[DONE]".
+      if (!data || data === "data: [DONE]") continue;
       const event = JSON.parse(data.slice(6));
       state.textContent = event.type;
       if (event.type === "response.output_text.delta") text.textContent += event.delta;
-      if (TERMINAL.includes(event.type)) {
-        reader.cancel();
-        buffered = null;
-        break;
-      }
     }
-    if (buffered === null) break;
   }
+  if (live.dataset.leaving) return;
   state.textContent += " · reloading";
   window.location.reload();
 }
