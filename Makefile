@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clients image image-test clean
+.PHONY: run test lint format bench clients image image-test console-screenshots clean
 
 # Real clients, pinned, for `make clients` (not part of `make test`: Codex CLI is ~400 MB).
 CODEX_VERSION := 0.171.0
@@ -63,6 +63,11 @@ image:
 
 image-test: $(STAMP) image
 	RELAY_IMAGE=$(IMAGE) $(BIN)/pytest -ra tests/test_image.py
+
+# The README's screenshots of the web console (docs/console/), taken by its browser tests
+# (they need chromium: apt-get install -y chromium).
+console-screenshots: $(STAMP)
+	RELAY_CONSOLE_SCREENSHOTS=docs/console $(BIN)/pytest -q tests/test_console.py -k browser
 
 clean:
 	rm -rf $(VENV) data .clients .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,8 @@ Only the project that owns a row ever sees it (any of its keys); every other cal
 
 Responses (GET, DELETE, input_items, cancel, previous_response_id), conversations (GET,
 update, items, an item, the `conversation` parameter, DELETE) and prompt templates (the
-`prompt` parameter; on the admin API, a template asked for under another project).
+`prompt` parameter; on the admin API, a template asked for under another project); the
+web console's pages of a project, signed in with each kind of key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from console_client import ConsoleClient, signed_in
 from team import ADMIN_KEY, CONFIG_KEY, AdminClient, client, team_relay
 
 from relay.log_lines import JsonFormatter
@@ -207,6 +209,95 @@ def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str,
     return line
 
 
+CONSOLE_SEES = {"owner", "same project, another key", "admin"}
+CONSOLE_NOT_FOUND = {"another key's project", "a config file key"}
+CONSOLE_PAGES = [
+    "project",
+    "overview",
+    "responses",
+    "response",
+    "response events",
+    "conversations",
+    "conversation",
+    "project's policy (POST)",
+    "response cancel (POST)",
+]
+
+
+@pytest.fixture(scope="module")
+def consoles(world: World) -> Iterator[dict[str, ConsoleClient]]:
+    """A console session for each kind of caller that can sign in, and a browser without one."""
+    keys = {
+        name: world.callers[name]["authorization"].removeprefix("Bearer ")
+        for name in (*CONSOLE_SEES - {"admin"}, *CONSOLE_NOT_FOUND)
+    }
+    sessions = {
+        name: signed_in(world.url, key) for name, key in {**keys, "admin": ADMIN_KEY}.items()
+    }
+    sessions["no session"] = ConsoleClient(world.url)
+    yield sessions
+    for session in sessions.values():
+        session.close()
+
+
+@pytest.mark.parametrize("page", CONSOLE_PAGES)
+@pytest.mark.parametrize("caller", [*CONSOLE_SEES, *CONSOLE_NOT_FOUND, "no session"])
+def test_console_pages_show_only_the_owning_project(
+    world: World, consoles: dict[str, ConsoleClient], caller: str, page: str
+) -> None:
+    console = consoles[caller]
+    at = f"/console/projects/{world.home}"
+    if page.endswith("(POST)"):
+        console.get("/console")  # its CSRF token is right
+        if page.startswith("response cancel"):
+            # Any of the project's keys may cancel its responses (this one has ended).
+            answer = console.post(f"{at}/responses/{world.response_id}/cancel")
+            allowed = CONSOLE_SEES
+        else:
+            # A form the owner's key may not send either (an admin's).
+            answer = console.post(at + "/policy", {"rpm": "100000"})  # a limit nobody reaches
+            allowed = {"admin"}
+        expected = 303 if caller in allowed else 404 if caller in CONSOLE_NOT_FOUND else 403
+        assert answer.status_code == expected, answer.text
+        return
+    path = {
+        "project": at,
+        "overview": at + "/overview",
+        "responses": at + "/responses",
+        "response": f"{at}/responses/{world.response_id}",
+        "response events": f"{at}/responses/{world.response_id}/events",
+        "conversations": at + "/conversations",
+        "conversation": f"{at}/conversations/{world.conversation_id}",
+    }[page]
+    answer = console.get(path)
+    if caller in CONSOLE_SEES:
+        assert answer.status_code == 200, answer.text
+        if page.startswith("response"):
+            assert world.response_id in answer.text
+        if page.startswith("conversation"):
+            assert world.conversation_id in answer.text
+    elif caller in CONSOLE_NOT_FOUND:
+        # What a project that does not exist gets.
+        unknown = console.get(path.replace(world.home, "proj_unknown"))
+        assert (answer.status_code, unknown.status_code) == (404, 404)
+        assert answer.text.replace(world.home, "proj_unknown") == unknown.text
+        assert world.response_id not in answer.text
+        assert world.conversation_id not in answer.text
+    else:
+        assert (answer.status_code, answer.headers["location"]) == (303, "/console/sign-in")
+
+
+def test_keys_that_are_not_good_never_sign_in_to_the_console(world: World) -> None:
+    with ConsoleClient(world.url) as console:
+        for caller, says in (
+            ("revoked key", "This API key has been revoked."),
+            ("expired key", "This API key has expired."),
+        ):
+            refused = console.sign_in(world.callers[caller]["authorization"][7:])
+            assert refused.status_code == 401 and says in refused.text, caller
+        assert "relay_console" not in console.http.cookies
+
+
 def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
     with client(world.url, world.callers["owner"]["authorization"][7:]) as http:
         assert http.delete(f"/v1/responses/{world.response_id}").status_code == 200
@@ -237,6 +328,15 @@ def test_the_owner_deletes_and_then_nobody_sees_it(world: World) -> None:
         "/keys/key_x",
         "/projects/x/prompts",
         "/projects/x/prompts/pmpt_x",
+        "/projects/x/responses",
+        "/projects/x/responses/resp_x",
+        "/projects/x/responses/resp_x/input_items",
+        "/projects/x/conversations",
+        "/projects/x/conversations/conv_x",
+        "/projects/x/conversations/conv_x/items",
+        "/projects/x/spend",
+        "/keys/key_x/spend",
+        "/deployments",
     ],
 )
 def test_client_keys_never_open_the_admin_plane(

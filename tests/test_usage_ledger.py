@@ -101,3 +101,28 @@ async def test_rows_still_refused_at_shutdown_are_named_in_the_log(
     with caplog.at_level(logging.ERROR, logger="relay.usage"):
         await asyncio.wait_for(ledger.close(), 10)
     assert "1 usage rows lost" in caplog.text and "resp_7" in caplog.text
+
+
+async def test_usage_by_the_hour_and_by_status(store_url: str) -> None:
+    """What the console's charts read: the hour each response settled in (UTC) and its
+    status, summed the same way on SQLite and PostgreSQL."""
+    db = await open_database(store_url)
+    ledger = Ledger(db)
+    hour = 1_800_000_000 - 1_800_000_000 % 3600  # 2027-01-15T08:00Z
+    try:
+        for number, (second, status) in enumerate(
+            [(hour + 5, "completed"), (hour + 3599, "failed"), (hour + 3600, "completed")]
+        ):
+            day = periods(second)[0].removeprefix("day:")
+            ledger.add(row(number)._replace(created_at=second, day=day, status=status))
+        report = await ledger.report(
+            ["hour", "status"], project="proj_ledger", key=None, start=None, end=None
+        )
+        assert [(entry["hour"], entry["status"], entry["requests"]) for entry in report] == [
+            ("2027-01-15T08:00Z", "completed", 1),
+            ("2027-01-15T08:00Z", "failed", 1),
+            ("2027-01-15T09:00Z", "completed", 1),
+        ]
+    finally:
+        await ledger.close()
+        await db.close()

@@ -259,6 +259,10 @@ class Settings(BaseSettings):
     # Prompt and output text on the generation's span (gen_ai.input.messages and
     # gen_ai.output.messages). Off: traces often go where prompts must not.
     trace_content: bool = False
+    # The web console at /console (relay.ui); false removes its routes. A console session
+    # lasts `console_session_s` from its sign-in.
+    console: bool = True
+    console_session_s: float = Field(default=8 * 3600.0, ge=60, le=30 * 24 * 3600.0)
 
     @field_validator("database_url")
     @classmethod

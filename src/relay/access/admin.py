@@ -4,13 +4,14 @@ never a key)."""
 
 from __future__ import annotations
 
+import calendar
 import re
 import time
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, and_, insert, or_, select, update
 
 from relay.access.keys import KEY_PREFIX, digest, new_key
 from relay.errors import InvalidRequest, NotFound
@@ -18,12 +19,14 @@ from relay.ids import new_id
 from relay.models.policy import NO_POLICY, Policy
 from relay.models.prompts import MAX_TEMPLATE_BYTES, TemplateContent
 from relay.storage import prompts
+from relay.storage.conversations import view as conversation_view
 from relay.storage.database import Database
-from relay.storage.tables import api_keys, audit_log, projects
+from relay.storage.tables import api_keys, audit_log, conversations, projects, responses
 
 PROJECT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_TIME = 2**53  # unix seconds: far beyond any expiry, within every column type
 MAX_PAGE = 100
+RESPONSE_STATUSES = ("queued", "in_progress", "completed", "incomplete", "failed", "cancelled")
 
 
 class ProjectCreate(BaseModel):
@@ -116,6 +119,58 @@ def key_view(row: Any) -> dict[str, Any]:
         "last_used_at": row.last_used_at,
         "status": "revoked" if row.revoked_at is not None else "active",
     }
+
+
+def response_summary(row: Any) -> dict[str, Any]:
+    """A stored response as a list shows it: what it was and how it ended, not its items
+    (GET .../responses/{id} and its input_items have those)."""
+    body = orjson.loads(row.body)
+    return {
+        "object": "response.summary",
+        "id": row.id,
+        "created_at": row.created_at,
+        "status": row.status,
+        "model": row.model,
+        "previous_response_id": row.previous_response_id,
+        "background": bool(body.get("background")),
+        "usage": body.get("usage"),
+        "error": body.get("error"),
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def _day_start(name: str, day: str) -> int:
+    """The first second of a UTC day written YYYY-MM-DD, or a 400 naming the parameter."""
+    try:
+        return calendar.timegm(time.strptime(day, "%Y-%m-%d"))
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid '{name}': expected a day as YYYY-MM-DD.", param=name
+        ) from None
+
+
+def _newest_first(
+    conn: Connection, table: Any, tenant: str, where: list[Any], after: str | None, limit: int
+) -> list[Any]:
+    """A page of a tenant's visible rows of `table` (responses, conversations), newest first:
+    by the second each was made, then by id, so that `after` (an id of the list) is exact."""
+    query = select(table).where(table.c.tenant == tenant, table.c.deleted_at.is_(None), *where)
+    if after is not None:
+        cursor = conn.execute(
+            select(table.c.created_at).where(table.c.id == after, table.c.tenant == tenant)
+        ).first()
+        if cursor is None:
+            raise InvalidRequest(
+                f"Invalid 'after': no '{after[:100]}' in this project's list.", param="after"
+            )
+        query = query.where(
+            or_(
+                table.c.created_at < cursor.created_at,
+                and_(table.c.created_at == cursor.created_at, table.c.id < after),
+            )
+        )
+    query = query.order_by(table.c.created_at.desc(), table.c.id.desc())
+    return list(conn.execute(query.limit(limit + 1)).all())
 
 
 def _audit(conn: Connection, actor: str, action: str, target: str, detail: Any) -> None:
@@ -381,11 +436,73 @@ class Admin:
 
         return await self.db.write(work)
 
-    async def audit(self, after: int | None, limit: int) -> dict[str, Any]:
-        """Newest first; `after`: an entry id, to page on to older ones."""
+    async def list_responses(
+        self,
+        project_id: str,
+        after: str | None,
+        limit: int,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+    ) -> dict[str, Any]:
+        """A project's stored responses (deleted ones left out), newest first; `after`: a
+        response id of the list, to page on to older ones; `start` and `end`: the UTC days
+        they were made in (inclusive, YYYY-MM-DD). Any tenant's, a config file's included:
+        no project row is needed."""
+        where = []
+        if status is not None:
+            where.append(responses.c.status == status)
+        if model is not None:
+            where.append(responses.c.model == model)
+        if start is not None:
+            where.append(responses.c.created_at >= _day_start("start", start))
+        if end is not None:
+            where.append(responses.c.created_at < _day_start("end", end) + 86400)
+        rows = await self.db.read(
+            lambda conn: _newest_first(conn, responses, project_id, where, after, limit)
+        )
+        return page([response_summary(row) for row in rows], limit)
+
+    async def list_conversations(
+        self, project_id: str, after: str | None, limit: int
+    ) -> dict[str, Any]:
+        """A project's conversations (deleted ones left out), newest first, as GET
+        /v1/conversations/{id} shows each."""
+        rows = await self.db.read(
+            lambda conn: _newest_first(conn, conversations, project_id, [], after, limit)
+        )
+        return page([conversation_view(row) for row in rows], limit)
+
+    async def note(self, actor: str, action: str, target: str) -> None:
+        """An admin's action elsewhere than on projects and keys (cancelling a project's
+        response), in the audit log."""
+        await self.db.write(lambda conn: _audit(conn, actor, action, target, {}))
+
+    async def audit(
+        self,
+        after: int | None,
+        limit: int,
+        *,
+        action: str | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+    ) -> dict[str, Any]:
+        """Newest first; `after`: an entry id, to page on to older ones; each filter an exact
+        match."""
+        where = [
+            column == value
+            for column, value in (
+                (audit_log.c.action, action),
+                (audit_log.c.actor, actor),
+                (audit_log.c.target, target),
+            )
+            if value is not None
+        ]
 
         def work(conn: Connection) -> list[Any]:
-            query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit + 1)
+            query = select(audit_log).where(*where).order_by(audit_log.c.id.desc()).limit(limit + 1)
             if after is not None:
                 query = query.where(audit_log.c.id < after)
             return list(conn.execute(query).all())

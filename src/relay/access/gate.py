@@ -211,19 +211,24 @@ class Access:
             )
         scheme, _, key = header.partition(" ")
         record = await self.keys.find(key.strip()) if scheme.lower() == "bearer" else None
+        return await self.principal_of(record, connection.headers.get("x-project-id"))
+
+    async def principal_of(self, record: KeyRecord | None, requested: str | None) -> Principal:
+        """What a client key found by any way in (a request's header, a console session)
+        acts for: the project `requested` (None: the key's own), or 401/403. The one place
+        these rules live."""
         if record is None:
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
         if record.revoked:
             raise AuthenticationError("This API key has been revoked.", code="api_key_revoked")
         if record.expires_at is not None and time.time() >= record.expires_at:
             raise AuthenticationError("This API key has expired.", code="api_key_expired")
-        project = await self._project(connection, record)
+        project = await self._project(requested, record)
         if record.in_database and self.keys.should_touch(record.key_id):
             await self.keys.touch(record.key_id)
         return project
 
-    async def _project(self, connection: HTTPConnection, record: KeyRecord) -> Principal:
-        requested = connection.headers.get("x-project-id")
+    async def _project(self, requested: str | None, record: KeyRecord) -> Principal:
         project_id = requested or record.project
         if project_id not in record.projects:
             raise PermissionDenied(
@@ -259,11 +264,28 @@ class Access:
                 "The admin API needs an admin key in the X-Admin-Key header.",
                 code="authentication_required",
             )
+        found = self.admin_of(key)
+        if found is None:
+            raise AuthenticationError("Incorrect admin key provided.", code="invalid_admin_key")
+        return found[1]
+
+    def admin_of(self, key: str) -> tuple[str, str] | None:
+        """The admin key `key` is, as (its id, its name), or None. The id names the key
+        without revealing it (its digest's first digits, as a config client key's), for
+        what must find it again later (a console session)."""
         key_digest = digest(key)
         for known, name in self._admins.items():
             if hmac.compare_digest(known, key_digest):
+                return f"adm_{known[:12]}", name
+        return None
+
+    def admin_named(self, admin_id: str) -> str | None:
+        """The name of the configured admin key whose id is `admin_id`, or None (it was
+        removed from the configuration)."""
+        for known, name in self._admins.items():
+            if hmac.compare_digest(f"adm_{known[:12]}", admin_id):
                 return name
-        raise AuthenticationError("Incorrect admin key provided.", code="invalid_admin_key")
+        return None
 
     async def admit(
         self, principal: Principal, request: CreateResponse, body_size: int

@@ -89,6 +89,7 @@ def key_record(row: Any) -> KeyRecord:
 
 
 _KEY_BY_PREFIX = select(api_keys).where(api_keys.c.prefix == bindparam("prefix"))
+_KEY_BY_ID = select(api_keys).where(api_keys.c.id == bindparam("kid"))
 _PROJECT = select(projects.c.policy, projects.c.archived_at).where(
     projects.c.id == bindparam("pid")
 )
@@ -102,6 +103,11 @@ def _key_by_prefix(conn: Connection, prefix: str, key_digest: str) -> KeyRecord 
     if row is None or not hmac.compare_digest(row.digest, key_digest):
         return None
     return key_record(row)
+
+
+def _key_by_id(conn: Connection, key_id: str) -> KeyRecord | None:
+    row = conn.execute(_KEY_BY_ID, {"kid": key_id}).first()
+    return None if row is None else key_record(row)
 
 
 def _project(conn: Connection, project_id: str) -> ProjectRecord | None:
@@ -161,6 +167,21 @@ class KeyStore:
             if record is None:
                 return None  # not cached: a guessed key must not evict real ones
             self._keys.put(key_digest, record, now)
+        return record  # type: ignore[no-any-return]
+
+    async def by_id(self, key_id: str) -> KeyRecord | None:
+        """A key by its id, config keys' included: what a console session signed in with
+        (relay.ui.guard), read again on each of its pages, as cached as `find`."""
+        for record in self.config_keys.values():
+            if record.key_id == key_id:
+                return record
+        now = time.monotonic()
+        cached, record = self._keys.get("id:" + key_id, now)
+        if not cached:
+            record = await self.db.glance(lambda conn: _key_by_id(conn, key_id))
+            if record is None:
+                return None
+            self._keys.put("id:" + key_id, record, now)
         return record  # type: ignore[no-any-return]
 
     async def project(self, project_id: str) -> ProjectRecord | None:

@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, func, insert, select, tuple_
+from sqlalchemy import Connection, Integer, bindparam, func, insert, literal_column, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.access.limits import Scope
 from relay.errors import QuotaExceeded
-from relay.models.policy import NANOS_PER_USD
+from relay.models.policy import NANOS_PER_USD, Policy
 from relay.storage.database import Database
 from relay.storage.tables import spend, usage_ledger
 
@@ -36,14 +36,20 @@ FLUSH_S = 0.1
 RETRY_MAX_S = 5.0
 MAX_UNWRITTEN = 100_000
 REPORT_FLUSH_S = 2.0
-GROUPS = ("day", "model", "route", "deployment", "key", "project")
+GROUPS = ("day", "hour", "model", "route", "deployment", "key", "project", "status")
+HOUR_S = 3600
 _COLUMNS = {
     "day": usage_ledger.c.day,
+    # The hour a response settled in (UTC). A literal, not a parameter: PostgreSQL matches a
+    # grouped expression to the selected one by its text, and two parameters differ.
+    "hour": usage_ledger.c.created_at
+    - usage_ledger.c.created_at % literal_column(str(HOUR_S), Integer),
     "model": usage_ledger.c.model,
     "route": usage_ledger.c.route,
     "deployment": usage_ledger.c.deployment,
     "key": usage_ledger.c.key_id,
     "project": usage_ledger.c.project_id,
+    "status": usage_ledger.c.status,
 }
 
 
@@ -79,6 +85,11 @@ def periods(now: float) -> tuple[str, str, str]:
 def _periods(second: int) -> tuple[str, str, str]:
     moment = datetime.fromtimestamp(second, UTC)
     return f"day:{moment:%Y-%m-%d}", f"month:{moment:%Y-%m}", "total"
+
+
+def hour_name(second: int) -> str:
+    """An hour of the usage report, as it names it: 2026-12-06T09:00Z (UTC)."""
+    return f"{datetime.fromtimestamp(second, UTC):%Y-%m-%dT%H}:00Z"
 
 
 def usd(nanos: int) -> float:
@@ -151,6 +162,27 @@ class Ledger:
         )
         found = {(row[0], row[1], row[2]): int(row[3]) for row in rows}
         return {key: found.get(key, 0) + self._pending.get(key, 0) for key in keys}
+
+    async def standing(self, scope: str, owner: str, policy: Policy) -> dict[str, Any]:
+        """What a project or key (`scope`) has spent in each budget period now, against its
+        budgets (None: none), queued rows included: what its budget checks read."""
+        now = time.time()
+        spent = await self.spent([(scope, owner)], now)
+        budgets = (policy.daily_budget_usd, policy.monthly_budget_usd, policy.credit_usd)
+        return {
+            "object": "spend",
+            "scope": scope,
+            "owner": owner,
+            "periods": [
+                {
+                    "period": period.partition(":")[0],
+                    "name": period.partition(":")[2] or None,
+                    "spent_usd": usd(spent[(scope, owner, period)]),
+                    "budget_usd": budget,
+                }
+                for period, budget in zip(periods(now), budgets, strict=True)
+            ],
+        }
 
     async def _write_all(self) -> None:
         failures = 0
@@ -295,6 +327,8 @@ class Ledger:
         report = []
         for row in rows:
             entry: dict[str, Any] = {name: row[name] for name in group_by}
+            if "hour" in entry:
+                entry["hour"] = hour_name(int(entry["hour"]))
             entry["requests"] = int(row["requests"])
             for name in ("input_tokens", "cached_tokens", "output_tokens"):
                 entry[name] = int(row[name] or 0)

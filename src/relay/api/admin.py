@@ -1,9 +1,10 @@
 """The admin API under /admin/v1, behind X-Admin-Key (see relay.api.auth): projects, keys,
-limits and budgets (a project's or key's `policy`), a project's prompt templates, usage, and
-the audit log."""
+limits and budgets (a project's or key's `policy`), a project's prompt templates, usage,
+the audit log, and a project's stored responses (what the web console reads, relay.ui)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,12 +13,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from relay.access.admin import MAX_PAGE, Admin
+from relay.access.admin import MAX_PAGE, RESPONSE_STATUSES, Admin
 from relay.access.usage import GROUPS
+from relay.api import background
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
-from relay.api.paging import int_or_none, read_body
-from relay.errors import InvalidRequest
+from relay.api.paging import cursor, int_or_none, order, read_body
+from relay.api.paging import limit as item_limit
+from relay.errors import InvalidRequest, NotFound
+from relay.ids import looks_like_response_id
+from relay.models.policy import Policy
 from relay.protocol import json_object, nul_field
+from relay.providers.registry import Deployment, Registry
+from relay.storage.base import Store
+from relay.storage.conversations import ConversationStore
 
 PREFIX = "/admin/v1"
 DEFAULT_PAGE = 20
@@ -183,7 +191,206 @@ async def audit_log(request: Request, actor: str) -> Response:
     after = int_or_none(raw)
     if raw is not None and (after is None or not 0 <= after < 2**62):
         raise InvalidRequest("Invalid 'after': expected an audit entry id.", param="after")
-    return _json(await _admin(request).audit(after, _limit(request)))
+    query = request.query_params
+    return _json(
+        await _admin(request).audit(
+            after,
+            _limit(request),
+            action=query.get("action"),
+            actor=query.get("actor"),
+            target=query.get("target"),
+        )
+    )
+
+
+async def project_spend(request: Request, actor: str) -> Response:
+    """What a project has spent in each budget period now, against its budgets."""
+    project = await _admin(request).get_project(request.path_params["project_id"])
+    policy = Policy.model_validate(project["policy"])
+    return _json(await access(request).ledger.standing("project", project["id"], policy))
+
+
+async def key_spend(request: Request, actor: str) -> Response:
+    """What a key has spent in each budget period now, against its budgets."""
+    key = await _admin(request).get_key(request.path_params["key_id"])
+    policy = Policy.model_validate(key["policy"])
+    return _json(await access(request).ledger.standing("key", key["id"], policy))
+
+
+def deployment_view(deployment: Deployment, now: float) -> dict[str, Any]:
+    """A deployment and its health as this process has seen it (relay.providers.health)."""
+    health = deployment.health
+    if health.cooling_until == 0.0:
+        state = "healthy"
+    elif health.probing:
+        state = "probing"
+    elif now < health.cooling_until:
+        state = "cooling"
+    else:
+        state = "probe_due"  # cooled down: the next request to it is the probe
+    return {
+        "object": "deployment",
+        "route": deployment.route,
+        "name": deployment.name,
+        "provider": deployment.kind,
+        "upstream_model": deployment.upstream_model,
+        "state": state,
+        "failures": health.failures,
+        "cooling_for_s": round(max(0.0, health.cooling_until - now), 1)
+        if state == "cooling"
+        else 0,
+        "latency_ms": None if health.latency_s is None else round(health.latency_s * 1000, 1),
+        "tokens_per_s": None if health.tokens_per_s is None else round(health.tokens_per_s, 1),
+    }
+
+
+def deployments(request: Request) -> list[dict[str, Any]]:
+    registry: Registry = request.app.state.engine.registry
+    now = time.monotonic()
+    return [deployment_view(deployment, now) for deployment in registry.deployments()]
+
+
+async def list_deployments(request: Request, actor: str) -> Response:
+    """Every deployment's health, as the process that answers has seen it (each process
+    keeps its own: with --workers N, one worker's)."""
+    return _json({"object": "list", "data": deployments(request)})
+
+
+def response_filters(request: Request) -> dict[str, str | None]:
+    """The filters of a list of responses: `status` (one of the response statuses), `model`
+    (the route's name, as the response reports it), `start` and `end` (UTC days, inclusive,
+    YYYY-MM-DD, read by Admin.list_responses)."""
+    query = request.query_params
+    status = query.get("status") or None
+    if status is not None and status not in RESPONSE_STATUSES:
+        raise InvalidRequest(
+            f"Invalid 'status': expected one of {', '.join(RESPONSE_STATUSES)}.", param="status"
+        )
+    return {
+        "status": status,
+        **{name: query.get(name) or None for name in ("model", "start", "end")},
+    }
+
+
+async def list_responses(request: Request, actor: str) -> Response:
+    project_id = request.path_params["project_id"]
+    after = request.query_params.get("after")
+    listed = await _admin(request).list_responses(
+        project_id, after, _limit(request), **response_filters(request)
+    )
+    return _json(listed)
+
+
+async def list_conversations(request: Request, actor: str) -> Response:
+    project_id = request.path_params["project_id"]
+    after = request.query_params.get("after")
+    return _json(await _admin(request).list_conversations(project_id, after, _limit(request)))
+
+
+def _conversations(request: Request) -> ConversationStore:
+    conversations: ConversationStore = request.app.state.conversations
+    return conversations
+
+
+async def get_conversation(request: Request, actor: str) -> Response:
+    """A project's conversation, as its keys read it (GET /v1/conversations/{id})."""
+    project_id = request.path_params["project_id"]
+    conversation_id = request.path_params["conversation_id"]
+    return _json(await _conversations(request).get(project_id, conversation_id))
+
+
+async def list_conversation_items(request: Request, actor: str) -> Response:
+    """A project's conversation's items, paged as GET /v1/conversations/{id}/items."""
+    found = await _conversations(request).page(
+        request.path_params["project_id"],
+        request.path_params["conversation_id"],
+        after=cursor(request, "after"),
+        limit=item_limit(request),
+        order="asc" if order(request) == "asc" else "desc",
+    )
+    return _json(
+        {
+            "object": "list",
+            "data": found.data,
+            "first_id": found.first_id,
+            "last_id": found.last_id,
+            "has_more": found.has_more,
+        }
+    )
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _response_id(request: Request) -> str:
+    response_id: str = request.path_params["response_id"]
+    if not looks_like_response_id(response_id):
+        raise InvalidRequest(
+            f"Invalid 'response_id': '{response_id[:80]}'.",
+            param="response_id",
+            code="invalid_response_id",
+        )
+    return response_id
+
+
+def _not_found(response_id: str) -> NotFound:
+    return NotFound(
+        f"Response with id '{response_id[:100]}' not found.",
+        param="response_id",
+        code="response_not_found",
+    )
+
+
+async def get_response(request: Request, actor: str) -> Response:
+    """A project's stored response, as its project's keys read it (GET /v1/responses/{id});
+    with stream=true, a background response's events (after `starting_after`), followed
+    live until it ends."""
+    response_id = _response_id(request)
+    stored = await _store(request).get_response(request.path_params["project_id"], response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    if request.query_params.get("stream") == "true":
+        return background.resume(request, stored)
+    return _json(stored)
+
+
+async def cancel_response(request: Request, actor: str) -> Response:
+    """A project's queued or running background response cancelled, as POST
+    /v1/responses/{id}/cancel does for its keys; in the audit log (response.cancel)."""
+    project_id = request.path_params["project_id"]
+    response_id = _response_id(request)
+    stored = await _store(request).get_response(project_id, response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    answer = await background.cancel(request, project_id, stored)
+    await _admin(request).note(actor, "response.cancel", response_id)
+    return answer
+
+
+async def list_input_items(request: Request, actor: str) -> Response:
+    """A project's stored response's input items, paged as GET /v1/responses/{id}/input_items."""
+    response_id = _response_id(request)
+    found = await _store(request).list_input_items(
+        request.path_params["project_id"],
+        response_id,
+        after=cursor(request, "after"),
+        before=cursor(request, "before"),
+        limit=item_limit(request),
+        order="asc" if order(request) == "asc" else "desc",
+    )
+    if found is None:
+        raise _not_found(response_id)
+    return _json(
+        {
+            "object": "list",
+            "data": found.data,
+            "first_id": found.first_id,
+            "last_id": found.last_id,
+            "has_more": found.has_more,
+        }
+    )
 
 
 _ADMIN: list[tuple[str, AdminHandler, str]] = [
@@ -202,8 +409,22 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/projects/{project_id}/prompts/{prompt_id}", get_prompt, "GET"),
     ("/projects/{project_id}/prompts/{prompt_id}/versions", add_prompt_version, "POST"),
     ("/projects/{project_id}/prompts/{prompt_id}", archive_prompt, "DELETE"),
+    ("/projects/{project_id}/spend", project_spend, "GET"),
+    ("/keys/{key_id}/spend", key_spend, "GET"),
+    ("/deployments", list_deployments, "GET"),
     ("/usage", usage, "GET"),
     ("/audit_log", audit_log, "GET"),
+    ("/projects/{project_id}/responses", list_responses, "GET"),
+    ("/projects/{project_id}/responses/{response_id}", get_response, "GET"),
+    ("/projects/{project_id}/responses/{response_id}/input_items", list_input_items, "GET"),
+    ("/projects/{project_id}/responses/{response_id}/cancel", cancel_response, "POST"),
+    ("/projects/{project_id}/conversations", list_conversations, "GET"),
+    ("/projects/{project_id}/conversations/{conversation_id}", get_conversation, "GET"),
+    (
+        "/projects/{project_id}/conversations/{conversation_id}/items",
+        list_conversation_items,
+        "GET",
+    ),
 ]
 
 

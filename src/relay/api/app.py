@@ -38,6 +38,9 @@ from relay.tools import web_search
 from relay.tools.egress import EgressPolicy
 from relay.tools.images import ImagesBackend
 from relay.tools.mcp import McpClient, McpLimits
+from relay.ui.guard import Console, SignInThrottle
+from relay.ui.routes import console_routes
+from relay.ui.sessions import Sessions
 
 log = logging.getLogger("relay")
 SAMPLE_S = 1.0  # how often the metrics' gauges are read (relay.observe.metrics)
@@ -88,7 +91,7 @@ def create_app(settings: Settings) -> ASGIApp:
         # the id). Not installed at all when tracing is off.
         middleware.insert(0, Middleware(tracing.TracingMiddleware))
     app = Starlette(
-        routes=routes(("/v1", "/api/v1")),
+        routes=[*routes(("/v1", "/api/v1")), *(console_routes() if settings.console else [])],
         middleware=middleware,
         exception_handlers=errors.HANDLERS,
         lifespan=lifespan,
@@ -214,6 +217,9 @@ async def _start(
     app.state.admin = Admin(store.db)
     app.state.prompt_templates = prompt_templates
     app.state.metrics = metrics
+    if settings.console:
+        sessions = Sessions(store.db, settings.console_session_s)
+        app.state.console = Console(sessions, SignInThrottle())
     log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
 
 

@@ -94,18 +94,18 @@ def resume(request: Request, stored: dict[str, Any]) -> Response:
     return EventStreamResponse(events, keepalive_s=request.app.state.settings.keepalive_s)
 
 
-async def cancel(request: Request, principal: Principal, stored: dict[str, Any]) -> Response:
-    """POST /responses/{id}/cancel: a queued or running background response is cancelled
-    (where it runs: here, or on the instance that holds it); a finished one is answered as
-    it is, so a repeated cancel is harmless."""
+async def cancel(request: Request, project: str, stored: dict[str, Any]) -> Response:
+    """POST /responses/{id}/cancel (and the admin API's, for `project`): a queued or running
+    background response is cancelled (where it runs: here, or on the instance that holds
+    it); a finished one is answered as it is, so a repeated cancel is harmless."""
     if not stored.get("background"):
         raise InvalidRequest("Only background responses can be cancelled.", param="response_id")
     store = request.app.state.store
     if stored["status"] in _LIVE:
-        await runner(request).cancel(principal.project, stored["id"])
+        await runner(request).cancel(project, stored["id"])
         deadline = time.monotonic() + _CANCEL_WAIT_S
         while True:
-            stored = await store.get_response(principal.project, stored["id"]) or stored
+            stored = await store.get_response(project, stored["id"]) or stored
             if stored["status"] not in _LIVE or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)

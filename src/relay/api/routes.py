@@ -224,7 +224,7 @@ async def get_response(request: Request, principal: Principal) -> Response:
 
 
 async def cancel_response(request: Request, principal: Principal) -> Response:
-    return await background.cancel(request, principal, await _stored(request, principal))
+    return await background.cancel(request, principal.project, await _stored(request, principal))
 
 
 async def _stored(request: Request, principal: Principal) -> dict[str, Any]:

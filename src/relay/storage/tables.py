@@ -277,3 +277,26 @@ prompt_template_versions = Table(
     Column("content", Text, nullable=False),  # JSON: instructions and messages
     PrimaryKeyConstraint("prompt_id", "version"),
 )
+
+# --- The web console (relay.ui) --------------------------------------------------------------
+# A signed-in browser. `id` is the SHA-256 digest of the token its cookie holds (never the
+# token: a reader of the database cannot ride a session); `subject` is what signed in, an
+# admin key's id or a client key's id (never a key), with the project a client key signed in
+# to. The gate reads the key again on every page, so a revoked key's session ends at once.
+
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("kind", String, nullable=False),  # 'admin' or 'project'
+    Column("subject", String, nullable=False),
+    Column("project_id", String, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    CheckConstraint("kind IN ('admin', 'project')", name="kind"),
+    Index(None, "expires_at"),
+)
+
+# The console (and the admin API) list a project's responses and conversations newest first.
+Index("ix_responses_tenant_created_at", responses.c.tenant, responses.c.created_at)
+Index("ix_conversations_tenant_created_at", conversations.c.tenant, conversations.c.created_at)

@@ -1,0 +1,249 @@
+"""The console's pages that read what Relay did: the overview, a project's responses (and a
+running one's events) and conversations, the audit log (projects and keys: relay.ui.projects).
+Each runs behind `guard.console_page` (relay.ui.routes), receives its viewer, and calls only
+what the admin API documents: the usage report and the deployments' health, the lists of
+relay.access.admin, the stores' reads of a response or conversation, the resume stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.access.admin import RESPONSE_STATUSES, Admin
+from relay.api import background
+from relay.api.admin import deployments, response_filters
+from relay.api.auth import access
+from relay.api.paging import int_or_none
+from relay.errors import InvalidRequest, NotFound
+from relay.ids import looks_like_response_id
+from relay.storage.base import ItemPage, Store
+from relay.storage.conversations import ConversationStore
+from relay.ui import charts, render, transcript
+from relay.ui.guard import ROOT, Form, Viewer
+
+PAGE = 50  # rows a list shows at once
+TRANSCRIPT_ITEMS = 1000  # items a transcript shows at most
+
+
+def _admin(request: Request) -> Admin:
+    admin: Admin = request.app.state.admin
+    return admin
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+async def home(request: Request, viewer: Viewer, form: Form) -> Response:
+    if viewer.principal is not None:
+        return render.see_other(render.project_path(viewer.principal.project, "/overview"))
+    return render.see_other(ROOT + "/overview")
+
+
+def _count(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _dollars(value: float) -> str:
+    return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Requests (by status), tokens and cost over the last days or hours, the same window
+    by model, deployment and project, and each deployment's health: the usage report of GET
+    /admin/v1/usage and GET /admin/v1/deployments. Every project's (an admin's page), or the
+    one of the path."""
+    project_id = request.path_params.get("project_id")
+    by: charts.Bucket = "hour" if request.query_params.get("by") == "hour" else "day"
+    now = time.time()
+    names = charts.buckets(by, now)
+    ledger = access(request).ledger
+
+    start = names[0][:10]  # the first bucket's day
+
+    async def report(*group_by: str) -> list[dict[str, Any]]:
+        return await ledger.report(
+            list(group_by), project=project_id, key=None, start=start, end=None
+        )
+
+    over_time = [entry for entry in await report(by, "status") if entry[by] in names]
+    statuses = charts.by_bucket(over_time, by, "status", "requests")
+    tokens = {
+        "input": charts.by_bucket(over_time, by, None, "input_tokens").get("input_tokens", {}),
+        "output": charts.by_bucket(over_time, by, None, "output_tokens").get("output_tokens", {}),
+    }
+    cost = charts.by_bucket(over_time, by, None, "cost_usd").get("cost_usd", {})
+    ordered = {name: statuses[name] for name in RESPONSE_STATUSES if name in statuses}
+    ordered |= statuses  # a status Relay does not write today, last
+    shown = [
+        charts.stacked("Requests", names, ordered, _count),
+        charts.stacked("Tokens", names, tokens, _count),
+        charts.stacked("Cost", names, {"cost": cost}, _dollars),
+    ]
+    breakdowns = [("Model", await report("model")), ("Deployment", await report("deployment"))]
+    if project_id is None:
+        breakdowns.append(("Project", await report("project")))
+    return render.page(
+        request,
+        viewer,
+        "overview.html",
+        project_id=project_id,
+        by=by,
+        start=start,
+        charts=shown,
+        breakdowns=breakdowns,
+        # Routes serve every project: their health is shown where every project's usage is.
+        deployments=deployments(request) if project_id is None else [],
+    )
+
+
+async def responses(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    filters = response_filters(request)
+    after = request.query_params.get("after") or None
+    listed = await _admin(request).list_responses(project_id, after, PAGE, **filters)
+    older = None
+    if listed["has_more"]:
+        shown = {name: value for name, value in filters.items() if value}
+        older = "?" + urlencode({**shown, "after": listed["last_id"]})
+    return render.page(
+        request,
+        viewer,
+        "responses.html",
+        project_id=project_id,
+        responses=listed["data"],
+        filters=filters,
+        statuses=RESPONSE_STATUSES,
+        more=older,
+    )
+
+
+async def response(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    response_id = request.path_params["response_id"]
+    store = _store(request)
+    stored = await _stored(request, project_id, response_id)
+
+    async def input_items(after: str | None) -> ItemPage:
+        found = await store.list_input_items(
+            project_id, response_id, after=after, before=None, limit=100, order="asc"
+        )
+        if found is None:  # deleted meanwhile
+            raise NotFound(f"Response '{response_id}' not found.", code="response_not_found")
+        return found
+
+    items, cut = await _all_items(input_items)
+    return render.page(
+        request,
+        viewer,
+        "response.html",
+        project_id=project_id,
+        response=stored,
+        entries=transcript.transcript(items, stored.get("output") or []),
+        cut=cut,
+        live=stored.get("background") and stored["status"] in ("queued", "in_progress"),
+    )
+
+
+async def _all_items(
+    pages: Callable[[str | None], Awaitable[ItemPage]],
+) -> tuple[list[dict[str, Any]], bool]:
+    """Items page after page, up to TRANSCRIPT_ITEMS; and whether some were left out."""
+    items: list[dict[str, Any]] = []
+    after = None
+    while len(items) < TRANSCRIPT_ITEMS:
+        found = await pages(after)
+        items.extend(found.data)
+        if not found.has_more:
+            return items, False
+        after = found.last_id
+    return items, True
+
+
+async def cancel_response(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Cancel a queued or running background response: what POST /v1/responses/{id}/cancel
+    does for the project's keys (a project key's session may too), and POST
+    /admin/v1/projects/{id}/responses/{id}/cancel for an admin (in the audit log)."""
+    project_id = request.path_params["project_id"]
+    stored = await _stored(request, project_id, request.path_params["response_id"])
+    await background.cancel(request, project_id, stored)
+    if viewer.admin is not None:
+        await _admin(request).note(viewer.actor, "response.cancel", stored["id"])
+    return render.see_other(render.project_path(project_id, f"/responses/{stored['id']}"))
+
+
+async def _stored(request: Request, project_id: str, response_id: str) -> dict[str, Any]:
+    stored = None
+    if looks_like_response_id(response_id):
+        stored = await _store(request).get_response(project_id, response_id)
+    if stored is None:
+        raise NotFound(f"Response '{response_id[:100]}' not found.", code="response_not_found")
+    return stored
+
+
+async def response_events(request: Request, viewer: Viewer, form: Form) -> Response:
+    """A background response's events, replayed then followed live until it ends: what GET
+    /admin/v1/projects/{id}/responses/{id}?stream=true answers (and the project's keys get
+    from GET /v1/responses/{id}?stream=true). The response page's script reads it."""
+    project_id = request.path_params["project_id"]
+    stored = await _stored(request, project_id, request.path_params["response_id"])
+    return background.resume(request, stored)
+
+
+async def conversations(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    after = request.query_params.get("after") or None
+    listed = await _admin(request).list_conversations(project_id, after, PAGE)
+    older = "?" + urlencode({"after": listed["last_id"]}) if listed["has_more"] else None
+    return render.page(
+        request,
+        viewer,
+        "conversations.html",
+        project_id=project_id,
+        conversations=listed["data"],
+        more=older,
+    )
+
+
+async def conversation(request: Request, viewer: Viewer, form: Form) -> Response:
+    project_id = request.path_params["project_id"]
+    conversation_id = request.path_params["conversation_id"]
+    store: ConversationStore = request.app.state.conversations
+    found = await store.get(project_id, conversation_id)
+
+    async def pages(after: str | None) -> ItemPage:
+        return await store.page(project_id, conversation_id, after=after, limit=100, order="asc")
+
+    items, cut = await _all_items(pages)
+    return render.page(
+        request,
+        viewer,
+        "conversation.html",
+        project_id=project_id,
+        conversation=found,
+        entries=transcript.conversation(items),
+        cut=cut,
+    )
+
+
+async def audit(request: Request, viewer: Viewer, form: Form) -> Response:
+    query = request.query_params
+    filters = {name: query.get(name) or None for name in ("action", "actor", "target")}
+    raw = query.get("after")
+    after = int_or_none(raw)
+    if raw is not None and (after is None or not 0 <= after < 2**62):
+        raise InvalidRequest("Invalid 'after': expected an audit entry id.", param="after")
+    listed = await _admin(request).audit(after, PAGE, **filters)
+    older = None
+    if listed["has_more"]:
+        shown = {name: value for name, value in filters.items() if value}
+        older = "?" + urlencode({**shown, "after": listed["last_id"]})
+    return render.page(
+        request, viewer, "audit.html", entries=listed["data"], filters=filters, more=older
+    )
