@@ -17,10 +17,16 @@ from relay.access.admin import MAX_PAGE, RESPONSE_STATUSES, Admin
 from relay.access.usage import GROUPS
 from relay.api import background
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
-from relay.api.paging import cursor, int_or_none, order, read_body
+from relay.api.paging import (
+    cursor,
+    int_or_none,
+    order,
+    read_body,
+    response_id_param,
+    response_not_found,
+)
 from relay.api.paging import limit as item_limit
-from relay.errors import InvalidRequest, NotFound
-from relay.ids import looks_like_response_id
+from relay.errors import InvalidRequest
 from relay.models.policy import Policy
 from relay.protocol import json_object, nul_field
 from relay.providers.registry import Deployment, Registry
@@ -308,15 +314,7 @@ async def list_conversation_items(request: Request, actor: str) -> Response:
         limit=item_limit(request),
         order="asc" if order(request) == "asc" else "desc",
     )
-    return _json(
-        {
-            "object": "list",
-            "data": found.data,
-            "first_id": found.first_id,
-            "last_id": found.last_id,
-            "has_more": found.has_more,
-        }
-    )
+    return _json(found.as_list())
 
 
 def _store(request: Request) -> Store:
@@ -324,33 +322,14 @@ def _store(request: Request) -> Store:
     return store
 
 
-def _response_id(request: Request) -> str:
-    response_id: str = request.path_params["response_id"]
-    if not looks_like_response_id(response_id):
-        raise InvalidRequest(
-            f"Invalid 'response_id': '{response_id[:80]}'.",
-            param="response_id",
-            code="invalid_response_id",
-        )
-    return response_id
-
-
-def _not_found(response_id: str) -> NotFound:
-    return NotFound(
-        f"Response with id '{response_id[:100]}' not found.",
-        param="response_id",
-        code="response_not_found",
-    )
-
-
 async def get_response(request: Request, actor: str) -> Response:
     """A project's stored response, as its project's keys read it (GET /v1/responses/{id});
     with stream=true, a background response's events (after `starting_after`), followed
     live until it ends."""
-    response_id = _response_id(request)
+    response_id = response_id_param(request)
     stored = await _store(request).get_response(request.path_params["project_id"], response_id)
     if stored is None:
-        raise _not_found(response_id)
+        raise response_not_found(response_id)
     if request.query_params.get("stream") == "true":
         return background.resume(request, stored)
     return _json(stored)
@@ -360,10 +339,10 @@ async def cancel_response(request: Request, actor: str) -> Response:
     """A project's queued or running background response cancelled, as POST
     /v1/responses/{id}/cancel does for its keys; in the audit log (response.cancel)."""
     project_id = request.path_params["project_id"]
-    response_id = _response_id(request)
+    response_id = response_id_param(request)
     stored = await _store(request).get_response(project_id, response_id)
     if stored is None:
-        raise _not_found(response_id)
+        raise response_not_found(response_id)
     answer = await background.cancel(request, project_id, stored)
     await _admin(request).note(actor, "response.cancel", response_id)
     return answer
@@ -371,7 +350,7 @@ async def cancel_response(request: Request, actor: str) -> Response:
 
 async def list_input_items(request: Request, actor: str) -> Response:
     """A project's stored response's input items, paged as GET /v1/responses/{id}/input_items."""
-    response_id = _response_id(request)
+    response_id = response_id_param(request)
     found = await _store(request).list_input_items(
         request.path_params["project_id"],
         response_id,
@@ -381,16 +360,8 @@ async def list_input_items(request: Request, actor: str) -> Response:
         order="asc" if order(request) == "asc" else "desc",
     )
     if found is None:
-        raise _not_found(response_id)
-    return _json(
-        {
-            "object": "list",
-            "data": found.data,
-            "first_id": found.first_id,
-            "last_id": found.last_id,
-            "has_more": found.has_more,
-        }
-    )
+        raise response_not_found(response_id)
+    return _json(found.as_list())
 
 
 _ADMIN: list[tuple[str, AdminHandler, str]] = [

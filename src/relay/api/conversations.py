@@ -118,15 +118,7 @@ async def list_items(request: Request, principal: Principal) -> Response:
         limit=limit(request),
         order="asc" if order(request) == "asc" else "desc",
     )
-    return _json(
-        {
-            "object": "list",
-            "data": page.data,
-            "first_id": page.first_id,
-            "last_id": page.last_id,
-            "has_more": page.has_more,
-        }
-    )
+    return _json(page.as_list())
 
 
 async def add_items(request: Request, principal: Principal) -> Response:

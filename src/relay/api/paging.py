@@ -10,7 +10,8 @@ import re
 from starlette.requests import HTTPConnection, Request
 
 from relay.api.encoding import codings, decode
-from relay.errors import InvalidRequest, PayloadTooLarge
+from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
+from relay.ids import looks_like_response_id
 from relay.protocol import ID_PATTERN
 
 log = logging.getLogger("relay.api")
@@ -101,3 +102,23 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
         "request body: %d bytes %s-encoded, %d decoded", size, "+".join(applied), len(decoded)
     )
     return decoded
+
+
+def response_id_param(request: Request) -> str:
+    """The `response_id` path parameter, when it can name a response (else a 400)."""
+    value: str = request.path_params["response_id"]
+    if not looks_like_response_id(value):
+        raise InvalidRequest(
+            f"Invalid 'response_id': '{value[:80]}'. Expected an ID that begins with 'resp_'.",
+            param="response_id",
+            code="invalid_response_id",
+        )
+    return value
+
+
+def response_not_found(response_id: str) -> NotFound:
+    return NotFound(
+        f"Response with id '{response_id[:100]}' not found.",
+        param="response_id",
+        code="response_not_found",
+    )

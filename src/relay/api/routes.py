@@ -28,13 +28,19 @@ from relay.api.auth import (
 )
 from relay.api.disconnect import CancelOnDisconnect
 from relay.api.idempotent import REPLAYED, recorded, replayed
-from relay.api.paging import cursor, limit, order, read_body
+from relay.api.paging import (
+    cursor,
+    limit,
+    order,
+    read_body,
+    response_id_param,
+    response_not_found,
+)
 from relay.api.readiness import readyz
 from relay.api.sse import EventStreamResponse
 from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
-from relay.errors import InvalidRequest, NotFound
-from relay.ids import looks_like_response_id
+from relay.errors import InvalidRequest
 from relay.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.protocol import CreateResponse, create_request, json_object
 from relay.storage.base import Store
@@ -63,25 +69,6 @@ def _store(request: Request) -> Store:
 
 def parse_create(body: bytes) -> CreateResponse:
     return create_request(json_object(body))
-
-
-def _checked_id(response_id: str) -> str:
-    if not looks_like_response_id(response_id):
-        raise InvalidRequest(
-            f"Invalid 'response_id': '{response_id[:80]}'. "
-            "Expected an ID that begins with 'resp_'.",
-            param="response_id",
-            code="invalid_response_id",
-        )
-    return response_id
-
-
-def _not_found(response_id: str) -> NotFound:
-    return NotFound(
-        f"Response with id '{response_id}' not found.",
-        param="response_id",
-        code="response_not_found",
-    )
 
 
 async def create_response(request: Request, principal: Principal) -> Response:
@@ -228,41 +215,33 @@ async def cancel_response(request: Request, principal: Principal) -> Response:
 
 
 async def _stored(request: Request, principal: Principal) -> dict[str, Any]:
-    response_id = request.path_params["response_id"]
-    stored = await _store(request).get_response(principal.project, _checked_id(response_id))
+    response_id = response_id_param(request)
+    stored = await _store(request).get_response(principal.project, response_id)
     if stored is None:
-        raise _not_found(response_id)
+        raise response_not_found(response_id)
     return stored
 
 
 async def delete_response(request: Request, principal: Principal) -> Response:
-    response_id = request.path_params["response_id"]
-    if not await _store(request).delete_response(principal.project, _checked_id(response_id)):
-        raise _not_found(response_id)
+    response_id = response_id_param(request)
+    if not await _store(request).delete_response(principal.project, response_id):
+        raise response_not_found(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
 async def list_input_items(request: Request, principal: Principal) -> Response:
-    response_id = request.path_params["response_id"]
+    response_id = response_id_param(request)
     page = await _store(request).list_input_items(
         principal.project,
-        _checked_id(response_id),
+        response_id,
         after=cursor(request, "after"),
         before=cursor(request, "before"),
         limit=limit(request),
         order="asc" if order(request) == "asc" else "desc",
     )
     if page is None:
-        raise _not_found(response_id)
-    return json_response(
-        {
-            "object": "list",
-            "data": page.data,
-            "first_id": page.first_id,
-            "last_id": page.last_id,
-            "has_more": page.has_more,
-        }
-    )
+        raise response_not_found(response_id)
+    return json_response(page.as_list())
 
 
 async def list_models(request: Request, principal: Principal) -> Response:

@@ -17,6 +17,17 @@ class ItemPage:
     last_id: str | None
     has_more: bool
 
+    def as_list(self) -> dict[str, Any]:
+        """The page as the API answers it (`"object": "list"`, its ids and whether more
+        follow)."""
+        return {
+            "object": "list",
+            "data": self.data,
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "has_more": self.has_more,
+        }
+
 
 class Store(Protocol):
     async def save_response(
