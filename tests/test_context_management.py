@@ -6,6 +6,7 @@ the loopback chat upstream stays within the threshold and keeps what a late ques
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,13 @@ import orjson
 import pytest
 from chat_upstream import SUMMARISE, UPSTREAM_KEY, ChatUpstream
 from conformance import assert_valid_item
-from relay_fixtures import checked_client, relay_on_sqlite, sdk_client, sse_events
+from relay_fixtures import (
+    checked_client,
+    logged_responses,
+    relay_on_sqlite,
+    sdk_client,
+    sse_events,
+)
 
 KEY_ENV = "RELAY_TEST_CONTEXT_KEY"
 THRESHOLD = 3000  # tokens, about 12 kB of context
@@ -36,7 +43,11 @@ def url(
 ) -> Iterator[str]:
     monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
     chat = {"base_url": chat_upstream.base_url, "api_key_env": KEY_ENV, "retries": 0}
-    routes = [{"model": "coder", **chat, "upstream_model": "coder"}]
+    routes = [
+        {"model": "coder", **chat, "upstream_model": "coder"},
+        # Text, then an error chunk: a summarising turn that fails after it began.
+        {"model": "breaking", **chat, "upstream_model": "error_chunk"},
+    ]
     with relay_on_sqlite(tmp_path_factory, "context", routes) as relay:
         yield relay
 
@@ -219,3 +230,63 @@ def test_the_openai_client_sends_context_management(url: str, chat_upstream: Cha
             context_management=[{"type": "compaction", "compact_threshold": 1000}],
         )
     assert created.output[-1].type == "function_call"
+
+
+def responses_counted(url: str, model: str, status: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in metrics.splitlines()
+        if line.startswith("relay_responses_total{")
+        and f'model="{model}"' in line
+        and f'status="{status}"' in line
+    )
+
+
+def test_a_compaction_that_fails_is_still_billed_counted_and_logged(
+    url: str, http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The summarising turn spent tokens although no response came of the request: it is
+    settled as the response it is (a failed one), counted and logged."""
+    long = {"type": "message", "role": "user", "content": "background " * 1500}
+    said = {"type": "message", "role": "assistant", "content": "Understood."}
+    before = responses_counted(url, "breaking", "failed")
+    with caplog.at_level(logging.INFO, logger="relay.engine"):
+        answer = http.post(
+            "/v1/responses",
+            json={
+                "model": "breaking",
+                "input": [long, said, {"type": "message", "role": "user", "content": "go"}],
+                "context_management": COMPACTING,
+            },
+        )
+    assert answer.status_code == 502, answer.text
+    assert "could not compact" in answer.json()["error"]["message"]
+    assert responses_counted(url, "breaking", "failed") == before + 1
+    lines = [f for f in logged_responses(caplog.records, "failed") if f["model"] == "breaking"]
+    assert len(lines) == 1 and lines[0]["input_tokens"] > 0
+
+
+def test_a_compaction_before_a_refusal_is_still_billed(
+    url: str, http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compacted, then refused (an MCP server this Relay does not allow): the summary's turn
+    was spent, so it is settled on its own."""
+    long = {"type": "message", "role": "user", "content": "background " * 1500}
+    said = {"type": "message", "role": "assistant", "content": "Understood."}
+    mcp = {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example/mcp"}
+    before = responses_counted(url, "coder", "completed")
+    with caplog.at_level(logging.INFO, logger="relay.engine"):
+        answer = http.post(
+            "/v1/responses",
+            json={
+                "model": "coder",
+                "input": [long, said, {"type": "message", "role": "user", "content": "go"}],
+                "tools": [mcp],
+                "context_management": COMPACTING,
+            },
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "mcp_server_not_allowed"
+    assert responses_counted(url, "coder", "completed") == before + 1
+    assert [f for f in logged_responses(caplog.records, "completed") if f["model"] == "coder"]

@@ -311,6 +311,18 @@ class Run:
             await charged
         return stored
 
+    async def account_alone(self, on_settled: Settle | None) -> None:
+        """A turn that was to be part of another response (compaction's summary) which never
+        came: billed, counted and logged on its own, as the response it is."""
+        self.observed = True
+        self._observe(self.response, time.monotonic())
+        deployment = self.deployment
+        if on_settled is not None:
+            served = Served(deployment.name, deployment.config.price) if deployment else None
+            charged = on_settled(self.response, served)
+            if charged is not None:
+                await charged
+
     def _observe(self, response: dict[str, Any], ended: float) -> None:
         """The settled response's metrics, and its line: on its request's access line when
         it is that request's answer, else one of its own."""
@@ -479,6 +491,7 @@ class Engine:
             exchange = None
         started = time.monotonic() if exchange is None else exchange.started
         turn = await self._begin_turn(request, tenant)
+        compacted: Compacted | None = None
         try:
             prepared = await self._prepare(
                 request, tenant, turn.history if turn is not None else continuing
@@ -487,9 +500,10 @@ class Engine:
             opened: Opened | None = None
             loop = None
             opening: list[ServerCall] = []
-            compacted = None
             if generate and request.context_management:
-                prepared, compacted = await self._compact_within(prepared, tenant, key_id)
+                prepared, compacted = await self._compact_within(
+                    prepared, tenant, key_id, on_settled
+                )
                 if compacted is not None:
                     opening.append(ServerCall(compacted.item, ("response.compaction.compacting",)))
             if generate and (prepared.tools.server is not None or prepared.answers_approvals):
@@ -506,6 +520,8 @@ class Engine:
         except BaseException:
             if turn is not None:
                 await turn.abandon()
+            if compacted is not None:  # the response never came: its compaction was spent
+                await compacted.run.account_alone(on_settled)
             raise
         tools, history, items = prepared.tools, prepared.history, prepared.items
         response = new_response(
@@ -542,7 +558,7 @@ class Engine:
             ),
         )
         if compacted is not None:
-            builder.add_usage(compacted.usage)
+            builder.add_usage(compacted.run.response["usage"])
         return Run(
             self,
             tenant,
@@ -665,9 +681,10 @@ class Engine:
         tracing.asked(request)
         prepared = await self._prepare(request, tenant, None)
         # The request as prepared: with its prompt template's instructions.
-        summary = await self._summarise(
+        run = await self._summarise(
             prepared.request, tenant, prepared.context(), on_settled=on_settled, key_id=key_id
         )
+        summary = summary_of(run.response)
         context = (
             prepared.items if prepared.history is None else prepared.history.items + prepared.items
         )
@@ -691,8 +708,9 @@ class Engine:
         on_settled: Settle | None = None,
         key_id: str | None = None,
         observed: bool = True,
-    ) -> dict[str, Any]:
-        """The route's model's summary of `context` (a response, its text the summary)."""
+    ) -> Run:
+        """The run of the route's model's summary of `context`, drained (its response's text
+        is the summary; `summary_of` checks there is one)."""
         instructions = compaction.PROMPT
         if request.instructions:
             instructions += f"\n\nThe conversation's own instructions:\n{request.instructions}"
@@ -709,16 +727,11 @@ class Engine:
         run = await self.start(
             summarising, tenant=tenant, on_settled=on_settled, key_id=key_id, observed=observed
         )
-        summary = await run.final()
-        if summary["status"] not in ("completed", "incomplete") or not summary["output_text"]:
-            error = summary["error"] or {}
-            raise UpstreamError(
-                f"The model could not compact the context: {error.get('message', 'no summary')}"
-            )
-        return summary
+        await run.final()
+        return run
 
     async def _compact_within(
-        self, prepared: Prepared, tenant: str, key_id: str | None
+        self, prepared: Prepared, tenant: str, key_id: str | None, on_settled: Settle | None
     ) -> tuple[Prepared, Compacted | None]:
         """context_management: a context the upstream would read past the entry's threshold
         (counted as the route's first deployment counts text: its tokenizer, else an
@@ -734,16 +747,19 @@ class Engine:
         older, after = compaction.split(context)
         if not older:
             return prepared, None  # nothing but what the model must read as it is
-        summary = await self._summarise(
-            prepared.request, tenant, older, key_id=key_id, observed=False
-        )
+        run = await self._summarise(prepared.request, tenant, older, key_id=key_id, observed=False)
+        try:
+            summary = summary_of(run.response)
+        except UpstreamError:
+            await run.account_alone(on_settled)
+            raise
         # User messages kept as they are: about a quarter of the threshold (4 characters a
         # token).
         before = compaction.kept_user_messages(older, budget=threshold, at_least=0)
         item = compaction.seal_window(self.sealer, tenant, summary["output_text"], before, after)
         window = compaction.window(item, self.sealer, tenant)
         shorter = dataclasses.replace(prepared, upstream_items=window, upstream_history=None)
-        return shorter, Compacted(item, summary["usage"])
+        return shorter, Compacted(item, run)
 
     async def _prepare(
         self, request: CreateResponse, tenant: str, continuing: History | None
@@ -876,10 +892,21 @@ class Engine:
 
 
 class Compacted(NamedTuple):
-    """A compaction inside create: its item, and the usage of the turn that summarised."""
+    """A compaction inside create: its item, and the turn that summarised (its usage is the
+    response's, or its own when the response never comes)."""
 
     item: dict[str, Any]
-    usage: dict[str, Any]
+    run: Run
+
+
+def summary_of(response: dict[str, Any]) -> dict[str, Any]:
+    """A summarising turn's response, when it gave a summary (else a 502)."""
+    if response["status"] not in ("completed", "incomplete") or not response["output_text"]:
+        error = response["error"] or {}
+        raise UpstreamError(
+            f"The model could not compact the context: {error.get('message', 'no summary')}"
+        )
+    return response
 
 
 _Loaded = tuple[tuple[dict[str, Any], str], ...]  # tools tool search loaded, where each is
