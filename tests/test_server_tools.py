@@ -728,3 +728,31 @@ def test_a_queued_request_holds_its_secrets_sealed() -> None:
     assert SECRET not in orjson.dumps(sealed).decode()
     assert sealed["tools"][1] == body["tools"][1]
     assert server_tools.open_secrets(sealed, sealer, "team") == body
+
+
+@pytest.mark.parametrize(
+    ("tool", "param"),
+    [
+        (
+            {
+                "type": "mcp",
+                "server_label": "x",
+                "server_url": "https://m/",
+                "allowed_callers": ["programmatic"],
+            },
+            "tools[0].allowed_callers",
+        ),
+        ({"type": "web_search", "external_web_access": False}, "tools[0].external_web_access"),
+        (
+            {"type": "web_search_preview", "search_content_types": ["image"]},
+            "tools[0].search_content_types",
+        ),
+    ],
+)
+def test_what_relay_cannot_honour_is_refused_not_dropped(
+    http: httpx.Client, tool: dict[str, Any], param: str
+) -> None:
+    answer = http.post("/v1/responses", json={"model": "directed", "input": "hi", "tools": [tool]})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["param"], error["code"]) == (param, "unsupported_parameter")

@@ -17,7 +17,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -152,6 +152,11 @@ def parse(raw: dict[str, Any], param: str) -> tuple[dict[str, Any], Any]:
                 param=f"{param}.server_url",
                 code="missing_required_parameter",
             )
+        if tool.allowed_callers is not None and "programmatic" in tool.allowed_callers:
+            _unsupported(
+                "Programmatic tool calling is not supported: only the model calls MCP tools.",
+                f"{param}.allowed_callers",
+            )
         echoed = tool.model_dump(exclude_none=True, exclude={"authorization", "headers"})
         return echoed, tool
     if raw.get("type") == IMAGE_TYPE:
@@ -160,7 +165,22 @@ def parse(raw: dict[str, Any], param: str) -> tuple[dict[str, Any], Any]:
         search = WebSearchTool.model_validate(raw)
     except ValidationError as error:
         raise invalid_request(error, raw, param) from None
+    # What the search backend cannot honour is refused, not dropped.
+    if search.external_web_access is False:
+        _unsupported(
+            "Searching without live web access (a cache only) is not supported here.",
+            f"{param}.external_web_access",
+        )
+    if search.search_content_types is not None and "image" in search.search_content_types:
+        _unsupported(
+            "Image search is not supported: search_content_types may only be ['text'].",
+            f"{param}.search_content_types",
+        )
     return search.model_dump(exclude_none=True), search
+
+
+def _unsupported(message: str, param: str) -> NoReturn:
+    raise InvalidRequest(message, param=param, code="unsupported_parameter")
 
 
 def _image_tool(raw: dict[str, Any], param: str) -> tuple[dict[str, Any], ImageGenerationTool]:
