@@ -19,6 +19,7 @@ from relay.api import background
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
 from relay.api.paging import (
     cursor,
+    input_items,
     int_or_none,
     order,
     read_body,
@@ -350,18 +351,8 @@ async def cancel_response(request: Request, actor: str) -> Response:
 
 async def list_input_items(request: Request, actor: str) -> Response:
     """A project's stored response's input items, paged as GET /v1/responses/{id}/input_items."""
-    response_id = response_id_param(request)
-    found = await _store(request).list_input_items(
-        request.path_params["project_id"],
-        response_id,
-        after=cursor(request, "after"),
-        before=cursor(request, "before"),
-        limit=item_limit(request),
-        order="asc" if order(request) == "asc" else "desc",
-    )
-    if found is None:
-        raise response_not_found(response_id)
-    return _json(found.as_list())
+    project = request.path_params["project_id"]
+    return _json(await input_items(request, _store(request), project))
 
 
 _ADMIN: list[tuple[str, AdminHandler, str]] = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from starlette.requests import HTTPConnection, Request
 
@@ -13,6 +14,7 @@ from relay.api.encoding import codings, decode
 from relay.errors import InvalidRequest, NotFound, PayloadTooLarge
 from relay.ids import looks_like_response_id
 from relay.protocol import ID_PATTERN
+from relay.storage.base import Store
 
 log = logging.getLogger("relay.api")
 
@@ -122,3 +124,20 @@ def response_not_found(response_id: str) -> NotFound:
         param="response_id",
         code="response_not_found",
     )
+
+
+async def input_items(request: Request, store: Store, project: str) -> dict[str, Any]:
+    """A stored response's input items as the list GET .../input_items answers (`after`,
+    `before`, `limit`, `order`), for its project's keys and for an admin alike."""
+    response_id = response_id_param(request)
+    page = await store.list_input_items(
+        project,
+        response_id,
+        after=cursor(request, "after"),
+        before=cursor(request, "before"),
+        limit=limit(request),
+        order="asc" if order(request) == "asc" else "desc",
+    )
+    if page is None:
+        raise response_not_found(response_id)
+    return page.as_list()

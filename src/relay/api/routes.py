@@ -29,9 +29,7 @@ from relay.api.auth import (
 from relay.api.disconnect import CancelOnDisconnect
 from relay.api.idempotent import REPLAYED, recorded, replayed
 from relay.api.paging import (
-    cursor,
-    limit,
-    order,
+    input_items,
     read_body,
     response_id_param,
     response_not_found,
@@ -230,18 +228,7 @@ async def delete_response(request: Request, principal: Principal) -> Response:
 
 
 async def list_input_items(request: Request, principal: Principal) -> Response:
-    response_id = response_id_param(request)
-    page = await _store(request).list_input_items(
-        principal.project,
-        response_id,
-        after=cursor(request, "after"),
-        before=cursor(request, "before"),
-        limit=limit(request),
-        order="asc" if order(request) == "asc" else "desc",
-    )
-    if page is None:
-        raise response_not_found(response_id)
-    return json_response(page.as_list())
+    return json_response(await input_items(request, _store(request), principal.project))
 
 
 async def list_models(request: Request, principal: Principal) -> Response:
