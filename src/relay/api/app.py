@@ -23,6 +23,7 @@ from relay.config import Settings
 from relay.engine.prompts import PromptTemplates
 from relay.engine.run import Engine
 from relay.engine.tool_loop import ToolRuntime
+from relay.heap import freeze_startup_heap
 from relay.observe import MULTIPROCESS_DIR, tracing
 from relay.observe.access import ObservedRequests
 from relay.observe.metrics import Metrics
@@ -61,6 +62,7 @@ def create_app(settings: Settings) -> ASGIApp:
         supervisor = Supervisor()
         try:
             await _start(app, settings, kept, metrics, supervisor)
+            freeze_startup_heap()
             yield
         finally:
             await supervisor.aclose()
