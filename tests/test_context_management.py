@@ -267,26 +267,26 @@ def test_a_compaction_that_fails_is_still_billed_counted_and_logged(
     assert len(lines) == 1 and lines[0]["input_tokens"] > 0
 
 
-def test_a_compaction_before_a_refusal_is_still_billed(
-    url: str, http: httpx.Client, caplog: pytest.LogCaptureFixture
+def test_a_tool_policy_refusal_comes_before_any_compaction(
+    url: str, http: httpx.Client, chat_upstream: ChatUpstream
 ) -> None:
-    """Compacted, then refused (an MCP server this Relay does not allow): the summary's turn
-    was spent, so it is settled on its own."""
+    """An MCP server this Relay does not allow is refused before the summarising turn, so
+    a refused request spends nothing upstream."""
     long = {"type": "message", "role": "user", "content": "background " * 1500}
     said = {"type": "message", "role": "assistant", "content": "Understood."}
     mcp = {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example/mcp"}
+    chat_upstream.reset()
     before = responses_counted(url, "coder", "completed")
-    with caplog.at_level(logging.INFO, logger="relay.engine"):
-        answer = http.post(
-            "/v1/responses",
-            json={
-                "model": "coder",
-                "input": [long, said, {"type": "message", "role": "user", "content": "go"}],
-                "tools": [mcp],
-                "context_management": COMPACTING,
-            },
-        )
+    answer = http.post(
+        "/v1/responses",
+        json={
+            "model": "coder",
+            "input": [long, said, {"type": "message", "role": "user", "content": "go"}],
+            "tools": [mcp],
+            "context_management": COMPACTING,
+        },
+    )
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["code"] == "mcp_server_not_allowed"
-    assert responses_counted(url, "coder", "completed") == before + 1
-    assert [f for f in logged_responses(caplog.records, "completed") if f["model"] == "coder"]
+    assert chat_upstream.requests == []
+    assert responses_counted(url, "coder", "completed") == before

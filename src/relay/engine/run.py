@@ -70,6 +70,8 @@ from relay.storage.outage import retried
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from relay.tools.egress import EgressPolicy
+
 log = logging.getLogger("relay.engine")
 T = TypeVar("T")
 GENERIC_FAILURE = "The server had an error while generating the response."
@@ -500,6 +502,8 @@ class Engine:
             opened: Opened | None = None
             loop = None
             opening: list[ServerCall] = []
+            # Refused by the project's tool policy before any model turn, a compaction's too.
+            policy = await self._tool_policy(prepared, tenant) if generate else None
             if generate and request.context_management:
                 prepared, compacted = await self._compact_within(
                     prepared, tenant, key_id, on_settled
@@ -507,7 +511,7 @@ class Engine:
                 if compacted is not None:
                     opening.append(ServerCall(compacted.item, ("response.compaction.compacting",)))
             if generate and (prepared.tools.server is not None or prepared.answers_approvals):
-                prepared, loop = await self._server_tools(prepared, tenant)
+                prepared, loop = await self._server_tools(prepared, policy)
                 if loop is not None:
                     opening += loop.server.opening
             if generate:
@@ -583,27 +587,35 @@ class Engine:
             observed=observed,
         )
 
+    async def _tool_policy(self, prepared: Prepared, tenant: str) -> EgressPolicy | None:
+        """The project's policy for the request's server-side tools, having refused what it
+        does not allow; None without any."""
+        server, runtime = prepared.tools.server, self.tools
+        if server is None or runtime is None:
+            return None
+        policy = await runtime.policy_for(tenant)
+        server_tools.check_policy(server, policy)
+        server_tools.check_images(server, runtime.settings.images)
+        return policy
+
     async def _server_tools(
-        self, prepared: Prepared, tenant: str
+        self, prepared: Prepared, policy: EgressPolicy | None
     ) -> tuple[Prepared, ToolLoop | None]:
-        """The request's server-side tools made ready before its first turn: the project's
-        policy applied, approved calls run, each MCP server's tools listed (or found in the
+        """The request's server-side tools made ready before its first turn (under `policy`,
+        already checked): approved calls run, each MCP server's tools listed (or found in the
         chain), and the functions they stand for offered."""
         server = prepared.tools.server
         approved = server_tools.approvals(
             server_tools.earlier_requests(prepared.history), prepared.items
         )
         runtime = self.tools
-        if server is None or runtime is None or (not server.mcp and approved):
+        if server is None or runtime is None or policy is None or (not server.mcp and approved):
             if approved:
                 raise InvalidRequest(
                     "An approved MCP call needs its server's mcp tool in tools.", param="tools"
                 )
             return prepared, None
         request = prepared.request
-        policy = await runtime.policy_for(tenant)
-        server_tools.check_policy(server, policy)
-        server_tools.check_images(server, runtime.settings.images)
         context = prepared.items if prepared.history is None else prepared.history.items
         if prepared.history is not None:
             context = [*context, *prepared.items]
