@@ -1,4 +1,4 @@
-"""`python -m bench [local|gateway|memory|websocket|background|ab ...]`: run the named suites
+"""`python -m bench [local|gateway|keyed|memory|websocket|background|ab ...]`: run the named suites
 (default: all but ab)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import importlib
 SUITES = {
     "local": "bench.local_model",
     "gateway": "bench.gateway",
+    "keyed": "bench.keyed_path",
     "memory": "bench.history_memory",
     "websocket": "bench.websocket_turns",
     "background": "bench.background_runs",

@@ -29,11 +29,11 @@ def _redis_answers() -> bool:
         return False
 
 
-def _provision(base: str, admin_key: str) -> str:
-    """A project with POLICY and a key of it; the key."""
+def provision(base: str, admin_key: str, policy: dict[str, int] = POLICY) -> str:
+    """A project with `policy` and a key of it; the key."""
     headers = {"x-admin-key": admin_key}
     with httpx.Client(base_url=base, headers=headers, trust_env=False) as admin:
-        project = admin.post("/admin/v1/projects", json={"name": "bench", "policy": POLICY})
+        project = admin.post("/admin/v1/projects", json={"name": "bench", "policy": policy})
         project.raise_for_status()
         key = admin.post("/admin/v1/keys", json={"project_id": project.json()["id"]})
         key.raise_for_status()
@@ -63,7 +63,7 @@ def start_keyed_relays(
         )
         stack.callback(relay.stop)
         base = f"http://127.0.0.1:{port}"
-        headers = {"Authorization": f"Bearer {_provision(base, admin_key)}"}
+        headers = {"Authorization": f"Bearer {provision(base, admin_key)}"}
         body = {"model": "bench-json", "input": PROMPT, "store": False}
         stream_body = {"model": "bench-sse", "input": PROMPT, "store": False, "stream": True}
         url = f"{base}/v1/responses"

@@ -178,19 +178,22 @@ def start_relay(
     workers: int,
     *,
     database: Path | None = None,
+    database_url: str | None = None,
+    price: str | None = None,
     settings: Sequence[str] = (),
     anthropic: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
-    """Relay with SQLite (in `workdir` unless `database` names a file), no API keys, a route per
-    nginx location (json, sse, hold, long, and with `anthropic` the Anthropic-shaped sse);
-    `settings` are extra lines of its TOML file, `env` extra environment variables."""
+    """Relay with SQLite (in `workdir` unless `database` names a file, or on `database_url`),
+    no API keys, a route per nginx location (json, sse, hold, long, and with `anthropic` the
+    Anthropic-shaped sse), each at `price` (a TOML value: none by default); `settings` are extra
+    lines of its TOML file, `env` extra environment variables."""
     workdir.mkdir(parents=True, exist_ok=True)
-    database = database or workdir / "relay.db"
+    database_url = database_url or f"sqlite:///{database or workdir / 'relay.db'}"
     # One sealing key for every Relay of a run: those that share a database must seal alike
     # (Relay refuses to start beside an instance that generated another key).
     lines = [
-        f'database_url = "sqlite:///{database}"',
+        f'database_url = "{database_url}"',
         'log_level = "info"',
         f'sealing_keys = ["{SEALING_KEY}"]',
         *settings,
@@ -198,6 +201,7 @@ def start_relay(
     for kind in ("json", "sse", "hold", "long"):
         lines += ["", "[[routes]]", f'model = "bench-{kind}"', 'provider = "openai_chat"']
         lines += [f'base_url = "{upstream}/{kind}/v1"', 'upstream_model = "mock-model"']
+        lines += [f"price = {price}"] if price else []
     if anthropic:
         # The same canned answer, as an Anthropic Messages stream (nginx's /sse/v1/messages).
         lines += ["", "[[routes]]", 'model = "bench-claude"', 'provider = "anthropic"']

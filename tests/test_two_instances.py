@@ -284,6 +284,19 @@ def test_a_credit_holds_when_sequential_requests_alternate_instances(pair: Pair)
     assert codes == [200] * 5 + [402] * 5
 
 
+def test_a_credit_is_reached_exactly_when_it_was_first_checked_against_views(pair: Pair) -> None:
+    """At a steady pace a credit good for 60 answers is far from its cap at first (each
+    instance admits against its view of the spend, without reading the database), then near
+    it (read before each admission): it still admits exactly 60."""
+    project = new_project(pair.a.url, credit_usd=0.36)  # 60 answers of $0.006
+    key, _ = new_key(pair.a.url, project)
+    codes = []
+    for number in range(64):
+        codes.append(respond(pair.urls[number % 2], key, "one two three").status_code)
+        time.sleep(0.1)  # about $0.05 a second: far while over 0.22 of the credit is left
+    assert codes == [200] * 60 + [402] * 4
+
+
 # Idempotency-Key -----------------------------------------------------------------------------
 
 

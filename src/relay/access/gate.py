@@ -97,9 +97,10 @@ class Accounting:
         self, response: dict[str, Any], served: Served | None = None
     ) -> Awaitable[None] | None:
         """Called by the run once its outcome is final, with the deployment that answered
-        (None: nothing was generated). Under a budget: the write of its spend, which the run
-        awaits before its terminal event, so that the client's next request, on whichever
-        instance, is admitted against it."""
+        (None: nothing was generated). Under a budget near its cap: the write of its spend,
+        which the run awaits before its terminal event, so that the client's next request,
+        on whichever instance, is admitted against it (far from the cap, the spend is batched:
+        relay.access.spend_view states the bound)."""
         if self.done:
             return None
         self.done = True
@@ -131,7 +132,7 @@ class Accounting:
                 latency_ms=round((time.monotonic() - self.started) * 1000),
                 estimated=served is not None and served.estimated,
             ),
-            now=any(scope.policy.has_budget for scope in self.principal.scopes),
+            now=self.access.ledger.near(self.principal.scopes),
         )
         if self.admission is not None:
             self._free(self.admission, input_tokens + output_tokens)

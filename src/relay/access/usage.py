@@ -5,8 +5,10 @@ Rows are written by one task in batches: the first row of a batch waits FLUSH_S 
 the database, and a busy process writes ten transactions a second, not one per response. A
 crash loses at most the rows of the last FLUSH_S; rows the database refuses (an outage) are
 kept and retried, and their spend still counts in this process's budget checks. Each batch
-inserts its ledger rows and adds to the `spend` counters in one transaction; a budget check
-reads those counters (one indexed query) plus what this process has queued but not written.
+inserts its ledger rows and adds to the `spend` counters in one transaction. A budget check
+reads those counters (one indexed query) plus what this process has queued but not written,
+except while the budget is far from its cap: then it reads this process's view of them
+(relay.access.spend_view), refreshed off the request's path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
@@ -24,6 +27,7 @@ from sqlalchemy import Connection, Integer, bindparam, func, insert, literal_col
 from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.access.limits import Scope
+from relay.access.spend_view import SpendKey, SpendViews
 from relay.errors import QuotaExceeded
 from relay.models.policy import NANOS_PER_USD, Policy
 from relay.storage.database import Database
@@ -114,7 +118,10 @@ class Ledger:
         self._insert_sql = str(compiled)
         self._positions = [UsageRow._fields.index(name) for name in compiled.positiontup]
         self._queue: list[UsageRow] = []
-        self._pending: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._pending: defaultdict[SpendKey, int] = defaultdict(int)
+        self._views = SpendViews(FLUSH_S)
+        self._refreshing: set[SpendKey] = set()
+        self._refreshes: set[asyncio.Task[None]] = set()
         self._writer: asyncio.Task[None] | None = None
         self._waiting: list[asyncio.Future[None]] = []  # for the rows queued `now`
         self._hurry = asyncio.Event()  # a row queued `now`: no wait for the batch
@@ -146,13 +153,20 @@ class Ledger:
     async def close(self) -> None:
         """Write what is queued; rows the database still refuses now are given up (logged)."""
         self._closing = True
+        for refresh in self._refreshes:
+            refresh.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
         await self.flush()
 
-    async def spent(
-        self, owners: list[tuple[str, str]], now: float
-    ) -> dict[tuple[str, str, str], int]:
+    async def spent(self, owners: list[tuple[str, str]], now: float) -> dict[SpendKey, int]:
         """Spend of each (scope, owner) in each period `now` falls in, queued rows included."""
         keys = [(scope, owner, period) for scope, owner in owners for period in periods(now)]
+        found = await self._read(keys)
+        return {key: found[key] + self._pending.get(key, 0) for key in keys}
+
+    async def _read(self, keys: list[SpendKey]) -> dict[SpendKey, int]:
+        """The database's counters `keys` (0 where none), which this process's views take."""
+        clock = time.monotonic()
         rows = await self.db.glance(
             lambda conn: conn.execute(
                 select(spend.c.scope, spend.c.owner, spend.c.period, spend.c.cost_nanos).where(
@@ -161,7 +175,28 @@ class Ledger:
             ).all()
         )
         found = {(row[0], row[1], row[2]): int(row[3]) for row in rows}
-        return {key: found.get(key, 0) + self._pending.get(key, 0) for key in keys}
+        values = {key: found.get(key, 0) for key in keys}
+        for key, value in values.items():
+            self._views.read(key, value, clock)
+        return values
+
+    def _refresh(self, keys: list[SpendKey]) -> None:
+        """Read `keys` again, off the request's path (one read at a time per counter)."""
+        keys = [key for key in keys if key not in self._refreshing]
+        if not keys or self._closing:
+            return
+        self._refreshing.update(keys)
+        task = asyncio.ensure_future(self._read_again(keys))
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _read_again(self, keys: list[SpendKey]) -> None:
+        try:
+            await self._read(keys)
+        except Exception as error:  # the views age, and budgets are checked by reads again
+            log.warning("could not refresh spend counters: %s", error)
+        finally:
+            self._refreshing.difference_update(keys)
 
     async def standing(self, scope: str, owner: str, policy: Policy) -> dict[str, Any]:
         """What a project or key (`scope`) has spent in each budget period now, against its
@@ -205,6 +240,7 @@ class Ledger:
                     if failures:
                         log.warning("usage rows written again after %d failed tries", failures)
                     failures = 0
+                    self._views.wrote(_totals(batch).items())
                     self._settled(batch)
                 finally:
                     # A response waits for its budget's row no longer than one try: an
@@ -248,11 +284,7 @@ class Ledger:
         conn.exec_driver_sql(
             self._insert_sql, [tuple(row[index] for index in positions) for row in batch]
         )
-        totals: defaultdict[tuple[str, str, str], int] = defaultdict(int)
-        for row in batch:
-            if row.cost_nanos:
-                for key in _spend_keys(row):
-                    totals[key] += row.cost_nanos
+        totals = _totals(batch)
         if totals:
             conn.execute(
                 self._add_spend,
@@ -263,28 +295,38 @@ class Ledger:
             )
 
     async def check_budgets(self, scopes: list[Scope]) -> None:
-        """Raise QuotaExceeded (402) when a scope has spent its budget for the period."""
-        budgeted = [scope for scope in scopes if scope.policy.has_budget]
-        if not budgeted:
+        """Raise QuotaExceeded (402) when a scope has spent its budget for the period: read
+        from the database, unless every budget is far from its cap (relay.access.spend_view)."""
+        budgets = _budgets(scopes, time.time())
+        if not budgets:
             return
-        now = time.time()
-        spent = await self.spent([(scope.kind, scope.owner) for scope in budgeted], now)
-        day, month, total = periods(now)
-        for scope in budgeted:
-            policy = scope.policy
-            for period, cap, what, remedy in (
-                (day, policy.daily_budget_usd, "daily budget", _RENEWED.format("day")),
-                (month, policy.monthly_budget_usd, "monthly budget", _RENEWED.format("month")),
-                (total, policy.credit_usd, "credit", "A credit never renews: raise it to top up."),
-            ):
-                if cap is None:
-                    continue
-                used = spent[(scope.kind, scope.owner, period)]
-                if used >= round(cap * NANOS_PER_USD):
-                    raise QuotaExceeded(
-                        f"The {scope.name} has used its {what} of ${cap:.2f} "
-                        f"(spent ${usd(used):.4f}). {remedy}"
-                    )
+        keys = [budget.key for budget in budgets]
+        clock = time.monotonic()
+        if self._far(budgets, clock):
+            spent = {key: self._views.spent(key) + self._pending.get(key, 0) for key in keys}
+            self._refresh(self._views.aging(keys, clock))
+        else:
+            found = await self._read(keys)
+            spent = {key: found[key] + self._pending.get(key, 0) for key in keys}
+        for budget in budgets:
+            used = spent[budget.key]
+            if used >= budget.cap_nanos:
+                raise QuotaExceeded(
+                    f"The {budget.scope.name} has used its {budget.what} of "
+                    f"${budget.cap_usd:.2f} (spent ${usd(used):.4f}). {budget.remedy}"
+                )
+
+    def near(self, scopes: tuple[Scope, ...]) -> bool:
+        """Whether a budget of `scopes` is near its cap (or not viewed well enough to tell):
+        its spend must then be written before the response ends, for any instance to read."""
+        budgets = _budgets(scopes, time.time())
+        return bool(budgets) and not self._far(budgets, time.monotonic())
+
+    def _far(self, budgets: list[_Budget], clock: float) -> bool:
+        return all(
+            self._views.far(budget.key, budget.cap_nanos, self._pending.get(budget.key, 0), clock)
+            for budget in budgets
+        )
 
     async def report(
         self,
@@ -339,7 +381,45 @@ class Ledger:
         return report
 
 
-def _spend_keys(row: UsageRow) -> list[tuple[str, str, str]]:
+class _Budget(NamedTuple):
+    scope: Scope
+    key: SpendKey  # the counter it caps
+    cap_usd: float
+    cap_nanos: int
+    what: str
+    remedy: str
+
+
+def _budgets(scopes: Iterable[Scope], now: float) -> list[_Budget]:
+    """The budgets of `scopes` for the periods `now` falls in."""
+    day, month, total = periods(now)
+    found = []
+    for scope in scopes:
+        policy = scope.policy
+        if not policy.has_budget:
+            continue
+        for period, cap, what, remedy in (
+            (day, policy.daily_budget_usd, "daily budget", _RENEWED.format("day")),
+            (month, policy.monthly_budget_usd, "monthly budget", _RENEWED.format("month")),
+            (total, policy.credit_usd, "credit", "A credit never renews: raise it to top up."),
+        ):
+            if cap is not None:
+                key = (scope.kind, scope.owner, period)
+                found.append(_Budget(scope, key, cap, round(cap * NANOS_PER_USD), what, remedy))
+    return found
+
+
+def _totals(batch: list[UsageRow]) -> dict[SpendKey, int]:
+    """What `batch` adds to each spend counter."""
+    totals: defaultdict[SpendKey, int] = defaultdict(int)
+    for row in batch:
+        if row.cost_nanos:
+            for key in _spend_keys(row):
+                totals[key] += row.cost_nanos
+    return totals
+
+
+def _spend_keys(row: UsageRow) -> list[SpendKey]:
     owners = [("project", row.project_id)]
     if row.key_id is not None:
         owners.append(("key", row.key_id))
