@@ -1,6 +1,8 @@
 """Searching a project's responses: each response's session_id as a column (filled from the
 stored bodies), and indexes to find a session's responses, the responses that continue one
-(previous_response_id) and the usage rows of a response (its cost).
+(previous_response_id) and the usage rows of a response (its cost). The list's index gains
+the id it is ordered by last, so that PostgreSQL reads a page in order and stops, as SQLite
+did (it sorted the whole project first).
 
 Revision ID: 0011
 Revises: 0010
@@ -26,17 +28,23 @@ _FILL = {
 def upgrade() -> None:
     op.add_column("responses", sa.Column("session_id", sa.String(), nullable=True))
     op.execute(_FILL[op.get_bind().dialect.name])
-    op.create_index("ix_responses_tenant_session_id", "responses", ["tenant", "session_id"])
+    # Each ends with the list's order: a session's or a chain's newest come first from it.
+    order = ["created_at", "id"]
+    op.create_index("ix_responses_tenant_session_id", "responses", ["tenant", "session_id", *order])
     op.create_index(
         "ix_responses_tenant_previous_response_id",
         "responses",
-        ["tenant", "previous_response_id"],
+        ["tenant", "previous_response_id", *order],
     )
+    op.create_index("ix_responses_tenant_created_at_id", "responses", ["tenant", *order])
+    op.drop_index("ix_responses_tenant_created_at", "responses")
     op.create_index("ix_usage_ledger_response_id", "usage_ledger", ["response_id"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_usage_ledger_response_id", "usage_ledger")
+    op.create_index("ix_responses_tenant_created_at", "responses", ["tenant", "created_at"])
+    op.drop_index("ix_responses_tenant_created_at_id", "responses")
     op.drop_index("ix_responses_tenant_previous_response_id", "responses")
     op.drop_index("ix_responses_tenant_session_id", "responses")
     with op.batch_alter_table("responses") as batch:
