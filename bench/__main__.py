@@ -14,6 +14,7 @@ SUITES = {
     "websocket": "bench.websocket_turns",
     "background": "bench.background_runs",
     "tools": "bench.tool_loop",
+    "search": "bench.response_search",
     "ab": "bench.ab",  # on request only: the working tree against BENCH_AB_BASE
 }
 DEFAULT = [name for name in SUITES if name != "ab"]

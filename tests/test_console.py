@@ -7,6 +7,7 @@ through it as a person would, and nothing it loads leaves 127.0.0.1."""
 from __future__ import annotations
 
 import hashlib
+import html
 import logging
 import os
 import re
@@ -24,6 +25,9 @@ import pytest
 from console_client import ConsoleClient, csrf_of, signed_in
 from team import ADMIN_KEY, CONFIG_KEY, CONFIG_TENANT, AdminClient, client, team_relay
 
+from relay.access import listing
+from relay.api.admin import RESPONSE_FILTERS
+from relay.ui import pages
 from relay.ui.routes import CSP
 
 WEATHER = {
@@ -695,6 +699,235 @@ def test_the_admin_api_lists_a_projects_responses(relay: Relay, admin: AdminClie
     ]
 
 
+# --- searching responses, their cost, chains and pages -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def searchable(database_url: str) -> Iterator[str]:
+    """A Relay on SQLite and on PostgreSQL: metadata and text are searched in each
+    database's own SQL."""
+    with team_relay(database_url) as url:
+        yield url
+
+
+def _ids(listed: dict[str, Any]) -> list[str]:
+    return [item["id"] for item in listed["data"]]
+
+
+def test_the_admin_api_searches_responses(searchable: str) -> None:
+    with AdminClient(searchable) as admin:
+        project, other = admin.project("searched"), admin.project("not searched")
+        _, key = admin.key(project)
+        _, other_key = admin.key(other)
+        base = f"/projects/{project}/responses"
+        fox = _ask(
+            searchable,
+            key,
+            model="priced",
+            input="The quick brown fox",
+            metadata={"run": "nightly", "team": "a=b"},
+            session_id="sess-a",
+        )
+        with client(searchable, key) as http:
+            quoted = http.post(
+                "/v1/responses",
+                json={"model": "fake-text", "input": 'He said "hi"\nand left, 100%'},
+                headers={"x-session-id": "sess-b"},
+            ).json()
+        follow = _ask(
+            searchable,
+            key,
+            input="next step",
+            previous_response_id=fox["id"],
+            metadata={"run": "nightly"},
+        )
+        # Another project's response matches every filter: it is never listed here.
+        theirs = _ask(
+            searchable,
+            other_key,
+            input="The quick brown fox",
+            metadata={"run": "nightly"},
+            session_id="sess-a",
+        )
+        for params, expected in (
+            ({"metadata": "run=nightly"}, [follow, fox]),
+            ({"metadata": ["run=nightly", "team=a=b"]}, [fox]),  # split at the first '='
+            ({"metadata": "run=daily"}, []),
+            ({"metadata": "team=a"}, []),
+            ({"session_id": "sess-a"}, [fox]),
+            ({"session_id": "sess-b"}, [quoted]),  # from the x-session-id header
+            ({"text": "QUICK brown"}, [fox]),  # case aside
+            ({"text": 'said "hi"\nand'}, [quoted]),  # quotes and line breaks as typed
+            ({"text": "100%"}, [quoted]),  # '%' is no wildcard
+            ({"text": "0%"}, [quoted]),
+            ({"text": "_"}, []),  # nor is '_'
+            ({"text": "message"}, []),  # the text, not the items' ids, types or roles
+            ({"text": "user"}, []),
+            ({"text": "You said: next step"}, [follow]),  # an output's text
+            ({"previous_response_id": fox["id"]}, [follow]),
+            ({"text": "brown", "metadata": "run=nightly", "session_id": "sess-a"}, [fox]),
+            ({"text": "brown", "session_id": "sess-b"}, []),
+        ):
+            listed = admin.call("GET", base, **params)
+            assert _ids(listed) == [response["id"] for response in _newest_first(expected)], params
+            assert theirs["id"] not in _ids(listed)
+        assert (
+            admin.call("GET", f"/projects/{other}/responses", text="quick")["data"][0]["id"]
+            == theirs["id"]
+        )
+
+        # Each summary's session and cost: the sum of its usage rows, in dollars.
+        summaries = {item["id"]: item for item in admin.call("GET", base)["data"]}
+        assert summaries[fox["id"]]["session_id"] == "sess-a"
+        assert summaries[follow["id"]]["session_id"] is None
+        report = admin.call("GET", "/usage", group_by="project", project_id=project)["data"]
+        assert 0 < summaries[fox["id"]]["cost_usd"] == pytest.approx(report[0]["cost_usd"])
+        assert summaries[quoted["id"]]["cost_usd"] == 0  # an unpriced route: charged nothing
+
+        # Paging both ways: `before` an id of the list gives the newer ones.
+        newest = _newest_first([fox, quoted, follow])
+        first = admin.call("GET", base, limit=2)
+        assert _ids(first) == [response["id"] for response in newest[:2]] and first["has_more"]
+        rest = admin.call("GET", base, limit=2, after=first["last_id"])
+        assert _ids(rest) == [newest[2]["id"]] and not rest["has_more"]
+        back = admin.call("GET", base, limit=2, before=rest["first_id"])
+        assert _ids(back) == _ids(first) and not back["has_more"]
+        nearer = admin.call("GET", base, limit=1, before=rest["first_id"])
+        assert _ids(nearer) == [newest[1]["id"]] and nearer["has_more"]
+
+        for params, param in (
+            ({"metadata": "nightly"}, "metadata"),
+            ({"metadata": "=nightly"}, "metadata"),
+            ({"metadata": "k" * 65 + "=v"}, "metadata"),
+            ({"metadata": [f"k{n}=v" for n in range(17)]}, "metadata"),
+            ({"text": "x" * 201}, "text"),
+            ({"session_id": "s" * 129}, "session_id"),
+            ({"previous_response_id": "nonsense"}, "previous_response_id"),
+            ({"after": fox["id"], "before": fox["id"]}, "before"),
+            ({"before": "resp_unknown"}, "before"),
+            ({"before": theirs["id"]}, "before"),  # another project's id is not of this list
+        ):
+            refused = admin.http.get(f"/admin/v1{base}", params=params)
+            assert refused.status_code == 400, params
+            assert refused.json()["error"]["param"] == param, refused.text
+            assert refused.json()["error"]["type"] == "invalid_request_error"
+        refused = admin.http.get(
+            f"/admin/v1/projects/{project}/conversations", params={"before": "x"}
+        )
+        assert refused.status_code == 400
+
+
+def test_a_search_reads_a_bounded_window_a_page(
+    searchable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text or metadata search tests SEARCH_WINDOW responses a page at most (3 here): a page
+    whose window ends first says where it stopped, and the next goes on from there."""
+    monkeypatch.setattr(listing, "SEARCH_WINDOW", 3)
+    with AdminClient(searchable) as admin:
+        project = admin.project("haystack")
+        _, key = admin.key(project)
+        made = [_ask(searchable, key, input="needle" if n in (0, 5) else "hay") for n in range(7)]
+        base = f"/projects/{project}/responses"
+        order = [response["id"] for response in _newest_first(made)]
+        needles = {made[0]["id"], made[5]["id"]}
+        windows = [order[:3], order[3:6], order[6:]]
+        pages, after = [], None
+        while True:
+            listed = admin.call("GET", base, text="needle", **({"after": after} if after else {}))
+            pages.append(listed)
+            if not listed["has_more"]:
+                break
+            after = listed["last_id"]
+        assert [_ids(page) for page in pages] == [
+            [rid for rid in window if rid in needles] for window in windows
+        ]
+        # A page that read its whole window names the last response it read.
+        assert [page["last_id"] for page in pages[:2]] == [order[2], order[5]]
+        # Unfiltered, or filtered on columns only, a page is not bounded.
+        assert len(admin.call("GET", base)["data"]) == 7
+        # Backwards from the oldest: the window is the three just newer.
+        back = admin.call("GET", base, text="needle", before=order[6])
+        assert _ids(back) == [rid for rid in order[3:6] if rid in needles]
+        assert back["has_more"] and back["first_id"] == order[3]
+
+
+def test_the_console_searches_pages_and_follows_chains(
+    relay: Relay, admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = admin.project("console search")
+    _, key = admin.key(project)
+    first = _ask(relay.url, key, model="priced", metadata={"ticket": "T-1"}, session_id="s1")
+    second = _ask(relay.url, key, previous_response_id=first["id"], metadata={"ticket": "T-1"})
+    third = _ask(relay.url, key, previous_response_id=first["id"], input="a branch")
+    _ask(relay.url, key, metadata={"ticket": "T-2"})
+    base = f"/console/projects/{project}/responses"
+    shown = re.compile(rf'class="rid" href="{base}/(resp_\w+)"')
+    summaries = {
+        item["id"]: item for item in admin.call("GET", base.removeprefix("/console"))["data"]
+    }
+    cost = summaries[first["id"]]["cost_usd"]
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        found = console.get(base, metadata="ticket=T-1")
+        assert shown.findall(found.text) == [r["id"] for r in _newest_first([first, second])]
+        assert 'value="ticket=T-1"' in found.text and 'id="clear"' in found.text
+        assert f'<td class="num cost">${cost:,.4f}</td>' in found.text
+        assert shown.findall(console.get(base, session_id="s1").text) == [first["id"]]
+        assert shown.findall(console.get(base, text="a branch").text) == [third["id"]]
+        assert "No stored responses match." in console.get(base, text="nowhere").text
+        empty = console.get(base, **dict.fromkeys(RESPONSE_FILTERS, ""))  # the form, unfilled
+        assert len(shown.findall(empty.text)) == 4
+        refused = console.get(base, metadata="no pair")
+        assert refused.status_code == 400 and "expected key=value" in refused.text
+
+        # The transcript: its cost, and the responses that continue it (the chain forward).
+        page = console.get(f"{base}/{first['id']}").text
+        assert f'<dd id="cost">${cost:,.4f}</dd>' in page
+        continued = re.findall(rf'class="continuation" href="{base}/(resp_\w+)"', page)
+        assert continued == [r["id"] for r in _newest_first([second, third])]
+        assert 'id="continued-by"' not in console.get(f"{base}/{second['id']}").text
+
+        # One response a page: the older and newer links page through, keeping the filters.
+        monkeypatch.setattr(pages, "PAGE", 1)
+        expected = [r["id"] for r in _newest_first([first, second])]
+        top = console.get(base, metadata="ticket=T-1").text
+        assert shown.findall(top) == expected[:1] and 'id="newer"' not in top
+        older = re.search(r'href="([^"]+)" id="older"', top)
+        assert older is not None and "metadata=ticket%3DT-1" in older.group(1)
+        bottom = console.get(base + html.unescape(older.group(1))).text
+        assert shown.findall(bottom) == expected[1:] and 'id="older"' not in bottom
+        newer = re.search(r'href="([^"]+)" id="newer"', bottom)
+        assert newer is not None and "metadata=ticket%3DT-1" in newer.group(1)
+        again = console.get(base + html.unescape(newer.group(1))).text
+        assert shown.findall(again) == expected[:1]
+        assert 'id="newer"' not in again and 'id="older"' in again
+
+
+def test_the_conversations_list_pages_both_ways(
+    relay: Relay, admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = admin.project("paged chats")
+    _, key = admin.key(project)
+    with client(relay.url, key) as http:
+        made = [http.post("/v1/conversations", json={}).json() for _ in range(3)]
+    expected = [conversation["id"] for conversation in _newest_first(made)]
+    base = f"/console/projects/{project}/conversations"
+    listed = re.compile(rf'class="cid" href="{base}/(conv_\w+)"')
+    monkeypatch.setattr(pages, "PAGE", 2)
+    with signed_in(relay.url, key) as console:
+        top = console.get(base).text
+        assert listed.findall(top) == expected[:2] and 'id="newer"' not in top
+        older = re.search(r'href="\?([^"]+)" id="older"', top)
+        assert older is not None
+        bottom = console.get(f"{base}?{html.unescape(older.group(1))}").text
+        assert listed.findall(bottom) == expected[2:]
+        newer = re.search(r'href="\?([^"]+)" id="newer"', bottom)
+        assert newer is not None and 'id="older"' not in bottom
+        assert (
+            listed.findall(console.get(f"{base}?{html.unescape(newer.group(1))}").text)
+            == (expected[:2])
+        )
+
+
 # --- in a real browser -------------------------------------------------------------------------
 # Playwright drives Debian's chromium (Playwright cannot download its own browsers here):
 # `apt-get install -y chromium`, as .ci/run does. Screenshots go to a temporary folder, or to
@@ -882,6 +1115,40 @@ def test_a_person_runs_the_console_in_a_browser(
     assert [cookie["name"] for cookie in tab.context.cookies()] == ["relay_console_sign_in"]
     page.goto(f"{relay.url}/console/projects")
     assert page.url.endswith("/console/sign-in")
+    tab.check_and_close([ADMIN_KEY, key])
+
+
+def test_searching_responses_in_the_browser(
+    relay: Relay, admin: AdminClient, browser: Browser
+) -> None:
+    """A person finds a ticket's responses by their metadata, sees what each cost, and walks
+    the chain forward ("continued by") and back."""
+    project = admin.project("support desk")
+    _, key = admin.key(project)
+    asked = _ask(relay.url, key, model="priced", input="Refund?", metadata={"ticket": "T-9"})
+    followed = _ask(relay.url, key, input="And then?", previous_response_id=asked["id"])
+    _ask(relay.url, key, model="priced", metadata={"ticket": "T-10"})
+    [summary] = admin.call("GET", f"/projects/{project}/responses", metadata="ticket=T-9")["data"]
+    cost = f"${summary['cost_usd']:,.4f}"
+    tab = Tab(browser, relay.url)
+    page = tab.open("/console/sign-in")
+    page.fill("#key", ADMIN_KEY)
+    tab.go("button[type=submit]")
+    page.goto(f"{relay.url}/console/projects/{project}/responses")
+    assert page.locator("#responses tbody tr").count() == 3
+    page.fill("#filters input[name=metadata]", "ticket=T-9")
+    tab.go("#filters button[type=submit]")
+    assert "metadata=ticket%3DT-9" in page.url
+    rows = page.locator("#responses tbody tr")
+    assert rows.count() == 1 and asked["id"] in rows.inner_text()
+    assert rows.locator("td.cost").inner_text() == cost
+    tab.go(f"a.rid >> text={asked['id']}")
+    assert page.locator("#cost").inner_text() == cost
+    tab.go(f"#continued-by a >> text={followed['id']}")
+    assert page.url.endswith(f"/responses/{followed['id']}")
+    assert "And then?" in page.locator("#transcript").inner_text()
+    tab.go("#previous")
+    assert page.url.endswith(f"/responses/{asked['id']}")
     tab.check_and_close([ADMIN_KEY, key])
 
 

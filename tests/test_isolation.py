@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -285,6 +286,50 @@ def test_console_pages_show_only_the_owning_project(
         assert world.conversation_id not in answer.text
     else:
         assert (answer.status_code, answer.headers["location"]) == (303, "/console/sign-in")
+
+
+def _listed(page: httpx.Response) -> list[str]:
+    """The responses a console's list of responses shows."""
+    return re.findall(r'class="rid" href="[^"]+/(resp_\w+)"', page.text)
+
+
+def test_a_search_finds_only_its_own_projects_responses(
+    world: World, consoles: dict[str, ConsoleClient]
+) -> None:
+    """Every filter of a project's responses (text, metadata, session, the responses that
+    continue one) reads that project only: a session sees another project's matches nowhere,
+    and another project's list answers 404 as an unknown one does."""
+    marker = uuid.uuid4().hex
+    with httpx.Client(base_url=world.url, headers=world.callers["owner"]) as http:
+        body = {"model": "fake-text", "input": f"secret {marker}", "metadata": {"tag": marker}}
+        made = http.post("/v1/responses", json={**body, "session_id": marker}).json()
+        body = {"model": "fake-text", "input": "more", "previous_response_id": made["id"]}
+        follow = http.post("/v1/responses", json=body).json()
+    searches = [
+        {"text": marker},
+        {"metadata": f"tag={marker}"},
+        {"session_id": marker},
+        {"previous_response_id": made["id"]},
+    ]
+    home = f"/console/projects/{world.home}/responses"
+    for caller in [*CONSOLE_SEES, *CONSOLE_NOT_FOUND]:
+        console = consoles[caller]
+        own = console.get("/console").headers["location"].removesuffix("/overview")
+        for search in searches:
+            found = console.get(home, **search)
+            if caller in CONSOLE_SEES:
+                assert found.status_code == 200, (caller, search)
+                expected = follow if "previous_response_id" in search else made
+                assert _listed(found) == [expected["id"]]
+                continue
+            assert found.status_code == 404, (caller, search)
+            assert made["id"] not in found.text
+            mine = console.get(f"{own}/responses", **search)
+            assert (mine.status_code, _listed(mine)) == (200, []), (caller, search)
+    with AdminClient(world.url) as admin:
+        for search in searches:
+            elsewhere = admin.call("GET", f"/projects/{world.elsewhere}/responses", **search)
+            assert elsewhere["data"] == [], search
 
 
 def test_keys_that_are_not_good_never_sign_in_to_the_console(world: World) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -648,3 +649,26 @@ async def test_sqlite_lookups_on_the_loop_never_wait_there(tmp_path: Path) -> No
     finally:
         holder.close()
         await opened.close()
+
+
+async def test_0011_takes_the_session_id_out_of_stored_bodies(store_url: str) -> None:
+    """Responses stored before 0011 have their session_id in their body only: the migration
+    copies it into the column that lists a session's responses."""
+    store = await open_store(store_url)
+    try:
+        response, items = make_turn("resp_s")
+        await store.save_response("acme", {**response, "session_id": "sess-1"}, items)
+        await store.save_response("acme", *make_turn("resp_n"))
+
+        def migrate(connection: Connection, target: str, up: bool) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            (command.upgrade if up else command.downgrade)(config, target)
+
+        await store.db.write(lambda conn: migrate(conn, "0010", up=False))
+        await store.db.write(lambda conn: migrate(conn, "head", up=True))
+        query = select(responses.c.id, responses.c.session_id).order_by(responses.c.id)
+        rows = await store.db.read(lambda conn: conn.execute(query).all())
+        assert [tuple(row) for row in rows] == [("resp_n", None), ("resp_s", "sess-1")]
+    finally:
+        await store.close()

@@ -629,18 +629,28 @@ class PromptReference(_Strict):
 # The request -----------------------------------------------------------------------------------
 
 
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+MAX_SESSION_ID = 128
+
+
 def _metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     if value is None:
         return None
-    if len(value) > 16:
-        raise ValueError("metadata may hold at most 16 pairs")
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"metadata may hold at most {MAX_METADATA_PAIRS} pairs")
     for key, item in value.items():
-        if len(key) > 64:
-            raise ValueError(f"metadata key '{key[:70]}' is longer than 64 characters")
+        if len(key) > MAX_METADATA_KEY:
+            raise ValueError(
+                f"metadata key '{key[:70]}' is longer than {MAX_METADATA_KEY} characters"
+            )
         if "[" in key or "]" in key:
             raise ValueError(f"metadata key '{key}' must not contain brackets")
-        if len(item) > 512:
-            raise ValueError(f"metadata value for '{key}' is longer than 512 characters")
+        if len(item) > MAX_METADATA_VALUE:
+            raise ValueError(
+                f"metadata value for '{key}' is longer than {MAX_METADATA_VALUE} characters"
+            )
     return value
 
 
@@ -678,7 +688,7 @@ class CreateResponse(BaseModel):
     seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
     metadata: dict[str, str] | None = None
     user: str | None = Field(default=None, max_length=128)
-    session_id: str | None = Field(default=None, max_length=128)
+    session_id: str | None = Field(default=None, max_length=MAX_SESSION_ID)
     safety_identifier: str | None = Field(default=None, max_length=64)
     prompt_cache_key: str | None = Field(default=None, max_length=64)
     truncation: Literal["auto", "disabled"] | None = None

@@ -4,16 +4,16 @@ never a key)."""
 
 from __future__ import annotations
 
-import calendar
 import re
 import time
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, insert, select, update
 
 from relay.access.keys import KEY_PREFIX, digest, new_key
+from relay.access.listing import Cursor, ResponseSearch, as_page, costs, newest_first
 from relay.errors import InvalidRequest, NotFound
 from relay.ids import new_id
 from relay.models.policy import NO_POLICY, Policy
@@ -121,9 +121,9 @@ def key_view(row: Any) -> dict[str, Any]:
     }
 
 
-def response_summary(row: Any) -> dict[str, Any]:
-    """A stored response as a list shows it: what it was and how it ended, not its items
-    (GET .../responses/{id} and its input_items have those)."""
+def response_summary(row: Any, cost_nanos: int | None) -> dict[str, Any]:
+    """A stored response as a list shows it: what it was, how it ended and what it cost (None:
+    not settled yet), not its items (GET .../responses/{id} and its input_items have those)."""
     body = orjson.loads(row.body)
     return {
         "object": "response.summary",
@@ -136,41 +136,9 @@ def response_summary(row: Any) -> dict[str, Any]:
         "usage": body.get("usage"),
         "error": body.get("error"),
         "metadata": body.get("metadata") or {},
+        "session_id": row.session_id,
+        "cost_usd": None if cost_nanos is None else cost_nanos / 1e9,
     }
-
-
-def _day_start(name: str, day: str) -> int:
-    """The first second of a UTC day written YYYY-MM-DD, or a 400 naming the parameter."""
-    try:
-        return calendar.timegm(time.strptime(day, "%Y-%m-%d"))
-    except ValueError:
-        raise InvalidRequest(
-            f"Invalid '{name}': expected a day as YYYY-MM-DD.", param=name
-        ) from None
-
-
-def _newest_first(
-    conn: Connection, table: Any, tenant: str, where: list[Any], after: str | None, limit: int
-) -> list[Any]:
-    """A page of a tenant's visible rows of `table` (responses, conversations), newest first:
-    by the second each was made, then by id, so that `after` (an id of the list) is exact."""
-    query = select(table).where(table.c.tenant == tenant, table.c.deleted_at.is_(None), *where)
-    if after is not None:
-        cursor = conn.execute(
-            select(table.c.created_at).where(table.c.id == after, table.c.tenant == tenant)
-        ).first()
-        if cursor is None:
-            raise InvalidRequest(
-                f"Invalid 'after': no '{after[:100]}' in this project's list.", param="after"
-            )
-        query = query.where(
-            or_(
-                table.c.created_at < cursor.created_at,
-                and_(table.c.created_at == cursor.created_at, table.c.id < after),
-            )
-        )
-    query = query.order_by(table.c.created_at.desc(), table.c.id.desc())
-    return list(conn.execute(query.limit(limit + 1)).all())
 
 
 def _audit(conn: Connection, actor: str, action: str, target: str, detail: Any) -> None:
@@ -437,43 +405,39 @@ class Admin:
         return await self.db.write(work)
 
     async def list_responses(
-        self,
-        project_id: str,
-        after: str | None,
-        limit: int,
-        *,
-        status: str | None = None,
-        model: str | None = None,
-        start: str | None = None,
-        end: str | None = None,
+        self, project_id: str, cursor: Cursor, limit: int, search: ResponseSearch
     ) -> dict[str, Any]:
-        """A project's stored responses (deleted ones left out), newest first; `after`: a
-        response id of the list, to page on to older ones; `start` and `end`: the UTC days
-        they were made in (inclusive, YYYY-MM-DD). Any tenant's, a config file's included:
-        no project row is needed."""
-        where = []
-        if status is not None:
-            where.append(responses.c.status == status)
-        if model is not None:
-            where.append(responses.c.model == model)
-        if start is not None:
-            where.append(responses.c.created_at >= _day_start("start", start))
-        if end is not None:
-            where.append(responses.c.created_at < _day_start("end", end) + 86400)
-        rows = await self.db.read(
-            lambda conn: _newest_first(conn, responses, project_id, where, after, limit)
-        )
-        return page([response_summary(row) for row in rows], limit)
+        """A project's stored responses (deleted ones left out), newest first, that meet
+        `search`, each with its cost. Any tenant's, a config file's included: no project row
+        is needed."""
+
+        def work(conn: Connection) -> dict[str, Any]:
+            inside = search.inside(conn.dialect.name)
+            listed = newest_first(
+                conn, responses, project_id, search.columns(), cursor, limit, inside
+            )
+            cost = costs(conn, project_id, [row.id for row in listed.rows])
+            data = [response_summary(row, cost.get(row.id)) for row in listed.rows]
+            return as_page(data, listed, cursor)
+
+        return await self.db.read(work)
+
+    async def response_cost(self, project_id: str, response_id: str) -> int | None:
+        """What a project's response cost, in nano-dollars (None: not settled yet)."""
+        found = await self.db.read(lambda conn: costs(conn, project_id, [response_id]))
+        return found.get(response_id)
 
     async def list_conversations(
-        self, project_id: str, after: str | None, limit: int
+        self, project_id: str, cursor: Cursor, limit: int
     ) -> dict[str, Any]:
         """A project's conversations (deleted ones left out), newest first, as GET
         /v1/conversations/{id} shows each."""
-        rows = await self.db.read(
-            lambda conn: _newest_first(conn, conversations, project_id, [], after, limit)
-        )
-        return page([conversation_view(row) for row in rows], limit)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            listed = newest_first(conn, conversations, project_id, [], cursor, limit)
+            return as_page([conversation_view(row) for row in listed.rows], listed, cursor)
+
+        return await self.db.read(work)
 
     async def note(self, actor: str, action: str, target: str) -> None:
         """An admin's action elsewhere than on projects and keys (cancelling a project's

@@ -150,6 +150,13 @@ class Ledger:
         while self._writer is not None:
             await asyncio.shield(self._writer)
 
+    async def caught_up(self) -> None:
+        """What this process queued so far, written: what a usage report or a response's cost
+        reads first (unless the database is refusing rows just now: then after
+        REPORT_FLUSH_S, without them)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), REPORT_FLUSH_S)
+
     async def close(self) -> None:
         """Write what is queued; rows the database still refuses now are given up (logged)."""
         self._closing = True
@@ -338,9 +345,7 @@ class Ledger:
         end: str | None,
     ) -> list[dict[str, Any]]:
         """Usage summed over `group_by` (of GROUPS), days from `start` to `end` inclusive."""
-        # With what this process queued, unless the database is refusing rows just now.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), REPORT_FLUSH_S)
+        await self.caught_up()
         columns = [_COLUMNS[name].label(name) for name in group_by]
         where = []
         if project is not None:

@@ -4,6 +4,7 @@ the audit log, and a project's stored responses (what the web console reads, rel
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from relay.access.admin import MAX_PAGE, RESPONSE_STATUSES, Admin
+from relay.access.listing import Cursor, ResponseSearch
 from relay.access.usage import GROUPS
 from relay.api import background
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
@@ -28,8 +30,16 @@ from relay.api.paging import (
 )
 from relay.api.paging import limit as item_limit
 from relay.errors import InvalidRequest
+from relay.ids import looks_like_response_id
 from relay.models.policy import Policy
-from relay.protocol import json_object, nul_field
+from relay.protocol import (
+    MAX_METADATA_KEY,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE,
+    MAX_SESSION_ID,
+    json_object,
+    nul_field,
+)
 from relay.providers.registry import Deployment, Registry
 from relay.storage.base import Store
 from relay.storage.conversations import ConversationStore
@@ -263,35 +273,120 @@ async def list_deployments(request: Request, actor: str) -> Response:
     return _json({"object": "list", "data": deployments(request)})
 
 
-def response_filters(request: Request) -> dict[str, str | None]:
-    """The filters of a list of responses: `status` (one of the response statuses), `model`
-    (the route's name, as the response reports it), `start` and `end` (UTC days, inclusive,
-    YYYY-MM-DD, read by Admin.list_responses)."""
+# The filters of a list of responses, as the query names them (`metadata` may repeat).
+RESPONSE_FILTERS = (
+    "status",
+    "model",
+    "start",
+    "end",
+    "session_id",
+    "previous_response_id",
+    "metadata",
+    "text",
+)
+MAX_SEARCH_TEXT = 200
+
+
+def _day_start(request: Request, name: str) -> int | None:
+    """The first second of the UTC day a parameter names (YYYY-MM-DD; empty: none)."""
+    day = request.query_params.get(name) or None
+    if day is None:
+        return None
+    try:
+        return calendar.timegm(time.strptime(day, "%Y-%m-%d"))
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid '{name}': expected a day as YYYY-MM-DD.", param=name
+        ) from None
+
+
+def _metadata_pair(value: str) -> tuple[str, str]:
+    key, equals, wanted = value.partition("=")
+    if not equals or not key:
+        raise InvalidRequest("Invalid 'metadata': expected key=value.", param="metadata")
+    if len(key) > MAX_METADATA_KEY or len(wanted) > MAX_METADATA_VALUE:
+        raise InvalidRequest(
+            f"Invalid 'metadata': keys hold at most {MAX_METADATA_KEY} characters, values "
+            f"{MAX_METADATA_VALUE}.",
+            param="metadata",
+        )
+    return key, wanted
+
+
+def response_search(request: Request) -> ResponseSearch:
+    """The filters of a list of responses, each given once but `metadata`, all of which must
+    hold: `status` (one of the response statuses), `model` (the route's name, as the response
+    reports it), `start` and `end` (UTC days, inclusive, YYYY-MM-DD), `session_id` (as the
+    request gave it, or its x-session-id header), `previous_response_id` (the responses that
+    continue that one), `metadata` (key=value, exact; repeat it for several pairs), `text` (in
+    the text of an input or output item, case aside)."""
     query = request.query_params
-    status = query.get("status") or None
+
+    def given(name: str) -> str | None:
+        return query.get(name) or None
+
+    status = given("status")
     if status is not None and status not in RESPONSE_STATUSES:
         raise InvalidRequest(
             f"Invalid 'status': expected one of {', '.join(RESPONSE_STATUSES)}.", param="status"
         )
-    return {
-        "status": status,
-        **{name: query.get(name) or None for name in ("model", "start", "end")},
-    }
+    session_id = given("session_id")
+    if session_id is not None and len(session_id) > MAX_SESSION_ID:
+        raise InvalidRequest(
+            f"Invalid 'session_id': at most {MAX_SESSION_ID} characters.", param="session_id"
+        )
+    previous = given("previous_response_id")
+    if previous is not None and not looks_like_response_id(previous):
+        raise InvalidRequest(
+            "Invalid 'previous_response_id': expected a response id (resp_...).",
+            param="previous_response_id",
+        )
+    pairs = [_metadata_pair(value) for value in query.getlist("metadata") if value]
+    if len(pairs) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(
+            f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} pairs.", param="metadata"
+        )
+    text = given("text")
+    if text is not None and len(text) > MAX_SEARCH_TEXT:
+        raise InvalidRequest(f"Invalid 'text': at most {MAX_SEARCH_TEXT} characters.", param="text")
+    end = _day_start(request, "end")
+    return ResponseSearch(
+        status=status,
+        model=given("model"),
+        start=_day_start(request, "start"),
+        end=None if end is None else end + 86400,
+        session_id=session_id,
+        previous_response_id=previous,
+        metadata=tuple(pairs),
+        text=text,
+    )
+
+
+def list_cursor(request: Request) -> Cursor:
+    """Where a page of a list starts: `after` an id of the list (the older ones), or `before`
+    one (the newer ones)."""
+    after, before = request.query_params.get("after"), request.query_params.get("before")
+    if after is not None and before is not None:
+        raise InvalidRequest("Give 'after' or 'before', not both.", param="before")
+    return Cursor(after=after, before=before)
 
 
 async def list_responses(request: Request, actor: str) -> Response:
+    """A project's responses, each with its cost (this process's queued usage rows written
+    first, so that a response's cost is there as soon as it ended)."""
     project_id = request.path_params["project_id"]
-    after = request.query_params.get("after")
+    search = response_search(request)
+    await access(request).ledger.caught_up()
     listed = await _admin(request).list_responses(
-        project_id, after, _limit(request), **response_filters(request)
+        project_id, list_cursor(request), _limit(request), search
     )
     return _json(listed)
 
 
 async def list_conversations(request: Request, actor: str) -> Response:
     project_id = request.path_params["project_id"]
-    after = request.query_params.get("after")
-    return _json(await _admin(request).list_conversations(project_id, after, _limit(request)))
+    cursor = list_cursor(request)
+    return _json(await _admin(request).list_conversations(project_id, cursor, _limit(request)))
 
 
 def _conversations(request: Request) -> ConversationStore:

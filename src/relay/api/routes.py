@@ -40,11 +40,10 @@ from relay.api.websocket import responses_socket
 from relay.engine.run import Engine
 from relay.errors import InvalidRequest
 from relay.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from relay.protocol import CreateResponse, create_request, json_object
+from relay.protocol import MAX_SESSION_ID, CreateResponse, create_request, json_object
 from relay.storage.base import Store
 
 STARTED = int(time.time())
-MAX_SESSION_ID = 128
 OMITTED_TOOLS = "x-relay-omitted-tools"  # the hosted tool types a request had left out
 DEPLOYMENT = "x-relay-deployment"  # the deployment that answered (relay.engine.routing)
 

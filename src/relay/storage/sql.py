@@ -176,6 +176,7 @@ def _save(
         "status": response.get("status") or "",
         "model": response.get("model") or "",
         "created_at": int(response.get("created_at") or 0),
+        "session_id": response.get("session_id"),
         "body": json_text(response),
     }
     rows = [

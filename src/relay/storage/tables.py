@@ -46,6 +46,9 @@ responses = Table(
     # continues from it still reads its items (see SqlStore.load_context).
     Column("deleted_at", BigInteger, nullable=True),
     Column("body", Text, nullable=False),  # the whole response object, output included
+    # The body's session_id (the request's, or its x-session-id header), kept apart so that
+    # a session's responses are found by an index (since 0011).
+    Column("session_id", String, nullable=True),
 )
 
 # Each response stores only its own items: input items (what the request added) and output
@@ -297,6 +300,25 @@ console_sessions = Table(
     Index(None, "expires_at"),
 )
 
-# The console (and the admin API) list a project's responses and conversations newest first.
-Index("ix_responses_tenant_created_at", responses.c.tenant, responses.c.created_at)
+# The console (and the admin API) list a project's responses and conversations newest first
+# (by created_at, then id: each index holds both, so a page is read in order and stops), find
+# a session's responses and the responses that continue one, and each one's cost.
+Index(
+    "ix_responses_tenant_created_at_id", responses.c.tenant, responses.c.created_at, responses.c.id
+)
 Index("ix_conversations_tenant_created_at", conversations.c.tenant, conversations.c.created_at)
+Index(
+    "ix_responses_tenant_session_id",
+    responses.c.tenant,
+    responses.c.session_id,
+    responses.c.created_at,
+    responses.c.id,
+)
+Index(
+    "ix_responses_tenant_previous_response_id",
+    responses.c.tenant,
+    responses.c.previous_response_id,
+    responses.c.created_at,
+    responses.c.id,
+)
+Index("ix_usage_ledger_response_id", usage_ledger.c.response_id)

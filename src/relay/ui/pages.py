@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.access.admin import RESPONSE_STATUSES, Admin
+from relay.access.listing import SEARCH_WINDOW, Cursor, ResponseSearch
 from relay.api import background
-from relay.api.admin import deployments, response_filters
+from relay.api.admin import RESPONSE_FILTERS, deployments, list_cursor, response_search
 from relay.api.auth import access
 from relay.api.paging import int_or_none
 from relay.errors import InvalidRequest, NotFound
@@ -28,6 +29,7 @@ from relay.ui.guard import ROOT, Form, Viewer
 
 PAGE = 50  # rows a list shows at once
 TRANSCRIPT_ITEMS = 1000  # items a transcript shows at most
+CONTINUATIONS = 20  # responses continuing one that its transcript links to
 
 
 def _admin(request: Request) -> Admin:
@@ -48,10 +50,6 @@ async def home(request: Request, viewer: Viewer, form: Form) -> Response:
 
 def _count(value: float) -> str:
     return f"{value:,.0f}"
-
-
-def _dollars(value: float) -> str:
-    return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
 
 
 async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
@@ -84,7 +82,7 @@ async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
     shown = [
         charts.stacked("Requests", names, ordered, _count),
         charts.stacked("Tokens", names, tokens, _count),
-        charts.stacked("Cost", names, {"cost": cost}, _dollars),
+        charts.stacked("Cost", names, {"cost": cost}, render.dollars),
     ]
     breakdowns = [("Model", await report("model")), ("Deployment", await report("deployment"))]
     if project_id is None:
@@ -103,24 +101,55 @@ async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
     )
 
 
+def _pages(
+    listed: dict[str, Any], cursor: Cursor, kept: list[tuple[str, str]]
+) -> tuple[str | None, str | None]:
+    """The links to the newer and the older page of a list, each keeping its filters."""
+
+    def link(*cursor_param: tuple[str, str]) -> str:
+        return "?" + urlencode([*kept, *cursor_param])
+
+    first, last = listed["first_id"], listed["last_id"]
+    newer = older = None
+    if cursor.before is not None:  # this page went newer
+        if listed["has_more"] and first:
+            newer = link(("before", first))
+        # Nothing newer than the cursor: the older page is the first one.
+        older = link(("after", last)) if last else link()
+    else:
+        if cursor.after is not None:
+            newer = link(("before", first or cursor.after))
+        if listed["has_more"] and last:
+            older = link(("after", last))
+    return newer, older
+
+
 async def responses(request: Request, viewer: Viewer, form: Form) -> Response:
+    """A project's responses, searched with the filters of GET
+    /admin/v1/projects/{id}/responses."""
     project_id = request.path_params["project_id"]
-    filters = response_filters(request)
-    after = request.query_params.get("after") or None
-    listed = await _admin(request).list_responses(project_id, after, PAGE, **filters)
-    older = None
-    if listed["has_more"]:
-        shown = {name: value for name, value in filters.items() if value}
-        older = "?" + urlencode({**shown, "after": listed["last_id"]})
+    search = response_search(request)
+    cursor = list_cursor(request)
+    await access(request).ledger.caught_up()  # as the admin API: each cost, up to date
+    listed = await _admin(request).list_responses(project_id, cursor, PAGE, search)
+    kept = [
+        (name, value)
+        for name, value in request.query_params.multi_items()
+        if name in RESPONSE_FILTERS and value
+    ]
+    newer, older = _pages(listed, cursor, kept)
     return render.page(
         request,
         viewer,
         "responses.html",
         project_id=project_id,
         responses=listed["data"],
-        filters=filters,
+        filters={name: request.query_params.get(name) or "" for name in RESPONSE_FILTERS},
+        filtered=bool(kept),
         statuses=RESPONSE_STATUSES,
-        more=older,
+        window=SEARCH_WINDOW,
+        newer=newer,
+        older=older,
     )
 
 
@@ -128,6 +157,7 @@ async def response(request: Request, viewer: Viewer, form: Form) -> Response:
     project_id = request.path_params["project_id"]
     response_id = request.path_params["response_id"]
     store = _store(request)
+    admin = _admin(request)
     stored = await _stored(request, project_id, response_id)
 
     async def input_items(after: str | None) -> ItemPage:
@@ -139,12 +169,20 @@ async def response(request: Request, viewer: Viewer, form: Form) -> Response:
         return found
 
     items, cut = await _all_items(input_items)
+    await access(request).ledger.caught_up()
+    cost = await admin.response_cost(project_id, response_id)
+    # The responses that continue this one (the chain forward), newest first.
+    continued = await admin.list_responses(
+        project_id, Cursor(), CONTINUATIONS, ResponseSearch(previous_response_id=response_id)
+    )
     return render.page(
         request,
         viewer,
         "response.html",
         project_id=project_id,
         response=stored,
+        cost_usd=None if cost is None else cost / 1e9,
+        continued=continued,
         entries=transcript.transcript(items, stored.get("output") or []),
         cut=cut,
         live=stored.get("background") and stored["status"] in ("queued", "in_progress"),
@@ -198,16 +236,17 @@ async def response_events(request: Request, viewer: Viewer, form: Form) -> Respo
 
 async def conversations(request: Request, viewer: Viewer, form: Form) -> Response:
     project_id = request.path_params["project_id"]
-    after = request.query_params.get("after") or None
-    listed = await _admin(request).list_conversations(project_id, after, PAGE)
-    older = "?" + urlencode({"after": listed["last_id"]}) if listed["has_more"] else None
+    cursor = list_cursor(request)
+    listed = await _admin(request).list_conversations(project_id, cursor, PAGE)
+    newer, older = _pages(listed, cursor, [])
     return render.page(
         request,
         viewer,
         "conversations.html",
         project_id=project_id,
         conversations=listed["data"],
-        more=older,
+        newer=newer,
+        older=older,
     )
 
 

@@ -38,6 +38,13 @@ def expiry_day(seconds: int | None) -> str:
     return "" if seconds is None else time.strftime("%Y-%m-%d", time.gmtime(seconds - 1))
 
 
+def dollars(value: float | None) -> str:
+    """US dollars as the console shows them: cents, or four decimals under a dollar."""
+    if value is None:
+        return ""
+    return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
 def _pretty(value: Any) -> str:
     """JSON indented for reading; a string that holds JSON (tool arguments) is read first."""
     if isinstance(value, str):
@@ -51,6 +58,7 @@ def _pretty(value: Any) -> str:
 _TEMPLATES.filters["when"] = _when
 _TEMPLATES.filters["pretty"] = _pretty
 _TEMPLATES.filters["expiry_day"] = expiry_day
+_TEMPLATES.filters["dollars"] = dollars
 
 
 def page(
