@@ -22,7 +22,15 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from console_client import ConsoleClient, csrf_of, signed_in
-from team import ADMIN_KEY, CONFIG_KEY, CONFIG_TENANT, AdminClient, client, team_relay
+from team import (
+    ADMIN_KEY,
+    CONFIG_KEY,
+    CONFIG_TENANT,
+    AdminClient,
+    clear_of_a_minute_end,
+    client,
+    team_relay,
+)
 
 from relay.ui.routes import CSP
 
@@ -168,6 +176,7 @@ def test_wrong_keys_are_refused_logged_and_then_throttled(
     relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
     # From an address of its own (127.0.0.2), so that the other tests' address is untouched.
+    clear_of_a_minute_end()
     with (
         caplog.at_level(logging.INFO, logger="relay.console"),
         ConsoleClient(relay.url, local_address="127.0.0.2") as console,
