@@ -172,6 +172,47 @@ def test_a_config_file_key_signs_in_to_its_tenant(relay: Relay) -> None:
         assert console.get(f"/console/projects/{CONFIG_TENANT}/responses").status_code == 200
 
 
+def test_a_key_allowed_several_projects_switches_between_exactly_those(
+    relay: Relay, admin: AdminClient
+) -> None:
+    home, second, closed = (admin.project(name) for name in ("Home", "Second <b>", "Closed"))
+    stranger = admin.project("Stranger")
+    _, key = admin.key(home, projects=[second, closed])
+    admin.call("DELETE", f"/projects/{closed}")  # archived: the gate refuses it now
+    with client(relay.url, key, project=second) as http:
+        theirs = http.post("/v1/responses", json={"model": "fake-text", "input": "x"}).json()
+    with signed_in(relay.url, key) as console:
+        landing = console.get(console.get("/console").headers["location"])
+        assert landing.url.path == f"/console/projects/{home}/overview"
+        # The picker offers the projects the gate lets the key act for, by name, no other.
+        picker = re.search(
+            r'<select id="project" name="project"[^>]*>(.*?)</select>', landing.text, re.S
+        )
+        assert picker is not None
+        options = re.findall(r'<option value="([^"]+)"( selected)?>([^<]*)</option>', picker[1])
+        assert sorted(options) == sorted(
+            [(home, " selected", "Home"), (second, "", "Second &lt;b&gt;")]
+        )
+        switched = console.get("/console", project=second)
+        assert switched.headers["location"] == f"/console/projects/{second}/overview"
+        page = console.get(f"/console/projects/{second}/responses")
+        assert page.status_code == 200 and theirs["id"] in page.text
+        assert f'<option value="{second}" selected>' in page.text
+        assert console.get(f"/console/projects/{second}").status_code == 200
+        # An archived one, another project, or nonsense: what an unknown project gets.
+        for project in (closed, stranger, "proj_unknown", "../x"):
+            assert console.get("/console", project=project).status_code == 404, project
+            assert console.get(f"/console/projects/{project}/overview").status_code == 404
+        # The session still works for its own project afterwards.
+        assert console.get(f"/console/projects/{home}/overview").status_code == 200
+    # A key of one project has no picker.
+    _, single = admin.key(stranger)
+    with signed_in(relay.url, single) as console:
+        own = console.get(f"/console/projects/{stranger}/overview").text
+        assert 'id="project-picker"' not in own
+        assert console.get("/console", project=home).status_code == 404
+
+
 def test_wrong_keys_are_refused_logged_and_then_throttled(
     relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -32,7 +32,9 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from relay.access.admin import Admin
 from relay.access.gate import Access, Principal
+from relay.access.keys import KeyRecord
 from relay.access.limits import Admission, RateLimiter, Scope
 from relay.api.auth import access
 from relay.api.paging import read_body, refuse_nul
@@ -69,6 +71,8 @@ class Viewer:
     session: Session
     admin: str | None
     principal: Principal | None
+    # A key allowed several projects: those it may switch between now, as (id, name).
+    projects: tuple[tuple[str, str], ...] = ()
 
     @property
     def actor(self) -> str:
@@ -127,6 +131,11 @@ def _console(request: Request) -> Console:
     return console
 
 
+def admin_api(request: Request) -> Admin:
+    admin: Admin = request.app.state.admin
+    return admin
+
+
 def _address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
@@ -179,7 +188,29 @@ async def _viewer(request: Request, token: str) -> Viewer | None:
             )
         return Viewer(session, name, None)
     record = await gate.keys.by_id(session.subject)
-    return Viewer(session, None, await gate.principal_of(record, session.project_id))
+    principal = await gate.principal_of(record, session.project_id)
+    assert record is not None  # principal_of refuses None
+    if len(record.projects) == 1:
+        return Viewer(session, None, principal)
+    allowed = await _allowed(gate, record)
+    picked = request.path_params.get("project_id")
+    if picked in allowed and picked != principal.project:
+        principal = await gate.principal_of(record, picked)
+    names = await admin_api(request).project_names(allowed)
+    return Viewer(session, None, principal, tuple((id_, names[id_]) for id_ in allowed))
+
+
+async def _allowed(gate: Access, record: KeyRecord) -> list[str]:
+    """The projects a key may act for now, as the gate decides for X-Project-ID (an archived
+    or missing one left out): a page of any other answers 404, as an unknown project's."""
+    allowed = []
+    for project_id in sorted(record.projects):
+        try:
+            await gate.principal_of(record, project_id)
+        except (AuthenticationError, PermissionDenied):
+            continue
+        allowed.append(project_id)
+    return allowed
 
 
 def console_page(handler: Page, *, admins_only: bool = False) -> Endpoint:

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.access.admin import RESPONSE_STATUSES, Admin
+from relay.access.admin import PROJECT_ID, RESPONSE_STATUSES, Admin
 from relay.api import background
 from relay.api.admin import deployments, response_filters
 from relay.api.auth import access
@@ -41,6 +41,14 @@ def _store(request: Request) -> Store:
 
 
 async def home(request: Request, viewer: Viewer, form: Form) -> Response:
+    """The viewer's landing page; with `project` (the project picker of a key allowed several),
+    that project's overview, if the viewer may see it (else the 404 an unknown one gets)."""
+    picked = request.query_params.get("project")
+    if picked:
+        allowed = viewer.principal is None or picked in dict(viewer.projects)
+        if not (allowed and PROJECT_ID.fullmatch(picked)):
+            raise NotFound(f"Project '{picked[:100]}' not found.", code="project_not_found")
+        return render.see_other(render.project_path(picked, "/overview"))
     if viewer.principal is not None:
         return render.see_other(render.project_path(viewer.principal.project, "/overview"))
     return render.see_other(ROOT + "/overview")
