@@ -576,6 +576,69 @@ def test_the_overview_charts_usage_and_shows_deployments(relay: Relay, admin: Ad
         assert 'class="bar completed"' in own and 'id="by-project"' not in own
 
 
+def test_conversations_are_edited_and_deleted(relay: Relay, admin: AdminClient) -> None:
+    project, other = admin.project("editors"), admin.project("bystanders")
+    _, key = admin.key(project)
+    with client(relay.url, key) as http:
+        made = [
+            http.post("/v1/conversations", json={"metadata": {"n": str(n)}}).json()
+            for n in range(3)
+        ]
+    first, second, third = (conversation["id"] for conversation in made)
+    base = f"/projects/{project}/conversations"
+    # The admin API: update and delete, in the audit log, with the API's checks.
+    updated = admin.call("POST", f"{base}/{first}", {"metadata": {"topic": "admin"}})
+    assert updated["metadata"] == {"topic": "admin"} and updated["object"] == "conversation"
+    for body in ({}, {"metadata": {"x": 1}}, {"metadata": {}, "extra": 1}):
+        refused = admin.http.post(f"/admin/v1{base}/{first}", json=body)
+        assert (
+            refused.status_code == 400
+            and refused.json()["error"]["type"] == "invalid_request_error"
+        )
+    gone = admin.call("DELETE", f"{base}/{second}")
+    assert gone == {"id": second, "object": "conversation.deleted", "deleted": True}
+    assert admin.http.get(f"/admin/v1{base}/{second}").status_code == 404
+    elsewhere = admin.http.delete(f"/admin/v1/projects/{other}/conversations/{third}")
+    assert elsewhere.json()["error"]["code"] == "conversation_not_found"
+    actions = admin.call("GET", "/audit_log", actor="ops", target=first)["data"]
+    assert [entry["action"] for entry in actions] == ["conversation.updated"]
+    # The console: the same, as forms with the session's CSRF token (an admin's and a
+    # project key's sessions).
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        page = console.get(f"/console{base}/{first}")
+        assert "topic: admin" in page.text
+        saved = console.post(
+            f"/console{base}/{first}", {"metadata": "topic: <edited>\n\nowner:  ada "}
+        )
+        assert saved.headers["location"] == f"/console{base}/{first}?saved=metadata"
+        assert "Metadata saved." in console.get(saved.headers["location"]).text
+        assert admin.call("GET", f"{base}/{first}")["metadata"] == {
+            "topic": "<edited>",
+            "owner": "ada",
+        }
+        for wrong in ("no colon here", ": no name", "\n".join(f"k{n}: v" for n in range(17))):
+            refused = console.post(f"/console{base}/{first}", {"metadata": wrong})
+            assert refused.status_code == 400 and "metadata" in refused.text, wrong
+        forged = console.http.post(f"/console{base}/{third}/delete", data={"csrf": "x" * 64})
+        assert forged.status_code == 403
+        deleted = console.post(f"/console{base}/{third}/delete")
+        assert deleted.headers["location"] == f"/console{base}?saved=deleted"
+        listed = console.get(deleted.headers["location"]).text
+        assert "Conversation deleted." in listed and third not in listed and first in listed
+        assert console.post(f"/console{base}/{third}/delete").status_code == 404
+        assert console.post(f"/console{base}/nonsense/delete").status_code == 400
+    audit = admin.call("GET", "/audit_log", actor="console:ops", target=third)["data"]
+    assert [entry["action"] for entry in audit] == ["conversation.deleted"]
+    with signed_in(relay.url, key) as console:
+        console.get(f"/console{base}/{first}")
+        assert console.post(f"/console{base}/{first}", {"metadata": ""}).status_code == 303
+        assert admin.call("GET", f"{base}/{first}")["metadata"] == {}
+        theirs = f"/console/projects/{other}/conversations/{first}/delete"
+        assert console.post(theirs).status_code == 404
+        assert console.post(f"/console{base}/{first}/delete").status_code == 303
+    assert admin.call("GET", base)["data"] == []
+
+
 def test_responses_and_their_transcripts(relay: Relay, admin: AdminClient) -> None:
     project = admin.project("agents")
     _, key = admin.key(project)

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from relay.access.admin import PROJECT_ID, RESPONSE_STATUSES, Admin
 from relay.api import background
+from relay.api import conversations as conversation_api
 from relay.api.admin import deployments, response_filters
 from relay.api.auth import access
 from relay.api.paging import int_or_none
@@ -216,6 +217,7 @@ async def conversations(request: Request, viewer: Viewer, form: Form) -> Respons
         project_id=project_id,
         conversations=listed["data"],
         more=older,
+        saved=request.query_params.get("saved"),
     )
 
 
@@ -237,7 +239,46 @@ async def conversation(request: Request, viewer: Viewer, form: Form) -> Response
         conversation=found,
         entries=transcript.conversation(items),
         cut=cut,
+        saved=request.query_params.get("saved"),
     )
+
+
+def _metadata_lines(text: str) -> dict[str, str]:
+    """The metadata form's text, a `name: value` per line (an empty one skipped)."""
+    metadata = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise InvalidRequest(
+                f"Invalid 'metadata': line {number} is not 'name: value'.", param="metadata"
+            )
+        metadata[name.strip()] = value.strip()
+    return metadata
+
+
+async def update_conversation(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Replace a conversation's metadata: what POST /v1/conversations/{id} does for the
+    project's keys (a project key's session may too), and POST /admin/v1/projects/{id}/
+    conversations/{id} for an admin (in the audit log), with the same checks."""
+    project_id = request.path_params["project_id"]
+    body = {"metadata": _metadata_lines(form.get("metadata", ""))}
+    found = await conversation_api.replace_metadata(request, project_id, body)
+    if viewer.admin is not None:
+        await _admin(request).note(viewer.actor, "conversation.updated", found["id"])
+    return render.see_other(
+        render.project_path(project_id, f"/conversations/{found['id']}?saved=metadata")
+    )
+
+
+async def delete_conversation(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Delete a conversation, as DELETE /v1/conversations/{id} (or the admin API's) does."""
+    project_id = request.path_params["project_id"]
+    gone = await conversation_api.deleted(request, project_id)
+    if viewer.admin is not None:
+        await _admin(request).note(viewer.actor, "conversation.deleted", gone["id"])
+    return render.see_other(render.project_path(project_id, "/conversations?saved=deleted"))
 
 
 async def audit(request: Request, viewer: Viewer, form: Form) -> Response:
