@@ -576,6 +576,46 @@ def test_the_overview_charts_usage_and_shows_deployments(relay: Relay, admin: Ad
         assert 'class="bar completed"' in own and 'id="by-project"' not in own
 
 
+def test_the_overview_shows_the_window_asked_for_with_project_names(
+    relay: Relay, admin: AdminClient
+) -> None:
+    project = admin.project("Windowed <i>")
+    _, key = admin.key(project)
+    _ask(relay.url, key, model="priced")
+    now = time.time()
+    today = time.strftime("%Y-%m-%d", time.gmtime(now))
+    this_hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(now))
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        for window, by, bars, first in (
+            ("24h", None, 24, "hour"),
+            ("7d", "hour", 7 * 24, "hour"),
+            ("7d", None, 7, "day"),
+            ("30d", "day", 30, "day"),
+            (None, None, 14, "day"),  # the default: two weeks by day
+        ):
+            params = {name: value for name, value in (("window", window), ("by", by)) if value}
+            page = console.get(f"/console/projects/{project}/overview", **params)
+            assert page.status_code == 200, (params, page.text)
+            # One tick every few bars; the table under the chart names every bucket it has.
+            numbers = page.text[page.text.index('id="chart-requests"') :].split("</figure>")[0]
+            [(bucket, requests)] = re.findall(
+                r"<tr><td>([^<]+)</td><td class=\"num\">([^<]+)</td></tr>", numbers
+            )
+            assert (bucket, requests) == (this_hour if first == "hour" else today, "1")
+            ticks = re.findall(r'class="tick">([^<]+)<', numbers)
+            assert len(ticks) == len(range(0, bars, max(1, bars // 6))), params
+            assert "1 in all" in numbers and 'role="img"' in numbers
+            assert f'<option value="{window or "14d"}" selected>' in page.text
+            # The project by its name (escaped), not its id.
+            assert "Windowed &lt;i&gt;" in page.text
+        for params in ({"window": "1y"}, {"by": "week"}, {"window": "30d", "by": "hour"}):
+            refused = console.get(f"/console/projects/{project}/overview", **params)
+            assert refused.status_code == 400, params
+        everything = console.get("/console/overview", window="24h").text
+        by_project = everything[everything.index('id="by-project"') :].split("</table>")[0]
+        assert "Windowed &lt;i&gt;" in by_project and f'<code class="muted">{project}' in by_project
+
+
 def test_conversations_are_edited_and_deleted(relay: Relay, admin: AdminClient) -> None:
     project, other = admin.project("editors"), admin.project("bystanders")
     _, key = admin.key(project)

@@ -63,15 +63,35 @@ def _dollars(value: float) -> str:
     return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
 
 
+def _window(request: Request) -> tuple[str, charts.Bucket]:
+    """The overview's window (`window`, one of charts.WINDOWS) and bucket (`by`); without
+    them, the last 14 days by day (or 48 hours, asked by hour)."""
+    query = request.query_params
+    by = query.get("by")
+    if by not in (None, "day", "hour"):
+        raise InvalidRequest("Invalid 'by': expected 'day' or 'hour'.", param="by")
+    window = query.get("window") or ("48h" if by == "hour" else "14d")
+    if window not in charts.WINDOWS:
+        expected = ", ".join(f"'{name}'" for name in charts.WINDOWS)
+        raise InvalidRequest(f"Invalid 'window': expected one of {expected}.", param="window")
+    hours = charts.WINDOWS[window]
+    bucket: charts.Bucket = "hour" if by == "hour" or (by is None and hours <= 48) else "day"
+    if bucket == "hour" and hours > charts.MOST_HOURS:
+        raise InvalidRequest(
+            f"Invalid 'by': 'hour' goes up to a window of {charts.MOST_HOURS // 24} days.",
+            param="by",
+        )
+    return window, bucket
+
+
 async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
-    """Requests (by status), tokens and cost over the last days or hours, the same window
-    by model, deployment and project, and each deployment's health: the usage report of GET
-    /admin/v1/usage and GET /admin/v1/deployments. Every project's (an admin's page), or the
-    one of the path."""
+    """Requests (by status), tokens and cost over the window the viewer picks, the same
+    window by model, deployment and project, and each deployment's health: the usage report
+    of GET /admin/v1/usage and GET /admin/v1/deployments. Every project's (an admin's page),
+    or the one of the path."""
     project_id = request.path_params.get("project_id")
-    by: charts.Bucket = "hour" if request.query_params.get("by") == "hour" else "day"
-    now = time.time()
-    names = charts.buckets(by, now)
+    window, by = _window(request)
+    names = charts.buckets(by, charts.WINDOWS[window], time.time())
     ledger = access(request).ledger
 
     start = names[0][:10]  # the first bucket's day
@@ -98,12 +118,17 @@ async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
     breakdowns = [("Model", await report("model")), ("Deployment", await report("deployment"))]
     if project_id is None:
         breakdowns.append(("Project", await report("project")))
+    projects = [project_id] if project_id else [row["project"] for row in breakdowns[-1][1]]
     return render.page(
         request,
         viewer,
         "overview.html",
         project_id=project_id,
+        project_names=await _admin(request).project_names(projects),
         by=by,
+        window=window,
+        windows=charts.WINDOWS,
+        most_hours=charts.MOST_HOURS,
         start=start,
         charts=shown,
         breakdowns=breakdowns,
