@@ -616,6 +616,30 @@ def test_the_overview_shows_the_window_asked_for_with_project_names(
         assert "Windowed &lt;i&gt;" in by_project and f'<code class="muted">{project}' in by_project
 
 
+def test_config_file_tenants_are_listed_read_only(relay: Relay) -> None:
+    _ask(relay.url, CONFIG_KEY, model="priced")
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        listed = console.get("/console/projects").text
+        configured = listed[listed.index('id="configured"') :].split("</table>")[0]
+        row = re.search(rf'<tr id="configured-{CONFIG_TENANT}">(.*?)</tr>', configured, re.S)
+        assert row is not None and "configuration" in row[1]
+        cells = re.findall(r'<td class="num">([^<]+)</td>', row[1])
+        requests, tokens, cost, today, month, total = cells
+        assert int(requests.replace(",", "")) >= 1 and int(tokens.replace(",", "")) > 0
+        assert cost.startswith("$") and float(cost[1:]) > 0
+        assert float(today[1:]) == float(month[1:]) == float(total[1:]) > 0
+        # Its page: its spend, marked as from the configuration, and nothing to change.
+        page = console.get(f"/console/projects/{CONFIG_TENANT}")
+        assert page.status_code == 200
+        assert "from the configuration" in page.text and 'id="spend-project"' in page.text
+        assert 'id="policy"' not in page.text and 'id="new-key-form"' not in page.text
+        assert (
+            console.post(f"/console/projects/{CONFIG_TENANT}/policy", {"rpm": "1"}).status_code
+            == 404
+        )
+        assert console.get("/console/projects/not-configured").status_code == 404
+
+
 def test_conversations_are_edited_and_deleted(relay: Relay, admin: AdminClient) -> None:
     project, other = admin.project("editors"), admin.project("bystanders")
     _, key = admin.key(project)
