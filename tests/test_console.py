@@ -920,9 +920,13 @@ class Tab:
     let through; anything else is aborted and fails the test), and every error the page
     reports (a Content-Security-Policy violation is one)."""
 
-    def __init__(self, browser: Browser, base_url: str) -> None:
+    def __init__(
+        self, browser: Browser, base_url: str, width: int = 1280, height: int = 800
+    ) -> None:
         self.base_url = base_url
-        self.context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.context: BrowserContext = browser.new_context(
+            viewport={"width": width, "height": height}
+        )
         self.context.set_default_timeout(10_000)
         self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
         self.requested: list[str] = []
@@ -1153,3 +1157,100 @@ def test_cancelling_a_running_response_in_the_browser(
         stored = http.get(f"/v1/responses/{started['id']}").json()
     assert stored["status"] == "cancelled"
     tab.check_and_close([key])
+
+
+# What every page must pass on a phone: nothing wider than the screen (a wide table scrolls
+# within itself), every form control named for a screen reader, headings that skip no level.
+_SMALL_SCREEN_CHECKS = """() => {
+  const named = (element) => Boolean(
+    (element.labels && [...element.labels].some((label) => label.textContent.trim()))
+    || (element.getAttribute("aria-label") || "").trim()
+    || element.getAttribute("aria-labelledby"));
+  const unnamed = [...document.querySelectorAll("input:not([type=hidden]), select, textarea")]
+    .filter((element) => !named(element)).map((element) => element.outerHTML);
+  const buttons = [...document.querySelectorAll("button")]
+    .filter((button) => !button.textContent.trim()).map((button) => button.outerHTML);
+  const levels = [...document.querySelectorAll("h1, h2, h3, h4, h5, h6")]
+    .map((heading) => Number(heading.tagName[1]));
+  const skipped = levels.filter((level, index) => level > (index ? levels[index - 1] : 0) + 1);
+  const wide = [...document.querySelectorAll("body *")]
+    .filter((element) => element.getBoundingClientRect().right > innerWidth + 1
+      && !element.closest("table.list"))
+    .map((element) => element.tagName + "." + element.className);
+  return {
+    overflow: document.documentElement.scrollWidth - innerWidth,
+    unnamed, buttons, levels, skipped, wide: wide.slice(0, 5),
+    skip: document.querySelector("a.skip")?.getAttribute("href"),
+    svgs: [...document.querySelectorAll("svg:not([aria-label])")].length,
+  };
+}"""
+
+
+def test_a_phone_browser_fits_every_page_and_names_its_controls(
+    relay: Relay, admin: AdminClient, browser: Browser, shots: Path
+) -> None:
+    home, second = admin.project("Phone app"), admin.project("Phone backend")
+    key_id, key = admin.key(home, name="phone", projects=[second])
+    call, _ = _tool_chain(relay.url, key)
+    with client(relay.url, key) as http:
+        conversation = http.post("/v1/conversations", json={"metadata": {"device": "x" * 60}})
+    with client(relay.url, key, project=second) as http:
+        assert http.post("/v1/responses", json={"model": "priced", "input": "hi"}).is_success
+    tab = Tab(browser, relay.url, width=390, height=844)
+    page = tab.open("/console/sign-in")
+
+    def check(path: str, headings: bool = True) -> None:
+        page.goto(relay.url + path)
+        found = page.evaluate(_SMALL_SCREEN_CHECKS)
+        assert found["overflow"] <= 0 and found["wide"] == [], (path, found["wide"])
+        assert found["unnamed"] == [] and found["buttons"] == [], (path, found)
+        assert found["levels"][:1] == [1], (path, found)
+        assert found["skipped"] == [] or not headings, (path, found)
+        assert found["skip"] == "#main" and found["svgs"] == 0, (path, found)
+
+    check("/console/sign-in")
+    page.fill("#key", ADMIN_KEY)
+    tab.go("button[type=submit]")
+    # The skip link is the keyboard's first stop, shown once focused, and leads to the page's
+    # content.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    box = page.locator("a.skip").bounding_box()
+    assert box is not None and box["y"] >= 0
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    project = f"/console/projects/{home}"
+    for path in (
+        "/console/overview",
+        "/console/overview?window=7d&by=hour",
+        "/console/projects",
+        project,
+        f"{project}/keys/{key_id}",
+        f"{project}/overview",
+        f"{project}/conversations",
+        f"{project}/conversations/{conversation.json()['id']}",
+        "/console/audit",
+    ):
+        check(path)
+    # A response's page: its instructions' heading is the transcript's (reworked elsewhere).
+    check(f"{project}/responses/{call['id']}", headings=False)
+    # A focused control shows it: the focus ring is drawn.
+    page.goto(relay.url + "/console/projects")
+    page.focus("input[name=name]")
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
+    tab.go("#sign-out")
+
+    # A key allowed two projects switches between them with the picker.
+    page.fill("#key", key)
+    tab.go("button[type=submit]")
+    check(f"{project}/overview")
+    with page.expect_navigation(url=f"**/console/projects/{second}/overview"):
+        page.select_option("#project", second)  # its script submits the picker on choosing
+    assert page.locator("h1").inner_text() == "Overview Phone backend"
+    assert sorted(page.locator("#project option").all_inner_texts()) == [
+        "Phone app",
+        "Phone backend",
+    ]
+    check(f"/console/projects/{second}/overview")
+    tab.shot(shots, "phone")
+    tab.check_and_close([ADMIN_KEY, key])
