@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +24,15 @@ CONFIG_TENANT = "legacy"
 # $1,000 per million input tokens and $2,000 per million output tokens: a fake answer of a
 # few tokens costs a few cents, so budgets in cents are crossed in a few requests.
 PRICE = Price(input=1000, output=2000)
+
+
+def clear_of_a_minute_end(margin_s: float = 10.0) -> None:
+    """Wait for the next minute when this one ends within `margin_s`: a sliding window (rate
+    limits, failed console sign-ins) weighs the previous minute's count, so exact counts taken
+    across a minute's end would see one more allowed."""
+    into_minute = time.time() % 60
+    if into_minute > 60 - margin_s:
+        time.sleep(60.5 - into_minute)
 
 
 def team_routes() -> list[RouteConfig]:

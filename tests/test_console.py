@@ -23,7 +23,15 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from console_client import ConsoleClient, csrf_of, signed_in
-from team import ADMIN_KEY, CONFIG_KEY, CONFIG_TENANT, AdminClient, client, team_relay
+from team import (
+    ADMIN_KEY,
+    CONFIG_KEY,
+    CONFIG_TENANT,
+    AdminClient,
+    clear_of_a_minute_end,
+    client,
+    team_relay,
+)
 
 from relay.access import listing
 from relay.api.admin import RESPONSE_FILTERS
@@ -168,10 +176,52 @@ def test_a_config_file_key_signs_in_to_its_tenant(relay: Relay) -> None:
         assert console.get(f"/console/projects/{CONFIG_TENANT}/responses").status_code == 200
 
 
+def test_a_key_allowed_several_projects_switches_between_exactly_those(
+    relay: Relay, admin: AdminClient
+) -> None:
+    home, second, closed = (admin.project(name) for name in ("Home", "Second <b>", "Closed"))
+    stranger = admin.project("Stranger")
+    _, key = admin.key(home, projects=[second, closed])
+    admin.call("DELETE", f"/projects/{closed}")  # archived: the gate refuses it now
+    with client(relay.url, key, project=second) as http:
+        theirs = http.post("/v1/responses", json={"model": "fake-text", "input": "x"}).json()
+    with signed_in(relay.url, key) as console:
+        landing = console.get(console.get("/console").headers["location"])
+        assert landing.url.path == f"/console/projects/{home}/overview"
+        # The picker offers the projects the gate lets the key act for, by name, no other.
+        picker = re.search(
+            r'<select id="project" name="project"[^>]*>(.*?)</select>', landing.text, re.S
+        )
+        assert picker is not None
+        options = re.findall(r'<option value="([^"]+)"( selected)?>([^<]*)</option>', picker[1])
+        assert sorted(options) == sorted(
+            [(home, " selected", "Home"), (second, "", "Second &lt;b&gt;")]
+        )
+        switched = console.get("/console", project=second)
+        assert switched.headers["location"] == f"/console/projects/{second}/overview"
+        page = console.get(f"/console/projects/{second}/responses")
+        assert page.status_code == 200 and theirs["id"] in page.text
+        assert f'<option value="{second}" selected>' in page.text
+        assert console.get(f"/console/projects/{second}").status_code == 200
+        # An archived one, another project, or nonsense: what an unknown project gets.
+        for project in (closed, stranger, "proj_unknown", "../x"):
+            assert console.get("/console", project=project).status_code == 404, project
+            assert console.get(f"/console/projects/{project}/overview").status_code == 404
+        # The session still works for its own project afterwards.
+        assert console.get(f"/console/projects/{home}/overview").status_code == 200
+    # A key of one project has no picker.
+    _, single = admin.key(stranger)
+    with signed_in(relay.url, single) as console:
+        own = console.get(f"/console/projects/{stranger}/overview").text
+        assert 'id="project-picker"' not in own
+        assert console.get("/console", project=home).status_code == 404
+
+
 def test_wrong_keys_are_refused_logged_and_then_throttled(
     relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
     # From an address of its own (127.0.0.2), so that the other tests' address is untouched.
+    clear_of_a_minute_end()
     with (
         caplog.at_level(logging.INFO, logger="relay.console"),
         ConsoleClient(relay.url, local_address="127.0.0.2") as console,
@@ -528,6 +578,133 @@ def test_the_overview_charts_usage_and_shows_deployments(relay: Relay, admin: Ad
     with signed_in(relay.url, key) as console:
         own = console.get(f"/console/projects/{project}/overview").text
         assert 'class="bar completed"' in own and 'id="by-project"' not in own
+
+
+def test_the_overview_shows_the_window_asked_for_with_project_names(
+    relay: Relay, admin: AdminClient
+) -> None:
+    project = admin.project("Windowed <i>")
+    _, key = admin.key(project)
+    _ask(relay.url, key, model="priced")
+    now = time.time()
+    today = time.strftime("%Y-%m-%d", time.gmtime(now))
+    this_hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(now))
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        for window, by, bars, first in (
+            ("24h", None, 24, "hour"),
+            ("7d", "hour", 7 * 24, "hour"),
+            ("7d", None, 7, "day"),
+            ("30d", "day", 30, "day"),
+            (None, None, 14, "day"),  # the default: two weeks by day
+        ):
+            params = {name: value for name, value in (("window", window), ("by", by)) if value}
+            page = console.get(f"/console/projects/{project}/overview", **params)
+            assert page.status_code == 200, (params, page.text)
+            # One tick every few bars; the table under the chart names every bucket it has.
+            numbers = page.text[page.text.index('id="chart-requests"') :].split("</figure>")[0]
+            [(bucket, requests)] = re.findall(
+                r"<tr><td>([^<]+)</td><td class=\"num\">([^<]+)</td></tr>", numbers
+            )
+            assert (bucket, requests) == (this_hour if first == "hour" else today, "1")
+            ticks = re.findall(r'class="tick">([^<]+)<', numbers)
+            assert len(ticks) == len(range(0, bars, max(1, bars // 6))), params
+            assert "1 in all" in numbers and 'role="img"' in numbers
+            assert f'<option value="{window or "14d"}" selected>' in page.text
+            # The project by its name (escaped), not its id.
+            assert "Windowed &lt;i&gt;" in page.text
+        for params in ({"window": "1y"}, {"by": "week"}, {"window": "30d", "by": "hour"}):
+            refused = console.get(f"/console/projects/{project}/overview", **params)
+            assert refused.status_code == 400, params
+        everything = console.get("/console/overview", window="24h").text
+        by_project = everything[everything.index('id="by-project"') :].split("</table>")[0]
+        assert "Windowed &lt;i&gt;" in by_project and f'<code class="muted">{project}' in by_project
+
+
+def test_config_file_tenants_are_listed_read_only(relay: Relay) -> None:
+    _ask(relay.url, CONFIG_KEY, model="priced")
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        listed = console.get("/console/projects").text
+        configured = listed[listed.index('id="configured"') :].split("</table>")[0]
+        row = re.search(rf'<tr id="configured-{CONFIG_TENANT}">(.*?)</tr>', configured, re.S)
+        assert row is not None and "configuration" in row[1]
+        cells = re.findall(r'<td class="num">([^<]+)</td>', row[1])
+        requests, tokens, cost, today, month, total = cells
+        assert int(requests.replace(",", "")) >= 1 and int(tokens.replace(",", "")) > 0
+        assert cost.startswith("$") and float(cost[1:]) > 0
+        assert float(today[1:]) == float(month[1:]) == float(total[1:]) > 0
+        # Its page: its spend, marked as from the configuration, and nothing to change.
+        page = console.get(f"/console/projects/{CONFIG_TENANT}")
+        assert page.status_code == 200
+        assert "from the configuration" in page.text and 'id="spend-project"' in page.text
+        assert 'id="policy"' not in page.text and 'id="new-key-form"' not in page.text
+        assert (
+            console.post(f"/console/projects/{CONFIG_TENANT}/policy", {"rpm": "1"}).status_code
+            == 404
+        )
+        assert console.get("/console/projects/not-configured").status_code == 404
+
+
+def test_conversations_are_edited_and_deleted(relay: Relay, admin: AdminClient) -> None:
+    project, other = admin.project("editors"), admin.project("bystanders")
+    _, key = admin.key(project)
+    with client(relay.url, key) as http:
+        made = [
+            http.post("/v1/conversations", json={"metadata": {"n": str(n)}}).json()
+            for n in range(3)
+        ]
+    first, second, third = (conversation["id"] for conversation in made)
+    base = f"/projects/{project}/conversations"
+    # The admin API: update and delete, in the audit log, with the API's checks.
+    updated = admin.call("POST", f"{base}/{first}", {"metadata": {"topic": "admin"}})
+    assert updated["metadata"] == {"topic": "admin"} and updated["object"] == "conversation"
+    for body in ({}, {"metadata": {"x": 1}}, {"metadata": {}, "extra": 1}):
+        refused = admin.http.post(f"/admin/v1{base}/{first}", json=body)
+        assert (
+            refused.status_code == 400
+            and refused.json()["error"]["type"] == "invalid_request_error"
+        )
+    gone = admin.call("DELETE", f"{base}/{second}")
+    assert gone == {"id": second, "object": "conversation.deleted", "deleted": True}
+    assert admin.http.get(f"/admin/v1{base}/{second}").status_code == 404
+    elsewhere = admin.http.delete(f"/admin/v1/projects/{other}/conversations/{third}")
+    assert elsewhere.json()["error"]["code"] == "conversation_not_found"
+    actions = admin.call("GET", "/audit_log", actor="ops", target=first)["data"]
+    assert [entry["action"] for entry in actions] == ["conversation.updated"]
+    # The console: the same, as forms with the session's CSRF token (an admin's and a
+    # project key's sessions).
+    with signed_in(relay.url, ADMIN_KEY) as console:
+        page = console.get(f"/console{base}/{first}")
+        assert "topic: admin" in page.text
+        saved = console.post(
+            f"/console{base}/{first}", {"metadata": "topic: <edited>\n\nowner:  ada "}
+        )
+        assert saved.headers["location"] == f"/console{base}/{first}?saved=metadata"
+        assert "Metadata saved." in console.get(saved.headers["location"]).text
+        assert admin.call("GET", f"{base}/{first}")["metadata"] == {
+            "topic": "<edited>",
+            "owner": "ada",
+        }
+        for wrong in ("no colon here", ": no name", "\n".join(f"k{n}: v" for n in range(17))):
+            refused = console.post(f"/console{base}/{first}", {"metadata": wrong})
+            assert refused.status_code == 400 and "metadata" in refused.text, wrong
+        forged = console.http.post(f"/console{base}/{third}/delete", data={"csrf": "x" * 64})
+        assert forged.status_code == 403
+        deleted = console.post(f"/console{base}/{third}/delete")
+        assert deleted.headers["location"] == f"/console{base}?saved=deleted"
+        listed = console.get(deleted.headers["location"]).text
+        assert "Conversation deleted." in listed and third not in listed and first in listed
+        assert console.post(f"/console{base}/{third}/delete").status_code == 404
+        assert console.post(f"/console{base}/nonsense/delete").status_code == 400
+    audit = admin.call("GET", "/audit_log", actor="console:ops", target=third)["data"]
+    assert [entry["action"] for entry in audit] == ["conversation.deleted"]
+    with signed_in(relay.url, key) as console:
+        console.get(f"/console{base}/{first}")
+        assert console.post(f"/console{base}/{first}", {"metadata": ""}).status_code == 303
+        assert admin.call("GET", f"{base}/{first}")["metadata"] == {}
+        theirs = f"/console/projects/{other}/conversations/{first}/delete"
+        assert console.post(theirs).status_code == 404
+        assert console.post(f"/console{base}/{first}/delete").status_code == 303
+    assert admin.call("GET", base)["data"] == []
 
 
 def test_responses_and_their_transcripts(relay: Relay, admin: AdminClient) -> None:
@@ -976,9 +1153,13 @@ class Tab:
     let through; anything else is aborted and fails the test), and every error the page
     reports (a Content-Security-Policy violation is one)."""
 
-    def __init__(self, browser: Browser, base_url: str) -> None:
+    def __init__(
+        self, browser: Browser, base_url: str, width: int = 1280, height: int = 800
+    ) -> None:
         self.base_url = base_url
-        self.context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.context: BrowserContext = browser.new_context(
+            viewport={"width": width, "height": height}
+        )
         self.context.set_default_timeout(10_000)
         self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
         self.requested: list[str] = []
@@ -1243,3 +1424,100 @@ def test_cancelling_a_running_response_in_the_browser(
         stored = http.get(f"/v1/responses/{started['id']}").json()
     assert stored["status"] == "cancelled"
     tab.check_and_close([key])
+
+
+# What every page must pass on a phone: nothing wider than the screen (a wide table scrolls
+# within itself), every form control named for a screen reader, headings that skip no level.
+_SMALL_SCREEN_CHECKS = """() => {
+  const named = (element) => Boolean(
+    (element.labels && [...element.labels].some((label) => label.textContent.trim()))
+    || (element.getAttribute("aria-label") || "").trim()
+    || element.getAttribute("aria-labelledby"));
+  const unnamed = [...document.querySelectorAll("input:not([type=hidden]), select, textarea")]
+    .filter((element) => !named(element)).map((element) => element.outerHTML);
+  const buttons = [...document.querySelectorAll("button")]
+    .filter((button) => !button.textContent.trim()).map((button) => button.outerHTML);
+  const levels = [...document.querySelectorAll("h1, h2, h3, h4, h5, h6")]
+    .map((heading) => Number(heading.tagName[1]));
+  const skipped = levels.filter((level, index) => level > (index ? levels[index - 1] : 0) + 1);
+  const wide = [...document.querySelectorAll("body *")]
+    .filter((element) => element.getBoundingClientRect().right > innerWidth + 1
+      && !element.closest("table.list"))
+    .map((element) => element.tagName + "." + element.className);
+  return {
+    overflow: document.documentElement.scrollWidth - innerWidth,
+    unnamed, buttons, levels, skipped, wide: wide.slice(0, 5),
+    skip: document.querySelector("a.skip")?.getAttribute("href"),
+    svgs: [...document.querySelectorAll("svg:not([aria-label])")].length,
+  };
+}"""
+
+
+def test_a_phone_browser_fits_every_page_and_names_its_controls(
+    relay: Relay, admin: AdminClient, browser: Browser, shots: Path
+) -> None:
+    home, second = admin.project("Phone app"), admin.project("Phone backend")
+    key_id, key = admin.key(home, name="phone", projects=[second])
+    call, _ = _tool_chain(relay.url, key)
+    with client(relay.url, key) as http:
+        conversation = http.post("/v1/conversations", json={"metadata": {"device": "x" * 60}})
+    with client(relay.url, key, project=second) as http:
+        assert http.post("/v1/responses", json={"model": "priced", "input": "hi"}).is_success
+    tab = Tab(browser, relay.url, width=390, height=844)
+    page = tab.open("/console/sign-in")
+
+    def check(path: str, headings: bool = True) -> None:
+        page.goto(relay.url + path)
+        found = page.evaluate(_SMALL_SCREEN_CHECKS)
+        assert found["overflow"] <= 0 and found["wide"] == [], (path, found["wide"])
+        assert found["unnamed"] == [] and found["buttons"] == [], (path, found)
+        assert found["levels"][:1] == [1], (path, found)
+        assert found["skipped"] == [] or not headings, (path, found)
+        assert found["skip"] == "#main" and found["svgs"] == 0, (path, found)
+
+    check("/console/sign-in")
+    page.fill("#key", ADMIN_KEY)
+    tab.go("button[type=submit]")
+    # The skip link is the keyboard's first stop, shown once focused, and leads to the page's
+    # content.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    box = page.locator("a.skip").bounding_box()
+    assert box is not None and box["y"] >= 0
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    project = f"/console/projects/{home}"
+    for path in (
+        "/console/overview",
+        "/console/overview?window=7d&by=hour",
+        "/console/projects",
+        project,
+        f"{project}/keys/{key_id}",
+        f"{project}/overview",
+        f"{project}/conversations",
+        f"{project}/conversations/{conversation.json()['id']}",
+        "/console/audit",
+    ):
+        check(path)
+    # A response's page: its instructions' heading is the transcript's (reworked elsewhere).
+    check(f"{project}/responses/{call['id']}", headings=False)
+    # A focused control shows it: the focus ring is drawn.
+    page.goto(relay.url + "/console/projects")
+    page.focus("input[name=name]")
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
+    tab.go("#sign-out")
+
+    # A key allowed two projects switches between them with the picker.
+    page.fill("#key", key)
+    tab.go("button[type=submit]")
+    check(f"{project}/overview")
+    with page.expect_navigation(url=f"**/console/projects/{second}/overview"):
+        page.select_option("#project", second)  # its script submits the picker on choosing
+    assert page.locator("h1").inner_text() == "Overview Phone backend"
+    assert sorted(page.locator("#project option").all_inner_texts()) == [
+        "Phone app",
+        "Phone backend",
+    ]
+    check(f"/console/projects/{second}/overview")
+    tab.shot(shots, "phone")
+    tab.check_and_close([ADMIN_KEY, key])

@@ -222,6 +222,8 @@ CONSOLE_PAGES = [
     "conversation",
     "project's policy (POST)",
     "response cancel (POST)",
+    "conversation metadata (POST)",
+    "conversation delete (POST)",
 ]
 
 
@@ -254,6 +256,21 @@ def test_console_pages_show_only_the_owning_project(
             # Any of the project's keys may cancel its responses (this one has ended).
             answer = console.post(f"{at}/responses/{world.response_id}/cancel")
             allowed = CONSOLE_SEES
+        elif page.startswith("conversation"):
+            # Any of the project's keys may edit and delete its conversations: those who may
+            # edit the world's one (its metadata as it is: none) and delete one of their own;
+            # the others try the world's, which stays.
+            allowed = CONSOLE_SEES
+            target = world.conversation_id
+            if page.startswith("conversation delete") and caller in allowed:
+                with client(world.url, world.callers["owner"]["authorization"][7:]) as http:
+                    target = http.post("/v1/conversations", json={}).json()["id"]
+            form = {"metadata": ""} if "metadata" in page else {}
+            verb = "" if "metadata" in page else "/delete"
+            answer = console.post(f"{at}/conversations/{target}{verb}", form)
+            with client(world.url, world.callers["owner"]["authorization"][7:]) as http:
+                kept = http.get(f"/v1/conversations/{world.conversation_id}")
+            assert kept.status_code == 200 and kept.json()["metadata"] == {}
         else:
             # A form the owner's key may not send either (an admin's).
             answer = console.post(at + "/policy", {"rpm": "100000"})  # a limit nobody reaches
@@ -330,6 +347,28 @@ def test_a_search_finds_only_its_own_projects_responses(
         for search in searches:
             elsewhere = admin.call("GET", f"/projects/{world.elsewhere}/responses", **search)
             assert elsewhere["data"] == [], search
+
+
+def test_a_key_of_two_projects_sees_neither_ones_rows_under_the_other(world: World) -> None:
+    """The owner's key may also act for `elsewhere`: its console session opens that project's
+    pages, where the home project's response and conversation are the 404 an unknown one
+    gets, as the API answers the same key with X-Project-ID (`same key, another project`)."""
+    with signed_in(world.url, world.callers["owner"]["authorization"][7:]) as console:
+        away = f"/console/projects/{world.elsewhere}"
+        for path in ("/overview", "/responses", "/conversations"):
+            page = console.get(away + path)
+            assert page.status_code == 200, path
+            assert world.response_id not in page.text
+            assert world.conversation_id not in page.text
+        for path in (
+            f"/responses/{world.response_id}",
+            f"/responses/{world.response_id}/events",
+            f"/conversations/{world.conversation_id}",
+        ):
+            assert console.get(away + path).status_code == 404, path
+        console.get(away + "/conversations")
+        answer = console.post(f"{away}/conversations/{world.conversation_id}/delete")
+        assert answer.status_code == 404
 
 
 def test_keys_that_are_not_good_never_sign_in_to_the_console(world: World) -> None:

@@ -9,6 +9,7 @@ the whole module; each test makes projects and keys of its own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import secrets
 import time
@@ -16,15 +17,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import chat_upstream
 import httpx
 import orjson
 import pytest
 from chat_upstream import ChatUpstream
+from console_client import ConsoleClient, signed_in
 from cryptography.fernet import Fernet
 from db_fixtures import PgServer
 from live_server import ServeProcess, refused_in_one_line, relay, relay_serve
+from team import clear_of_a_minute_end
 
 pytestmark = pytest.mark.postgres
 
@@ -408,6 +412,40 @@ def test_a_key_revoked_on_one_instance_stops_working_on_the_other(pair: Pair) ->
     assert answer.status_code == 401, answer.text
     assert error_code(answer) == "api_key_revoked"
     assert time.monotonic() - since <= SETTLE_S + 0.5
+
+
+def test_failed_console_sign_ins_are_counted_across_instances(pair: Pair) -> None:
+    """The console's limit on failed sign-ins per address (5 a minute) is one count in Redis:
+    failures on either instance add up, and both then refuse the address, right key or not.
+    Each failure is logged by the instance that saw it, without the key it was sent."""
+    clear_of_a_minute_end()
+    address = "127.0.0.4"  # this test's own: no other test signs in from it
+    wrong = [f"sk-relay-{secrets.token_urlsafe(33)}/+=" for _ in range(5)]
+    consoles = [ConsoleClient(url, local_address=address) for url in pair.urls]
+    try:
+        for attempt, key in enumerate(wrong):
+            answer = consoles[attempt % 2].sign_in(key)  # A, B, A, B, A
+            assert answer.status_code == 401, answer.text
+        for console in consoles:
+            refused = console.sign_in(ADMIN_KEY)
+            assert refused.status_code == 429, refused.text
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert consoles[0].http.cookies.get("relay_console") is None
+    finally:
+        for console in consoles:
+            console.close()
+    # Another address is not held back.
+    signed_in(pair.b.url, ADMIN_KEY, local_address="127.0.0.5").close()
+    logs = {served.url: served.log_so_far() for served in (pair.a, pair.b)}
+    for url, failures in ((pair.a.url, 3), (pair.b.url, 2)):
+        refused_lines = re.findall(rf"console sign-in from {address} refused: (\w+)", logs[url])
+        assert refused_lines.count("invalid_api_key") == failures, logs[url]
+        assert "too_many_failures" not in refused_lines  # said in words, below
+        assert f"console sign-in from {address} refused: too many failures" in logs[url]
+    for key in wrong:
+        encodings = (key, quote(key), quote_plus(key), base64.b64encode(key.encode()).decode())
+        for encoded in (*encodings, key.encode().hex()):
+            assert not any(encoded in log for log in logs.values())
 
 
 def test_instances_that_would_seal_with_other_keys_do_not_start(

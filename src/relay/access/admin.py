@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -234,6 +235,16 @@ class Admin:
 
     async def get_project(self, project_id: str) -> dict[str, Any]:
         return await self.db.read(lambda conn: project_view(_project_row(conn, project_id)))
+
+    async def project_names(self, project_ids: Iterable[str]) -> dict[str, str]:
+        """Each project's name, for pages that list projects; one without a row (a config
+        file's tenant) is named by its id."""
+        wanted = sorted(set(project_ids))
+        query = select(projects.c.id, projects.c.name).where(projects.c.id.in_(wanted))
+        rows = await self.db.read(lambda conn: conn.execute(query).all()) if wanted else []
+        return {project_id: project_id for project_id in wanted} | {
+            row.id: row.name for row in rows
+        }
 
     async def update_project(self, actor: str, project_id: str, body: Any) -> dict[str, Any]:
         spec: ProjectUpdate = parse(ProjectUpdate, body)

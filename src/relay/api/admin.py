@@ -18,6 +18,7 @@ from relay.access.admin import MAX_PAGE, RESPONSE_STATUSES, Admin
 from relay.access.listing import Cursor, ResponseSearch
 from relay.access.usage import GROUPS
 from relay.api import background
+from relay.api import conversations as conversation_api
 from relay.api.auth import AdminHandler, Endpoint, access, admin_endpoint
 from relay.api.paging import (
     cursor,
@@ -401,6 +402,22 @@ async def get_conversation(request: Request, actor: str) -> Response:
     return _json(await _conversations(request).get(project_id, conversation_id))
 
 
+async def update_conversation(request: Request, actor: str) -> Response:
+    """A project's conversation's metadata replaced, as POST /v1/conversations/{id} does for
+    its keys; in the audit log (conversation.updated)."""
+    found = await conversation_api.updated(request, request.path_params["project_id"])
+    await _admin(request).note(actor, "conversation.updated", found["id"])
+    return _json(found)
+
+
+async def delete_conversation(request: Request, actor: str) -> Response:
+    """A project's conversation deleted, as DELETE /v1/conversations/{id} does for its keys;
+    in the audit log (conversation.deleted)."""
+    gone = await conversation_api.deleted(request, request.path_params["project_id"])
+    await _admin(request).note(actor, "conversation.deleted", gone["id"])
+    return _json(gone)
+
+
 async def list_conversation_items(request: Request, actor: str) -> Response:
     """A project's conversation's items, paged as GET /v1/conversations/{id}/items."""
     found = await _conversations(request).page(
@@ -477,6 +494,8 @@ _ADMIN: list[tuple[str, AdminHandler, str]] = [
     ("/projects/{project_id}/responses/{response_id}/cancel", cancel_response, "POST"),
     ("/projects/{project_id}/conversations", list_conversations, "GET"),
     ("/projects/{project_id}/conversations/{conversation_id}", get_conversation, "GET"),
+    ("/projects/{project_id}/conversations/{conversation_id}", update_conversation, "POST"),
+    ("/projects/{project_id}/conversations/{conversation_id}", delete_conversation, "DELETE"),
     (
         "/projects/{project_id}/conversations/{conversation_id}/items",
         list_conversation_items,

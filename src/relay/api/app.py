@@ -221,7 +221,7 @@ async def _start(
     app.state.metrics = metrics
     if settings.console:
         sessions = Sessions(store.db, settings.console_session_s)
-        app.state.console = Console(sessions, SignInThrottle())
+        app.state.console = Console(sessions, SignInThrottle(access.limiter))
     log.info("relay %s ready; models: %s", __version__, ", ".join(registry.names()))
 
 

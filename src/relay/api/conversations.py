@@ -95,19 +95,36 @@ async def retrieve(request: Request, principal: Principal) -> Response:
 
 
 async def update(request: Request, principal: Principal) -> Response:
+    return _json(await updated(request, principal.project))
+
+
+async def updated(request: Request, project_id: str) -> dict[str, Any]:
+    """The conversation of the path, its metadata replaced by the body's: for the project's
+    keys, and for the admin API (relay.api.admin)."""
     body = await _body(request, "metadata")
     if "metadata" not in body:
         raise InvalidRequest("Missing required parameter: 'metadata'.", param="metadata")
-    store = _store(request)
-    return _json(
-        await store.update_metadata(principal.project, _conversation_id(request), _metadata(body))
+    return await replace_metadata(request, project_id, body)
+
+
+async def replace_metadata(
+    request: Request, project_id: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """`body`'s metadata checked as the API checks it, then stored (the console's form, too)."""
+    return await _store(request).update_metadata(
+        project_id, _conversation_id(request), _metadata(body)
     )
 
 
 async def delete(request: Request, principal: Principal) -> Response:
+    return _json(await deleted(request, principal.project))
+
+
+async def deleted(request: Request, project_id: str) -> dict[str, Any]:
+    """The conversation of the path deleted (its items go with it), and what says so."""
     conversation = _conversation_id(request)
-    await _store(request).delete(principal.project, conversation)
-    return _json({"id": conversation, "object": "conversation.deleted", "deleted": True})
+    await _store(request).delete(project_id, conversation)
+    return {"id": conversation, "object": "conversation.deleted", "deleted": True}
 
 
 async def list_items(request: Request, principal: Principal) -> Response:

@@ -1,7 +1,7 @@
 """Bar charts drawn by the server as SVG: usage over time from the usage report (GET
 /admin/v1/usage), stacked by series. No script draws them, so the Content-Security-Policy
 stays `script-src 'self'` with nothing to allow, and a chart is readable without scripts
-(each bar has a title, and the page a table of the same numbers)."""
+or sight: each bar has a title, and each chart a table of its numbers (`Chart.rows`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any, Literal
 from relay.access.usage import HOUR_S, hour_name
 
 Bucket = Literal["day", "hour"]
-DAYS = 14  # a chart by day shows the last two weeks
-HOURS = 48  # by hour, the last two days
+# The windows a chart may show (the last hours up to now), and the bucket each is shown by
+# unless another is asked for. By hour, at most a week: longer makes bars too thin to read.
+WINDOWS: dict[str, int] = {"24h": 24, "48h": 48, "7d": 7 * 24, "14d": 14 * 24, "30d": 30 * 24}
+MOST_HOURS = 7 * 24
 WIDTH, HEIGHT = 720.0, 140.0
 _GAP = 0.2  # of a bar's slot, left empty between bars
 
@@ -37,19 +39,21 @@ class Chart:
     ticks: tuple[tuple[float, str], ...]  # (x, label) under some bars
     top: str  # the tallest bar's total, as the axis says it
     total: str
+    rows: tuple[tuple[str, tuple[str, ...]], ...]  # each bucket with a value: its name, values
     width: float = WIDTH
     height: float = HEIGHT
 
 
-def buckets(by: Bucket, now: float) -> list[str]:
-    """The last DAYS days or HOURS hours up to `now`, oldest first, named as the usage
+def buckets(by: Bucket, hours: int, now: float) -> list[str]:
+    """The days or hours of the last `hours` up to `now`, oldest first, named as the usage
     report names them."""
     if by == "day":
-        return [time.strftime("%Y-%m-%d", time.gmtime(now - 86400 * ago)) for ago in range(DAYS)][
+        days = max(1, hours // 24)
+        return [time.strftime("%Y-%m-%d", time.gmtime(now - 86400 * ago)) for ago in range(days)][
             ::-1
         ]
     hour = int(now) - int(now) % HOUR_S
-    return [hour_name(hour - HOUR_S * ago) for ago in range(HOURS)][::-1]
+    return [hour_name(hour - HOUR_S * ago) for ago in range(hours)][::-1]
 
 
 def stacked(
@@ -79,7 +83,12 @@ def stacked(
     ticks = tuple(
         (index * slot, _short(name)) for index, name in enumerate(names) if index % step == 0
     )
-    return Chart(title, labels, tuple(rects), ticks, say(top), say(sum(totals)))
+    rows = tuple(
+        (name, tuple(say(series[label].get(name, 0.0)) for label in labels))
+        for name, total in zip(names, totals, strict=True)
+        if total > 0
+    )
+    return Chart(title, labels, tuple(rects), ticks, say(top), say(sum(totals)), rows)
 
 
 def _short(name: str) -> str:

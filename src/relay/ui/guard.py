@@ -7,8 +7,10 @@ against CSRF, and its project checked against what the viewer may see.
   gate (`Access.admin_of`, `Access.principal_of`) and then forgotten: the session keeps
   the key's id, and every page reads that key again through the same gate, so a revoked or
   expired key, or an archived project, ends its sessions within `key_cache_s`.
-- Failed sign-ins are logged and counted per client address: past `SIGN_IN_FAILURES` in a
-  minute, the address is refused (429) before any key it sends is read.
+- Failed sign-ins are logged (the address and the refusal's code, never the key) and counted
+  per client address, across every worker and instance when Redis is configured: past
+  `SIGN_IN_FAILURES` in a minute, the address is refused (429) before any key it sends is
+  read.
 - Every POST carries the session's CSRF token in its form (the sign-in form a token of its
   own, doubled in a cookie) and, when the browser sends an Origin, comes from this host.
   The cookie is HttpOnly and SameSite=Strict (and Secure over HTTPS), so it is neither
@@ -23,7 +25,6 @@ import hmac
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
@@ -31,7 +32,10 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from relay.access.admin import Admin
 from relay.access.gate import Access, Principal
+from relay.access.keys import KeyRecord
+from relay.access.limits import Admission, RateLimiter, Scope
 from relay.api.auth import access
 from relay.api.paging import read_body, refuse_nul
 from relay.errors import (
@@ -42,6 +46,7 @@ from relay.errors import (
     RateLimited,
     RelayError,
 )
+from relay.models.policy import Policy
 from relay.observe.access import note_caller
 from relay.ui import render
 from relay.ui.sessions import Session, Sessions
@@ -53,8 +58,6 @@ SIGN_IN = ROOT + "/sign-in"
 COOKIE = "relay_console"
 SIGN_IN_COOKIE = "relay_console_sign_in"  # the sign-in form's own CSRF token, doubled
 SIGN_IN_FAILURES = 5  # per client address and minute
-_WINDOW_S = 60.0
-_ADDRESSES = 10_000  # addresses whose failures are remembered (oldest forgotten first)
 _MAX_FORM_BYTES = 64 * 1024
 
 Form = dict[str, str]
@@ -68,6 +71,8 @@ class Viewer:
     session: Session
     admin: str | None
     principal: Principal | None
+    # A key allowed several projects: those it may switch between now, as (id, name).
+    projects: tuple[tuple[str, str], ...] = ()
 
     @property
     def actor(self) -> str:
@@ -85,32 +90,32 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class SignInThrottle:
-    """Failed sign-ins per client address, in this process, over the last minute."""
+    """Failed sign-ins per client address over a sliding minute, counted where the API's rate
+    limits are (relay.access.limits): in Redis with `redis_url`, so that every worker and
+    instance reads the same count, in this process's memory otherwise. Failures are kept as
+    a scope's token window, whose admission only tests that one more would fit and counts
+    nothing: a sign-in is let in while the window has room, and only a failed one is added."""
 
-    def __init__(self, limit: int = SIGN_IN_FAILURES, window_s: float = _WINDOW_S) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self._failures: dict[str, deque[float]] = {}
+    def __init__(self, limiter: RateLimiter, limit: int = SIGN_IN_FAILURES) -> None:
+        self.limiter = limiter
+        self.policy = Policy(tpm=limit)
 
-    def retry_after(self, address: str) -> float:
-        """Seconds until `address` may try again; 0: now."""
-        failures = self._failures.get(address)
-        if failures is None:
-            return 0.0
-        now = time.monotonic()
-        while failures and now - failures[0] >= self.window_s:
-            failures.popleft()
-        if not failures:
-            del self._failures[address]
-            return 0.0
-        if len(failures) < self.limit:
-            return 0.0
-        return self.window_s - (now - failures[0])
+    async def admit(self, address: str) -> Admission:
+        """The right to try a key from `address`, or 429 while it has failed too often."""
+        scope = Scope("console-sign-in", address, self.policy)
+        try:
+            return await self.limiter.admit([scope], estimated_tokens=1)
+        except RateLimited as refused:
+            raise RateLimited(
+                "Too many failed sign-ins from this address: try again in a minute.",
+                headers={"retry-after": refused.headers["retry-after"]},
+            ) from None
 
-    def failed(self, address: str) -> None:
-        if address not in self._failures and len(self._failures) >= _ADDRESSES:
-            del self._failures[next(iter(self._failures))]
-        self._failures.setdefault(address, deque()).append(time.monotonic())
+    async def failed(self, admission: Admission) -> None:
+        """Count a failed sign-in against its address (nothing else is ever counted)."""
+        waiting = self.limiter.settle(admission, 1)
+        if waiting is not None:
+            await waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,11 @@ class Console:
 def _console(request: Request) -> Console:
     console: Console = request.app.state.console
     return console
+
+
+def admin_api(request: Request) -> Admin:
+    admin: Admin = request.app.state.admin
+    return admin
 
 
 def _address(request: Request) -> str:
@@ -178,7 +188,29 @@ async def _viewer(request: Request, token: str) -> Viewer | None:
             )
         return Viewer(session, name, None)
     record = await gate.keys.by_id(session.subject)
-    return Viewer(session, None, await gate.principal_of(record, session.project_id))
+    principal = await gate.principal_of(record, session.project_id)
+    assert record is not None  # principal_of refuses None
+    if len(record.projects) == 1:
+        return Viewer(session, None, principal)
+    allowed = await _allowed(gate, record)
+    picked = request.path_params.get("project_id")
+    if picked in allowed and picked != principal.project:
+        principal = await gate.principal_of(record, picked)
+    names = await admin_api(request).project_names(allowed)
+    return Viewer(session, None, principal, tuple((id_, names[id_]) for id_ in allowed))
+
+
+async def _allowed(gate: Access, record: KeyRecord) -> list[str]:
+    """The projects a key may act for now, as the gate decides for X-Project-ID (an archived
+    or missing one left out): a page of any other answers 404, as an unknown project's."""
+    allowed = []
+    for project_id in sorted(record.projects):
+        try:
+            await gate.principal_of(record, project_id)
+        except (AuthenticationError, PermissionDenied):
+            continue
+        allowed.append(project_id)
+    return allowed
 
 
 def console_page(handler: Page, *, admins_only: bool = False) -> Endpoint:
@@ -247,24 +279,22 @@ def _sign_in_form(request: Request, message: str | None, status: int) -> Respons
 async def sign_in(request: Request) -> Response:
     address = _address(request)
     console = _console(request)
+    admission: Admission | None = None
     try:
         refuse_nul(request)
-        wait = console.throttle.retry_after(address)
-        if wait > 0:
-            log.warning("console sign-in from %s refused: too many failures", address)
-            raise RateLimited(
-                "Too many failed sign-ins from this address: try again in a minute.",
-                headers={"retry-after": str(max(1, round(wait)))},
-            )
+        admission = await console.throttle.admit(address)
         form = await _form(request)
         _check_csrf(request, form.get("csrf"), request.cookies.get(SIGN_IN_COOKIE))
         session, who = await _open_session(request, access(request), form.get("key", "").strip())
     except (AuthenticationError, PermissionDenied) as refused:
-        if refused.code != "csrf_failed":
-            console.throttle.failed(address)
+        if refused.code != "csrf_failed":  # a stale form is no guess at a key
+            assert admission is not None  # refusals come after the throttle let it in
+            await console.throttle.failed(admission)
             log.warning("console sign-in from %s refused: %s", address, refused.code)
         return _sign_in_form(request, refused.message, refused.status)
     except RelayError as error:
+        if isinstance(error, RateLimited):
+            log.warning("console sign-in from %s refused: too many failures", address)
         return render.error(request, None, error)
     log.info("console sign-in from %s: %s", address, who)
     previous = request.cookies.get(COOKIE)

@@ -14,9 +14,10 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.access.admin import RESPONSE_STATUSES, Admin
+from relay.access.admin import PROJECT_ID, RESPONSE_STATUSES, Admin
 from relay.access.listing import SEARCH_WINDOW, Cursor, ResponseSearch
 from relay.api import background
+from relay.api import conversations as conversation_api
 from relay.api.admin import RESPONSE_FILTERS, deployments, list_cursor, response_search
 from relay.api.auth import access
 from relay.api.paging import int_or_none
@@ -43,6 +44,14 @@ def _store(request: Request) -> Store:
 
 
 async def home(request: Request, viewer: Viewer, form: Form) -> Response:
+    """The viewer's landing page; with `project` (the project picker of a key allowed several),
+    that project's overview, if the viewer may see it (else the 404 an unknown one gets)."""
+    picked = request.query_params.get("project")
+    if picked:
+        allowed = viewer.principal is None or picked in dict(viewer.projects)
+        if not (allowed and PROJECT_ID.fullmatch(picked)):
+            raise NotFound(f"Project '{picked[:100]}' not found.", code="project_not_found")
+        return render.see_other(render.project_path(picked, "/overview"))
     if viewer.principal is not None:
         return render.see_other(render.project_path(viewer.principal.project, "/overview"))
     return render.see_other(ROOT + "/overview")
@@ -52,15 +61,35 @@ def _count(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _window(request: Request) -> tuple[str, charts.Bucket]:
+    """The overview's window (`window`, one of charts.WINDOWS) and bucket (`by`); without
+    them, the last 14 days by day (or 48 hours, asked by hour)."""
+    query = request.query_params
+    by = query.get("by")
+    if by not in (None, "day", "hour"):
+        raise InvalidRequest("Invalid 'by': expected 'day' or 'hour'.", param="by")
+    window = query.get("window") or ("48h" if by == "hour" else "14d")
+    if window not in charts.WINDOWS:
+        expected = ", ".join(f"'{name}'" for name in charts.WINDOWS)
+        raise InvalidRequest(f"Invalid 'window': expected one of {expected}.", param="window")
+    hours = charts.WINDOWS[window]
+    bucket: charts.Bucket = "hour" if by == "hour" or (by is None and hours <= 48) else "day"
+    if bucket == "hour" and hours > charts.MOST_HOURS:
+        raise InvalidRequest(
+            f"Invalid 'by': 'hour' goes up to a window of {charts.MOST_HOURS // 24} days.",
+            param="by",
+        )
+    return window, bucket
+
+
 async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
-    """Requests (by status), tokens and cost over the last days or hours, the same window
-    by model, deployment and project, and each deployment's health: the usage report of GET
-    /admin/v1/usage and GET /admin/v1/deployments. Every project's (an admin's page), or the
-    one of the path."""
+    """Requests (by status), tokens and cost over the window the viewer picks, the same
+    window by model, deployment and project, and each deployment's health: the usage report
+    of GET /admin/v1/usage and GET /admin/v1/deployments. Every project's (an admin's page),
+    or the one of the path."""
     project_id = request.path_params.get("project_id")
-    by: charts.Bucket = "hour" if request.query_params.get("by") == "hour" else "day"
-    now = time.time()
-    names = charts.buckets(by, now)
+    window, by = _window(request)
+    names = charts.buckets(by, charts.WINDOWS[window], time.time())
     ledger = access(request).ledger
 
     start = names[0][:10]  # the first bucket's day
@@ -87,12 +116,17 @@ async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
     breakdowns = [("Model", await report("model")), ("Deployment", await report("deployment"))]
     if project_id is None:
         breakdowns.append(("Project", await report("project")))
+    projects = [project_id] if project_id else [row["project"] for row in breakdowns[-1][1]]
     return render.page(
         request,
         viewer,
         "overview.html",
         project_id=project_id,
+        project_names=await _admin(request).project_names(projects),
         by=by,
+        window=window,
+        windows=charts.WINDOWS,
+        most_hours=charts.MOST_HOURS,
         start=start,
         charts=shown,
         breakdowns=breakdowns,
@@ -247,6 +281,7 @@ async def conversations(request: Request, viewer: Viewer, form: Form) -> Respons
         conversations=listed["data"],
         newer=newer,
         older=older,
+        saved=request.query_params.get("saved"),
     )
 
 
@@ -268,7 +303,46 @@ async def conversation(request: Request, viewer: Viewer, form: Form) -> Response
         conversation=found,
         entries=transcript.conversation(items),
         cut=cut,
+        saved=request.query_params.get("saved"),
     )
+
+
+def _metadata_lines(text: str) -> dict[str, str]:
+    """The metadata form's text, a `name: value` per line (an empty one skipped)."""
+    metadata = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise InvalidRequest(
+                f"Invalid 'metadata': line {number} is not 'name: value'.", param="metadata"
+            )
+        metadata[name.strip()] = value.strip()
+    return metadata
+
+
+async def update_conversation(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Replace a conversation's metadata: what POST /v1/conversations/{id} does for the
+    project's keys (a project key's session may too), and POST /admin/v1/projects/{id}/
+    conversations/{id} for an admin (in the audit log), with the same checks."""
+    project_id = request.path_params["project_id"]
+    body = {"metadata": _metadata_lines(form.get("metadata", ""))}
+    found = await conversation_api.replace_metadata(request, project_id, body)
+    if viewer.admin is not None:
+        await _admin(request).note(viewer.actor, "conversation.updated", found["id"])
+    return render.see_other(
+        render.project_path(project_id, f"/conversations/{found['id']}?saved=metadata")
+    )
+
+
+async def delete_conversation(request: Request, viewer: Viewer, form: Form) -> Response:
+    """Delete a conversation, as DELETE /v1/conversations/{id} (or the admin API's) does."""
+    project_id = request.path_params["project_id"]
+    gone = await conversation_api.deleted(request, project_id)
+    if viewer.admin is not None:
+        await _admin(request).note(viewer.actor, "conversation.deleted", gone["id"])
+    return render.see_other(render.project_path(project_id, "/conversations?saved=deleted"))
 
 
 async def audit(request: Request, viewer: Viewer, form: Form) -> Response:

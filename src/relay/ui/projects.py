@@ -16,29 +16,64 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.access.admin import Admin
 from relay.api.auth import access
 from relay.api.paging import int_or_none
 from relay.errors import InvalidRequest, NotFound
-from relay.models.policy import Policy
+from relay.models.policy import NO_POLICY, Policy
 from relay.ui import render
 from relay.ui.guard import Form, Viewer
+from relay.ui.guard import admin_api as _admin
 
 PAGE = 50  # projects and keys a list shows at once
 _WHOLE_LIMITS = ("rpm", "tpm", "max_concurrent")
 _USD_LIMITS = ("daily_budget_usd", "monthly_budget_usd", "credit_usd")
 
 
-def _admin(request: Request) -> Admin:
-    admin: Admin = request.app.state.admin
-    return admin
+USAGE_DAYS = 30  # a config file's tenant's usage: over the last 30 days
+
+
+def config_tenants(request: Request) -> list[str]:
+    """The projects the config file's keys act for (each key's tenant and `projects`)."""
+    keys = access(request).keys.config_keys.values()
+    return sorted({project for record in keys for project in record.projects})
+
+
+async def _config_only(request: Request) -> list[dict[str, Any]]:
+    """The config file's tenants that have no project row (one made with the tenant's id is
+    listed with the others): their usage over USAGE_DAYS and their spend, read-only."""
+    gate = access(request)
+    tenants = [
+        tenant for tenant in config_tenants(request) if await gate.keys.project(tenant) is None
+    ]
+    if not tenants:
+        return []
+    start = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400 * (USAGE_DAYS - 1)))
+    usage = await gate.ledger.report(["project"], project=None, key=None, start=start, end=None)
+    by_project = {row["project"]: row for row in usage}
+    return [
+        {
+            "id": tenant,
+            "usage": by_project.get(tenant),
+            "standing": await gate.ledger.standing("project", tenant, NO_POLICY),
+        }
+        for tenant in tenants
+    ]
 
 
 async def projects(request: Request, viewer: Viewer, form: Form) -> Response:
     after = request.query_params.get("after") or None
     listed = await _admin(request).list_projects(after, PAGE)
     older = f"?{urlencode({'after': listed['last_id']})}" if listed["has_more"] else None
-    return render.page(request, viewer, "projects.html", projects=listed["data"], more=older)
+    return render.page(
+        request,
+        viewer,
+        "projects.html",
+        projects=listed["data"],
+        more=older,
+        configured=await _config_only(request) if after is None else [],
+        tenants=config_tenants(request),
+        usage_days=USAGE_DAYS,
+    )
 
 
 async def create_project(request: Request, viewer: Viewer, form: Form) -> Response:
@@ -67,7 +102,7 @@ async def _project_page(
     try:
         found: dict[str, Any] | None = await admin.get_project(project_id)
     except NotFound:
-        if viewer.admin is not None:
+        if viewer.admin is not None and project_id not in config_tenants(request):
             raise
         found = None  # a config file's tenant: its keys need no project row
     if viewer.admin is not None:
@@ -76,9 +111,9 @@ async def _project_page(
         assert viewer.principal is not None
         key = viewer.principal.key
         keys = [await admin.get_key(key.key_id)] if key.in_database else []
-    standings = []
-    if found is not None:
-        standings.append(await _standing(request, "project", project_id, found["policy"]))
+    # A config file's tenant has no budgets of its own: its spend is shown against none.
+    policy = found["policy"] if found is not None else {}
+    standings = [await _standing(request, "project", project_id, policy)]
     if viewer.admin is None and keys:
         standings.append(await _standing(request, "key", keys[0]["id"], keys[0]["policy"]))
     return render.page(

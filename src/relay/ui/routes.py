@@ -61,6 +61,18 @@ _PAGES: list[tuple[str, Page, str, bool]] = [
     ("/projects/{project_id}/responses/{response_id}/cancel", pages.cancel_response, "POST", False),
     ("/projects/{project_id}/conversations", pages.conversations, "GET", False),
     ("/projects/{project_id}/conversations/{conversation_id}", pages.conversation, "GET", False),
+    (
+        "/projects/{project_id}/conversations/{conversation_id}",
+        pages.update_conversation,
+        "POST",
+        False,
+    ),
+    (
+        "/projects/{project_id}/conversations/{conversation_id}/delete",
+        pages.delete_conversation,
+        "POST",
+        False,
+    ),
     ("/audit", pages.audit, "GET", True),
 ]
 

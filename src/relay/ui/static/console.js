@@ -66,3 +66,8 @@ async function follow(live) {
 
 const live = document.getElementById("live");
 if (live) follow(live);
+
+// The project picker switches on choosing (its button does the same without scripts).
+document.addEventListener("change", (event) => {
+  if (event.target.matches("select[data-autosubmit]")) event.target.form.requestSubmit();
+});
