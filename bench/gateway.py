@@ -337,9 +337,7 @@ def start_peers(
 
 
 def _ensure(venv: peers.PeerVenv, plan: Plan) -> str | None:
-    if plan.need_peers_installed and not venv.installed():
-        return f"skipped in --quick: not installed yet ({venv.path}); a full run installs it"
-    return venv.ensure()
+    return venv.ready(install=not plan.need_peers_installed)
 
 
 def main(quick: bool) -> None:
