@@ -46,11 +46,12 @@ class Plan:
     rounds: int  # sequential: interleaved rounds of `batch` requests per target
     batch: int
     wrk_s: int
+    warm_up_s: int
     settle: bool  # wait for PostgreSQL's transaction counters to settle after each phase
 
 
-FULL = Plan(20, 10, 10, True)
-QUICK = Plan(3, 5, 2, False)
+FULL = Plan(20, 10, 10, 2, True)
+QUICK = Plan(3, 5, 1, 1, False)
 
 
 @dataclass
@@ -135,7 +136,7 @@ def run_load(
         "each server and of its own datastores"
     )
     for target, _ in targets:  # warm-up, not reported
-        loadgen.run_wrk(workdir, target, 16, 2)
+        loadgen.run_wrk(workdir, target, 16, plan.warm_up_s)
     phases: dict[tuple[str, str, int], Phase] = {}
     last: dict[str, Reading] = {}  # a system's reading after its previous phase
     rows = []
