@@ -224,10 +224,14 @@ class Sample:
     fds: dict[int, int]
     pg_connections: int
     redis_clients: int
-    requests: int
     p50_ms: float | None
     p99_ms: float | None
-    statuses: Counter[str]
+    statuses: Counter[str]  # "<client> <status>" of the answers other than 200
+    kinds: Counter[str]  # requests per client
+
+    @property
+    def requests(self) -> int:
+        return sum(self.kinds.values())
 
     @property
     def values(self) -> dict[str, float | None]:
@@ -249,10 +253,10 @@ def sample(topology: Topology, at_s: float, outcomes: list[Outcome]) -> Sample:
         {pid: open_fds(pid) for pid in pids},
         topology.stores.postgres.connections(),
         topology.stores.redis.clients(),
-        len(outcomes),
         statistics.median(latencies) if latencies else None,
         percentile(latencies, 0.99) if latencies else None,
         Counter(f"{o.kind} {o.status}" for o in outcomes if o.status != 200),
+        Counter(o.kind for o in outcomes),
     )
 
 
@@ -262,14 +266,18 @@ async def soak(
     record = Recorder()
     start = time.monotonic()
     load = asyncio.create_task(drive(topology, keys, start + seconds, record))
-    samples = []
+    samples: list[Sample] = []
     while not load.done():
-        await asyncio.wait([load], timeout=every_s)
-        taken = record.take()
+        due = min((len(samples) + 1) * every_s, seconds)
+        if due >= seconds:  # the last sample: once the clients have finished their requests
+            await load
+        else:
+            await asyncio.wait([load], timeout=max(0.0, start + due - time.monotonic()))
+            if load.done():
+                load.result()  # raises what the clients raised
         at_s = time.monotonic() - start
-        samples.append(await asyncio.to_thread(sample, topology, at_s, taken))
+        samples.append(await asyncio.to_thread(sample, topology, at_s, record.take()))
         print(series_row(samples[-1]), flush=True)
-    await load  # raises what the load raised
     return samples
 
 
@@ -346,12 +354,16 @@ def report(topology: Topology, samples: list[Sample]) -> None:
     ]  # fmt: skip
     print(table(["process", "RSS first", "RSS last", "fds first", "fds last"], rows))
     totals: Counter[tuple[str, str]] = Counter()
-    requests = sum(s.requests for s in samples)
+    kinds: Counter[str] = Counter()
     for s in samples:
+        kinds.update(s.kinds)
         for name, n in s.statuses.items():
             kind, status = name.split(" ", 1)
             totals[kind, status] += n
-    section(f"Verdict ({requests} requests; answers other than 200: {dict(totals) or 'none'})")
+    others = ", ".join(f"{kind} {status}: {n}" for (kind, status), n in sorted(totals.items()))
+    section(f"Verdict ({sum(kinds.values())} requests)")
+    print("requests per client: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    print(f"answers other than 200: {others or 'none'}\n")
     print(table(["measure", "first quarter", "last quarter", "limit", "verdict"],
                 verdict(samples, totals)))  # fmt: skip
     print("first/last quarter: means over the first and last quarter of the samples; limits:")
