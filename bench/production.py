@@ -14,7 +14,6 @@ phase); then one summary row per target with its memory.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -223,7 +222,7 @@ def main(quick: bool) -> None:
         print(f"{peers.RELAY_BIN} is missing: run `make` (or `make bench`) first")
         sys.exit(2)
     plan = QUICK if quick else FULL
-    started, (busy_before, own_before) = time.monotonic(), loadgen.cpu_accounting()
+    started, accounting = time.monotonic(), loadgen.cpu_accounting()
     print("# Production topology" + (" (--quick: smoke-run counts)" if quick else ""))
     print("\n".join(gateway.machine()))
     notes: list[str] = []
@@ -262,12 +261,7 @@ def main(quick: bool) -> None:
         phases = run_load(workdir, kept, plan)
         rss_mb = {s.name: peers.memory_kib(s.pids())[0] / 1024 for _, s in kept}
         summary(kept, overhead, phases, rss_mb)
-    elapsed, (busy, own) = time.monotonic() - started, loadgen.cpu_accounting()
-    others = (busy - busy_before) - (own - own_before)
-    notes.append(
-        f"total {elapsed:.0f} s; CPU taken meanwhile by processes outside this benchmark: "
-        f"{others:.0f} s, {100 * others / (elapsed * (os.cpu_count() or 1)):.0f}% of the machine"
-    )
+    notes.append(loadgen.machine_share(started, accounting))
     print("\nNotes:\n" + "\n".join(f"- {note}" for note in notes))
 
 
