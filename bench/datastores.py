@@ -267,9 +267,6 @@ class Datastores:
     def notes(self) -> list[str]:
         return [*self.postgres.notes, *self.redis.notes]
 
-    def pids(self) -> list[int]:
-        return [*self.postgres.pids(), *self.redis.pids()]
-
     def stop(self) -> None:
         self.redis.stop()
         self.postgres.stop()
