@@ -337,9 +337,7 @@ def start_peers(
 
 
 def _ensure(venv: peers.PeerVenv, plan: Plan) -> str | None:
-    if plan.need_peers_installed and not venv.installed():
-        return f"skipped in --quick: not installed yet ({venv.path}); a full run installs it"
-    return venv.ensure()
+    return venv.ready(install=not plan.need_peers_installed)
 
 
 def main(quick: bool) -> None:
@@ -351,7 +349,7 @@ def main(quick: bool) -> None:
         print(f"{peers.RELAY_BIN} is missing: run `make` (or `make bench`) first")
         sys.exit(2)
     plan = QUICK if quick else FULL
-    started, (busy_before, own_before) = time.monotonic(), loadgen.cpu_accounting()
+    started, accounting = time.monotonic(), loadgen.cpu_accounting()
     print("# Gateway overhead" + (" (--quick: smoke-run counts)" if quick else ""))
     print("\n".join(machine()))
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp, ExitStack() as stack:
@@ -416,12 +414,7 @@ def main(quick: bool) -> None:
             finally:
                 fresh.stop()
         report_targets(plan, overhead, sweep, chain_ms, rss_mb)
-    elapsed, (busy, own) = time.monotonic() - started, loadgen.cpu_accounting()
-    others = (busy - busy_before) - (own - own_before)
-    print(
-        f"\n(total {elapsed:.0f} s; CPU taken meanwhile by processes outside this benchmark: "
-        f"{others:.0f} s, {100 * others / (elapsed * (os.cpu_count() or 1)):.0f}% of the machine)"
-    )
+    print(f"\n({loadgen.machine_share(started, accounting)})")
 
 
 def report_targets(

@@ -63,8 +63,8 @@ def _relay(
         upstream,
         port,
         1,
-        database_url=_database(stack),
-        price=PRICE,
+        database=_database(stack),
+        route_settings=[f"price = {PRICE}"],
         settings=settings,
         anthropic=False,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,11 +30,17 @@ def _redis_answers() -> bool:
         return False
 
 
-def provision(base: str, admin_key: str, policy: dict[str, int] = POLICY) -> str:
-    """A project with `policy` and a key of it; the key."""
+def admin_key_settings(admin_key: str) -> list[str]:
+    """The lines of Relay's TOML file that accept `admin_key` on the admin API."""
+    return ["", "[[admin_keys]]", f'key = "{admin_key}"']
+
+
+def provision(base: str, admin_key: str, policy: Mapping[str, object] = POLICY) -> str:
+    """A project with `policy` and a key of it (through the admin API); the key."""
     headers = {"x-admin-key": admin_key}
     with httpx.Client(base_url=base, headers=headers, trust_env=False) as admin:
-        project = admin.post("/admin/v1/projects", json={"name": "bench", "policy": policy})
+        body = {"name": "bench", "policy": dict(policy)}
+        project = admin.post("/admin/v1/projects", json=body)
         project.raise_for_status()
         key = admin.post("/admin/v1/keys", json={"project_id": project.json()["id"]})
         key.raise_for_status()
@@ -56,7 +63,7 @@ def start_keyed_relays(
     found = []
     for name, extra in variants:
         port = peers.free_port()
-        settings = [*extra, "", "[[admin_keys]]", f'key = "{admin_key}"']
+        settings = [*extra, *admin_key_settings(admin_key)]
         slug = name.split()[1].replace("+", "-")
         relay = peers.start_relay(
             workdir / f"relay-{slug}", upstream, port, workers, settings=settings

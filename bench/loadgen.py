@@ -422,5 +422,16 @@ def cpu_accounting() -> tuple[float, float]:
     return busy, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def machine_share(started: float, accounting: tuple[float, float]) -> str:
+    """How long the run took since `started` (time.monotonic()) and how much CPU processes
+    outside it took meanwhile, from its `cpu_accounting()` then."""
+    elapsed, (busy, own) = time.monotonic() - started, cpu_accounting()
+    others = (busy - accounting[0]) - (own - accounting[1])
+    return (
+        f"total {elapsed:.0f} s; CPU taken meanwhile by processes outside this benchmark: "
+        f"{others:.0f} s, {100 * others / (elapsed * (os.cpu_count() or 1)):.0f}% of the machine"
+    )
+
+
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000.0

@@ -150,14 +150,16 @@ def memory_kib(pids: list[int]) -> tuple[int, int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time of `pids` (all their threads) so far."""
+    """User plus system CPU time of `pids` (all their threads) so far, with that of the children
+    they have reaped: a tree's figure keeps growing as processes in it end (PostgreSQL's
+    backends, for one)."""
     ticks = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])
+        ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -177,19 +179,19 @@ def start_relay(
     port: int,
     workers: int,
     *,
-    database: Path | None = None,
-    database_url: str | None = None,
-    price: str | None = None,
+    database: Path | str | None = None,
     settings: Sequence[str] = (),
     anthropic: bool = True,
     env: Mapping[str, str] | None = None,
+    route_settings: Sequence[str] = (),
 ) -> ManagedProcess:
-    """Relay with SQLite (in `workdir` unless `database` names a file, or on `database_url`),
-    no API keys, a route per nginx location (json, sse, hold, long, and with `anthropic` the
-    Anthropic-shaped sse), each at `price` (a TOML value: none by default); `settings` are extra
-    lines of its TOML file, `env` extra environment variables."""
+    """Relay with SQLite (in `workdir` unless `database` names a file or is a database URL), no
+    API keys, a route per nginx location (json, sse, hold, long, and with `anthropic` the
+    Anthropic-shaped sse); `settings` are extra lines of its TOML file, `route_settings` of
+    each route's table, `env` extra environment variables."""
     workdir.mkdir(parents=True, exist_ok=True)
-    database_url = database_url or f"sqlite:///{database or workdir / 'relay.db'}"
+    database = database or workdir / "relay.db"
+    database_url = database if isinstance(database, str) else f"sqlite:///{database}"
     # One sealing key for every Relay of a run: those that share a database must seal alike
     # (Relay refuses to start beside an instance that generated another key).
     lines = [
@@ -201,11 +203,12 @@ def start_relay(
     for kind in ("json", "sse", "hold", "long"):
         lines += ["", "[[routes]]", f'model = "bench-{kind}"', 'provider = "openai_chat"']
         lines += [f'base_url = "{upstream}/{kind}/v1"', 'upstream_model = "mock-model"']
-        lines += [f"price = {price}"] if price else []
+        lines += route_settings
     if anthropic:
         # The same canned answer, as an Anthropic Messages stream (nginx's /sse/v1/messages).
         lines += ["", "[[routes]]", 'model = "bench-claude"', 'provider = "anthropic"']
         lines += [f'base_url = "{upstream}/sse"', 'upstream_model = "mock-model"']
+        lines += route_settings
     config = workdir / "relay.toml"
     config.write_text("\n".join(lines) + "\n")
     argv = [str(RELAY_BIN), "serve", "--config", str(config), "--host", "127.0.0.1"]
@@ -235,6 +238,12 @@ class PeerVenv:
 
     def installed(self) -> bool:
         return self.bin().exists()
+
+    def ready(self, install: bool) -> str | None:
+        """None when installed (installing it first if `install`), else one line why not."""
+        if not install and not self.installed():
+            return f"skipped in --quick: not installed yet ({self.path}); a full run installs it"
+        return self.ensure()
 
     def ensure(self) -> str | None:
         """Install if needed; None when ready, else one line saying why it is not."""
@@ -275,22 +284,40 @@ def find_python(minimum: tuple[int, int]) -> str | None:
     return min(found)[1] if found else None
 
 
-def start_litellm(workdir: Path, upstream: str, port: int, workers: int) -> ManagedProcess:
-    """LiteLLM's proxy: stateless bridge routes (custom_openai/) to the same upstream paths."""
+def start_litellm(
+    workdir: Path, upstream: str, port: int, workers: int, *, redis_port: int | None = None
+) -> ManagedProcess:
+    """LiteLLM's proxy: stateless bridge routes (custom_openai/) to the same upstream paths.
+    With `redis_port`, its routes get rpm/tpm limits (never binding) that its router counts in
+    that Redis (usage-based routing, as LiteLLM shares limits between instances)."""
 
     def route(name: str, prefix: str) -> dict[str, object]:
-        params = {"model": "custom_openai/mock-model", "api_base": f"{upstream}/{prefix}/v1"}
+        params: dict[str, object] = {
+            "model": "custom_openai/mock-model",
+            "api_base": f"{upstream}/{prefix}/v1",
+        }
+        if redis_port is not None:
+            params |= {"rpm": 100_000_000, "tpm": 1_000_000_000_000}
         return {"model_name": name, "litellm_params": {**params, "api_key": "dummy"}}
 
-    config = {
+    config: dict[str, object] = {
         "model_list": [route("mock-json", "json"), route("mock-sse", "sse")],
         "litellm_settings": {"telemetry": False, "num_retries": 0, "callbacks": []},
         "general_settings": {"master_key": LITELLM_KEY},
     }
+    if redis_port is not None:
+        config["router_settings"] = {
+            "routing_strategy": "usage-based-routing-v2",
+            "redis_host": "127.0.0.1",
+            "redis_port": redis_port,
+        }
     path = workdir / "litellm.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     argv = [str(LITELLM.bin()), "--config", str(path), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--num_workers", str(workers)]
+    # uvicorn restarts a worker that has not started within 5 s, which LiteLLM's imports take
+    # on a busy machine: its workers then die and restart for ever.
+    argv += ["--timeout_worker_healthcheck", "120"]
     env = clean_env({"LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     proc = ManagedProcess("litellm", argv, workdir / "litellm.log", env=env, cwd=workdir)
     proc.start()

@@ -67,29 +67,22 @@ def render_config(prefix: Path, port: int) -> Path:
 def start_nginx(workdir: Path, port: int) -> ManagedProcess:
     prefix = workdir / "nginx"
     prefix.mkdir(parents=True, exist_ok=True)
-    config = render_config(prefix, port)
+    return run_nginx(prefix, render_config(prefix, port), f"http://127.0.0.1:{port}/v1/models")
+
+
+def run_nginx(prefix: Path, config: Path, ready_url: str) -> ManagedProcess:
+    """nginx in the foreground on `config` (checked first), once `ready_url` answers."""
+    where = ["-c", str(config), "-p", str(prefix), "-e", str(prefix / "error.log")]
     test = subprocess.run(
-        [
-            "nginx",
-            "-t",
-            "-q",
-            "-c",
-            str(config),
-            "-p",
-            str(prefix),
-            "-e",
-            str(prefix / "error.log"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["nginx", "-t", "-q", *where], capture_output=True, text=True, check=False
     )
     if test.returncode != 0:
         raise RuntimeError(f"nginx rejected {config}:\n{test.stderr}")
-    argv = ["nginx", "-c", str(config), "-p", str(prefix), "-e", str(prefix / "error.log")]
-    proc = ManagedProcess("nginx", argv, prefix / "stdout.log", env=clean_env(), cwd=prefix)
+    proc = ManagedProcess(
+        "nginx", ["nginx", *where], prefix / "stdout.log", env=clean_env(), cwd=prefix
+    )
     proc.start()
-    proc.wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout_s=15)
+    proc.wait_ready(ready_url, timeout_s=15)
     return proc
 
 
