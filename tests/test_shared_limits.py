@@ -167,3 +167,45 @@ async def settle(limiter: RateLimiter, admission: Admission, tokens: int) -> Non
     waiting = limiter.settle(admission, tokens)
     if waiting is not None:
         await waiting
+
+
+async def fill(limiter: RateLimiter, key: Scope, fast: int = 0) -> list[Admission]:
+    """Leases from `limiter` until it is refused: the first `fast` as fast as it can, then
+    slower than a sync (near the limit, where counts are exact)."""
+    taken = []
+    while True:
+        try:
+            taken.append(await limiter.admit([key], 1))
+        except RateLimited:
+            return taken
+        await asyncio.sleep(0 if len(taken) < fast else shared_limits.SYNC_S / 2)
+
+
+async def test_the_local_leases_of_a_limiter_that_stops_syncing_lapse(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that dies holding leases taken locally (it never settles them, it stops
+    syncing) frees them within LIVE_S, not at their 15-minute deadline."""
+    monkeypatch.setattr(shared_limits, "LIVE_S", 0.5)
+    most = 2_000
+    key = scope(max_concurrent=most)
+    gone, staying = RateLimiter(redis_url, timeout_s=2.0), RateLimiter(redis_url, timeout_s=2.0)
+    try:
+        first = await warm((gone, staying), key)
+        await settle(gone, first[0], 0)  # taken in Redis: it would hold its slot 15 minutes
+        lost = [await gone.admit([key], 1) for _ in range(100)]  # local, all but a few
+        await asyncio.sleep(SYNCED_S)
+        held = [first[1], *await fill(staying, key, fast=most - 200)]
+        assert len(held) + len(lost) == most
+        # It dies: it stops syncing, its leases are never settled.
+        counters: Any = gone._counters
+        counters._syncing.cancel()
+        await asyncio.sleep(shared_limits.LIVE_S + SYNCED_S)
+        freed = await fill(staying, key)
+        # Those taken locally: those taken in Redis hold their slots.
+        assert 85 <= len(freed) <= 100, len(freed)
+        for admission in held + freed:
+            await settle(staying, admission, 0)
+    finally:
+        await staying.aclose()
+        await gone.aclose()

@@ -15,9 +15,9 @@ window admits at most limit x (1 + SLACK) (docs/design.md gives the argument). L
 P / SLACK (100 per process) are always checked in Redis: exact, as before.
 
 Requests at once: a lease taken in Redis is a member of a sorted set scored by its deadline;
-a lease taken locally only adds one to this process's count in a hash beside it, which
-counts while the process is alive (it syncs), so the local leases of a process that died
-lapse within LIVE_S.
+a lease taken locally only adds one to this process's count, which the syncs write in a
+hash beside the set and which counts while the process is alive (it syncs), so the local
+leases of a process that died lapse within LIVE_S.
 """
 
 from __future__ import annotations
@@ -94,14 +94,16 @@ local function held(leases, counts)
   for index = 1, #fields, 2 do
     local alive = redis.call('ZSCORE', KEYS[1], fields[index])
     if alive and tonumber(alive) > now_ms then
-      total = total + math.max(0, tonumber(fields[index + 1]))
+      total = total + tonumber(fields[index + 1])
     end
   end
   return total
 end
 
 -- What this process counted locally: the number of window entries, then per entry (a key)
--- its minute and count; the number of lease counts, then per count (a key) its change.
+-- its minute and count; the number of lease counts, then per count (a key) the leases this
+-- process holds locally (a number, not a change: a call that times out and ran anyway, or
+-- is sent again, sets the same).
 for _ = 1, next_number() do
   local key = next_key()
   local at = next_number()
@@ -115,8 +117,13 @@ for _ = 1, next_number() do
 end
 for _ = 1, next_number() do
   local key = next_key()
-  redis.call('HINCRBY', key, process, next_number())
-  redis.call('PEXPIRE', key, lease_ms)
+  local count = next_number()
+  if count > 0 then
+    redis.call('HSET', key, process, count)
+    redis.call('PEXPIRE', key, lease_ms)
+  else
+    redis.call('HDEL', key, process)
+  end
 end
 
 local op = ARGV[1]
@@ -205,22 +212,20 @@ return 0
 @dataclass(slots=True)
 class _View:
     """One shared counter as this process sees it: what Redis last reported, and what this
-    process counted since, not yet sent (`pending`) or sent without an answer (`sending`)."""
+    process counted since."""
 
     read_us: int = -1  # Redis's clock at the last read applied (-1: never read)
     read_at: float = -math.inf  # this process's monotonic clock then
     used_at: float = 0.0
-    sending: int = 0
 
     def fresh(self, now: float) -> bool:
         return now - self.read_at <= FRESH_S
 
-    def answered(self, read_us: int, now: float, sent: int) -> bool:
-        """A reply read at `read_us` came back, carrying `sent` of this process's counts:
-        whether its reading is newer than the one held (and should replace it)."""
-        self.sending -= sent
+    def newer(self, read_us: int, now: float) -> bool:
+        """Whether a reading made at `read_us` (Redis's clock), answered `now`, is newer
+        than the one held, which it then replaces: calls can come back out of order."""
         if read_us < self.read_us:
-            return False  # calls can come back out of order
+            return False
         self.read_us, self.read_at = read_us, now
         return True
 
@@ -230,7 +235,8 @@ class _WindowView(_View):
     current: int = 0
     previous: int = 0
     minute: int = -1  # the minute Redis read it in
-    pending: dict[int, int] = field(default_factory=dict)  # minute -> counted here
+    pending: dict[int, int] = field(default_factory=dict)  # minute -> counted here, unsent
+    sending: int = 0  # sent, not yet answered
 
     @property
     def unsent(self) -> int:
@@ -244,12 +250,18 @@ class _WindowView(_View):
 
 @dataclass(slots=True)
 class _LeaseView(_View):
-    held: int = 0
-    pending: int = 0  # leases taken here less leases freed here
+    others: int = 0  # the leases held, as Redis last counted them, but this process's local ones
+    mine: int = 0  # the leases this process holds locally, now
+    told: int = 0  # how many of them the last call told Redis
+
+    @property
+    def held(self) -> int:
+        return self.others + self.mine
 
     @property
     def unsent(self) -> int:
-        return self.pending + self.sending
+        """Leases taken here since Redis was last told."""
+        return max(0, self.mine - self.told)
 
 
 class _Call:
@@ -259,7 +271,8 @@ class _Call:
     def __init__(self, op: str, process: str) -> None:
         self.keys: list[str] = [_REGISTRY]
         self.args: list[str | int] = [op, WINDOW_S, LEASE_S, process]
-        self.sent: list[tuple[_View, int]] = []
+        self.sent: list[tuple[_WindowView, int]] = []
+        self.told: dict[int, int] = {}  # id(lease view) -> the count sent
 
     def flush(self, windows: dict[str, _WindowView], leases: dict[str, _LeaseView]) -> None:
         entries = [
@@ -274,20 +287,26 @@ class _Call:
             self.sent.append((view, count))
             view.sending += count
             view.pending.clear()
-        counts = [(key, view) for key, view in leases.items() if view.pending]
-        self.args.append(len(counts))
-        for key, lease_view in counts:
+        self.args.append(len(leases))
+        for key, lease_view in leases.items():
             self.keys.append(_counts_key(key))
-            self.args.append(lease_view.pending)
-            self.sent.append((lease_view, lease_view.pending))
-            lease_view.sending += lease_view.pending
-            lease_view.pending = 0
+            self.args.append(lease_view.mine)
+            self.told[id(lease_view)] = lease_view.told = lease_view.mine
 
-    def carried(self, view: _View) -> int:
-        return sum(count for sent, count in self.sent if sent is view)
+    def answered(self, view: _WindowView, read_us: int, now: float) -> bool:
+        """Takes back what this call carried of `view`'s counts, now in Redis; whether
+        the reading should replace the view's."""
+        view.sending -= sum(count for sent, count in self.sent if sent is view)
+        return view.newer(read_us, now)
+
+    def others(self, view: _LeaseView, held: int) -> int:
+        """The leases held that are not this process's local ones, from a count of them
+        all that this call read."""
+        return held - self.told[id(view)]
 
     def failed(self) -> None:
-        # Redis may or may not have them: they are dropped, which admits at most them more.
+        # Redis may or may not have the windows' counts: they are dropped, which admits at
+        # most them more. (The lease counts are sent whole with every call.)
         for view, count in self.sent:
             view.sending -= count
 
@@ -365,9 +384,13 @@ class SharedCounters:
         if self._syncing is not None:
             self._syncing.cancel()
             await asyncio.gather(self._syncing, return_exceptions=True)
-        # What was counted here since the last sync; with Redis down, it is lost.
+        # What was counted here since the last sync, then leaving the processes counted
+        # (the others' shares grow at once; the local leases stop counting); with Redis
+        # down, the counts are lost and the registration lapses.
         with contextlib.suppress(Exception):
             await self._sync(time.monotonic())
+            async with asyncio.timeout(self._bound_s):
+                await self._redis.zrem(_REGISTRY, self._process)
         await self._redis.aclose()
 
     async def ping(self) -> None:
@@ -413,7 +436,7 @@ class SharedCounters:
                 if leases is None or not leases.fresh(now):
                     return None
                 allowance, margin = _shares(most, processes)
-                running_now = leases.held + leases.unsent
+                running_now = leases.held
                 if leases.unsent + 1 > allowance or running_now + 1 > most - margin:
                     return None
                 running = (running_now, most)
@@ -432,7 +455,7 @@ class SharedCounters:
                 self._windows[scope.key("tokens")].used_at = now
             if policy.max_concurrent is not None:
                 leases = self._leases[scope.key("concurrent")]
-                leases.pending += 1
+                leases.mine += 1
                 leases.used_at = now
         self._local.add(lease)
 
@@ -442,7 +465,7 @@ class SharedCounters:
         for scope in scopes:
             policy = scope.policy
             if policy.max_concurrent is not None:
-                self._leases.setdefault(scope.key("concurrent"), _LeaseView()).pending -= 1
+                self._leases[scope.key("concurrent")].mine -= 1
             if policy.tpm is not None and tokens > 0:
                 view = self._windows.setdefault(scope.key("tokens"), _WindowView())
                 # Up to what the window has left, as Redis adds them.
@@ -500,13 +523,12 @@ class SharedCounters:
             )
             for limit, current, previous in counted:
                 window = windows.get(scope.key(limit))
-                if window is not None and window.answered(now_us, answered, call.carried(window)):
+                if window is not None and call.answered(window, now_us, answered):
                     window.current, window.previous, window.minute = current, previous, minute
-            leases_view = leases.get(scope.key("concurrent"))
-            if leases_view is not None and leases_view.answered(
-                now_us, answered, call.carried(leases_view)
-            ):
-                leases_view.held = held + admitted
+            lease_view = leases.get(scope.key("concurrent"))
+            if lease_view is not None and lease_view.newer(now_us, answered):
+                # A lease taken here is in Redis's set: not a local one.
+                lease_view.others = call.others(lease_view, held) + admitted
             policy = scope.policy
             readings.append(
                 Reading(
@@ -537,7 +559,7 @@ class SharedCounters:
             if now - window.used_at > KEEP_S and not window.unsent:
                 del self._windows[key]
         for key, lease_view in list(self._leases.items()):
-            if now - lease_view.used_at > KEEP_S and not lease_view.unsent:
+            if now - lease_view.used_at > KEEP_S and not lease_view.mine and not lease_view.told:
                 del self._leases[key]
         windows, leases = dict(self._windows), dict(self._leases)
         call = _Call("sync", self._process)
@@ -552,12 +574,12 @@ class SharedCounters:
         self._processes = processes
         minute = now_us // (WINDOW_S * _US)
         for index, view in enumerate(windows.values()):
-            if view.answered(now_us, answered, call.carried(view)):
+            if call.answered(view, now_us, answered):
                 view.current, view.previous = counts[2 * index], counts[2 * index + 1]
                 view.minute = minute
         for index, lease_view in enumerate(leases.values(), start=2 * len(windows)):
-            if lease_view.answered(now_us, answered, call.carried(lease_view)):
-                lease_view.held = counts[index]
+            if lease_view.newer(now_us, answered):
+                lease_view.others = call.others(lease_view, counts[index])
 
     async def _run(self, call: _Call) -> Any:
         try:
