@@ -278,8 +278,9 @@ class RateLimiter:
     def settle(self, admission: Admission, tokens: int) -> Awaitable[None] | None:
         """Free what an admitted request held and add its tokens (its settled usage; 0 for
         one that never started) to its scopes' windows, up to what each has left: a window
-        is then full until it slides. Done at once in memory (None); with Redis, what to
-        await for it (it never raises: a failure lets the next requests pass)."""
+        is then full until it slides. Done at once in memory, and with Redis for a request
+        admitted locally (None); else what to await for it (it never raises: a failure lets
+        the next requests pass)."""
         lease, admission.lease = admission.lease, None
         waiting = self._counters.settle(admission.scopes, lease, tokens)
         return None if waiting is None else self._guarded(waiting)
