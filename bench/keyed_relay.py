@@ -21,7 +21,7 @@ REDIS = ("127.0.0.1", 6379)
 POLICY = {"rpm": 100_000_000, "tpm": 1_000_000_000_000, "max_concurrent": 100_000}
 
 
-def _redis_answers() -> bool:
+def redis_answers() -> bool:
     try:
         with socket.create_connection(REDIS, timeout=1) as sock:
             sock.sendall(b"PING\r\n")
@@ -53,7 +53,7 @@ def start_keyed_relays(
 ) -> list[tuple[Target, peers.ManagedProcess]]:
     admin_key = "adm-" + secrets.token_urlsafe(16)
     variants = [("relay keyed store=false", [])]
-    if _redis_answers():
+    if redis_answers():
         # Database 15: the benchmark's own counters, apart from anything else on this Redis.
         variants.append(
             ("relay keyed+redis store=false", ['redis_url = "redis://127.0.0.1:6379/15"'])

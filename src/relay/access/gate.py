@@ -148,7 +148,8 @@ class Accounting:
             self._free(self.admission, 0)
 
     def _free(self, admission: Admission, tokens: int) -> None:
-        # In memory it is done now, without a task; with Redis, by a task of the gate's.
+        # Done now where it can be (in memory, or admitted locally with Redis), without a
+        # task; else by a task of the gate's.
         waiting = self.access.limiter.settle(admission, tokens)
         if waiting is not None:
             self.access.track(waiting)

@@ -9,8 +9,10 @@ counted.
 The windows are sliding window counters: a fixed minute's count plus the previous minute's,
 weighted by how much of it the sliding window still covers. Requests at once are a set of
 leases with deadlines, so that the leases of a process that died lapse instead of holding
-their slots forever. Both live in this process's memory or, with `redis_url`, in Redis, where
-one Lua script reads, decides and counts (docs/design.md, "Rate limits"). Tokens: the input
+their slots forever. Both live in this process's memory or, with `redis_url`, in Redis
+(`shared_limits.py`: counted locally while far from a limit and synced every few
+milliseconds; near it, one Lua script reads, decides and counts; docs/design.md, "Rate
+limits"). Tokens: the input
 is estimated from the body's size and only tested at admission; the real usage is added when
 the response settles, up to what the window has left.
 
@@ -19,14 +21,13 @@ Redis being unreachable does not stop traffic: the check is skipped (and logged 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from relay.errors import RateLimited
 from relay.models.policy import Policy
@@ -38,6 +39,7 @@ WINDOW_S = 60
 LEASE_S = 15 * 60
 _QUIET_S = 60.0
 _RESTING_S = 1.0  # after a failure of the limits store, how long requests skip it
+_LIMITERS = itertools.count()
 
 Limit = Literal["requests", "tokens", "concurrent"]
 _CHECKS: tuple[Limit, ...] = ("requests", "tokens", "concurrent")
@@ -221,177 +223,6 @@ class MemoryCounters:
         return leases
 
 
-# The windows are hashes {m: minute, c: its count, p: the previous minute's count}; the
-# leases sorted sets scored by deadline (ms). Times are Redis's own (TIME), so that every
-# instance reads the same minute. Replies are integers: Lua numbers reach Redis truncated.
-_SCRIPT = """
-local time = redis.call('TIME')
-local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local now_ms = math.floor(now_us / 1000)
-local length_us = tonumber(ARGV[2]) * 1000000
-local minute = math.floor(now_us / length_us)
-local weight = 1 - (now_us % length_us) / length_us
-
-local function read(key)
-  local state = redis.call('HMGET', key, 'm', 'c', 'p')
-  local at = tonumber(state[1])
-  if at == minute then return tonumber(state[2]), tonumber(state[3]) end
-  if at == minute - 1 then return 0, tonumber(state[2]) end
-  return 0, 0
-end
-
-local function left(limit, current, previous)
-  return math.max(0, limit - math.floor(previous * weight + current))
-end
-
-local function write(key, current, previous)
-  redis.call('HSET', key, 'm', minute, 'c', current, 'p', previous)
-  redis.call('PEXPIRE', key, 2 * length_us / 1000)
-end
-
-if ARGV[1] == 'admit' then
-  -- KEYS: per scope, its requests window, tokens window and leases. ARGV: 'admit', the
-  -- window's seconds, the lease, its seconds, the estimated tokens, then per scope rpm,
-  -- tpm and max_concurrent (0: none). Returns the time (us), the refused check (0: none;
-  -- else 3 * scope + 1, 2 or 3), then per scope the requests window's counts, the tokens
-  -- window's and the leases held.
-  local lease, lease_ms, cost = ARGV[3], tonumber(ARGV[4]) * 1000, tonumber(ARGV[5])
-  local found, refused = {}, 0
-  for scope = 0, #KEYS / 3 - 1 do
-    local rpm, tpm, most = tonumber(ARGV[6 + 3 * scope]), tonumber(ARGV[7 + 3 * scope]),
-      tonumber(ARGV[8 + 3 * scope])
-    local rc, rp, tc, tp, held = 0, 0, 0, 0, 0
-    if rpm > 0 then rc, rp = read(KEYS[1 + 3 * scope]) end
-    if tpm > 0 then tc, tp = read(KEYS[2 + 3 * scope]) end
-    if most > 0 then
-      redis.call('ZREMRANGEBYSCORE', KEYS[3 + 3 * scope], '-inf', now_ms)
-      held = redis.call('ZCARD', KEYS[3 + 3 * scope])
-    end
-    if refused == 0 then
-      local tokens_left = left(tpm, tc, tp)
-      if rpm > 0 and left(rpm, rc, rp) < 1 then
-        refused = 3 * scope + 1
-      elseif tpm > 0 and (tokens_left <= 0 or tokens_left < math.min(cost, tpm)) then
-        refused = 3 * scope + 2
-      elseif most > 0 and held >= most then
-        refused = 3 * scope + 3
-      end
-    end
-    for _, value in ipairs({rc, rp, tc, tp, held}) do table.insert(found, value) end
-  end
-  if refused == 0 then
-    for scope = 0, #KEYS / 3 - 1 do
-      if tonumber(ARGV[6 + 3 * scope]) > 0 then
-        write(KEYS[1 + 3 * scope], found[1 + 5 * scope] + 1, found[2 + 5 * scope])
-      end
-      if tonumber(ARGV[8 + 3 * scope]) > 0 then
-        redis.call('ZADD', KEYS[3 + 3 * scope], now_ms + lease_ms, lease)
-        redis.call('PEXPIRE', KEYS[3 + 3 * scope], lease_ms)
-      end
-    end
-  end
-  return {now_us, refused, unpack(found)}
-end
-
--- 'settle' -- KEYS: per scope, its tokens window and leases. ARGV: 'settle', the window's
--- seconds, the lease, the tokens, then per scope tpm (0: none).
-local lease, tokens = ARGV[3], tonumber(ARGV[4])
-for scope = 0, #KEYS / 2 - 1 do
-  redis.call('ZREM', KEYS[2 + 2 * scope], lease)
-  local tpm = tonumber(ARGV[5 + scope])
-  if tpm > 0 and tokens > 0 then
-    local current, previous = read(KEYS[1 + 2 * scope])
-    local added = math.min(tokens, left(tpm, current, previous))
-    if added > 0 then write(KEYS[1 + 2 * scope], current + added, previous) end
-  end
-end
-return 0
-"""
-
-
-class RedisCounters:
-    """The counters in Redis, shared by every instance. The script reads every limit of a
-    request, decides and counts as one atomic step and one round trip (a test then a hit per
-    window, from two instances, could both pass; docs/design.md); settling frees the lease
-    and adds the tokens in one more."""
-
-    def __init__(self, url: str, timeout_s: float) -> None:
-        import redis.asyncio
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # No retries (redis-py's default is 10, with backoff: a Redis that never answers
-        # held each request for seconds); the limiter lets a request through instead.
-        self._redis: Any = redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        # The socket timeouts bound each read; this, each whole call (a connection from the
-        # pool, the script's load after a Redis restart).
-        self._bound_s = 2 * timeout_s
-        self._script = self._redis.register_script(_SCRIPT)
-
-    async def admit(
-        self, scopes: Sequence[Scope], estimated: int, lease: str
-    ) -> tuple[list[Reading], Refusal | None]:
-        keys: list[str] = []
-        args: list[str | int] = ["admit", WINDOW_S, lease, LEASE_S, estimated]
-        for scope in scopes:
-            keys += [scope.key(limit) for limit in _CHECKS]
-            policy = scope.policy
-            args += [policy.rpm or 0, policy.tpm or 0, policy.max_concurrent or 0]
-        async with asyncio.timeout(self._bound_s):
-            now_us, refused, *counts = await self._script(keys, args)
-        window_us = WINDOW_S * 1_000_000
-        elapsed = now_us % window_us / window_us
-        readings = []
-        for index, scope in enumerate(scopes):
-            rc, rp, tc, tp, held = counts[5 * index : 5 * index + 5]
-            policy = scope.policy
-            readings.append(
-                Reading(
-                    None if policy.rpm is None else Window(policy.rpm, rc, rp, elapsed),
-                    None if policy.tpm is None else Window(policy.tpm, tc, tp, elapsed),
-                    None if policy.max_concurrent is None else (held, policy.max_concurrent),
-                )
-            )
-        if not refused:
-            return readings, None
-        index, check = divmod(refused - 1, 3)
-        return readings, Refusal(index, _CHECKS[check])
-
-    def settle(
-        self, scopes: Sequence[Scope], lease: str | None, tokens: int
-    ) -> Awaitable[None] | None:
-        concerned = [
-            scope
-            for scope in scopes
-            if (lease is not None and scope.policy.max_concurrent is not None)
-            or (tokens > 0 and scope.policy.tpm is not None)
-        ]
-        if not concerned:
-            return None
-        keys: list[str] = []
-        args: list[str | int] = ["settle", WINDOW_S, lease or "", tokens]
-        for scope in concerned:
-            keys += [scope.key("tokens"), scope.key("concurrent")]
-            args.append(scope.policy.tpm or 0)
-        return self._call(keys, args)
-
-    async def _call(self, keys: list[str], args: list[str | int]) -> None:
-        async with asyncio.timeout(self._bound_s):
-            await self._script(keys, args)
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-    async def ping(self) -> None:
-        async with asyncio.timeout(self._bound_s):
-            await self._redis.ping()
-
-
 @dataclass(slots=True)
 class Admission:
     """What one admitted request holds: its lease (in every concurrency set of its scopes),
@@ -413,16 +244,19 @@ def duration(seconds: float) -> str:
 
 class RateLimiter:
     def __init__(self, redis_url: str | None = None, *, timeout_s: float = 0.05) -> None:
-        self._counters: Counters = (
-            RedisCounters(redis_url, timeout_s) if redis_url else MemoryCounters()
-        )
+        # Lease ids, unique across the processes sharing a Redis (and the limiters of one
+        # process): made here.
+        self._process = f"{process_id()}.{next(_LIMITERS)}"
+        self._leases = itertools.count()
+        self._counters: Counters = MemoryCounters()
+        if redis_url:
+            from relay.access.shared_limits import SharedCounters
+
+            self._counters = SharedCounters(redis_url, timeout_s, self._process)
         # After a failure the store is left alone for _RESTING_S: requests pass at once
         # rather than each waiting out the bound.
         self._resting_until = 0.0
         self._warned = -_QUIET_S
-        # Lease ids, unique across the processes sharing a Redis: made in this process.
-        self._process = process_id()
-        self._leases = itertools.count()
 
     async def admit(self, scopes: list[Scope], estimated_tokens: int) -> Admission:
         """Count one request against every scope, or raise RateLimited (429) naming the
@@ -444,8 +278,9 @@ class RateLimiter:
     def settle(self, admission: Admission, tokens: int) -> Awaitable[None] | None:
         """Free what an admitted request held and add its tokens (its settled usage; 0 for
         one that never started) to its scopes' windows, up to what each has left: a window
-        is then full until it slides. Done at once in memory (None); with Redis, what to
-        await for it (it never raises: a failure lets the next requests pass)."""
+        is then full until it slides. Done at once in memory, and with Redis for a request
+        admitted locally (None); else what to await for it (it never raises: a failure lets
+        the next requests pass)."""
         lease, admission.lease = admission.lease, None
         waiting = self._counters.settle(admission.scopes, lease, tokens)
         return None if waiting is None else self._guarded(waiting)
