@@ -2,7 +2,8 @@
 costs"): a worker on SQLite without Redis, MCP servers, traces or an embedded model starts
 without their libraries, and the supervisor of `relay serve --workers 2` without the
 settings' models or the storage layer. Each is read from a real process: a fresh interpreter
-that runs the application's start-up, and a running `relay serve`."""
+that runs the application's start-up, and a running `relay serve`. And the schema revision
+Relay reads without Alembic is the one Alembic reads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import orjson
 from live_server import relay_serve
+from sqlalchemy import Connection, create_engine
 
 from relay.storage.sql import open_store
 
@@ -117,3 +119,29 @@ def test_the_supervisor_of_several_workers_holds_neither_settings_nor_storage(
     assert "_pydantic_core" not in maps[supervisor]
     assert "sqlalchemy" not in maps[supervisor]
     assert any("_pydantic_core" in maps[child] for child in children)  # a worker's
+
+
+async def test_the_revision_read_without_alembic_is_alembics(store_url: str) -> None:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from relay.storage.database import alembic_config
+    from relay.storage.revision import current_revision, head_revision
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
+    store = await open_store(store_url)
+    try:
+
+        def both(conn: Connection) -> tuple[str | None, str | None]:
+            alembic = MigrationContext.configure(conn).get_current_revision()
+            return current_revision(conn), alembic
+
+        ours, alembics = await store.db.read(both)
+        assert ours == alembics == head_revision()
+        # A database without a schema is at no revision, for both.
+        empty = create_engine("sqlite://")
+        with empty.connect() as conn:
+            assert current_revision(conn) is None
+            assert MigrationContext.configure(conn).get_current_revision() is None
+    finally:
+        await store.close()
