@@ -108,7 +108,7 @@ def serve(argv: list[str]) -> int:
         metrics_port=settings.metrics_port,
     )
     if settings.workers > 1:
-        become_supervisor(launch)  # relay.launch: a process of its own, that serves nothing
+        become_supervisor(launch)  # never returns: this process becomes relay.launch
     # One process counts in memory, and serves metrics_port itself.
     os.environ.pop(MULTIPROCESS_DIR, None)
     run(launch)
