@@ -1,5 +1,6 @@
-"""`python -m bench [local|gateway|keyed|limits|memory|websocket|background|tools|search|ab|
-production|soak ...]`: run the named suites (default: all but ab, production and soak)."""
+"""`python -m bench [local|gateway|keyed|limits|memory|footprint|websocket|background|tools|
+search|ab|production|soak ...]`: run the named suites (default: all but ab, production and
+soak)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ SUITES = {
     "tools": "bench.tool_loop",
     "limits": "bench.limits",
     "search": "bench.response_search",
+    "footprint": "bench.footprint",
     # On request only: the working tree against BENCH_AB_BASE; the production topology beside
     # LiteLLM (minutes, throwaway PostgreSQL and Redis servers); the soak (an hour by default).
     "ab": "bench.ab",

@@ -268,7 +268,9 @@ def process_role(pid: int) -> str:
         return "multiprocessing resource tracker"
     if "spawn_main" in command:
         return f"worker (pid {pid})"
-    return "supervisor (relay serve)" if " serve " in command else command[:40]
+    if " serve " in command or "relay.launch" in command:  # --workers N: become relay.launch
+        return "supervisor (relay serve)"
+    return command[:40]
 
 
 def run_streams(

@@ -16,7 +16,7 @@ from chat_upstream import UPSTREAM_KEY, ChatUpstream
 from db_fixtures import PgServer
 from live_server import free_port, relay
 
-from relay.storage.database import head_revision
+from relay.storage.revision import head_revision
 
 WRONG_KEY = "sk-wrong-4Tz8qLm2Xv"
 ENV = {"CHAT_KEY": UPSTREAM_KEY, "CLAUDE_KEY": ANTHROPIC_KEY, "WRONG_KEY": WRONG_KEY}

@@ -20,7 +20,7 @@ from redis_fixtures import Throwaway
 from relay_fixtures import fake_routes
 
 from relay.config import RouteConfig, Settings
-from relay.storage.database import head_revision
+from relay.storage.revision import head_revision
 
 
 def ready(url: str) -> tuple[int, dict[str, Any]]:

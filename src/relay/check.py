@@ -102,7 +102,8 @@ def _silent(wait_s: float) -> str:
 
 async def _database(url: str, wait_s: float) -> Row:
     # Imported here: a configuration error is reported without loading the storage layer.
-    from relay.storage.database import head_revision, schema_revision, sqlite_file
+    from relay.storage.database import schema_revision, sqlite_file
+    from relay.storage.revision import head_revision
 
     row = partial(Row, "database", without_password(url))
     path = sqlite_file(url)

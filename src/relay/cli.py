@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.types import ASGIApp
 
-from relay import __version__
+from relay import __version__, log_lines
 from relay.config import Settings, load_settings
 from relay.console import report_config_error, without_password
 from relay.errors import StartupError
-from relay.log_lines import BatchedStderr, JsonFormatter, TextFormatter
+from relay.launch import Launch, become_supervisor, run
 from relay.loopback import is_loopback
 from relay.models.deployments import DeploymentConfig, FakeConfig, LlamaCppConfig
 from relay.observe import MULTIPROCESS_DIR
@@ -38,8 +33,8 @@ def settings_from_env() -> Settings:
 
 def app_factory() -> ASGIApp:
     """What each uvicorn worker imports: settings travel through the environment."""
-    # Imported here, not at the top: with --workers N the supervisor process never serves a
-    # request, and importing the application there would cost it tens of MB for nothing.
+    # Imported here, not at the top: `relay serve`'s checks before it serves, `relay admin`
+    # and `relay check` do without the application.
     from relay.api.app import create_app
 
     settings = settings_from_env()
@@ -48,22 +43,7 @@ def app_factory() -> ASGIApp:
 
 
 def configure_logging(settings: Settings) -> None:
-    root = logging.getLogger()
-    if root.handlers:
-        return  # another's (a test's capture): as basicConfig, leave a configured root be
-    # What the format does not show is not gathered for each line (the logging docs'
-    # "Optimization"): the caller's frame, thread, process names.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None
-    handler = BatchedStderr()
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
-    root.addHandler(handler)
-    root.setLevel(settings.log_level.upper())
-    if settings.log_level != "debug":
-        # The migration tool's plugin set-up and dialect notes are not for a user's eyes.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    log_lines.configure(settings.log_level, settings.log_format)
 
 
 def serve(argv: list[str]) -> int:
@@ -106,7 +86,7 @@ def serve(argv: list[str]) -> int:
     if settings.workers > 1:
         # Workers that cannot start each say why, but uvicorn's supervisor then exits 0:
         # the database is opened (and migrated) here once, so that its failure is this
-        # command's, with its exit status.
+        # command's, with its exit status, and the workers find it migrated.
         unopened = database_fails(settings.database_url)
         if unopened is not None:
             print(f"relay: {unopened}", file=sys.stderr)
@@ -117,65 +97,27 @@ def serve(argv: list[str]) -> int:
             print(f"relay: metrics_port: {taken}", file=sys.stderr)
             return 1
     describe(settings)
-    if settings.workers == 1:
-        # One process counts in memory, and serves metrics_port itself.
-        os.environ.pop(MULTIPROCESS_DIR, None)
-        _run(settings)
-        return 0
-    with _summed_metrics(settings):
-        _run(settings)
-    return 0
-
-
-@contextlib.contextmanager
-def _summed_metrics(settings: Settings) -> Iterator[None]:
-    """Several workers: each writes its metrics to files in a folder of this run's
-    (prometheus_client's multiprocess mode, chosen by the variable when a worker imports the
-    library), which any worker's /metrics, and this process on metrics_port, sum."""
-    folder = tempfile.mkdtemp(prefix="relay-metrics-")
-    os.environ[MULTIPROCESS_DIR] = folder
-    try:
-        if settings.metrics_port is not None:
-            from relay.observe.metrics import serve_summed
-
-            serve_summed(settings.metrics_host, settings.metrics_port)
-        yield
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _run(settings: Settings) -> None:
-    uvicorn.run(
-        "relay.cli:app_factory",
-        factory=True,
+    launch = Launch(
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
-        # uvicorn's lines go through Relay's handler (configure_logging), in its format.
-        log_config=None,
-        loop="uvloop",
-        http="httptools",
-        # A larger WebSocket message closes its socket with 1009 and the limit as reason,
-        # refused by the protocol library before it is all in memory.
-        ws_max_size=settings.max_body_bytes,
-        # Relay writes its own access lines (relay.observe.access).
-        access_log=False,
+        log_format=settings.log_format,
+        max_body_bytes=settings.max_body_bytes,
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
     )
+    if settings.workers > 1:
+        become_supervisor(launch)  # never returns: this process becomes relay.launch
+    # One process counts in memory, and serves metrics_port itself.
+    os.environ.pop(MULTIPROCESS_DIR, None)
+    run(launch)
+    return 0
 
 
 def database_fails(url: str) -> str | None:
-    """Why the database at `url` cannot be opened, in one line; None when it opens. Asked of
-    a child process: the storage layer would cost this one (uvicorn's supervisor, which
-    serves nothing) tens of MB for as long as it runs."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        return child.submit(_open_once, url).result()
-
-
-def _open_once(url: str) -> str | None:
+    """Why the database at `url` cannot be opened, in one line; None when it opens. Opened
+    in this process, whose storage layer goes with it when it becomes the supervisor."""
     import asyncio
 
     from relay.storage.database import open_database

@@ -129,3 +129,24 @@ def _buffered_stderr() -> TextIO:
         return sys.stderr
     raw = io.FileIO(descriptor, "wb", closefd=False)
     return io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8", errors="backslashreplace")
+
+
+def configure(level: str, log_format: str) -> None:
+    """Relay's handler on the root logger, at `level` ("info"...), in `log_format` ("text" or
+    "json")."""
+    root = logging.getLogger()
+    if root.handlers:
+        return  # another's (a test's capture): as basicConfig, leave a configured root be
+    # What the format does not show is not gathered for each line (the logging docs'
+    # "Optimization"): the caller's frame, thread, process names.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
+    handler = BatchedStderr()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    if level != "debug":
+        # The migration tool's plugin set-up and dialect notes are not for a user's eyes.
+        logging.getLogger("alembic").setLevel(logging.WARNING)

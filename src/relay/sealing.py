@@ -11,23 +11,27 @@ start one whose generated key differs from the one the database knows).
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import hmac
 import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy import Connection, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from relay.config import MAKE_SEALING_KEY
+from relay.config import MAKE_SEALING_KEY, is_sealing_key
 from relay.errors import InvalidRequest, StartupError
 from relay.storage.database import Database
+from relay.storage.dialects import postgresql, sqlite
 from relay.storage.tables import sealing_key
+
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 KEY_FILE = "sealing.key"
 
@@ -44,7 +48,8 @@ def load_keys(configured: list[str], data_dir: Path) -> list[bytes]:
         draft = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
         descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as file:
-            file.write(Fernet.generate_key() + b"\n")
+            # What Fernet.generate_key() makes, without importing cryptography for it.
+            file.write(base64.urlsafe_b64encode(os.urandom(32)) + b"\n")
         try:
             os.link(draft, path)
         except FileExistsError:
@@ -103,8 +108,19 @@ async def agree(db: Database, key_fingerprint: str, *, configured: bool, data_di
 
 
 class Sealer:
+    """Seals and opens with `keys`; `cryptography` (about 8 MB a process) is imported when the
+    first item is sealed or opened, not by every process that might."""
+
     def __init__(self, keys: list[bytes]) -> None:
-        self._fernet = MultiFernet([Fernet(key) for key in keys])
+        if not all(is_sealing_key(key) for key in keys):
+            raise ValueError("Fernet key must be 32 url-safe base64-encoded bytes.")
+        self._keys = keys
+
+    @functools.cached_property
+    def _fernet(self) -> MultiFernet:
+        from cryptography.fernet import Fernet, MultiFernet
+
+        return MultiFernet([Fernet(key) for key in self._keys])
 
     def seal(self, tenant: str, kind: str, payload: dict[str, Any]) -> str:
         body = orjson.dumps({"kind": kind, "tenant": tenant, "payload": payload})
@@ -113,6 +129,8 @@ class Sealer:
     def open(self, tenant: str, kind: str, token: str) -> dict[str, Any] | None:
         """The payload, or None for anything this Relay did not seal for this tenant and
         purpose (tampered, foreign, another tenant's, another key set's)."""
+        from cryptography.fernet import InvalidToken
+
         try:
             body = orjson.loads(self._fernet.decrypt(token.encode()))
         except (InvalidToken, ValueError, orjson.JSONDecodeError):

@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.errors import Conflict, InvalidRequest
 from relay.storage.database import Database
+from relay.storage.dialects import postgresql, sqlite
 from relay.storage.tables import idempotency_keys as records
 
 MAX_KEY_LENGTH = 255

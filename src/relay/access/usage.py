@@ -24,13 +24,13 @@ from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Integer, bindparam, func, insert, literal_column, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.access.limits import Scope
 from relay.access.spend_view import SpendKey, SpendViews
 from relay.errors import QuotaExceeded
 from relay.models.policy import NANOS_PER_USD, Policy
 from relay.storage.database import Database
+from relay.storage.dialects import postgresql, sqlite
 from relay.storage.tables import spend, usage_ledger
 
 log = logging.getLogger("relay.usage")

@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from relay.models.deployments import LlamaCppConfig
 from relay.providers.registry import Registry
-from relay.storage.database import current_revision, head_revision
+from relay.storage.revision import current_revision, head_revision
 
 log = logging.getLogger("relay.api")
 CHECK_S = 2.0

@@ -104,6 +104,7 @@ class EventStreamResponse(Response):
                 batch = await self._first_output(send, events, pending)
                 if self._early is not None:
                     await self._early  # the start went out while the run waited
+                    self._early = None  # done: not kept for as long as the stream is open
             while batch is not None:
                 for event in batch:
                     data = frame(event)

@@ -177,8 +177,9 @@ class Run:
         builder = self.builder
         loop = self.loop
         try:
-            started = builder.start()
-            yield started + builder.opening(self.opening) if self.opening else started
+            # Not bound to a name: the start's events (two snapshots of the response) would
+            # stay alive in this frame for as long as the stream is open.
+            yield [*builder.start(), *(builder.opening(self.opening) if self.opening else ())]
             try:
                 while True:
                     async for delta in self.deltas:

@@ -4,7 +4,8 @@ anything runs: an invalid one is the client's error (a 400 naming it), not the u
 Checked against the meta-schema of the draft the schema names in `$schema` (2020-12 when it
 names none) by `jsonschema`. That costs about 0.8 ms per schema on a small machine, and agents
 send the same tools on every turn, so verdicts are remembered by a digest of the schema's
-canonical JSON: a schema seen before costs a hash.
+canonical JSON: a schema seen before costs a hash. `jsonschema` (with its referencing and
+rpds libraries, about 3 MB a process) is imported by the first schema to check.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import hashlib
 from collections import OrderedDict
 from typing import Any
 
-import jsonschema
 import orjson
-from jsonschema.validators import validator_for
 
 from relay.errors import InvalidRequest
 
@@ -26,6 +25,9 @@ _verdicts: OrderedDict[bytes, str | None] = OrderedDict()
 
 
 def _problem(schema: dict[str, Any]) -> str | None:
+    import jsonschema
+    from jsonschema.validators import validator_for
+
     if not isinstance(schema.get("$schema", ""), str):
         return "'$schema' must be a string naming a JSON Schema draft"
     try:

@@ -333,6 +333,7 @@ class Upstream:
                 for event in read:  # checked already
                     for delta in state.feed(event):
                         yield delta
+                read.clear()  # not held in this frame for as long as the stream is open
                 while not state.finished:
                     event = await anext(events, None)
                     if event is None:

@@ -17,11 +17,11 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.engine.builder import error_event
 from relay.observe import tracing
 from relay.runs.notify import CANCEL, CHANNEL, EVENT
+from relay.storage.dialects import postgresql, sqlite
 from relay.storage.outage import retried
 from relay.storage.sql import SqlStore, json_text
 from relay.storage.tables import response_events, responses, runs

@@ -13,8 +13,8 @@ function of a SQLAlchemy `Connection`, so every query is written once for both d
 Errors that say the database cannot be reached leave both as `DatabaseUnavailable`
 (relay.storage.outage).
 
-`open_database` also migrates the schema (Alembic), with the locks that let processes starting
-together take turns.
+`open_database` also migrates the schema (Alembic, imported only when the schema is behind:
+relay.storage.revision), with the locks that let processes starting together take turns.
 """
 
 from __future__ import annotations
@@ -28,20 +28,19 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
-from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from relay.errors import StartupError
 from relay.storage.outage import reachable
+from relay.storage.revision import current_revision, head_revision
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -228,6 +227,10 @@ class AsyncDatabase:
     """PostgreSQL on asyncpg."""
 
     def __init__(self, url: URL) -> None:
+        # Imported here: SQLAlchemy's asyncio extension brings its ORM (about 7 MB a process),
+        # which a SQLite process does without.
+        from sqlalchemy.ext.asyncio import create_async_engine
+
         self._engine = create_async_engine(url)
         # Single-statement reads need no transaction: no BEGIN/ROLLBACK round trips.
         self._reader = self._engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -274,6 +277,8 @@ async def _migration_turn() -> AsyncIterator[None]:
 
 def alembic_config(url: str | None = None) -> Config:
     """Alembic's configuration, built in code: no alembic.ini."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if url is not None:
@@ -282,6 +287,10 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def _upgrade(connection: Connection) -> None:
+    if current_revision(connection) == head_revision():
+        return  # nothing to migrate, and Alembic (relay.storage.revision) is not imported
+    from alembic import command
+
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
@@ -338,6 +347,8 @@ async def schema_revision(url: str) -> str | None:
             raise unreachable(parsed, error) or error from None
         finally:
             engine.dispose()
+    from sqlalchemy.ext.asyncio import create_async_engine
+
     async_engine = create_async_engine(parsed)
     try:
         async with async_engine.connect() as connection:
@@ -349,16 +360,6 @@ async def schema_revision(url: str) -> str | None:
         raise
     finally:
         await async_engine.dispose()
-
-
-def current_revision(conn: Connection) -> str | None:
-    """The schema revision `conn`'s database is at (None: no schema yet)."""
-    return MigrationContext.configure(conn).get_current_revision()
-
-
-def head_revision() -> str | None:
-    """The revision the migrations bring a schema to."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def unreachable(url: URL, error: BaseException) -> StartupError | None:

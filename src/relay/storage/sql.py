@@ -24,12 +24,12 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.errors import InvalidRequest, ServerError
 from relay.observe import tracing
 from relay.storage.base import ItemPage, Store
 from relay.storage.database import AsyncDatabase, SqliteDatabase, alembic_config, open_database
+from relay.storage.dialects import postgresql, sqlite
 from relay.storage.tables import response_items as items
 from relay.storage.tables import responses
 

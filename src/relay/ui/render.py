@@ -1,13 +1,14 @@
 """Pages from Jinja2 templates (`templates/`), autoescaped: whatever a response, a key's name
-or an audit entry holds is shown as text, never as markup."""
+or an audit entry holds is shown as text, never as markup. Jinja2 is imported for the first
+page a process renders: a process whose console nobody opens does without it."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 import orjson
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -15,15 +16,9 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from relay.errors import RelayError
 
 if TYPE_CHECKING:
-    from relay.ui.guard import Viewer
+    import jinja2
 
-_TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+    from relay.ui.guard import Viewer
 
 
 def _when(seconds: int | float | None) -> str:
@@ -55,16 +50,30 @@ def _pretty(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
 
 
-_TEMPLATES.filters["when"] = _when
-_TEMPLATES.filters["pretty"] = _pretty
-_TEMPLATES.filters["expiry_day"] = expiry_day
-_TEMPLATES.filters["dollars"] = dollars
+@functools.cache
+def _templates() -> jinja2.Environment:
+    import jinja2
+
+    templates = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    templates.filters["when"] = _when
+    templates.filters["pretty"] = _pretty
+    templates.filters["expiry_day"] = expiry_day
+    templates.filters["dollars"] = dollars
+    return templates
 
 
 def page(
     request: Request, viewer: Viewer | None, template: str, status: int = 200, **context: Any
 ) -> Response:
-    html = _TEMPLATES.get_template(template).render(viewer=viewer, path=request.url.path, **context)
+    html = (
+        _templates().get_template(template).render(viewer=viewer, path=request.url.path, **context)
+    )
     return HTMLResponse(html, status_code=status)
 
 
