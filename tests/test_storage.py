@@ -7,6 +7,7 @@ import fcntl
 import os
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, event, func, select, text
 
 from relay.errors import InvalidRequest, RelayError
+from relay.runs.log import RunLog
 from relay.storage.base import ItemPage
 from relay.storage.database import SqliteDatabase
 from relay.storage.sql import SqlStore, alembic_config, open_store
@@ -79,6 +81,31 @@ async def save_chain(store: SqlStore, tenant: str, prefix: str, turns: int) -> l
         ids.append(response_id)
         previous = response_id
     return ids
+
+
+@contextmanager
+def count_round_trips(store: SqlStore) -> Iterator[Counter[str]]:
+    """What goes to the database and waits for its answer: each statement, and the BEGIN and
+    the COMMIT (or ROLLBACK) of each transaction (none where a connection autocommits, as
+    PostgreSQL's do for a single statement)."""
+    trips: Counter[str] = Counter()
+
+    def statement(*_: Any) -> None:
+        trips["statements"] += 1
+
+    def begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            trips["transactions"] += 1
+
+    engine = store.db.sync_engine
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "begin", begin)
+    try:
+        yield trips
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "begin", begin)
+    trips["round trips"] = trips["statements"] + 2 * trips["transactions"]
 
 
 @contextmanager
@@ -264,13 +291,50 @@ async def test_long_chain_stores_own_items_and_loads_in_bounded_queries(store: S
     assert len(short_statements) == len(long_statements) == 1
 
 
-async def test_save_is_one_transaction_with_executemany(store: SqlStore) -> None:
+async def test_save_is_one_transaction_of_at_most_two_statements(store: SqlStore) -> None:
     response, input_items = make_turn("resp_many", inputs=30, outputs=30)
     with count_statements(store) as statements:
         await store.save_response("acme", response, input_items)
-    # The response row, then every item in one executemany.
-    assert len(statements) == 2
+    # SQLite: the response row, then every item in one executemany; PostgreSQL: one statement.
+    assert len(statements) == (1 if store.dialect == "postgresql" else 2)
     assert await count_rows(store, response_items) == 60
+
+
+@pytest.mark.postgres
+async def test_stored_responses_are_one_round_trip_each_on_postgresql(postgres_url: str) -> None:
+    """Each write of a stored response is one statement, its own transaction. Before, a save
+    was BEGIN, the response row, its items and COMMIT (4 round trips); a stored stream's
+    writes (its response and run record as it starts, its final save, the record's removal)
+    were 13 in three transactions."""
+    store = await open_store(postgres_url)
+    runs = RunLog(store, 30, stopping=asyncio.Event())
+    try:
+        response, input_items = make_turn("resp_trip", inputs=2, outputs=3)
+        with count_round_trips(store) as saved:
+            await store.save_response("acme", response, input_items)
+        assert saved == {"statements": 1, "round trips": 1}
+        assert await store.load_context("acme", "resp_trip") == [*input_items, *response["output"]]
+
+        streamed, streamed_inputs = make_turn("resp_trip_stream", inputs=2, outputs=2)
+        started = {**streamed, "status": "in_progress", "output": []}
+        with count_round_trips(store) as begun:
+            await runs.begin("acme", started, [], background=False)
+        assert await store.get_response("acme", "resp_trip_stream") == started
+        assert await runs.in_flight("resp_trip_stream")
+        with count_round_trips(store) as ended:
+            await store.save_response("acme", streamed, streamed_inputs)
+            await runs.end("resp_trip_stream")
+        assert begun["round trips"] + ended["round trips"] == 3
+        assert await store.get_response("acme", "resp_trip_stream") == streamed
+        assert ids(await store.load_context("acme", "resp_trip_stream")) == [
+            "resp_trip_stream_in0",
+            "resp_trip_stream_in1",
+            "resp_trip_stream_out0",
+            "resp_trip_stream_out1",
+        ]
+        assert not await runs.in_flight("resp_trip_stream")
+    finally:
+        await store.close()
 
 
 async def test_concurrent_saves(store: SqlStore) -> None:
