@@ -1,5 +1,5 @@
-"""`python -m bench [local|gateway|memory|websocket|background|ab ...]`: run the named suites
-(default: all but ab)."""
+"""`python -m bench [local|gateway|memory|websocket|background|tools|store|ab ...]`: run the
+named suites (default: all but ab)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ SUITES = {
     "websocket": "bench.websocket_turns",
     "background": "bench.background_runs",
     "tools": "bench.tool_loop",
+    "store": "bench.store_path",
     "ab": "bench.ab",  # on request only: the working tree against BENCH_AB_BASE
 }
 DEFAULT = [name for name in SUITES if name != "ab"]

@@ -7,7 +7,6 @@ import fcntl
 import os
 import sqlite3
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, event, func, select, text
 
+from bench.store_path import count_round_trips
 from relay.errors import InvalidRequest, RelayError
 from relay.runs.log import RunLog
 from relay.storage.base import ItemPage
@@ -81,31 +81,6 @@ async def save_chain(store: SqlStore, tenant: str, prefix: str, turns: int) -> l
         ids.append(response_id)
         previous = response_id
     return ids
-
-
-@contextmanager
-def count_round_trips(store: SqlStore) -> Iterator[Counter[str]]:
-    """What goes to the database and waits for its answer: each statement, and the BEGIN and
-    the COMMIT (or ROLLBACK) of each transaction (none where a connection autocommits, as
-    PostgreSQL's do for a single statement)."""
-    trips: Counter[str] = Counter()
-
-    def statement(*_: Any) -> None:
-        trips["statements"] += 1
-
-    def begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-            trips["transactions"] += 1
-
-    engine = store.db.sync_engine
-    event.listen(engine, "before_cursor_execute", statement)
-    event.listen(engine, "begin", begin)
-    try:
-        yield trips
-    finally:
-        event.remove(engine, "before_cursor_execute", statement)
-        event.remove(engine, "begin", begin)
-    trips["round trips"] = trips["statements"] + 2 * trips["transactions"]
 
 
 @contextmanager
@@ -310,21 +285,21 @@ async def test_stored_responses_are_one_round_trip_each_on_postgresql(postgres_u
     runs = RunLog(store, 30, stopping=asyncio.Event())
     try:
         response, input_items = make_turn("resp_trip", inputs=2, outputs=3)
-        with count_round_trips(store) as saved:
+        with count_round_trips(store.db.sync_engine) as saved:
             await store.save_response("acme", response, input_items)
-        assert saved == {"statements": 1, "round trips": 1}
+        assert (len(saved.statements), saved.count) == (1, 1)
         assert await store.load_context("acme", "resp_trip") == [*input_items, *response["output"]]
 
         streamed, streamed_inputs = make_turn("resp_trip_stream", inputs=2, outputs=2)
         started = {**streamed, "status": "in_progress", "output": []}
-        with count_round_trips(store) as begun:
+        with count_round_trips(store.db.sync_engine) as begun:
             await runs.begin("acme", started, [], background=False)
         assert await store.get_response("acme", "resp_trip_stream") == started
         assert await runs.in_flight("resp_trip_stream")
-        with count_round_trips(store) as ended:
+        with count_round_trips(store.db.sync_engine) as ended:
             await store.save_response("acme", streamed, streamed_inputs)
             await runs.end("resp_trip_stream")
-        assert begun["round trips"] + ended["round trips"] == 3
+        assert (begun.count, ended.count) == (1, 2)
         assert await store.get_response("acme", "resp_trip_stream") == streamed
         assert ids(await store.load_context("acme", "resp_trip_stream")) == [
             "resp_trip_stream_in0",
