@@ -178,19 +178,21 @@ def start_relay(
     workers: int,
     *,
     database: Path | None = None,
+    database_url: str | None = None,
     settings: Sequence[str] = (),
     anthropic: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
-    """Relay with SQLite (in `workdir` unless `database` names a file), no API keys, a route per
-    nginx location (json, sse, hold, long, and with `anthropic` the Anthropic-shaped sse);
-    `settings` are extra lines of its TOML file, `env` extra environment variables."""
+    """Relay with SQLite (in `workdir` unless `database` names a file; or the database
+    `database_url` names), no API keys, a route per nginx location (json, sse, hold, long, and
+    with `anthropic` the Anthropic-shaped sse); `settings` are extra lines of its TOML file,
+    `env` extra environment variables."""
     workdir.mkdir(parents=True, exist_ok=True)
     database = database or workdir / "relay.db"
     # One sealing key for every Relay of a run: those that share a database must seal alike
     # (Relay refuses to start beside an instance that generated another key).
     lines = [
-        f'database_url = "sqlite:///{database}"',
+        f'database_url = "{database_url or f"sqlite:///{database}"}"',
         'log_level = "info"',
         f'sealing_keys = ["{SEALING_KEY}"]',
         *settings,
