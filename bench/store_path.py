@@ -14,8 +14,9 @@ PostgreSQL side by side.
    benchmark's canned nginx; store=true JSON requests one at a time: the overhead over direct
    nginx (interleaved rounds, as `bench gateway`'s section 1) and the server's CPU per request
    (its process tree's user+system time over a run of sequential requests; PostgreSQL's own
-   is not in it). Relay runs from the `relay` of this tree's .venv, with the caller's
-   PYTHONPATH: `PYTHONPATH=<another tree>/src` measures that tree's Relay.
+   is not in it). Relay runs from the `relay` of this tree's .venv, in a temporary folder,
+   with the caller's PYTHONPATH: `PYTHONPATH=/absolute/path/to/a/tree/src` measures that
+   tree's Relay (a relative path would not reach it from there).
 
 PostgreSQL: a fresh database, dropped at the end, on the server `BENCH_PG_URL` names
 (default postgresql://postgres@127.0.0.1:5432/postgres, trust auth).

@@ -2,12 +2,12 @@
 is a synchronous function of a Connection that `relay.storage.database` runs where its database
 wants it (SQLite: on a thread; PostgreSQL: on asyncpg through run_sync).
 
-Every statement is built once, at import, with bound parameters, so SQLAlchemy compiles each
-once per dialect and the hot path only binds values. A read is one query (two for a page of
-input items). A save is one statement on PostgreSQL, its own transaction (`_save_at_once`: a
-round trip to the server, where BEGIN, two statements and COMMIT were four); on SQLite, where
-a statement costs no round trip, one transaction of two statements (the response row, then
-all its items in one executemany).
+Every statement is built once (at import; PostgreSQL's save at its first use), with bound
+parameters, so SQLAlchemy compiles each once per dialect and the hot path only binds values.
+A read is one query (two for a page of input items). A save is one statement on PostgreSQL,
+its own transaction (`_save_at_once`: a round trip to the server, where BEGIN, two statements
+and COMMIT were four); on SQLite, where a statement costs no round trip, one transaction of
+two statements (the response row, then all its items in one executemany).
 """
 
 from __future__ import annotations
