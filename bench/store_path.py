@@ -14,9 +14,9 @@ PostgreSQL side by side.
    benchmark's canned nginx; store=true JSON requests one at a time: the overhead over direct
    nginx (interleaved rounds, as `bench gateway`'s section 1) and the server's CPU per request
    (its process tree's user+system time over a run of sequential requests; PostgreSQL's own
-   is not in it). Relay runs from the `relay` of this tree's .venv, in a temporary folder,
-   with the caller's PYTHONPATH: `PYTHONPATH=/absolute/path/to/a/tree/src` measures that
-   tree's Relay (a relative path would not reach it from there).
+   is not in it). Relay runs from the `relay` of this tree's .venv, with this tree's sources;
+   `BENCH_STORE_BASE=<another tree's src folder>` runs that tree's Relays beside them,
+   interleaved (a before and after, under the same load).
 
 PostgreSQL: a fresh database, dropped at the end, on the server `BENCH_PG_URL` names
 (default postgresql://postgres@127.0.0.1:5432/postgres, trust auth).
@@ -220,9 +220,17 @@ async def run(quick: bool) -> None:
         await admin.close()
 
 
+def trees() -> dict[str, str]:
+    """The Relay sources to serve, by label: this tree's, and BENCH_STORE_BASE's beside it."""
+    own = str(peers.ROOT / "src")
+    base = os.environ.get("BENCH_STORE_BASE")
+    return {"": own} if not base else {"base, ": str(Path(base).resolve()), "change, ": own}
+
+
 def served(pg_urls: dict[str, str], quick: bool) -> None:
     """Section 2 (the module's docstring), on SQLite and the PostgreSQL databases named."""
     rounds, count = (4, 100) if quick else (20, 1000)
+    chunks = 10  # CPU runs alternate between the Relays, `count // chunks` requests at a time
     with tempfile.TemporaryDirectory(prefix="relay-bench-store-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         workdir.chmod(0o755)  # nginx's worker reads files in here
@@ -231,31 +239,36 @@ def served(pg_urls: dict[str, str], quick: bool) -> None:
         upstream = f"http://127.0.0.1:{port}"
         relays: dict[str, peers.ManagedProcess] = {}
         targets = [direct_target(upstream)]
-        for name, database_url in {"SQLite": None, **pg_urls}.items():
-            relay_port = peers.free_port()
-            relay = peers.start_relay(
-                workdir / name, upstream, relay_port, 1, database_url=database_url, anthropic=False
-            )
-            stack.callback(relay.stop)
-            base = f"http://127.0.0.1:{relay_port}"
-            target = responses_target(name, base, "bench-json", "bench-sse", store=True)
-            relays[name] = relay
-            targets.append(target)
+        for tree, src in trees().items():
+            for database, database_url in {"SQLite": None, **pg_urls}.items():
+                name = f"{tree}{database}"
+                relay_port = peers.free_port()
+                relay = peers.start_relay(
+                    workdir / f"relay-{len(relays)}", upstream, relay_port, 1,
+                    database_url=database_url, anthropic=False, env={"PYTHONPATH": src},
+                )  # fmt: skip
+                stack.callback(relay.stop)
+                base = f"http://127.0.0.1:{relay_port}"
+                targets.append(responses_target(name, base, "bench-json", "bench-sse", store=True))
+                relays[name] = relay
         medians, failures = loadgen.sequential(targets, rounds, 10, loadgen.request_once)
         if failures:
             raise RuntimeError(f"failed: {failures}")
-        direct = medians[targets[0].name]
-        rows = []
+        spent = dict.fromkeys(relays, 0.0)
         with loadgen.client() as http:
-            for target in targets[1:]:
-                pids = relays[target.name].pids()
-                spent = peers.cpu_seconds(pids)
-                for _ in range(count):
-                    loadgen.request_once(http, target)
-                cpu = (peers.cpu_seconds(pids) - spent) * 1000 / count
-                pairs = zip(medians[target.name], direct, strict=True)
-                overhead = statistics.median(a - b for a, b in pairs) * 1000
-                rows.append([f"store=true JSON, {target.name}", f"{overhead:+.3f}", f"{cpu:.3f}"])
+            for _ in range(chunks):
+                for target in targets[1:]:
+                    pids = relays[target.name].pids()
+                    before = peers.cpu_seconds(pids)
+                    for _ in range(count // chunks):
+                        loadgen.request_once(http, target)
+                    spent[target.name] += peers.cpu_seconds(pids) - before
+    direct = medians[targets[0].name]
+    rows = []
+    for name in relays:
+        overhead = statistics.median(a - b for a, b in zip(medians[name], direct, strict=True))
+        cpu = spent[name] * 1000 / count
+        rows.append([f"store=true JSON, {name}", f"{overhead * 1000:+.3f}", f"{cpu:.3f}"])
     print(f"\n## Through HTTP: one worker, {rounds} rounds of 10; CPU over {count} requests\n")
     print(table(["relay", "overhead ms", "server CPU ms/req"], rows))
 
