@@ -23,7 +23,7 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture(scope="module")
-def http(postgres_url: str) -> Iterator[httpx.Client]:
+def served(postgres_url: str) -> Iterator[httpx.Client]:
     """A client of a Relay on PostgreSQL (no keys), whose server runs in this process: its
     statements are counted on every engine (Engine, the class), and no other is at work."""
     app = create_app(Settings(database_url=postgres_url, routes=fake_routes()))
@@ -38,21 +38,21 @@ def own(trips: RoundTrips) -> int:
     return len([text for text in trips.statements if "usage_ledger" not in text])
 
 
-def test_a_stored_json_response_is_one_round_trip(http: httpx.Client) -> None:
+def test_a_stored_json_response_is_one_round_trip(served: httpx.Client) -> None:
     body = {"model": "fake-text", "input": "hello", "store": True}
-    assert http.post("/v1/responses", json=body).status_code == 200  # warm: pool, statements
+    assert served.post("/v1/responses", json=body).status_code == 200  # warm: pool, statements
     with count_round_trips(Engine) as trips:
-        answer = http.post("/v1/responses", json=body)
+        answer = served.post("/v1/responses", json=body)
     assert answer.status_code == 200, answer.text
     # Before: BEGIN, the response row, its items, COMMIT.
     assert own(trips) == 1
-    assert http.get(f"/v1/responses/{answer.json()['id']}").json() == answer.json()
+    assert served.get(f"/v1/responses/{answer.json()['id']}").json() == answer.json()
 
 
-def test_a_stored_stream_is_three_round_trips(http: httpx.Client) -> None:
+def test_a_stored_stream_is_three_round_trips(served: httpx.Client) -> None:
     body = {"model": "fake-text", "input": "hello", "store": True, "stream": True}
     with count_round_trips(Engine) as trips:
-        with http.stream("POST", "/v1/responses", json=body) as answer:
+        with served.stream("POST", "/v1/responses", json=body) as answer:
             events = [
                 orjson.loads(line.removeprefix("data: "))
                 for line in answer.iter_lines()
@@ -68,4 +68,4 @@ def test_a_stored_stream_is_three_round_trips(http: httpx.Client) -> None:
     assert own(trips) == 3
     assert events[-1]["type"] == "response.completed"
     completed = events[-1]["response"]
-    assert http.get(f"/v1/responses/{completed['id']}").json() == completed
+    assert served.get(f"/v1/responses/{completed['id']}").json() == completed
