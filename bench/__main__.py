@@ -1,6 +1,6 @@
-"""`python -m bench [local|gateway|keyed|limits|memory|footprint|websocket|background|tools|
-search|ab|production|soak ...]`: run the named suites (default: all but ab, production and
-soak)."""
+"""`python -m bench [local|gateway|keyed|limits|store|memory|footprint|websocket|background|
+tools|search|ab|production|soak ...]`: run the named suites (default: all but ab, production
+and soak)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ SUITES = {
     "background": "bench.background_runs",
     "tools": "bench.tool_loop",
     "limits": "bench.limits",
+    "store": "bench.store_path",
     "search": "bench.response_search",
     "footprint": "bench.footprint",
     # On request only: the working tree against BENCH_AB_BASE; the production topology beside

@@ -20,7 +20,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, event, func, select, text
 
+from bench.store_path import count_round_trips
 from relay.errors import InvalidRequest, RelayError
+from relay.runs.log import RunLog
 from relay.storage.base import ItemPage
 from relay.storage.database import SqliteDatabase
 from relay.storage.sql import SqlStore, alembic_config, open_store
@@ -265,13 +267,50 @@ async def test_long_chain_stores_own_items_and_loads_in_bounded_queries(store: S
     assert len(short_statements) == len(long_statements) == 1
 
 
-async def test_save_is_one_transaction_with_executemany(store: SqlStore) -> None:
+async def test_save_is_one_transaction_of_at_most_two_statements(store: SqlStore) -> None:
     response, input_items = make_turn("resp_many", inputs=30, outputs=30)
     with count_statements(store) as statements:
         await store.save_response("acme", response, input_items)
-    # The response row, then every item in one executemany.
-    assert len(statements) == 2
+    # SQLite: the response row, then every item in one executemany; PostgreSQL: one statement.
+    assert len(statements) == (1 if store.dialect == "postgresql" else 2)
     assert await count_rows(store, response_items) == 60
+
+
+@pytest.mark.postgres
+async def test_stored_responses_are_one_round_trip_each_on_postgresql(postgres_url: str) -> None:
+    """Each write of a stored response is one statement, its own transaction. Before, a save
+    was BEGIN, the response row, its items and COMMIT (4 round trips); a stored stream's
+    writes (its response and run record as it starts, its final save, the record's removal)
+    were 13 in three transactions."""
+    store = await open_store(postgres_url)
+    runs = RunLog(store, 30, stopping=asyncio.Event())
+    try:
+        response, input_items = make_turn("resp_trip", inputs=2, outputs=3)
+        with count_round_trips(store.db.sync_engine) as saved:
+            await store.save_response("acme", response, input_items)
+        assert (len(saved.statements), saved.count) == (1, 1)
+        assert await store.load_context("acme", "resp_trip") == [*input_items, *response["output"]]
+
+        streamed, streamed_inputs = make_turn("resp_trip_stream", inputs=2, outputs=2)
+        started = {**streamed, "status": "in_progress", "output": []}
+        with count_round_trips(store.db.sync_engine) as begun:
+            await runs.begin("acme", started, [], background=False)
+        assert await store.get_response("acme", "resp_trip_stream") == started
+        assert await runs.in_flight("resp_trip_stream")
+        with count_round_trips(store.db.sync_engine) as ended:
+            await store.save_response("acme", streamed, streamed_inputs)
+            await runs.end("resp_trip_stream")
+        assert (begun.count, ended.count) == (1, 2)
+        assert await store.get_response("acme", "resp_trip_stream") == streamed
+        assert ids(await store.load_context("acme", "resp_trip_stream")) == [
+            "resp_trip_stream_in0",
+            "resp_trip_stream_in1",
+            "resp_trip_stream_out0",
+            "resp_trip_stream_out1",
+        ]
+        assert not await runs.in_flight("resp_trip_stream")
+    finally:
+        await store.close()
 
 
 async def test_concurrent_saves(store: SqlStore) -> None:

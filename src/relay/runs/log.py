@@ -111,12 +111,8 @@ class RunLog:
             "key_id": None if queued is None else queued.key_id,
         }
 
-        def work(conn: Connection) -> None:
-            self.store.save_in(conn, tenant, response, input_items)
-            conn.execute(insert(runs), row)
-
         with tracing.storage(self.store.dialect, "begin_run", response["id"]):
-            await self.db.write(work)
+            await self.store.save_with(tenant, response, input_items, runs, row)
 
     async def take(self, response_id: str) -> tuple[QueuedRun, str, dict[str, Any]] | None:
         """A worker's claim on a queued run: its lease starts now. (What it needs, its tenant,
@@ -145,10 +141,10 @@ class RunLog:
             .where(responses.c.id == response["id"], responses.c.status == "queued")
             .values(status="in_progress", body=json_text(response))
         )
-        await self.db.write(lambda conn: conn.execute(running))
+        await self.db.write_one(lambda conn: conn.execute(running))
 
     async def end(self, response_id: str) -> None:
-        await self.db.write(lambda conn: conn.execute(_END, {"rid": response_id}))
+        await self.db.write_one(lambda conn: conn.execute(_END, {"rid": response_id}))
 
     async def renew(self, response_ids: list[str]) -> tuple[set[str], set[str]]:
         """Extend these runs' leases: (the ones whose cancel was asked for elsewhere, the ones

@@ -8,7 +8,9 @@ function of a SQLAlchemy `Connection`, so every query is written once for both d
   as the lock is free; SQLite's own busy handler sleeps in growing steps (1, 2, 5, 10... ms)
   instead, which was most of the latency of concurrent saves.
 - PostgreSQL runs them on asyncpg through `AsyncConnection.run_sync`: no threads; each
-  statement is awaited on the event loop.
+  statement is awaited on the event loop, and each is a round trip to the server, as are the
+  BEGIN and COMMIT of a transaction: a write of one statement (`write_one`) runs without
+  them, the statement its own transaction.
 
 Errors that say the database cannot be reached leave both as `DatabaseUnavailable`
 (relay.storage.outage).
@@ -66,6 +68,11 @@ class Database(Protocol):
     async def read(self, work: Callable[[Connection], T]) -> T: ...
 
     async def write(self, work: Callable[[Connection], T]) -> T: ...
+
+    async def write_one(self, work: Callable[[Connection], T]) -> T:
+        """`write` for work that runs a single statement, atomic on its own: committed (as
+        durably as `write`) when it returns, nothing written when it raises."""
+        ...
 
     async def glance(self, work: Callable[[Connection], T]) -> T:
         """`read` for a single indexed lookup, which may run on the calling thread."""
@@ -134,6 +141,10 @@ class SqliteDatabase:
         loop = asyncio.get_running_loop()
         with reachable():
             return await loop.run_in_executor(self._writer, self._write, work)
+
+    async def write_one(self, work: Callable[[Connection], T]) -> T:
+        # A transaction costs SQLite no round trip, and keeps the writer lock's discipline.
+        return await self.write(work)
 
     async def glance(self, work: Callable[[Connection], T]) -> T:
         """A lookup by primary key costs SQLite tens of microseconds, and the hop to a reader
@@ -232,8 +243,8 @@ class AsyncDatabase:
         from sqlalchemy.ext.asyncio import create_async_engine
 
         self._engine = create_async_engine(url)
-        # Single-statement reads need no transaction: no BEGIN/ROLLBACK round trips.
-        self._reader = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Single-statement reads and writes need no transaction: no BEGIN/COMMIT round trips.
+        self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def sync_engine(self) -> Engine:
@@ -241,13 +252,18 @@ class AsyncDatabase:
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         with reachable():
-            async with self._reader.connect() as conn:
+            async with self._autocommit.connect() as conn:
                 return await conn.run_sync(work)
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         with reachable():
             async with self._engine.begin() as conn:
                 return await conn.run_sync(work)
+
+    async def write_one(self, work: Callable[[Connection], T]) -> T:
+        """Outside a transaction, PostgreSQL runs the statement as one of its own, committed
+        before it answers (with synchronous_commit, as durably as a COMMIT)."""
+        return await self.read(work)
 
     async def glance(self, work: Callable[[Connection], T]) -> T:
         return await self.read(work)

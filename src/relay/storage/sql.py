@@ -2,14 +2,17 @@
 is a synchronous function of a Connection that `relay.storage.database` runs where its database
 wants it (SQLite: on a thread; PostgreSQL: on asyncpg through run_sync).
 
-Every statement is built once, at import, with bound parameters, so SQLAlchemy compiles each
-once per dialect and the hot path only binds values. A save is one transaction of two
-statements (the response row, then all its items in one executemany); a read is one query
-(two for a page of input items).
+Every statement is built once (at import; PostgreSQL's save at its first use), with bound
+parameters, so SQLAlchemy compiles each once per dialect and the hot path only binds values.
+A read is one query (two for a page of input items). A save is one statement on PostgreSQL,
+its own transaction (`_save_at_once`: a round trip to the server, where BEGIN, two statements
+and COMMIT were four); on SQLite, where a statement costs no round trip, one transaction of
+two statements (the response row, then all its items in one executemany).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,11 +20,17 @@ import orjson
 from sqlalchemy import (
     Connection,
     Integer,
+    String,
+    Table,
+    Text,
     bindparam,
+    case,
     delete,
+    func,
     insert,
     literal_column,
     select,
+    true,
     update,
 )
 
@@ -68,7 +77,92 @@ _UPDATE_RESPONSE = (
 
 _DELETE_ITEMS = delete(items).where(items.c.response_id == bindparam("rid"))
 
+# SQLite's save (`_save`): the response row, unless it is there already (then None comes back).
+_INSERT_RESPONSE = (
+    sqlite.insert(responses)
+    .on_conflict_do_nothing(index_elements=[responses.c.id])
+    .returning(responses.c.id)
+)
+
 _INSERT_ITEMS = insert(items)
+
+# The columns a save writes besides the id and the tenant (a resave overwrites them).
+_RESPONSE_COLUMNS = ("previous_response_id", "status", "model", "created_at", "body")
+
+
+@functools.cache
+def _save_at_once_statement(also: Table | None = None) -> Any:
+    """A save, or a resave, as one PostgreSQL statement: the response row upserted (only over a
+    row of the same tenant: else nothing is written and no id comes back), its items upserted
+    from arrays (one parameter per column, whatever their number), and the items a resave no
+    longer has (positions beyond the new counts) deleted. The deleted and the upserted items
+    are different rows, so the order in which PostgreSQL runs the parts does not matter; the
+    statement is atomic, its own transaction outside one. Returns the id when written.
+
+    `also`: a table that gets a row with the response (`also_<column>` parameters, one for
+    each of its columns), such as the run record of a response that starts."""
+    upsert = postgresql.insert(responses)
+    saved = (
+        upsert.values(
+            id=bindparam("id"),
+            tenant=bindparam("tenant"),
+            **{name: bindparam(name) for name in _RESPONSE_COLUMNS},
+        )
+        .on_conflict_do_update(
+            index_elements=[responses.c.id],
+            set_={name: upsert.excluded[name] for name in _RESPONSE_COLUMNS},
+            where=responses.c.tenant == upsert.excluded.tenant,
+        )
+        .returning(responses.c.id)
+        .cte("saved")
+    )
+    given = (
+        func.unnest(
+            bindparam("kinds", type_=postgresql.ARRAY(String)),
+            bindparam("positions", type_=postgresql.ARRAY(Integer)),
+            bindparam("item_ids", type_=postgresql.ARRAY(String)),
+            bindparam("items", type_=postgresql.ARRAY(Text)),
+        )
+        .table_valued("kind", "position", "item_id", "item")
+        .render_derived()
+    )
+    stale = (
+        delete(items)
+        .where(
+            items.c.response_id.in_(select(saved.c.id)),
+            items.c.position
+            >= case(
+                (items.c.kind == "input", bindparam("inputs", type_=Integer)),
+                else_=bindparam("outputs", type_=Integer),
+            ),
+        )
+        .cte("stale")
+    )
+    upsert_items = postgresql.insert(items)
+    written = (
+        upsert_items.from_select(
+            ["response_id", "tenant", "kind", "position", "item_id", "item"],
+            select(
+                saved.c.id,
+                bindparam("tenant"),
+                given.c.kind,
+                given.c.position,
+                given.c.item_id,
+                given.c.item,
+            ).select_from(saved.join(given, true())),
+        )
+        .on_conflict_do_update(
+            index_elements=[items.c.response_id, items.c.kind, items.c.position],
+            set_={name: upsert_items.excluded[name] for name in ("tenant", "item_id", "item")},
+        )
+        .cte("written")
+    )
+    ctes = [stale, written]
+    if also is not None:
+        names = [column.name for column in also.columns]
+        values = [bindparam(f"also_{column.name}", type_=column.type) for column in also.columns]
+        ctes.append(insert(also).from_select(names, select(*values).select_from(saved)).cte("also"))
+    return select(saved.c.id).add_cte(*ctes)
 
 
 def _context_query() -> Any:
@@ -163,15 +257,8 @@ _GET_ITEMS = (
 # --- the store -------------------------------------------------------------------------------
 
 
-def _save(
-    conn: Connection,
-    insert_response: Any,
-    tenant: str,
-    response: dict[str, Any],
-    input_items: list[dict[str, Any]],
-) -> int:
-    response_id = response["id"]
-    columns = {
+def _response_columns(response: dict[str, Any]) -> dict[str, Any]:
+    return {
         "previous_response_id": response.get("previous_response_id"),
         "status": response.get("status") or "",
         "model": response.get("model") or "",
@@ -179,6 +266,23 @@ def _save(
         "session_id": response.get("session_id"),
         "body": json_text(response),
     }
+
+
+def _item_groups(
+    response: dict[str, Any], input_items: list[dict[str, Any]]
+) -> tuple[tuple[str, list[dict[str, Any]]], ...]:
+    return (("input", input_items), ("output", response.get("output") or []))
+
+
+def _save(
+    conn: Connection,
+    tenant: str,
+    response: dict[str, Any],
+    input_items: list[dict[str, Any]],
+) -> int:
+    """A save as SQLite runs it, inside a transaction: the response row, then its items."""
+    response_id = response["id"]
+    columns = _response_columns(response)
     rows = [
         {
             "response_id": response_id,
@@ -188,19 +292,62 @@ def _save(
             "item_id": item["id"],
             "item": json_text(item),
         }
-        for kind, group in (("input", input_items), ("output", response.get("output") or []))
+        for kind, group in _item_groups(response, input_items)
         for position, item in enumerate(group)
     ]
-    inserted = conn.execute(insert_response, {"id": response_id, "tenant": tenant, **columns})
+    inserted = conn.execute(_INSERT_RESPONSE, {"id": response_id, "tenant": tenant, **columns})
     if inserted.first() is None:
         # Saved before: overwrite the row and replace its items.
         updated = conn.execute(_UPDATE_RESPONSE, {"rid": response_id, "t": tenant, **columns})
         if updated.first() is None:
-            raise ServerError(f"response id {response_id} belongs to another tenant")
+            raise _another_tenants(response_id)
         conn.execute(_DELETE_ITEMS, {"rid": response_id})
     if rows:
         conn.execute(_INSERT_ITEMS, rows)
     return sum(len(row["item"]) for row in rows)
+
+
+def _save_at_once(
+    conn: Connection,
+    tenant: str,
+    response: dict[str, Any],
+    input_items: list[dict[str, Any]],
+    also: tuple[Table, dict[str, Any]] | None = None,
+) -> int:
+    """A save as PostgreSQL runs it: one statement (_save_at_once_statement), its items as
+    arrays; `also`: a table and the row it gets with the response."""
+    kinds: list[str] = []
+    positions: list[int] = []
+    item_ids: list[str] = []
+    texts: list[str] = []
+    for kind, group in _item_groups(response, input_items):
+        for position, item in enumerate(group):
+            kinds.append(kind)
+            positions.append(position)
+            item_ids.append(item["id"])
+            texts.append(json_text(item))
+    params = {
+        "id": response["id"],
+        "tenant": tenant,
+        **_response_columns(response),
+        "kinds": kinds,
+        "positions": positions,
+        "item_ids": item_ids,
+        "items": texts,
+        "inputs": len(input_items),
+        "outputs": len(kinds) - len(input_items),
+    }
+    table = None
+    if also is not None:
+        table, row = also
+        params.update((f"also_{name}", value) for name, value in row.items())
+    if conn.execute(_save_at_once_statement(table), params).first() is None:
+        raise _another_tenants(response["id"])
+    return sum(len(text) for text in texts)
+
+
+def _another_tenants(response_id: str) -> ServerError:
+    return ServerError(f"response id {response_id} belongs to another tenant")
 
 
 def _get_body(conn: Connection, tenant: str, response_id: str) -> dict[str, Any] | None:
@@ -269,13 +416,8 @@ class SqlStore:
 
     def __init__(self, db: SqliteDatabase | AsyncDatabase) -> None:
         self.db = db
-        self.dialect = dialect = db.sync_engine.dialect.name
-        insert_response = (
-            postgresql.insert(responses) if dialect == "postgresql" else sqlite.insert(responses)
-        )
-        self._insert_response = insert_response.on_conflict_do_nothing(
-            index_elements=[responses.c.id]
-        ).returning(responses.c.id)
+        self.dialect = db.sync_engine.dialect.name
+        self._save = _save_at_once if self.dialect == "postgresql" else _save
 
     async def save_response(
         self,
@@ -283,21 +425,33 @@ class SqlStore:
         response: dict[str, Any],
         input_items: list[dict[str, Any]],
     ) -> int:
-        insert = self._insert_response
+        save = self._save
+        # One statement on PostgreSQL: it needs no transaction around it.
+        write = self.db.write_one if save is _save_at_once else self.db.write
         with tracing.storage(self.dialect, "save_response", response["id"]):
-            return await self.db.write(
-                lambda conn: _save(conn, insert, tenant, response, input_items)
-            )
+            return await write(lambda conn: save(conn, tenant, response, input_items))
 
-    def save_in(
+    async def save_with(
         self,
-        conn: Connection,
         tenant: str,
         response: dict[str, Any],
         input_items: list[dict[str, Any]],
-    ) -> int:
-        """save_response, inside a transaction of the caller's (with other writes)."""
-        return _save(conn, self._insert_response, tenant, response, input_items)
+        table: Table,
+        row: dict[str, Any],
+    ) -> None:
+        """save_response, and `row` (a value for each column of `table`) inserted with it,
+        atomically: a run's record with the response it runs. One statement on PostgreSQL."""
+        if self._save is _save_at_once:
+            await self.db.write_one(
+                lambda conn: _save_at_once(conn, tenant, response, input_items, (table, row))
+            )
+            return
+
+        def work(conn: Connection) -> None:
+            _save(conn, tenant, response, input_items)
+            conn.execute(insert(table), row)
+
+        await self.db.write(work)
 
     async def get_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:
         return await self.db.read(lambda conn: _get_body(conn, tenant, response_id))
@@ -306,7 +460,7 @@ class SqlStore:
         return await self.db.glance(lambda conn: _is_visible(conn, tenant, response_id))
 
     async def delete_response(self, tenant: str, response_id: str) -> bool:
-        return await self.db.write(lambda conn: _soft_delete(conn, tenant, response_id))
+        return await self.db.write_one(lambda conn: _soft_delete(conn, tenant, response_id))
 
     async def load_context(self, tenant: str, response_id: str) -> list[dict[str, Any]] | None:
         with tracing.storage(self.dialect, "load_context", response_id):
