@@ -87,7 +87,14 @@ _INSERT_RESPONSE = (
 _INSERT_ITEMS = insert(items)
 
 # The columns a save writes besides the id and the tenant (a resave overwrites them).
-_RESPONSE_COLUMNS = ("previous_response_id", "status", "model", "created_at", "body")
+_RESPONSE_COLUMNS = (
+    "previous_response_id",
+    "status",
+    "model",
+    "created_at",
+    "session_id",
+    "body",
+)
 
 
 @functools.cache
