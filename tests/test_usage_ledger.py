@@ -126,3 +126,36 @@ async def test_usage_by_the_hour_and_by_status(store_url: str) -> None:
     finally:
         await ledger.close()
         await db.close()
+
+
+async def test_a_report_waits_for_its_rows_not_for_a_steady_flow(
+    database: tuple[SqliteDatabase, Path],
+) -> None:
+    """Under a steady flow of settled responses the writer never stops; a report (a
+    response's cost in the console, a usage report) still returns once the rows queued
+    before it are written, well before REPORT_FLUSH_S."""
+    db, _ = database
+    ledger = Ledger(db)
+    stop = asyncio.Event()
+
+    async def steady_flow() -> None:
+        number = 1_000
+        while not stop.is_set():
+            for _ in range(5):  # busy enough that the queue is never empty between batches
+                ledger.add(row(number))
+                number += 1
+            await asyncio.sleep(0.001)
+
+    flow = asyncio.ensure_future(steady_flow())
+    try:
+        await asyncio.sleep(0.3)  # the writer busy with batch after batch
+        ledger.add(row(1))
+        started = time.monotonic()
+        await ledger.caught_up()
+        waited = time.monotonic() - started
+        assert "resp_1" in await ledger_rows(db)
+        assert waited < usage.REPORT_FLUSH_S / 2, waited
+    finally:
+        stop.set()
+        await flow
+        await ledger.close()

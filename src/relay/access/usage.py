@@ -125,6 +125,11 @@ class Ledger:
         self._writer: asyncio.Task[None] | None = None
         self._waiting: list[asyncio.Future[None]] = []  # for the rows queued `now`
         self._hurry = asyncio.Event()  # a row queued `now`: no wait for the batch
+        # Rows queued so far, and of them those written (or lost): a report waits for the
+        # rows queued before it, not for a writer that a steady flow keeps busy.
+        self._added = 0
+        self._through = 0
+        self._progress = asyncio.Event()
         self._closing = False
 
     def add(self, row: UsageRow, *, now: bool = False) -> asyncio.Future[None] | None:
@@ -132,6 +137,7 @@ class Ledger:
         return what is done once it is written (or its write failed, which is logged): for
         rows that count against a budget, which other instances read from the database."""
         self._queue.append(row)
+        self._added += 1
         if row.cost_nanos:
             for key in _spend_keys(row):
                 self._pending[key] += row.cost_nanos
@@ -153,9 +159,18 @@ class Ledger:
     async def caught_up(self) -> None:
         """What this process queued so far, written: what a usage report or a response's cost
         reads first (unless the database is refusing rows just now: then after
-        REPORT_FLUSH_S, without them)."""
+        REPORT_FLUSH_S, without them). Rows queued meanwhile are not waited for."""
+        target = self._added
+        if self._through >= target:
+            return
+        self._hurry.set()  # the rows waited for go now, not after a batch's wait
+
+        async def through() -> None:
+            while self._through < target:
+                await self._progress.wait()
+
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), REPORT_FLUSH_S)
+            await asyncio.wait_for(through(), REPORT_FLUSH_S)
 
     async def close(self) -> None:
         """Write what is queued; rows the database still refuses now are given up (logged)."""
@@ -280,6 +295,10 @@ class Ledger:
 
     def _settled(self, rows: list[UsageRow]) -> None:
         """Rows written (or lost): their spend is the database's now, no longer pending."""
+        self._through += len(rows)
+        # Wakes every report waiting; each checks whether its rows are through.
+        self._progress.set()
+        self._progress = asyncio.Event()
         for row in rows:
             for key in _spend_keys(row) if row.cost_nanos else ():
                 self._pending[key] -= row.cost_nanos
