@@ -94,26 +94,40 @@ class SignInThrottle:
     limits are (relay.access.limits): in Redis with `redis_url`, so that every worker and
     instance reads the same count, in this process's memory otherwise. Failures are kept as
     a scope's token window, whose admission only tests that one more would fit and counts
-    nothing: a sign-in is let in while the window has room, and only a failed one is added."""
+    nothing: a sign-in is let in while the window has room, and only a failed one is added.
+    Where the API's limits let requests through unchecked (Redis failing), sign-ins are
+    still counted, in this process: guessing keys is never unlimited."""
 
     def __init__(self, limiter: RateLimiter, limit: int = SIGN_IN_FAILURES) -> None:
         self.limiter = limiter
+        self.fallback = RateLimiter()
         self.policy = Policy(tpm=limit)
 
-    async def admit(self, address: str) -> Admission:
+    async def admit(self, address: str) -> SignInAttempt:
         """The right to try a key from `address`, or 429 while it has failed too often."""
         scope = Scope("console-sign-in", address, self.policy)
         try:
-            return await self.limiter.admit([scope], estimated_tokens=1)
+            admission = await self.limiter.admit([scope], estimated_tokens=1)
+            if admission.lease is not None:
+                return SignInAttempt(self.limiter, admission)
+            # The shared store was skipped: counted here instead.
+            return SignInAttempt(self.fallback, await self.fallback.admit([scope], 1))
         except RateLimited as refused:
             raise RateLimited(
                 "Too many failed sign-ins from this address: try again in a minute.",
                 headers={"retry-after": refused.headers["retry-after"]},
             ) from None
 
-    async def failed(self, admission: Admission) -> None:
-        """Count a failed sign-in against its address (nothing else is ever counted)."""
-        waiting = self.limiter.settle(admission, 1)
+
+@dataclass(slots=True)
+class SignInAttempt:
+    limiter: RateLimiter
+    admission: Admission
+
+    async def end(self, failed: bool) -> None:
+        """Free what the attempt held, counting it against its address when it `failed`
+        (nothing else is ever counted)."""
+        waiting = self.limiter.settle(self.admission, 1 if failed else 0)
         if waiting is not None:
             await waiting
 
@@ -279,23 +293,26 @@ def _sign_in_form(request: Request, message: str | None, status: int) -> Respons
 async def sign_in(request: Request) -> Response:
     address = _address(request)
     console = _console(request)
-    admission: Admission | None = None
+    attempt: SignInAttempt | None = None
+    failed = False
     try:
         refuse_nul(request)
-        admission = await console.throttle.admit(address)
+        attempt = await console.throttle.admit(address)
         form = await _form(request)
         _check_csrf(request, form.get("csrf"), request.cookies.get(SIGN_IN_COOKIE))
         session, who = await _open_session(request, access(request), form.get("key", "").strip())
     except (AuthenticationError, PermissionDenied) as refused:
-        if refused.code != "csrf_failed":  # a stale form is no guess at a key
-            assert admission is not None  # refusals come after the throttle let it in
-            await console.throttle.failed(admission)
+        failed = refused.code != "csrf_failed"  # a stale form is no guess at a key
+        if failed:
             log.warning("console sign-in from %s refused: %s", address, refused.code)
         return _sign_in_form(request, refused.message, refused.status)
     except RelayError as error:
         if isinstance(error, RateLimited):
             log.warning("console sign-in from %s refused: too many failures", address)
         return render.error(request, None, error)
+    finally:
+        if attempt is not None:
+            await attempt.end(failed)
     log.info("console sign-in from %s: %s", address, who)
     previous = request.cookies.get(COOKIE)
     if previous:  # the session this browser had, replaced: ended, not left to expire
