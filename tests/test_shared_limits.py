@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from live_server import free_port
 
 from relay.access import shared_limits
 from relay.access.limits import Admission, RateLimiter, Scope
 from relay.errors import RateLimited
 from relay.models.policy import Policy
+from relay.ui.guard import SIGN_IN_FAILURES, SignInThrottle
 
 # Longer than a sync and its answer, on a loaded machine too.
 SYNCED_S = 10 * shared_limits.SYNC_S
@@ -209,3 +211,22 @@ async def test_the_local_leases_of_a_limiter_that_stops_syncing_lapse(
     finally:
         await staying.aclose()
         await gone.aclose()
+
+
+async def test_sign_ins_are_still_throttled_while_the_shared_store_is_down() -> None:
+    """The API's limits let requests through while Redis fails; guessing keys in the console
+    stays limited (per process), and a sign-in that did not fail holds nothing afterwards."""
+    limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    throttle = SignInThrottle(limiter)
+    try:
+        for _ in range(SIGN_IN_FAILURES):
+            attempt = await throttle.admit("192.0.2.7")
+            assert attempt.limiter is throttle.fallback
+            await attempt.end(failed=True)
+        with pytest.raises(RateLimited):
+            await throttle.admit("192.0.2.7")
+        attempt = await throttle.admit("192.0.2.8")  # another address is let in
+        await attempt.end(failed=False)
+        assert attempt.admission.lease is None  # freed
+    finally:
+        await limiter.aclose()

@@ -42,7 +42,7 @@ _RESTING_S = 1.0  # after a failure of the limits store, how long requests skip 
 _LIMITERS = itertools.count()
 
 Limit = Literal["requests", "tokens", "concurrent"]
-_CHECKS: tuple[Limit, ...] = ("requests", "tokens", "concurrent")
+CHECKS: tuple[Limit, ...] = ("requests", "tokens", "concurrent")  # in the order tested
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.access.limits import (
+    CHECKS,
     LEASE_S,
     WINDOW_S,
     Limit,
@@ -543,7 +544,7 @@ class SharedCounters:
         if not refused:
             return readings, None
         index, check = divmod(refused - 1, 3)
-        return readings, Refusal(index, _CHECKS[check])
+        return readings, Refusal(index, CHECKS[check])
 
     async def _sync_forever(self) -> None:
         """Every SYNC_S, while any counter is in use or a local lease held: send what was
@@ -591,9 +592,6 @@ class SharedCounters:
         except BaseException:
             call.failed()
             raise
-
-
-_CHECKS: tuple[Limit, ...] = ("requests", "tokens", "concurrent")
 
 
 def _shares(limit: int, processes: int) -> tuple[int, int]:

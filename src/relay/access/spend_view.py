@@ -30,7 +30,8 @@ HEADROOM_SHARE = 0.1
 HEADROOM_RATE = 4.0
 # A rate measured over less than this is too noisy to trust (a burst's first few requests).
 MIN_SAMPLE_S = REFRESH_S / 2
-MAX_VIEWS = 30_000  # counters viewed a process (oldest dropped first): three per budgeted scope
+# Counters viewed in a process (the least lately read dropped first): three per budgeted scope.
+MAX_VIEWS = 30_000
 
 
 @dataclass(slots=True)
@@ -56,6 +57,8 @@ class SpendViews:
                 del self._views[next(iter(self._views))]
             self._views[key] = _View(value, clock, value, clock)
             return
+        # Last in the dict again: the oldest dropped first are those read least lately.
+        self._views[key] = self._views.pop(key)
         view.spent = max(view.spent, value)
         view.read_at = clock
         if clock - view.sample_at >= MIN_SAMPLE_S:

@@ -14,10 +14,14 @@ from relay.api.paging import cursor, limit, order, read_body
 from relay.engine.context import parse_items
 from relay.errors import InvalidRequest
 from relay.ids import looks_like_conversation_id, new_id
-from relay.protocol import json_object
+from relay.protocol import (
+    MAX_METADATA_KEY,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE,
+    json_object,
+)
 from relay.storage.conversations import ConversationStore
 
-MAX_METADATA_KEYS = 16
 MAX_ITEMS = 20  # per POST, as OpenAI allows
 
 
@@ -45,13 +49,16 @@ def _metadata(body: dict[str, Any]) -> dict[str, Any]:
     if metadata is None:
         return {}
     valid = isinstance(metadata, dict) and all(
-        isinstance(key, str) and len(key) <= 64 and isinstance(value, str) and len(value) <= 512
+        isinstance(key, str)
+        and len(key) <= MAX_METADATA_KEY
+        and isinstance(value, str)
+        and len(value) <= MAX_METADATA_VALUE
         for key, value in metadata.items()
     )
-    if not valid or len(metadata) > MAX_METADATA_KEYS:
+    if not valid or len(metadata) > MAX_METADATA_PAIRS:
         raise InvalidRequest(
-            f"Invalid 'metadata': at most {MAX_METADATA_KEYS} string keys (64 characters) and "
-            "string values (512 characters).",
+            f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} string keys ({MAX_METADATA_KEY}"
+            f" characters) and string values ({MAX_METADATA_VALUE} characters).",
             param="metadata",
         )
     return dict(metadata)

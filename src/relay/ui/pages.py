@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.access.admin import PROJECT_ID, RESPONSE_STATUSES, Admin
+from relay.access.admin import PROJECT_ID, RESPONSE_STATUSES
 from relay.access.listing import SEARCH_WINDOW, Cursor, ResponseSearch
 from relay.api import background
 from relay.api import conversations as conversation_api
@@ -26,16 +26,11 @@ from relay.ids import looks_like_response_id
 from relay.storage.base import ItemPage, Store
 from relay.storage.conversations import ConversationStore
 from relay.ui import charts, render, transcript
-from relay.ui.guard import ROOT, Form, Viewer
+from relay.ui.guard import ROOT, Form, Viewer, admin_api
 
 PAGE = 50  # rows a list shows at once
 TRANSCRIPT_ITEMS = 1000  # items a transcript shows at most
 CONTINUATIONS = 20  # responses continuing one that its transcript links to
-
-
-def _admin(request: Request) -> Admin:
-    admin: Admin = request.app.state.admin
-    return admin
 
 
 def _store(request: Request) -> Store:
@@ -122,7 +117,7 @@ async def overview(request: Request, viewer: Viewer, form: Form) -> Response:
         viewer,
         "overview.html",
         project_id=project_id,
-        project_names=await _admin(request).project_names(projects),
+        project_names=await admin_api(request).project_names(projects),
         by=by,
         window=window,
         windows=charts.WINDOWS,
@@ -165,7 +160,7 @@ async def responses(request: Request, viewer: Viewer, form: Form) -> Response:
     search = response_search(request)
     cursor = list_cursor(request)
     await access(request).ledger.caught_up()  # as the admin API: each cost, up to date
-    listed = await _admin(request).list_responses(project_id, cursor, PAGE, search)
+    listed = await admin_api(request).list_responses(project_id, cursor, PAGE, search)
     kept = [
         (name, value)
         for name, value in request.query_params.multi_items()
@@ -191,7 +186,7 @@ async def response(request: Request, viewer: Viewer, form: Form) -> Response:
     project_id = request.path_params["project_id"]
     response_id = request.path_params["response_id"]
     store = _store(request)
-    admin = _admin(request)
+    admin = admin_api(request)
     stored = await _stored(request, project_id, response_id)
 
     async def input_items(after: str | None) -> ItemPage:
@@ -246,7 +241,7 @@ async def cancel_response(request: Request, viewer: Viewer, form: Form) -> Respo
     stored = await _stored(request, project_id, request.path_params["response_id"])
     await background.cancel(request, project_id, stored)
     if viewer.admin is not None:
-        await _admin(request).note(viewer.actor, "response.cancel", stored["id"])
+        await admin_api(request).note(viewer.actor, "response.cancel", stored["id"])
     return render.see_other(render.project_path(project_id, f"/responses/{stored['id']}"))
 
 
@@ -271,7 +266,7 @@ async def response_events(request: Request, viewer: Viewer, form: Form) -> Respo
 async def conversations(request: Request, viewer: Viewer, form: Form) -> Response:
     project_id = request.path_params["project_id"]
     cursor = list_cursor(request)
-    listed = await _admin(request).list_conversations(project_id, cursor, PAGE)
+    listed = await admin_api(request).list_conversations(project_id, cursor, PAGE)
     newer, older = _pages(listed, cursor, [])
     return render.page(
         request,
@@ -330,7 +325,7 @@ async def update_conversation(request: Request, viewer: Viewer, form: Form) -> R
     body = {"metadata": _metadata_lines(form.get("metadata", ""))}
     found = await conversation_api.replace_metadata(request, project_id, body)
     if viewer.admin is not None:
-        await _admin(request).note(viewer.actor, "conversation.updated", found["id"])
+        await admin_api(request).note(viewer.actor, "conversation.updated", found["id"])
     return render.see_other(
         render.project_path(project_id, f"/conversations/{found['id']}?saved=metadata")
     )
@@ -341,7 +336,7 @@ async def delete_conversation(request: Request, viewer: Viewer, form: Form) -> R
     project_id = request.path_params["project_id"]
     gone = await conversation_api.deleted(request, project_id)
     if viewer.admin is not None:
-        await _admin(request).note(viewer.actor, "conversation.deleted", gone["id"])
+        await admin_api(request).note(viewer.actor, "conversation.deleted", gone["id"])
     return render.see_other(render.project_path(project_id, "/conversations?saved=deleted"))
 
 
@@ -352,7 +347,7 @@ async def audit(request: Request, viewer: Viewer, form: Form) -> Response:
     after = int_or_none(raw)
     if raw is not None and (after is None or not 0 <= after < 2**62):
         raise InvalidRequest("Invalid 'after': expected an audit entry id.", param="after")
-    listed = await _admin(request).audit(after, PAGE, **filters)
+    listed = await admin_api(request).audit(after, PAGE, **filters)
     older = None
     if listed["has_more"]:
         shown = {name: value for name, value in filters.items() if value}
