@@ -684,6 +684,13 @@ def test_conversations_are_edited_and_deleted(relay: Relay, admin: AdminClient) 
             "topic": "<edited>",
             "owner": "ada",
         }
+        # Metadata the form's lines could not keep is shown, and left to the API.
+        kept = {"a:b": "c", "note": "two\nlines"}
+        admin.call("POST", f"{base}/{first}", {"metadata": kept})
+        page = console.get(f"/console{base}/{first}").text
+        assert 'id="metadata-form"' not in page and 'id="metadata-api-only"' in page
+        admin.call("POST", f"{base}/{first}", {"metadata": {"topic": "<edited>"}})
+        assert 'id="metadata-form"' in console.get(f"/console{base}/{first}").text
         for wrong in ("no colon here", ": no name", "\n".join(f"k{n}: v" for n in range(17))):
             refused = console.post(f"/console{base}/{first}", {"metadata": wrong})
             assert refused.status_code == 400 and "metadata" in refused.text, wrong

@@ -299,6 +299,19 @@ async def conversation(request: Request, viewer: Viewer, form: Form) -> Response
         entries=transcript.conversation(items),
         cut=cut,
         saved=request.query_params.get("saved"),
+        lines_hold_metadata=_lines_hold(found["metadata"]),
+    )
+
+
+def _lines_hold(metadata: dict[str, str]) -> bool:
+    """Whether `metadata` survives the form's `name: value` lines unchanged: a name with a
+    colon, or a line break or spaces at either end of either, would be changed by a save."""
+    return all(
+        ":" not in name
+        and name == name.strip()
+        and value == value.strip()
+        and not any(character in name + value for character in "\r\n")
+        for name, value in metadata.items()
     )
 
 
