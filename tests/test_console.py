@@ -209,6 +209,12 @@ def test_a_key_allowed_several_projects_switches_between_exactly_those(
             assert console.get(f"/console/projects/{project}/overview").status_code == 404
         # The session still works for its own project afterwards.
         assert console.get(f"/console/projects/{home}/overview").status_code == 200
+        # Its own project archived, the session goes on with the other it may act for.
+        admin.call("DELETE", f"/projects/{home}")
+        landing = console.get("/console")
+        assert landing.headers["location"] == f"/console/projects/{second}/overview"
+        assert console.get(f"/console/projects/{second}/responses").status_code == 200
+        assert console.get(f"/console/projects/{home}/overview").status_code == 404
     # A key of one project has no picker.
     _, single = admin.key(stranger)
     with signed_in(relay.url, single) as console:

@@ -202,11 +202,23 @@ async def _viewer(request: Request, token: str) -> Viewer | None:
             )
         return Viewer(session, name, None)
     record = await gate.keys.by_id(session.subject)
-    principal = await gate.principal_of(record, session.project_id)
+    try:
+        principal = await gate.principal_of(record, session.project_id)
+        allowed = None
+    except PermissionDenied:
+        # The session's project archived: a key of several goes on with those it may still
+        # act for (a revoked or expired key is an AuthenticationError: the session ends).
+        if record is None or len(record.projects) == 1:
+            raise
+        allowed = await _allowed(gate, record)
+        if not allowed:
+            raise
+        principal = await gate.principal_of(record, allowed[0])
     assert record is not None  # principal_of refuses None
     if len(record.projects) == 1:
         return Viewer(session, None, principal)
-    allowed = await _allowed(gate, record)
+    if allowed is None:
+        allowed = await _allowed(gate, record)
     picked = request.path_params.get("project_id")
     if picked in allowed and picked != principal.project:
         principal = await gate.principal_of(record, picked)
