@@ -145,6 +145,9 @@ def test_a_killed_worker_and_a_run_nobody_took(setup: Setup) -> None:
         time.sleep(1)
         after = httpx.get(f"{setup.api.url}/v1/responses/{waiting['id']}").json()
     assert after["status"] == "cancelled"
+    # Ended before it ran, it keeps the input it was asked with.
+    asked = httpx.get(f"{setup.api.url}/v1/responses/{waiting['id']}/input_items").json()
+    assert [item["type"] for item in asked["data"]] == ["message"]
 
 
 def test_signals_carry_cancels_and_events_between_instances(setup: Setup) -> None:

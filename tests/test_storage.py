@@ -182,6 +182,28 @@ async def test_resave_overwrites(store: SqlStore) -> None:
     assert await count_rows(store, response_items) == 2
 
 
+async def test_a_resave_without_inputs_keeps_those_stored(store: SqlStore) -> None:
+    """A queued response that ends before it runs (cancelled, or refused upstream) is saved
+    again with its new status and no output: the input it was asked with stays."""
+    queued, input_items = make_turn("resp_q", inputs=3, outputs=0)
+    await store.save_response("acme", queued, input_items)
+    ended, _ = make_turn("resp_q", inputs=0, outputs=1)
+    ended["status"] = "cancelled"
+    await store.save_response("acme", ended, None)
+
+    assert await store.get_response("acme", "resp_q") == ended
+    assert ids(await store.load_context("acme", "resp_q")) == [
+        "resp_q_in0",
+        "resp_q_in1",
+        "resp_q_in2",
+        "resp_q_out0",
+    ]
+    page = await store.list_input_items(
+        "acme", "resp_q", after=None, before=None, limit=20, order="asc"
+    )
+    assert page is not None and ids(page.data) == ["resp_q_in0", "resp_q_in1", "resp_q_in2"]
+
+
 async def test_soft_delete(store: SqlStore) -> None:
     first, second = await save_chain(store, "acme", "resp_d", 2)
 

@@ -335,8 +335,9 @@ class Runner:
         log_response(response, (tenant, key_id))
 
     async def _save_end(self, tenant: str, response: dict[str, Any]) -> None:
-        """A run's end without output, stored whatever it takes (as Run stores the others)."""
-        save = functools.partial(self.log.store.save_response, tenant, response, [])
+        """A run's end without output, stored whatever it takes (as Run stores the others),
+        its input items as they were stored when it was queued."""
+        save = functools.partial(self.log.store.save_response, tenant, response, None)
         what = f"the save of response {response['id']}"
         await retried(save, what=what, until=self.engine.stopping)
 

@@ -34,11 +34,12 @@ class Store(Protocol):
         self,
         tenant: str,
         response: dict[str, Any],
-        input_items: list[dict[str, Any]],
+        input_items: list[dict[str, Any]] | None,
     ) -> int:
         """Persist a finished response (its `output` holds the output items) and its own input
-        items, in one transaction. Items already carry their ids. Returns the size of the
-        items' JSON, which a history holding them costs in memory."""
+        items, in one transaction (None: those stored before are kept, as a queued response's
+        end that never ran keeps the input it was asked with). Items already carry their ids.
+        Returns the size of the items' JSON, which a history holding them costs in memory."""
         ...
 
     async def get_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:

@@ -76,6 +76,12 @@ _UPDATE_RESPONSE = (
 )
 
 _DELETE_ITEMS = delete(items).where(items.c.response_id == bindparam("rid"))
+_DELETE_OUTPUTS = delete(items).where(
+    items.c.response_id == bindparam("rid"), items.c.kind == "output"
+)
+# The count of input items a resave that keeps them gives the one-statement save: no
+# stored input item is at or past it, so none is deleted.
+_KEPT = 2**31 - 1
 
 # SQLite's save (`_save`): the response row, unless it is there already (then None comes back).
 _INSERT_RESPONSE = (
@@ -276,16 +282,17 @@ def _response_columns(response: dict[str, Any]) -> dict[str, Any]:
 
 
 def _item_groups(
-    response: dict[str, Any], input_items: list[dict[str, Any]]
+    response: dict[str, Any], input_items: list[dict[str, Any]] | None
 ) -> tuple[tuple[str, list[dict[str, Any]]], ...]:
-    return (("input", input_items), ("output", response.get("output") or []))
+    outputs = ("output", response.get("output") or [])
+    return (outputs,) if input_items is None else (("input", input_items), outputs)
 
 
 def _save(
     conn: Connection,
     tenant: str,
     response: dict[str, Any],
-    input_items: list[dict[str, Any]],
+    input_items: list[dict[str, Any]] | None,
 ) -> int:
     """A save as SQLite runs it, inside a transaction: the response row, then its items."""
     response_id = response["id"]
@@ -308,7 +315,9 @@ def _save(
         updated = conn.execute(_UPDATE_RESPONSE, {"rid": response_id, "t": tenant, **columns})
         if updated.first() is None:
             raise _another_tenants(response_id)
-        conn.execute(_DELETE_ITEMS, {"rid": response_id})
+        conn.execute(
+            _DELETE_ITEMS if input_items is not None else _DELETE_OUTPUTS, {"rid": response_id}
+        )
     if rows:
         conn.execute(_INSERT_ITEMS, rows)
     return sum(len(row["item"]) for row in rows)
@@ -318,7 +327,7 @@ def _save_at_once(
     conn: Connection,
     tenant: str,
     response: dict[str, Any],
-    input_items: list[dict[str, Any]],
+    input_items: list[dict[str, Any]] | None,
     also: tuple[Table, dict[str, Any]] | None = None,
 ) -> int:
     """A save as PostgreSQL runs it: one statement (_save_at_once_statement), its items as
@@ -341,8 +350,8 @@ def _save_at_once(
         "positions": positions,
         "item_ids": item_ids,
         "items": texts,
-        "inputs": len(input_items),
-        "outputs": len(kinds) - len(input_items),
+        "inputs": _KEPT if input_items is None else len(input_items),
+        "outputs": len(kinds) - len(input_items or ()),
     }
     table = None
     if also is not None:
@@ -430,7 +439,7 @@ class SqlStore:
         self,
         tenant: str,
         response: dict[str, Any],
-        input_items: list[dict[str, Any]],
+        input_items: list[dict[str, Any]] | None,
     ) -> int:
         save = self._save
         # One statement on PostgreSQL: it needs no transaction around it.
