@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from live_server import free_port
+from team import clear_of_a_minute_end
 
 from relay.access import shared_limits
 from relay.access.limits import Admission, RateLimiter, Scope
@@ -35,14 +35,6 @@ async def pair(redis_url: str) -> AsyncIterator[tuple[RateLimiter, RateLimiter]]
 
 def scope(**policy: int) -> Scope:
     return Scope("key", secrets.token_hex(6), Policy(**policy))
-
-
-def within_one_minute() -> None:
-    """Wait for a minute's start when the test could cross its end (a window then slides
-    and admits more)."""
-    into_minute = time.time() % 60
-    if into_minute > 45:
-        time.sleep(60.5 - into_minute)
 
 
 class ScriptCalls:
@@ -76,7 +68,7 @@ async def test_far_from_the_limit_two_limiters_stay_within_the_bound(
     """Both admit as fast as they can, locally, until the window is full: together they
     admit the limit, never less, and at most SLACK of it more, asking Redis a fraction of
     the time."""
-    within_one_minute()
+    clear_of_a_minute_end(15.0)
     rpm = 4_000
     key = scope(rpm=rpm)
     await warm(pair, key)
@@ -107,7 +99,7 @@ async def test_near_the_limit_the_count_is_exact_across_limiters(
 ) -> None:
     """Requests slower than a sync, alternating between the limiters, near the limit:
     exactly the limit passes, the last headers count down one by one, and both refuse."""
-    within_one_minute()
+    clear_of_a_minute_end(15.0)
     rpm = 1_000
     key = scope(rpm=rpm)
     await warm(pair, key)
