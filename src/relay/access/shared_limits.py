@@ -429,8 +429,11 @@ class SharedCounters:
             if policy.tpm is not None:
                 view = self._windows.get(scope.key("tokens"))
                 cost = min(estimated, policy.tpm)
+                # Its tokens come when the response settles; the estimate stands for them
+                # against the process's allowance, so a small window (no allowance at all,
+                # as the console's failed sign-ins) is decided by Redis, exactly.
                 if view is None or not _far(
-                    view, policy.tpm, 0, cost, processes, now, minute, elapsed
+                    view, policy.tpm, cost, cost, processes, now, minute, elapsed
                 ):
                     return None
                 tokens = view.window(policy.tpm, elapsed)
@@ -612,8 +615,8 @@ def _far(
     elapsed: float,
 ) -> bool:
     """Whether a window's view admits locally a request that counts `counted` in it (1 in
-    a requests window; tokens are counted when the response settles) and needs `tested`
-    left."""
+    a requests window; in a tokens window its estimate, for what it adds when it settles)
+    and needs `tested` left."""
     if not view.fresh(now) or view.minute != minute:
         return False
     allowance, margin = _shares(limit, processes)
