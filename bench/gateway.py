@@ -15,7 +15,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 from bench import loadgen, peers
 from bench.keyed_relay import start_keyed_relays
 from bench.loadgen import Target, WrkResult
-from bench.upstream_nginx import APT_COMMAND, direct_target, missing_tools, start_nginx
+from bench.upstream_nginx import direct_target, require_tools, start_nginx
 
 WORKERS = 2
 NUMBER = re.compile(r"[-+]?[\d,.]+ ?(%|x|ms|MB)?")
@@ -343,13 +342,7 @@ def _ensure(venv: peers.PeerVenv, plan: Plan) -> str | None:
 
 
 def main(quick: bool) -> None:
-    missing = missing_tools()
-    if missing:
-        print(f"the gateway benchmark needs {' and '.join(missing)}; run:\n  {APT_COMMAND}")
-        sys.exit(2)
-    if not peers.RELAY_BIN.exists():
-        print(f"{peers.RELAY_BIN} is missing: run `make` (or `make bench`) first")
-        sys.exit(2)
+    require_tools("gateway")
     plan = QUICK if quick else FULL
     started, accounting = time.monotonic(), loadgen.cpu_accounting()
     print("# Gateway overhead" + (" (--quick: smoke-run counts)" if quick else ""))

@@ -14,7 +14,6 @@ phase); then one summary row per target with its memory.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from bench.datastores import Postgres, Redis, start_redis
 from bench.gateway import responses_target, section, table
 from bench.loadgen import Target, WrkResult
 from bench.topology import INSTANCES, WORKERS, start_topology
-from bench.upstream_nginx import APT_COMMAND, direct_target, missing_tools, start_nginx
+from bench.upstream_nginx import direct_target, require_tools, start_nginx
 
 CONNECTIONS = (1, 64)
 MODES = ("JSON", "stream")
@@ -214,13 +213,7 @@ def summary(
 
 
 def main(quick: bool) -> None:
-    missing = missing_tools()
-    if missing:
-        print(f"the production benchmark needs {' and '.join(missing)}; run:\n  {APT_COMMAND}")
-        sys.exit(2)
-    if not peers.RELAY_BIN.exists():
-        print(f"{peers.RELAY_BIN} is missing: run `make` (or `make bench`) first")
-        sys.exit(2)
+    require_tools("production")
     plan = QUICK if quick else FULL
     started, accounting = time.monotonic(), loadgen.cpu_accounting()
     print("# Production topology" + (" (--quick: smoke-run counts)" if quick else ""))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from bench import peers
 from bench.loadgen import PROMPT, Target
 from bench.peers import ManagedProcess, clean_env
 
@@ -26,6 +28,18 @@ LONG_DELTAS = 1000  # content chunks of the long stream (/long/): about as many 
 
 def missing_tools() -> list[str]:
     return [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+
+
+def require_tools(benchmark: str) -> None:
+    """Exit with status 2, saying what to run, when nginx, wrk or Relay's own binary is
+    missing."""
+    missing = missing_tools()
+    if missing:
+        print(f"the {benchmark} benchmark needs {' and '.join(missing)}; run:\n  {APT_COMMAND}")
+        sys.exit(2)
+    if not peers.RELAY_BIN.exists():
+        print(f"{peers.RELAY_BIN} is missing: run `make` (or `make bench`) first")
+        sys.exit(2)
 
 
 def _nginx_string(text: str) -> str:
