@@ -5,16 +5,16 @@ states, with two ledgers on one database as two instances."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from usage_rows import usage_row
 
 from relay.access import spend_view, usage
 from relay.access.limits import Scope
 from relay.access.spend_view import SpendViews
-from relay.access.usage import Ledger, UsageRow, periods
+from relay.access.usage import Ledger, UsageRow
 from relay.errors import QuotaExceeded
 from relay.models.policy import NANOS_PER_USD, Policy
 from relay.storage.database import open_database
@@ -72,23 +72,8 @@ def credit(usd: float) -> list[Scope]:
 
 
 def spending(cost_usd: float, number: int = 0) -> UsageRow:
-    now = time.time()
-    return UsageRow(
-        created_at=int(now),
-        day=periods(now)[0].removeprefix("day:"),
-        project_id="proj_views",
-        key_id="key_a",
-        model="m",
-        route="m",
-        deployment="d",
-        response_id=f"resp_{number}",
-        status="completed",
-        input_tokens=1,
-        cached_tokens=0,
-        output_tokens=1,
-        cost_nanos=round(cost_usd * NANOS_PER_USD),
-        latency_ms=1,
-        estimated=False,
+    return usage_row(
+        number, project_id="proj_views", key_id="key_a", cost_nanos=round(cost_usd * NANOS_PER_USD)
     )
 
 

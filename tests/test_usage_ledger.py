@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from usage_rows import usage_row
 
 from relay.access import usage
 from relay.access.usage import Ledger, UsageRow, periods
@@ -30,24 +31,7 @@ async def database(tmp_path: Path) -> AsyncIterator[tuple[SqliteDatabase, Path]]
 
 
 def row(number: int, cost_nanos: int = 1000) -> UsageRow:
-    now = time.time()
-    return UsageRow(
-        created_at=int(now),
-        day=periods(now)[0].removeprefix("day:"),
-        project_id="proj_ledger",
-        key_id=None,
-        model="m",
-        route="m",
-        deployment="d",
-        response_id=f"resp_{number}",
-        status="completed",
-        input_tokens=1,
-        cached_tokens=0,
-        output_tokens=1,
-        cost_nanos=cost_nanos,
-        latency_ms=1,
-        estimated=False,
-    )
+    return usage_row(number, project_id="proj_ledger", key_id=None, cost_nanos=cost_nanos)
 
 
 def take_table_away(path: Path, away: bool) -> None:
