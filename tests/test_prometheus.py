@@ -108,5 +108,11 @@ def test_prometheus_stores_what_relay_served_and_the_dashboard_queries_it(
             if not query(url, expr):
                 empty.append(panel["title"])
     # Every query parses and evaluates; all have data but those about failures, of which
-    # there were none.
-    assert set(empty) <= {"Server errors", "Errors by code", "Refusals by reason"}, empty
+    # there were none, and about server-side tools, which these responses did not call.
+    assert set(empty) <= {
+        "Server errors",
+        "Errors by code",
+        "Refusals by reason",
+        "Server-side tool calls",
+        "Server-side tool call duration (p95)",
+    }, empty
