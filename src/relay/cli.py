@@ -84,9 +84,8 @@ def serve(argv: list[str]) -> int:
         print(f"relay: {taken}", file=sys.stderr)
         return 1
     if settings.workers > 1:
-        # Workers that cannot start each say why, but uvicorn's supervisor then exits 0:
-        # the database is opened (and migrated) here once, so that its failure is this
-        # command's, with its exit status, and the workers find it migrated.
+        # The database is opened (and migrated) here once, so that its failure is this
+        # command's, in one line, rather than each worker's, and the workers find it migrated.
         unopened = database_fails(settings.database_url)
         if unopened is not None:
             print(f"relay: {unopened}", file=sys.stderr)
