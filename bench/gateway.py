@@ -265,7 +265,8 @@ def process_role(pid: int) -> str:
         return f"pid {pid}"
     if "resource_tracker" in command:
         return "multiprocessing resource tracker"
-    if "spawn_main" in command:
+    # A worker: uvicorn's (multiprocessing) before Relay's supervisor, Relay's since.
+    if "spawn_main" in command or "relay.launch --worker" in command:
         return f"worker (pid {pid})"
     if " serve " in command or "relay.launch" in command:  # --workers N: become relay.launch
         return "supervisor (relay serve)"
