@@ -350,7 +350,9 @@ def test_bounded_queue_answers_503_with_retry_after(local_url: str) -> None:
                 "/v1/responses",
                 json={
                     "model": "smol-tiny-queue",
-                    "input": "Go.",
+                    # A long answer, so that the slot and the queue stay taken while the
+                    # loop below knocks ("Go." was sometimes answered in a few tokens).
+                    "input": "Count from 1 to 300, separated by commas.",
                     "max_output_tokens": 200,
                     "temperature": 0,
                 },
