@@ -73,8 +73,8 @@ def in_transaction(conn: Connection) -> bool:
 
 
 @contextmanager
-def count_round_trips(engine: Engine | type[Engine]) -> Iterator[RoundTrips]:
-    """The round trips to `engine`'s database (every engine's: the class) meanwhile."""
+def count_round_trips(*engines: Engine | type[Engine]) -> Iterator[RoundTrips]:
+    """The round trips to `engines`' database (every engine's: the class) meanwhile."""
     trips = RoundTrips()
 
     def statement(conn: Connection, _cursor: Any, text: str, *_: Any) -> None:
@@ -86,13 +86,15 @@ def count_round_trips(engine: Engine | type[Engine]) -> Iterator[RoundTrips]:
         if in_transaction(conn):
             trips.transactions += 1
 
-    event.listen(engine, "before_cursor_execute", statement)
-    event.listen(engine, "begin", begin)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", statement)
+        event.listen(engine, "begin", begin)
     try:
         yield trips
     finally:
-        event.remove(engine, "before_cursor_execute", statement)
-        event.remove(engine, "begin", begin)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", statement)
+            event.remove(engine, "begin", begin)
 
 
 def turn(response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -155,7 +157,7 @@ async def measure(stores: dict[str, SqlStore], count: int, rounds: int) -> list[
                 for _ in range(count // 10):  # warm: pools, prepared statements
                     await writes(store, logs[name])
                 spent = time.process_time()
-                with count_round_trips(store.db.sync_engine) as trips[name]:
+                with count_round_trips(*store.db.engines) as trips[name]:
                     for _ in range(count):
                         started = time.perf_counter()
                         await writes(store, logs[name])

@@ -7,6 +7,8 @@ import fcntl
 import os
 import sqlite3
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,11 +93,13 @@ def count_statements(store: SqlStore) -> Iterator[list[str]]:
     def record(*args: Any) -> None:
         statements.append(args[2])
 
-    event.listen(store.db.sync_engine, "before_cursor_execute", record)
+    for engine in store.db.engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield statements
     finally:
-        event.remove(store.db.sync_engine, "before_cursor_execute", record)
+        for engine in store.db.engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 async def count_rows(store: SqlStore, table: Any) -> int:
@@ -308,18 +312,18 @@ async def test_stored_responses_are_one_round_trip_each_on_postgresql(postgres_u
     runs = RunLog(store, 30, stopping=asyncio.Event())
     try:
         response, input_items = make_turn("resp_trip", inputs=2, outputs=3)
-        with count_round_trips(store.db.sync_engine) as saved:
+        with count_round_trips(*store.db.engines) as saved:
             await store.save_response("acme", response, input_items)
         assert (len(saved.statements), saved.count) == (1, 1)
         assert await store.load_context("acme", "resp_trip") == [*input_items, *response["output"]]
 
         streamed, streamed_inputs = make_turn("resp_trip_stream", inputs=2, outputs=2)
         started = {**streamed, "status": "in_progress", "output": []}
-        with count_round_trips(store.db.sync_engine) as begun:
+        with count_round_trips(*store.db.engines) as begun:
             await runs.begin("acme", started, [], background=False)
         assert await store.get_response("acme", "resp_trip_stream") == started
         assert await runs.in_flight("resp_trip_stream")
-        with count_round_trips(store.db.sync_engine) as ended:
+        with count_round_trips(*store.db.engines) as ended:
             await store.save_response("acme", streamed, streamed_inputs)
             await runs.end("resp_trip_stream")
         assert (begun.count, ended.count) == (1, 2)
@@ -643,6 +647,70 @@ async def test_sqlite_writes_queue_behind_other_processes(tmp_path: Path) -> Non
         await asyncio.wait_for(saving, 10)
         assert await opened.get_response("acme", "resp_q") is not None
     finally:
+        await opened.close()
+
+
+async def test_sqlite_small_writes_run_on_the_loop_when_nothing_waits(tmp_path: Path) -> None:
+    """A save (`write_awaited`) runs on the event loop, with the writer's settings, when no
+    write is queued and the locks are free: no hop to the writer thread and back."""
+    opened = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+    try:
+
+        def where(conn: Connection) -> tuple[str, Any, Any]:
+            foreign_keys = conn.execute(text("PRAGMA foreign_keys")).scalar()
+            synchronous = conn.execute(text("PRAGMA synchronous")).scalar()
+            return threading.current_thread().name, foreign_keys, synchronous
+
+        assert await opened.db.write_awaited(where) == ("MainThread", 1, 1)  # 1: NORMAL
+        await opened.save_response("acme", *make_turn("resp_inline"))
+        assert await opened.get_response("acme", "resp_inline") is not None
+    finally:
+        await opened.close()
+
+
+async def test_sqlite_small_writes_keep_the_order_of_queued_ones(tmp_path: Path) -> None:
+    opened = await open_store(f"sqlite:///{tmp_path / 'relay.db'}")
+    ran: list[tuple[str, str]] = []
+
+    def slow(conn: Connection) -> None:
+        time.sleep(0.2)
+        ran.append(("queued", threading.current_thread().name))
+
+    def small(conn: Connection) -> None:
+        ran.append(("small", threading.current_thread().name))
+
+    try:
+        queued = asyncio.create_task(opened.db.write(slow))
+        await asyncio.sleep(0.05)  # handed to the writer thread, which is in it
+        await opened.db.write_awaited(small)
+        await queued
+        assert [what for what, _ in ran] == ["queued", "small"]
+        assert all(thread.startswith("relay-sqlite-writer") for _, thread in ran)
+    finally:
+        await opened.close()
+
+
+async def test_sqlite_small_writes_sqlite_refuses_wait_on_the_thread(tmp_path: Path) -> None:
+    """Another connection holding SQLite's write lock (a process that does not take the file
+    lock, such as the sqlite3 shell): the loop's attempt is refused at once, rolled back, and
+    the save waits on the writer thread, the loop free meanwhile; it is written once."""
+    path = tmp_path / "relay.db"
+    opened = await open_store(f"sqlite:///{path}")
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        saving = asyncio.create_task(opened.save_response("acme", *make_turn("resp_busy")))
+        ticks = 0
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert ticks == 10 and not saving.done()
+        holder.execute("COMMIT")
+        await asyncio.wait_for(saving, 10)
+        assert await count_rows(opened, responses) == 1
+        assert await count_rows(opened, response_items) == 2
+    finally:
+        holder.close()
         await opened.close()
 
 

@@ -443,7 +443,7 @@ class SqlStore:
     ) -> int:
         save = self._save
         # One statement on PostgreSQL: it needs no transaction around it.
-        write = self.db.write_one if save is _save_at_once else self.db.write
+        write = self.db.write_one if save is _save_at_once else self.db.write_awaited
         with tracing.storage(self.dialect, "save_response", response["id"]):
             return await write(lambda conn: save(conn, tenant, response, input_items))
 
@@ -467,7 +467,7 @@ class SqlStore:
             _save(conn, tenant, response, input_items)
             conn.execute(insert(table), row)
 
-        await self.db.write(work)
+        await self.db.write_awaited(work)
 
     async def get_response(self, tenant: str, response_id: str) -> dict[str, Any] | None:
         return await self.db.read(lambda conn: _get_body(conn, tenant, response_id))
