@@ -45,6 +45,7 @@ from bench.gateway import responses_target, table
 from bench.loadgen import PROMPT
 from bench.upstream_nginx import APT_COMMAND, direct_target, missing_tools, start_nginx
 from relay.runs.log import RunLog
+from relay.storage.database import DRIVER_STATEMENTS
 from relay.storage.sql import SqlStore, open_store
 
 TENANT = "bench"
@@ -89,9 +90,12 @@ def count_round_trips(*engines: Engine | type[Engine]) -> Iterator[RoundTrips]:
     for engine in engines:
         event.listen(engine, "before_cursor_execute", statement)
         event.listen(engine, "begin", begin)
+    # And those sent past SQLAlchemy (a save on PostgreSQL), each its own transaction.
+    DRIVER_STATEMENTS.append(trips.statements.append)
     try:
         yield trips
     finally:
+        DRIVER_STATEMENTS.remove(trips.statements.append)
         for engine in engines:
             event.remove(engine, "before_cursor_execute", statement)
             event.remove(engine, "begin", begin)

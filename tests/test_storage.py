@@ -26,7 +26,7 @@ from bench.store_path import count_round_trips
 from relay.errors import InvalidRequest, RelayError
 from relay.runs.log import RunLog
 from relay.storage.base import ItemPage
-from relay.storage.database import SqliteDatabase
+from relay.storage.database import DRIVER_STATEMENTS, SqliteDatabase
 from relay.storage.sql import SqlStore, alembic_config, open_store
 from relay.storage.tables import metadata, response_items, responses
 
@@ -95,9 +95,11 @@ def count_statements(store: SqlStore) -> Iterator[list[str]]:
 
     for engine in store.db.engines:
         event.listen(engine, "before_cursor_execute", record)
+    DRIVER_STATEMENTS.append(statements.append)  # a save on PostgreSQL, past SQLAlchemy
     try:
         yield statements
     finally:
+        DRIVER_STATEMENTS.remove(statements.append)
         for engine in store.db.engines:
             event.remove(engine, "before_cursor_execute", record)
 
@@ -648,6 +650,27 @@ async def test_sqlite_writes_queue_behind_other_processes(tmp_path: Path) -> Non
         assert await opened.get_response("acme", "resp_q") is not None
     finally:
         await opened.close()
+
+
+@pytest.mark.postgres
+async def test_postgresql_saves_go_past_sqlalchemy_and_their_connections_count(
+    postgres_url: str,
+) -> None:
+    """A save on PostgreSQL runs on asyncpg's own pool (no reset query on release), and the
+    connections gauge counts that pool's beside SQLAlchemy's."""
+    store = await open_store(postgres_url)
+    try:
+        before = store.db.connections()
+        assert before is not None
+        await store.save_response("acme", *make_turn("resp_driver"))
+        after = store.db.connections()
+        assert after is not None and sum(after) == sum(before) + 1  # the driver pool's one
+        assert await store.get_response("acme", "resp_driver") is not None
+        # A resave under another tenant writes nothing, and says so.
+        with pytest.raises(RelayError, match="another tenant"):
+            await store.save_response("other", *make_turn("resp_driver"))
+    finally:
+        await store.close()
 
 
 async def test_sqlite_small_writes_run_on_the_loop_when_nothing_waits(tmp_path: Path) -> None:

@@ -266,8 +266,6 @@ class Metrics:
     async def sample(self, engine: Engine, runner: Runner, db: Database, every_s: float) -> None:
         """Read, now and then, what is a state rather than an event (or is counted where a
         metric would cost the hot path more): a task of the process's supervisor."""
-        pool: Any = db.sync_engine.pool
-        counts_connections = hasattr(pool, "checkedout")  # not a single shared connection
         histories = engine.histories
         hits, misses = self.history_lookups.labels("hit"), self.history_lookups.labels("miss")
         counted = (0, 0)
@@ -276,9 +274,10 @@ class Metrics:
                 self.cooling.labels(deployment.name).set(1 if deployment.health.cooling() else 0)
             self.background_runs.labels("running").set(runner.running)
             self.background_runs.labels("queued").set(runner.waiting)
-            if counts_connections:
-                self.database_connections.labels("in_use").set(pool.checkedout())
-                self.database_connections.labels("idle").set(pool.checkedin())
+            connections = db.connections()
+            if connections is not None:
+                self.database_connections.labels("in_use").set(connections[0])
+                self.database_connections.labels("idle").set(connections[1])
             hits.inc(histories.hits - counted[0])
             misses.inc(histories.misses - counted[1])
             counted = (histories.hits, histories.misses)

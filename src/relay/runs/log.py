@@ -144,7 +144,7 @@ class RunLog:
         await self.db.write_one(lambda conn: conn.execute(running))
 
     async def end(self, response_id: str) -> None:
-        await self.db.write_one(lambda conn: conn.execute(_END, {"rid": response_id}))
+        await self.db.execute_one(_END, {"rid": response_id})
 
     async def renew(self, response_ids: list[str]) -> tuple[set[str], set[str]]:
         """Extend these runs' leases: (the ones whose cancel was asked for elsewhere, the ones

@@ -13,7 +13,9 @@ function of a SQLAlchemy `Connection`, so every query is written once for both d
 - PostgreSQL runs them on asyncpg through `AsyncConnection.run_sync`: no threads; each
   statement is awaited on the event loop, and each is a round trip to the server, as are the
   BEGIN and COMMIT of a transaction: a write of one statement (`write_one`) runs without
-  them, the statement its own transaction.
+  them, the statement its own transaction. A response's save (`execute_one`) goes past
+  SQLAlchemy, to a pool of asyncpg's own: SQLAlchemy's async connection checkout, greenlet
+  and result handling cost it more than PostgreSQL's execution (docs/design.md).
 
 Errors that say the database cannot be reached leave both as `DatabaseUnavailable`
 (relay.storage.outage).
@@ -29,13 +31,13 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import ClauseElement, Connection, Engine, Executable, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool, StaticPool
@@ -59,6 +61,13 @@ _MIGRATING = threading.Lock()
 _LOCK_POLL_S = 0.01
 # Reads run in parallel with the writer; SQLite in WAL mode never makes a reader wait.
 _SQLITE_READERS = 2
+
+
+# Told of each statement sent past SQLAlchemy (`execute_one` on PostgreSQL), as SQLAlchemy's
+# cursor events are of its own: round trips counted by tests and benchmarks.
+DRIVER_STATEMENTS: list[Callable[[str], None]] = []
+# Connections of that pool, per process, beside SQLAlchemy's (5, and 10 more at peaks).
+_DRIVER_POOL_SIZE = 5
 
 
 class Database(Protocol):
@@ -89,6 +98,18 @@ class Database(Protocol):
 
     async def glance(self, work: Callable[[Connection], T]) -> T:
         """`read` for a single indexed lookup, which may run on the calling thread."""
+        ...
+
+    def connections(self) -> tuple[int, int] | None:
+        """Its connections now, (in use, idle), over every pool; None: a single shared one."""
+        ...
+
+    async def execute_one(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> Sequence[Any] | None:
+        """One statement, built once (what it compiles to is kept), atomic on its own,
+        committed (as durably as `write`) when it returns, as a small write a request waits
+        for: the first row it returns, or None."""
         ...
 
     async def close(self) -> None: ...
@@ -199,6 +220,18 @@ class SqliteDatabase:
                     fcntl.flock(self._inline_lock, fcntl.LOCK_UN)
         return await self.write(work)
 
+    def connections(self) -> tuple[int, int] | None:
+        return None if self._memory else _counted(self._engine)
+
+    async def execute_one(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> Sequence[Any] | None:
+        def work(conn: Connection) -> Sequence[Any] | None:
+            result = conn.execute(statement, params)
+            return result.first() if result.returns_rows else None
+
+        return await self.write_awaited(work)
+
     async def glance(self, work: Callable[[Connection], T]) -> T:
         """A lookup by primary key costs SQLite tens of microseconds, and the hop to a reader
         thread and back several times that (two thread switches), so it runs here, on the
@@ -264,6 +297,11 @@ class SqliteDatabase:
         self._lock_file = self._inline_lock = None
 
 
+def _counted(engine: Engine) -> tuple[int, int]:
+    pool: Any = engine.pool
+    return pool.checkedout(), pool.checkedin()
+
+
 def _is_busy(error: OperationalError) -> bool:
     text = str(error.orig)
     return "locked" in text or "busy" in text
@@ -299,6 +337,12 @@ class AsyncDatabase:
         self._engine = create_async_engine(url)
         # Single-statement reads and writes need no transaction: no BEGIN/COMMIT round trips.
         self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._url = url
+        self._driver_pool: Any = None  # asyncpg's, for execute_one; made on first use
+        self._driver_pool_made = asyncio.Lock()
+        # statement -> (its SQL, and for each positional parameter its name and, for a
+        # literal of the statement's own, its value)
+        self._driver_sql: dict[Executable, tuple[str, list[tuple[str, bool, Any]]]] = {}
 
     @property
     def sync_engine(self) -> Engine:
@@ -329,6 +373,55 @@ class AsyncDatabase:
     async def glance(self, work: Callable[[Connection], T]) -> T:
         return await self.read(work)
 
+    def connections(self) -> tuple[int, int] | None:
+        in_use, idle = _counted(self.sync_engine)
+        driver = self._driver_pool
+        if driver is not None:
+            idle_ones = driver.get_idle_size()
+            in_use, idle = in_use + driver.get_size() - idle_ones, idle + idle_ones
+        return in_use, idle
+
+    async def execute_one(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> Sequence[Any] | None:
+        """On a connection of asyncpg's own pool, as SQL compiled once (asyncpg prepares it
+        once per connection), outside a transaction."""
+        sql, binds = self._compiled(statement)
+        args = [params[name] if required else value for name, required, value in binds]
+        for listener in DRIVER_STATEMENTS:
+            listener(sql)
+        with reachable():
+            pool = self._driver_pool or await self._make_driver_pool()
+            async with pool.acquire() as conn:
+                row: Sequence[Any] | None = await conn.fetchrow(sql, *args)
+                return row
+
+    def _compiled(self, statement: Executable) -> tuple[str, list[tuple[str, bool, Any]]]:
+        found = self._driver_sql.get(statement)
+        if found is None:
+            compiled: Any = cast(ClauseElement, statement).compile(dialect=self.sync_engine.dialect)
+            binds = [
+                (name, compiled.binds[name].required, compiled.binds[name].value)
+                for name in compiled.positiontup
+            ]
+            found = self._driver_sql[statement] = (str(compiled), binds)
+        return found
+
+    async def _make_driver_pool(self) -> Any:
+        async with self._driver_pool_made:
+            if self._driver_pool is None:
+                import asyncpg  # type: ignore[import-untyped]
+
+                # The connection arguments SQLAlchemy's dialect would give asyncpg, less its
+                # own adapter's.
+                _, arguments = self.sync_engine.dialect.create_connect_args(self._url)
+                for adapters in ("prepared_statement_cache_size", "prepared_statement_name_func"):
+                    arguments.pop(adapters, None)
+                self._driver_pool = await asyncpg.create_pool(
+                    min_size=0, max_size=_DRIVER_POOL_SIZE, reset=_left_as_is, **arguments
+                )
+        return self._driver_pool
+
     async def migrate(self) -> None:
         async with _migration_turn(), self._engine.connect() as conn:
             await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
@@ -336,7 +429,15 @@ class AsyncDatabase:
             await conn.commit()
 
     async def close(self) -> None:
+        if self._driver_pool is not None:
+            await self._driver_pool.close()
         await self._engine.dispose()
+
+
+async def _left_as_is(_connection: Any) -> None:
+    """asyncpg resets a connection it takes back (a round trip: unlock, close cursors,
+    unlisten, reset settings) unless told otherwise. execute_one's statements, each its own
+    transaction, leave nothing to reset."""
 
 
 @asynccontextmanager
@@ -454,7 +555,7 @@ def unreachable(url: URL, error: BaseException) -> StartupError | None:
             f"{where} is not answering ({_reason(error)}): start it, or correct database_url"
         )
     # Imported here: only PostgreSQL URLs come this far.
-    from asyncpg import InvalidCatalogNameError, PostgresError  # type: ignore[import-untyped]
+    from asyncpg import InvalidCatalogNameError, PostgresError
 
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, PostgresError):

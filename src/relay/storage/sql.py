@@ -6,8 +6,9 @@ Every statement is built once (at import; PostgreSQL's save at its first use), w
 parameters, so SQLAlchemy compiles each once per dialect and the hot path only binds values.
 A read is one query (two for a page of input items). A save is one statement on PostgreSQL,
 its own transaction (`_save_at_once`: a round trip to the server, where BEGIN, two statements
-and COMMIT were four); on SQLite, where a statement costs no round trip, one transaction of
-two statements (the response row, then all its items in one executemany).
+and COMMIT were four), sent past SQLAlchemy to asyncpg (`Database.execute_one`); on SQLite,
+where a statement costs no round trip, one transaction of two statements (the response row,
+then all its items in one executemany).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ from sqlalchemy import (
 from relay.errors import InvalidRequest, ServerError
 from relay.observe import tracing
 from relay.storage.base import ItemPage, Store
-from relay.storage.database import AsyncDatabase, SqliteDatabase, alembic_config, open_database
+from relay.storage.database import (
+    AsyncDatabase,
+    Database,
+    SqliteDatabase,
+    alembic_config,
+    open_database,
+)
 from relay.storage.dialects import postgresql, sqlite
 from relay.storage.tables import response_items as items
 from relay.storage.tables import responses
@@ -323,15 +330,16 @@ def _save(
     return sum(len(row["item"]) for row in rows)
 
 
-def _save_at_once(
-    conn: Connection,
+async def _save_at_once(
+    db: Database,
     tenant: str,
     response: dict[str, Any],
     input_items: list[dict[str, Any]] | None,
     also: tuple[Table, dict[str, Any]] | None = None,
 ) -> int:
     """A save as PostgreSQL runs it: one statement (_save_at_once_statement), its items as
-    arrays; `also`: a table and the row it gets with the response."""
+    arrays, sent past SQLAlchemy (Database.execute_one); `also`: a table and the row it gets
+    with the response."""
     kinds: list[str] = []
     positions: list[int] = []
     item_ids: list[str] = []
@@ -357,7 +365,7 @@ def _save_at_once(
     if also is not None:
         table, row = also
         params.update((f"also_{name}", value) for name, value in row.items())
-    if conn.execute(_save_at_once_statement(table), params).first() is None:
+    if await db.execute_one(_save_at_once_statement(table), params) is None:
         raise _another_tenants(response["id"])
     return sum(len(text) for text in texts)
 
@@ -433,7 +441,7 @@ class SqlStore:
     def __init__(self, db: SqliteDatabase | AsyncDatabase) -> None:
         self.db = db
         self.dialect = db.sync_engine.dialect.name
-        self._save = _save_at_once if self.dialect == "postgresql" else _save
+        self._at_once = self.dialect == "postgresql"
 
     async def save_response(
         self,
@@ -441,11 +449,12 @@ class SqlStore:
         response: dict[str, Any],
         input_items: list[dict[str, Any]] | None,
     ) -> int:
-        save = self._save
-        # One statement on PostgreSQL: it needs no transaction around it.
-        write = self.db.write_one if save is _save_at_once else self.db.write_awaited
         with tracing.storage(self.dialect, "save_response", response["id"]):
-            return await write(lambda conn: save(conn, tenant, response, input_items))
+            if self._at_once:  # one statement on PostgreSQL: no transaction around it
+                return await _save_at_once(self.db, tenant, response, input_items)
+            return await self.db.write_awaited(
+                lambda conn: _save(conn, tenant, response, input_items)
+            )
 
     async def save_with(
         self,
@@ -457,10 +466,8 @@ class SqlStore:
     ) -> None:
         """save_response, and `row` (a value for each column of `table`) inserted with it,
         atomically: a run's record with the response it runs. One statement on PostgreSQL."""
-        if self._save is _save_at_once:
-            await self.db.write_one(
-                lambda conn: _save_at_once(conn, tenant, response, input_items, (table, row))
-            )
+        if self._at_once:
+            await _save_at_once(self.db, tenant, response, input_items, (table, row))
             return
 
         def work(conn: Connection) -> None:
