@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -12,8 +13,11 @@ import pydantic
 import pytest
 from conformance import assert_valid_response, check_stream
 from relay_fixtures import checked_client, sse_events
+from sqlalchemy import Connection, func, select
 
 from relay.log_lines import TextFormatter
+from relay.storage.sql import open_store
+from relay.storage.tables import responses, runs
 
 VOLATILE = {"id", "created_at", "completed_at"}
 
@@ -169,6 +173,51 @@ def test_failure_before_first_byte_is_an_http_error(http: httpx.Client) -> None:
         assert answer.status_code == 503
         assert answer.headers["content-type"].startswith("application/json")
         assert answer.json()["error"]["code"] == "upstream_error"
+
+
+async def test_a_stored_stream_that_never_opens_leaves_no_record(
+    http: httpx.Client, database_url: str
+) -> None:
+    """A stored stream is recorded as in_progress beside its upstream's opening (its id is in
+    response.created); when the opening fails, the client gets the HTTP error and the record
+    is taken back: no in_progress response, no run record."""
+    store = await open_store(database_url)
+
+    def counts(conn: Connection) -> tuple[int, int]:
+        running = conn.execute(
+            select(func.count()).select_from(responses).where(responses.c.status == "in_progress")
+        ).scalar_one()
+        return running, conn.execute(select(func.count()).select_from(runs)).scalar_one()
+
+    try:
+        before = await store.db.read(counts)
+        async with httpx.AsyncClient(base_url=http.base_url, timeout=30) as client:
+            for _ in range(3):
+                answer = await client.post(
+                    "/v1/responses",
+                    json={"model": "fake-error_before", "input": "x", "stream": True},
+                )
+                assert answer.status_code == 503
+        deadline = time.monotonic() + 10  # taken back by a task of the engine's
+        while await store.db.read(counts) != before:
+            assert time.monotonic() < deadline, await store.db.read(counts)
+            await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+
+
+def test_a_stored_stream_answered_by_a_fallback_is_stored_with_its_model(
+    http: httpx.Client,
+) -> None:
+    """Recorded as it starts with the model asked for; the fallback that answered is what
+    its final save stores."""
+    events = sse_events(
+        http,
+        {"model": "fake-error_before", "models": ["fake-text"], "input": "hi", "stream": True},
+    )
+    folded = check_stream(events)
+    assert folded["model"] == "fake-text"
+    assert http.get(f"/v1/responses/{folded['id']}").json()["model"] == "fake-text"
 
 
 def test_fallback_models_are_tried_in_order(client: openai.OpenAI) -> None:

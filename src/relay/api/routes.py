@@ -117,12 +117,16 @@ async def _respond(
         # A client that leaves before its answer is ready stops the work done for it (a
         # stream watches for that itself once it has begun).
         with CancelOnDisconnect(request.receive):
+            runner = background.runner(request)
             run = await _engine(request).start(
                 body,
                 tenant=principal.project,
                 session_id=session,
                 on_settled=accounting.settle,
                 key_id=principal.key_id,
+                # A stored stream's id is in response.created: recorded first, so it never
+                # 404s (beside the upstream's opening).
+                record=runner.start_record(principal.project) if body.stream else None,
             )
             headers = accounting.headers.copy()
             if run.omitted_tools:
@@ -131,8 +135,7 @@ async def _respond(
                 headers[DEPLOYMENT] = run.deployment.name
             if body.stream:
                 if run.response["store"]:
-                    # Its id is in response.created: recorded first, so it never 404s.
-                    await background.runner(request).record_stream(principal.project, run)
+                    runner.follow_stream(run)
                 events = run.events()
                 if idempotency_key is not None:
                     events = recorded(events, gate, principal.project, idempotency_key)

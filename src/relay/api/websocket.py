@@ -167,10 +167,11 @@ class _Socket:
                 generate=generate,
                 on_settled=accounting.settle,
                 key_id=self.principal.key_id,
+                # Its id is in response.created: recorded first, as a stored SSE stream is.
+                record=self.runner.start_record(self.principal.project),
             )
             if run.response["store"]:
-                # Its id is in response.created: recorded first, as a stored SSE stream is.
-                await self.runner.record_stream(self.principal.project, run)
+                self.runner.follow_stream(run)
         except RelayError as error:
             if accounting is not None:
                 accounting.abandon()

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 
@@ -417,6 +417,31 @@ async def _nothing_generated() -> AsyncIterator[Delta]:
     yield FinishDelta("stop")
 
 
+class StartRecord(Protocol):
+    """Stores a stored stream as it starts (relay.runs.runner.Runner.start_record)."""
+
+    async def begin(self, response: dict[str, Any]) -> None: ...
+
+    async def take_back(self, response_id: str) -> None:
+        """The response never started (its upstream failed to open, or the request was
+        cancelled): its record goes."""
+        ...
+
+
+async def _take_back(
+    recording: asyncio.Future[None], record: StartRecord, response_id: str
+) -> None:
+    """Once `recording` is done: the record it made, taken back (none when it failed)."""
+    try:
+        await recording
+    except BaseException:  # nothing was recorded: the failure is the request's to report
+        return
+    try:
+        await record.take_back(response_id)
+    except Exception as error:  # its lease lapses, and the sweep ends it as failed
+        log.warning("could not take back the record of response %s: %s", response_id, error)
+
+
 async def _close(deltas: AsyncIterator[Delta]) -> None:
     aclose = getattr(deltas, "aclose", None)
     if aclose is not None:
@@ -478,9 +503,15 @@ class Engine:
         created_at: int | None = None,
         key_id: str | None = None,
         observed: bool = True,
+        record: StartRecord | None = None,
     ) -> Run:
         """`response_id`, `created_at`: those of a background response queued earlier (see
         `queued`); a foreground response gets new ones.
+        `record`: what stores a stored stream as it starts (its id is in response.created:
+        it must never 404). It runs beside the upstream's opening, so that neither waits for
+        the other, and the run is returned once both are done; when either fails, the
+        record is taken back. (Its model is the route asked for; a fallback route that
+        answers instead is in the final save.)
         `continuing`: the chain previous_response_id names, when the caller holds it (a
         WebSocket's own latest response, stored or not: `continuing_is_stored`); else it is
         read from memory or the store.
@@ -495,12 +526,15 @@ class Engine:
         started = time.monotonic() if exchange is None else exchange.started
         turn = await self._begin_turn(request, tenant)
         compacted: Compacted | None = None
+        response_id = response_id or new_id("resp")
+        created_at = created_at or int(time.time())
+        recording: asyncio.Future[None] | None = None
+        opened: Opened | None = None
         try:
             prepared = await self._prepare(
                 request, tenant, turn.history if turn is not None else continuing
             )
             deployment: Deployment | None = None
-            opened: Opened | None = None
             loop = None
             opening: list[ServerCall] = []
             # Refused by the project's tool policy before any model turn, a compaction's too.
@@ -515,32 +549,33 @@ class Engine:
                 prepared, loop = await self._server_tools(prepared, policy)
                 if loop is not None:
                     opening += loop.server.opening
+            model = prepared.route.model
+            if record is not None and request.store is not False:
+                starting = self._new_response(
+                    prepared, request, session_id, turn, response_id, created_at, model
+                )
+                recording = asyncio.ensure_future(record.begin(starting))
             if generate:
                 deployment, opened = await self.open(
                     prepared, truncate=request.truncation == "auto"
                 )
                 model = deployment.route
-            else:
-                model = prepared.route.model
+            if recording is not None:
+                await recording
         except BaseException:
+            if opened is not None:
+                await _close(opened.deltas)
+            if recording is not None and record is not None:
+                self.track(_take_back(recording, record, response_id))
             if turn is not None:
                 await turn.abandon()
             if compacted is not None:  # the response never came: its compaction was spent
                 await compacted.run.account_alone(on_settled)
             raise
         tools, history, items = prepared.tools, prepared.history, prepared.items
-        response = new_response(
-            prepared.request,  # with its prompt template applied
-            response_id=response_id or new_id("resp"),
-            model=model,
-            created_at=created_at or int(time.time()),
-            tools=tools.declared,
-            reasoning={"effort": prepared.effort, "summary": prepared.summary},
-            session_id=request.session_id or session_id,
-            echo_json_schema=self.echo_json_schema,
+        response = self._new_response(
+            prepared, request, session_id, turn, response_id, created_at, model
         )
-        if turn is not None:
-            response["conversation"] = {"id": turn.conversation}
         builder = ResponseBuilder(
             response,
             offered_tools={tool["name"] for tool in tools.offered},
@@ -587,6 +622,30 @@ class Engine:
             opening=opening,
             observed=observed,
         )
+
+    def _new_response(
+        self,
+        prepared: Prepared,
+        request: CreateResponse,
+        session_id: str | None,
+        turn: conversation.Turn | None,
+        response_id: str,
+        created_at: int,
+        model: str,
+    ) -> dict[str, Any]:
+        response = new_response(
+            prepared.request,  # with its prompt template applied
+            response_id=response_id,
+            model=model,
+            created_at=created_at,
+            tools=prepared.tools.declared,
+            reasoning={"effort": prepared.effort, "summary": prepared.summary},
+            session_id=request.session_id or session_id,
+            echo_json_schema=self.echo_json_schema,
+        )
+        if turn is not None:
+            response["conversation"] = {"id": turn.conversation}
+        return response
 
     async def _tool_policy(self, prepared: Prepared, tenant: str) -> EgressPolicy | None:
         """The project's policy for the request's server-side tools, having refused what it

@@ -48,6 +48,13 @@ _REQUEST_CANCEL = (
     .values(cancel_requested=1)
 )
 _END = delete(runs).where(runs.c.response_id == bindparam("rid"))
+# A foreground response recorded as it started whose upstream then failed to open: its
+# client got an error, never its id.
+_NEVER_STARTED = delete(responses).where(
+    responses.c.id == bindparam("rid"),
+    responses.c.tenant == bindparam("t"),
+    responses.c.status == "in_progress",
+)
 # A queued run's request is in its record until a worker claims it: claiming clears it, so
 # that a cancel (which ends only unclaimed runs at once) and a claim never both succeed.
 _UNCLAIMED = (runs.c.response_id == bindparam("rid"), runs.c.request.is_not(None))
@@ -145,6 +152,15 @@ class RunLog:
 
     async def end(self, response_id: str) -> None:
         await self.db.execute_one(_END, {"rid": response_id})
+
+    async def take_back(self, tenant: str, response_id: str) -> None:
+        """A response recorded by `begin` that never started: its record and its row go."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(_END, {"rid": response_id})
+            conn.execute(_NEVER_STARTED, {"rid": response_id, "t": tenant})
+
+        await self.db.write(work)
 
     async def renew(self, response_ids: list[str]) -> tuple[set[str], set[str]]:
         """Extend these runs' leases: (the ones whose cancel was asked for elsewhere, the ones

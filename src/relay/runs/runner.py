@@ -6,8 +6,9 @@ accounted for.
   that: 503 with retry-after). Its events go to a Feed (followers in this process) and to the
   event log (followers anywhere, and later resumptions). The client's connection has no say:
   a disconnect ends only the client's view.
-- `record_stream` stores a foreground stored stream as in_progress before its first event
-  goes out (its id is in the client's response.created).
+- `start_record` stores a foreground stored stream as in_progress before its first event
+  goes out (its id is in the client's response.created), beside the opening of its
+  upstream (Engine.start); `follow_stream` keeps its lease until its end is stored.
 - One loop renews the leases of this process's runs (and of its Idempotency-Key claims and
   conversation holds),
   picks up cancels asked for on another instance, and sweeps runs whose lease lapsed anywhere
@@ -435,17 +436,14 @@ class Runner:
 
     # foreground stored streams ----------------------------------------------------------------
 
-    async def record_stream(self, tenant: str, run: Run) -> None:
-        """Store a stored stream as in_progress before its first event goes out (its id is
-        in response.created: it must never 404), and renew its lease until its end is
-        stored. When it cannot be recorded (DatabaseUnavailable: a 503) the run is dropped."""
+    def start_record(self, tenant: str) -> StreamRecord:
+        """What Engine.start records a stored stream with, as it starts."""
+        return StreamRecord(self.log, tenant)
+
+    def follow_stream(self, run: Run) -> None:
+        """A stored stream recorded as it started (`start_record`): its lease renewed until
+        its end is stored, then its record deleted."""
         response_id = run.response["id"]
-        try:
-            # The response alone (its input items come with the final save).
-            await self.log.begin(tenant, dict(run.response), [], background=False)
-        except BaseException:
-            await run.discard()
-            raise
         self._streams.add(response_id)
 
         def ended(stored: bool) -> None:
@@ -511,3 +509,18 @@ class Runner:
 
 
 AccountingFor = Callable[[str, str | None, str], Settle]
+
+
+class StreamRecord:
+    """A foreground stored stream's record as it starts (relay.engine.run.StartRecord): the
+    response alone, in_progress, with its run (its input items come with the final save)."""
+
+    def __init__(self, log: RunLog, tenant: str) -> None:
+        self._log = log
+        self._tenant = tenant
+
+    async def begin(self, response: dict[str, Any]) -> None:
+        await self._log.begin(self._tenant, response, [], background=False)
+
+    async def take_back(self, response_id: str) -> None:
+        await self._log.take_back(self._tenant, response_id)
