@@ -98,6 +98,23 @@ _INSERT_RESPONSE = (
 )
 
 _INSERT_ITEMS = insert(items)
+_ITEM_KEYS = ("response_id", "tenant", "kind", "position", "item_id", "item")
+
+
+@functools.cache
+def _insert_into(table: Table) -> Any:
+    return insert(table)
+
+
+@functools.cache
+def _driver_sql(statement: Any, keys: tuple[str, ...], dialect: Any) -> tuple[str, list[int]]:
+    """`statement` (an insert of the columns `keys`) as the driver's own SQL, with where each
+    positional parameter is in `keys`. SQLite's saves run through the driver: SQLAlchemy's
+    statement handling cost a small save (a stored stream's record) more than the insert."""
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    assert compiled.positiontup is not None, "a driver with positional parameters"
+    return str(compiled), [keys.index(name) for name in compiled.positiontup]
+
 
 # The columns a save writes besides the id and the tenant (a resave overwrites them).
 _RESPONSE_COLUMNS = (
@@ -305,18 +322,14 @@ def _save(
     response_id = response["id"]
     columns = _response_columns(response)
     rows = [
-        {
-            "response_id": response_id,
-            "tenant": tenant,
-            "kind": kind,
-            "position": position,
-            "item_id": item["id"],
-            "item": json_text(item),
-        }
+        (response_id, tenant, kind, position, item["id"], json_text(item))
         for kind, group in _item_groups(response, input_items)
         for position, item in enumerate(group)
     ]
-    inserted = conn.execute(_INSERT_RESPONSE, {"id": response_id, "tenant": tenant, **columns})
+    values = {"id": response_id, "tenant": tenant, **columns}
+    keys = tuple(values)
+    sql, order = _driver_sql(_INSERT_RESPONSE, keys, conn.dialect)
+    inserted = conn.exec_driver_sql(sql, tuple(values[keys[index]] for index in order))
     if inserted.first() is None:
         # Saved before: overwrite the row and replace its items.
         updated = conn.execute(_UPDATE_RESPONSE, {"rid": response_id, "t": tenant, **columns})
@@ -326,8 +339,9 @@ def _save(
             _DELETE_ITEMS if input_items is not None else _DELETE_OUTPUTS, {"rid": response_id}
         )
     if rows:
-        conn.execute(_INSERT_ITEMS, rows)
-    return sum(len(row["item"]) for row in rows)
+        sql, order = _driver_sql(_INSERT_ITEMS, _ITEM_KEYS, conn.dialect)
+        conn.exec_driver_sql(sql, [tuple(row[index] for index in order) for row in rows])
+    return sum(len(row[5]) for row in rows)
 
 
 async def _save_at_once(
@@ -472,7 +486,9 @@ class SqlStore:
 
         def work(conn: Connection) -> None:
             _save(conn, tenant, response, input_items)
-            conn.execute(insert(table), row)
+            keys = tuple(row)
+            sql, order = _driver_sql(_insert_into(table), keys, conn.dialect)
+            conn.exec_driver_sql(sql, tuple(row[keys[index]] for index in order))
 
         await self.db.write_awaited(work)
 
