@@ -364,12 +364,14 @@ def test_a_stream_s_try_lasts_as_long_as_the_stream(
         request = request_span(exporter)
         spans = {span.name: span for span in children(exporter, request)}
         generation = spans.get("chat echo") or spans["chat error_chunk"]
-        # Recorded once the upstream answered, before the first event; stored once the stream
-        # ended, before the last: the try's span covers the stream in between.
+        # Recorded beside the upstream's opening (it may start before the try), done before
+        # the first event; stored once the stream ended, before the last: the try's span
+        # covers the stream in between.
         recorded, stored = spans["relay.store.begin_run"], spans["relay.store.save_response"]
         assert generation.start_time is not None and generation.end_time is not None
         assert recorded.start_time is not None and stored.start_time is not None
-        assert generation.start_time < recorded.start_time < generation.end_time
+        assert recorded.end_time is not None
+        assert recorded.start_time < recorded.end_time < generation.end_time
         assert generation.end_time <= stored.start_time
         attributes = dict(generation.attributes or {})
         assert attributes["relay.response.status"] == status
