@@ -104,19 +104,23 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
 
 
-def test_a_worker_that_cannot_start_stops_the_supervisor() -> None:
-    """Exit status 3 (uvicorn's for an application that could not start) would recur at
-    every restart: the supervisor stops the others and exits with it."""
-    cannot_start = [sys.executable, "-c", "import sys; sys.exit(3)"]
+def _supervise(command: list[str], port: int) -> subprocess.CompletedProcess[str]:
+    """workers.supervise(command, one worker, on port) in a Python of its own, to its end."""
     script = (
         "import sys\n"
         "from relay import log_lines, workers\n"
         "log_lines.configure('info', 'text')\n"
-        f"sys.exit(workers.supervise({cannot_start!r}, '127.0.0.1', {free_port()}, 1))\n"
+        f"sys.exit(workers.supervise({command!r}, '127.0.0.1', {port}, 1))\n"
     )
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
     )
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor() -> None:
+    """Exit status 3 (uvicorn's for an application that could not start) would recur at
+    every restart: the supervisor stops the others and exits with it."""
+    done = _supervise([sys.executable, "-c", "import sys; sys.exit(3)"], free_port())
     assert done.returncode == workers.STARTUP_FAILURE, done.stderr
     assert "could not start; stopping the supervisor" in done.stderr
     assert "Traceback" not in done.stderr
@@ -126,15 +130,7 @@ def test_a_port_taken_is_one_line_and_the_startup_failure_status() -> None:
     with workers.listen("127.0.0.1", 0) as taken:
         port = taken.getsockname()[1]
         taken.listen()
-        script = (
-            "import sys\n"
-            "from relay import log_lines, workers\n"
-            "log_lines.configure('info', 'text')\n"
-            f"sys.exit(workers.supervise(['true'], '127.0.0.1', {port}, 1))\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
-        )
+        done = _supervise(["true"], port)
     assert done.returncode == workers.STARTUP_FAILURE
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -66,8 +66,10 @@ _SQLITE_READERS = 2
 # Told of each statement sent past SQLAlchemy (`execute_one` on PostgreSQL), as SQLAlchemy's
 # cursor events are of its own: round trips counted by tests and benchmarks.
 DRIVER_STATEMENTS: list[Callable[[str], None]] = []
-# Connections of that pool, per process, beside SQLAlchemy's (5, and 10 more at peaks).
-_DRIVER_POOL_SIZE = 5
+# Connections of that pool, per process, beside SQLAlchemy's (5, and 10 more at peaks): all
+# opened on its first use and kept, so that the count stays flat (a pool that grew with the
+# load and shrank when idle looked like a leak to the soak).
+DRIVER_POOL_SIZE = 3
 
 
 class Database(Protocol):
@@ -209,15 +211,11 @@ class SqliteDatabase:
                 pass  # another process is writing
             else:
                 try:
-                    with reachable():
-                        try:
-                            with self._inline.begin() as conn:
-                                return work(conn)
-                        except OperationalError as error:
-                            if not _is_busy(error):
-                                raise
+                    done = _unless_busy(self._inline.begin, work)
                 finally:
                     fcntl.flock(self._inline_lock, fcntl.LOCK_UN)
+                if done is not _BUSY:
+                    return cast(T, done)
         return await self.write(work)
 
     def connections(self) -> tuple[int, int] | None:
@@ -237,15 +235,10 @@ class SqliteDatabase:
         thread and back several times that (two thread switches), so it runs here, on the
         event loop, when SQLite answers at once. In WAL mode a reader waits for nobody except
         in rare moments (a checkpoint restarting the log): then it takes the thread path."""
-        if self._inline is None:
-            return await self.read(work)
-        with reachable():
-            try:
-                with self._inline.connect() as conn:
-                    return work(conn)
-            except OperationalError as error:
-                if not _is_busy(error):
-                    raise
+        if self._inline is not None:
+            done = _unless_busy(self._inline.connect, work)
+            if done is not _BUSY:
+                return cast(T, done)
         return await self.read(work)
 
     def _read(self, work: Callable[[Connection], T]) -> T:
@@ -295,6 +288,24 @@ class SqliteDatabase:
             if fd is not None:
                 os.close(fd)
         self._lock_file = self._inline_lock = None
+
+
+_BUSY = object()
+
+
+def _unless_busy(
+    connection: Callable[[], AbstractContextManager[Connection]], work: Callable[[Connection], T]
+) -> T | object:
+    """`work` on the event loop's SQLite connection, or _BUSY (nothing done) where SQLite would
+    make it wait: that connection has no busy timeout."""
+    with reachable():
+        try:
+            with connection() as conn:
+                return work(conn)
+        except OperationalError as error:
+            if not _is_busy(error):
+                raise
+    return _BUSY
 
 
 def _counted(engine: Engine) -> tuple[int, int]:
@@ -418,7 +429,11 @@ class AsyncDatabase:
                 for adapters in ("prepared_statement_cache_size", "prepared_statement_name_func"):
                     arguments.pop(adapters, None)
                 self._driver_pool = await asyncpg.create_pool(
-                    min_size=0, max_size=_DRIVER_POOL_SIZE, reset=_left_as_is, **arguments
+                    min_size=DRIVER_POOL_SIZE,
+                    max_size=DRIVER_POOL_SIZE,
+                    max_inactive_connection_lifetime=0,  # kept while the process lives
+                    reset=_left_as_is,
+                    **arguments,
                 )
         return self._driver_pool
 
