@@ -389,9 +389,9 @@ class SharedCounters:
         self._closing = True
         if self._syncing is not None:
             self._syncing.cancel()
-            # Bounded: on Python 3.11 a cancel that lands as a call's own timeout fires is
-            # taken for the timeout (asyncio.timeout), and the loop would sync on; the flag
-            # ends it at its next turn.
+            # Bounded, and the flag ends the loop at its next turn: a test's teardown once
+            # waited here for ever (not reproduced since; a cancel taken for a Redis call's
+            # own timeout as it fires would do it, the loop syncing on).
             await asyncio.wait({self._syncing}, timeout=2 * self._bound_s)
         # What was counted here since the last sync, then leaving the processes counted
         # (the others' shares grow at once; the local leases stop counting); with Redis
