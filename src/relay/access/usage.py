@@ -18,19 +18,19 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Integer, bindparam, func, insert, literal_column, select, tuple_
+from sqlalchemy import Connection, Integer, func, insert, literal_column, select, tuple_
 
 from relay.access.limits import Scope
 from relay.access.spend_view import SpendKey, SpendViews
 from relay.errors import QuotaExceeded
 from relay.models.policy import NANOS_PER_USD, Policy
 from relay.storage.database import Database
-from relay.storage.dialects import postgresql, sqlite
+from relay.storage.dialects import driver_sql, postgresql, sqlite
 from relay.storage.tables import spend, usage_ledger
 
 log = logging.getLogger("relay.usage")
@@ -103,14 +103,6 @@ def usd(nanos: int) -> float:
 SPEND_FIELDS = ("scope", "owner", "period", "cost_nanos")
 
 
-def _driver_sql(statement: Any, fields: Sequence[str], dialect: Any) -> tuple[str, list[int]]:
-    """`statement` (an insert) with a parameter for each of `fields`, as the driver's own
-    SQL with positional parameters, and where each parameter's value is among `fields`."""
-    compiled = statement.values({name: bindparam(name) for name in fields}).compile(dialect=dialect)
-    assert compiled.positiontup is not None, "a driver with positional parameters"
-    return str(compiled), [fields.index(name) for name in compiled.positiontup]
-
-
 class Ledger:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -118,11 +110,11 @@ class Ledger:
         # Both writes as the driver's own SQL, with the fields in its parameters' order: a
         # batch goes to the driver as tuples, with no per-row work of SQLAlchemy's (which cost
         # more than SQLite's insert itself, and a keyed request at C=1 a tenth of a millisecond).
-        self._insert_sql, self._positions = _driver_sql(
+        self._insert_sql, self._positions = driver_sql(
             insert(usage_ledger), UsageRow._fields, db.sync_engine.dialect
         )
         upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(spend)
-        self._add_spend_sql, self._spend_positions = _driver_sql(
+        self._add_spend_sql, self._spend_positions = driver_sql(
             upsert.on_conflict_do_update(
                 index_elements=[spend.c.scope, spend.c.owner, spend.c.period],
                 set_={"cost_nanos": spend.c.cost_nanos + upsert.excluded.cost_nanos},

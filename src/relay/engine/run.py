@@ -563,7 +563,8 @@ class Engine:
             if recording is not None:
                 await recording
         except BaseException:
-            if opened is not None:
+            if opened is not None:  # its record failed (or the request was cancelled)
+                tracing.ended(opened.span)
                 await _close(opened.deltas)
             if recording is not None and record is not None:
                 self.track(_take_back(recording, record, response_id))

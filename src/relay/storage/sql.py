@@ -45,7 +45,7 @@ from relay.storage.database import (
     alembic_config,
     open_database,
 )
-from relay.storage.dialects import postgresql, sqlite
+from relay.storage.dialects import driver_sql, postgresql, sqlite
 from relay.storage.tables import response_items as items
 from relay.storage.tables import responses
 
@@ -104,16 +104,6 @@ _ITEM_KEYS = ("response_id", "tenant", "kind", "position", "item_id", "item")
 @functools.cache
 def _insert_into(table: Table) -> Any:
     return insert(table)
-
-
-@functools.cache
-def _driver_sql(statement: Any, keys: tuple[str, ...], dialect: Any) -> tuple[str, list[int]]:
-    """`statement` (an insert of the columns `keys`) as the driver's own SQL, with where each
-    positional parameter is in `keys`. SQLite's saves run through the driver: SQLAlchemy's
-    statement handling cost a small save (a stored stream's record) more than the insert."""
-    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
-    assert compiled.positiontup is not None, "a driver with positional parameters"
-    return str(compiled), [keys.index(name) for name in compiled.positiontup]
 
 
 # The columns a save writes besides the id and the tenant (a resave overwrites them).
@@ -328,7 +318,7 @@ def _save(
     ]
     values = {"id": response_id, "tenant": tenant, **columns}
     keys = tuple(values)
-    sql, order = _driver_sql(_INSERT_RESPONSE, keys, conn.dialect)
+    sql, order = driver_sql(_INSERT_RESPONSE, keys, conn.dialect)
     inserted = conn.exec_driver_sql(sql, tuple(values[keys[index]] for index in order))
     if inserted.first() is None:
         # Saved before: overwrite the row and replace its items.
@@ -339,7 +329,7 @@ def _save(
             _DELETE_ITEMS if input_items is not None else _DELETE_OUTPUTS, {"rid": response_id}
         )
     if rows:
-        sql, order = _driver_sql(_INSERT_ITEMS, _ITEM_KEYS, conn.dialect)
+        sql, order = driver_sql(_INSERT_ITEMS, _ITEM_KEYS, conn.dialect)
         conn.exec_driver_sql(sql, [tuple(row[index] for index in order) for row in rows])
     return sum(len(row[5]) for row in rows)
 
@@ -487,7 +477,7 @@ class SqlStore:
         def work(conn: Connection) -> None:
             _save(conn, tenant, response, input_items)
             keys = tuple(row)
-            sql, order = _driver_sql(_insert_into(table), keys, conn.dialect)
+            sql, order = driver_sql(_insert_into(table), keys, conn.dialect)
             conn.exec_driver_sql(sql, tuple(row[keys[index]] for index in order))
 
         await self.db.write_awaited(work)
