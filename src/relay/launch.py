@@ -29,6 +29,8 @@ from typing import Any, NoReturn
 from relay import log_lines, workers
 from relay.observe import MULTIPROCESS_DIR
 
+WS_MAX_QUEUE = 2
+
 
 @dataclass(frozen=True, slots=True)
 class Launch:
@@ -77,6 +79,10 @@ def _options(launch: Launch) -> dict[str, Any]:
         # A larger WebSocket message closes its socket with 1009 and the limit as reason,
         # refused by the protocol library before it is all in memory.
         "ws_max_size": launch.max_body_bytes,
+        # Messages the protocol library holds before Relay reads them (uvicorn's default is
+        # 32, up to 32 times `ws_max_size` a socket): Relay reads each at once, queueing or
+        # refusing it, so a small buffer costs nothing and a flood waits in TCP instead.
+        "ws_max_queue": WS_MAX_QUEUE,
         # Relay writes its own access lines (relay.observe.access).
         "access_log": False,
     }

@@ -3,9 +3,10 @@
 The events of a turn are those of the SSE stream, from the same producer (`Run.events`), one
 JSON object per text message. Turns run one at a time, in the order they were sent; up to
 `websocket_max_queued_turns` messages that arrive meanwhile wait, and more are refused at once
-with an error event (they are not kept: the memory a socket holds is bounded by that and by
-uvicorn's `ws_max_size`, `max_body_bytes` a message, over which the socket is closed with
-1009 "message too big"). Each socket keeps the latest response it produced, so a
+with an error event (they are not kept: the memory a socket holds is bounded by that, by the
+few messages the protocol library buffers (relay.launch.WS_MAX_QUEUE) and by uvicorn's
+`ws_max_size`, `max_body_bytes` a message, over which the socket is closed with 1009
+"message too big"). Each socket keeps the latest response it produced, so a
 `store: false` chain can continue on the same socket; a continuation that fails evicts the
 response it named. Errors that end a turn before it streams are sent as
 `{"type": "error", "status", "error": {...}}` and the socket stays open. A socket serves new
