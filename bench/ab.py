@@ -5,12 +5,13 @@ This runs one Relay per tree at once (the revision checked out into a temporary 
 and run with `PYTHONPATH=<worktree>/src`, the same virtual environment), on one canned nginx,
 with the same routes, and alternates between them: the sequential overhead over direct nginx
 (JSON and first delta, store=false and store=true, interleaved rounds) and the server CPU per
-request under wrk (alternating 5-second runs at C=16 and C=64). `BENCH_AB_BASE` names the
-revision (default HEAD, i.e. the uncommitted change). `BENCH_AB_LOG_LEVEL` sets both Relays'
-log level (default info): trees before 2026-12-06 logged nothing in `--workers N` processes,
-so `warning` compares them without the per-response log line. `BENCH_AB_CHANGE_ENV` adds
-settings to the working tree's Relay only (`NAME=value` pairs, space-separated), such as
-`RELAY_LOG_FORMAT=json`.
+request and req/s under wrk (alternating 5-second runs at C=16 and C=64, store=false and
+store=true: single runs of the gateway's sweep differ by up to 20% on this machine).
+`BENCH_AB_BASE` names the revision (default HEAD, i.e. the uncommitted change).
+`BENCH_AB_LOG_LEVEL` sets both Relays' log level (default info): trees before 2026-12-06 logged
+nothing in `--workers N` processes, so `warning` compares them without the per-response log
+line. `BENCH_AB_CHANGE_ENV` adds settings to the working tree's Relay only (`NAME=value` pairs,
+space-separated), such as `RELAY_LOG_FORMAT=json`.
 """
 
 from __future__ import annotations
@@ -88,20 +89,29 @@ def main(quick: bool) -> None:
                 cells.append(f"{statistics.median(a - b for a, b in pairs) * 1000:+.3f}")
             rows.append([target.name, *cells])
         print(table(["tree", "JSON overhead ms", "1st delta overhead ms"], rows))
-        cpu: dict[tuple[str, int], list[float]] = {}
-        for target in plain:
+        measured: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for target in plain + stored:
             loadgen.run_wrk(workdir, target, 16, 2)  # warm-up
         for run in range(wrk_runs):
             for connections in (16, 64):
-                for target in plain if run % 2 == 0 else plain[::-1]:
-                    relay = relays[target.name]
-                    spent = peers.cpu_seconds(relay.pids())
-                    result = loadgen.run_wrk(workdir, target, connections, WRK_S)
-                    spent = peers.cpu_seconds(relay.pids()) - spent
-                    per = spent * 1000 / max(result.requests, 1)
-                    cpu.setdefault((target.name, connections), []).append(per)
+                for pair in (plain, stored):
+                    for target in pair if run % 2 == 0 else pair[::-1]:
+                        relay = relays[target.name.split()[0]]
+                        spent = peers.cpu_seconds(relay.pids())
+                        result = loadgen.run_wrk(workdir, target, connections, WRK_S)
+                        spent = peers.cpu_seconds(relay.pids()) - spent
+                        per = spent * 1000 / max(result.requests, 1)
+                        measured.setdefault((target.name, connections), []).append(
+                            (result.rps, per)
+                        )
         rows = [
-            [f"C={c} {name}", f"{statistics.median(v):.3f}", " ".join(f"{x:.2f}" for x in v)]
-            for (name, c), v in sorted(cpu.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+            [
+                f"C={c} {name}",
+                f"{statistics.median(rps for rps, _ in runs):,.0f}",
+                f"{statistics.median(per for _, per in runs):.3f}",
+                " ".join(f"{per:.2f}" for _, per in runs),
+            ]
+            for (name, c), runs in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0]))
         ]
-        print(table(["store=false, wrk", "server CPU ms/req (median)", "runs"], rows))
+        headers = ["wrk, non-streaming", "req/s (median)", "server CPU ms/req (median)", "runs"]
+        print(table(headers, rows))

@@ -52,7 +52,7 @@ def start_keyed_relays(
     stack: ExitStack, workdir: Path, upstream: str, workers: int
 ) -> list[tuple[Target, peers.ManagedProcess]]:
     admin_key = "adm-" + secrets.token_urlsafe(16)
-    variants = [("relay keyed store=false", [])]
+    variants: list[tuple[str, list[str]]] = [("relay keyed store=false", [])]
     if redis_answers():
         # Database 15: the benchmark's own counters, apart from anything else on this Redis.
         variants.append(

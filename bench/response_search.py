@@ -71,14 +71,10 @@ def _response(n: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 async def _fill(store: SqlStore, count: int) -> None:
-    batch = 1000
+    batch = 200  # saved together, as many requests would be
     for start in range(0, count, batch):
-
-        def work(conn: Any, start: int = start) -> None:
-            for n in range(start, min(count, start + batch)):
-                store.save_in(conn, TENANT, *_response(n))
-
-        await store.db.write(work)
+        saves = range(start, min(count, start + batch))
+        await asyncio.gather(*(store.save_response(TENANT, *_response(n)) for n in saves))
     if store.dialect == "postgresql":  # as autovacuum would have, in a database in use
         await store.db.write(lambda conn: conn.exec_driver_sql("ANALYZE"))
 

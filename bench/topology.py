@@ -5,6 +5,7 @@ the admin API, routes with a price so that every response is billed against a bu
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from bench.keyed_relay import POLICY, admin_key_settings, provision
 INSTANCES = 2
 WORKERS = 2
 # Limits high enough never to bind (every check is paid) and a budget that is never reached.
-PRODUCTION_POLICY = {**POLICY, "daily_budget_usd": 1_000_000.0}
+PRODUCTION_POLICY: Mapping[str, object] = {**POLICY, "daily_budget_usd": 1_000_000.0}
 # USD per million tokens: the canned answer's 9 + 9 tokens cost a little on every response.
 ROUTE_PRICE = ["price = { input = 0.15, output = 0.60 }"]
 
@@ -34,7 +35,7 @@ class Topology:
         """Every Relay process (supervisors and workers of all instances)."""
         return [pid for relay in self.relays for pid in relay.pids()]
 
-    def key(self, policy: dict[str, object] = PRODUCTION_POLICY) -> str:
+    def key(self, policy: Mapping[str, object] = PRODUCTION_POLICY) -> str:
         """A fresh project with `policy` and a database key of it."""
         return provision(self.base, self.admin_key, policy)
 
