@@ -43,6 +43,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from relay.errors import StartupError
+from relay.storage.checkpoints import Checkpoints
 from relay.storage.outage import reachable
 from relay.storage.revision import current_revision, head_revision
 
@@ -160,12 +161,22 @@ class SqliteDatabase:
         if self._lock_file is not None:
             self._inline_lock = os.open(f"{database}.write-lock", os.O_RDWR)
         self._queued = 0  # writes handed to the writer thread and not yet done
+        # Off the event loop, where a save would have made every request wait for them.
+        self._checkpoints = (
+            None
+            if self._memory
+            else Checkpoints(
+                create_engine(url, poolclass=StaticPool, connect_args=connect_args),
+                None if self._lock_file is None else f"{database}.write-lock",
+            )
+        )
         memory = self._memory
 
         def _configure(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             if not memory:
                 cursor.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL
+                cursor.execute("PRAGMA wal_autocheckpoint = 0")  # relay.storage.checkpoints
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.close()
 
@@ -215,6 +226,7 @@ class SqliteDatabase:
                 finally:
                     fcntl.flock(self._inline_lock, fcntl.LOCK_UN)
                 if done is not _BUSY:
+                    self._written()
                     return cast(T, done)
         return await self.write(work)
 
@@ -247,7 +259,13 @@ class SqliteDatabase:
 
     def _write(self, work: Callable[[Connection], T]) -> T:
         with self._other_processes_wait(), self._engine.begin() as conn:
-            return work(conn)
+            done = work(conn)
+        self._written()
+        return done
+
+    def _written(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.written()
 
     @contextmanager
     def _other_processes_wait(self) -> Iterator[None]:
@@ -278,6 +296,8 @@ class SqliteDatabase:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._checkpoints is not None:
+            await loop.run_in_executor(None, self._checkpoints.close)
         # Runs after every queued statement, on the writer thread.
         await loop.run_in_executor(self._writer, self._engine.dispose)
         if self._inline is not None:
