@@ -17,6 +17,10 @@ PostgreSQL side by side.
    is not in it). Relay runs from the `relay` of this tree's .venv, with this tree's sources;
    `BENCH_STORE_BASE=<another tree's src folder>` runs that tree's Relays beside them,
    interleaved (a before and after, under the same load).
+3. As the database grows: `relay serve` on SQLite (one worker at C=1, two at C=64), wrk's
+   store=true JSON runs one after another on the same database: req/s, p50 and p99 of each,
+   and the database's size after it. The tail a save's checkpoints and indexes put on
+   everything else shows here, not in a fresh database. BENCH_STORE_BASE's tree too, after.
 
 PostgreSQL: a fresh database, dropped at the end, on the server `BENCH_PG_URL` names
 (default postgresql://postgres@127.0.0.1:5432/postgres, trust auth).
@@ -220,6 +224,7 @@ async def run(quick: bool) -> None:
             print(f"\n(through HTTP needs {' and '.join(missing)}; run:\n  {APT_COMMAND})")
         else:
             await asyncio.to_thread(served, {"PostgreSQL": pg_url, UNFLUSHED: unflushed_url}, quick)
+            await asyncio.to_thread(growing, quick)
     finally:
         for name in names:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -277,6 +282,39 @@ def served(pg_urls: dict[str, str], quick: bool) -> None:
         rows.append([f"store=true JSON, {name}", f"{overhead * 1000:+.3f}", f"{cpu:.3f}"])
     print(f"\n## Through HTTP: one worker, {rounds} rounds of 10; CPU over {count} requests\n")
     print(table(["relay", "overhead ms", "server CPU ms/req"], rows))
+
+
+def growing(quick: bool) -> None:
+    """Section 3 (the module's docstring)."""
+    runs, seconds = (2, 2) if quick else (4, 5)
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory(prefix="relay-bench-store-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx's worker reads files in here
+        port = peers.free_port()
+        stack.callback(start_nginx(workdir, port).stop)
+        upstream = f"http://127.0.0.1:{port}"
+        for connections, workers in ((1, 1), (64, 2)):
+            for tree, src in trees().items():
+                folder = workdir / f"relay-{len(rows)}"
+                relay_port = peers.free_port()
+                relay = peers.start_relay(
+                    folder, upstream, relay_port, workers, anthropic=False,
+                    env={"PYTHONPATH": src},
+                )  # fmt: skip
+                base = f"http://127.0.0.1:{relay_port}"
+                target = responses_target("relay", base, "bench-json", "bench-sse", store=True)
+                try:
+                    for run in range(1, runs + 1):
+                        done = loadgen.run_wrk(workdir, target, connections, seconds)
+                        size = (folder / "relay.db").stat().st_size / 1e6
+                        label = f"C={connections}, {tree}run {run}"
+                        numbers = f"{done.rps:,.0f} {done.p50_ms:.2f} {done.p99_ms:.1f} {size:.0f}"
+                        rows.append([label, *numbers.split()])
+                finally:
+                    relay.stop()
+    print(f"\n## As the database grows: SQLite, store=true JSON, wrk runs of {seconds} s\n")
+    print(table(["relay", "req/s", "p50 ms", "p99 ms", "database MB"], rows))
 
 
 def main(quick: bool) -> None:
