@@ -5,8 +5,10 @@ inside that commit: the pages copied back into the database file and both files 
 milliseconds. When the commit was a save on the event loop (SqliteDatabase.write_awaited),
 every request of the process waited for it: most of a stored response's p99 at one
 connection (8-10 ms against 3-4 ms without). Relay's connections turn that off
-(`PRAGMA wal_autocheckpoint = 0`) and this thread checkpoints instead, at most every
-`INTERVAL_S` and only after writes:
+(`PRAGMA wal_autocheckpoint = 0`) and this thread checkpoints instead, once
+`CHECKPOINT_COMMITS` commits have added to the log since the last (about SQLite's threshold
+for saves; a process that only writes the usage ledger's batches checkpoints every few
+seconds), at most every `INTERVAL_S`:
 
 - PASSIVE first: it copies what it can without waiting for readers or writers, nor they for
   it, beyond SQLite's brief locks.
@@ -38,8 +40,11 @@ from sqlalchemy import Connection, Engine
 
 log = logging.getLogger("relay.storage")
 
-# After a write, the longest the log grows before it is copied back: about 1,000 pages at
-# a thousand saves a second.
+# A save adds 10-20 pages to the log: 64 of them, about the 1,000 pages after which SQLite
+# would have checkpointed.
+CHECKPOINT_COMMITS = 64
+# The shortest time between two checkpoints, so that one at a thousand saves a second copies
+# back about 1,000 pages, not a few.
 INTERVAL_S = 0.1
 # 64 MB of 4 KiB pages (SQLite's own threshold, `wal_autocheckpoint`, is 1,000): about a
 # second of saves at a thousand a second (a save writes 10-20 pages).
@@ -47,13 +52,15 @@ RESTART_FRAMES = 16_384
 
 
 class Checkpoints:
-    """Checkpoints `engine`'s database (its own connection: a StaticPool engine) after
-    `written` is called, at most every INTERVAL_S, until `close`. `lock_path`: the writers'
+    """Checkpoints `engine`'s database (its own connection: a StaticPool engine) once
+    `written` has been called CHECKPOINT_COMMITS times, at most every INTERVAL_S, until
+    `close`. `lock_path`: the writers'
     advisory lock file (None: SQLite's busy handler is all that orders writers)."""
 
     def __init__(self, engine: Engine, lock_path: str | None) -> None:
         self._engine = engine
         self._lock = None if lock_path is None else os.open(lock_path, os.O_RDWR)
+        self._commits = 0  # since the last checkpoint (an increment lost to a race is harmless)
         self._written = threading.Event()
         self._closing = threading.Event()
         self._thread = threading.Thread(
@@ -62,8 +69,10 @@ class Checkpoints:
         self._thread.start()
 
     def written(self) -> None:
-        """Something was committed: the log has frames to copy back."""
-        self._written.set()
+        """A commit added to the log."""
+        self._commits += 1
+        if self._commits >= CHECKPOINT_COMMITS:
+            self._written.set()
 
     def _run(self) -> None:
         while True:
@@ -71,6 +80,7 @@ class Checkpoints:
             if self._closing.is_set():
                 return
             self._written.clear()
+            self._commits = 0
             try:
                 with self._engine.connect() as conn:
                     self._checkpoint(conn)
