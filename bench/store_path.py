@@ -238,16 +238,25 @@ def trees() -> dict[str, str]:
     return {"": own} if not base else {"base, ": str(Path(base).resolve()), "change, ": own}
 
 
+@contextmanager
+def canned_upstream() -> Iterator[tuple[Path, str]]:
+    """A folder for the run, and the URL of the canned nginx upstream serving from it."""
+    with tempfile.TemporaryDirectory(prefix="relay-bench-store-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx's worker reads files in here
+        port = peers.free_port()
+        nginx = start_nginx(workdir, port)
+        try:
+            yield workdir, f"http://127.0.0.1:{port}"
+        finally:
+            nginx.stop()
+
+
 def served(pg_urls: dict[str, str], quick: bool) -> None:
     """Section 2 (the module's docstring), on SQLite and the PostgreSQL databases named."""
     rounds, count = (4, 100) if quick else (20, 1000)
     chunks = 10  # CPU runs alternate between the Relays, `count // chunks` requests at a time
-    with tempfile.TemporaryDirectory(prefix="relay-bench-store-") as tmp, ExitStack() as stack:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)  # nginx's worker reads files in here
-        port = peers.free_port()
-        stack.callback(start_nginx(workdir, port).stop)
-        upstream = f"http://127.0.0.1:{port}"
+    with canned_upstream() as (workdir, upstream), ExitStack() as stack:
         relays: dict[str, peers.ManagedProcess] = {}
         targets = [direct_target(upstream)]
         for tree, src in trees().items():
@@ -288,12 +297,7 @@ def growing(quick: bool) -> None:
     """Section 3 (the module's docstring)."""
     runs, seconds = (2, 2) if quick else (4, 5)
     rows: list[list[str]] = []
-    with tempfile.TemporaryDirectory(prefix="relay-bench-store-") as tmp, ExitStack() as stack:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)  # nginx's worker reads files in here
-        port = peers.free_port()
-        stack.callback(start_nginx(workdir, port).stop)
-        upstream = f"http://127.0.0.1:{port}"
+    with canned_upstream() as (workdir, upstream):
         for connections, workers in ((1, 1), (64, 2)):
             for tree, src in trees().items():
                 folder = workdir / f"relay-{len(rows)}"

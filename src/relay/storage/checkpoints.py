@@ -92,19 +92,8 @@ class Checkpoints:
     def _checkpoint(self, conn: Connection) -> None:
         _, frames, _ = _checkpointed(conn, "PASSIVE")
         if frames >= RESTART_FRAMES:
-            with self._writers_wait():
+            with writers_wait(self._lock):
                 _checkpointed(conn, "RESTART")
-
-    @contextmanager
-    def _writers_wait(self) -> Iterator[None]:
-        if self._lock is None:
-            yield
-            return
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Stops the thread (a checkpoint under way finishes first); SQLite checkpoints the
@@ -116,6 +105,20 @@ class Checkpoints:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+@contextmanager
+def writers_wait(lock: int | None) -> Iterator[None]:
+    """Holds the writers' advisory file lock (`lock`: a descriptor of the lock file of one's
+    own; flock excludes open file descriptions, not threads), or nothing where there is none."""
+    if lock is None:
+        yield
+        return
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _checkpointed(conn: Connection, mode: str) -> tuple[int, int, int]:

@@ -31,9 +31,9 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -43,7 +43,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from relay.errors import StartupError
-from relay.storage.checkpoints import Checkpoints
+from relay.storage.checkpoints import Checkpoints, writers_wait
 from relay.storage.outage import reachable
 from relay.storage.revision import current_revision, head_revision
 
@@ -258,7 +258,8 @@ class SqliteDatabase:
             return work(conn)
 
     def _write(self, work: Callable[[Connection], T]) -> T:
-        with self._other_processes_wait(), self._engine.begin() as conn:
+        # The write lock across processes (workers of one server share the file).
+        with writers_wait(self._lock_file), self._engine.begin() as conn:
             done = work(conn)
         self._written()
         return done
@@ -266,18 +267,6 @@ class SqliteDatabase:
     def _written(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.written()
-
-    @contextmanager
-    def _other_processes_wait(self) -> Iterator[None]:
-        """The write lock across processes (workers of one server share the file)."""
-        if self._lock_file is None:
-            yield
-            return
-        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     async def migrate(self) -> None:
         loop = asyncio.get_running_loop()
