@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_storage import make_turn
@@ -64,3 +66,48 @@ async def test_the_log_starts_over_under_steady_saves(
     assert largest < 16e6, f"the log grew to {largest / 1e6:.1f} MB"
     with sqlite3.connect(tmp_path / "relay.db") as conn:
         assert conn.execute("SELECT count(*) FROM responses").fetchone() == (saves,)
+
+
+async def test_a_long_read_keeps_writers_waiting_briefly_and_seldom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that holds the log's old frames (an open read transaction) stops a RESTART:
+    the writers, who wait on its lock meanwhile, wait RESTART_WAIT_S at most, and the next
+    try comes once the log has doubled."""
+    monkeypatch.setattr(checkpoints, "RESTART_FRAMES", 100)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_COMMITS", 1)
+    monkeypatch.setattr(checkpoints, "INTERVAL_S", 0.005)
+    restarts: list[tuple[int, int, int]] = []
+    checkpointed = checkpoints._checkpointed
+
+    def counted(conn: Any, mode: str) -> tuple[int, int, int]:
+        answer = checkpointed(conn, mode)
+        if mode == "RESTART":
+            restarts.append(answer)
+        return answer
+
+    monkeypatch.setattr(checkpoints, "_checkpointed", counted)
+    store = await open_store(f"sqlite:///{tmp_path}/relay.db")
+    reader = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
+    slowest, saves = 0.0, 0
+    try:
+        await store.save_response("tenant", *make_turn("resp_first"))
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM responses").fetchone() == (1,)
+        deadline = time.monotonic() + 3
+        # About 10 frames a save: the log doubles 5 times from the first restart's 100.
+        while saves < 320 and time.monotonic() < deadline:
+            started = time.monotonic()
+            await store.save_response("tenant", *make_turn(f"resp_{saves}", inputs=2))
+            slowest = max(slowest, time.monotonic() - started)
+            saves += 1
+    finally:
+        reader.execute("ROLLBACK")
+        reader.close()
+        await store.db.close()
+    # SQLite's busy timeout of 10 s held every save here until the reader left; a restart
+    # tried at every checkpoint kept the writers waiting nearly all the time.
+    assert slowest < 1.0, slowest
+    assert saves == 320, f"{saves} saves in 3 s, after {len(restarts)} restarts"
+    assert restarts and all(busy for busy, _, _ in restarts), restarts
+    assert len(restarts) <= 8, restarts

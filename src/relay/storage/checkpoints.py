@@ -46,6 +46,10 @@ CHECKPOINT_COMMITS = 64
 # The shortest time between two checkpoints, so that one at a thousand saves a second copies
 # back about 1,000 pages, not a few.
 INTERVAL_S = 0.1
+# How long a RESTART waits for readers still on the log's old frames (SQLite's busy timeout
+# on the thread's connection), the writers waiting meanwhile: past it, the checkpoint gives up
+# without restarting the log, and the next one tries again.
+RESTART_WAIT_S = 0.1
 # 64 MB of 4 KiB pages (SQLite's own threshold, `wal_autocheckpoint`, is 1,000): about a
 # second of saves at a thousand a second (a save writes 10-20 pages).
 RESTART_FRAMES = 16_384
@@ -61,6 +65,7 @@ class Checkpoints:
         self._engine = engine
         self._lock = None if lock_path is None else os.open(lock_path, os.O_RDWR)
         self._commits = 0  # since the last checkpoint (an increment lost to a race is harmless)
+        self._restart_at = RESTART_FRAMES  # the log's frames at which to restart it
         self._written = threading.Event()
         self._closing = threading.Event()
         self._thread = threading.Thread(
@@ -91,9 +96,13 @@ class Checkpoints:
 
     def _checkpoint(self, conn: Connection) -> None:
         _, frames, _ = _checkpointed(conn, "PASSIVE")
-        if frames >= RESTART_FRAMES:
-            with writers_wait(self._lock):
-                _checkpointed(conn, "RESTART")
+        if frames < self._restart_at:
+            return
+        with writers_wait(self._lock):
+            busy, _, _ = _checkpointed(conn, "RESTART")
+        # A reader kept old frames past RESTART_WAIT_S: the next try once the log has doubled,
+        # so that a long read keeps the writers waiting a few times, not at every checkpoint.
+        self._restart_at = 2 * frames if busy else RESTART_FRAMES
 
     def close(self) -> None:
         """Stops the thread (a checkpoint under way finishes first); SQLite checkpoints the

@@ -43,7 +43,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from relay.errors import StartupError
-from relay.storage.checkpoints import Checkpoints, writers_wait
+from relay.storage.checkpoints import RESTART_WAIT_S, Checkpoints, writers_wait
 from relay.storage.outage import reachable
 from relay.storage.revision import current_revision, head_revision
 
@@ -166,7 +166,11 @@ class SqliteDatabase:
             None
             if self._memory
             else Checkpoints(
-                create_engine(url, poolclass=StaticPool, connect_args=connect_args),
+                create_engine(
+                    url,
+                    poolclass=StaticPool,
+                    connect_args={**connect_args, "timeout": RESTART_WAIT_S},
+                ),
                 None if self._lock_file is None else f"{database}.write-lock",
             )
         )
