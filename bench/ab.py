@@ -7,6 +7,8 @@ with the same routes, and alternates between them: the sequential overhead over 
 (JSON and first delta, store=false and store=true, interleaved rounds) and the server CPU per
 request and req/s under wrk (alternating 5-second runs at C=16 and C=64, store=false and
 store=true: single runs of the gateway's sweep differ by up to 20% on this machine).
+The first Relay started reads up to 8% more req/s than its twin (an A/A run: `BENCH_AB_BASE`
+unset), so each half of the rounds and runs starts the two in the other order.
 `BENCH_AB_BASE` names the revision (default HEAD, i.e. the uncommitted change).
 `BENCH_AB_LOG_LEVEL` sets both Relays' log level (default info): trees before 2026-12-06 logged
 nothing in `--workers N` processes, so `warning` compares them without the per-response log
@@ -38,13 +40,16 @@ def _worktree(stack: ExitStack, base: str, where: Path) -> Path:
     return where
 
 
+Samples = dict[str, list[float]]
+
+
 def main(quick: bool) -> None:
     missing = missing_tools()
     if missing:
         print(f"the A/B benchmark needs {' and '.join(missing)}; run:\n  {APT_COMMAND}")
         sys.exit(2)
     base = os.environ.get("BENCH_AB_BASE", "HEAD")
-    rounds, wrk_runs = (6, 1) if quick else (40, 4)
+    rounds, wrk_runs = (6, 2) if quick else (40, 4)
     print(f"# A/B: {base} against the working tree ({rounds} rounds, {wrk_runs} wrk runs)")
     with tempfile.TemporaryDirectory(prefix="relay-ab-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
@@ -55,55 +60,34 @@ def main(quick: bool) -> None:
         stack.callback(nginx.stop)
         upstream = f"http://127.0.0.1:{port}"
         trees = {"base": str(before / "src"), "change": str(peers.ROOT / "src")}
-        log_level = os.environ.get("BENCH_AB_LOG_LEVEL", "info")
         change_env = dict(
             pair.split("=", 1) for pair in os.environ.get("BENCH_AB_CHANGE_ENV", "").split()
         )
         if change_env:
             print(f"# the working tree's Relay with {change_env}")
-        relays, stored, plain = {}, [], []
-        for name, src in trees.items():
-            relay_port = peers.free_port()
-            env = {"PYTHONPATH": src, "RELAY_LOG_LEVEL": log_level}
-            relay = peers.start_relay(
-                workdir / name, upstream, relay_port, WORKERS, anthropic=False,
-                env={**env, **change_env} if name == "change" else env,
-            )  # fmt: skip
-            stack.callback(relay.stop)
-            url = f"http://127.0.0.1:{relay_port}"
-            plain.append(responses_target(name, url, "bench-json", "bench-sse", store=False))
-            stored.append(responses_target(f"{name} stored", url, "bench-json", "bench-sse",
-                                           store=True))  # fmt: skip
-            relays[name] = relay
-        direct = direct_target(upstream)
-        targets = [direct, *plain, *stored]
-        json_s, _ = loadgen.sequential(targets, rounds, 10, loadgen.request_once)
-        first_s, _ = loadgen.sequential(
-            targets, rounds, 10, lambda http, target: loadgen.stream_once(http, target)[0]
-        )
+        json_s: Samples = {}
+        first_s: Samples = {}
+        measured: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        # The Relay started first reads up to 8% more req/s than its twin (an A/A run): each
+        # half of the rounds starts them in the other order.
+        for half, order in enumerate((["base", "change"], ["change", "base"])):
+            with ExitStack() as relays_stack:
+                relays = {
+                    name: _start(relays_stack, workdir / f"{name}-{half}", upstream, trees[name],
+                                 change_env if name == "change" else {})
+                    for name in order
+                }  # fmt: skip
+                _measure(workdir, upstream, relays, rounds // 2, wrk_runs // 2,
+                         json_s, first_s, measured)  # fmt: skip
+        direct = "direct (nginx)"
         rows = []
-        for target in targets[1:]:
+        for name in ("base", "change", "base stored", "change stored"):
             cells = []
             for samples in (json_s, first_s):
-                pairs = zip(samples[target.name], samples[direct.name], strict=True)
+                pairs = zip(samples[name], samples[direct], strict=True)
                 cells.append(f"{statistics.median(a - b for a, b in pairs) * 1000:+.3f}")
-            rows.append([target.name, *cells])
+            rows.append([name, *cells])
         print(table(["tree", "JSON overhead ms", "1st delta overhead ms"], rows))
-        measured: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        for target in plain + stored:
-            loadgen.run_wrk(workdir, target, 16, 2)  # warm-up
-        for run in range(wrk_runs):
-            for connections in (16, 64):
-                for pair in (plain, stored):
-                    for target in pair if run % 2 == 0 else pair[::-1]:
-                        relay = relays[target.name.split()[0]]
-                        spent = peers.cpu_seconds(relay.pids())
-                        result = loadgen.run_wrk(workdir, target, connections, WRK_S)
-                        spent = peers.cpu_seconds(relay.pids()) - spent
-                        per = spent * 1000 / max(result.requests, 1)
-                        measured.setdefault((target.name, connections), []).append(
-                            (result.rps, per)
-                        )
         rows = [
             [
                 f"C={c} {name}",
@@ -115,3 +99,57 @@ def main(quick: bool) -> None:
         ]
         headers = ["wrk, non-streaming", "req/s (median)", "server CPU ms/req (median)", "runs"]
         print(table(headers, rows))
+
+
+def _start(
+    stack: ExitStack, workdir: Path, upstream: str, src: str, extra_env: dict[str, str]
+) -> tuple[peers.ManagedProcess, str]:
+    """A Relay of the tree at `src`, stopped with `stack`: (it, its base URL)."""
+    env = {"PYTHONPATH": src, "RELAY_LOG_LEVEL": os.environ.get("BENCH_AB_LOG_LEVEL", "info")}
+    relay_port = peers.free_port()
+    relay = peers.start_relay(
+        workdir, upstream, relay_port, WORKERS, anthropic=False, env={**env, **extra_env}
+    )
+    stack.callback(relay.stop)
+    return relay, f"http://127.0.0.1:{relay_port}"
+
+
+def _measure(
+    workdir: Path,
+    upstream: str,
+    relays: dict[str, tuple[peers.ManagedProcess, str]],
+    rounds: int,
+    wrk_runs: int,
+    json_s: Samples,
+    first_s: Samples,
+    measured: dict[tuple[str, int], list[tuple[float, float]]],
+) -> None:
+    """Sequential rounds and wrk runs against `relays` (by tree), added to the samples."""
+    plain = [
+        responses_target(name, url, "bench-json", "bench-sse", store=False)
+        for name, (_, url) in relays.items()
+    ]
+    stored = [
+        responses_target(f"{name} stored", url, "bench-json", "bench-sse", store=True)
+        for name, (_, url) in relays.items()
+    ]
+    targets = [direct_target(upstream), *plain, *stored]
+    for samples, once in (
+        (json_s, loadgen.request_once),
+        (first_s, lambda http, target: loadgen.stream_once(http, target)[0]),
+    ):
+        found, _ = loadgen.sequential(targets, rounds, 10, once)
+        for name, values in found.items():
+            samples.setdefault(name, []).extend(values)
+    for target in plain + stored:
+        loadgen.run_wrk(workdir, target, 16, 2)  # warm-up
+    for run in range(wrk_runs):
+        for connections in (16, 64):
+            for pair in (plain, stored):
+                for target in pair if run % 2 == 0 else pair[::-1]:
+                    relay = relays[target.name.split()[0]][0]
+                    spent = peers.cpu_seconds(relay.pids())
+                    result = loadgen.run_wrk(workdir, target, connections, WRK_S)
+                    spent = peers.cpu_seconds(relay.pids()) - spent
+                    per = spent * 1000 / max(result.requests, 1)
+                    measured.setdefault((target.name, connections), []).append((result.rps, per))
