@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from sqlalchemy import (
     Connection,
+    CursorResult,
     Integer,
     String,
     Table,
@@ -98,6 +99,7 @@ _INSERT_RESPONSE = (
 )
 
 _INSERT_ITEMS = insert(items)
+# The order of an item row's values in _save (the item's JSON last).
 _ITEM_KEYS = ("response_id", "tenant", "kind", "position", "item_id", "item")
 
 
@@ -316,10 +318,7 @@ def _save(
         for kind, group in _item_groups(response, input_items)
         for position, item in enumerate(group)
     ]
-    values = {"id": response_id, "tenant": tenant, **columns}
-    keys = tuple(values)
-    sql, order = driver_sql(_INSERT_RESPONSE, keys, conn.dialect)
-    inserted = conn.exec_driver_sql(sql, tuple(values[keys[index]] for index in order))
+    inserted = _insert_row(conn, _INSERT_RESPONSE, {"id": response_id, "tenant": tenant, **columns})
     if inserted.first() is None:
         # Saved before: overwrite the row and replace its items.
         updated = conn.execute(_UPDATE_RESPONSE, {"rid": response_id, "t": tenant, **columns})
@@ -331,7 +330,14 @@ def _save(
     if rows:
         sql, order = driver_sql(_INSERT_ITEMS, _ITEM_KEYS, conn.dialect)
         conn.exec_driver_sql(sql, [tuple(row[index] for index in order) for row in rows])
-    return sum(len(row[5]) for row in rows)
+    return sum(len(item) for *_, item in rows)
+
+
+def _insert_row(conn: Connection, statement: Any, values: dict[str, Any]) -> CursorResult[Any]:
+    """`statement` (an insert) of `values`, by column, as the driver's own SQL (driver_sql)."""
+    keys = tuple(values)
+    sql, order = driver_sql(statement, keys, conn.dialect)
+    return conn.exec_driver_sql(sql, tuple(values[keys[index]] for index in order))
 
 
 async def _save_at_once(
@@ -476,9 +482,7 @@ class SqlStore:
 
         def work(conn: Connection) -> None:
             _save(conn, tenant, response, input_items)
-            keys = tuple(row)
-            sql, order = driver_sql(_insert_into(table), keys, conn.dialect)
-            conn.exec_driver_sql(sql, tuple(row[keys[index]] for index in order))
+            _insert_row(conn, _insert_into(table), row)
 
         await self.db.write_awaited(work)
 
