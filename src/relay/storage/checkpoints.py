@@ -21,7 +21,9 @@ seconds), at most every `INTERVAL_S`:
   syncs, about 7 ms here), on the writer thread: the event loop's own writes see the lock
   taken and go there too, so the loop never waits. Under steady saves that happens about
   once a second, rarely enough to stay out of the p99; a log that starts over by itself
-  (a checkpoint that no write raced) never gets there.
+  (a checkpoint that no write raced) never gets there. A reader still on the log's old
+  frames makes RESTART wait, the writers with it: RESTART_WAIT_S at most, and after one it
+  stopped, the next waits for the log to double.
 
 Every process on the file runs one; when two coincide, one finds the checkpoint taken and
 leaves it to the other.
@@ -58,8 +60,8 @@ RESTART_FRAMES = 16_384
 class Checkpoints:
     """Checkpoints `engine`'s database (its own connection: a StaticPool engine) once
     `written` has been called CHECKPOINT_COMMITS times, at most every INTERVAL_S, until
-    `close`. `lock_path`: the writers'
-    advisory lock file (None: SQLite's busy handler is all that orders writers)."""
+    `close`. `lock_path`: the writers' advisory lock file (None: SQLite's busy handler is all
+    that orders writers)."""
 
     def __init__(self, engine: Engine, lock_path: str | None) -> None:
         self._engine = engine
