@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import loadgen, peers
@@ -40,7 +41,14 @@ def _worktree(stack: ExitStack, base: str, where: Path) -> Path:
     return where
 
 
-Samples = dict[str, list[float]]
+@dataclass
+class Measured:
+    """Both trees' samples, over both halves: sequential round medians per target (JSON and
+    first delta, in seconds) and wrk's (req/s, CPU ms per request) per target and C."""
+
+    json: dict[str, list[float]] = field(default_factory=dict)
+    first: dict[str, list[float]] = field(default_factory=dict)
+    wrk: dict[tuple[str, int], list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def main(quick: bool) -> None:
@@ -65,9 +73,7 @@ def main(quick: bool) -> None:
         )
         if change_env:
             print(f"# the working tree's Relay with {change_env}")
-        json_s: Samples = {}
-        first_s: Samples = {}
-        measured: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        measured = Measured()
         # The Relay started first reads up to 8% more req/s than its twin (an A/A run): each
         # half of the rounds starts them in the other order.
         for half, order in enumerate((["base", "change"], ["change", "base"])):
@@ -77,13 +83,12 @@ def main(quick: bool) -> None:
                                  change_env if name == "change" else {})
                     for name in order
                 }  # fmt: skip
-                _measure(workdir, upstream, relays, rounds // 2, wrk_runs // 2,
-                         json_s, first_s, measured)  # fmt: skip
-        direct = "direct (nginx)"
+                _measure(workdir, upstream, relays, rounds // 2, wrk_runs // 2, measured)
+        direct = direct_target(upstream).name
         rows = []
         for name in ("base", "change", "base stored", "change stored"):
             cells = []
-            for samples in (json_s, first_s):
+            for samples in (measured.json, measured.first):
                 pairs = zip(samples[name], samples[direct], strict=True)
                 cells.append(f"{statistics.median(a - b for a, b in pairs) * 1000:+.3f}")
             rows.append([name, *cells])
@@ -95,7 +100,7 @@ def main(quick: bool) -> None:
                 f"{statistics.median(per for _, per in runs):.3f}",
                 " ".join(f"{per:.2f}" for _, per in runs),
             ]
-            for (name, c), runs in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+            for (name, c), runs in sorted(measured.wrk.items(), key=lambda kv: (kv[0][1], kv[0][0]))
         ]
         headers = ["wrk, non-streaming", "req/s (median)", "server CPU ms/req (median)", "runs"]
         print(table(headers, rows))
@@ -120,11 +125,9 @@ def _measure(
     relays: dict[str, tuple[peers.ManagedProcess, str]],
     rounds: int,
     wrk_runs: int,
-    json_s: Samples,
-    first_s: Samples,
-    measured: dict[tuple[str, int], list[tuple[float, float]]],
+    measured: Measured,
 ) -> None:
-    """Sequential rounds and wrk runs against `relays` (by tree), added to the samples."""
+    """Sequential rounds and wrk runs against `relays` (by tree), added to `measured`."""
     plain = [
         responses_target(name, url, "bench-json", "bench-sse", store=False)
         for name, (_, url) in relays.items()
@@ -135,8 +138,8 @@ def _measure(
     ]
     targets = [direct_target(upstream), *plain, *stored]
     for samples, once in (
-        (json_s, loadgen.request_once),
-        (first_s, lambda http, target: loadgen.stream_once(http, target)[0]),
+        (measured.json, loadgen.request_once),
+        (measured.first, lambda http, target: loadgen.stream_once(http, target)[0]),
     ):
         found, _ = loadgen.sequential(targets, rounds, 10, once)
         for name, values in found.items():
@@ -152,4 +155,6 @@ def _measure(
                     result = loadgen.run_wrk(workdir, target, connections, WRK_S)
                     spent = peers.cpu_seconds(relay.pids()) - spent
                     per = spent * 1000 / max(result.requests, 1)
-                    measured.setdefault((target.name, connections), []).append((result.rps, per))
+                    measured.wrk.setdefault((target.name, connections), []).append(
+                        (result.rps, per)
+                    )
